@@ -1,0 +1,207 @@
+//! The engine's in-memory view of the replicated log and its bookkeeping:
+//! what is committed, what is durable, what has been handed to the application
+//! and which changes still have to reach the `LogStore`.
+
+use crate::types::{Entry, LogId, LogIndex, Term};
+
+/// The log as the engine sees it. Entries at and below the compaction point
+/// (`snapshot`) are no longer held; the first held entry is `snapshot.index + 1`.
+#[derive(Debug)]
+pub(crate) struct RaftLog {
+    snapshot: LogId,
+    entries: Vec<Entry>,
+    /// Highest index known committed.
+    pub(crate) committed: LogIndex,
+    /// Highest index handed to the application.
+    pub(crate) applied: LogIndex,
+    /// Highest index known durable in the local `LogStore`.
+    pub(crate) durable: LogIndex,
+    /// Lowest index whose entry is not yet written to the store.
+    unstable_from: LogIndex,
+    /// Lowest index removed since the last `take_storage_ops`.
+    pending_truncate: Option<LogIndex>,
+}
+
+impl RaftLog {
+    /// A log restored from durable state. The caller has validated contiguity.
+    pub(crate) fn restore(snapshot: LogId, entries: Vec<Entry>, applied: LogIndex) -> Self {
+        let last = entries.last().map(|e| e.index).unwrap_or(snapshot.index);
+        let applied = applied.max(snapshot.index);
+        RaftLog {
+            snapshot,
+            entries,
+            committed: applied,
+            applied,
+            durable: last,
+            unstable_from: last + 1,
+            pending_truncate: None,
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> LogId {
+        self.snapshot
+    }
+
+    pub(crate) fn last_index(&self) -> LogIndex {
+        self.entries
+            .last()
+            .map(|e| e.index)
+            .unwrap_or(self.snapshot.index)
+    }
+
+    pub(crate) fn last_term(&self) -> Term {
+        self.entries
+            .last()
+            .map(|e| e.term)
+            .unwrap_or(self.snapshot.term)
+    }
+
+    pub(crate) fn last_log_id(&self) -> LogId {
+        LogId::new(self.last_term(), self.last_index())
+    }
+
+    /// The term of the entry at `index`: `None` when it lies beyond the end or
+    /// below the compaction point.
+    pub(crate) fn term(&self, index: LogIndex) -> Option<Term> {
+        if index == self.snapshot.index {
+            return Some(self.snapshot.term);
+        }
+        self.entry(index).map(|e| e.term)
+    }
+
+    pub(crate) fn entry(&self, index: LogIndex) -> Option<&Entry> {
+        if index <= self.snapshot.index {
+            return None;
+        }
+        let pos = usize::try_from(index - self.snapshot.index - 1).ok()?;
+        self.entries.get(pos)
+    }
+
+    /// Entries from `from`, at most `max_entries` and about `max_bytes` (always at
+    /// least one entry when one exists).
+    pub(crate) fn slice(&self, from: LogIndex, max_entries: usize, max_bytes: usize) -> Vec<Entry> {
+        if from <= self.snapshot.index || from > self.last_index() {
+            return Vec::new();
+        }
+        let start = (from - self.snapshot.index - 1) as usize;
+        let mut bytes = 0usize;
+        let mut out = Vec::new();
+        for e in self.entries[start..].iter().take(max_entries.max(1)) {
+            let sz = e.payload.size_hint() + 16;
+            if !out.is_empty() && bytes + sz > max_bytes {
+                break;
+            }
+            bytes += sz;
+            out.push(e.clone());
+        }
+        out
+    }
+
+    /// The last index holding `term`, searching down from `from`.
+    pub(crate) fn last_index_of_term(&self, term: Term, from: LogIndex) -> Option<LogIndex> {
+        let mut i = from.min(self.last_index());
+        while i > self.snapshot.index {
+            let t = self.term(i)?;
+            if t == term {
+                return Some(i);
+            }
+            if t < term {
+                return None;
+            }
+            i -= 1;
+        }
+        None
+    }
+
+    /// The first index of the run of `term` that contains `index`.
+    pub(crate) fn first_index_of_term_run(&self, index: LogIndex) -> LogIndex {
+        let Some(t) = self.term(index) else {
+            return index;
+        };
+        let mut i = index;
+        while i > self.snapshot.index + 1 && self.term(i - 1) == Some(t) {
+            i -= 1;
+        }
+        i
+    }
+
+    /// Appends one entry at the end. The caller guarantees `entry.index == last + 1`.
+    pub(crate) fn push(&mut self, entry: Entry) {
+        debug_assert_eq!(
+            entry.index,
+            self.last_index() + 1,
+            "log must stay contiguous"
+        );
+        self.entries.push(entry);
+    }
+
+    /// Removes every entry from `index` on. Never removes a committed entry.
+    pub(crate) fn truncate_from(&mut self, index: LogIndex) {
+        debug_assert!(
+            index > self.committed,
+            "truncating committed entry {index} (commit {})",
+            self.committed
+        );
+        if index > self.last_index() || index <= self.snapshot.index {
+            return;
+        }
+        let keep = (index - self.snapshot.index - 1) as usize;
+        self.entries.truncate(keep);
+        self.pending_truncate = Some(self.pending_truncate.map_or(index, |p| p.min(index)));
+        self.unstable_from = self.unstable_from.min(index);
+        self.durable = self.durable.min(index - 1);
+    }
+
+    /// The store operations accumulated since the last call: a suffix to remove
+    /// and the entries to write. Afterwards everything counts as handed to the store.
+    pub(crate) fn take_storage_ops(&mut self) -> (Option<LogIndex>, Vec<Entry>) {
+        let trunc = self.pending_truncate.take();
+        let last = self.last_index();
+        let entries = if self.unstable_from <= last {
+            let start = (self.unstable_from - self.snapshot.index - 1) as usize;
+            self.entries[start..].to_vec()
+        } else {
+            Vec::new()
+        };
+        self.unstable_from = last + 1;
+        (trunc, entries)
+    }
+
+    /// True when entries or a truncation still have to reach the store.
+    pub(crate) fn has_storage_ops(&self) -> bool {
+        self.pending_truncate.is_some() || self.unstable_from <= self.last_index()
+    }
+
+    /// Records that the store made everything up to `id` durable.
+    /// Returns true when the durable index moved.
+    pub(crate) fn persisted(&mut self, id: LogId) -> bool {
+        if id.index > self.durable
+            && id.index < self.unstable_from
+            && self.term(id.index) == Some(id.term)
+        {
+            self.durable = id.index;
+            return true;
+        }
+        false
+    }
+
+    /// Committed, durable entries not yet handed to the application; marks them applied.
+    pub(crate) fn take_committed(&mut self, max: usize) -> Vec<Entry> {
+        let upto = self.committed.min(self.durable);
+        if upto <= self.applied {
+            return Vec::new();
+        }
+        let n = ((upto - self.applied) as usize).min(max);
+        let out = self.slice(self.applied + 1, n, usize::MAX);
+        if let Some(last) = out.last() {
+            self.applied = last.index;
+        }
+        out
+    }
+
+    /// All held entries (tests and the simulator inspect them).
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+}

@@ -1,0 +1,1338 @@
+//! The Raft protocol as a deterministic, sans-IO state machine.
+//!
+//! The engine owns no clock, no socket, no file and no thread RNG. Time comes in
+//! as a `now` argument (any monotonic origin the driver likes), randomness from a
+//! seed handed to [`Engine::new`]. Events go in through `handle_message`,
+//! `propose`, `read_index`, `tick` and `persisted`; everything the outside world
+//! must do comes out of [`Engine::take_ready`] as a [`Ready`]:
+//!
+//! 1. write `hard_state`, apply `truncate_from`, append `entries` — durably, as one batch;
+//! 2. `messages` may be sent at once, even before step 1 completes (they are a
+//!    leader's appends, which may race its own disk write);
+//! 3. after step 1 is durable: call [`Engine::persisted`] with the last entry's
+//!    id, then send `persisted_messages` (votes and acknowledgements that promise
+//!    durable state);
+//! 4. apply `committed` entries in order and answer `reads`.
+//!
+//! Readies must be processed one at a time, in order.
+
+mod log;
+mod progress;
+pub(crate) mod rng;
+
+#[cfg(test)]
+mod tests;
+
+use crate::message::{Message, MessageBody, RejectHint};
+use crate::types::{
+    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, Term,
+};
+use log::RaftLog;
+use progress::{Progress, ReplState};
+use rng::SplitMix64;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// Tunables of the protocol engine. See `Config` in the node module for the
+/// user-facing version with validation and defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// This node's id.
+    pub id: NodeId,
+    /// Interval between leader heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Lower bound (inclusive) of the randomized election timeout.
+    pub election_timeout_min: Duration,
+    /// Upper bound (exclusive) of the randomized election timeout.
+    pub election_timeout_max: Duration,
+    /// Ask for pre-votes before starting an election (thesis §9.6).
+    pub pre_vote: bool,
+    /// A leader that has not heard from a majority within an election timeout steps down.
+    pub check_quorum: bool,
+    /// Most entries in one AppendEntries.
+    pub max_entries_per_msg: usize,
+    /// Approximate byte bound of one AppendEntries' entries.
+    pub max_bytes_per_msg: usize,
+    /// Most unanswered AppendEntries to one follower.
+    pub max_inflight: usize,
+    /// Most committed entries handed out in one `Ready`.
+    pub max_committed_per_ready: usize,
+}
+
+impl EngineConfig {
+    /// The seed's defaults: heartbeat 100 ms, election timeout 150-300 ms.
+    pub fn new(id: NodeId) -> Self {
+        EngineConfig {
+            id,
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
+            pre_vote: true,
+            check_quorum: true,
+            max_entries_per_msg: 512,
+            max_bytes_per_msg: 1 << 20,
+            max_inflight: 64,
+            max_committed_per_ready: 4096,
+        }
+    }
+}
+
+/// The durable state a node restarts from.
+#[derive(Debug, Clone, Default)]
+pub struct InitialState {
+    /// Last persisted term and vote.
+    pub hard_state: HardState,
+    /// The compaction point: the last index (and its term) no longer in the log.
+    /// `LogId::default()` for a log that starts at index 1.
+    pub snapshot: LogId,
+    /// The log entries after the compaction point, contiguous.
+    pub entries: Vec<Entry>,
+    /// The membership in force at the compaction point (for a new cluster: the
+    /// initial members). Membership entries in `entries` override it.
+    pub membership: Membership,
+    /// The highest index the application has already applied; entries up to it
+    /// are not handed out again.
+    pub applied: LogIndex,
+}
+
+/// Why durable state could not be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The persisted state contradicts itself.
+    #[error("inconsistent persisted state: {0}")]
+    InvalidState(String),
+    /// The configuration is unusable.
+    #[error("invalid engine configuration: {0}")]
+    InvalidConfig(String),
+}
+
+/// A proposal or read reached a node that is not the leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("not the leader (leader hint: {leader:?})")]
+pub struct NotLeader {
+    /// The leader this node believes in, if any.
+    pub leader: Option<NodeId>,
+}
+
+/// The outcome of a [`Engine::read_index`] request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadResult {
+    /// The caller's token.
+    pub ctx: u64,
+    /// `Ok(index)`: a read that waits until `index` is applied is linearizable.
+    /// `Err`: leadership was lost before it could be confirmed.
+    pub result: Result<LogIndex, NotLeader>,
+}
+
+/// Everything the engine asks the outside world to do. See the module docs for
+/// the order in which the parts must be carried out.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// Term and vote to persist, when they changed.
+    pub hard_state: Option<HardState>,
+    /// Remove every stored entry from this index on (before appending `entries`).
+    pub truncate_from: Option<LogIndex>,
+    /// Entries to append durably.
+    pub entries: Vec<Entry>,
+    /// Messages that may be sent right away.
+    pub messages: Vec<Message>,
+    /// Messages to send only after this ready's state is durable.
+    pub persisted_messages: Vec<Message>,
+    /// Committed entries to apply, in index order, each exactly once.
+    pub committed: Vec<Entry>,
+    /// Answers to read-index requests.
+    pub reads: Vec<ReadResult>,
+}
+
+impl Ready {
+    /// True when there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.hard_state.is_none()
+            && self.truncate_from.is_none()
+            && self.entries.is_empty()
+            && self.messages.is_empty()
+            && self.persisted_messages.is_empty()
+            && self.committed.is_empty()
+            && self.reads.is_empty()
+    }
+
+    /// The id of the last entry to append, to pass to [`Engine::persisted`].
+    pub fn last_entry(&self) -> Option<LogId> {
+        self.entries.last().map(Entry::log_id)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingRead {
+    ctx: u64,
+    index: LogIndex,
+    /// The heartbeat round whose quorum confirms leadership; `None` until one is started.
+    round: Option<u64>,
+}
+
+/// Deliberate protocol bugs, so tests can prove the simulator's checkers fire.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Bugs {
+    /// Grant a vote even when already voted for someone else this term.
+    pub(crate) double_vote: bool,
+    /// Commit by counting replicas, ignoring the current-term rule of §5.4.2; and,
+    /// to set up the paper's Figure 8, a new leader appends no no-op entry.
+    pub(crate) commit_old_term: bool,
+}
+
+/// One Raft node's protocol state. See the module docs.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    id: NodeId,
+    term: Term,
+    vote: Option<NodeId>,
+    role: Role,
+    leader: Option<NodeId>,
+    log: RaftLog,
+    membership: Membership,
+    rng: SplitMix64,
+    now: Duration,
+
+    election_deadline: Duration,
+    heartbeat_deadline: Duration,
+    quorum_deadline: Duration,
+    last_leader_contact: Option<Duration>,
+
+    votes: BTreeMap<NodeId, bool>,
+    progress: BTreeMap<NodeId, Progress>,
+    round: u64,
+    reads: Vec<PendingRead>,
+    reads_before_commit: Vec<u64>,
+
+    need_broadcast: bool,
+    need_read_round: bool,
+    hard_state_dirty: bool,
+    messages: Vec<Message>,
+    persisted_messages: Vec<Message>,
+    read_results: Vec<ReadResult>,
+
+    #[cfg(test)]
+    pub(crate) bugs: Bugs,
+}
+
+impl Engine {
+    /// Restores an engine from durable state. `seed` drives the election-timeout
+    /// randomness; `now` is the driver's current time.
+    pub fn new(
+        cfg: EngineConfig,
+        init: InitialState,
+        seed: u64,
+        now: Duration,
+    ) -> Result<Self, EngineError> {
+        if cfg.election_timeout_min.is_zero()
+            || cfg.election_timeout_max <= cfg.election_timeout_min
+            || cfg.heartbeat_interval.is_zero()
+        {
+            return Err(EngineError::InvalidConfig(
+                "need 0 < election_timeout_min < election_timeout_max and a non-zero heartbeat"
+                    .into(),
+            ));
+        }
+        if cfg.max_inflight == 0 || cfg.max_entries_per_msg == 0 || cfg.max_bytes_per_msg == 0 {
+            return Err(EngineError::InvalidConfig(
+                "max_inflight, max_entries_per_msg and max_bytes_per_msg must be positive".into(),
+            ));
+        }
+        let InitialState {
+            hard_state,
+            snapshot,
+            entries,
+            mut membership,
+            applied,
+        } = init;
+        let mut expect = snapshot.index + 1;
+        let mut prev_term = snapshot.term;
+        for e in &entries {
+            if e.index != expect {
+                return Err(EngineError::InvalidState(format!(
+                    "log gap: expected index {expect}, found {}",
+                    e.index
+                )));
+            }
+            if e.term < prev_term || e.term > hard_state.term {
+                return Err(EngineError::InvalidState(format!(
+                    "entry {} has term {} (previous {prev_term}, current term {})",
+                    e.index, e.term, hard_state.term
+                )));
+            }
+            if let EntryPayload::Membership(m) = &e.payload {
+                membership = m.clone();
+            }
+            prev_term = e.term;
+            expect += 1;
+        }
+        let last = expect - 1;
+        if applied > last {
+            return Err(EngineError::InvalidState(format!(
+                "application applied index {applied} is past the last log index {last}"
+            )));
+        }
+        if applied < snapshot.index {
+            return Err(EngineError::InvalidState(format!(
+                "application applied index {applied} is below the compaction point {}",
+                snapshot.index
+            )));
+        }
+        let id = cfg.id;
+        let mut e = Engine {
+            id,
+            term: hard_state.term,
+            vote: hard_state.vote,
+            role: Role::Follower,
+            leader: None,
+            log: RaftLog::restore(snapshot, entries, applied),
+            membership,
+            rng: SplitMix64::new(seed ^ id.rotate_left(17)),
+            now,
+            election_deadline: now,
+            heartbeat_deadline: now,
+            quorum_deadline: now,
+            last_leader_contact: None,
+            votes: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            round: 0,
+            reads: Vec::new(),
+            reads_before_commit: Vec::new(),
+            need_broadcast: false,
+            need_read_round: false,
+            hard_state_dirty: false,
+            messages: Vec::new(),
+            persisted_messages: Vec::new(),
+            read_results: Vec::new(),
+            cfg,
+            #[cfg(test)]
+            bugs: Bugs::default(),
+        };
+        e.reset_election_timer();
+        Ok(e)
+    }
+
+    // ----- observers -------------------------------------------------------
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+    /// The current term.
+    pub fn term(&self) -> Term {
+        self.term
+    }
+    /// The vote cast in the current term.
+    pub fn vote(&self) -> Option<NodeId> {
+        self.vote
+    }
+    /// The current role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    /// True when leader.
+    pub fn is_leader(&self) -> bool {
+        self.role == Role::Leader
+    }
+    /// The leader this node currently follows (itself when leader).
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+    /// The commit index.
+    pub fn commit_index(&self) -> LogIndex {
+        self.log.committed
+    }
+    /// The highest index handed out for applying.
+    pub fn applied_index(&self) -> LogIndex {
+        self.log.applied
+    }
+    /// The highest index known durable locally.
+    pub fn durable_index(&self) -> LogIndex {
+        self.log.durable
+    }
+    /// The last entry's id.
+    pub fn last_log_id(&self) -> LogId {
+        self.log.last_log_id()
+    }
+    /// The compaction point.
+    pub fn snapshot(&self) -> LogId {
+        self.log.snapshot()
+    }
+    /// The membership in force.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+    /// The term of the entry at `index`, if held.
+    pub fn log_term(&self, index: LogIndex) -> Option<Term> {
+        self.log.term(index)
+    }
+    /// The entry at `index`, if held.
+    pub fn log_entry(&self, index: LogIndex) -> Option<&Entry> {
+        self.log.entry(index)
+    }
+    /// The earliest time at which [`Engine::tick`] has something to do.
+    pub fn next_deadline(&self) -> Duration {
+        match self.role {
+            Role::Leader if self.cfg.check_quorum => {
+                self.heartbeat_deadline.min(self.quorum_deadline)
+            }
+            Role::Leader => self.heartbeat_deadline,
+            _ => self.election_deadline,
+        }
+    }
+    /// The leader's view of each follower's match index (empty on followers).
+    pub fn match_indexes(&self) -> BTreeMap<NodeId, LogIndex> {
+        self.progress
+            .iter()
+            .map(|(&id, p)| (id, p.match_index))
+            .collect()
+    }
+
+    // ----- inputs ----------------------------------------------------------
+
+    /// Advances time: fires election timeouts, heartbeats and check-quorum.
+    pub fn tick(&mut self, now: Duration) {
+        self.now = self.now.max(now);
+        let now = self.now;
+        if self.role == Role::Leader {
+            if now >= self.heartbeat_deadline {
+                self.heartbeat_deadline = now + self.cfg.heartbeat_interval;
+                self.on_heartbeat_timer();
+            }
+            if self.cfg.check_quorum && now >= self.quorum_deadline {
+                self.quorum_deadline = now + self.cfg.election_timeout_min;
+                let mut active: BTreeSet<NodeId> = self
+                    .progress
+                    .iter()
+                    .filter(|(_, p)| p.recent_active)
+                    .map(|(&id, _)| id)
+                    .collect();
+                active.insert(self.id);
+                for p in self.progress.values_mut() {
+                    p.recent_active = false;
+                }
+                if !self.membership.is_quorum(&active) {
+                    tracing::info!(
+                        node = self.id,
+                        term = self.term,
+                        "lost contact with a majority, stepping down"
+                    );
+                    self.become_follower(self.term, None);
+                }
+            }
+        } else if now >= self.election_deadline {
+            if self.membership.contains(self.id) {
+                self.campaign(self.cfg.pre_vote);
+            } else {
+                self.reset_election_timer();
+            }
+        }
+    }
+
+    /// Proposes an application command. On the leader it is appended at once and
+    /// its future position returned; it commits later, or is lost if leadership is.
+    pub fn propose(&mut self, command: Vec<u8>) -> Result<LogId, NotLeader> {
+        self.propose_payload(EntryPayload::Command(command))
+    }
+
+    fn propose_payload(&mut self, payload: EntryPayload) -> Result<LogId, NotLeader> {
+        if self.role != Role::Leader {
+            return Err(NotLeader {
+                leader: self.leader,
+            });
+        }
+        let id = self.append_local(payload);
+        self.need_broadcast = true;
+        Ok(id)
+    }
+
+    /// Asks for a linearizable read point. The answer arrives in a later
+    /// `Ready::reads` with the same `ctx`: once the application has applied the
+    /// returned index, reading its state is linearizable.
+    pub fn read_index(&mut self, ctx: u64) -> Result<(), NotLeader> {
+        if self.role != Role::Leader {
+            return Err(NotLeader {
+                leader: self.leader,
+            });
+        }
+        if self.log.term(self.log.committed) != Some(self.term) {
+            // A new leader does not know the commit index until its no-op commits.
+            self.reads_before_commit.push(ctx);
+        } else {
+            self.reads.push(PendingRead {
+                ctx,
+                index: self.log.committed,
+                round: None,
+            });
+            self.need_read_round = true;
+        }
+        self.check_reads();
+        Ok(())
+    }
+
+    /// Records that the store made the log durable up to `last` (the
+    /// `Ready::last_entry` of a processed ready).
+    pub fn persisted(&mut self, last: LogId) {
+        if self.log.persisted(last) && self.role == Role::Leader {
+            self.maybe_commit();
+        }
+    }
+
+    /// Handles a message from a peer. Messages not addressed to this node, from
+    /// unknown nodes, or malformed are dropped.
+    pub fn handle_message(&mut self, msg: Message) {
+        if msg.to != self.id || msg.from == self.id {
+            tracing::warn!(
+                node = self.id,
+                from = msg.from,
+                to = msg.to,
+                "dropping misaddressed message"
+            );
+            return;
+        }
+        if !self.membership.contains(msg.from) {
+            tracing::warn!(
+                node = self.id,
+                from = msg.from,
+                "dropping message from a non-member"
+            );
+            return;
+        }
+        let from = msg.from;
+        if msg.term > self.term {
+            match &msg.body {
+                MessageBody::VoteRequest { pre_vote, .. } => {
+                    if self.in_lease() {
+                        tracing::debug!(
+                            node = self.id,
+                            term = self.term,
+                            from,
+                            "ignoring vote request: leader lease"
+                        );
+                        return;
+                    }
+                    if !pre_vote {
+                        self.become_follower(msg.term, None);
+                    }
+                }
+                MessageBody::VoteResponse {
+                    pre_vote: true,
+                    granted: true,
+                } => {}
+                MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } => {
+                    self.become_follower(msg.term, Some(from));
+                }
+                _ => self.become_follower(msg.term, None),
+            }
+        } else if msg.term < self.term {
+            match &msg.body {
+                MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } => {
+                    // Tell the stale leader about the newer term so it steps down.
+                    self.send(
+                        from,
+                        MessageBody::AppendResponse {
+                            success: false,
+                            index: 0,
+                            hint: None,
+                        },
+                    );
+                }
+                MessageBody::VoteRequest { pre_vote: true, .. } => {
+                    self.send(
+                        from,
+                        MessageBody::VoteResponse {
+                            pre_vote: true,
+                            granted: false,
+                        },
+                    );
+                }
+                _ => {}
+            }
+            return;
+        }
+
+        match msg.body {
+            MessageBody::VoteRequest {
+                pre_vote,
+                last_log_index,
+                last_log_term,
+            } => self.on_vote_request(
+                from,
+                msg.term,
+                pre_vote,
+                LogId::new(last_log_term, last_log_index),
+            ),
+            MessageBody::VoteResponse { pre_vote, granted } => {
+                self.on_vote_response(from, msg.term, pre_vote, granted)
+            }
+            MessageBody::AppendEntries {
+                prev_log_index,
+                prev_log_term,
+                entries,
+                leader_commit,
+            } => self.on_append(from, prev_log_index, prev_log_term, entries, leader_commit),
+            MessageBody::AppendResponse {
+                success,
+                index,
+                hint,
+            } => self.on_append_response(from, success, index, hint),
+            MessageBody::Heartbeat {
+                leader_commit,
+                round,
+            } => self.on_heartbeat(from, leader_commit, round),
+            MessageBody::HeartbeatResponse { round } => self.on_heartbeat_response(from, round),
+        }
+    }
+
+    /// True when `take_ready` would return something.
+    pub fn has_ready(&self) -> bool {
+        self.hard_state_dirty
+            || self.need_broadcast
+            || self.need_read_round
+            || !self.messages.is_empty()
+            || !self.persisted_messages.is_empty()
+            || !self.read_results.is_empty()
+            || self.log.committed.min(self.log.durable) > self.log.applied
+            || self.log.has_storage_ops()
+    }
+
+    /// Collects everything the outside world must now do. See the module docs.
+    pub fn take_ready(&mut self) -> Ready {
+        if self.role == Role::Leader {
+            if self.need_broadcast {
+                self.need_broadcast = false;
+                self.broadcast_append();
+            }
+            if self.need_read_round {
+                self.need_read_round = false;
+                self.start_read_round();
+            }
+        } else {
+            self.need_broadcast = false;
+            self.need_read_round = false;
+        }
+        let (truncate_from, entries) = self.log.take_storage_ops();
+        let hard_state = if self.hard_state_dirty {
+            self.hard_state_dirty = false;
+            Some(HardState {
+                term: self.term,
+                vote: self.vote,
+            })
+        } else {
+            None
+        };
+        let mut messages = std::mem::take(&mut self.messages);
+        let mut persisted_messages = std::mem::take(&mut self.persisted_messages);
+        if hard_state.is_some() {
+            // Every message may depend on the new term or vote.
+            persisted_messages.append(&mut messages);
+        }
+        let committed = self.log.take_committed(self.cfg.max_committed_per_ready);
+        Ready {
+            hard_state,
+            truncate_from,
+            entries,
+            messages,
+            persisted_messages,
+            committed,
+            reads: std::mem::take(&mut self.read_results),
+        }
+    }
+
+    // ----- roles -----------------------------------------------------------
+
+    fn reset_election_timer(&mut self) {
+        let min = self.cfg.election_timeout_min.as_micros() as u64;
+        let max = self.cfg.election_timeout_max.as_micros() as u64;
+        self.election_deadline = self.now + Duration::from_micros(self.rng.range(min, max));
+    }
+
+    fn in_lease(&self) -> bool {
+        if !self.cfg.check_quorum {
+            return false;
+        }
+        if self.role == Role::Leader {
+            return true;
+        }
+        match (self.leader, self.last_leader_contact) {
+            (Some(_), Some(t)) => self.now < t + self.cfg.election_timeout_min,
+            _ => false,
+        }
+    }
+
+    fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        if term > self.term {
+            self.term = term;
+            self.vote = None;
+            self.hard_state_dirty = true;
+        }
+        if self.role == Role::Leader {
+            self.fail_reads();
+            self.progress.clear();
+        }
+        if self.role != Role::Follower || self.leader != leader {
+            tracing::debug!(
+                node = self.id,
+                term = self.term,
+                ?leader,
+                "becoming follower"
+            );
+        }
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.votes.clear();
+        self.reset_election_timer();
+    }
+
+    fn campaign(&mut self, pre_vote: bool) {
+        self.votes.clear();
+        self.leader = None;
+        self.reset_election_timer();
+        let campaign_term = if pre_vote {
+            self.role = Role::PreCandidate;
+            match self.term.checked_add(1) {
+                Some(t) => t,
+                None => {
+                    tracing::error!(node = self.id, "term space exhausted; cannot campaign");
+                    self.role = Role::Follower;
+                    return;
+                }
+            }
+        } else {
+            let Some(t) = self.term.checked_add(1) else {
+                tracing::error!(node = self.id, "term space exhausted; cannot campaign");
+                self.role = Role::Follower;
+                return;
+            };
+            if self.role == Role::Leader {
+                self.fail_reads();
+                self.progress.clear();
+            }
+            self.role = Role::Candidate;
+            self.term = t;
+            self.vote = Some(self.id);
+            self.hard_state_dirty = true;
+            t
+        };
+        tracing::debug!(
+            node = self.id,
+            term = campaign_term,
+            pre_vote,
+            "starting election"
+        );
+        self.votes.insert(self.id, true);
+        let last = self.log.last_log_id();
+        let peers: Vec<NodeId> = self.peers().collect();
+        for p in peers {
+            self.messages.push(Message {
+                from: self.id,
+                to: p,
+                term: campaign_term,
+                body: MessageBody::VoteRequest {
+                    pre_vote,
+                    last_log_index: last.index,
+                    last_log_term: last.term,
+                },
+            });
+        }
+        self.tally_votes();
+    }
+
+    fn tally_votes(&mut self) {
+        let granted: Vec<NodeId> = self
+            .votes
+            .iter()
+            .filter(|(_, &g)| g)
+            .map(|(&id, _)| id)
+            .collect();
+        let rejected: Vec<NodeId> = self
+            .votes
+            .iter()
+            .filter(|(_, &g)| !g)
+            .map(|(&id, _)| id)
+            .collect();
+        if self.membership.is_quorum(&granted) {
+            match self.role {
+                Role::PreCandidate => self.campaign(false),
+                Role::Candidate => self.become_leader(),
+                _ => {}
+            }
+        } else if self.membership.is_quorum(&rejected) {
+            self.become_follower(self.term, None);
+        }
+    }
+
+    fn become_leader(&mut self) {
+        tracing::info!(node = self.id, term = self.term, "became leader");
+        self.role = Role::Leader;
+        self.leader = Some(self.id);
+        self.votes.clear();
+        let next = self.log.last_index() + 1;
+        let now = self.now;
+        self.progress = self
+            .membership
+            .voters
+            .iter()
+            .filter(|&&id| id != self.id)
+            .map(|&id| (id, Progress::new(next, now)))
+            .collect();
+        self.heartbeat_deadline = now + self.cfg.heartbeat_interval;
+        self.quorum_deadline = now + self.cfg.election_timeout_min;
+        #[cfg(test)]
+        let noop = !self.bugs.commit_old_term;
+        #[cfg(not(test))]
+        let noop = true;
+        if noop {
+            self.append_local(EntryPayload::Blank);
+        }
+        self.need_broadcast = true;
+        self.maybe_commit();
+    }
+
+    fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.membership
+            .voters
+            .iter()
+            .copied()
+            .filter(move |&id| id != self.id)
+    }
+
+    fn append_local(&mut self, payload: EntryPayload) -> LogId {
+        let id = LogId::new(self.term, self.log.last_index() + 1);
+        if let EntryPayload::Membership(m) = &payload {
+            self.membership = m.clone();
+        }
+        self.log.push(Entry {
+            term: id.term,
+            index: id.index,
+            payload,
+        });
+        id
+    }
+
+    fn send(&mut self, to: NodeId, body: MessageBody) {
+        self.messages.push(Message {
+            from: self.id,
+            to,
+            term: self.term,
+            body,
+        });
+    }
+
+    fn send_persisted(&mut self, to: NodeId, term: Term, body: MessageBody) {
+        self.persisted_messages.push(Message {
+            from: self.id,
+            to,
+            term,
+            body,
+        });
+    }
+
+    // ----- elections (§5.2, §5.4.1) -----------------------------------------
+
+    fn on_vote_request(&mut self, from: NodeId, msg_term: Term, pre_vote: bool, cand_last: LogId) {
+        let up_to_date = cand_last >= self.log.last_log_id();
+        let granted = if pre_vote {
+            msg_term > self.term && up_to_date
+        } else {
+            #[cfg(test)]
+            let free = self.vote == Some(from)
+                || (self.vote.is_none() && self.leader.is_none())
+                || (self.bugs.double_vote && self.role == Role::Follower);
+            #[cfg(not(test))]
+            let free = self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none());
+            free && up_to_date
+        };
+        if granted && !pre_vote {
+            self.vote = Some(from);
+            self.hard_state_dirty = true;
+            self.reset_election_timer();
+        }
+        tracing::debug!(
+            node = self.id,
+            term = self.term,
+            from,
+            pre_vote,
+            granted,
+            "vote request"
+        );
+        let reply_term = if pre_vote && granted {
+            msg_term
+        } else {
+            self.term
+        };
+        self.send_persisted(
+            from,
+            reply_term,
+            MessageBody::VoteResponse { pre_vote, granted },
+        );
+    }
+
+    fn on_vote_response(&mut self, from: NodeId, msg_term: Term, pre_vote: bool, granted: bool) {
+        let counts = match self.role {
+            // A pre-vote is granted at the proposed term and refused at the voter's own.
+            Role::PreCandidate if pre_vote => {
+                self.term.checked_add(1) == Some(msg_term) || (!granted && msg_term == self.term)
+            }
+            Role::Candidate if !pre_vote => msg_term == self.term,
+            _ => false,
+        };
+        if !counts {
+            return;
+        }
+        self.votes.insert(from, granted);
+        self.tally_votes();
+    }
+
+    // ----- replication, follower side (§5.3) ---------------------------------
+
+    fn accept_leader(&mut self, from: NodeId) -> bool {
+        if self.role == Role::Leader {
+            tracing::error!(
+                node = self.id,
+                term = self.term,
+                from,
+                "another leader in my term; ignoring it"
+            );
+            return false;
+        }
+        if self.role != Role::Follower || self.leader != Some(from) {
+            self.become_follower(self.term, Some(from));
+        }
+        self.last_leader_contact = Some(self.now);
+        self.reset_election_timer();
+        true
+    }
+
+    fn on_append(
+        &mut self,
+        from: NodeId,
+        prev_index: LogIndex,
+        prev_term: Term,
+        entries: Vec<Entry>,
+        leader_commit: LogIndex,
+    ) {
+        if !self.accept_leader(from) {
+            return;
+        }
+        // Malformed input: entries must be contiguous after prev, terms ordered and not above the leader's.
+        let mut expect = prev_index;
+        let mut last_term = prev_term;
+        for e in &entries {
+            let Some(next) = expect.checked_add(1) else {
+                tracing::warn!(
+                    node = self.id,
+                    from,
+                    "dropping AppendEntries: index overflow"
+                );
+                return;
+            };
+            if e.index != next || e.term < last_term || e.term > self.term {
+                tracing::warn!(node = self.id, from, "dropping malformed AppendEntries");
+                return;
+            }
+            expect = next;
+            last_term = e.term;
+        }
+        let term = self.term;
+        if prev_index < self.log.committed {
+            // Everything up to our commit index is known to match any leader's log.
+            let index = self.log.committed;
+            self.send_persisted(
+                from,
+                term,
+                MessageBody::AppendResponse {
+                    success: true,
+                    index,
+                    hint: None,
+                },
+            );
+            return;
+        }
+        if self.log.term(prev_index) != Some(prev_term) {
+            let last = self.log.last_index();
+            let hint = if prev_index > last {
+                RejectHint {
+                    conflict_term: None,
+                    first_index: last + 1,
+                }
+            } else {
+                RejectHint {
+                    conflict_term: self.log.term(prev_index),
+                    first_index: self
+                        .log
+                        .first_index_of_term_run(prev_index)
+                        .max(self.log.committed + 1),
+                }
+            };
+            tracing::debug!(
+                node = self.id,
+                term,
+                from,
+                prev_index,
+                "rejecting AppendEntries"
+            );
+            self.send_persisted(
+                from,
+                term,
+                MessageBody::AppendResponse {
+                    success: false,
+                    index: prev_index,
+                    hint: Some(hint),
+                },
+            );
+            return;
+        }
+        let last_new = expect;
+        for e in entries {
+            match self.log.term(e.index) {
+                Some(t) if t == e.term => continue,
+                Some(_) => {
+                    if e.index <= self.log.committed {
+                        tracing::error!(
+                            node = self.id,
+                            term,
+                            from,
+                            index = e.index,
+                            "leader conflicts with a committed entry; dropping"
+                        );
+                        return;
+                    }
+                    self.log.truncate_from(e.index);
+                    self.log.push(e);
+                }
+                None => self.log.push(e),
+            }
+        }
+        if leader_commit > self.log.committed {
+            self.log.committed = leader_commit.min(last_new).max(self.log.committed);
+        }
+        self.send_persisted(
+            from,
+            term,
+            MessageBody::AppendResponse {
+                success: true,
+                index: last_new,
+                hint: None,
+            },
+        );
+    }
+
+    fn on_heartbeat(&mut self, from: NodeId, leader_commit: LogIndex, round: u64) {
+        if !self.accept_leader(from) {
+            return;
+        }
+        // The leader caps leader_commit at our match index, so these entries are ours.
+        let c = leader_commit.min(self.log.last_index());
+        if c > self.log.committed {
+            self.log.committed = c;
+        }
+        self.send(from, MessageBody::HeartbeatResponse { round });
+    }
+
+    // ----- replication, leader side -----------------------------------------
+
+    fn on_append_response(
+        &mut self,
+        from: NodeId,
+        success: bool,
+        index: LogIndex,
+        hint: Option<RejectHint>,
+    ) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let last = self.log.last_index();
+        let now = self.now;
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        pr.recent_active = true;
+        if index > last {
+            tracing::warn!(
+                node = self.id,
+                from,
+                index,
+                "dropping AppendResponse past our log end"
+            );
+            return;
+        }
+        if success {
+            let moved = pr.ack(index, now);
+            if pr.state == ReplState::Probe {
+                pr.become_replicate();
+            }
+            if pr.inflight.is_empty() {
+                pr.last_progress = now;
+            }
+            if moved {
+                self.maybe_commit();
+            }
+            self.send_append(from, false);
+        } else {
+            let stale = match pr.state {
+                ReplState::Replicate => index <= pr.match_index,
+                ReplState::Probe => index + 1 != pr.next_index,
+            };
+            if stale {
+                return;
+            }
+            let mut next = match hint {
+                Some(RejectHint {
+                    conflict_term: Some(t),
+                    first_index,
+                }) => match self.log.last_index_of_term(t, index) {
+                    Some(i) => i + 1,
+                    None => first_index,
+                },
+                Some(RejectHint {
+                    conflict_term: None,
+                    first_index,
+                }) => first_index,
+                None => index,
+            };
+            next = next.min(index).max(pr.match_index + 1);
+            pr.become_probe();
+            pr.next_index = next;
+            tracing::debug!(
+                node = self.id,
+                term = self.term,
+                from,
+                next,
+                "follower rejected; backing off"
+            );
+            self.send_append(from, false);
+        }
+    }
+
+    fn on_heartbeat_response(&mut self, from: NodeId, round: u64) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let last = self.log.last_index();
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        pr.recent_active = true;
+        pr.round_acked = pr.round_acked.max(round.min(self.round));
+        let lagging = pr.match_index < last;
+        if pr.state == ReplState::Probe {
+            pr.paused = false;
+        }
+        self.check_reads();
+        if lagging {
+            self.send_append(from, false);
+        }
+    }
+
+    fn on_heartbeat_timer(&mut self) {
+        let now = self.now;
+        let stall = self.cfg.election_timeout_min;
+        for pr in self.progress.values_mut() {
+            match pr.state {
+                ReplState::Probe => pr.paused = false,
+                ReplState::Replicate => {
+                    if !pr.inflight.is_empty() && now >= pr.last_progress + stall {
+                        // Appends or their answers were lost: find the match point again.
+                        pr.become_probe();
+                        pr.last_progress = now;
+                    }
+                }
+            }
+        }
+        self.round += 1;
+        for r in self.reads.iter_mut().filter(|r| r.round.is_none()) {
+            r.round = Some(self.round);
+        }
+        self.broadcast_heartbeat();
+    }
+
+    fn broadcast_heartbeat(&mut self) {
+        let peers: Vec<(NodeId, LogIndex)> = self
+            .progress
+            .iter()
+            .map(|(&id, p)| (id, p.match_index))
+            .collect();
+        for (p, m) in peers {
+            let leader_commit = self.log.committed.min(m);
+            let round = self.round;
+            self.send(
+                p,
+                MessageBody::Heartbeat {
+                    leader_commit,
+                    round,
+                },
+            );
+        }
+    }
+
+    fn broadcast_append(&mut self) {
+        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        for p in peers {
+            self.send_append(p, true);
+        }
+    }
+
+    /// Sends what the follower is missing, as flow control allows. With
+    /// `commit_only`, an up-to-date follower still gets an empty append that
+    /// carries the new commit index.
+    fn send_append(&mut self, to: NodeId, commit_only: bool) {
+        let last = self.log.last_index();
+        let committed = self.log.committed;
+        let Some(pr) = self.progress.get_mut(&to) else {
+            return;
+        };
+        match pr.state {
+            ReplState::Probe if pr.paused => return,
+            ReplState::Replicate if pr.inflight.len() >= self.cfg.max_inflight => return,
+            ReplState::Replicate if pr.next_index > last && !commit_only => return,
+            _ => {}
+        }
+        let prev = pr.next_index - 1;
+        let Some(prev_term) = self.log.term(prev) else {
+            tracing::warn!(
+                node = self.id,
+                to,
+                prev,
+                "follower needs entries below the compaction point"
+            );
+            return;
+        };
+        let entries = self.log.slice(
+            pr.next_index,
+            self.cfg.max_entries_per_msg,
+            self.cfg.max_bytes_per_msg,
+        );
+        match pr.state {
+            ReplState::Probe => pr.paused = true,
+            ReplState::Replicate => {
+                if let Some(e) = entries.last() {
+                    if pr.inflight.is_empty() {
+                        pr.last_progress = self.now;
+                    }
+                    pr.next_index = e.index + 1;
+                    pr.inflight.push_back(e.index);
+                }
+            }
+        }
+        self.send(
+            to,
+            MessageBody::AppendEntries {
+                prev_log_index: prev,
+                prev_log_term: prev_term,
+                entries,
+                leader_commit: committed,
+            },
+        );
+    }
+
+    /// Commits the highest index held by a majority, only if it is from the
+    /// current term (§5.4.2).
+    fn maybe_commit(&mut self) {
+        let durable = self.log.durable;
+        let id = self.id;
+        let progress = &self.progress;
+        let n = self.membership.committed_value(|v| {
+            if v == id {
+                durable
+            } else {
+                progress.get(&v).map_or(0, |p| p.match_index)
+            }
+        });
+        if n <= self.log.committed {
+            return;
+        }
+        #[cfg(test)]
+        let old_term_ok = self.bugs.commit_old_term;
+        #[cfg(not(test))]
+        let old_term_ok = false;
+        if self.log.term(n) != Some(self.term) && !old_term_ok {
+            return;
+        }
+        self.log.committed = n;
+        // Followers learn the new commit index promptly.
+        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        for p in peers {
+            self.send_append(p, true);
+        }
+        if !self.reads_before_commit.is_empty() && self.log.term(n) == Some(self.term) {
+            for ctx in std::mem::take(&mut self.reads_before_commit) {
+                self.reads.push(PendingRead {
+                    ctx,
+                    index: n,
+                    round: None,
+                });
+            }
+            self.need_read_round = true;
+            self.check_reads();
+        }
+    }
+
+    // ----- linearizable reads ----------------------------------------------
+
+    fn start_read_round(&mut self) {
+        if self.reads.iter().all(|r| r.round.is_some()) {
+            return;
+        }
+        self.round += 1;
+        for r in self.reads.iter_mut().filter(|r| r.round.is_none()) {
+            r.round = Some(self.round);
+        }
+        self.broadcast_heartbeat();
+        self.check_reads();
+    }
+
+    fn check_reads(&mut self) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let id = self.id;
+        let progress = &self.progress;
+        let round = self.round;
+        // The highest round a majority has confirmed (this node confirms every round).
+        let confirmed = self.membership.committed_value(|v| {
+            if v == id {
+                round
+            } else {
+                progress.get(&v).map_or(0, |p| p.round_acked)
+            }
+        });
+        let single = self.membership.voters.len() == 1 && self.membership.contains(id);
+        let mut keep = Vec::new();
+        for r in std::mem::take(&mut self.reads) {
+            let done = single || r.round.is_some_and(|rr| rr <= confirmed);
+            if done {
+                self.read_results.push(ReadResult {
+                    ctx: r.ctx,
+                    result: Ok(r.index),
+                });
+            } else {
+                keep.push(r);
+            }
+        }
+        self.reads = keep;
+    }
+
+    fn fail_reads(&mut self) {
+        let leader = NotLeader { leader: None };
+        for r in std::mem::take(&mut self.reads) {
+            self.read_results.push(ReadResult {
+                ctx: r.ctx,
+                result: Err(leader),
+            });
+        }
+        for ctx in std::mem::take(&mut self.reads_before_commit) {
+            self.read_results.push(ReadResult {
+                ctx,
+                result: Err(leader),
+            });
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn log_entries(&self) -> &[Entry] {
+        self.log.entries()
+    }
+}

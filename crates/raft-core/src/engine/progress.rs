@@ -1,0 +1,81 @@
+//! What a leader knows about each follower's log (Figure 2, "volatile state on leaders"),
+//! plus the flow-control state for pipelined replication.
+
+use crate::types::LogIndex;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// How the leader currently sends to a follower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReplState {
+    /// The follower's match point is unknown: one AppendEntries at a time, each
+    /// waiting for its answer (or the next heartbeat) before the next is sent.
+    Probe,
+    /// The follower's log is known to match: AppendEntries are pipelined, up to
+    /// `max_inflight` unanswered messages at once.
+    Replicate,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Progress {
+    /// Highest index known replicated (and durable) on the follower.
+    pub(crate) match_index: LogIndex,
+    /// Next index to send.
+    pub(crate) next_index: LogIndex,
+    pub(crate) state: ReplState,
+    /// In Probe state: a probe is unanswered.
+    pub(crate) paused: bool,
+    /// In Replicate state: last index of each unanswered AppendEntries, oldest first.
+    pub(crate) inflight: VecDeque<LogIndex>,
+    /// Heard from since the last check-quorum round.
+    pub(crate) recent_active: bool,
+    /// Highest heartbeat round the follower answered.
+    pub(crate) round_acked: u64,
+    /// When replication last made progress (or the pipeline was last empty).
+    pub(crate) last_progress: Duration,
+}
+
+impl Progress {
+    pub(crate) fn new(next_index: LogIndex, now: Duration) -> Self {
+        Progress {
+            match_index: 0,
+            next_index,
+            state: ReplState::Probe,
+            paused: false,
+            inflight: VecDeque::new(),
+            recent_active: false,
+            round_acked: 0,
+            last_progress: now,
+        }
+    }
+
+    pub(crate) fn become_probe(&mut self) {
+        self.state = ReplState::Probe;
+        self.paused = false;
+        self.inflight.clear();
+        self.next_index = self.match_index + 1;
+    }
+
+    pub(crate) fn become_replicate(&mut self) {
+        self.state = ReplState::Replicate;
+        self.paused = false;
+        self.inflight.clear();
+        self.next_index = self.match_index + 1;
+    }
+
+    /// Records a successful append up to `index`; returns true if `match_index` moved.
+    pub(crate) fn ack(&mut self, index: LogIndex, now: Duration) -> bool {
+        while self.inflight.front().is_some_and(|&i| i <= index) {
+            self.inflight.pop_front();
+        }
+        self.paused = false;
+        if index > self.match_index {
+            self.match_index = index;
+            self.next_index = self.next_index.max(index + 1);
+            self.last_progress = now;
+            true
+        } else {
+            false
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Messages exchanged between Raft nodes. Transports carry these as opaque values.
+
+use crate::types::{Entry, LogIndex, NodeId, Term};
+use serde::{Deserialize, Serialize};
+
+/// One message from one node to another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// The sender.
+    pub from: NodeId,
+    /// The receiver.
+    pub to: NodeId,
+    /// The sender's term (for a pre-vote request, the term it would campaign in).
+    pub term: Term,
+    /// What the message says.
+    pub body: MessageBody,
+}
+
+/// The kinds of messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MessageBody {
+    /// RequestVote (§5.2), or a pre-vote probe when `pre_vote` is set.
+    VoteRequest {
+        /// True for a pre-vote: the receiver changes no state.
+        pre_vote: bool,
+        /// Index of the candidate's last entry (§5.4.1).
+        last_log_index: LogIndex,
+        /// Term of the candidate's last entry (§5.4.1).
+        last_log_term: Term,
+    },
+    /// The answer to a `VoteRequest`.
+    VoteResponse {
+        /// Answers a pre-vote.
+        pre_vote: bool,
+        /// True when the vote is granted.
+        granted: bool,
+    },
+    /// AppendEntries (§5.3): replicates entries following `prev_log_index`.
+    AppendEntries {
+        /// Index of the entry immediately preceding `entries`.
+        prev_log_index: LogIndex,
+        /// Term of that entry.
+        prev_log_term: Term,
+        /// Entries to store, contiguous from `prev_log_index + 1`; empty for a probe.
+        entries: Vec<Entry>,
+        /// The leader's commit index.
+        leader_commit: LogIndex,
+    },
+    /// The answer to `AppendEntries`.
+    AppendResponse {
+        /// True when the follower's log matched and now holds the entries.
+        success: bool,
+        /// On success: the highest index known to match the leader.
+        /// On failure: the `prev_log_index` that was rejected.
+        index: LogIndex,
+        /// On failure: where the leader should retry (fast back-off).
+        hint: Option<RejectHint>,
+    },
+    /// A leader's heartbeat: keeps followers from campaigning and confirms
+    /// leadership for linearizable reads.
+    Heartbeat {
+        /// The leader's commit index, capped at what the follower is known to hold.
+        leader_commit: LogIndex,
+        /// The leader's heartbeat round; echoed back.
+        round: u64,
+    },
+    /// The answer to a heartbeat.
+    HeartbeatResponse {
+        /// The round being answered.
+        round: u64,
+    },
+}
+
+/// The follower's hint for a rejected AppendEntries, letting the leader skip a
+/// whole term of entries per round trip instead of one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectHint {
+    /// The term of the follower's entry at the rejected index, or `None` when the
+    /// follower's log is shorter than that index.
+    pub conflict_term: Option<Term>,
+    /// The first index the follower holds for `conflict_term`, or, when the log is
+    /// too short, its last index plus one.
+    pub first_index: LogIndex,
+}
+
+impl MessageBody {
+    /// A short name for logging.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MessageBody::VoteRequest { pre_vote: true, .. } => "PreVote",
+            MessageBody::VoteRequest { .. } => "RequestVote",
+            MessageBody::VoteResponse { pre_vote: true, .. } => "PreVoteResponse",
+            MessageBody::VoteResponse { .. } => "VoteResponse",
+            MessageBody::AppendEntries { .. } => "AppendEntries",
+            MessageBody::AppendResponse { .. } => "AppendResponse",
+            MessageBody::Heartbeat { .. } => "Heartbeat",
+            MessageBody::HeartbeatResponse { .. } => "HeartbeatResponse",
+        }
+    }
+}

@@ -1,0 +1,785 @@
+//! A seeded, deterministic simulator of whole Raft clusters.
+//!
+//! Virtual time; a network that drops, delays (and so reorders), duplicates and
+//! partitions (symmetric, asymmetric, leader isolated); disks that take time, so
+//! a crash loses whatever was not yet durable; random client proposals and reads.
+//! After every step it checks the safety properties of the Raft paper's Figure 3:
+//! Election Safety, Leader Append-Only, Log Matching, Leader Completeness and
+//! State Machine Safety, plus "read index is never behind a known commit".
+//! After the fault phase everything heals and a leader must commit a new
+//! proposal within a bounded virtual time (liveness).
+//!
+//! Every run is a pure function of its seed: a failure prints the seed and the
+//! command that replays it.
+
+use crate::engine::rng::SplitMix64;
+use crate::engine::{Bugs, Engine, EngineConfig, InitialState};
+use crate::message::Message;
+use crate::types::{Entry, HardState, LogIndex, Membership, NodeId, Role, Term};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+/// The shape of one simulated run.
+#[derive(Debug, Clone)]
+pub(crate) struct SimConfig {
+    pub(crate) seed: u64,
+    pub(crate) nodes: usize,
+    /// Steps with faults; afterwards the cluster heals.
+    pub(crate) fault_steps: usize,
+    /// Virtual time allowed after healing for a new proposal to commit.
+    pub(crate) liveness_bound: Duration,
+    pub(crate) pre_vote: bool,
+    pub(crate) check_quorum: bool,
+    pub(crate) bugs: Bugs,
+    /// Inject crashes, partitions and message faults.
+    pub(crate) faults: bool,
+}
+
+impl SimConfig {
+    pub(crate) fn new(seed: u64, nodes: usize, fault_steps: usize) -> Self {
+        SimConfig {
+            seed,
+            nodes,
+            fault_steps,
+            liveness_bound: Duration::from_secs(10),
+            pre_vote: true,
+            check_quorum: true,
+            bugs: Bugs::default(),
+            faults: true,
+        }
+    }
+}
+
+/// What a finished run saw.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct SimStats {
+    pub(crate) steps: usize,
+    pub(crate) committed: LogIndex,
+    pub(crate) leaders_elected: usize,
+    pub(crate) crashes: usize,
+    pub(crate) reads_confirmed: usize,
+    pub(crate) messages_delivered: usize,
+    pub(crate) virtual_time: Duration,
+}
+
+/// A broken property, with where it broke.
+#[derive(Debug, Clone)]
+pub(crate) struct Violation {
+    pub(crate) seed: u64,
+    pub(crate) step: usize,
+    pub(crate) what: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "safety/liveness violation at step {} with seed {}: {}\n  replay: RAFT_SIM_SEED={} cargo test -p raft-core sim::tests::replay_seed -- --nocapture",
+            self.step, self.seed, self.what, self.seed
+        )
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver(Message),
+    DiskDone(NodeId),
+}
+
+/// A ready whose storage writes are still on their way to disk.
+#[derive(Debug)]
+struct PendingDisk {
+    hard_state: Option<HardState>,
+    truncate_from: Option<LogIndex>,
+    entries: Vec<Entry>,
+    persisted_messages: Vec<Message>,
+    committed: Vec<Entry>,
+    taken_as_leader_of: Option<Term>,
+}
+
+#[derive(Debug)]
+struct SimNode {
+    engine: Option<Engine>,
+    hard_state: HardState,
+    /// The durable log, each entry with the hash chain of its whole prefix.
+    log: Vec<(Entry, u64)>,
+    disk: Option<PendingDisk>,
+    /// Durable state machine: last applied index.
+    applied: LogIndex,
+    /// Highest commit index already compared against the global record.
+    checked_commit: LogIndex,
+}
+
+fn entry_hash(e: &Entry) -> u64 {
+    let mut h = DefaultHasher::new();
+    e.term.hash(&mut h);
+    e.index.hash(&mut h);
+    e.payload.hash(&mut h);
+    h.finish()
+}
+
+fn chain(prev: u64, e: &Entry) -> u64 {
+    let mut h = DefaultHasher::new();
+    prev.hash(&mut h);
+    entry_hash(e).hash(&mut h);
+    h.finish()
+}
+
+pub(crate) struct Sim {
+    cfg: SimConfig,
+    rng: SplitMix64,
+    now: Duration,
+    seq: u64,
+    queue: BTreeMap<(Duration, u64), Event>,
+    nodes: BTreeMap<NodeId, SimNode>,
+    membership: Membership,
+    /// Directed links that currently drop everything.
+    blocked: BTreeSet<(NodeId, NodeId)>,
+    drop_per_mille: u64,
+    dup_per_mille: u64,
+    max_delay_ms: u64,
+    step: usize,
+    // Checker state.
+    leaders_by_term: HashMap<Term, NodeId>,
+    /// (index, term) -> prefix hash, over every durable log ever seen.
+    log_registry: HashMap<(LogIndex, Term), u64>,
+    /// Committed entries by index (position 0 is index 1): (term, entry hash).
+    committed: Vec<(Term, u64)>,
+    max_commit_seen: LogIndex,
+    /// Leader (node, term) -> the durable log length and prefix hash last seen.
+    leader_log_marks: HashMap<(NodeId, Term), (usize, u64)>,
+    pending_reads: HashMap<u64, LogIndex>,
+    next_ctx: u64,
+    next_cmd: u64,
+    stats: SimStats,
+    violation: Option<String>,
+}
+
+impl Sim {
+    pub(crate) fn new(cfg: SimConfig) -> Self {
+        let mut rng = SplitMix64::new(cfg.seed);
+        let ids: Vec<NodeId> = (1..=cfg.nodes as NodeId).collect();
+        let membership = Membership::new(ids.iter().copied());
+        let (drop_per_mille, dup_per_mille, max_delay_ms) = if cfg.faults {
+            (rng.range(0, 100), rng.range(0, 50), rng.range(2, 60))
+        } else {
+            (0, 0, 3)
+        };
+        let mut sim = Sim {
+            rng,
+            now: Duration::ZERO,
+            seq: 0,
+            queue: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            membership,
+            blocked: BTreeSet::new(),
+            drop_per_mille,
+            dup_per_mille,
+            max_delay_ms,
+            step: 0,
+            leaders_by_term: HashMap::new(),
+            log_registry: HashMap::new(),
+            committed: Vec::new(),
+            max_commit_seen: 0,
+            leader_log_marks: HashMap::new(),
+            pending_reads: HashMap::new(),
+            next_ctx: 1,
+            next_cmd: 1,
+            stats: SimStats::default(),
+            violation: None,
+            cfg,
+        };
+        for id in ids {
+            sim.nodes.insert(
+                id,
+                SimNode {
+                    engine: None,
+                    hard_state: HardState::default(),
+                    log: Vec::new(),
+                    disk: None,
+                    applied: 0,
+                    checked_commit: 0,
+                },
+            );
+            sim.start_node(id);
+        }
+        sim
+    }
+
+    fn engine_config(&self, id: NodeId) -> EngineConfig {
+        let mut c = EngineConfig::new(id);
+        c.pre_vote = self.cfg.pre_vote;
+        c.check_quorum = self.cfg.check_quorum;
+        c.max_entries_per_msg = 8;
+        c.max_inflight = 4;
+        c
+    }
+
+    fn start_node(&mut self, id: NodeId) {
+        let cfg = self.engine_config(id);
+        let seed = self.rng.next_u64();
+        let now = self.now;
+        let bugs = self.cfg.bugs;
+        let membership = self.membership.clone();
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let init = InitialState {
+            hard_state: node.hard_state,
+            snapshot: Default::default(),
+            entries: node.log.iter().map(|(e, _)| e.clone()).collect(),
+            membership,
+            applied: node.applied,
+        };
+        match Engine::new(cfg, init, seed, now) {
+            Ok(mut e) => {
+                e.bugs = bugs;
+                node.checked_commit = e.commit_index();
+                node.engine = Some(e);
+            }
+            Err(err) => self.fail(format!(
+                "node {id} cannot restart from its durable state: {err}"
+            )),
+        }
+    }
+
+    fn fail(&mut self, what: String) {
+        if self.violation.is_none() {
+            self.violation = Some(what);
+        }
+    }
+
+    fn schedule(&mut self, at: Duration, ev: Event) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), ev);
+    }
+
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.rng.range(0, 1000) < per_mille
+    }
+
+    fn live_ids(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.engine.is_some())
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    fn leader(&self) -> Option<NodeId> {
+        // The leader with the highest term, if several believe they lead.
+        self.nodes
+            .iter()
+            .filter_map(|(&id, n)| {
+                n.engine
+                    .as_ref()
+                    .filter(|e| e.is_leader())
+                    .map(|e| (e.term(), id))
+            })
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    fn send(&mut self, msg: Message) {
+        if self.blocked.contains(&(msg.from, msg.to)) || self.chance(self.drop_per_mille) {
+            return;
+        }
+        let copies = if self.chance(self.dup_per_mille) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = Duration::from_micros(self.rng.range(200, self.max_delay_ms * 1000));
+            self.schedule(self.now + delay, Event::Deliver(msg.clone()));
+        }
+    }
+
+    /// Moves a node's pending output out: sends what may go now, starts the disk write.
+    fn pump(&mut self, id: NodeId) {
+        loop {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            if node.disk.is_some() {
+                return;
+            }
+            let Some(engine) = node.engine.as_mut() else {
+                return;
+            };
+            if !engine.has_ready() {
+                return;
+            }
+            let leader_term = engine.is_leader().then(|| engine.term());
+            let ready = engine.take_ready();
+            for r in &ready.reads {
+                self.check_read(r.ctx, r.result);
+            }
+            for m in ready.messages {
+                self.send(m);
+            }
+            let needs_disk = ready.hard_state.is_some()
+                || ready.truncate_from.is_some()
+                || !ready.entries.is_empty();
+            let pending = PendingDisk {
+                hard_state: ready.hard_state,
+                truncate_from: ready.truncate_from,
+                entries: ready.entries,
+                persisted_messages: ready.persisted_messages,
+                committed: ready.committed,
+                taken_as_leader_of: leader_term,
+            };
+            if needs_disk {
+                let node = self.nodes.get_mut(&id).expect("known node");
+                node.disk = Some(pending);
+                let at = self.now + Duration::from_micros(self.rng.range(50, 3000));
+                self.schedule(at, Event::DiskDone(id));
+                return;
+            }
+            self.finish_disk(id, pending);
+        }
+    }
+
+    fn finish_disk(&mut self, id: NodeId, p: PendingDisk) {
+        let mut problems = Vec::new();
+        {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            if let Some(hs) = p.hard_state {
+                if hs.term < node.hard_state.term {
+                    problems.push(format!(
+                        "node {id} persisted a lower term {} < {}",
+                        hs.term, node.hard_state.term
+                    ));
+                }
+                node.hard_state = hs;
+            }
+            if let Some(t) = p.truncate_from {
+                if let Some(term) = p.taken_as_leader_of {
+                    problems.push(format!(
+                        "Leader Append-Only: leader {id} of term {term} truncated its log at {t}"
+                    ));
+                }
+                if t <= node.applied {
+                    problems.push(format!(
+                        "node {id} truncated applied entry {t} (applied {})",
+                        node.applied
+                    ));
+                }
+                node.log.truncate(t.saturating_sub(1) as usize);
+            }
+            for e in &p.entries {
+                if e.index != node.log.len() as u64 + 1 {
+                    problems.push(format!(
+                        "node {id} wrote entry {} after a log of length {}",
+                        e.index,
+                        node.log.len()
+                    ));
+                    break;
+                }
+                let prev = node.log.last().map_or(0, |(_, c)| *c);
+                let c = chain(prev, e);
+                match self.log_registry.get(&(e.index, e.term)) {
+                    Some(&other) if other != c => problems.push(format!(
+                        "Log Matching: node {id} holds entry ({}, {}) with a different prefix than another log",
+                        e.index, e.term
+                    )),
+                    Some(_) => {}
+                    None => {
+                        self.log_registry.insert((e.index, e.term), c);
+                    }
+                }
+                node.log.push((e.clone(), c));
+            }
+            if let Some(last) = p.entries.last() {
+                if let Some(engine) = node.engine.as_mut() {
+                    engine.persisted(last.log_id());
+                }
+            }
+        }
+        for m in p.persisted_messages {
+            self.send(m);
+        }
+        for e in p.committed {
+            self.apply(id, e);
+        }
+        for what in problems {
+            self.fail(what);
+        }
+    }
+
+    fn apply(&mut self, id: NodeId, e: Entry) {
+        for p in self.record_commits(id) {
+            self.fail(p);
+        }
+        let node = self.nodes.get_mut(&id).expect("known node");
+        if e.index != node.applied + 1 {
+            let what = format!("node {id} applied {} after {}", e.index, node.applied);
+            self.fail(what);
+            return;
+        }
+        node.applied = e.index;
+        let h = entry_hash(&e);
+        match self.committed.get(e.index as usize - 1) {
+            Some(&(t, eh)) if t != e.term || eh != h => self.fail(format!(
+                "State Machine Safety: node {id} applied ({}, {}) but term {t} was committed there",
+                e.index, e.term
+            )),
+            Some(_) => {}
+            None => self.fail(format!(
+                "node {id} applied {} before anyone committed it",
+                e.index
+            )),
+        }
+    }
+
+    fn check_read(&mut self, ctx: u64, result: Result<LogIndex, crate::engine::NotLeader>) {
+        let Some(floor) = self.pending_reads.remove(&ctx) else {
+            return;
+        };
+        if let Ok(index) = result {
+            self.stats.reads_confirmed += 1;
+            if index < floor {
+                self.fail(format!(
+                    "stale read: read index {index} is behind commit index {floor} known when the read began"
+                ));
+            }
+        }
+    }
+
+    /// The properties that must hold after every step.
+    fn check_invariants(&mut self) {
+        let mut problems = Vec::new();
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let node = &self.nodes[&id];
+            let Some(e) = node.engine.as_ref() else {
+                continue;
+            };
+            // Election Safety: at most one leader per term.
+            if e.is_leader() {
+                let term = e.term();
+                match self.leaders_by_term.get(&term) {
+                    Some(&other) if other != id => problems.push(format!(
+                        "Election Safety: nodes {other} and {id} both led term {term}"
+                    )),
+                    Some(_) => {}
+                    None => {
+                        self.leaders_by_term.insert(term, id);
+                        self.stats.leaders_elected += 1;
+                        // Leader Completeness: the new leader holds every committed entry.
+                        for (i, &(t, h)) in self.committed.iter().enumerate() {
+                            let idx = i as LogIndex + 1;
+                            let ok = e
+                                .log_entry(idx)
+                                .is_some_and(|le| le.term == t && entry_hash(le) == h);
+                            if !ok {
+                                problems.push(format!(
+                                    "Leader Completeness: leader {id} of term {term} lacks committed entry {idx} (term {t})"
+                                ));
+                                break;
+                            }
+                        }
+                    }
+                }
+                // Leader Append-Only, on the durable log: the prefix seen earlier in this term is intact.
+                let len = node.log.len();
+                let cur = node.log.last().map_or(0, |(_, c)| *c);
+                if let Some(&(mlen, mhash)) = self.leader_log_marks.get(&(id, term)) {
+                    let still = if mlen == 0 {
+                        0
+                    } else {
+                        node.log.get(mlen - 1).map_or(u64::MAX, |(_, c)| *c)
+                    };
+                    if len < mlen || still != mhash {
+                        problems.push(format!("Leader Append-Only: leader {id} of term {term} lost or changed entries"));
+                    }
+                }
+                self.leader_log_marks.insert((id, term), (len, cur));
+            }
+            problems.extend(self.record_commits(id));
+        }
+        for p in problems {
+            self.fail(p);
+        }
+    }
+
+    /// State Machine Safety at commit: a committed index never holds two different entries.
+    fn record_commits(&mut self, id: NodeId) -> Vec<String> {
+        let mut problems = Vec::new();
+        let node = &self.nodes[&id];
+        let Some(e) = node.engine.as_ref() else {
+            return problems;
+        };
+        let commit = e.commit_index();
+        for idx in node.checked_commit + 1..=commit {
+            let Some(le) = e.log_entry(idx) else {
+                problems.push(format!("node {id} committed {idx} beyond its log"));
+                break;
+            };
+            let rec = (le.term, entry_hash(le));
+            let pos = idx as usize - 1;
+            if pos < self.committed.len() {
+                if self.committed[pos] != rec {
+                    problems.push(format!(
+                        "State Machine Safety: node {id} committed ({idx}, {}) where term {} was committed",
+                        le.term, self.committed[pos].0
+                    ));
+                }
+            } else if pos == self.committed.len() {
+                self.committed.push(rec);
+            } else {
+                problems.push(format!(
+                    "node {id} committed {idx} with a gap in the global record"
+                ));
+            }
+        }
+        self.max_commit_seen = self.max_commit_seen.max(commit);
+        let node = self.nodes.get_mut(&id).expect("known node");
+        node.checked_commit = node.checked_commit.max(commit);
+        problems
+    }
+
+    fn random_fault(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let roll = self.rng.range(0, 1000);
+        if roll < 3 {
+            // Crash: lose volatile state and any write not yet durable.
+            let live = self.live_ids();
+            if !live.is_empty() {
+                let id = live[self.rng.range(0, live.len() as u64) as usize];
+                let node = self.nodes.get_mut(&id).expect("known node");
+                node.engine = None;
+                node.disk = None;
+                self.stats.crashes += 1;
+            }
+        } else if roll < 13 {
+            let dead: Vec<NodeId> = ids
+                .iter()
+                .copied()
+                .filter(|id| self.nodes[id].engine.is_none())
+                .collect();
+            if !dead.is_empty() {
+                let id = dead[self.rng.range(0, dead.len() as u64) as usize];
+                self.start_node(id);
+            }
+        } else if roll < 18 {
+            self.blocked.clear();
+            match self.rng.range(0, 3) {
+                0 => {
+                    // Symmetric split into two random groups.
+                    let side: Vec<bool> = ids.iter().map(|_| self.rng.range(0, 2) == 0).collect();
+                    for (i, &a) in ids.iter().enumerate() {
+                        for (j, &b) in ids.iter().enumerate() {
+                            if side[i] != side[j] {
+                                self.blocked.insert((a, b));
+                            }
+                        }
+                    }
+                }
+                1 => {
+                    // Asymmetric: some directed links fail.
+                    for &a in &ids {
+                        for &b in &ids {
+                            if a != b && self.rng.range(0, 4) == 0 {
+                                self.blocked.insert((a, b));
+                            }
+                        }
+                    }
+                }
+                _ => {
+                    // Isolate the leader.
+                    if let Some(l) = self.leader() {
+                        for &b in &ids {
+                            if b != l {
+                                self.blocked.insert((l, b));
+                                self.blocked.insert((b, l));
+                            }
+                        }
+                    }
+                }
+            }
+        } else if roll < 25 {
+            self.blocked.clear();
+        }
+    }
+
+    fn random_client(&mut self) {
+        let roll = self.rng.range(0, 1000);
+        if roll < 150 {
+            if let Some(l) = self.leader() {
+                let cmd = self.next_cmd;
+                self.next_cmd += 1;
+                let e = self
+                    .nodes
+                    .get_mut(&l)
+                    .and_then(|n| n.engine.as_mut())
+                    .expect("leader is live");
+                let _ = e.propose(cmd.to_le_bytes().to_vec());
+                self.pump(l);
+            }
+        } else if roll < 170 {
+            if let Some(l) = self.leader() {
+                let ctx = self.next_ctx;
+                self.next_ctx += 1;
+                let floor = self.max_commit_seen;
+                let e = self
+                    .nodes
+                    .get_mut(&l)
+                    .and_then(|n| n.engine.as_mut())
+                    .expect("leader is live");
+                if e.read_index(ctx).is_ok() {
+                    self.pending_reads.insert(ctx, floor);
+                }
+                self.pump(l);
+            }
+        }
+    }
+
+    /// Runs one event: the earliest message, disk completion or timer.
+    fn step_once(&mut self) {
+        self.step += 1;
+        let next_timer = self
+            .nodes
+            .iter()
+            .filter_map(|(&id, n)| n.engine.as_ref().map(|e| (e.next_deadline(), id)))
+            .min();
+        let next_event = self.queue.keys().next().copied();
+        let use_timer = match (next_timer, next_event) {
+            (Some((t, _)), Some((et, _))) => t <= et,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        if use_timer {
+            let (t, id) = next_timer.expect("checked");
+            self.now = self.now.max(t);
+            let now = self.now;
+            if let Some(e) = self.nodes.get_mut(&id).and_then(|n| n.engine.as_mut()) {
+                e.tick(now);
+            }
+            self.pump(id);
+        } else if let Some((key, ev)) = self.queue.pop_first() {
+            self.now = self.now.max(key.0);
+            match ev {
+                Event::Deliver(m) => {
+                    let to = m.to;
+                    if let Some(e) = self.nodes.get_mut(&to).and_then(|n| n.engine.as_mut()) {
+                        e.handle_message(m);
+                        self.stats.messages_delivered += 1;
+                        self.pump(to);
+                    }
+                }
+                Event::DiskDone(id) => {
+                    let p = self.nodes.get_mut(&id).and_then(|n| n.disk.take());
+                    if let Some(p) = p {
+                        self.finish_disk(id, p);
+                        self.pump(id);
+                    }
+                }
+            }
+        }
+        self.check_invariants();
+    }
+
+    fn heal(&mut self) {
+        self.blocked.clear();
+        self.drop_per_mille = 0;
+        self.dup_per_mille = 0;
+        let dead: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.engine.is_none())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in dead {
+            self.start_node(id);
+        }
+    }
+
+    fn violation(&self) -> Option<Violation> {
+        self.violation.as_ref().map(|what| Violation {
+            seed: self.cfg.seed,
+            step: self.step,
+            what: what.clone(),
+        })
+    }
+
+    /// Runs the fault phase, heals, and checks liveness.
+    pub(crate) fn run(mut self) -> Result<SimStats, Violation> {
+        for _ in 0..self.cfg.fault_steps {
+            if self.cfg.faults {
+                self.random_fault();
+            }
+            self.random_client();
+            self.step_once();
+            if let Some(v) = self.violation() {
+                return Err(v);
+            }
+        }
+        self.heal();
+        let healed_at = self.now;
+        let deadline = healed_at + self.cfg.liveness_bound;
+        let mut marker: Option<(NodeId, Term, LogIndex)> = None;
+        loop {
+            if self.now > deadline {
+                self.fail(format!(
+                    "liveness: no new proposal committed within {:?} of healing (leader: {:?})",
+                    self.cfg.liveness_bound,
+                    self.leader()
+                ));
+                return Err(self.violation().expect("just set"));
+            }
+            if let Some(l) = self.leader() {
+                let term = self.nodes[&l]
+                    .engine
+                    .as_ref()
+                    .map(|e| e.term())
+                    .unwrap_or(0);
+                if marker.is_none_or(|(ml, mt, _)| ml != l || mt != term) {
+                    let e = self
+                        .nodes
+                        .get_mut(&l)
+                        .and_then(|n| n.engine.as_mut())
+                        .expect("live");
+                    if let Ok(id) = e.propose(b"liveness".to_vec()) {
+                        marker = Some((l, id.term, id.index));
+                    }
+                    self.pump(l);
+                }
+            }
+            if let Some((l, t, idx)) = marker {
+                let n = &self.nodes[&l];
+                let done = n.applied >= idx
+                    && n.log
+                        .get(idx as usize - 1)
+                        .is_some_and(|(e, _)| e.term == t);
+                if done {
+                    break;
+                }
+            }
+            self.step_once();
+            if let Some(v) = self.violation() {
+                return Err(v);
+            }
+        }
+        self.stats.steps = self.step;
+        self.stats.committed = self.committed.len() as LogIndex;
+        self.stats.virtual_time = self.now;
+        Ok(self.stats)
+    }
+
+    /// The durable log of a node (tests inspect it).
+    #[allow(dead_code)]
+    pub(crate) fn durable_log(&self, id: NodeId) -> Vec<Entry> {
+        self.nodes[&id].log.iter().map(|(e, _)| e.clone()).collect()
+    }
+
+    /// The role of each live node.
+    #[allow(dead_code)]
+    pub(crate) fn roles(&self) -> BTreeMap<NodeId, Role> {
+        self.nodes
+            .iter()
+            .filter_map(|(&id, n)| n.engine.as_ref().map(|e| (id, e.role())))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;
