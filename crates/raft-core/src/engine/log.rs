@@ -198,10 +198,4 @@ impl RaftLog {
         }
         out
     }
-
-    /// All held entries (tests and the simulator inspect them).
-    #[cfg(test)]
-    pub(crate) fn entries(&self) -> &[Entry] {
-        &self.entries
-    }
 }

@@ -1070,7 +1070,7 @@ impl Engine {
             if moved {
                 self.maybe_commit();
             }
-            self.send_append(from, false);
+            self.fill_pipeline(from);
         } else {
             let stale = match pr.state {
                 ReplState::Replicate => index <= pr.match_index,
@@ -1123,7 +1123,7 @@ impl Engine {
         }
         self.check_reads();
         if lagging {
-            self.send_append(from, false);
+            self.fill_pipeline(from);
         }
     }
 
@@ -1171,23 +1171,23 @@ impl Engine {
     fn broadcast_append(&mut self) {
         let peers: Vec<NodeId> = self.progress.keys().copied().collect();
         for p in peers {
-            self.send_append(p, true);
+            self.fill_pipeline(p);
         }
     }
 
     /// Sends what the follower is missing, as flow control allows. With
     /// `commit_only`, an up-to-date follower still gets an empty append that
     /// carries the new commit index.
-    fn send_append(&mut self, to: NodeId, commit_only: bool) {
+    fn send_append(&mut self, to: NodeId, commit_only: bool) -> bool {
         let last = self.log.last_index();
         let committed = self.log.committed;
         let Some(pr) = self.progress.get_mut(&to) else {
-            return;
+            return false;
         };
         match pr.state {
-            ReplState::Probe if pr.paused => return,
-            ReplState::Replicate if pr.inflight.len() >= self.cfg.max_inflight => return,
-            ReplState::Replicate if pr.next_index > last && !commit_only => return,
+            ReplState::Probe if pr.paused => return false,
+            ReplState::Replicate if pr.inflight.len() >= self.cfg.max_inflight => return false,
+            ReplState::Replicate if pr.next_index > last && !commit_only => return false,
             _ => {}
         }
         let prev = pr.next_index - 1;
@@ -1198,7 +1198,7 @@ impl Engine {
                 prev,
                 "follower needs entries below the compaction point"
             );
-            return;
+            return false;
         };
         let entries = self.log.slice(
             pr.next_index,
@@ -1226,6 +1226,12 @@ impl Engine {
                 leader_commit: committed,
             },
         );
+        true
+    }
+
+    /// Sends appends to `to` until its pipeline is full or it has everything.
+    fn fill_pipeline(&mut self, to: NodeId) {
+        while self.send_append(to, false) {}
     }
 
     /// Commits the highest index held by a majority, only if it is from the
@@ -1329,10 +1335,5 @@ impl Engine {
                 result: Err(leader),
             });
         }
-    }
-
-    #[cfg(test)]
-    pub(crate) fn log_entries(&self) -> &[Entry] {
-        self.log.entries()
     }
 }
