@@ -6,12 +6,21 @@
 //!   no clock and no thread RNG. Time and randomness are inputs; storage writes and
 //!   messages are outputs. This is where correctness lives, and what the seeded
 //!   cluster simulator in this crate's tests drives through faults.
-//! * `node` (coming with the async driver): owns an engine, a [`LogStore`-like]
-//!   storage and a transport, and exposes the `Raft` handle.
+//! * [`node`]: the tokio driver that owns one engine, one [`LogStore`] and one
+//!   [`Transport`], and exposes the [`Raft`] handle: `new`, `start`,
+//!   `is_leader`, `submit`, `leader`, `read_index`, `shutdown`, and the apply
+//!   channel of [`ApplyMsg`].
+//!
+//! Storage and network are traits: [`MemLogStore`] and [`ChannelNetwork`] ship
+//! here for tests and examples; `raft-log` and `raft-net-quic` provide the
+//! durable and networked ones.
 #![deny(missing_docs)]
 
 pub mod engine;
 pub mod message;
+pub mod node;
+pub mod storage;
+pub mod transport;
 pub mod types;
 
 #[cfg(test)]
@@ -20,3 +29,6 @@ mod sim;
 pub use engine::{Engine, EngineConfig, EngineError, InitialState, NotLeader, ReadResult, Ready};
 pub use message::{Message, MessageBody, RejectHint};
 pub use types::{Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, Term};
+pub use node::{ApplyMsg, Config, Raft, Status};
+pub use storage::{LogBatch, LogState, LogStore, MemLogStore, StorageError};
+pub use transport::{ChannelNetwork, ChannelTransport, Transport};

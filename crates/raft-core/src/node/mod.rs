@@ -1,0 +1,667 @@
+//! The async Raft node: one tokio task that owns an [`Engine`], a [`LogStore`]
+//! and a [`Transport`], and the [`Raft`] handle applications talk to.
+//!
+//! Each turn of the driver waits for anything (a request, a peer message, a
+//! timer), then takes everything else already waiting, feeds it all to the
+//! engine, and carries out the engine's output: the log writes of the whole
+//! turn become one durable `save` (group commit), a leader's appends go out
+//! before its own write finishes, and acknowledgements go out only after it.
+//! Committed entries flow to the application's apply channel through a
+//! separate task, so a slow application never delays heartbeats.
+
+mod config;
+
+pub use config::{Config, ConfigError};
+
+use crate::engine::{Engine, EngineError, InitialState, ReadResult};
+use crate::message::Message;
+use crate::storage::{LogBatch, LogStore, StorageError};
+use crate::transport::Transport;
+use crate::types::{Entry, EntryPayload, LogId, LogIndex, Membership, NodeId, Role, Term};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+/// A committed log entry, handed to the application in index order, each
+/// exactly once per run of the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyMsg {
+    /// True for an application command; false for Raft's own entries (the
+    /// leader's no-op, membership), which the application only counts.
+    pub command_valid: bool,
+    /// The command bytes as submitted (empty when `command_valid` is false).
+    pub command: Vec<u8>,
+    /// The entry's log index. Persist it with the state it produces.
+    pub command_index: LogIndex,
+    /// The term the entry was created in.
+    pub command_term: Term,
+}
+
+/// A snapshot of what the node knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// This node's id.
+    pub id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// Its current term.
+    pub term: Term,
+    /// The leader it follows, if known (itself when leader).
+    pub leader: Option<NodeId>,
+    /// The commit index.
+    pub commit_index: LogIndex,
+    /// The highest index accepted by the apply channel.
+    pub applied_index: LogIndex,
+    /// The last index in its log.
+    pub last_log_index: LogIndex,
+    /// The voting members.
+    pub members: Vec<NodeId>,
+    /// Why the node stopped, once it has.
+    pub stopped: Option<String>,
+}
+
+/// Errors of the node API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// This node is not the leader; `leader` is whom it follows, if known.
+    #[error("not the leader (leader hint: {leader:?})")]
+    NotLeader {
+        /// The leader's id, if known.
+        leader: Option<NodeId>,
+    },
+    /// The configuration was rejected.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The log store failed; the node has stopped.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The stored state cannot be restored.
+    #[error(transparent)]
+    Restore(#[from] EngineError),
+    /// `start` was not called yet.
+    #[error("the node has not been started")]
+    NotStarted,
+    /// `start` was called twice.
+    #[error("the node was already started")]
+    AlreadyStarted,
+    /// The node is not running any more.
+    #[error("the node has stopped: {0}")]
+    Stopped(String),
+    /// The application dropped the receiving end of the apply channel.
+    #[error("the apply channel was closed by the application")]
+    ApplyChannelClosed,
+    /// The entry at this index was replaced by another leader's; it will never commit.
+    #[error("entry {index} of term {term} was overwritten by a later leader")]
+    Overwritten {
+        /// The submitted index.
+        index: LogIndex,
+        /// The submitted term.
+        term: Term,
+    },
+    /// The outcome cannot be known any more (the entry was compacted away).
+    #[error("the outcome of entry {0} is unknown")]
+    Unknown(LogIndex),
+}
+
+impl From<crate::engine::NotLeader> for Error {
+    fn from(e: crate::engine::NotLeader) -> Self {
+        Error::NotLeader { leader: e.leader }
+    }
+}
+
+enum Request {
+    Propose(Vec<u8>, oneshot::Sender<Result<LogId, Error>>),
+    WaitCommit(LogId, oneshot::Sender<Result<(), Error>>),
+    ReadIndex(oneshot::Sender<Result<LogIndex, Error>>),
+}
+
+struct Parts {
+    store: Box<dyn LogStore>,
+    transport: Box<dyn Transport>,
+    apply_tx: mpsc::Sender<ApplyMsg>,
+    req_rx: mpsc::Receiver<Request>,
+    status_tx: watch::Sender<Status>,
+}
+
+struct Running {
+    shutdown: oneshot::Sender<()>,
+    driver: JoinHandle<Result<(), Error>>,
+    applier: JoinHandle<()>,
+}
+
+enum Lifecycle {
+    NotStarted(Box<Parts>),
+    Running(Running),
+    Stopped,
+}
+
+struct Inner {
+    config: Config,
+    req_tx: mpsc::Sender<Request>,
+    status_rx: watch::Receiver<Status>,
+    applied: Arc<AtomicU64>,
+    started: std::sync::atomic::AtomicBool,
+    lifecycle: Mutex<Lifecycle>,
+}
+
+/// A handle on one Raft node. Cheap to clone; every clone drives the same node.
+///
+/// ```no_run
+/// use raft_core::node::{ApplyMsg, Config, Raft};
+/// use raft_core::{ChannelNetwork, MemLogStore};
+///
+/// # async fn demo() -> Result<(), raft_core::node::Error> {
+/// let net = ChannelNetwork::new();
+/// let mut cfg = Config::new(1);
+/// cfg.add_peer(2, "node2")?.add_peer(3, "node3")?;
+/// let (apply_tx, mut apply_rx) = tokio::sync::mpsc::channel::<ApplyMsg>(100);
+/// let raft = Raft::new(cfg, MemLogStore::new(), net.join(1), apply_tx)?;
+/// raft.start().await?;
+/// tokio::spawn(async move {
+///     while let Some(msg) = apply_rx.recv().await {
+///         if msg.command_valid { /* apply msg.command */ }
+///     }
+/// });
+/// if raft.is_leader() {
+///     let (index, term) = raft.submit(b"SET key value".to_vec()).await?;
+///     raft.wait_committed(index, term).await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Raft {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Raft {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Raft").field("id", &self.inner.config.id).finish()
+    }
+}
+
+const REQUEST_QUEUE: usize = 4096;
+const MAX_EVENTS_PER_TURN: usize = 4096;
+
+impl Raft {
+    /// Builds a node (not yet running) from a validated configuration, a log
+    /// store, a transport and the channel committed entries go to.
+    pub fn new(
+        config: Config,
+        store: impl LogStore,
+        transport: impl Transport,
+        apply_tx: mpsc::Sender<ApplyMsg>,
+    ) -> Result<Raft, Error> {
+        config.validate()?;
+        let (req_tx, req_rx) = mpsc::channel(REQUEST_QUEUE);
+        let status = Status {
+            id: config.id,
+            role: Role::Follower,
+            term: 0,
+            leader: None,
+            commit_index: 0,
+            applied_index: 0,
+            last_log_index: 0,
+            members: config.members().into_iter().collect(),
+            stopped: None,
+        };
+        let (status_tx, status_rx) = watch::channel(status);
+        let parts = Parts {
+            store: Box::new(store),
+            transport: Box::new(transport),
+            apply_tx,
+            req_rx,
+            status_tx,
+        };
+        Ok(Raft {
+            inner: Arc::new(Inner {
+                config,
+                req_tx,
+                status_rx,
+                applied: Arc::new(AtomicU64::new(0)),
+                started: std::sync::atomic::AtomicBool::new(false),
+                lifecycle: Mutex::new(Lifecycle::NotStarted(Box::new(parts))),
+            }),
+        })
+    }
+
+    /// Starts the node with nothing applied yet.
+    pub async fn start(&self) -> Result<(), Error> {
+        self.start_with_applied(0).await
+    }
+
+    /// Starts the node. `applied_index` is the highest index the application
+    /// has already applied durably (0 for none): entries up to it are not
+    /// delivered again.
+    pub async fn start_with_applied(&self, applied_index: LogIndex) -> Result<(), Error> {
+        let mut lc = self.inner.lifecycle.lock().await;
+        let parts = match std::mem::replace(&mut *lc, Lifecycle::Stopped) {
+            Lifecycle::NotStarted(p) => p,
+            other => {
+                *lc = other;
+                return Err(Error::AlreadyStarted);
+            }
+        };
+        let Parts {
+            mut store,
+            transport,
+            apply_tx,
+            req_rx,
+            status_tx,
+        } = *parts;
+        let cfg = &self.inner.config;
+        let state = store.load().await?;
+        let init = InitialState {
+            hard_state: state.hard_state,
+            snapshot: state.snapshot,
+            entries: state.entries,
+            membership: Membership::new(cfg.members()),
+            applied: applied_index,
+        };
+        let origin = Instant::now();
+        let seed = seed_for(cfg.id);
+        let engine = Engine::new(cfg.engine_config(), init, seed, std::time::Duration::ZERO)?;
+        self.inner.applied.store(engine.applied_index(), Ordering::Release);
+        let (apply_q_tx, apply_q_rx) = mpsc::unbounded_channel();
+        let (apply_fail_tx, apply_fail_rx) = mpsc::channel(1);
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let applier = tokio::spawn(applier(apply_q_rx, apply_tx, self.inner.applied.clone(), apply_fail_tx));
+        let driver = Driver {
+            engine,
+            store,
+            transport,
+            origin,
+            req_rx,
+            status_tx,
+            applied: self.inner.applied.clone(),
+            apply_q: apply_q_tx,
+            commit_waiters: BTreeMap::new(),
+            read_waiters: HashMap::new(),
+            reads_after_apply: BTreeMap::new(),
+            next_ctx: 1,
+        };
+        let span = tracing::info_span!("raft", node = cfg.id);
+        let driver = tokio::spawn(driver.run(shutdown_rx, apply_fail_rx).instrument(span));
+        self.inner.started.store(true, Ordering::Release);
+        *lc = Lifecycle::Running(Running {
+            shutdown: shutdown_tx,
+            driver,
+            applier,
+        });
+        Ok(())
+    }
+
+    /// Stops the node and waits until none of its tasks is running. Returns
+    /// the error that stopped the node earlier, if one did.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        let mut lc = self.inner.lifecycle.lock().await;
+        match std::mem::replace(&mut *lc, Lifecycle::Stopped) {
+            Lifecycle::Running(r) => {
+                let _ = r.shutdown.send(());
+                let res = match r.driver.await {
+                    Ok(res) => res,
+                    Err(e) => Err(Error::Stopped(format!("driver task failed: {e}"))),
+                };
+                r.applier.abort();
+                let _ = r.applier.await;
+                res
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        let mut s = self.inner.status_rx.borrow().clone();
+        s.applied_index = self.inner.applied.load(Ordering::Acquire);
+        s
+    }
+
+    /// A receiver that sees every status change (for waiting on a condition).
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
+        self.inner.status_rx.clone()
+    }
+
+    /// True when this node believes it is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.inner.status_rx.borrow().role == Role::Leader
+    }
+
+    /// The leader this node follows, if known.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner.status_rx.borrow().leader
+    }
+
+    async fn request<R>(&self, make: impl FnOnce(oneshot::Sender<Result<R, Error>>) -> Request) -> Result<R, Error> {
+        if !self.inner.started.load(Ordering::Acquire) {
+            return Err(Error::NotStarted);
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.inner.req_tx.send(make(tx)).await.is_err() {
+            return Err(self.stopped_error());
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(self.stopped_error()),
+        }
+    }
+
+    fn stopped_error(&self) -> Error {
+        let s = self.inner.status_rx.borrow();
+        match &s.stopped {
+            Some(why) => Error::Stopped(why.clone()),
+            None => Error::NotStarted,
+        }
+    }
+
+    /// Proposes a command. On the leader it returns the index and term the
+    /// entry will have if it commits; elsewhere `Error::NotLeader` with a hint.
+    pub async fn submit(&self, command: Vec<u8>) -> Result<(LogIndex, Term), Error> {
+        let id = self.request(|tx| Request::Propose(command, tx)).await?;
+        Ok((id.index, id.term))
+    }
+
+    /// Waits until the entry submitted at (`index`, `term`) commits and is on
+    /// its way to the apply channel; `Error::Overwritten` when a later leader
+    /// replaced it.
+    pub async fn wait_committed(&self, index: LogIndex, term: Term) -> Result<(), Error> {
+        self.request(|tx| Request::WaitCommit(LogId::new(term, index), tx)).await
+    }
+
+    /// Submits and waits for the commit; returns the entry's index.
+    pub async fn submit_and_wait(&self, command: Vec<u8>) -> Result<LogIndex, Error> {
+        let (index, term) = self.submit(command).await?;
+        self.wait_committed(index, term).await?;
+        Ok(index)
+    }
+
+    /// A linearizable read barrier (leader only). The leader confirms with a
+    /// heartbeat round that it still leads, then returns an index once all
+    /// entries up to it are on their way to the apply channel. Reading the
+    /// application's state after it has applied that index is linearizable.
+    pub async fn read_index(&self) -> Result<LogIndex, Error> {
+        self.request(Request::ReadIndex).await
+    }
+}
+
+/// A per-process seed for election-timeout randomness.
+fn seed_for(id: NodeId) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(std::process::id())
+}
+
+async fn applier(
+    mut queue: mpsc::UnboundedReceiver<Vec<ApplyMsg>>,
+    apply_tx: mpsc::Sender<ApplyMsg>,
+    applied: Arc<AtomicU64>,
+    failed: mpsc::Sender<()>,
+) {
+    while let Some(batch) = queue.recv().await {
+        for m in batch {
+            let idx = m.command_index;
+            if apply_tx.send(m).await.is_err() {
+                let _ = failed.try_send(());
+                return;
+            }
+            applied.store(idx, Ordering::Release);
+        }
+    }
+}
+
+struct Driver {
+    engine: Engine,
+    store: Box<dyn LogStore>,
+    transport: Box<dyn Transport>,
+    origin: Instant,
+    req_rx: mpsc::Receiver<Request>,
+    status_tx: watch::Sender<Status>,
+    applied: Arc<AtomicU64>,
+    apply_q: mpsc::UnboundedSender<Vec<ApplyMsg>>,
+    commit_waiters: BTreeMap<LogIndex, Vec<(Term, oneshot::Sender<Result<(), Error>>)>>,
+    read_waiters: HashMap<u64, oneshot::Sender<Result<LogIndex, Error>>>,
+    reads_after_apply: BTreeMap<LogIndex, Vec<oneshot::Sender<Result<LogIndex, Error>>>>,
+    next_ctx: u64,
+}
+
+enum Wake {
+    Shutdown,
+    ApplyFailed,
+    Request(Request),
+    Message(Message),
+    HandlesGone,
+    TransportClosed,
+    Timer,
+}
+
+impl Driver {
+    fn now(&self) -> std::time::Duration {
+        Instant::now().saturating_duration_since(self.origin)
+    }
+
+    async fn run(mut self, mut shutdown: oneshot::Receiver<()>, mut apply_failed: mpsc::Receiver<()>) -> Result<(), Error> {
+        tracing::info!(term = self.engine.term(), last = ?self.engine.last_log_id(), "node started");
+        let result = loop {
+            let deadline = self.origin + self.engine.next_deadline();
+            let wake = tokio::select! {
+                biased;
+                _ = &mut shutdown => Wake::Shutdown,
+                _ = apply_failed.recv() => Wake::ApplyFailed,
+                r = self.req_rx.recv() => r.map_or(Wake::HandlesGone, Wake::Request),
+                m = self.transport.recv() => m.map_or(Wake::TransportClosed, Wake::Message),
+                _ = tokio::time::sleep_until(deadline) => Wake::Timer,
+            };
+            match wake {
+                Wake::Shutdown | Wake::HandlesGone => break Ok(()),
+                Wake::ApplyFailed => break Err(Error::ApplyChannelClosed),
+                Wake::TransportClosed => break Err(Error::Stopped("transport closed".into())),
+                Wake::Request(r) => self.handle_request(r),
+                Wake::Message(m) => self.engine.handle_message(m),
+                Wake::Timer => {}
+            }
+            // Take everything else already waiting: one turn, one durable write.
+            for _ in 0..MAX_EVENTS_PER_TURN {
+                tokio::select! {
+                    biased;
+                    Some(r) = self.req_rx.recv() => self.handle_request(r),
+                    Some(m) = self.transport.recv() => self.engine.handle_message(m),
+                    _ = std::future::ready(()) => break,
+                }
+            }
+            let now = self.now();
+            self.engine.tick(now);
+            if let Err(e) = self.process_ready().await {
+                tracing::error!(error = %e, "stopping node");
+                break Err(e);
+            }
+            self.publish_status(None);
+        };
+        let why = match &result {
+            Ok(()) => "shut down".to_string(),
+            Err(e) => e.to_string(),
+        };
+        self.fail_waiters(&why);
+        self.publish_status(Some(why));
+        tracing::info!("node stopped");
+        result
+    }
+
+    fn handle_request(&mut self, r: Request) {
+        match r {
+            Request::Propose(cmd, reply) => {
+                let _ = reply.send(self.engine.propose(cmd).map_err(Error::from));
+            }
+            Request::WaitCommit(id, reply) => {
+                if id.index <= self.engine.applied_index() {
+                    let res = match self.engine.log_term(id.index) {
+                        Some(t) if t == id.term => Ok(()),
+                        Some(_) => Err(Error::Overwritten {
+                            index: id.index,
+                            term: id.term,
+                        }),
+                        None => Err(Error::Unknown(id.index)),
+                    };
+                    let _ = reply.send(res);
+                } else {
+                    self.commit_waiters.entry(id.index).or_default().push((id.term, reply));
+                }
+            }
+            Request::ReadIndex(reply) => {
+                let ctx = self.next_ctx;
+                self.next_ctx += 1;
+                match self.engine.read_index(ctx) {
+                    Ok(()) => {
+                        self.read_waiters.insert(ctx, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn process_ready(&mut self) -> Result<(), Error> {
+        while self.engine.has_ready() {
+            let rd = self.engine.take_ready();
+            let last = rd.last_entry();
+            for m in rd.messages {
+                self.transport.send(m);
+            }
+            let batch = LogBatch {
+                hard_state: rd.hard_state,
+                truncate_from: rd.truncate_from,
+                entries: rd.entries,
+            };
+            if !batch.is_empty() {
+                self.store.save(batch).await?;
+            }
+            if let Some(last) = last {
+                self.engine.persisted(last);
+            }
+            for m in rd.persisted_messages {
+                self.transport.send(m);
+            }
+            if !rd.committed.is_empty() {
+                self.deliver(rd.committed);
+            }
+            for r in rd.reads {
+                self.on_read(r);
+            }
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, committed: Vec<Entry>) {
+        let Some(last) = committed.last().map(|e| e.index) else {
+            return;
+        };
+        for e in &committed {
+            if let Some(ws) = self.commit_waiters.remove(&e.index) {
+                for (term, tx) in ws {
+                    let res = if term == e.term {
+                        Ok(())
+                    } else {
+                        Err(Error::Overwritten { index: e.index, term })
+                    };
+                    let _ = tx.send(res);
+                }
+            }
+        }
+        let msgs = committed
+            .into_iter()
+            .map(|e| match e.payload {
+                EntryPayload::Command(c) => ApplyMsg {
+                    command_valid: true,
+                    command: c,
+                    command_index: e.index,
+                    command_term: e.term,
+                },
+                _ => ApplyMsg {
+                    command_valid: false,
+                    command: Vec::new(),
+                    command_index: e.index,
+                    command_term: e.term,
+                },
+            })
+            .collect();
+        // The applier only goes away after the driver; a failed send means it already reported.
+        let _ = self.apply_q.send(msgs);
+        let rest = self.reads_after_apply.split_off(&(last + 1));
+        for (idx, ws) in std::mem::replace(&mut self.reads_after_apply, rest) {
+            for w in ws {
+                let _ = w.send(Ok(idx));
+            }
+        }
+    }
+
+    fn on_read(&mut self, r: ReadResult) {
+        let Some(reply) = self.read_waiters.remove(&r.ctx) else {
+            return;
+        };
+        match r.result {
+            Ok(index) if index <= self.engine.applied_index() => {
+                let _ = reply.send(Ok(index));
+            }
+            Ok(index) => self.reads_after_apply.entry(index).or_default().push(reply),
+            Err(_) => {
+                let _ = reply.send(Err(Error::NotLeader {
+                    leader: self.engine.leader(),
+                }));
+            }
+        }
+    }
+
+    fn fail_waiters(&mut self, why: &str) {
+        for (_, ws) in std::mem::take(&mut self.commit_waiters) {
+            for (_, tx) in ws {
+                let _ = tx.send(Err(Error::Stopped(why.to_string())));
+            }
+        }
+        for (_, tx) in self.read_waiters.drain() {
+            let _ = tx.send(Err(Error::Stopped(why.to_string())));
+        }
+        for (_, ws) in std::mem::take(&mut self.reads_after_apply) {
+            for tx in ws {
+                let _ = tx.send(Err(Error::Stopped(why.to_string())));
+            }
+        }
+    }
+
+    fn publish_status(&self, stopped: Option<String>) {
+        let e = &self.engine;
+        let applied = self.applied.load(Ordering::Acquire);
+        self.status_tx.send_if_modified(|s| {
+            let new = Status {
+                id: e.id(),
+                role: e.role(),
+                term: e.term(),
+                leader: e.leader(),
+                commit_index: e.commit_index(),
+                applied_index: applied,
+                last_log_index: e.last_log_id().index,
+                members: e.membership().voters.iter().copied().collect(),
+                stopped: stopped.clone().or_else(|| s.stopped.clone()),
+            };
+            if *s != new {
+                *s = new;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,503 @@
+//! In-process clusters of real nodes (tokio tasks, in-memory disks, channel
+//! network) run in tokio's virtual time: the seed's failure scenarios,
+//! deterministic in their timing checks and fast.
+
+use super::*;
+use crate::storage::MemLogStore;
+use crate::transport::ChannelNetwork;
+use std::collections::BTreeSet;
+use std::sync::Mutex as StdMutex;
+use std::time::Duration;
+use tokio::time::{sleep, timeout};
+
+const ELECTION_MAX: Duration = Duration::from_millis(300);
+
+struct TestNode {
+    raft: Raft,
+    store: MemLogStore,
+    consumer: JoinHandle<()>,
+}
+
+/// What each node's application applied, kept across restarts (a durable state machine).
+type Applied = Arc<StdMutex<Vec<ApplyMsg>>>;
+
+struct TestCluster {
+    net: ChannelNetwork,
+    ids: Vec<NodeId>,
+    nodes: BTreeMap<NodeId, TestNode>,
+    applied: BTreeMap<NodeId, Applied>,
+    stores: BTreeMap<NodeId, MemLogStore>,
+}
+
+fn config(id: NodeId, ids: &[NodeId]) -> Config {
+    let mut c = Config::new(id);
+    for &p in ids.iter().filter(|&&p| p != id) {
+        c.add_peer(p, format!("node{p}")).unwrap();
+    }
+    c
+}
+
+impl TestCluster {
+    async fn new(n: u64) -> Self {
+        let ids: Vec<NodeId> = (1..=n).collect();
+        let mut c = TestCluster {
+            net: ChannelNetwork::new(),
+            ids: ids.clone(),
+            nodes: BTreeMap::new(),
+            applied: ids.iter().map(|&id| (id, Applied::default())).collect(),
+            stores: ids.iter().map(|&id| (id, MemLogStore::new())).collect(),
+        };
+        for id in ids {
+            c.start(id).await;
+        }
+        c
+    }
+
+    async fn start(&mut self, id: NodeId) {
+        let store = self.stores[&id].reopen();
+        let (tx, mut rx) = mpsc::channel::<ApplyMsg>(100);
+        let raft = Raft::new(config(id, &self.ids), store.clone(), self.net.join(id), tx).unwrap();
+        let applied = self.applied[&id].clone();
+        let already = applied.lock().unwrap().last().map_or(0, |m| m.command_index);
+        raft.start_with_applied(already).await.unwrap();
+        let consumer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                applied.lock().unwrap().push(m);
+            }
+        });
+        self.nodes.insert(id, TestNode { raft, store, consumer });
+    }
+
+    async fn kill(&mut self, id: NodeId) {
+        if let Some(n) = self.nodes.remove(&id) {
+            n.raft.shutdown().await.unwrap();
+            n.consumer.abort();
+            let _ = n.consumer.await;
+        }
+    }
+
+    fn raft(&self, id: NodeId) -> &Raft {
+        &self.nodes[&id].raft
+    }
+
+    /// The leader among `among` with the highest term, once exactly one such node leads.
+    fn current_leader(&self, among: &[NodeId]) -> Option<NodeId> {
+        let leaders: Vec<(Term, NodeId)> = among
+            .iter()
+            .filter_map(|id| self.nodes.get(id))
+            .map(|n| n.raft.status())
+            .filter(|s| s.role == Role::Leader)
+            .map(|s| (s.term, s.id))
+            .collect();
+        leaders.iter().max().map(|&(_, id)| id)
+    }
+
+    async fn wait_leader(&self, among: &[NodeId], within: Duration) -> Option<NodeId> {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(l) = self.current_leader(among) {
+                return Some(l);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Submits through the cluster the way a client would: try a node, follow
+    /// the leader hint, retry after a pause.
+    async fn write(&self, among: &[NodeId], cmd: &str, within: Duration) -> Result<LogIndex, Error> {
+        let end = Instant::now() + within;
+        let mut target = among[0];
+        loop {
+            let res = match self.nodes.get(&target) {
+                Some(n) => match timeout(Duration::from_millis(500), n.raft.submit_and_wait(cmd.as_bytes().to_vec())).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::Unknown(0)),
+                },
+                None => Err(Error::NotLeader { leader: None }),
+            };
+            match res {
+                Ok(i) => return Ok(i),
+                Err(e) if Instant::now() >= end => return Err(e),
+                Err(Error::NotLeader { leader: Some(l) }) if among.contains(&l) => target = l,
+                Err(_) => {
+                    let pos = among.iter().position(|&x| x == target).unwrap_or(0);
+                    target = among[(pos + 1) % among.len()];
+                    sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+
+    fn commands(&self, id: NodeId) -> Vec<Vec<u8>> {
+        self.applied[&id]
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|m| m.command_valid)
+            .map(|m| m.command.clone())
+            .collect()
+    }
+
+    fn applied_indexes(&self, id: NodeId) -> Vec<LogIndex> {
+        self.applied[&id].lock().unwrap().iter().map(|m| m.command_index).collect()
+    }
+
+    async fn wait_applied(&self, ids: &[NodeId], index: LogIndex, within: Duration) -> bool {
+        let end = Instant::now() + within;
+        loop {
+            if ids.iter().all(|id| self.applied_indexes(*id).last().copied().unwrap_or(0) >= index) {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn shutdown_all(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.kill(id).await;
+        }
+    }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_nodes_elect_replicate_and_apply_in_order() {
+    let mut c = TestCluster::new(3).await;
+    let l = c.wait_leader(&[1, 2, 3], secs(2)).await.expect("a leader");
+    for i in 0..20 {
+        c.write(&[l], &format!("cmd{i}"), secs(2)).await.unwrap();
+    }
+    let last = c.raft(l).status().commit_index;
+    assert!(c.wait_applied(&[1, 2, 3], last, secs(2)).await);
+    let want: Vec<Vec<u8>> = (0..20).map(|i| format!("cmd{i}").into_bytes()).collect();
+    for id in [1, 2, 3] {
+        assert_eq!(c.commands(id), want, "node {id}");
+        let idx = c.applied_indexes(id);
+        assert_eq!(idx, (1..=idx.len() as u64).collect::<Vec<_>>(), "node {id} applies each index once, in order");
+    }
+    c.shutdown_all().await;
+}
+
+async fn leader_failover(n: u64) {
+    let mut c = TestCluster::new(n).await;
+    let all: Vec<NodeId> = (1..=n).collect();
+    let old = c.wait_leader(&all, secs(2)).await.expect("a leader");
+    c.write(&all, "before", secs(2)).await.unwrap();
+    let killed_at = Instant::now();
+    c.kill(old).await;
+    let rest: Vec<NodeId> = all.iter().copied().filter(|&x| x != old).collect();
+    let new = c.wait_leader(&rest, secs(5)).await.expect("a new leader");
+    let took = killed_at.elapsed();
+    assert_ne!(new, old);
+    assert!(
+        took <= 2 * ELECTION_MAX,
+        "{n} nodes: new leader after {took:?}, more than two election timeouts"
+    );
+    c.write(&rest, "after", secs(2)).await.expect("writes resume");
+    let last = c.raft(new).status().commit_index;
+    assert!(c.wait_applied(&rest, last, secs(2)).await);
+    for id in &rest {
+        assert_eq!(c.commands(*id), vec![b"before".to_vec(), b"after".to_vec()]);
+    }
+    c.shutdown_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn leader_killed_is_replaced_within_two_election_timeouts_3_nodes() {
+    leader_failover(3).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn leader_killed_is_replaced_within_two_election_timeouts_5_nodes() {
+    leader_failover(5).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn seven_nodes_elect_and_commit() {
+    let mut c = TestCluster::new(7).await;
+    let all: Vec<NodeId> = (1..=7).collect();
+    c.wait_leader(&all, secs(2)).await.expect("a leader");
+    let i = c.write(&all, "seven", secs(2)).await.unwrap();
+    assert!(c.wait_applied(&all, i, secs(2)).await);
+    c.shutdown_all().await;
+}
+
+async fn majority_keeps_serving(n: u64, majority: &[NodeId], minority: &[NodeId]) {
+    let mut c = TestCluster::new(n).await;
+    let all: Vec<NodeId> = (1..=n).collect();
+    c.wait_leader(&all, secs(2)).await.expect("a leader");
+    c.write(&all, "before", secs(2)).await.unwrap();
+    c.net.partition(&[majority, minority]);
+    // Let in-flight messages land and a minority leader (if any) step down.
+    sleep(ELECTION_MAX).await;
+    let frozen: BTreeMap<NodeId, (LogIndex, Term)> = minority
+        .iter()
+        .map(|&id| {
+            let s = c.raft(id).status();
+            (id, (s.commit_index, s.term))
+        })
+        .collect();
+    let mut watchers = Vec::new();
+    for &id in minority {
+        let mut rx = c.raft(id).watch_status();
+        watchers.push(tokio::spawn(async move {
+            let mut led = false;
+            while rx.changed().await.is_ok() {
+                led |= rx.borrow().role == Role::Leader;
+            }
+            led
+        }));
+    }
+    for i in 0..10 {
+        c.write(majority, &format!("during{i}"), secs(3)).await.expect("the majority keeps committing");
+    }
+    sleep(secs(2)).await;
+    for &id in minority {
+        let s = c.raft(id).status();
+        assert_ne!(s.role, Role::Leader, "minority node {id} must not lead");
+        assert_eq!(s.commit_index, frozen[&id].0, "minority node {id} must commit nothing");
+        assert!(!c.commands(id).iter().any(|x| x.starts_with(b"during")));
+    }
+    c.net.heal();
+    let i = c.write(&all, "healed", secs(3)).await.unwrap();
+    assert!(c.wait_applied(&all, i, secs(3)).await, "minority catches up after healing");
+    c.shutdown_all().await;
+    for w in watchers {
+        assert!(!w.await.unwrap(), "a minority node became leader during the partition");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn partition_majority_serves_minority_never_leads_3_nodes() {
+    majority_keeps_serving(3, &[1, 2], &[3]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn partition_majority_serves_minority_never_leads_5_nodes() {
+    majority_keeps_serving(5, &[1, 2, 3], &[4, 5]).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_majority_no_service_then_service_after_healing() {
+    let mut c = TestCluster::new(3).await;
+    let all = [1, 2, 3];
+    c.wait_leader(&all, secs(2)).await.expect("a leader");
+    c.write(&all, "before", secs(2)).await.unwrap();
+    let commit_before: Vec<LogIndex> = all.iter().map(|&id| c.raft(id).status().commit_index).collect();
+    c.net.partition(&[&[1], &[2], &[3]]);
+    sleep(ELECTION_MAX).await;
+    let res = c.write(&all, "lonely", secs(3)).await;
+    assert!(res.is_err(), "no write may commit without a majority: {res:?}");
+    assert_eq!(c.current_leader(&all), None, "no leader without a majority");
+    for (k, &id) in all.iter().enumerate() {
+        assert!(c.raft(id).status().commit_index <= commit_before[k] + 1);
+    }
+    c.net.heal();
+    let l = c.wait_leader(&all, secs(3)).await.expect("a leader after healing");
+    let i = c.write(&[l], "healed", secs(3)).await.unwrap();
+    assert!(c.wait_applied(&all, i, secs(3)).await);
+    for id in all {
+        assert!(!c.commands(id).contains(&b"lonely".to_vec()), "an unacknowledged write never applies");
+    }
+    c.shutdown_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn old_leader_rejoins_steps_down_and_its_uncommitted_entries_are_replaced() {
+    let mut c = TestCluster::new(3).await;
+    let all = [1, 2, 3];
+    let old = c.wait_leader(&all, secs(2)).await.expect("a leader");
+    c.write(&[old], "committed", secs(2)).await.unwrap();
+    c.net.isolate(old);
+    let (idx, term) = c.raft(old).submit(b"doomed".to_vec()).await.unwrap();
+    let rest: Vec<NodeId> = all.iter().copied().filter(|&x| x != old).collect();
+    let new = c.wait_leader(&rest, secs(3)).await.expect("majority elects");
+    for i in 0..3 {
+        c.write(&[new], &format!("new{i}"), secs(2)).await.unwrap();
+    }
+    let waiter = {
+        let r = c.raft(old).clone();
+        tokio::spawn(async move { r.wait_committed(idx, term).await })
+    };
+    c.net.heal();
+    let last = c.raft(new).status().commit_index;
+    assert!(c.wait_applied(&all, last, secs(3)).await, "old leader catches up");
+    assert_ne!(c.raft(old).status().role, Role::Leader);
+    assert_eq!(waiter.await.unwrap(), Err(Error::Overwritten { index: idx, term }));
+    for id in all {
+        assert_eq!(
+            c.commands(id),
+            vec![b"committed".to_vec(), b"new0".to_vec(), b"new1".to_vec(), b"new2".to_vec()]
+        );
+    }
+    c.shutdown_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn follower_refuses_writes_with_a_leader_hint_and_reads_are_linearizable_on_the_leader() {
+    let mut c = TestCluster::new(3).await;
+    let l = c.wait_leader(&[1, 2, 3], secs(2)).await.unwrap();
+    let i = c.write(&[l], "x", secs(2)).await.unwrap();
+    assert!(c.wait_applied(&[1, 2, 3], i, secs(2)).await);
+    let f = [1, 2, 3].into_iter().find(|&x| x != l).unwrap();
+    assert_eq!(c.raft(f).submit(b"y".to_vec()).await, Err(Error::NotLeader { leader: Some(l) }));
+    assert_eq!(c.raft(f).leader(), Some(l));
+    assert_eq!(c.raft(f).read_index().await, Err(Error::NotLeader { leader: Some(l) }));
+    let r = c.raft(l).read_index().await.unwrap();
+    assert!(r >= i, "read index {r} must cover the acknowledged write at {i}");
+    // A leader cut off from the majority cannot confirm a read.
+    c.net.isolate(l);
+    let res = timeout(secs(2), c.raft(l).read_index()).await;
+    assert!(!matches!(res, Ok(Ok(_))), "an isolated leader must not serve a read: {res:?}");
+    c.shutdown_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarted_node_recovers_from_its_store_without_reapplying() {
+    let mut c = TestCluster::new(3).await;
+    let all = [1, 2, 3];
+    let l = c.wait_leader(&all, secs(2)).await.unwrap();
+    let i = c.write(&all, "a", secs(2)).await.unwrap();
+    assert!(c.wait_applied(&all, i, secs(2)).await);
+    let f = all.into_iter().find(|&x| x != l).unwrap();
+    c.kill(f).await;
+    let durable = c.stores[&f].durable();
+    assert!(durable.entries.len() as u64 >= i && durable.hard_state.term >= 1);
+    c.write(&all, "b", secs(2)).await.unwrap();
+    c.start(f).await;
+    let j = c.write(&all, "c", secs(2)).await.unwrap();
+    assert!(c.wait_applied(&[f], j, secs(3)).await);
+    assert_eq!(c.commands(f), vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+    let idx = c.applied_indexes(f);
+    let uniq: BTreeSet<LogIndex> = idx.iter().copied().collect();
+    assert_eq!(uniq.len(), idx.len(), "no entry applied twice across the restart");
+    c.shutdown_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_leaves_no_task_running() {
+    let mut c = TestCluster::new(3).await;
+    c.wait_leader(&[1, 2, 3], secs(2)).await.unwrap();
+    c.write(&[1, 2, 3], "x", secs(2)).await.unwrap();
+    let handles: Vec<Raft> = c.nodes.values().map(|n| n.raft.clone()).collect();
+    c.shutdown_all().await;
+    tokio::task::yield_now().await;
+    let alive = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    assert_eq!(alive, 0, "tasks still running after shutdown");
+    for r in handles {
+        assert!(r.status().stopped.is_some());
+        assert!(matches!(r.submit(b"late".to_vec()).await, Err(Error::Stopped(_))));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn closed_apply_channel_stops_the_node_with_a_clear_error() {
+    let net = ChannelNetwork::new();
+    let (tx, rx) = mpsc::channel(1);
+    let raft = Raft::new(Config::new(1), MemLogStore::new(), net.join(1), tx).unwrap();
+    raft.start().await.unwrap();
+    drop(rx);
+    // A single node elects itself and commits its no-op, which cannot be delivered.
+    let mut st = raft.watch_status();
+    let stopped = timeout(secs(2), st.wait_for(|s| s.stopped.is_some())).await;
+    assert!(stopped.is_ok(), "the node should stop");
+    let why = raft.status().stopped.unwrap();
+    assert!(why.contains("apply channel"), "{why}");
+    assert!(matches!(raft.submit(b"x".to_vec()).await, Err(Error::Stopped(_))));
+    assert_eq!(raft.shutdown().await, Err(Error::ApplyChannelClosed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failing_disk_stops_the_node_with_a_storage_error() {
+    let net = ChannelNetwork::new();
+    let (tx, _rx) = mpsc::channel(16);
+    let store = MemLogStore::new();
+    store.set_fail_writes(true);
+    let raft = Raft::new(Config::new(1), store, net.join(1), tx).unwrap();
+    raft.start().await.unwrap();
+    let mut st = raft.watch_status();
+    timeout(secs(2), st.wait_for(|s| s.stopped.is_some())).await.expect("node stops");
+    assert!(matches!(raft.shutdown().await, Err(Error::Storage(StorageError::Io(_)))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn lifecycle_errors_are_reported() {
+    let net = ChannelNetwork::new();
+    let (tx, _rx) = mpsc::channel(16);
+    let mut bad = Config::new(1);
+    bad.election_timeout_max = bad.election_timeout_min;
+    assert!(matches!(Raft::new(bad, MemLogStore::new(), net.join(1), tx.clone()), Err(Error::Config(_))));
+    let raft = Raft::new(Config::new(1), MemLogStore::new(), net.join(1), tx).unwrap();
+    assert_eq!(raft.submit(b"x".to_vec()).await, Err(Error::NotStarted));
+    raft.start().await.unwrap();
+    assert_eq!(raft.start().await, Err(Error::AlreadyStarted));
+    raft.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn cluster_survives_lossy_slow_network() {
+    let mut c = TestCluster::new(5).await;
+    c.net.set_drop_per_mille(100);
+    c.net.set_delay(Duration::from_millis(1), Duration::from_millis(20));
+    let all: Vec<NodeId> = (1..=5).collect();
+    for i in 0..20 {
+        c.write(&all, &format!("lossy{i}"), secs(10)).await.unwrap();
+    }
+    c.net.set_drop_per_mille(0);
+    let l = c.wait_leader(&all, secs(3)).await.unwrap();
+    let last = c.raft(l).status().commit_index;
+    assert!(c.wait_applied(&all, last, secs(5)).await);
+    let first = c.commands(1);
+    for id in &all {
+        assert_eq!(c.commands(*id), first, "node {id} diverged");
+    }
+    // Each acknowledged write is applied; a retried write may appear twice (at-least-once).
+    for i in 0..20 {
+        assert!(first.contains(&format!("lossy{i}").into_bytes()));
+    }
+    c.shutdown_all().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_disk_crash_loses_only_unacknowledged_writes() {
+    let net = ChannelNetwork::new();
+    let ids = [1u64, 2, 3];
+    let stores: Vec<MemLogStore> = ids.iter().map(|_| MemLogStore::new().with_write_delay(Duration::from_millis(5))).collect();
+    let mut rafts = Vec::new();
+    for (k, &id) in ids.iter().enumerate() {
+        let (tx, mut rx) = mpsc::channel(64);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let r = Raft::new(config(id, &ids), stores[k].clone(), net.join(id), tx).unwrap();
+        r.start().await.unwrap();
+        rafts.push(r);
+    }
+    let mut acked = Vec::new();
+    let end = Instant::now() + secs(3);
+    while acked.len() < 10 && Instant::now() < end {
+        for r in &rafts {
+            if let Ok(i) = r.submit_and_wait(format!("w{}", acked.len()).into_bytes()).await {
+                acked.push(i);
+            }
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(acked.len(), 10);
+    for r in &rafts {
+        r.shutdown().await.unwrap();
+    }
+    // Every acknowledged write is durable on a majority of the disks.
+    for i in acked {
+        let holders = stores.iter().filter(|s| s.durable().entries.iter().any(|e| e.index == i)).count();
+        assert!(holders >= 2, "acknowledged entry {i} is durable on only {holders} node(s)");
+    }
+}

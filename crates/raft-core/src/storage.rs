@@ -1,0 +1,195 @@
+//! Durable storage of the Raft log: the [`LogStore`] trait every store
+//! implements, and [`MemLogStore`], an in-memory store for tests and examples
+//! that can simulate a crash.
+
+use crate::types::{Entry, HardState, LogId, LogIndex};
+use async_trait::async_trait;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Everything a store holds, as loaded at start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogState {
+    /// The last persisted term and vote.
+    pub hard_state: HardState,
+    /// The compaction point: entries up to and including it have been purged.
+    pub snapshot: LogId,
+    /// The entries after the compaction point, contiguous and in order.
+    pub entries: Vec<Entry>,
+}
+
+/// One durable write: applied in the order hard state, truncation, append.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogBatch {
+    /// New term and vote, if they changed.
+    pub hard_state: Option<HardState>,
+    /// Remove every entry at or above this index first.
+    pub truncate_from: Option<LogIndex>,
+    /// Entries to append; the first follows the log's end after truncation.
+    pub entries: Vec<Entry>,
+}
+
+impl LogBatch {
+    /// True when the batch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.hard_state.is_none() && self.truncate_from.is_none() && self.entries.is_empty()
+    }
+}
+
+/// A storage failure. The node stops on any of these: continuing could break
+/// the promises Raft makes to its peers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StorageError {
+    /// The underlying device or database failed.
+    #[error("storage I/O error: {0}")]
+    Io(String),
+    /// Stored data is damaged or was written by something else.
+    #[error("stored data is corrupt or foreign: {0}")]
+    Corrupt(String),
+    /// The caller asked for something the store cannot do (for example, a batch
+    /// that would leave a gap in the log).
+    #[error("invalid storage request: {0}")]
+    Invalid(String),
+}
+
+/// The durable Raft log.
+///
+/// Contract:
+/// * `save` returns only when the whole batch is durable (survives a crash
+///   of the process and of the machine); a batch is all-or-nothing after a crash
+///   only where the store says so, but never is a later part durable while an
+///   earlier part is lost.
+/// * Calls are made one at a time, in order, by a single node.
+/// * `load` returns exactly what the acknowledged `save` and `purge` calls left.
+/// * Any error is fatal for the node using the store.
+#[async_trait]
+pub trait LogStore: Send + 'static {
+    /// Reads the whole durable state.
+    async fn load(&mut self) -> Result<LogState, StorageError>;
+
+    /// Durably applies one batch.
+    async fn save(&mut self, batch: LogBatch) -> Result<(), StorageError>;
+
+    /// Drops entries up to and including `upto`, recording it as the
+    /// compaction point. Entries after it are kept.
+    async fn purge(&mut self, upto: LogId) -> Result<(), StorageError>;
+}
+
+/// Checks a batch against the current state and applies it to `state`.
+/// Shared by stores that keep their state as a [`LogState`].
+pub fn apply_batch(state: &mut LogState, batch: LogBatch) -> Result<(), StorageError> {
+    let last = state.entries.last().map_or(state.snapshot.index, |e| e.index);
+    let mut end = last;
+    if let Some(t) = batch.truncate_from {
+        if t <= state.snapshot.index {
+            return Err(StorageError::Invalid(format!(
+                "truncate from {t} reaches below the compaction point {}",
+                state.snapshot.index
+            )));
+        }
+        end = end.min(t - 1);
+    }
+    for (i, e) in batch.entries.iter().enumerate() {
+        if e.index != end + 1 + i as u64 {
+            return Err(StorageError::Invalid(format!(
+                "entry {} does not follow index {}",
+                e.index,
+                end + i as u64
+            )));
+        }
+    }
+    if let Some(hs) = batch.hard_state {
+        state.hard_state = hs;
+    }
+    let keep = (end - state.snapshot.index) as usize;
+    state.entries.truncate(keep);
+    state.entries.extend(batch.entries);
+    Ok(())
+}
+
+/// Applies a purge to a [`LogState`].
+pub fn apply_purge(state: &mut LogState, upto: LogId) -> Result<(), StorageError> {
+    if upto.index <= state.snapshot.index {
+        return Ok(());
+    }
+    let last = state.entries.last().map_or(state.snapshot.index, |e| e.index);
+    if upto.index > last {
+        return Err(StorageError::Invalid(format!("purge to {} past the last index {last}", upto.index)));
+    }
+    let n = (upto.index - state.snapshot.index) as usize;
+    state.entries.drain(..n);
+    state.snapshot = upto;
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+struct MemShared {
+    durable: LogState,
+    fail_writes: bool,
+}
+
+/// An in-memory [`LogStore`]. Clones share one "disk", so a test can drop a
+/// node, then [`MemLogStore::reopen`] the same disk to restart it with exactly
+/// what was durable. With a write delay, a node killed during a write loses
+/// that write, as a crash would.
+#[derive(Debug, Clone, Default)]
+pub struct MemLogStore {
+    shared: Arc<Mutex<MemShared>>,
+    write_delay: Duration,
+}
+
+impl MemLogStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every `save` takes this long before it becomes durable (a slow disk);
+    /// a node stopped meanwhile loses the write.
+    pub fn with_write_delay(mut self, delay: Duration) -> Self {
+        self.write_delay = delay;
+        self
+    }
+
+    /// A new handle on the same durable state, as after a restart.
+    pub fn reopen(&self) -> Self {
+        self.clone()
+    }
+
+    /// What is durable now.
+    pub fn durable(&self) -> LogState {
+        self.lock().durable.clone()
+    }
+
+    /// Makes every later write fail (a dying disk).
+    pub fn set_fail_writes(&self, fail: bool) {
+        self.lock().fail_writes = fail;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemShared> {
+        // A poisoned lock only means another test thread panicked; the data is still whole.
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl LogStore for MemLogStore {
+    async fn load(&mut self) -> Result<LogState, StorageError> {
+        Ok(self.lock().durable.clone())
+    }
+
+    async fn save(&mut self, batch: LogBatch) -> Result<(), StorageError> {
+        if !self.write_delay.is_zero() {
+            tokio::time::sleep(self.write_delay).await;
+        }
+        let mut g = self.lock();
+        if g.fail_writes {
+            return Err(StorageError::Io("injected write failure".into()));
+        }
+        apply_batch(&mut g.durable, batch)
+    }
+
+    async fn purge(&mut self, upto: LogId) -> Result<(), StorageError> {
+        apply_purge(&mut self.lock().durable, upto)
+    }
+}
