@@ -1,1 +1,1 @@
-//! placeholder
+//! Multi-process integration tests live in `tests/`. Not written yet.

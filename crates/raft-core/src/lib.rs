@@ -28,7 +28,7 @@ mod sim;
 
 pub use engine::{Engine, EngineConfig, EngineError, InitialState, NotLeader, ReadResult, Ready};
 pub use message::{Message, MessageBody, RejectHint};
-pub use types::{Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, Term};
 pub use node::{ApplyMsg, Config, Raft, Status};
 pub use storage::{LogBatch, LogState, LogStore, MemLogStore, StorageError};
 pub use transport::{ChannelNetwork, ChannelTransport, Transport};
+pub use types::{Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, Term};

@@ -78,7 +78,10 @@ pub trait LogStore: Send + 'static {
 /// Checks a batch against the current state and applies it to `state`.
 /// Shared by stores that keep their state as a [`LogState`].
 pub fn apply_batch(state: &mut LogState, batch: LogBatch) -> Result<(), StorageError> {
-    let last = state.entries.last().map_or(state.snapshot.index, |e| e.index);
+    let last = state
+        .entries
+        .last()
+        .map_or(state.snapshot.index, |e| e.index);
     let mut end = last;
     if let Some(t) = batch.truncate_from {
         if t <= state.snapshot.index {
@@ -112,9 +115,15 @@ pub fn apply_purge(state: &mut LogState, upto: LogId) -> Result<(), StorageError
     if upto.index <= state.snapshot.index {
         return Ok(());
     }
-    let last = state.entries.last().map_or(state.snapshot.index, |e| e.index);
+    let last = state
+        .entries
+        .last()
+        .map_or(state.snapshot.index, |e| e.index);
     if upto.index > last {
-        return Err(StorageError::Invalid(format!("purge to {} past the last index {last}", upto.index)));
+        return Err(StorageError::Invalid(format!(
+            "purge to {} past the last index {last}",
+            upto.index
+        )));
     }
     let n = (upto.index - state.snapshot.index) as usize;
     state.entries.drain(..n);

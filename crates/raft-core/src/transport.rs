@@ -146,7 +146,10 @@ impl ChannelNetwork {
             let d = if hi.is_zero() {
                 Duration::ZERO
             } else {
-                Duration::from_micros(s.rng.range(lo.as_micros() as u64, hi.as_micros() as u64 + 1))
+                Duration::from_micros(
+                    s.rng
+                        .range(lo.as_micros() as u64, hi.as_micros() as u64 + 1),
+                )
             };
             (tx, d)
         };
@@ -173,7 +176,11 @@ pub struct ChannelTransport {
 impl Transport for ChannelTransport {
     fn send(&self, msg: Message) {
         if msg.from != self.id {
-            tracing::warn!(node = self.id, from = msg.from, "refusing to send a message under another id");
+            tracing::warn!(
+                node = self.id,
+                from = msg.from,
+                "refusing to send a message under another id"
+            );
             return;
         }
         self.net.route(msg);

@@ -115,7 +115,11 @@ impl Config {
     }
 
     /// Adds a peer; an id that is already present is an error.
-    pub fn add_peer(&mut self, id: NodeId, addr: impl Into<String>) -> Result<&mut Self, ConfigError> {
+    pub fn add_peer(
+        &mut self,
+        id: NodeId,
+        addr: impl Into<String>,
+    ) -> Result<&mut Self, ConfigError> {
         if self.peers.contains_key(&id) {
             return Err(ConfigError::DuplicateId(id));
         }
@@ -216,20 +220,35 @@ mod tests {
     fn each_bad_setting_gets_its_own_error() {
         let mut c = good();
         c.election_timeout_min = Duration::from_millis(300);
-        assert!(matches!(c.validate(), Err(ConfigError::ElectionRange { .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::ElectionRange { .. })
+        ));
         let mut c = good();
         c.heartbeat_interval = Duration::from_millis(150);
-        assert!(matches!(c.validate(), Err(ConfigError::HeartbeatTooSlow { .. })));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::HeartbeatTooSlow { .. })
+        ));
         let mut c = good();
         c.peers.insert(1, "self:1".into());
         assert_eq!(c.validate(), Err(ConfigError::SelfInPeers(1)));
         let mut c = good();
-        assert_eq!(c.add_peer(2, "z:9").unwrap_err(), ConfigError::DuplicateId(2));
+        assert_eq!(
+            c.add_peer(2, "z:9").unwrap_err(),
+            ConfigError::DuplicateId(2)
+        );
         c.add_peer(4, "a:1").unwrap();
-        assert_eq!(c.validate(), Err(ConfigError::DuplicateAddress(2, 4, "a:1".into())));
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::DuplicateAddress(2, 4, "a:1".into()))
+        );
         let mut c = good();
         c.heartbeat_interval = Duration::ZERO;
-        assert_eq!(c.validate(), Err(ConfigError::ZeroDuration("heartbeat_interval")));
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::ZeroDuration("heartbeat_interval"))
+        );
         let mut c = good();
         c.max_inflight = 0;
         assert_eq!(c.validate(), Err(ConfigError::ZeroLimit("max_inflight")));

@@ -113,10 +113,12 @@ impl From<crate::engine::NotLeader> for Error {
     }
 }
 
+type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
 enum Request {
-    Propose(Vec<u8>, oneshot::Sender<Result<LogId, Error>>),
-    WaitCommit(LogId, oneshot::Sender<Result<(), Error>>),
-    ReadIndex(oneshot::Sender<Result<LogIndex, Error>>),
+    Propose(Vec<u8>, Reply<LogId>),
+    WaitCommit(LogId, Reply<()>),
+    ReadIndex(Reply<LogIndex>),
 }
 
 struct Parts {
@@ -179,7 +181,9 @@ pub struct Raft {
 
 impl std::fmt::Debug for Raft {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Raft").field("id", &self.inner.config.id).finish()
+        f.debug_struct("Raft")
+            .field("id", &self.inner.config.id)
+            .finish()
     }
 }
 
@@ -264,11 +268,18 @@ impl Raft {
         let origin = Instant::now();
         let seed = seed_for(cfg.id);
         let engine = Engine::new(cfg.engine_config(), init, seed, std::time::Duration::ZERO)?;
-        self.inner.applied.store(engine.applied_index(), Ordering::Release);
+        self.inner
+            .applied
+            .store(engine.applied_index(), Ordering::Release);
         let (apply_q_tx, apply_q_rx) = mpsc::unbounded_channel();
         let (apply_fail_tx, apply_fail_rx) = mpsc::channel(1);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
-        let applier = tokio::spawn(applier(apply_q_rx, apply_tx, self.inner.applied.clone(), apply_fail_tx));
+        let applier = tokio::spawn(applier(
+            apply_q_rx,
+            apply_tx,
+            self.inner.applied.clone(),
+            apply_fail_tx,
+        ));
         let driver = Driver {
             engine,
             store,
@@ -340,7 +351,10 @@ impl Raft {
         self.inner.status_rx.borrow().leader
     }
 
-    async fn request<R>(&self, make: impl FnOnce(oneshot::Sender<Result<R, Error>>) -> Request) -> Result<R, Error> {
+    async fn request<R>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<R, Error>>) -> Request,
+    ) -> Result<R, Error> {
         if !self.inner.started.load(Ordering::Acquire) {
             return Err(Error::NotStarted);
         }
@@ -373,7 +387,8 @@ impl Raft {
     /// its way to the apply channel; `Error::Overwritten` when a later leader
     /// replaced it.
     pub async fn wait_committed(&self, index: LogIndex, term: Term) -> Result<(), Error> {
-        self.request(|tx| Request::WaitCommit(LogId::new(term, index), tx)).await
+        self.request(|tx| Request::WaitCommit(LogId::new(term, index), tx))
+            .await
     }
 
     /// Submits and waits for the commit; returns the entry's index.
@@ -428,9 +443,9 @@ struct Driver {
     status_tx: watch::Sender<Status>,
     applied: Arc<AtomicU64>,
     apply_q: mpsc::UnboundedSender<Vec<ApplyMsg>>,
-    commit_waiters: BTreeMap<LogIndex, Vec<(Term, oneshot::Sender<Result<(), Error>>)>>,
-    read_waiters: HashMap<u64, oneshot::Sender<Result<LogIndex, Error>>>,
-    reads_after_apply: BTreeMap<LogIndex, Vec<oneshot::Sender<Result<LogIndex, Error>>>>,
+    commit_waiters: BTreeMap<LogIndex, Vec<(Term, Reply<()>)>>,
+    read_waiters: HashMap<u64, Reply<LogIndex>>,
+    reads_after_apply: BTreeMap<LogIndex, Vec<Reply<LogIndex>>>,
     next_ctx: u64,
 }
 
@@ -449,7 +464,11 @@ impl Driver {
         Instant::now().saturating_duration_since(self.origin)
     }
 
-    async fn run(mut self, mut shutdown: oneshot::Receiver<()>, mut apply_failed: mpsc::Receiver<()>) -> Result<(), Error> {
+    async fn run(
+        mut self,
+        mut shutdown: oneshot::Receiver<()>,
+        mut apply_failed: mpsc::Receiver<()>,
+    ) -> Result<(), Error> {
         tracing::info!(term = self.engine.term(), last = ?self.engine.last_log_id(), "node started");
         let result = loop {
             let deadline = self.origin + self.engine.next_deadline();
@@ -513,7 +532,10 @@ impl Driver {
                     };
                     let _ = reply.send(res);
                 } else {
-                    self.commit_waiters.entry(id.index).or_default().push((id.term, reply));
+                    self.commit_waiters
+                        .entry(id.index)
+                        .or_default()
+                        .push((id.term, reply));
                 }
             }
             Request::ReadIndex(reply) => {
@@ -572,7 +594,10 @@ impl Driver {
                     let res = if term == e.term {
                         Ok(())
                     } else {
-                        Err(Error::Overwritten { index: e.index, term })
+                        Err(Error::Overwritten {
+                            index: e.index,
+                            term,
+                        })
                     };
                     let _ = tx.send(res);
                 }

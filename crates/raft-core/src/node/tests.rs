@@ -14,7 +14,6 @@ const ELECTION_MAX: Duration = Duration::from_millis(300);
 
 struct TestNode {
     raft: Raft,
-    store: MemLogStore,
     consumer: JoinHandle<()>,
 }
 
@@ -56,16 +55,20 @@ impl TestCluster {
     async fn start(&mut self, id: NodeId) {
         let store = self.stores[&id].reopen();
         let (tx, mut rx) = mpsc::channel::<ApplyMsg>(100);
-        let raft = Raft::new(config(id, &self.ids), store.clone(), self.net.join(id), tx).unwrap();
+        let raft = Raft::new(config(id, &self.ids), store, self.net.join(id), tx).unwrap();
         let applied = self.applied[&id].clone();
-        let already = applied.lock().unwrap().last().map_or(0, |m| m.command_index);
+        let already = applied
+            .lock()
+            .unwrap()
+            .last()
+            .map_or(0, |m| m.command_index);
         raft.start_with_applied(already).await.unwrap();
         let consumer = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
                 applied.lock().unwrap().push(m);
             }
         });
-        self.nodes.insert(id, TestNode { raft, store, consumer });
+        self.nodes.insert(id, TestNode { raft, consumer });
     }
 
     async fn kill(&mut self, id: NodeId) {
@@ -107,12 +110,22 @@ impl TestCluster {
 
     /// Submits through the cluster the way a client would: try a node, follow
     /// the leader hint, retry after a pause.
-    async fn write(&self, among: &[NodeId], cmd: &str, within: Duration) -> Result<LogIndex, Error> {
+    async fn write(
+        &self,
+        among: &[NodeId],
+        cmd: &str,
+        within: Duration,
+    ) -> Result<LogIndex, Error> {
         let end = Instant::now() + within;
         let mut target = among[0];
         loop {
             let res = match self.nodes.get(&target) {
-                Some(n) => match timeout(Duration::from_millis(500), n.raft.submit_and_wait(cmd.as_bytes().to_vec())).await {
+                Some(n) => match timeout(
+                    Duration::from_millis(500),
+                    n.raft.submit_and_wait(cmd.as_bytes().to_vec()),
+                )
+                .await
+                {
                     Ok(r) => r,
                     Err(_) => Err(Error::Unknown(0)),
                 },
@@ -142,13 +155,21 @@ impl TestCluster {
     }
 
     fn applied_indexes(&self, id: NodeId) -> Vec<LogIndex> {
-        self.applied[&id].lock().unwrap().iter().map(|m| m.command_index).collect()
+        self.applied[&id]
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| m.command_index)
+            .collect()
     }
 
     async fn wait_applied(&self, ids: &[NodeId], index: LogIndex, within: Duration) -> bool {
         let end = Instant::now() + within;
         loop {
-            if ids.iter().all(|id| self.applied_indexes(*id).last().copied().unwrap_or(0) >= index) {
+            if ids
+                .iter()
+                .all(|id| self.applied_indexes(*id).last().copied().unwrap_or(0) >= index)
+            {
                 return true;
             }
             if Instant::now() >= end {
@@ -183,7 +204,11 @@ async fn three_nodes_elect_replicate_and_apply_in_order() {
     for id in [1, 2, 3] {
         assert_eq!(c.commands(id), want, "node {id}");
         let idx = c.applied_indexes(id);
-        assert_eq!(idx, (1..=idx.len() as u64).collect::<Vec<_>>(), "node {id} applies each index once, in order");
+        assert_eq!(
+            idx,
+            (1..=idx.len() as u64).collect::<Vec<_>>(),
+            "node {id} applies each index once, in order"
+        );
     }
     c.shutdown_all().await;
 }
@@ -198,12 +223,15 @@ async fn leader_failover(n: u64) {
     let rest: Vec<NodeId> = all.iter().copied().filter(|&x| x != old).collect();
     let new = c.wait_leader(&rest, secs(5)).await.expect("a new leader");
     let took = killed_at.elapsed();
+    println!("{n} nodes: leader {old} killed, node {new} leads after {took:?} (virtual time)");
     assert_ne!(new, old);
     assert!(
         took <= 2 * ELECTION_MAX,
         "{n} nodes: new leader after {took:?}, more than two election timeouts"
     );
-    c.write(&rest, "after", secs(2)).await.expect("writes resume");
+    c.write(&rest, "after", secs(2))
+        .await
+        .expect("writes resume");
     let last = c.raft(new).status().commit_index;
     assert!(c.wait_applied(&rest, last, secs(2)).await);
     for id in &rest {
@@ -259,21 +287,32 @@ async fn majority_keeps_serving(n: u64, majority: &[NodeId], minority: &[NodeId]
         }));
     }
     for i in 0..10 {
-        c.write(majority, &format!("during{i}"), secs(3)).await.expect("the majority keeps committing");
+        c.write(majority, &format!("during{i}"), secs(3))
+            .await
+            .expect("the majority keeps committing");
     }
     sleep(secs(2)).await;
     for &id in minority {
         let s = c.raft(id).status();
         assert_ne!(s.role, Role::Leader, "minority node {id} must not lead");
-        assert_eq!(s.commit_index, frozen[&id].0, "minority node {id} must commit nothing");
+        assert_eq!(
+            s.commit_index, frozen[&id].0,
+            "minority node {id} must commit nothing"
+        );
         assert!(!c.commands(id).iter().any(|x| x.starts_with(b"during")));
     }
     c.net.heal();
     let i = c.write(&all, "healed", secs(3)).await.unwrap();
-    assert!(c.wait_applied(&all, i, secs(3)).await, "minority catches up after healing");
+    assert!(
+        c.wait_applied(&all, i, secs(3)).await,
+        "minority catches up after healing"
+    );
     c.shutdown_all().await;
     for w in watchers {
-        assert!(!w.await.unwrap(), "a minority node became leader during the partition");
+        assert!(
+            !w.await.unwrap(),
+            "a minority node became leader during the partition"
+        );
     }
 }
 
@@ -293,21 +332,33 @@ async fn no_majority_no_service_then_service_after_healing() {
     let all = [1, 2, 3];
     c.wait_leader(&all, secs(2)).await.expect("a leader");
     c.write(&all, "before", secs(2)).await.unwrap();
-    let commit_before: Vec<LogIndex> = all.iter().map(|&id| c.raft(id).status().commit_index).collect();
+    let commit_before: Vec<LogIndex> = all
+        .iter()
+        .map(|&id| c.raft(id).status().commit_index)
+        .collect();
     c.net.partition(&[&[1], &[2], &[3]]);
     sleep(ELECTION_MAX).await;
     let res = c.write(&all, "lonely", secs(3)).await;
-    assert!(res.is_err(), "no write may commit without a majority: {res:?}");
+    assert!(
+        res.is_err(),
+        "no write may commit without a majority: {res:?}"
+    );
     assert_eq!(c.current_leader(&all), None, "no leader without a majority");
     for (k, &id) in all.iter().enumerate() {
         assert!(c.raft(id).status().commit_index <= commit_before[k] + 1);
     }
     c.net.heal();
-    let l = c.wait_leader(&all, secs(3)).await.expect("a leader after healing");
+    let l = c
+        .wait_leader(&all, secs(3))
+        .await
+        .expect("a leader after healing");
     let i = c.write(&[l], "healed", secs(3)).await.unwrap();
     assert!(c.wait_applied(&all, i, secs(3)).await);
     for id in all {
-        assert!(!c.commands(id).contains(&b"lonely".to_vec()), "an unacknowledged write never applies");
+        assert!(
+            !c.commands(id).contains(&b"lonely".to_vec()),
+            "an unacknowledged write never applies"
+        );
     }
     c.shutdown_all().await;
 }
@@ -321,7 +372,10 @@ async fn old_leader_rejoins_steps_down_and_its_uncommitted_entries_are_replaced(
     c.net.isolate(old);
     let (idx, term) = c.raft(old).submit(b"doomed".to_vec()).await.unwrap();
     let rest: Vec<NodeId> = all.iter().copied().filter(|&x| x != old).collect();
-    let new = c.wait_leader(&rest, secs(3)).await.expect("majority elects");
+    let new = c
+        .wait_leader(&rest, secs(3))
+        .await
+        .expect("majority elects");
     for i in 0..3 {
         c.write(&[new], &format!("new{i}"), secs(2)).await.unwrap();
     }
@@ -331,13 +385,24 @@ async fn old_leader_rejoins_steps_down_and_its_uncommitted_entries_are_replaced(
     };
     c.net.heal();
     let last = c.raft(new).status().commit_index;
-    assert!(c.wait_applied(&all, last, secs(3)).await, "old leader catches up");
+    assert!(
+        c.wait_applied(&all, last, secs(3)).await,
+        "old leader catches up"
+    );
     assert_ne!(c.raft(old).status().role, Role::Leader);
-    assert_eq!(waiter.await.unwrap(), Err(Error::Overwritten { index: idx, term }));
+    assert_eq!(
+        waiter.await.unwrap(),
+        Err(Error::Overwritten { index: idx, term })
+    );
     for id in all {
         assert_eq!(
             c.commands(id),
-            vec![b"committed".to_vec(), b"new0".to_vec(), b"new1".to_vec(), b"new2".to_vec()]
+            vec![
+                b"committed".to_vec(),
+                b"new0".to_vec(),
+                b"new1".to_vec(),
+                b"new2".to_vec()
+            ]
         );
     }
     c.shutdown_all().await;
@@ -350,15 +415,27 @@ async fn follower_refuses_writes_with_a_leader_hint_and_reads_are_linearizable_o
     let i = c.write(&[l], "x", secs(2)).await.unwrap();
     assert!(c.wait_applied(&[1, 2, 3], i, secs(2)).await);
     let f = [1, 2, 3].into_iter().find(|&x| x != l).unwrap();
-    assert_eq!(c.raft(f).submit(b"y".to_vec()).await, Err(Error::NotLeader { leader: Some(l) }));
+    assert_eq!(
+        c.raft(f).submit(b"y".to_vec()).await,
+        Err(Error::NotLeader { leader: Some(l) })
+    );
     assert_eq!(c.raft(f).leader(), Some(l));
-    assert_eq!(c.raft(f).read_index().await, Err(Error::NotLeader { leader: Some(l) }));
+    assert_eq!(
+        c.raft(f).read_index().await,
+        Err(Error::NotLeader { leader: Some(l) })
+    );
     let r = c.raft(l).read_index().await.unwrap();
-    assert!(r >= i, "read index {r} must cover the acknowledged write at {i}");
+    assert!(
+        r >= i,
+        "read index {r} must cover the acknowledged write at {i}"
+    );
     // A leader cut off from the majority cannot confirm a read.
     c.net.isolate(l);
     let res = timeout(secs(2), c.raft(l).read_index()).await;
-    assert!(!matches!(res, Ok(Ok(_))), "an isolated leader must not serve a read: {res:?}");
+    assert!(
+        !matches!(res, Ok(Ok(_))),
+        "an isolated leader must not serve a read: {res:?}"
+    );
     c.shutdown_all().await;
 }
 
@@ -377,10 +454,17 @@ async fn restarted_node_recovers_from_its_store_without_reapplying() {
     c.start(f).await;
     let j = c.write(&all, "c", secs(2)).await.unwrap();
     assert!(c.wait_applied(&[f], j, secs(3)).await);
-    assert_eq!(c.commands(f), vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+    assert_eq!(
+        c.commands(f),
+        vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
+    );
     let idx = c.applied_indexes(f);
     let uniq: BTreeSet<LogIndex> = idx.iter().copied().collect();
-    assert_eq!(uniq.len(), idx.len(), "no entry applied twice across the restart");
+    assert_eq!(
+        uniq.len(),
+        idx.len(),
+        "no entry applied twice across the restart"
+    );
     c.shutdown_all().await;
 }
 
@@ -392,11 +476,16 @@ async fn shutdown_leaves_no_task_running() {
     let handles: Vec<Raft> = c.nodes.values().map(|n| n.raft.clone()).collect();
     c.shutdown_all().await;
     tokio::task::yield_now().await;
-    let alive = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let alive = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
     assert_eq!(alive, 0, "tasks still running after shutdown");
     for r in handles {
         assert!(r.status().stopped.is_some());
-        assert!(matches!(r.submit(b"late".to_vec()).await, Err(Error::Stopped(_))));
+        assert!(matches!(
+            r.submit(b"late".to_vec()).await,
+            Err(Error::Stopped(_))
+        ));
     }
 }
 
@@ -413,7 +502,10 @@ async fn closed_apply_channel_stops_the_node_with_a_clear_error() {
     assert!(stopped.is_ok(), "the node should stop");
     let why = raft.status().stopped.unwrap();
     assert!(why.contains("apply channel"), "{why}");
-    assert!(matches!(raft.submit(b"x".to_vec()).await, Err(Error::Stopped(_))));
+    assert!(matches!(
+        raft.submit(b"x".to_vec()).await,
+        Err(Error::Stopped(_))
+    ));
     assert_eq!(raft.shutdown().await, Err(Error::ApplyChannelClosed));
 }
 
@@ -426,8 +518,12 @@ async fn failing_disk_stops_the_node_with_a_storage_error() {
     let raft = Raft::new(Config::new(1), store, net.join(1), tx).unwrap();
     raft.start().await.unwrap();
     let mut st = raft.watch_status();
-    timeout(secs(2), st.wait_for(|s| s.stopped.is_some())).await.expect("node stops");
-    assert!(matches!(raft.shutdown().await, Err(Error::Storage(StorageError::Io(_)))));
+    let stopped = timeout(secs(2), st.wait_for(|s| s.stopped.is_some())).await;
+    assert!(matches!(stopped, Ok(Ok(_))), "node stops");
+    assert!(matches!(
+        raft.shutdown().await,
+        Err(Error::Storage(StorageError::Io(_)))
+    ));
 }
 
 #[tokio::test(start_paused = true)]
@@ -436,7 +532,10 @@ async fn lifecycle_errors_are_reported() {
     let (tx, _rx) = mpsc::channel(16);
     let mut bad = Config::new(1);
     bad.election_timeout_max = bad.election_timeout_min;
-    assert!(matches!(Raft::new(bad, MemLogStore::new(), net.join(1), tx.clone()), Err(Error::Config(_))));
+    assert!(matches!(
+        Raft::new(bad, MemLogStore::new(), net.join(1), tx.clone()),
+        Err(Error::Config(_))
+    ));
     let raft = Raft::new(Config::new(1), MemLogStore::new(), net.join(1), tx).unwrap();
     assert_eq!(raft.submit(b"x".to_vec()).await, Err(Error::NotStarted));
     raft.start().await.unwrap();
@@ -448,7 +547,8 @@ async fn lifecycle_errors_are_reported() {
 async fn cluster_survives_lossy_slow_network() {
     let mut c = TestCluster::new(5).await;
     c.net.set_drop_per_mille(100);
-    c.net.set_delay(Duration::from_millis(1), Duration::from_millis(20));
+    c.net
+        .set_delay(Duration::from_millis(1), Duration::from_millis(20));
     let all: Vec<NodeId> = (1..=5).collect();
     for i in 0..20 {
         c.write(&all, &format!("lossy{i}"), secs(10)).await.unwrap();
@@ -472,7 +572,10 @@ async fn cluster_survives_lossy_slow_network() {
 async fn slow_disk_crash_loses_only_unacknowledged_writes() {
     let net = ChannelNetwork::new();
     let ids = [1u64, 2, 3];
-    let stores: Vec<MemLogStore> = ids.iter().map(|_| MemLogStore::new().with_write_delay(Duration::from_millis(5))).collect();
+    let stores: Vec<MemLogStore> = ids
+        .iter()
+        .map(|_| MemLogStore::new().with_write_delay(Duration::from_millis(5)))
+        .collect();
     let mut rafts = Vec::new();
     for (k, &id) in ids.iter().enumerate() {
         let (tx, mut rx) = mpsc::channel(64);
@@ -485,7 +588,10 @@ async fn slow_disk_crash_loses_only_unacknowledged_writes() {
     let end = Instant::now() + secs(3);
     while acked.len() < 10 && Instant::now() < end {
         for r in &rafts {
-            if let Ok(i) = r.submit_and_wait(format!("w{}", acked.len()).into_bytes()).await {
+            if let Ok(i) = r
+                .submit_and_wait(format!("w{}", acked.len()).into_bytes())
+                .await
+            {
                 acked.push(i);
             }
         }
@@ -497,7 +603,13 @@ async fn slow_disk_crash_loses_only_unacknowledged_writes() {
     }
     // Every acknowledged write is durable on a majority of the disks.
     for i in acked {
-        let holders = stores.iter().filter(|s| s.durable().entries.iter().any(|e| e.index == i)).count();
-        assert!(holders >= 2, "acknowledged entry {i} is durable on only {holders} node(s)");
+        let holders = stores
+            .iter()
+            .filter(|s| s.durable().entries.iter().any(|e| e.index == i))
+            .count();
+        assert!(
+            holders >= 2,
+            "acknowledged entry {i} is durable on only {holders} node(s)"
+        );
     }
 }
