@@ -20,6 +20,8 @@ pub mod engine;
 pub mod message;
 pub mod node;
 pub mod storage;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod transport;
 pub mod types;
 
