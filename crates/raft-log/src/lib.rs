@@ -38,6 +38,10 @@ const HARD_KEY: &[u8] = b"m:hard";
 const SNAP_KEY: &[u8] = b"m:snap";
 const ENTRY_PREFIX: &[u8] = b"e:";
 const MAGIC: &[u8] = b"raft-log store, format 1";
+/// A marker file beside sled's files: it outlives damage that makes sled
+/// recover an empty database, so such damage is detected instead of a silent
+/// "new, empty log".
+const MARKER_FILE: &str = "RAFT_LOG_STORE";
 
 /// A durable Raft log in a sled database directory. One store per directory
 /// per process (sled's rule).
@@ -85,6 +89,35 @@ fn decode<T: DeserializeOwned>(raw: &[u8], what: &str, path: &Path) -> Result<T,
     Ok(v)
 }
 
+/// Opens sled, catching its panics on damaged files. sled releases its file
+/// lock from background threads some time after the last handle is dropped,
+/// so reopening a store in the same process can briefly find the lock taken;
+/// that case is waited out for a bounded time (another live holder then gets
+/// a clear error).
+fn open_sled(path: &Path) -> std::thread::Result<sled::Result<sled::Db>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let p = path.to_path_buf();
+        let res = std::panic::catch_unwind(move || sled::Config::new().path(&p).open());
+        let locked = matches!(&res, Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock"));
+        if !locked || std::time::Instant::now() >= deadline {
+            return res;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn io_err(path: &Path, e: impl std::fmt::Display) -> StorageError {
     StorageError::Io(format!("{}: {e}", path.display()))
 }
@@ -99,14 +132,20 @@ impl SledLogStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
             Err(e) => return Err(io_err(&path, e)),
         };
-        if !fresh && !(path.join("conf").is_file() && path.join("db").is_file()) {
+        let has_sled_files = path.join("conf").is_file() && path.join("db").is_file();
+        if !fresh && !has_sled_files {
+            if path.join(MARKER_FILE).exists() {
+                return Err(StorageError::Corrupt(format!(
+                    "{}: sled's files are missing from a raft-log store",
+                    path.display()
+                )));
+            }
             return Err(StorageError::Corrupt(format!(
                 "{}: the directory is not empty and is not a sled database (no conf/db files)",
                 path.display()
             )));
         }
-        let p = path.clone();
-        let opened = std::panic::catch_unwind(move || sled::Config::new().path(&p).open());
+        let opened = open_sled(&path);
         let db = match opened {
             Ok(Ok(db)) => db,
             Ok(Err(sled::Error::Io(e))) if e.kind() != std::io::ErrorKind::InvalidData => {
@@ -132,6 +171,7 @@ impl SledLogStore {
             last: 0,
         };
         store.check_magic()?;
+        store.check_marker()?;
         let state = store.read_state()?;
         store.snapshot = state.snapshot;
         store.last = state
@@ -157,7 +197,14 @@ impl SledLogStore {
             ))),
             None => {
                 // Only a database with nothing in it may be adopted (a crash
-                // right after creation leaves exactly that).
+                // right after creation leaves exactly that), and only if it was
+                // never a finished store: then the marker file would exist.
+                if self.path.join(MARKER_FILE).exists() {
+                    return Err(StorageError::Corrupt(format!(
+                        "{}: the database lost its contents (damaged or truncated files)",
+                        self.path.display()
+                    )));
+                }
                 let names = self.db.tree_names();
                 let empty = self.db.is_empty() && names.len() <= 1;
                 if !empty {
@@ -175,6 +222,29 @@ impl SledLogStore {
         }
     }
 
+    fn check_marker(&self) -> Result<(), StorageError> {
+        let marker = self.path.join(MARKER_FILE);
+        match std::fs::read(&marker) {
+            Ok(m) if m == MAGIC => Ok(()),
+            Ok(_) => Err(StorageError::Corrupt(format!(
+                "{}: damaged marker file",
+                marker.display()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Written last at creation; missing only if creation was cut short.
+                let st = self.read_state()?;
+                if st != LogState::default() {
+                    return Err(StorageError::Corrupt(format!(
+                        "{}: the marker file is missing from a store that holds data",
+                        self.path.display()
+                    )));
+                }
+                write_synced(&marker, MAGIC).map_err(|e| io_err(&marker, e))
+            }
+            Err(e) => Err(io_err(&marker, e)),
+        }
+    }
+
     /// Reads and validates the whole state.
     fn read_state(&self) -> Result<LogState, StorageError> {
         let path = &self.path;
@@ -188,8 +258,7 @@ impl SledLogStore {
             None => LogId::default(),
         };
         let mut entries: Vec<Entry> = Vec::new();
-        let mut expect = snapshot.index + 1;
-        for kv in self.db.scan_prefix(ENTRY_PREFIX) {
+        for (expect, kv) in (snapshot.index + 1..).zip(self.db.scan_prefix(ENTRY_PREFIX)) {
             let (k, v) = kv.map_err(|e| io_err(path, e))?;
             if k.len() != 10 {
                 return Err(StorageError::Corrupt(format!(
@@ -208,7 +277,6 @@ impl SledLogStore {
                     e.index
                 )));
             }
-            expect += 1;
             entries.push(e);
         }
         Ok(LogState {

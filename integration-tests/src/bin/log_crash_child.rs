@@ -1,0 +1,34 @@
+//! Crash-test child: opens a SledLogStore, performs the deterministic operation
+//! stream from a given position, and prints `ack N` after operation N is
+//! durable. The test kills it with SIGKILL at random moments.
+//!
+//! Usage: log_crash_child DIR SEED FIRST_OP
+
+use integration_tests::log_ops::{apply, op, Op};
+use raft_core::LogStore;
+use raft_log::SledLogStore;
+use std::io::Write;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(args.len() == 4, "usage: log_crash_child DIR SEED FIRST_OP");
+    let seed: u64 = args[2].parse()?;
+    let first: u64 = args[3].parse()?;
+    let mut store = SledLogStore::open(&args[1])?;
+    let mut state = store.load().await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    for n in first..first + 100_000 {
+        let o = op(seed, n, &state);
+        match &o {
+            Op::Save(b) => store.save(b.clone()).await?,
+            Op::Purge(id) => store.purge(*id).await?,
+        }
+        apply(&mut state, &o)?;
+        writeln!(out, "ack {n}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
