@@ -6,7 +6,9 @@
 //! * `m:magic` — identifies the directory as a raft-log store, with a format version;
 //! * `m:hard` — the hard state (term, vote);
 //! * `m:snap` — the compaction point (index, term);
-//! * `e:` + big-endian index — one entry each.
+//! * `e:` + big-endian index — a run of up to 64 consecutive entries starting
+//!   at that index (a batch of appends is one insert per run; a truncation or
+//!   purge inside a run rewrites that run).
 //!
 //! Every value carries a CRC32 of its bytes. Each `save` or `purge` is one
 //! atomic sled batch followed by one `flush` (sled's fsync), so a batch is
@@ -37,7 +39,10 @@ const MAGIC_KEY: &[u8] = b"m:magic";
 const HARD_KEY: &[u8] = b"m:hard";
 const SNAP_KEY: &[u8] = b"m:snap";
 const ENTRY_PREFIX: &[u8] = b"e:";
-const MAGIC: &[u8] = b"raft-log store, format 1";
+const MAGIC: &[u8] = b"raft-log store, format 2";
+/// Entries stored under one key: a batch of appends costs one sled insert per
+/// run instead of one per entry, and runs stay small enough to stay inline.
+const RUN_LEN: usize = 64;
 /// A marker file beside sled's files: it outlives damage that makes sled
 /// recover an empty database, so such damage is detected instead of a silent
 /// "new, empty log".
@@ -60,6 +65,11 @@ fn entry_key(index: LogIndex) -> [u8; 10] {
     k[..2].copy_from_slice(ENTRY_PREFIX);
     k[2..].copy_from_slice(&index.to_be_bytes());
     k
+}
+
+fn key_index(k: &[u8]) -> Option<LogIndex> {
+    let rest = k.strip_prefix(ENTRY_PREFIX)?;
+    Some(u64::from_be_bytes(rest.try_into().ok()?))
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
@@ -258,32 +268,88 @@ impl SledLogStore {
             None => LogId::default(),
         };
         let mut entries: Vec<Entry> = Vec::new();
-        for (expect, kv) in (snapshot.index + 1..).zip(self.db.scan_prefix(ENTRY_PREFIX)) {
+        let mut expect = snapshot.index + 1;
+        for kv in self.db.scan_prefix(ENTRY_PREFIX) {
             let (k, v) = kv.map_err(|e| io_err(path, e))?;
-            if k.len() != 10 {
+            let first = key_index(&k).ok_or_else(|| {
+                StorageError::Corrupt(format!("{}: malformed entry key", path.display()))
+            })?;
+            let run: Vec<Entry> = decode(&v, &format!("entries from {first}"), path)?;
+            let contiguous = run
+                .iter()
+                .enumerate()
+                .all(|(i, e)| e.index == first + i as u64);
+            if first != expect || run.is_empty() || !contiguous {
                 return Err(StorageError::Corrupt(format!(
-                    "{}: malformed entry key",
+                    "{}: log gap or misplaced entries: expected index {expect}, found a run keyed {first}",
                     path.display()
                 )));
             }
-            let mut idx = [0u8; 8];
-            idx.copy_from_slice(&k[2..]);
-            let index = u64::from_be_bytes(idx);
-            let e: Entry = decode(&v, &format!("entry {index}"), path)?;
-            if e.index != index || index != expect {
-                return Err(StorageError::Corrupt(format!(
-                    "{}: log gap or misplaced entry: expected index {expect}, found key {index} holding {}",
-                    path.display(),
-                    e.index
-                )));
-            }
-            entries.push(e);
+            expect += run.len() as u64;
+            entries.extend(run);
         }
         Ok(LogState {
             hard_state,
             snapshot,
             entries,
         })
+    }
+
+    /// Adds to `b` the edits that split the log at `at`: with `keep_below`, every
+    /// entry from `at` on goes (truncation); otherwise every entry below `at`
+    /// goes (purge). A run that straddles `at` is rewritten.
+    fn cut_runs(
+        &self,
+        b: &mut sled::Batch,
+        at: LogIndex,
+        keep_below: bool,
+    ) -> Result<(), StorageError> {
+        let path = &self.path;
+        let lo = entry_key(0);
+        let at_key = entry_key(at);
+        // The run holding `at - 1`..`at`, if it starts below `at`.
+        let straddle = self
+            .db
+            .range(&lo[..]..&at_key[..])
+            .next_back()
+            .transpose()
+            .map_err(|e| io_err(path, e))?;
+        if let Some((k, v)) = straddle {
+            let first = key_index(&k).ok_or_else(|| {
+                StorageError::Corrupt(format!("{}: malformed entry key", path.display()))
+            })?;
+            let run: Vec<Entry> = decode(&v, &format!("entries from {first}"), path)?;
+            let last = first + run.len() as u64 - 1;
+            if last >= at {
+                let split = (at - first) as usize;
+                if keep_below {
+                    b.insert(&k, encode(&&run[..split])?);
+                } else {
+                    b.remove(&k);
+                    b.insert(&entry_key(at)[..], encode(&&run[split..])?);
+                }
+            } else if !keep_below {
+                b.remove(&k);
+            }
+        }
+        let range: Vec<sled::IVec> = if keep_below {
+            self.db
+                .range(&at_key[..]..)
+                .keys()
+                .collect::<Result<_, _>>()
+        } else {
+            self.db
+                .range(&lo[..]..&at_key[..])
+                .keys()
+                .collect::<Result<_, _>>()
+        }
+        .map_err(|e| io_err(path, e))?;
+        for k in range {
+            if k.starts_with(ENTRY_PREFIX) {
+                b.remove(k);
+            }
+        }
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), StorageError> {
@@ -311,8 +377,8 @@ impl LogStore for SledLogStore {
                     self.snapshot.index
                 )));
             }
-            for i in t..=self.last {
-                b.remove(&entry_key(i)[..]);
+            if t <= self.last {
+                self.cut_runs(&mut b, t, true)?;
             }
             end = end.min(t - 1);
         }
@@ -328,8 +394,8 @@ impl LogStore for SledLogStore {
         if let Some(hs) = &batch.hard_state {
             b.insert(HARD_KEY, encode(hs)?);
         }
-        for e in &batch.entries {
-            b.insert(&entry_key(e.index)[..], encode(e)?);
+        for run in batch.entries.chunks(RUN_LEN) {
+            b.insert(&entry_key(run[0].index)[..], encode(&run)?);
         }
         self.db.apply_batch(b).map_err(|e| io_err(&self.path, e))?;
         self.flush().await?;
@@ -348,9 +414,7 @@ impl LogStore for SledLogStore {
             )));
         }
         let mut b = sled::Batch::default();
-        for i in self.snapshot.index + 1..=upto.index {
-            b.remove(&entry_key(i)[..]);
-        }
+        self.cut_runs(&mut b, upto.index + 1, false)?;
         b.insert(SNAP_KEY, encode(&upto)?);
         self.db.apply_batch(b).map_err(|e| io_err(&self.path, e))?;
         self.flush().await?;

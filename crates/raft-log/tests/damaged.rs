@@ -20,16 +20,19 @@ fn entries(n: u64) -> Vec<Entry> {
 async fn populated(dir: &Path) -> PathBuf {
     let path = dir.join("log");
     let mut s = SledLogStore::open(&path).unwrap();
-    s.save(LogBatch {
-        hard_state: Some(HardState {
+    // Batches of 10: the store keeps one run per batch, keyed 1, 11, 21, ...
+    for chunk in entries(200).chunks(10) {
+        let hard_state = Some(HardState {
             term: 1,
             vote: Some(1),
-        }),
-        truncate_from: None,
-        entries: entries(200),
-    })
-    .await
-    .unwrap();
+        });
+        let batch = LogBatch {
+            hard_state,
+            truncate_from: None,
+            entries: chunk.to_vec(),
+        };
+        s.save(batch).await.unwrap();
+    }
     drop(s);
     path
 }
@@ -179,10 +182,10 @@ async fn damaged_value_and_log_gap_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = populated(dir.path()).await;
     {
-        // Flip bytes inside one stored entry.
+        // Flip bytes inside one stored run of entries.
         let db = open_raw(&path);
         let mut key = b"e:".to_vec();
-        key.extend_from_slice(&50u64.to_be_bytes());
+        key.extend_from_slice(&41u64.to_be_bytes());
         let mut v = db.get(&key).unwrap().unwrap().to_vec();
         v[10] ^= 0xff;
         db.insert(&key, v).unwrap();
@@ -196,7 +199,7 @@ async fn damaged_value_and_log_gap_are_refused() {
     {
         let db = open_raw(&path);
         let mut key = b"e:".to_vec();
-        key.extend_from_slice(&77u64.to_be_bytes());
+        key.extend_from_slice(&71u64.to_be_bytes());
         db.remove(&key).unwrap();
         db.flush().unwrap();
     }
