@@ -3,7 +3,7 @@
 //! [`log_store_conformance`] checks any [`LogStore`] against the trait's
 //! contract. Run it from your own store's tests:
 //!
-//! ```ignore
+//! ```text
 //! #[tokio::test]
 //! async fn my_store_conforms() {
 //!     raft_core::testing::log_store_conformance(MyFactory::new()).await;

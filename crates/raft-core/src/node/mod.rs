@@ -337,6 +337,8 @@ impl Raft {
     }
 
     /// A receiver that sees every status change (for waiting on a condition).
+    /// Do not hold a borrowed value (`borrow()`, or the guard `wait_for`
+    /// returns) across an await: it blocks the node from publishing its status.
     pub fn watch_status(&self) -> watch::Receiver<Status> {
         self.inner.status_rx.clone()
     }

@@ -498,8 +498,10 @@ async fn closed_apply_channel_stops_the_node_with_a_clear_error() {
     drop(rx);
     // A single node elects itself and commits its no-op, which cannot be delivered.
     let mut st = raft.watch_status();
-    let stopped = timeout(secs(2), st.wait_for(|s| s.stopped.is_some())).await;
-    assert!(stopped.is_ok(), "the node should stop");
+    let stopped = timeout(secs(2), st.wait_for(|s| s.stopped.is_some()))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(stopped, "the node should stop");
     let why = raft.status().stopped.unwrap();
     assert!(why.contains("apply channel"), "{why}");
     assert!(matches!(
@@ -518,8 +520,11 @@ async fn failing_disk_stops_the_node_with_a_storage_error() {
     let raft = Raft::new(Config::new(1), store, net.join(1), tx).unwrap();
     raft.start().await.unwrap();
     let mut st = raft.watch_status();
-    let stopped = timeout(secs(2), st.wait_for(|s| s.stopped.is_some())).await;
-    assert!(matches!(stopped, Ok(Ok(_))), "node stops");
+    // Reduce to a bool at once: the returned guard holds the status lock.
+    let stopped = timeout(secs(2), st.wait_for(|s| s.stopped.is_some()))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(stopped, "node stops");
     assert!(matches!(
         raft.shutdown().await,
         Err(Error::Storage(StorageError::Io(_)))

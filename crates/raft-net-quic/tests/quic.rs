@@ -1,0 +1,352 @@
+//! QuicTransport over loopback: Raft nodes replicate; strangers and impostors
+//! are refused; garbage on a stream closes only that stream; a restarted peer
+//! reconnects and catches up.
+
+use raft_core::node::{ApplyMsg, Config, Error, Raft};
+use raft_core::{MemLogStore, Message, MessageBody, NodeId, Transport};
+use raft_net_quic::{wire, ClusterCa, QuicConfig, QuicTransport, TlsMaterial};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{sleep, timeout, Instant};
+
+const PLACEHOLDER: &str = "127.0.0.1:9";
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn bind(id: NodeId, listen: SocketAddr, peers: &[NodeId], tls: &TlsMaterial) -> QuicTransport {
+    let mut cfg = QuicConfig::new(id, listen);
+    cfg.peers = peers
+        .iter()
+        .filter(|&&p| p != id)
+        .map(|&p| (p, PLACEHOLDER.parse().unwrap()))
+        .collect();
+    QuicTransport::bind(cfg, tls).expect("bind")
+}
+
+/// Binds one transport per id on ephemeral ports and tells each the others' addresses.
+fn mesh(ca: &ClusterCa, ids: &[NodeId]) -> (Vec<QuicTransport>, BTreeMap<NodeId, SocketAddr>) {
+    let ts: Vec<QuicTransport> = ids
+        .iter()
+        .map(|&id| bind(id, any_port(), ids, &ca.material(id).unwrap()))
+        .collect();
+    let addrs: BTreeMap<NodeId, SocketAddr> = ids
+        .iter()
+        .zip(&ts)
+        .map(|(&id, t)| (id, t.local_addr().unwrap()))
+        .collect();
+    for (&id, t) in ids.iter().zip(&ts) {
+        for (&p, &a) in &addrs {
+            if p != id {
+                t.set_peer_addr(p, a).unwrap();
+            }
+        }
+    }
+    (ts, addrs)
+}
+
+fn hb(from: NodeId, to: NodeId, term: u64) -> Message {
+    Message {
+        from,
+        to,
+        term,
+        body: MessageBody::Heartbeat {
+            leader_commit: 0,
+            round: term,
+        },
+    }
+}
+
+async fn recv_within(t: &mut QuicTransport, d: Duration) -> Option<Message> {
+    timeout(d, t.recv()).await.ok().flatten()
+}
+
+/// Sends until the receiver gets a message with this round (the connection may need a moment).
+async fn deliver(from: &QuicTransport, to: &mut QuicTransport, msg: Message) -> bool {
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        from.send(msg.clone());
+        if let Some(got) = recv_within(to, Duration::from_millis(200)).await {
+            if got == msg {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+struct Node {
+    raft: Raft,
+    _apply: tokio::task::JoinHandle<()>,
+}
+
+fn start_node(id: NodeId, ids: &[NodeId], t: QuicTransport, store: MemLogStore) -> Node {
+    let mut cfg = Config::new(id);
+    for &p in ids.iter().filter(|&&p| p != id) {
+        cfg.add_peer(p, format!("node{p}")).unwrap();
+    }
+    let (tx, mut rx) = mpsc::channel::<ApplyMsg>(1024);
+    let raft = Raft::new(cfg, store, t, tx).unwrap();
+    let apply = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    Node {
+        raft,
+        _apply: apply,
+    }
+}
+
+async fn leader_of(nodes: &BTreeMap<NodeId, Node>, within: Duration) -> Option<NodeId> {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if let Some((&id, _)) = nodes.iter().find(|(_, n)| n.raft.is_leader()) {
+            return Some(id);
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+async fn write(nodes: &BTreeMap<NodeId, Node>, cmd: &[u8]) -> Result<u64, Error> {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = leader_of(nodes, Duration::from_secs(5))
+            .await
+            .ok_or(Error::NotLeader { leader: None })?;
+        match timeout(
+            Duration::from_secs(2),
+            nodes[&l].raft.submit_and_wait(cmd.to_vec()),
+        )
+        .await
+        {
+            Ok(Ok(i)) => return Ok(i),
+            _ if Instant::now() < end => sleep(Duration::from_millis(50)).await,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(Error::Unknown(0)),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_raft_nodes_over_quic_replicate_refuse_strangers_and_survive_a_restart() {
+    let ca = ClusterCa::generate().unwrap();
+    let ids = [1u64, 2, 3];
+    let (ts, addrs) = mesh(&ca, &ids);
+    let stores: BTreeMap<NodeId, MemLogStore> =
+        ids.iter().map(|&id| (id, MemLogStore::new())).collect();
+    let mut nodes = BTreeMap::new();
+    for (id, t) in ids.iter().copied().zip(ts) {
+        let n = start_node(id, &ids, t, stores[&id].reopen());
+        n.raft.start().await.unwrap();
+        nodes.insert(id, n);
+    }
+    let leader = leader_of(&nodes, Duration::from_secs(5))
+        .await
+        .expect("a leader over QUIC");
+    for i in 0..20 {
+        write(&nodes, format!("w{i}").as_bytes())
+            .await
+            .expect("replicated write");
+    }
+    let term = nodes[&leader].raft.status().term;
+
+    // Strangers: a certificate from another CA, and a valid certificate claiming another id.
+    let rogue_ca = ClusterCa::generate().unwrap();
+    let real_ca_pem = ca.material(9).unwrap().ca;
+    let mut foreign = rogue_ca.material(3).unwrap();
+    foreign.ca = real_ca_pem.clone(); // trusts the cluster, so only the server side can refuse it
+    let impostor = ca.material(3).unwrap(); // valid for node 3, will claim to be node 2
+    let stranger = bind(3, any_port(), &[1, 2], &foreign);
+    let liar = bind(2, any_port(), &[1, 3], &impostor);
+    for (t, from) in [(&stranger, 3u64), (&liar, 2u64)] {
+        for &to in &ids {
+            if to != from {
+                t.set_peer_addr(to, addrs[&to]).unwrap();
+            }
+        }
+    }
+    for _ in 0..20 {
+        for to in [1u64, 2] {
+            stranger.send(hb(3, to, term + 100));
+        }
+        for to in [1u64, 3] {
+            liar.send(hb(2, to, term + 100));
+        }
+        sleep(Duration::from_millis(25)).await;
+    }
+    for (id, n) in &nodes {
+        assert!(
+            n.raft.status().term < term + 100,
+            "node {id} accepted a stranger's term"
+        );
+    }
+    write(&nodes, b"after strangers")
+        .await
+        .expect("cluster unaffected");
+
+    // Kill a follower, write more, restart it on the same address: it reconnects and catches up.
+    let victim = ids
+        .into_iter()
+        .find(|&x| {
+            x != nodes
+                .iter()
+                .find(|(_, n)| n.raft.is_leader())
+                .map(|(&i, _)| i)
+                .unwrap_or(leader)
+        })
+        .unwrap();
+    let n = nodes.remove(&victim).unwrap();
+    n.raft.shutdown().await.unwrap();
+    drop(n);
+    let mut last = 0;
+    for i in 0..10 {
+        last = write(&nodes, format!("while down {i}").as_bytes())
+            .await
+            .expect("majority keeps writing");
+    }
+    let material = ca.material(victim).unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    let t = loop {
+        // The old endpoint releases its UDP port once its tasks have wound down.
+        let mut cfg = QuicConfig::new(victim, addrs[&victim]);
+        cfg.peers = addrs
+            .iter()
+            .filter(|(&p, _)| p != victim)
+            .map(|(&p, &a)| (p, a))
+            .collect();
+        match QuicTransport::bind(cfg, &material) {
+            Ok(t) => break t,
+            Err(e) if Instant::now() < end => {
+                let _ = e;
+                sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("cannot rebind {}: {e}", addrs[&victim]),
+        }
+    };
+    let n = start_node(victim, &ids, t, stores[&victim].reopen());
+    n.raft.start().await.unwrap();
+    let mut st = n.raft.watch_status();
+    let caught = timeout(
+        Duration::from_secs(10),
+        st.wait_for(|s| s.commit_index >= last),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok()); // the guard is dropped here: it holds the status lock
+    assert!(caught, "restarted node did not catch up to {last}");
+    nodes.insert(victim, n);
+    for n in nodes.values() {
+        n.raft.shutdown().await.unwrap();
+    }
+}
+
+async fn raw_stream(
+    ca: &ClusterCa,
+    as_id: NodeId,
+    to: SocketAddr,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let material = ca.material(as_id).unwrap();
+    let mut ep = quinn::Endpoint::client(any_port()).unwrap();
+    ep.set_default_client_config(raft_net_quic::tls::client_config(&material).unwrap());
+    let conn = ep
+        .connect(to, "node-1.raft")
+        .unwrap()
+        .await
+        .expect("handshake with a valid certificate");
+    (ep, conn)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_truncated_and_oversized_frames_close_only_their_stream() {
+    let ca = ClusterCa::generate().unwrap();
+    let ids = [1u64, 2, 3];
+    let (mut ts, addrs) = mesh(&ca, &ids);
+    let t3 = ts.pop().unwrap();
+    let t2 = ts.pop().unwrap();
+    let mut t1 = ts.pop().unwrap();
+    assert!(
+        deliver(&t3, &mut t1, hb(3, 1, 1)).await,
+        "baseline delivery"
+    );
+
+    let (_ep, conn) = raw_stream(&ca, 2, addrs[&1]).await;
+    let mut junk = vec![0u8; 4096];
+    let mut x = 7u64;
+    for b in junk.iter_mut() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *b = (x >> 33) as u8;
+    }
+    let valid = wire::encode_frame(&hb(2, 1, 5)).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("random bytes instead of a header", junk.clone()),
+        (
+            "random bytes after the header",
+            [&wire::header(0, 2, 1)[..], &junk].concat(),
+        ),
+        (
+            "a truncated frame",
+            [&wire::header(0, 2, 1)[..], &valid[..valid.len() - 3]].concat(),
+        ),
+        (
+            "an oversized frame",
+            [
+                &wire::header(0, 2, 1)[..],
+                &u32::MAX.to_le_bytes()[..],
+                &[0u8; 64][..],
+            ]
+            .concat(),
+        ),
+        (
+            "a message under another id",
+            [
+                &wire::header(0, 2, 1)[..],
+                &wire::encode_frame(&hb(3, 1, 9)).unwrap()[..],
+            ]
+            .concat(),
+        ),
+    ];
+    for (what, bytes) in cases {
+        let mut s = conn.open_uni().await.unwrap();
+        let _ = s.write_all(&bytes).await;
+        let _ = s.finish();
+        // Whatever the stream carried, no message from it arrives...
+        if let Some(m) = recv_within(&mut t1, Duration::from_millis(300)).await {
+            assert!(
+                m.from == 3 || m.term == 1,
+                "{what}: a message leaked through: {m:?}"
+            );
+        }
+        // ...and the node keeps serving its peers.
+        let probe = hb(3, 1, 100 + what.len() as u64);
+        assert!(
+            deliver(&t3, &mut t1, probe).await,
+            "{what}: node stopped serving"
+        );
+    }
+    // A well-formed stream from the same connection still works.
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(&[&wire::header(0, 2, 1)[..], &valid[..]].concat())
+        .await
+        .unwrap();
+    let got = recv_within(&mut t1, Duration::from_secs(2)).await;
+    assert_eq!(got, Some(hb(2, 1, 5)));
+    drop(t2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_cluster_id_is_refused() {
+    let ca = ClusterCa::generate().unwrap();
+    let (mut ts, addrs) = mesh(&ca, &[1, 2]);
+    let mut t1 = ts.remove(0);
+    let mut cfg = QuicConfig::new(2, any_port());
+    cfg.cluster_id = 77;
+    cfg.peers = [(1u64, addrs[&1])].into_iter().collect();
+    let other = QuicTransport::bind(cfg, &ca.material(2).unwrap()).unwrap();
+    for _ in 0..10 {
+        other.send(hb(2, 1, 3));
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(recv_within(&mut t1, Duration::from_millis(500)).await, None);
+}
