@@ -26,7 +26,9 @@ pub mod wire;
 use async_trait::async_trait;
 use raft_core::{Message, MessageBody, NodeId, Transport};
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -279,6 +281,12 @@ struct PeerQueues {
     warn: Mutex<WarnLimiter>,
 }
 
+/// Answers an application request from an authenticated peer (for example a
+/// client command forwarded to the leader). Gets the sender's id and the
+/// request bytes; returns the reply bytes.
+pub type RpcHandler =
+    Arc<dyn Fn(NodeId, Vec<u8>) -> Pin<Box<dyn Future<Output = Vec<u8>> + Send>> + Send + Sync>;
+
 /// What inbound tasks need to check and deliver messages.
 struct Inbound {
     id: NodeId,
@@ -286,6 +294,56 @@ struct Inbound {
     members: BTreeSet<NodeId>,
     max_frame: usize,
     tx: mpsc::Sender<Message>,
+    rpc: RwLock<Option<RpcHandler>>,
+}
+
+/// Sends application requests to peers over the cluster's authenticated
+/// connections. Cheap to clone; usable after the transport moved into a node.
+#[derive(Clone)]
+pub struct RpcClient {
+    links: Arc<BTreeMap<NodeId, Arc<PeerLink>>>,
+    max_frame: usize,
+}
+
+impl std::fmt::Debug for RpcClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RpcClient").finish_non_exhaustive()
+    }
+}
+
+/// Why an RPC failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    /// No such peer.
+    #[error("node {0} is not a peer")]
+    UnknownPeer(NodeId),
+    /// The peer could not be reached.
+    #[error("node {0} is unreachable")]
+    Unreachable(NodeId),
+    /// The exchange broke off; the request may or may not have been handled.
+    #[error("exchange with node {0} failed: {1}")]
+    Broken(NodeId, String),
+}
+
+impl RpcClient {
+    /// Sends `request` to `to` and waits for its reply. Add your own timeout.
+    pub async fn call(&self, to: NodeId, request: &[u8]) -> Result<Vec<u8>, RpcError> {
+        let link = self.links.get(&to).ok_or(RpcError::UnknownPeer(to))?;
+        let conn = link.connection().await.ok_or(RpcError::Unreachable(to))?;
+        let broken = |e: &dyn std::fmt::Display| RpcError::Broken(to, e.to_string());
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broken(&e))?;
+        send.write_all(&link.header).await.map_err(|e| broken(&e))?;
+        let len = u32::try_from(request.len()).map_err(|e| broken(&e))?;
+        send.write_all(&len.to_le_bytes())
+            .await
+            .map_err(|e| broken(&e))?;
+        send.write_all(request).await.map_err(|e| broken(&e))?;
+        let _ = send.finish();
+        wire::read_raw_frame(&mut recv, self.max_frame)
+            .await
+            .map_err(|e| broken(&e))?
+            .ok_or_else(|| RpcError::Broken(to, "no reply".into()))
+    }
 }
 
 /// A QUIC [`Transport`]. Create it inside a tokio runtime; dropping it closes
@@ -293,6 +351,8 @@ struct Inbound {
 pub struct QuicTransport {
     id: NodeId,
     endpoint: quinn::Endpoint,
+    rpc: RpcClient,
+    handler_slot: Arc<Inbound>,
     addrs: Arc<RwLock<BTreeMap<NodeId, SocketAddr>>>,
     peers: BTreeMap<NodeId, PeerQueues>,
     inbound: mpsc::Receiver<Message>,
@@ -337,9 +397,11 @@ impl QuicTransport {
             members: cfg.peers.keys().copied().collect(),
             max_frame: cfg.max_frame_bytes,
             tx: in_tx,
+            rpc: RwLock::new(None),
         });
-        let mut tasks = vec![tokio::spawn(accept_loop(endpoint.clone(), inbound))];
+        let mut tasks = vec![tokio::spawn(accept_loop(endpoint.clone(), inbound.clone()))];
         let mut peers = BTreeMap::new();
+        let mut links = BTreeMap::new();
         for &peer in cfg.peers.keys() {
             let link = Arc::new(PeerLink {
                 id: peer,
@@ -353,6 +415,7 @@ impl QuicTransport {
             });
             let (ctx, crx) = mpsc::channel(cfg.queue_len);
             let (btx, brx) = mpsc::channel(cfg.queue_len);
+            links.insert(peer, link.clone());
             tasks.push(tokio::spawn(writer(link.clone(), true, crx)));
             tasks.push(tokio::spawn(writer(link, false, brx)));
             peers.insert(
@@ -367,6 +430,11 @@ impl QuicTransport {
         Ok(QuicTransport {
             id: cfg.id,
             endpoint,
+            rpc: RpcClient {
+                links: Arc::new(links),
+                max_frame: cfg.max_frame_bytes,
+            },
+            handler_slot: inbound,
             addrs,
             peers,
             inbound: in_rx,
@@ -380,6 +448,21 @@ impl QuicTransport {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })
+    }
+
+    /// A client for application requests to peers.
+    pub fn rpc_client(&self) -> RpcClient {
+        self.rpc.clone()
+    }
+
+    /// Installs the handler for application requests from peers. Requests
+    /// arriving without a handler get an empty reply.
+    pub fn set_rpc_handler(&self, handler: RpcHandler) {
+        *self
+            .handler_slot
+            .rpc
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(handler);
     }
 
     /// Sets or changes a peer's address (for example once it is known after
@@ -466,8 +549,77 @@ async fn handle_connection(incoming: quinn::Incoming, inbound: Arc<Inbound>) {
             return;
         }
     };
+    let bi = {
+        let (conn, inbound) = (conn.clone(), inbound.clone());
+        tokio::spawn(async move {
+            while let Ok((send, recv)) = conn.accept_bi().await {
+                tokio::spawn(handle_rpc(conn.clone(), send, recv, inbound.clone()));
+            }
+        })
+    };
     while let Ok(recv) = conn.accept_uni().await {
         tokio::spawn(handle_stream(conn.clone(), recv, inbound.clone()));
+    }
+    bi.abort();
+}
+
+/// Checks a stream header against the connection's certificate; on failure
+/// closes the connection and returns None.
+fn admit(conn: &quinn::Connection, header: &wire::Header, inbound: &Inbound) -> Option<NodeId> {
+    let why = if header.cluster_id != inbound.cluster_id {
+        format!("cluster id {} is not ours", header.cluster_id)
+    } else if header.to != inbound.id {
+        format!("stream is addressed to node {}", header.to)
+    } else if !inbound.members.contains(&header.from) {
+        format!("node {} is not a member", header.from)
+    } else if !tls::peer_is(conn, header.from) {
+        format!("certificate does not name node {}", header.from)
+    } else {
+        return Some(header.from);
+    };
+    tracing::warn!(node = inbound.id, remote = %conn.remote_address(), claimed = header.from, "refused peer: {why}");
+    conn.close(wire::ERR_REFUSED, why.as_bytes());
+    None
+}
+
+async fn handle_rpc(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    inbound: Arc<Inbound>,
+) {
+    let Ok(Ok(header)) =
+        tokio::time::timeout(Duration::from_secs(5), wire::read_header(&mut recv)).await
+    else {
+        let _ = recv.stop(wire::ERR_PROTOCOL);
+        return;
+    };
+    let Some(from) = admit(&conn, &header, &inbound) else {
+        return;
+    };
+    let request = match wire::read_raw_frame(&mut recv, inbound.max_frame).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(node = inbound.id, peer = from, error = %e, "bad request frame; closing stream");
+            let _ = recv.stop(wire::ERR_PROTOCOL);
+            return;
+        }
+    };
+    let handler = inbound
+        .rpc
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let reply = match handler {
+        Some(h) => h(from, request).await,
+        None => Vec::new(),
+    };
+    let Ok(len) = u32::try_from(reply.len()) else {
+        return;
+    };
+    if send.write_all(&len.to_le_bytes()).await.is_ok() && send.write_all(&reply).await.is_ok() {
+        let _ = send.finish();
     }
 }
 
@@ -491,23 +643,9 @@ async fn handle_stream(
             return;
         }
     };
-    let refuse = |why: String| {
-        tracing::warn!(node = inbound.id, %remote, claimed = header.from, "refused peer: {why}");
-        conn.close(wire::ERR_REFUSED, why.as_bytes());
+    let Some(from) = admit(&conn, &header, &inbound) else {
+        return;
     };
-    if header.cluster_id != inbound.cluster_id {
-        return refuse(format!("cluster id {} is not ours", header.cluster_id));
-    }
-    if header.to != inbound.id {
-        return refuse(format!("stream is addressed to node {}", header.to));
-    }
-    if !inbound.members.contains(&header.from) {
-        return refuse(format!("node {} is not a member", header.from));
-    }
-    if !tls::peer_is(&conn, header.from) {
-        return refuse(format!("certificate does not name node {}", header.from));
-    }
-    let from = header.from;
     loop {
         match wire::read_frame(&mut recv, inbound.max_frame).await {
             Ok(Some(msg)) => {

@@ -123,6 +123,17 @@ pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     max: usize,
 ) -> Result<Option<Message>, FrameError> {
+    match read_raw_frame(recv, max).await? {
+        Some(body) => decode_body(&body).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads one frame's bytes; `Ok(None)` when the stream ended cleanly between frames.
+pub async fn read_raw_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<Vec<u8>>, FrameError> {
     let mut len = [0u8; 4];
     match recv.read_exact(&mut len).await {
         Ok(()) => {}
@@ -140,5 +151,5 @@ pub async fn read_frame(
         Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(FrameError::Truncated),
         Err(e) => return Err(FrameError::Read(e.to_string())),
     }
-    decode_body(&body).map(Some)
+    Ok(Some(body))
 }

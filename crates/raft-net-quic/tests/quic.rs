@@ -350,3 +350,23 @@ async fn wrong_cluster_id_is_refused() {
     }
     assert_eq!(recv_within(&mut t1, Duration::from_millis(500)).await, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_reaches_the_peer_handler_with_the_authenticated_sender() {
+    let ca = ClusterCa::generate().unwrap();
+    let (ts, _addrs) = mesh(&ca, &[1, 2]);
+    ts[0].set_rpc_handler(std::sync::Arc::new(|from, req: Vec<u8>| {
+        Box::pin(async move {
+            let mut out = format!("from {from}: ").into_bytes();
+            out.extend(req.into_iter().rev());
+            out
+        })
+    }));
+    let client = ts[1].rpc_client();
+    let reply = timeout(Duration::from_secs(5), client.call(1, b"olleh"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, b"from 2: hello");
+    assert!(client.call(7, b"x").await.is_err(), "unknown peer");
+}
