@@ -660,7 +660,9 @@ impl Sim {
             match ev {
                 Event::Deliver(m) => {
                     let to = m.to;
+                    let now = self.now;
                     if let Some(e) = self.nodes.get_mut(&to).and_then(|n| n.engine.as_mut()) {
+                        e.tick(now);
                         e.handle_message(m);
                         self.stats.messages_delivered += 1;
                         self.pump(to);

@@ -1,1 +1,22 @@
-//! raft-kv: the replicated key-value store. Not implemented yet; see the README.
+//! # raft-kv
+//!
+//! A replicated key-value store on raft-core, with the log on sled
+//! (raft-log), peers talking QUIC with mutual TLS (raft-net-quic), and clients
+//! talking the Redis protocol (RESP2), so `redis-cli`, `redis-benchmark` and
+//! every Redis client library work with it.
+//!
+//! * Any node accepts any command. Writes go to the leader (forwarded over the
+//!   cluster's authenticated QUIC connections); reads are linearizable: the
+//!   leader confirms its leadership with a heartbeat round (read index) and the
+//!   serving node waits until it has applied that far.
+//! * No leader within a bounded wait: `-TRYAGAIN`. A write whose outcome cannot
+//!   be known (it was proposed, then timed out or the connection to the leader
+//!   broke): `-UNKNOWN`, never a plain failure.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod command;
+pub mod node;
+pub mod resp;
+pub mod server;
+pub mod sm;

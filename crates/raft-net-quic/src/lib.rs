@@ -266,6 +266,13 @@ async fn writer(link: Arc<PeerLink>, control: bool, mut rx: mpsc::Receiver<Messa
             stream = link.open_stream(control).await;
         }
         // A message that cannot be written now is dropped: Raft sends again.
+        tracing::trace!(
+            node = link.local,
+            peer = link.id,
+            kind = msg.body.kind(),
+            connected = stream.is_some(),
+            "sending"
+        );
         if let Some(s) = stream.as_mut() {
             if let Err(e) = s.write_all(&frame).await {
                 link.warn("write to peer failed", &e);
@@ -649,6 +656,12 @@ async fn handle_stream(
     loop {
         match wire::read_frame(&mut recv, inbound.max_frame).await {
             Ok(Some(msg)) => {
+                tracing::trace!(
+                    node = inbound.id,
+                    peer = from,
+                    kind = msg.body.kind(),
+                    "received"
+                );
                 if msg.from != from || msg.to != inbound.id {
                     tracing::warn!(
                         node = inbound.id,

@@ -481,7 +481,8 @@ impl Engine {
     }
 
     /// Handles a message from a peer. Messages not addressed to this node, from
-    /// unknown nodes, or malformed are dropped.
+    /// unknown nodes, or malformed are dropped. Call [`Engine::tick`] with the
+    /// current time first: the engine stamps leader contact with its clock.
     pub fn handle_message(&mut self, msg: Message) {
         if msg.to != self.id || msg.from == self.id {
             tracing::warn!(

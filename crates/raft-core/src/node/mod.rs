@@ -482,6 +482,10 @@ impl Driver {
                 m = self.transport.recv() => m.map_or(Wake::TransportClosed, Wake::Message),
                 _ = tokio::time::sleep_until(deadline) => Wake::Timer,
             };
+            // The engine's clock must be current before it sees the event: it
+            // stamps leader contact and re-arms the election timer with it.
+            let now = self.now();
+            self.engine.tick(now);
             match wake {
                 Wake::Shutdown | Wake::HandlesGone => break Ok(()),
                 Wake::ApplyFailed => break Err(Error::ApplyChannelClosed),

@@ -74,6 +74,12 @@ fn fault_free_clusters_make_progress() {
             stats.committed
         );
         assert!(stats.reads_confirmed > 0, "seed {seed}: no read confirmed");
+        // A healthy cluster keeps its leader: heartbeats must hold followers back.
+        assert!(
+            stats.leaders_elected <= 2,
+            "seed {seed}: {} leaders without any fault",
+            stats.leaders_elected
+        );
     }
 }
 

@@ -1,0 +1,418 @@
+//! A store node: Raft (sled log, QUIC transport) + the sled state machine,
+//! with writes forwarded to the leader and linearizable reads.
+
+use crate::command::{decode, encode, Forward, ForwardReply, Outcome, WriteCmd};
+use crate::sm::StateMachine;
+use raft_core::node::{ApplyMsg, Config as RaftConfig, Error as RaftError, Raft};
+use raft_core::{NodeId, Role, Term};
+use raft_log::SledLogStore;
+use raft_net_quic::{QuicConfig, QuicTransport, RpcClient, RpcError, TlsMaterial};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id.
+    pub id: NodeId,
+    /// UDP address for Raft traffic (QUIC).
+    pub raft_addr: SocketAddr,
+    /// TCP address for Redis clients.
+    pub client_addr: SocketAddr,
+    /// Peer id -> Raft address.
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Where the log (`log/`) and the state machine (`sm/`) live.
+    pub data_dir: PathBuf,
+    /// Where `ca.pem`, `node-<id>.pem` and `node-<id>.key` are.
+    pub tls_dir: PathBuf,
+    /// Leader heartbeat interval.
+    pub heartbeat: Duration,
+    /// Election timeout lower bound.
+    pub election_min: Duration,
+    /// Election timeout upper bound.
+    pub election_max: Duration,
+    /// Clients must AUTH with this password when set.
+    pub password: Option<String>,
+    /// Nodes of different clusters refuse each other.
+    pub cluster_id: u64,
+}
+
+/// How long a client request may wait for a leader to appear.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// How long a proposed write may take before its outcome is reported unknown.
+const COMMIT_WAIT: Duration = Duration::from_secs(5);
+
+fn try_again() -> Outcome {
+    Outcome::Error("TRYAGAIN no leader is available; try again".into())
+}
+
+fn unknown(why: &str) -> Outcome {
+    Outcome::Error(format!(
+        "UNKNOWN the write's outcome is unknown ({why}); it may or may not have been applied"
+    ))
+}
+
+/// A write in progress; see [`KvNode::begin_write`].
+#[derive(Debug)]
+pub enum Ticket {
+    /// Finished.
+    Done(Outcome),
+    /// This node is not the leader (internal).
+    NotLeader(Option<NodeId>),
+    /// Proposed at this index; the outcome arrives when it is applied.
+    Waiting(u64, oneshot::Receiver<Outcome>),
+}
+
+#[derive(Default)]
+struct Waiters {
+    pending: HashMap<u64, (Term, oneshot::Sender<Outcome>)>,
+    /// Outcomes of recently applied entries, for waiters that register late.
+    recent: BTreeMap<u64, (Term, Outcome)>,
+}
+
+/// A running store node.
+pub struct KvNode {
+    cfg: NodeConfig,
+    raft: Raft,
+    sm: Arc<StateMachine>,
+    rpc: RpcClient,
+    waiters: Arc<Mutex<Waiters>>,
+    applier: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for KvNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvNode")
+            .field("id", &self.cfg.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl KvNode {
+    /// Opens the stores, binds the transport and starts Raft.
+    pub async fn start(cfg: NodeConfig) -> anyhow::Result<Arc<KvNode>> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.data_dir.display()))?;
+        let log = SledLogStore::open(cfg.data_dir.join("log"))?;
+        let sm = Arc::new(StateMachine::open(&cfg.data_dir.join("sm"))?);
+        let tls = TlsMaterial::load_dir(&cfg.tls_dir, cfg.id)?;
+        let mut qc = QuicConfig::new(cfg.id, cfg.raft_addr);
+        qc.cluster_id = cfg.cluster_id;
+        qc.peers = cfg.peers.clone();
+        let transport = QuicTransport::bind(qc, &tls)?;
+        let rpc = transport.rpc_client();
+        let slot: Arc<OnceLock<std::sync::Weak<KvNode>>> = Arc::new(OnceLock::new());
+        let handler_slot = slot.clone();
+        transport.set_rpc_handler(Arc::new(move |from, req| {
+            let node = handler_slot.get().and_then(|w| w.upgrade());
+            Box::pin(async move {
+                let reply = match (node, decode::<Forward>(&req)) {
+                    (Some(n), Some(f)) => n.handle_forward(from, f).await,
+                    (None, _) => ForwardReply::NotLeader(None),
+                    (_, None) => ForwardReply::Outcome(Outcome::Error(
+                        "ERR undecodable forwarded request".into(),
+                    )),
+                };
+                encode(&reply)
+            })
+        }));
+        let mut rc = RaftConfig::new(cfg.id);
+        for (&p, a) in &cfg.peers {
+            rc.add_peer(p, a.to_string())?;
+        }
+        rc.heartbeat_interval = cfg.heartbeat;
+        rc.election_timeout_min = cfg.election_min;
+        rc.election_timeout_max = cfg.election_max;
+        let (apply_tx, apply_rx) = mpsc::channel::<ApplyMsg>(4096);
+        let raft = Raft::new(rc, log, transport, apply_tx)?;
+        raft.start_with_applied(sm.applied()).await?;
+        let waiters = Arc::new(Mutex::new(Waiters::default()));
+        let applier = tokio::spawn(apply_loop(apply_rx, sm.clone(), waiters.clone()));
+        let node = Arc::new(KvNode {
+            cfg,
+            raft,
+            sm,
+            rpc,
+            waiters,
+            applier: Mutex::new(Some(applier)),
+        });
+        let _ = slot.set(Arc::downgrade(&node));
+        tracing::info!(node = node.cfg.id, raft = %node.cfg.raft_addr, client = %node.cfg.client_addr, "node started");
+        Ok(node)
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// The state machine (read access).
+    pub fn state_machine(&self) -> &StateMachine {
+        &self.sm
+    }
+
+    /// The Raft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Stops Raft and the applier, and flushes the state machine.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(node = self.cfg.id, error = %e, "raft stopped with an error");
+        }
+        let applier = lock(&self.applier).take();
+        if let Some(a) = applier {
+            a.abort();
+            let _ = a.await;
+        }
+        if let Err(e) = self.sm.flush() {
+            tracing::warn!(node = self.cfg.id, error = %e, "state machine flush failed");
+        }
+    }
+
+    /// Waits up to `within` for a known leader.
+    async fn leader_within(&self, within: Duration) -> Option<NodeId> {
+        if let Some(l) = self.raft.leader() {
+            return Some(l);
+        }
+        let mut st = self.raft.watch_status();
+        let res = timeout(
+            within,
+            st.wait_for(|s| s.leader.is_some() || s.stopped.is_some()),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok().and_then(|s| s.leader));
+        res
+    }
+
+    /// Runs a write: on the leader directly, elsewhere forwarded to it.
+    pub async fn write(&self, cmd: WriteCmd) -> Outcome {
+        let mut hint = self.raft.leader();
+        for _ in 0..4 {
+            let leader = match hint {
+                Some(l) => l,
+                None => match self.leader_within(LEADER_WAIT).await {
+                    Some(l) => l,
+                    None => return try_again(),
+                },
+            };
+            if leader == self.cfg.id {
+                match self.write_local(cmd.clone()).await {
+                    ForwardReply::Outcome(o) => return o,
+                    ForwardReply::NotLeader(h) => hint = h,
+                    ForwardReply::ReadIndex(_) => return Outcome::Error("ERR internal".into()),
+                }
+                continue;
+            }
+            match self.forward(leader, Forward::Write(cmd.clone())).await {
+                Ok(ForwardReply::Outcome(o)) => return o,
+                Ok(ForwardReply::NotLeader(h)) => hint = h.filter(|&h| h != leader),
+                Ok(ForwardReply::ReadIndex(_)) => return Outcome::Error("ERR internal".into()),
+                Err(RpcError::Unreachable(_)) | Err(RpcError::UnknownPeer(_)) => hint = None,
+                Err(RpcError::Broken(_, why)) => return unknown(&why),
+            }
+        }
+        try_again()
+    }
+
+    async fn forward(&self, to: NodeId, f: Forward) -> Result<ForwardReply, RpcError> {
+        match timeout(
+            COMMIT_WAIT + Duration::from_secs(1),
+            self.rpc.call(to, &encode(&f)),
+        )
+        .await
+        {
+            Ok(Ok(bytes)) => decode::<ForwardReply>(&bytes)
+                .ok_or_else(|| RpcError::Broken(to, "undecodable reply".into())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(RpcError::Broken(to, "timed out".into())),
+        }
+    }
+
+    /// Proposes on this node, which believes it leads, and waits for the outcome.
+    async fn write_local(&self, cmd: WriteCmd) -> ForwardReply {
+        match self.submit_local(cmd).await {
+            Ticket::Done(o) => ForwardReply::Outcome(o),
+            Ticket::NotLeader(h) => ForwardReply::NotLeader(h),
+            t @ Ticket::Waiting(..) => ForwardReply::Outcome(self.finish(t).await),
+        }
+    }
+
+    async fn submit_local(&self, cmd: WriteCmd) -> Ticket {
+        let (index, term) = match self.raft.submit(cmd.encode()).await {
+            Ok(p) => p,
+            Err(RaftError::NotLeader { leader }) => return Ticket::NotLeader(leader),
+            Err(e) => return Ticket::Done(Outcome::Error(format!("ERR {e}"))),
+        };
+        let mut w = lock(&self.waiters);
+        if let Some((t, o)) = w.recent.get(&index) {
+            return Ticket::Done(if *t == term { o.clone() } else { overwritten() });
+        }
+        let (tx, rx) = oneshot::channel();
+        w.pending.insert(index, (term, tx));
+        Ticket::Waiting(index, rx)
+    }
+
+    /// Starts a write without waiting for it: on the leader the command is
+    /// proposed now (so pipelined writes keep their order) and the returned
+    /// ticket is redeemed with [`KvNode::finish`]; elsewhere the whole
+    /// forwarded write runs now.
+    pub async fn begin_write(&self, cmd: WriteCmd) -> Ticket {
+        if self.raft.is_leader() {
+            match self.submit_local(cmd.clone()).await {
+                Ticket::NotLeader(_) => {}
+                t => return t,
+            }
+        }
+        Ticket::Done(self.write(cmd).await)
+    }
+
+    /// Waits for a ticket's outcome.
+    pub async fn finish(&self, t: Ticket) -> Outcome {
+        match t {
+            Ticket::Done(o) => o,
+            Ticket::NotLeader(_) => try_again(),
+            Ticket::Waiting(index, rx) => match timeout(COMMIT_WAIT, rx).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(_)) => unknown("the node stopped"),
+                Err(_) => {
+                    lock(&self.waiters).pending.remove(&index);
+                    unknown("timed out waiting for the commit")
+                }
+            },
+        }
+    }
+
+    async fn handle_forward(&self, from: NodeId, f: Forward) -> ForwardReply {
+        tracing::trace!(node = self.cfg.id, from, ?f, "forwarded request");
+        match f {
+            Forward::Write(cmd) => self.write_local(cmd).await,
+            Forward::ReadIndex => match self.raft.read_index().await {
+                Ok(i) => ForwardReply::ReadIndex(i),
+                Err(RaftError::NotLeader { leader }) => ForwardReply::NotLeader(leader),
+                Err(_) => ForwardReply::NotLeader(None),
+            },
+        }
+    }
+
+    /// Waits until reading local state is linearizable: a read index from the
+    /// leader (confirmed by a heartbeat round), then local apply up to it.
+    pub async fn read_barrier(&self) -> Result<(), Outcome> {
+        let mut hint = self.raft.leader();
+        for _ in 0..4 {
+            let leader = match hint {
+                Some(l) => l,
+                None => self
+                    .leader_within(LEADER_WAIT)
+                    .await
+                    .ok_or_else(try_again)?,
+            };
+            let index = if leader == self.cfg.id {
+                match timeout(COMMIT_WAIT, self.raft.read_index()).await {
+                    Ok(Ok(i)) => i,
+                    Ok(Err(RaftError::NotLeader { leader })) => {
+                        hint = leader;
+                        continue;
+                    }
+                    _ => return Err(try_again()),
+                }
+            } else {
+                match self.forward(leader, Forward::ReadIndex).await {
+                    Ok(ForwardReply::ReadIndex(i)) => i,
+                    Ok(ForwardReply::NotLeader(h)) => {
+                        hint = h.filter(|&h| h != leader);
+                        continue;
+                    }
+                    _ => {
+                        hint = None;
+                        continue;
+                    }
+                }
+            };
+            let mut applied = self.sm.watch_applied();
+            let reached = timeout(COMMIT_WAIT, applied.wait_for(|&a| a >= index))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            return if reached { Ok(()) } else { Err(try_again()) };
+        }
+        Err(try_again())
+    }
+
+    /// The `# Raft` section of INFO.
+    pub fn info(&self) -> String {
+        let s = self.raft.status();
+        let role = match s.role {
+            Role::Leader => "leader",
+            Role::Candidate | Role::PreCandidate => "candidate",
+            Role::Follower => "follower",
+        };
+        let members: Vec<String> = s.members.iter().map(|m| m.to_string()).collect();
+        format!(
+            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\nterm:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\nmembers:{}\r\n",
+            s.id,
+            s.term,
+            s.leader.map_or_else(|| "none".to_string(), |l| l.to_string()),
+            s.commit_index,
+            self.sm.applied(),
+            s.last_log_index,
+            members.join(","),
+        )
+    }
+}
+
+fn overwritten() -> Outcome {
+    Outcome::Error(
+        "TRYAGAIN the write was replaced after a leader change and not applied; try again".into(),
+    )
+}
+
+async fn apply_loop(
+    mut rx: mpsc::Receiver<ApplyMsg>,
+    sm: Arc<StateMachine>,
+    waiters: Arc<Mutex<Waiters>>,
+) {
+    while let Some(msg) = rx.recv().await {
+        let cmd = if msg.command_valid {
+            WriteCmd::decode(&msg.command)
+        } else {
+            None
+        };
+        if msg.command_valid && cmd.is_none() {
+            tracing::error!(
+                index = msg.command_index,
+                "undecodable command in the log; applying as a no-op"
+            );
+        }
+        let outcome = match sm.apply(msg.command_index, cmd.as_ref()) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(index = msg.command_index, error = %e, "state machine failed; stopping the applier");
+                return;
+            }
+        };
+        let mut w = lock(&waiters);
+        if let Some((term, tx)) = w.pending.remove(&msg.command_index) {
+            let _ = tx.send(if term == msg.command_term {
+                outcome.clone()
+            } else {
+                overwritten()
+            });
+        }
+        w.recent
+            .insert(msg.command_index, (msg.command_term, outcome));
+        while w.recent.len() > 4096 {
+            w.recent.pop_first();
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The Redis-protocol server: one task per client connection, pipelined
+//! requests answered in order, commands mapped onto the replicated store.
+
+use crate::command::{Outcome, SetCond, WriteCmd};
+use crate::node::{KvNode, Ticket};
+use crate::resp::{encode_outcome, parse_command, simple, Limits};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Accepts clients until the task is aborted.
+pub async fn serve(listener: TcpListener, node: Arc<KvNode>) {
+    loop {
+        match listener.accept().await {
+            Ok((sock, peer)) => {
+                let _ = sock.set_nodelay(true);
+                let node = node.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(sock, node).await {
+                        tracing::debug!(%peer, error = %e, "client connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+enum Reply {
+    Now(Vec<u8>),
+    Later(Ticket),
+}
+
+async fn flush_pending(node: &KvNode, pending: &mut Vec<Reply>, out: &mut Vec<u8>) {
+    for r in pending.drain(..) {
+        match r {
+            Reply::Now(b) => out.extend_from_slice(&b),
+            Reply::Later(t) => encode_outcome(out, &node.finish(t).await),
+        }
+    }
+}
+
+async fn connection(mut sock: TcpStream, node: Arc<KvNode>) -> std::io::Result<()> {
+    let limits = Limits::default();
+    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut authed = node.config().password.is_none();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut out = Vec::new();
+        let mut pending: Vec<Reply> = Vec::new();
+        let mut consumed = 0;
+        let mut close = false;
+        loop {
+            match parse_command(&buf[consumed..], &limits) {
+                Ok(Some((args, used))) => {
+                    consumed += used;
+                    if args.is_empty() {
+                        continue;
+                    }
+                    let r = execute(&node, &args, &mut authed, &mut pending, &mut out).await;
+                    pending.push(r);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    flush_pending(&node, &mut pending, &mut out).await;
+                    encode_outcome(&mut out, &Outcome::Error(format!("ERR {e}")));
+                    close = true;
+                    break;
+                }
+            }
+        }
+        buf.drain(..consumed);
+        flush_pending(&node, &mut pending, &mut out).await;
+        sock.write_all(&out).await?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+fn err(s: &str) -> Reply {
+    let mut b = Vec::new();
+    encode_outcome(&mut b, &Outcome::Error(s.to_string()));
+    Reply::Now(b)
+}
+
+fn now(o: Outcome) -> Reply {
+    let mut b = Vec::new();
+    encode_outcome(&mut b, &o);
+    Reply::Now(b)
+}
+
+fn arity(name: &str) -> Reply {
+    err(&format!(
+        "ERR wrong number of arguments for '{}' command",
+        name.to_ascii_lowercase()
+    ))
+}
+
+fn parse_i64(b: &[u8]) -> Option<i64> {
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+async fn execute(
+    node: &KvNode,
+    args: &[Vec<u8>],
+    authed: &mut bool,
+    pending: &mut Vec<Reply>,
+    out: &mut Vec<u8>,
+) -> Reply {
+    let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+    let n = args.len();
+    if name == "AUTH" {
+        let pw = match n {
+            2 => &args[1],
+            3 => &args[2],
+            _ => return arity(&name),
+        };
+        return match &node.config().password {
+            None => err("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?"),
+            Some(p) if p.as_bytes() == pw.as_slice() => {
+                *authed = true;
+                now(Outcome::Ok)
+            }
+            Some(_) => err("WRONGPASS invalid username-password pair or user is disabled."),
+        };
+    }
+    if !*authed {
+        return err("NOAUTH Authentication required.");
+    }
+    let write = |cmd: WriteCmd| async move { Reply::Later(node.begin_write(cmd).await) };
+    match (name.as_str(), n) {
+        ("PING", 1) => {
+            let mut b = Vec::new();
+            simple(&mut b, "PONG");
+            Reply::Now(b)
+        }
+        ("PING", 2) | ("ECHO", 2) => now(Outcome::Bulk(args[1].clone())),
+        ("PING", _) | ("ECHO", _) => arity(&name),
+        ("COMMAND", _) => now(Outcome::Array(vec![])),
+        ("SET", 3..) => {
+            let cond = match args[3..]
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).to_ascii_uppercase())
+                .collect::<Vec<_>>()
+                .as_slice()
+            {
+                [] => SetCond::Always,
+                [x] if x == "NX" => SetCond::IfAbsent,
+                [x] if x == "XX" => SetCond::IfPresent,
+                _ => return err("ERR syntax error"),
+            };
+            write(WriteCmd::Set {
+                key: args[1].clone(),
+                value: args[2].clone(),
+                cond,
+            })
+            .await
+        }
+        ("DEL", 2..) => write(WriteCmd::Del(args[1..].to_vec())).await,
+        ("MSET", _) if n >= 3 && n % 2 == 1 => {
+            write(WriteCmd::MSet(
+                args[1..]
+                    .chunks(2)
+                    .map(|p| (p[0].clone(), p[1].clone()))
+                    .collect(),
+            ))
+            .await
+        }
+        ("INCR", 2) => write(WriteCmd::IncrBy(args[1].clone(), 1)).await,
+        ("DECR", 2) => write(WriteCmd::IncrBy(args[1].clone(), -1)).await,
+        ("INCRBY", 3) | ("DECRBY", 3) => match parse_i64(&args[2]) {
+            Some(d) if name == "INCRBY" => write(WriteCmd::IncrBy(args[1].clone(), d)).await,
+            Some(d) => match d.checked_neg() {
+                Some(nd) => write(WriteCmd::IncrBy(args[1].clone(), nd)).await,
+                None => err("ERR decrement would overflow"),
+            },
+            None => err("ERR value is not an integer or out of range"),
+        },
+        ("CAS", 4) => {
+            write(WriteCmd::Cas {
+                key: args[1].clone(),
+                expected: args[2].clone(),
+                new: args[3].clone(),
+            })
+            .await
+        }
+        ("GET", 2) | ("MGET", 2..) | ("EXISTS", 2..) | ("STRLEN", 2) | ("DBSIZE", 1) => {
+            // Reads observe every earlier command of this connection.
+            flush_pending(node, pending, out).await;
+            if let Err(o) = node.read_barrier().await {
+                return now(o);
+            }
+            now(read(node, &name, &args[1..]))
+        }
+        ("INFO", 1 | 2) => now(Outcome::Bulk(node.info().into_bytes())),
+        (
+            "SET" | "DEL" | "MSET" | "INCR" | "DECR" | "INCRBY" | "DECRBY" | "CAS" | "GET" | "MGET"
+            | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO",
+            _,
+        ) => arity(&name),
+        _ => {
+            let shown: String = args[1..]
+                .iter()
+                .take(8)
+                .map(|a| format!("'{}' ", String::from_utf8_lossy(a)))
+                .collect();
+            err(&format!(
+                "ERR unknown command '{}', with args beginning with: {shown}",
+                String::from_utf8_lossy(&args[0])
+            ))
+        }
+    }
+}
+
+fn read(node: &KvNode, name: &str, keys: &[Vec<u8>]) -> Outcome {
+    let sm = node.state_machine();
+    let res: anyhow::Result<Outcome> = (|| {
+        Ok(match name {
+            "GET" => sm.get(&keys[0])?.map_or(Outcome::Nil, Outcome::Bulk),
+            "MGET" => Outcome::Array(keys.iter().map(|k| sm.get(k)).collect::<Result<_, _>>()?),
+            "EXISTS" => {
+                let mut c = 0;
+                for k in keys {
+                    if sm.get(k)?.is_some() {
+                        c += 1;
+                    }
+                }
+                Outcome::Int(c)
+            }
+            "STRLEN" => Outcome::Int(sm.get(&keys[0])?.map_or(0, |v| v.len() as i64)),
+            _ => Outcome::Int(sm.dbsize()? as i64),
+        })
+    })();
+    res.unwrap_or_else(|e| Outcome::Error(format!("ERR storage: {e}")))
+}
