@@ -226,17 +226,22 @@ impl KvNode {
         try_again()
     }
 
+    /// Sends a request to the node believed to lead. Gives up as soon as this
+    /// node stops believing `to` leads (it died, or lost an election): waiting
+    /// for the transport to notice a dead peer would take seconds.
     async fn forward(&self, to: NodeId, f: Forward) -> Result<ForwardReply, RpcError> {
-        match timeout(
-            COMMIT_WAIT + Duration::from_secs(1),
-            self.rpc.call(to, &encode(&f)),
-        )
-        .await
-        {
-            Ok(Ok(bytes)) => decode::<ForwardReply>(&bytes)
-                .ok_or_else(|| RpcError::Broken(to, "undecodable reply".into())),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(RpcError::Broken(to, "timed out".into())),
+        let mut status = self.raft.watch_status();
+        let deposed = async move {
+            let _ = status.wait_for(|s| s.leader != Some(to)).await;
+        };
+        let bytes = encode(&f);
+        tokio::select! {
+            r = timeout(COMMIT_WAIT + Duration::from_secs(1), self.rpc.call(to, &bytes)) => match r {
+                Ok(Ok(bytes)) => decode::<ForwardReply>(&bytes).ok_or_else(|| RpcError::Broken(to, "undecodable reply".into())),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(RpcError::Broken(to, "timed out".into())),
+            },
+            _ = deposed => Err(RpcError::Broken(to, "the leader changed while the request was in flight".into())),
         }
     }
 

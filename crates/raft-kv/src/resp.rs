@@ -229,9 +229,16 @@ mod tests {
             endless.extend_from_slice(&[b'a'; 100]);
             endless.extend_from_slice(b"\r\n");
         }
-        assert_eq!(parse(&endless), Ok(None), "under the request limit: waits for more");
+        assert_eq!(
+            parse(&endless),
+            Ok(None),
+            "under the request limit: waits for more"
+        );
         endless.extend_from_slice(b"$100\r\n");
-        assert!(parse(&endless).is_err(), "the next element would pass max_request: refused before its bytes arrive");
+        assert!(
+            parse(&endless).is_err(),
+            "the next element would pass max_request: refused before its bytes arrive"
+        );
         assert!(parse(&[b'*'; 100]).is_err(), "endless length line");
     }
 

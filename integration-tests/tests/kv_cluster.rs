@@ -1,0 +1,301 @@
+//! Three real `raft-kv node` processes on loopback, with generated certificates
+//! and temporary data directories, driven with the `redis` crate: writes
+//! through every node, reads that see writes acknowledged elsewhere, SIGKILL of
+//! the leader (failover time printed), restart and catch-up, and at the end
+//! every acknowledged write present and the three state machines identical.
+
+use redis::{Commands, Connection, RedisResult};
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kv_node");
+
+fn free_udp() -> SocketAddr {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn free_tcp() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Cluster {
+    dir: PathBuf,
+    raft: BTreeMap<u64, SocketAddr>,
+    client: BTreeMap<u64, SocketAddr>,
+    procs: BTreeMap<u64, Child>,
+}
+
+impl Cluster {
+    fn new(dir: &Path, ids: &[u64]) -> Self {
+        let out = Command::new(BIN)
+            .args(["certs", "--dir"])
+            .arg(dir.join("certs"))
+            .args([
+                "--nodes",
+                &ids.iter()
+                    .map(|i| i.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "certs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Cluster {
+            dir: dir.to_path_buf(),
+            raft: ids.iter().map(|&i| (i, free_udp())).collect(),
+            client: ids.iter().map(|&i| (i, free_tcp())).collect(),
+            procs: BTreeMap::new(),
+        }
+    }
+
+    fn start(&mut self, id: u64) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("node")
+            .args(["--id", &id.to_string()])
+            .args(["--raft-addr", &self.raft[&id].to_string()])
+            .args(["--client-addr", &self.client[&id].to_string()])
+            .arg("--data-dir")
+            .arg(self.dir.join(format!("node-{id}")))
+            .arg("--tls-dir")
+            .arg(self.dir.join("certs"));
+        for (&p, a) in &self.raft {
+            if p != id {
+                cmd.args(["--peer", &format!("{p}={a}")]);
+            }
+        }
+        let log = std::fs::File::create(self.dir.join(format!("node-{id}.log"))).unwrap();
+        cmd.stdout(Stdio::null())
+            .stderr(log)
+            .env("RUST_LOG", "info");
+        self.procs.insert(id, cmd.spawn().unwrap());
+    }
+
+    fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.procs.remove(&id) {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    fn conn(&self, id: u64) -> Connection {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let client = redis::Client::open(format!("redis://{}/", self.client[&id])).unwrap();
+            match client.get_connection_with_timeout(Duration::from_secs(2)) {
+                Ok(c) => {
+                    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                    return c;
+                }
+                Err(e) if Instant::now() < end => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("node {id} does not accept clients: {e}"),
+            }
+        }
+    }
+
+    fn info(&self, id: u64) -> BTreeMap<String, String> {
+        let text: String = redis::cmd("INFO").query(&mut self.conn(id)).unwrap();
+        text.lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect()
+    }
+
+    fn leader(&self, among: &[u64]) -> Option<u64> {
+        among
+            .iter()
+            .copied()
+            .find(|&id| self.info(id).get("role").map(String::as_str) == Some("leader"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.procs.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
+
+/// Retries a write on the given nodes until one acknowledges it; errors are
+/// retried only when they say the outcome is known not to have happened.
+fn write_until_ok(c: &Cluster, on: &[u64], key: &str, value: &str, within: Duration) -> u64 {
+    let end = Instant::now() + within;
+    let mut i = 0;
+    loop {
+        let id = on[i % on.len()];
+        i += 1;
+        let res: RedisResult<String> = c.conn(id).set(key, value);
+        match res {
+            Ok(ok) => {
+                assert_eq!(ok, "OK");
+                return id;
+            }
+            Err(e) if Instant::now() < end => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("write of {key} never succeeded: {e}"),
+        }
+    }
+}
+
+#[test]
+fn three_process_cluster_survives_leader_sigkill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2, 3];
+    let mut c = Cluster::new(tmp.path(), &ids);
+    for id in ids {
+        c.start(id);
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        if let Some(l) = c.leader(&ids) {
+            break l;
+        }
+        assert!(Instant::now() < end, "no leader elected");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    // Writes through every node; each read on another node sees the acknowledged write.
+    let mut acked: BTreeMap<String, String> = BTreeMap::new();
+    for i in 0..30u64 {
+        let (k, v) = (format!("k{i}"), format!("v{i}"));
+        let via = ids[(i % 3) as usize];
+        let _: () = c.conn(via).set(&k, &v).unwrap();
+        acked.insert(k.clone(), v.clone());
+        let other = ids[((i + 1) % 3) as usize];
+        let got: Option<String> = c.conn(other).get(&k).unwrap();
+        assert_eq!(
+            got.as_deref(),
+            Some(v.as_str()),
+            "node {other} missed a write acknowledged by node {via}"
+        );
+    }
+    let n: i64 = c.conn(2).incr("counter", 5).unwrap();
+    assert_eq!(n, 5);
+    let cas: i64 = redis::cmd("CAS")
+        .arg("k0")
+        .arg("v0")
+        .arg("v0-new")
+        .query(&mut c.conn(3))
+        .unwrap();
+    assert_eq!(cas, 1);
+    acked.insert("k0".into(), "v0-new".into());
+    acked.insert("counter".into(), "5".into());
+
+    // SIGKILL the leader; measure until the next acknowledged write.
+    let rest: Vec<u64> = ids.iter().copied().filter(|&x| x != leader).collect();
+    let killed = Instant::now();
+    c.kill(leader);
+    write_until_ok(&c, &rest, "after-failover", "yes", Duration::from_secs(20));
+    let failover = killed.elapsed();
+    println!("failover: leader {leader} SIGKILLed, next write acknowledged after {failover:?}");
+    acked.insert("after-failover".into(), "yes".into());
+    for i in 30..50u64 {
+        let k = format!("k{i}");
+        write_until_ok(&c, &rest, &k, &format!("v{i}"), Duration::from_secs(10));
+        acked.insert(k, format!("v{i}"));
+    }
+
+    // Restart the old leader: it catches up from its own disk and the others.
+    c.start(leader);
+    let new_leader = c.leader(&rest).expect("a leader among the survivors");
+    let target: u64 = c.info(new_leader)["commit_index"].parse().unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let applied: u64 = c
+            .info(leader)
+            .get("applied_index")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if applied >= target {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "restarted node stuck at {applied} < {target}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Every acknowledged write is present everywhere; the state machines are identical.
+    let keys: Vec<&String> = acked.keys().collect();
+    let mut states = Vec::new();
+    for id in ids {
+        let vals: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query(&mut c.conn(id))
+            .unwrap();
+        let size: i64 = redis::cmd("DBSIZE").query(&mut c.conn(id)).unwrap();
+        for (k, v) in keys.iter().zip(&vals) {
+            assert_eq!(v.as_deref(), Some(acked[*k].as_str()), "node {id} lost {k}");
+        }
+        states.push((vals, size));
+    }
+    assert!(
+        states.windows(2).all(|w| w[0] == w[1]),
+        "state machines differ: {states:?}"
+    );
+    assert_eq!(states[0].1, acked.len() as i64);
+}
+
+#[test]
+fn protocol_errors_and_bad_input_get_redis_style_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(tmp.path(), &[1]);
+    c.start(1);
+    let mut con = c.conn(1);
+    let err = redis::cmd("NOPE")
+        .arg("x")
+        .query::<String>(&mut con)
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown command 'NOPE'"), "{err}");
+    let err = redis::cmd("GET").query::<String>(&mut con).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("wrong number of arguments for 'get' command"),
+        "{err}"
+    );
+    let _: () = con.set("n", "abc").unwrap();
+    let err = con.incr::<_, _, i64>("n", 1).unwrap_err();
+    assert!(err.to_string().contains("not an integer"), "{err}");
+    let nx: Option<String> = redis::cmd("SET")
+        .arg("n")
+        .arg("z")
+        .arg("NX")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(nx, None);
+
+    // Malformed RESP and an absurd bulk length: an error to that client, others unaffected.
+    use std::io::{Read, Write};
+    let mut raw = std::net::TcpStream::connect(c.client[&1]).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.write_all(b"*1\r\n$999999999999\r\n").unwrap();
+    let mut buf = [0u8; 256];
+    let n = raw.read(&mut buf).unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("-ERR Protocol error"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let pong: String = redis::cmd("PING").query(&mut c.conn(1)).unwrap();
+    assert_eq!(pong, "PONG");
+}
