@@ -283,6 +283,37 @@ impl KvNode {
         Ticket::Done(self.write(cmd).await)
     }
 
+    /// Starts several writes in order with one request to Raft when this node
+    /// leads (the batch shares one log append); elsewhere each is forwarded in turn.
+    pub async fn begin_writes(&self, cmds: Vec<WriteCmd>) -> Vec<Ticket> {
+        if cmds.len() > 1 && self.raft.is_leader() {
+            let encoded = cmds.iter().map(WriteCmd::encode).collect();
+            if let Ok(ids) = self.raft.submit_batch(encoded).await {
+                let mut w = lock(&self.waiters);
+                return ids
+                    .into_iter()
+                    .map(|(index, term)| {
+                        if let Some((t, o)) = w.recent.get(&index) {
+                            return Ticket::Done(if *t == term {
+                                o.clone()
+                            } else {
+                                overwritten()
+                            });
+                        }
+                        let (tx, rx) = oneshot::channel();
+                        w.pending.insert(index, (term, tx));
+                        Ticket::Waiting(index, rx)
+                    })
+                    .collect();
+            }
+        }
+        let mut out = Vec::with_capacity(cmds.len());
+        for c in cmds {
+            out.push(self.begin_write(c).await);
+        }
+        out
+    }
+
     /// Waits for a ticket's outcome.
     pub async fn finish(&self, t: Ticket) -> Outcome {
         match t {

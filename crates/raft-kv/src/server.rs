@@ -2,7 +2,7 @@
 //! requests answered in order, commands mapped onto the replicated store.
 
 use crate::command::{Outcome, SetCond, WriteCmd};
-use crate::node::{KvNode, Ticket};
+use crate::node::KvNode;
 use crate::resp::{encode_outcome, parse_command, simple, Limits};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,14 +31,29 @@ pub async fn serve(listener: TcpListener, node: Arc<KvNode>) {
 
 enum Reply {
     Now(Vec<u8>),
-    Later(Ticket),
+    /// A write not yet started: consecutive ones are proposed together.
+    Write(WriteCmd),
 }
 
 async fn flush_pending(node: &KvNode, pending: &mut Vec<Reply>, out: &mut Vec<u8>) {
+    let writes: Vec<WriteCmd> = pending
+        .iter_mut()
+        .filter_map(|r| match r {
+            Reply::Write(c) => Some(std::mem::replace(c, WriteCmd::Del(Vec::new()))),
+            _ => None,
+        })
+        .collect();
+    let mut tickets = node.begin_writes(writes).await.into_iter();
     for r in pending.drain(..) {
         match r {
             Reply::Now(b) => out.extend_from_slice(&b),
-            Reply::Later(t) => encode_outcome(out, &node.finish(t).await),
+            Reply::Write(_) => match tickets.next() {
+                Some(t) => encode_outcome(out, &node.finish(t).await),
+                None => encode_outcome(
+                    out,
+                    &Outcome::Error("ERR internal: lost a write ticket".into()),
+                ),
+            },
         }
     }
 }
@@ -136,7 +151,7 @@ async fn execute(
     if !*authed {
         return err("NOAUTH Authentication required.");
     }
-    let write = |cmd: WriteCmd| async move { Reply::Later(node.begin_write(cmd).await) };
+    let write = |cmd: WriteCmd| async move { Reply::Write(cmd) };
     match (name.as_str(), n) {
         ("PING", 1) => {
             let mut b = Vec::new();

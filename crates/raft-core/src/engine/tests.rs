@@ -1183,3 +1183,41 @@ fn inconsistent_durable_state_is_rejected_at_restore() {
         Err(EngineError::InvalidConfig(_))
     ));
 }
+
+// ----- sans-IO ------------------------------------------------------------------------------
+
+#[test]
+fn engine_source_has_no_io_clock_or_thread_rng() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/engine");
+    let forbidden = [
+        "tokio",
+        "Instant::now",
+        "SystemTime",
+        "thread_rng",
+        "rand::",
+        "std::fs",
+        "std::net",
+        "std::thread",
+        "std::io",
+    ];
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name == "tests.rs" {
+            continue; // this file names the patterns
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for f in forbidden {
+            assert!(
+                !text.contains(f),
+                "{name} mentions {f}: the engine must stay free of I/O, clocks and thread RNG"
+            );
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 4,
+        "expected the engine's source files, found {checked}"
+    );
+}

@@ -117,6 +117,7 @@ type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 enum Request {
     Propose(Vec<u8>, Reply<LogId>),
+    ProposeBatch(Vec<Vec<u8>>, Reply<Vec<LogId>>),
     WaitCommit(LogId, Reply<()>),
     ReadIndex(Reply<LogIndex>),
 }
@@ -385,6 +386,18 @@ impl Raft {
         Ok((id.index, id.term))
     }
 
+    /// Proposes several commands in one request to the driver, in order; they
+    /// land in consecutive entries. Returns each one's (index, term).
+    pub async fn submit_batch(
+        &self,
+        commands: Vec<Vec<u8>>,
+    ) -> Result<Vec<(LogIndex, Term)>, Error> {
+        let ids = self
+            .request(|tx| Request::ProposeBatch(commands, tx))
+            .await?;
+        Ok(ids.into_iter().map(|id| (id.index, id.term)).collect())
+    }
+
     /// Waits until the entry submitted at (`index`, `term`) commits and is on
     /// its way to the apply channel; `Error::Overwritten` when a later leader
     /// replaced it.
@@ -525,6 +538,13 @@ impl Driver {
         match r {
             Request::Propose(cmd, reply) => {
                 let _ = reply.send(self.engine.propose(cmd).map_err(Error::from));
+            }
+            Request::ProposeBatch(cmds, reply) => {
+                let res: Result<Vec<LogId>, Error> = cmds
+                    .into_iter()
+                    .map(|c| self.engine.propose(c).map_err(Error::from))
+                    .collect();
+                let _ = reply.send(res);
             }
             Request::WaitCommit(id, reply) => {
                 if id.index <= self.engine.applied_index() {

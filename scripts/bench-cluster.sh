@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Starts a 3-node raft-kv cluster on loopback (release build, durable sled log,
+# separate processes) and runs the load generator against it.
+#
+# Usage: scripts/bench-cluster.sh [SECS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+cargo build --release -q -p raft-kv
+bin=target/release/raft-kv
+dir=$(mktemp -d /tmp/raft-kv-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
+trap cleanup EXIT
+
+$bin certs --dir "$dir/certs" --nodes 1,2,3 >/dev/null
+for id in 1 2 3; do
+  peers=()
+  for p in 1 2 3; do [ "$p" = "$id" ] || peers+=(--peer "$p=127.0.0.1:$((7200 + p))"); done
+  RUST_LOG=warn $bin node --id "$id" --raft-addr "127.0.0.1:$((7200 + id))" --client-addr "127.0.0.1:$((7300 + id))" \
+    "${peers[@]}" --data-dir "$dir/node-$id" --tls-dir "$dir/certs" 2>"$dir/node-$id.log" &
+  pids+=($!)
+done
+
+# Find the leader through INFO.
+leader=""
+for _ in $(seq 1 100); do
+  for id in 1 2 3; do
+    info=$(printf '*1\r\n$4\r\nINFO\r\n' | timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$((7300 + id)); cat >&3; timeout 0.3 cat <&3" 2>/dev/null || true)
+    if grep -q 'role:leader' <<<"$info"; then
+      leader=$id
+    fi
+  done
+  [ -n "$leader" ] && break
+  sleep 0.1
+done
+[ -n "$leader" ] || { echo "no leader"; exit 1; }
+addr="127.0.0.1:$((7300 + leader))"
+echo "leader: node $leader ($addr)"
+
+$bin bench --addr "$addr" --clients 1 --conns 1 --secs "$secs" --value-size 256 --op set
+$bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set
+$bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op get
+$bin bench --addr 127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303 --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set
