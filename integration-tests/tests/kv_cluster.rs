@@ -29,6 +29,7 @@ fn free_tcp() -> SocketAddr {
 
 struct Cluster {
     dir: PathBuf,
+    extra: Vec<String>,
     raft: BTreeMap<u64, SocketAddr>,
     client: BTreeMap<u64, SocketAddr>,
     procs: BTreeMap<u64, Child>,
@@ -55,6 +56,7 @@ impl Cluster {
         );
         Cluster {
             dir: dir.to_path_buf(),
+            extra: Vec::new(),
             raft: ids.iter().map(|&i| (i, free_udp())).collect(),
             client: ids.iter().map(|&i| (i, free_tcp())).collect(),
             procs: BTreeMap::new(),
@@ -76,6 +78,7 @@ impl Cluster {
                 cmd.args(["--peer", &format!("{p}={a}")]);
             }
         }
+        cmd.args(&self.extra);
         let log = std::fs::File::create(self.dir.join(format!("node-{id}.log"))).unwrap();
         cmd.stdout(Stdio::null())
             .stderr(log)
@@ -298,4 +301,38 @@ fn protocol_errors_and_bad_input_get_redis_style_answers() {
     );
     let pong: String = redis::cmd("PING").query(&mut c.conn(1)).unwrap();
     assert_eq!(pong, "PONG");
+}
+
+#[test]
+fn password_protected_node_requires_auth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(tmp.path(), &[1]);
+    c.extra = vec!["--password".into(), "s3cret".into()];
+    c.start(1);
+    let mut con = c.conn(1);
+    let err = redis::cmd("GET")
+        .arg("k")
+        .query::<Option<String>>(&mut con)
+        .unwrap_err();
+    assert!(err.to_string().contains("Authentication required"), "{err}");
+    let err = redis::cmd("AUTH")
+        .arg("wrong")
+        .query::<String>(&mut con)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("WRONGPASS") || err.to_string().contains("invalid"),
+        "{err}"
+    );
+    let ok: String = redis::cmd("AUTH").arg("s3cret").query(&mut con).unwrap();
+    assert_eq!(ok, "OK");
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut con).unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut con).unwrap();
+    assert_eq!(v, "v");
+    // A password URL works for any Redis client.
+    let client = redis::Client::open(format!("redis://:s3cret@{}/", c.client[&1])).unwrap();
+    let mut authed = client
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut authed).unwrap();
+    assert_eq!(v, "v");
 }
