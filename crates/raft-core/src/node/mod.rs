@@ -592,7 +592,14 @@ impl Driver {
                 entries: rd.entries,
             };
             if !batch.is_empty() {
+                let n = batch.entries.len();
+                let t0 = Instant::now();
                 self.store.save(batch).await?;
+                tracing::trace!(
+                    entries = n,
+                    micros = t0.elapsed().as_micros() as u64,
+                    "log write"
+                );
             }
             if let Some(last) = last {
                 self.engine.persisted(last);
