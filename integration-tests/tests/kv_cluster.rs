@@ -191,6 +191,18 @@ fn three_process_cluster_survives_leader_sigkill() {
             "node {other} missed a write acknowledged by node {via}"
         );
     }
+    // A pipeline through a follower keeps its order (forwarded as one batch).
+    let follower = ids.into_iter().find(|&x| x != leader).unwrap();
+    let (a, b, got): (i64, i64, String) = redis::pipe()
+        .set("p", 1)
+        .ignore()
+        .incr("p", 1)
+        .incr("p", 1)
+        .get("p")
+        .query(&mut c.conn(follower))
+        .unwrap();
+    assert_eq!((a, b, got.as_str()), (2, 3, "3"));
+    acked.insert("p".into(), "3".into());
     let n: i64 = c.conn(2).incr("counter", 5).unwrap();
     assert_eq!(n, 5);
     let cas: i64 = redis::cmd("CAS")

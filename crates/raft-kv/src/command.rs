@@ -81,8 +81,8 @@ impl WriteCmd {
 /// Requests one node sends another over the cluster transport.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Forward {
-    /// Run this write as leader and return its outcome.
-    Write(WriteCmd),
+    /// Run these writes, in order, as leader and return their outcomes.
+    Writes(Vec<WriteCmd>),
     /// Confirm leadership and return a linearizable read index.
     ReadIndex,
 }
@@ -90,8 +90,8 @@ pub enum Forward {
 /// Replies to [`Forward`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ForwardReply {
-    /// The write's outcome (errors included).
-    Outcome(Outcome),
+    /// The writes' outcomes, in order (errors included).
+    Outcomes(Vec<Outcome>),
     /// A read index.
     ReadIndex(u64),
     /// The node asked is not the leader; it names the one it knows.

@@ -62,8 +62,6 @@ fn unknown(why: &str) -> Outcome {
 pub enum Ticket {
     /// Finished.
     Done(Outcome),
-    /// This node is not the leader (internal).
-    NotLeader(Option<NodeId>),
     /// Proposed at this index; the outcome arrives when it is applied.
     Waiting(u64, oneshot::Receiver<Outcome>),
 }
@@ -118,9 +116,9 @@ impl KvNode {
                 let reply = match (node, decode::<Forward>(&req)) {
                     (Some(n), Some(f)) => n.handle_forward(from, f).await,
                     (None, _) => ForwardReply::NotLeader(None),
-                    (_, None) => ForwardReply::Outcome(Outcome::Error(
+                    (_, None) => ForwardReply::Outcomes(vec![Outcome::Error(
                         "ERR undecodable forwarded request".into(),
-                    )),
+                    )]),
                 };
                 encode(&reply)
             })
@@ -198,32 +196,56 @@ impl KvNode {
 
     /// Runs a write: on the leader directly, elsewhere forwarded to it.
     pub async fn write(&self, cmd: WriteCmd) -> Outcome {
+        self.write_many(vec![cmd])
+            .await
+            .pop()
+            .unwrap_or_else(|| Outcome::Error("ERR internal".into()))
+    }
+
+    /// Runs writes in order: on the leader as one batch, elsewhere forwarded
+    /// to it in one request. Returns one outcome per command.
+    pub async fn write_many(&self, cmds: Vec<WriteCmd>) -> Vec<Outcome> {
+        let n = cmds.len();
         let mut hint = self.raft.leader();
         for _ in 0..4 {
             let leader = match hint {
                 Some(l) => l,
                 None => match self.leader_within(LEADER_WAIT).await {
                     Some(l) => l,
-                    None => return try_again(),
+                    None => return vec![try_again(); n],
                 },
             };
             if leader == self.cfg.id {
-                match self.write_local(cmd.clone()).await {
-                    ForwardReply::Outcome(o) => return o,
-                    ForwardReply::NotLeader(h) => hint = h,
-                    ForwardReply::ReadIndex(_) => return Outcome::Error("ERR internal".into()),
+                match self.propose_local(&cmds).await {
+                    Ok(tickets) => return self.finish_all(tickets).await,
+                    Err(h) => hint = h.filter(|&h| h != leader),
                 }
                 continue;
             }
-            match self.forward(leader, Forward::Write(cmd.clone())).await {
-                Ok(ForwardReply::Outcome(o)) => return o,
+            match self.forward(leader, Forward::Writes(cmds.clone())).await {
+                Ok(ForwardReply::Outcomes(v)) if v.len() == n => return v,
                 Ok(ForwardReply::NotLeader(h)) => hint = h.filter(|&h| h != leader),
-                Ok(ForwardReply::ReadIndex(_)) => return Outcome::Error("ERR internal".into()),
+                Ok(_) => {
+                    return vec![
+                        Outcome::Error(
+                            "ERR internal: unexpected reply from the leader".into()
+                        );
+                        n
+                    ]
+                }
                 Err(RpcError::Unreachable(_)) | Err(RpcError::UnknownPeer(_)) => hint = None,
-                Err(RpcError::Broken(_, why)) => return unknown(&why),
+                Err(RpcError::Broken(_, why)) => return vec![unknown(&why); n],
             }
         }
-        try_again()
+        vec![try_again(); n]
+    }
+
+    async fn finish_all(&self, tickets: Vec<Ticket>) -> Vec<Outcome> {
+        let mut out = Vec::with_capacity(tickets.len());
+        for t in tickets {
+            out.push(self.finish(t).await);
+        }
+        out
     }
 
     /// Sends a request to the node believed to lead. Gives up as soon as this
@@ -245,80 +267,58 @@ impl KvNode {
         }
     }
 
-    /// Proposes on this node, which believes it leads, and waits for the outcome.
-    async fn write_local(&self, cmd: WriteCmd) -> ForwardReply {
-        match self.submit_local(cmd).await {
-            Ticket::Done(o) => ForwardReply::Outcome(o),
-            Ticket::NotLeader(h) => ForwardReply::NotLeader(h),
-            t @ Ticket::Waiting(..) => ForwardReply::Outcome(self.finish(t).await),
-        }
-    }
-
-    async fn submit_local(&self, cmd: WriteCmd) -> Ticket {
-        let (index, term) = match self.raft.submit(cmd.encode()).await {
-            Ok(p) => p,
-            Err(RaftError::NotLeader { leader }) => return Ticket::NotLeader(leader),
-            Err(e) => return Ticket::Done(Outcome::Error(format!("ERR {e}"))),
+    /// Proposes the commands in order as one batch on this node. `Err` with
+    /// the leader hint when this node does not lead.
+    async fn propose_local(&self, cmds: &[WriteCmd]) -> Result<Vec<Ticket>, Option<NodeId>> {
+        let encoded = cmds.iter().map(WriteCmd::encode).collect();
+        let ids = match self.raft.submit_batch(encoded).await {
+            Ok(ids) => ids,
+            Err(RaftError::NotLeader { leader }) => return Err(leader),
+            Err(e) => {
+                return Ok(cmds
+                    .iter()
+                    .map(|_| Ticket::Done(Outcome::Error(format!("ERR {e}"))))
+                    .collect())
+            }
         };
         let mut w = lock(&self.waiters);
-        if let Some((t, o)) = w.recent.get(&index) {
-            return Ticket::Done(if *t == term { o.clone() } else { overwritten() });
-        }
-        let (tx, rx) = oneshot::channel();
-        w.pending.insert(index, (term, tx));
-        Ticket::Waiting(index, rx)
+        Ok(ids
+            .into_iter()
+            .map(|(index, term)| {
+                if let Some((t, o)) = w.recent.get(&index) {
+                    return Ticket::Done(if *t == term { o.clone() } else { overwritten() });
+                }
+                let (tx, rx) = oneshot::channel();
+                w.pending.insert(index, (term, tx));
+                Ticket::Waiting(index, rx)
+            })
+            .collect())
     }
 
-    /// Starts a write without waiting for it: on the leader the command is
-    /// proposed now (so pipelined writes keep their order) and the returned
-    /// ticket is redeemed with [`KvNode::finish`]; elsewhere the whole
-    /// forwarded write runs now.
-    pub async fn begin_write(&self, cmd: WriteCmd) -> Ticket {
-        if self.raft.is_leader() {
-            match self.submit_local(cmd.clone()).await {
-                Ticket::NotLeader(_) => {}
-                t => return t,
-            }
-        }
-        Ticket::Done(self.write(cmd).await)
-    }
-
-    /// Starts several writes in order with one request to Raft when this node
-    /// leads (the batch shares one log append); elsewhere each is forwarded in turn.
+    /// Starts writes without waiting for them: on the leader they are proposed
+    /// now, as one batch and in order, and each ticket is redeemed with
+    /// [`KvNode::finish`]; elsewhere they are forwarded to the leader in one
+    /// request, which is waited for here.
     pub async fn begin_writes(&self, cmds: Vec<WriteCmd>) -> Vec<Ticket> {
-        if cmds.len() > 1 && self.raft.is_leader() {
-            let encoded = cmds.iter().map(WriteCmd::encode).collect();
-            if let Ok(ids) = self.raft.submit_batch(encoded).await {
-                let mut w = lock(&self.waiters);
-                return ids
-                    .into_iter()
-                    .map(|(index, term)| {
-                        if let Some((t, o)) = w.recent.get(&index) {
-                            return Ticket::Done(if *t == term {
-                                o.clone()
-                            } else {
-                                overwritten()
-                            });
-                        }
-                        let (tx, rx) = oneshot::channel();
-                        w.pending.insert(index, (term, tx));
-                        Ticket::Waiting(index, rx)
-                    })
-                    .collect();
+        if cmds.is_empty() {
+            return Vec::new();
+        }
+        if self.raft.is_leader() {
+            if let Ok(tickets) = self.propose_local(&cmds).await {
+                return tickets;
             }
         }
-        let mut out = Vec::with_capacity(cmds.len());
-        for c in cmds {
-            out.push(self.begin_write(c).await);
-        }
-        out
+        self.write_many(cmds)
+            .await
+            .into_iter()
+            .map(Ticket::Done)
+            .collect()
     }
 
     /// Waits for a ticket's outcome.
     pub async fn finish(&self, t: Ticket) -> Outcome {
         match t {
             Ticket::Done(o) => o,
-            Ticket::NotLeader(_) => try_again(),
             Ticket::Waiting(index, rx) => match timeout(COMMIT_WAIT, rx).await {
                 Ok(Ok(o)) => o,
                 Ok(Err(_)) => unknown("the node stopped"),
@@ -333,7 +333,10 @@ impl KvNode {
     async fn handle_forward(&self, from: NodeId, f: Forward) -> ForwardReply {
         tracing::trace!(node = self.cfg.id, from, ?f, "forwarded request");
         match f {
-            Forward::Write(cmd) => self.write_local(cmd).await,
+            Forward::Writes(cmds) => match self.propose_local(&cmds).await {
+                Ok(tickets) => ForwardReply::Outcomes(self.finish_all(tickets).await),
+                Err(hint) => ForwardReply::NotLeader(hint),
+            },
             Forward::ReadIndex => match self.raft.read_index().await {
                 Ok(i) => ForwardReply::ReadIndex(i),
                 Err(RaftError::NotLeader { leader }) => ForwardReply::NotLeader(leader),
