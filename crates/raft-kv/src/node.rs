@@ -416,40 +416,64 @@ fn overwritten() -> Outcome {
     )
 }
 
+/// Most committed entries applied in one state-machine batch.
+const APPLY_BATCH: usize = 512;
+
 async fn apply_loop(
     mut rx: mpsc::Receiver<ApplyMsg>,
     sm: Arc<StateMachine>,
     waiters: Arc<Mutex<Waiters>>,
 ) {
-    while let Some(msg) = rx.recv().await {
-        let cmd = if msg.command_valid {
-            WriteCmd::decode(&msg.command)
-        } else {
-            None
-        };
-        if msg.command_valid && cmd.is_none() {
-            tracing::error!(
-                index = msg.command_index,
-                "undecodable command in the log; applying as a no-op"
-            );
+    let mut batch: Vec<ApplyMsg> = Vec::with_capacity(APPLY_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        // Everything already delivered goes into the same atomic sled batch.
+        while batch.len() < APPLY_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
         }
-        let outcome = match sm.apply(msg.command_index, cmd.as_ref()) {
+        let cmds: Vec<Option<WriteCmd>> = batch
+            .iter()
+            .map(|m| {
+                let cmd = if m.command_valid {
+                    WriteCmd::decode(&m.command)
+                } else {
+                    None
+                };
+                if m.command_valid && cmd.is_none() {
+                    tracing::error!(
+                        index = m.command_index,
+                        "undecodable command in the log; applying as a no-op"
+                    );
+                }
+                cmd
+            })
+            .collect();
+        let items: Vec<(u64, Option<&WriteCmd>)> = batch
+            .iter()
+            .zip(&cmds)
+            .map(|(m, c)| (m.command_index, c.as_ref()))
+            .collect();
+        let outcomes = match sm.apply_many(&items) {
             Ok(o) => o,
             Err(e) => {
-                tracing::error!(index = msg.command_index, error = %e, "state machine failed; stopping the applier");
+                tracing::error!(error = %e, "state machine failed; stopping the applier");
                 return;
             }
         };
         let mut w = lock(&waiters);
-        if let Some((term, tx)) = w.pending.remove(&msg.command_index) {
-            let _ = tx.send(if term == msg.command_term {
-                outcome.clone()
-            } else {
-                overwritten()
-            });
+        for (m, outcome) in batch.drain(..).zip(outcomes) {
+            if let Some((term, tx)) = w.pending.remove(&m.command_index) {
+                let _ = tx.send(if term == m.command_term {
+                    outcome.clone()
+                } else {
+                    overwritten()
+                });
+            }
+            w.recent.insert(m.command_index, (m.command_term, outcome));
         }
-        w.recent
-            .insert(msg.command_index, (msg.command_term, outcome));
         while w.recent.len() > 4096 {
             w.recent.pop_first();
         }

@@ -4,6 +4,7 @@
 //! lost (the Raft log re-delivers the rest) and nothing is applied twice.
 
 use crate::command::{Outcome, SetCond, WriteCmd};
+use std::collections::HashMap;
 use std::path::Path;
 use tokio::sync::watch;
 
@@ -61,105 +62,51 @@ impl StateMachine {
 
     /// Applies the entry at `index`: a write, or `None` for Raft's own entries.
     pub fn apply(&self, index: u64, cmd: Option<&WriteCmd>) -> anyhow::Result<Outcome> {
-        if index <= self.applied() {
-            // Already applied before a restart: never apply twice.
-            return Ok(Outcome::Error("ERR already applied".into()));
-        }
-        let mut b = sled::Batch::default();
-        let mut count = u64_of(self.db.get(COUNT)?);
-        let count_before = count;
-        let outcome = match cmd {
-            None => Outcome::Ok,
-            Some(cmd) => self.stage(cmd, &mut b, &mut count)?,
-        };
-        if count != count_before {
-            b.insert(COUNT, &count.to_be_bytes());
-        }
-        b.insert(APPLIED, &index.to_be_bytes());
-        self.db.apply_batch(b)?;
-        self.applied_tx.send_replace(index);
-        Ok(outcome)
+        let mut out = self.apply_many(&[(index, cmd)])?;
+        Ok(out.pop().unwrap_or(Outcome::Ok))
     }
 
-    fn stage(
-        &self,
-        cmd: &WriteCmd,
-        b: &mut sled::Batch,
-        count: &mut u64,
-    ) -> anyhow::Result<Outcome> {
-        Ok(match cmd {
-            WriteCmd::Set { key, value, cond } => {
-                let exists = self.db.contains_key(dkey(key))?;
-                let go = match cond {
-                    SetCond::Always => true,
-                    SetCond::IfAbsent => !exists,
-                    SetCond::IfPresent => exists,
-                };
-                if !go {
-                    return Ok(Outcome::Nil);
-                }
-                if !exists {
-                    *count += 1;
-                }
-                b.insert(dkey(key), value.as_slice());
-                Outcome::Ok
+    /// Applies consecutive entries as one atomic sled batch that also records
+    /// the last index. Entries at or below the applied index are skipped
+    /// (never applied twice) and answered with an error outcome.
+    pub fn apply_many(&self, entries: &[(u64, Option<&WriteCmd>)]) -> anyhow::Result<Vec<Outcome>> {
+        let applied = self.applied();
+        let mut st = Staged {
+            db: &self.db,
+            writes: HashMap::new(),
+            count: u64_of(self.db.get(COUNT)?),
+        };
+        let count_before = st.count;
+        let mut last = applied;
+        let mut outcomes = Vec::with_capacity(entries.len());
+        for &(index, cmd) in entries {
+            if index <= last {
+                outcomes.push(Outcome::Error("ERR already applied".into()));
+                continue;
             }
-            WriteCmd::Del(keys) => {
-                let mut n = 0;
-                let mut seen = std::collections::HashSet::new();
-                for k in keys {
-                    if seen.insert(k) && self.db.contains_key(dkey(k))? {
-                        n += 1;
-                        b.remove(dkey(k));
-                    }
-                }
-                *count -= n as u64;
-                Outcome::Int(n)
+            last = index;
+            outcomes.push(match cmd {
+                None => Outcome::Ok,
+                Some(cmd) => st.stage(cmd)?,
+            });
+        }
+        if last == applied {
+            return Ok(outcomes);
+        }
+        let mut b = sled::Batch::default();
+        for (k, v) in st.writes {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
             }
-            WriteCmd::MSet(pairs) => {
-                let mut fresh = std::collections::HashSet::new();
-                for (k, v) in pairs {
-                    if !self.db.contains_key(dkey(k))? && fresh.insert(k) {
-                        *count += 1;
-                    }
-                    b.insert(dkey(k), v.as_slice());
-                }
-                Outcome::Ok
-            }
-            WriteCmd::IncrBy(key, delta) => {
-                let cur = self.db.get(dkey(key))?;
-                let n: i64 = match &cur {
-                    None => 0,
-                    Some(v) => match std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()) {
-                        Some(n) => n,
-                        None => {
-                            return Ok(Outcome::Error(
-                                "ERR value is not an integer or out of range".into(),
-                            ))
-                        }
-                    },
-                };
-                let Some(new) = n.checked_add(*delta) else {
-                    return Ok(Outcome::Error(
-                        "ERR increment or decrement would overflow".into(),
-                    ));
-                };
-                if cur.is_none() {
-                    *count += 1;
-                }
-                b.insert(dkey(key), new.to_string().as_bytes());
-                Outcome::Int(new)
-            }
-            WriteCmd::Cas { key, expected, new } => {
-                let cur = self.db.get(dkey(key))?;
-                if cur.as_deref() == Some(expected.as_slice()) {
-                    b.insert(dkey(key), new.as_slice());
-                    Outcome::Int(1)
-                } else {
-                    Outcome::Int(0)
-                }
-            }
-        })
+        }
+        if st.count != count_before {
+            b.insert(COUNT, &st.count.to_be_bytes());
+        }
+        b.insert(APPLIED, &last.to_be_bytes());
+        self.db.apply_batch(b)?;
+        self.applied_tx.send_replace(last);
+        Ok(outcomes)
     }
 
     /// The value of a key.
@@ -187,6 +134,110 @@ impl StateMachine {
     pub fn flush(&self) -> anyhow::Result<()> {
         self.db.flush()?;
         Ok(())
+    }
+}
+
+/// Writes of one batch not yet in sled: reads see them first.
+struct Staged<'a> {
+    db: &'a sled::Db,
+    /// Data key -> new value, or `None` for deleted.
+    writes: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    count: u64,
+}
+
+impl Staged<'_> {
+    fn get(&self, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+        let k = dkey(key);
+        if let Some(v) = self.writes.get(&k) {
+            return Ok(v.clone());
+        }
+        Ok(self.db.get(k)?.map(|v| v.to_vec()))
+    }
+
+    fn exists(&self, key: &[u8]) -> anyhow::Result<bool> {
+        let k = dkey(key);
+        if let Some(v) = self.writes.get(&k) {
+            return Ok(v.is_some());
+        }
+        Ok(self.db.contains_key(k)?)
+    }
+
+    fn put(&mut self, key: &[u8], value: Vec<u8>) -> anyhow::Result<()> {
+        if !self.exists(key)? {
+            self.count += 1;
+        }
+        self.writes.insert(dkey(key), Some(value));
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &[u8]) -> anyhow::Result<bool> {
+        if !self.exists(key)? {
+            return Ok(false);
+        }
+        self.count -= 1;
+        self.writes.insert(dkey(key), None);
+        Ok(true)
+    }
+
+    fn stage(&mut self, cmd: &WriteCmd) -> anyhow::Result<Outcome> {
+        Ok(match cmd {
+            WriteCmd::Set { key, value, cond } => {
+                let exists = self.exists(key)?;
+                let go = match cond {
+                    SetCond::Always => true,
+                    SetCond::IfAbsent => !exists,
+                    SetCond::IfPresent => exists,
+                };
+                if !go {
+                    return Ok(Outcome::Nil);
+                }
+                self.put(key, value.clone())?;
+                Outcome::Ok
+            }
+            WriteCmd::Del(keys) => {
+                let mut n = 0;
+                for k in keys {
+                    if self.delete(k)? {
+                        n += 1;
+                    }
+                }
+                Outcome::Int(n)
+            }
+            WriteCmd::MSet(pairs) => {
+                for (k, v) in pairs {
+                    self.put(k, v.clone())?;
+                }
+                Outcome::Ok
+            }
+            WriteCmd::IncrBy(key, delta) => {
+                let n: i64 = match self.get(key)? {
+                    None => 0,
+                    Some(v) => match std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()) {
+                        Some(n) => n,
+                        None => {
+                            return Ok(Outcome::Error(
+                                "ERR value is not an integer or out of range".into(),
+                            ))
+                        }
+                    },
+                };
+                let Some(new) = n.checked_add(*delta) else {
+                    return Ok(Outcome::Error(
+                        "ERR increment or decrement would overflow".into(),
+                    ));
+                };
+                self.put(key, new.to_string().into_bytes())?;
+                Outcome::Int(new)
+            }
+            WriteCmd::Cas { key, expected, new } => {
+                if self.get(key)?.as_deref() == Some(expected.as_slice()) {
+                    self.put(key, new.clone())?;
+                    Outcome::Int(1)
+                } else {
+                    Outcome::Int(0)
+                }
+            }
+        })
     }
 }
 
@@ -276,5 +327,53 @@ mod tests {
             Outcome::Error(_)
         ));
         assert_eq!(sm.get(b"a").unwrap(), Some(b"x".to_vec()));
+    }
+
+    #[test]
+    fn one_batch_sees_its_own_earlier_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(&dir.path().join("sm")).unwrap();
+        let cmds = [
+            set("k", "1", SetCond::Always),
+            WriteCmd::IncrBy("k".into(), 2),
+            set("k", "x", SetCond::IfAbsent),
+            WriteCmd::Del(vec!["k".into()]),
+            set("k", "y", SetCond::IfPresent),
+            WriteCmd::MSet(vec![("a".into(), "1".into()), ("b".into(), "2".into())]),
+            WriteCmd::Cas {
+                key: "a".into(),
+                expected: "1".into(),
+                new: "9".into(),
+            },
+        ];
+        let items: Vec<(u64, Option<&WriteCmd>)> = std::iter::once((1, None))
+            .chain(
+                cmds.iter()
+                    .enumerate()
+                    .map(|(i, c)| (i as u64 + 2, Some(c))),
+            )
+            .collect();
+        let out = sm.apply_many(&items).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                Outcome::Ok,
+                Outcome::Ok,
+                Outcome::Int(3),
+                Outcome::Nil,
+                Outcome::Int(1),
+                Outcome::Nil,
+                Outcome::Ok,
+                Outcome::Int(1)
+            ]
+        );
+        assert_eq!(sm.applied(), 8);
+        assert_eq!(sm.get(b"k").unwrap(), None);
+        assert_eq!(sm.get(b"a").unwrap(), Some(b"9".to_vec()));
+        assert_eq!(sm.dbsize().unwrap(), 2);
+        // Replaying part of the batch changes nothing.
+        let again = sm.apply_many(&items[..3]).unwrap();
+        assert!(again.iter().all(|o| matches!(o, Outcome::Error(_))));
+        assert_eq!(sm.dbsize().unwrap(), 2);
     }
 }
