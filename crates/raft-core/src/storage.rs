@@ -75,19 +75,20 @@ pub trait LogStore: Send + 'static {
     async fn purge(&mut self, upto: LogId) -> Result<(), StorageError>;
 }
 
-/// Checks a batch against the current state and applies it to `state`.
-/// Shared by stores that keep their state as a [`LogState`].
-pub fn apply_batch(state: &mut LogState, batch: LogBatch) -> Result<(), StorageError> {
-    let last = state
-        .entries
-        .last()
-        .map_or(state.snapshot.index, |e| e.index);
+/// Checks that `batch` can be applied to a log holding entries
+/// `snapshot_index + 1 ..= last`: the truncation stays above the compaction
+/// point and the entries follow on without a gap. Returns the last index kept
+/// before the batch's entries. Stores call it before writing anything.
+pub fn check_batch(
+    snapshot_index: LogIndex,
+    last: LogIndex,
+    batch: &LogBatch,
+) -> Result<LogIndex, StorageError> {
     let mut end = last;
     if let Some(t) = batch.truncate_from {
-        if t <= state.snapshot.index {
+        if t <= snapshot_index {
             return Err(StorageError::Invalid(format!(
-                "truncate from {t} reaches below the compaction point {}",
-                state.snapshot.index
+                "truncate from {t} reaches below the compaction point {snapshot_index}"
             )));
         }
         end = end.min(t - 1);
@@ -101,6 +102,17 @@ pub fn apply_batch(state: &mut LogState, batch: LogBatch) -> Result<(), StorageE
             )));
         }
     }
+    Ok(end)
+}
+
+/// Checks a batch against the current state and applies it to `state`.
+/// Shared by stores that keep their state as a [`LogState`].
+pub fn apply_batch(state: &mut LogState, batch: LogBatch) -> Result<(), StorageError> {
+    let last = state
+        .entries
+        .last()
+        .map_or(state.snapshot.index, |e| e.index);
+    let end = check_batch(state.snapshot.index, last, &batch)?;
     if let Some(hs) = batch.hard_state {
         state.hard_state = hs;
     }

@@ -239,6 +239,17 @@ async fn wait_for_stop() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Runs the command line and turns an error into a message and exit status 1.
+pub fn run() -> std::process::ExitCode {
+    match main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("raft-kv: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Entry point of the `raft-kv` binary.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

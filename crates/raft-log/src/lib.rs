@@ -30,7 +30,7 @@
 #![deny(missing_docs)]
 
 use async_trait::async_trait;
-use raft_core::storage::{LogBatch, LogState, LogStore, StorageError};
+use raft_core::storage::{check_batch, LogBatch, LogState, LogStore, StorageError};
 use raft_core::{Entry, HardState, LogId, LogIndex};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::{Path, PathBuf};
@@ -368,27 +368,11 @@ impl LogStore for SledLogStore {
     }
 
     async fn save(&mut self, batch: LogBatch) -> Result<(), StorageError> {
-        let mut end = self.last;
+        let end = check_batch(self.snapshot.index, self.last, &batch)?;
         let mut b = sled::Batch::default();
         if let Some(t) = batch.truncate_from {
-            if t <= self.snapshot.index {
-                return Err(StorageError::Invalid(format!(
-                    "truncate from {t} reaches below the compaction point {}",
-                    self.snapshot.index
-                )));
-            }
             if t <= self.last {
                 self.cut_runs(&mut b, t, true)?;
-            }
-            end = end.min(t - 1);
-        }
-        for (k, e) in batch.entries.iter().enumerate() {
-            if e.index != end + 1 + k as u64 {
-                return Err(StorageError::Invalid(format!(
-                    "entry {} does not follow index {}",
-                    e.index,
-                    end + k as u64
-                )));
             }
         }
         if let Some(hs) = &batch.hard_state {

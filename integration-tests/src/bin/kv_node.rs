@@ -2,11 +2,5 @@
 //! real node processes (`CARGO_BIN_EXE_kv_node`).
 
 fn main() -> std::process::ExitCode {
-    match raft_kv::cli::main() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("raft-kv: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    raft_kv::cli::run()
 }
