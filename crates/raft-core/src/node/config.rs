@@ -100,17 +100,19 @@ pub enum ConfigError {
 impl Config {
     /// A configuration with the seed's defaults and no peers (a single-node cluster).
     pub fn new(id: NodeId) -> Self {
+        // The engine's defaults are the one source of these values.
+        let e = EngineConfig::new(id);
         Config {
             id,
             peers: BTreeMap::new(),
-            heartbeat_interval: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(150),
-            election_timeout_max: Duration::from_millis(300),
-            pre_vote: true,
-            check_quorum: true,
-            max_entries_per_msg: 512,
-            max_bytes_per_msg: 1 << 20,
-            max_inflight: 64,
+            heartbeat_interval: e.heartbeat_interval,
+            election_timeout_min: e.election_timeout_min,
+            election_timeout_max: e.election_timeout_max,
+            pre_vote: e.pre_vote,
+            check_quorum: e.check_quorum,
+            max_entries_per_msg: e.max_entries_per_msg,
+            max_bytes_per_msg: e.max_bytes_per_msg,
+            max_inflight: e.max_inflight,
         }
     }
 
