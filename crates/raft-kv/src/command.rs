@@ -19,8 +19,10 @@ pub enum WriteCmd {
     /// SET key value [NX|XX].
     Set {
         /// Key.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// Value.
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         /// Condition.
         cond: SetCond,
@@ -30,14 +32,17 @@ pub enum WriteCmd {
     /// MSET key value ...
     MSet(Vec<(Vec<u8>, Vec<u8>)>),
     /// INCRBY key delta (INCR, DECR, INCRBY).
-    IncrBy(Vec<u8>, i64),
+    IncrBy(#[serde(with = "serde_bytes")] Vec<u8>, i64),
     /// CAS key expected new: set to `new` only if the value equals `expected`.
     Cas {
         /// Key.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// Expected current value.
+        #[serde(with = "serde_bytes")]
         expected: Vec<u8>,
         /// New value.
+        #[serde(with = "serde_bytes")]
         new: Vec<u8>,
     },
 }

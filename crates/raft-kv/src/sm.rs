@@ -163,11 +163,17 @@ impl Staged<'_> {
     }
 
     fn put(&mut self, key: &[u8], value: Vec<u8>) -> anyhow::Result<()> {
-        if !self.exists(key)? {
+        let existed = self.exists(key)?;
+        self.put_known(key, value, existed);
+        Ok(())
+    }
+
+    /// `put` when the caller already looked the key up.
+    fn put_known(&mut self, key: &[u8], value: Vec<u8>, existed: bool) {
+        if !existed {
             self.count += 1;
         }
         self.writes.insert(dkey(key), Some(value));
-        Ok(())
     }
 
     fn delete(&mut self, key: &[u8]) -> anyhow::Result<bool> {
@@ -191,7 +197,7 @@ impl Staged<'_> {
                 if !go {
                     return Ok(Outcome::Nil);
                 }
-                self.put(key, value.clone())?;
+                self.put_known(key, value.clone(), exists);
                 Outcome::Ok
             }
             WriteCmd::Del(keys) => {
