@@ -108,7 +108,15 @@ fn open_sled(path: &Path) -> std::thread::Result<sled::Result<sled::Db>> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
         let p = path.to_path_buf();
-        let res = std::panic::catch_unwind(move || sled::Config::new().path(&p).open());
+        let res = std::panic::catch_unwind(move || {
+            // Every save ends in an explicit flush, so sled's periodic
+            // background flush would only compete with ours for the disk.
+            sled::Config::new()
+                .path(&p)
+                .mode(sled::Mode::HighThroughput)
+                .flush_every_ms(None)
+                .open()
+        });
         let locked = matches!(&res, Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock"));
         if !locked || std::time::Instant::now() >= deadline {
             return res;
