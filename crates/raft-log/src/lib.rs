@@ -360,11 +360,17 @@ impl SledLogStore {
         Ok(())
     }
 
-    async fn flush(&self) -> Result<(), StorageError> {
+    /// Applies `b` and flushes, off the async thread: the caller's task
+    /// yields at once, so whatever it just woke (the transport sending a
+    /// leader's appends, say) runs while the disk works.
+    async fn write(&self, b: sled::Batch) -> Result<(), StorageError> {
         let db = self.db.clone();
-        let res = tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| io_err(&self.path, e))?;
+        let res = tokio::task::spawn_blocking(move || {
+            db.apply_batch(b)?;
+            db.flush()
+        })
+        .await
+        .map_err(|e| io_err(&self.path, e))?;
         res.map(|_| ()).map_err(|e| io_err(&self.path, e))
     }
 }
@@ -389,8 +395,7 @@ impl LogStore for SledLogStore {
         for run in batch.entries.chunks(RUN_LEN) {
             b.insert(&entry_key(run[0].index)[..], encode(&run)?);
         }
-        self.db.apply_batch(b).map_err(|e| io_err(&self.path, e))?;
-        self.flush().await?;
+        self.write(b).await?;
         self.last = batch.entries.last().map_or(end, |e| e.index);
         Ok(())
     }
@@ -408,8 +413,7 @@ impl LogStore for SledLogStore {
         let mut b = sled::Batch::default();
         self.cut_runs(&mut b, upto.index + 1, false)?;
         b.insert(SNAP_KEY, encode(&upto)?);
-        self.db.apply_batch(b).map_err(|e| io_err(&self.path, e))?;
-        self.flush().await?;
+        self.write(b).await?;
         self.snapshot = upto;
         Ok(())
     }
