@@ -38,7 +38,20 @@ done
 addr="127.0.0.1:$((7300 + leader))"
 echo "leader: node $leader ($addr)"
 
-$bin bench --addr "$addr" --clients 1 --conns 1 --secs "$secs" --value-size 256 --op set
+# CPU time (user + system, clock ticks) of the three node processes.
+cpu() { local t=0 f; for p in "${pids[@]}"; do read -ra f < "/proc/$p/stat"; t=$((t + f[13] + f[14])); done; echo "$t"; }
+tck=$(getconf CLK_TCK)
+
+echo "-- first fill: every SET of this run creates a key (100,000 keys)"
 $bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set
+echo "-- steady state: SETs overwrite existing keys"
+$bin bench --addr "$addr" --clients 1 --conns 1 --secs "$secs" --value-size 256 --op set
+for _ in 1 2 3; do
+  c0=$(cpu)
+  out=$($bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set)
+  c1=$(cpu)
+  ops=$(awk '{print $1}' <<<"$out")
+  echo "$out; cluster CPU per op: $(( (c1 - c0) * 1000000000 / tck / ops )) ns"
+done
 $bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op get
 $bin bench --addr 127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303 --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set
