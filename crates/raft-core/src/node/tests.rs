@@ -618,3 +618,78 @@ async fn slow_disk_crash_loses_only_unacknowledged_writes() {
         );
     }
 }
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let ok = timeout(secs(5), async {
+        while !cond() {
+            sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(ok.is_ok(), "timed out waiting until {what}");
+}
+
+/// Committed entries go onto the apply channel directly while it has room,
+/// and through the applier task (which waits for room, in order) when it is
+/// full. `applied_index` counts exactly what the channel accepted, and every
+/// index arrives once, in order, across both paths.
+#[tokio::test(start_paused = true)]
+async fn apply_channel_gets_every_entry_once_in_order_whether_it_has_room_or_not() {
+    let net = ChannelNetwork::new();
+    let (tx, mut rx) = mpsc::channel::<ApplyMsg>(4);
+    let raft = Raft::new(Config::new(1), MemLogStore::new(), net.join(1), tx).unwrap();
+    raft.start().await.unwrap();
+    let mut st = raft.watch_status();
+    timeout(secs(2), st.wait_for(|s| s.role == Role::Leader))
+        .await
+        .expect("leads")
+        .expect("running");
+    // Room: the no-op (index 1) and one command are accepted at once, with
+    // nobody reading the channel yet.
+    let (i, _) = raft.submit(b"a".to_vec()).await.unwrap();
+    assert_eq!(i, 2);
+    wait_until("entry 2 is accepted", || raft.status().applied_index == 2).await;
+    // No room for a batch of 5 (2 slots left): the applier takes it and the
+    // channel accepts only what fits; a later single entry must queue behind it.
+    let ids = raft.submit_batch(vec![b"b".to_vec(); 5]).await.unwrap();
+    assert_eq!(ids.last().unwrap().0, 7);
+    let (last, _) = raft.submit(b"c".to_vec()).await.unwrap();
+    assert_eq!(last, 8);
+    wait_until("the channel is full", || raft.status().applied_index == 4).await;
+    sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        raft.status().applied_index,
+        4,
+        "applied_index must not count what the full channel has not accepted"
+    );
+    // A slow reader drains it; later writes alternate between the two paths.
+    let received = Arc::new(StdMutex::new(Vec::<LogIndex>::new()));
+    let r2 = received.clone();
+    let consumer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            r2.lock().unwrap().push(m.command_index);
+            sleep(Duration::from_micros(200)).await;
+        }
+    });
+    let mut last = last;
+    for round in 0..30u8 {
+        let n = 1 + usize::from(round % 6);
+        let ids = raft.submit_batch(vec![vec![round]; n]).await.unwrap();
+        last = ids.last().unwrap().0;
+        if round % 3 == 0 {
+            sleep(Duration::from_micros(700)).await;
+        }
+    }
+    wait_until("every entry is delivered", || {
+        received.lock().unwrap().last() == Some(&last)
+    })
+    .await;
+    assert_eq!(
+        *received.lock().unwrap(),
+        (1..=last).collect::<Vec<_>>(),
+        "each index once, in order"
+    );
+    assert_eq!(raft.status().applied_index, last);
+    raft.shutdown().await.unwrap();
+    consumer.abort();
+}
