@@ -676,6 +676,11 @@ async fn handle_stream(
                 }
             }
             Ok(None) => return,
+            // The peer went away (restart, shutdown, network): not its fault.
+            Err(e @ wire::FrameError::Read(_)) => {
+                tracing::debug!(node = inbound.id, peer = from, error = %e, "stream from peer ended");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(node = inbound.id, peer = from, error = %e, "bad frame; closing stream");
                 let _ = recv.stop(wire::ERR_PROTOCOL);
