@@ -63,6 +63,10 @@ pub enum MessageBody {
         leader_commit: LogIndex,
         /// The leader's heartbeat round; echoed back.
         round: u64,
+        /// Every member holds the log up to this index: a node may drop
+        /// entries up to it once it has applied them and the application has
+        /// stored their effects (see `Engine::release`).
+        compact_to: LogIndex,
     },
     /// The answer to a heartbeat.
     HeartbeatResponse {

@@ -15,7 +15,7 @@
 use crate::engine::rng::SplitMix64;
 use crate::engine::{Bugs, Engine, EngineConfig, InitialState};
 use crate::message::Message;
-use crate::types::{Entry, HardState, LogIndex, Membership, NodeId, Role, Term};
+use crate::types::{Entry, HardState, LogId, LogIndex, Membership, NodeId, Role, Term};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -59,6 +59,10 @@ pub(crate) struct SimStats {
     pub(crate) committed: LogIndex,
     pub(crate) leaders_elected: usize,
     pub(crate) crashes: usize,
+    /// Log compactions carried out by stores.
+    pub(crate) purges: usize,
+    /// Restarts that began from a compacted log.
+    pub(crate) restarts_compacted: usize,
     pub(crate) reads_confirmed: usize,
     pub(crate) messages_delivered: usize,
     pub(crate) virtual_time: Duration,
@@ -97,6 +101,7 @@ struct PendingDisk {
     persisted_messages: Vec<Message>,
     committed: Vec<Entry>,
     taken_as_leader_of: Option<Term>,
+    purge_to: Option<LogId>,
 }
 
 #[derive(Debug)]
@@ -108,6 +113,9 @@ struct SimNode {
     disk: Option<PendingDisk>,
     /// Durable state machine: last applied index.
     applied: LogIndex,
+    /// The store's compaction point (`node.log` keeps every entry so the
+    /// checks can see them; a restart hands the engine only what follows).
+    purged: LogId,
     /// Highest commit index already compared against the global record.
     checked_commit: LogIndex,
 }
@@ -200,6 +208,7 @@ impl Sim {
                     log: Vec::new(),
                     disk: None,
                     applied: 0,
+                    purged: LogId::default(),
                     checked_commit: 0,
                 },
             );
@@ -214,6 +223,9 @@ impl Sim {
         c.check_quorum = self.cfg.check_quorum;
         c.max_entries_per_msg = 8;
         c.max_inflight = 4;
+        // Compact often, so that restarts, elections and lagging followers
+        // meet compacted logs all the time.
+        c.compact_threshold = 5;
         c
     }
 
@@ -224,10 +236,18 @@ impl Sim {
         let bugs = self.cfg.bugs;
         let membership = self.membership.clone();
         let node = self.nodes.get_mut(&id).expect("known node");
+        if node.purged.index > 0 {
+            self.stats.restarts_compacted += 1;
+        }
         let init = InitialState {
             hard_state: node.hard_state,
-            snapshot: Default::default(),
-            entries: node.log.iter().map(|(e, _)| e.clone()).collect(),
+            snapshot: node.purged,
+            entries: node
+                .log
+                .iter()
+                .skip(node.purged.index as usize)
+                .map(|(e, _)| e.clone())
+                .collect(),
             membership,
             applied: node.applied,
         };
@@ -326,6 +346,7 @@ impl Sim {
                 persisted_messages: ready.persisted_messages,
                 committed: ready.committed,
                 taken_as_leader_of: leader_term,
+                purge_to: ready.purge_to,
             };
             if needs_disk {
                 let node = self.nodes.get_mut(&id).expect("known node");
@@ -397,8 +418,33 @@ impl Sim {
         for m in p.persisted_messages {
             self.send(m);
         }
+        if let Some(upto) = p.purge_to {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            let held = node
+                .log
+                .get((upto.index as usize).wrapping_sub(1))
+                .map(|(e, _)| e.term);
+            if upto.index > node.applied || held != Some(upto.term) {
+                let what = format!(
+                    "node {id} purged to {upto:?} (applied {}, durable term there {held:?})",
+                    node.applied
+                );
+                problems.push(what);
+            } else {
+                node.purged = node.purged.max(upto);
+                self.stats.purges += 1;
+            }
+        }
         for e in p.committed {
             self.apply(id, e);
+        }
+        // The application's state is durable at once here: release at random.
+        if self.chance(400) {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            let applied = node.applied;
+            if let Some(engine) = node.engine.as_mut() {
+                engine.release(applied);
+            }
         }
         for what in problems {
             self.fail(what);
@@ -453,6 +499,11 @@ impl Sim {
             let Some(e) = node.engine.as_ref() else {
                 continue;
             };
+            if e.below_compaction > 0 {
+                problems.push(format!(
+                    "node {id} needed entries below its compaction point for a follower"
+                ));
+            }
             // Election Safety: at most one leader per term.
             if e.is_leader() {
                 let term = e.term();
@@ -464,12 +515,20 @@ impl Sim {
                     None => {
                         self.leaders_by_term.insert(term, id);
                         self.stats.leaders_elected += 1;
-                        // Leader Completeness: the new leader holds every committed entry.
+                        // Leader Completeness: the new leader holds every committed
+                        // entry (up to its compaction point: the point's term).
+                        let snap = e.snapshot();
                         for (i, &(t, h)) in self.committed.iter().enumerate() {
                             let idx = i as LogIndex + 1;
-                            let ok = e
-                                .log_entry(idx)
-                                .is_some_and(|le| le.term == t && entry_hash(le) == h);
+                            if idx < snap.index {
+                                continue;
+                            }
+                            let ok = if idx == snap.index {
+                                snap.term == t
+                            } else {
+                                e.log_entry(idx)
+                                    .is_some_and(|le| le.term == t && entry_hash(le) == h)
+                            };
                             if !ok {
                                 problems.push(format!(
                                     "Leader Completeness: leader {id} of term {term} lacks committed entry {idx} (term {t})"

@@ -52,6 +52,7 @@ fn ping(round: u64) -> Message {
         body: MessageBody::Heartbeat {
             leader_commit: 0,
             round,
+            compact_to: 0,
         },
     }
 }

@@ -125,6 +125,19 @@ impl RaftLog {
         i
     }
 
+    /// Drops every entry up to and including `upto`, which must be applied
+    /// (hence committed and durable). Returns the new compaction point.
+    pub(crate) fn compact(&mut self, upto: LogIndex) -> Option<LogId> {
+        if upto <= self.snapshot.index || upto > self.applied || upto > self.durable {
+            return None;
+        }
+        let term = self.term(upto)?;
+        let n = (upto - self.snapshot.index) as usize;
+        self.entries.drain(..n);
+        self.snapshot = LogId::new(term, upto);
+        Some(self.snapshot)
+    }
+
     /// Appends one entry at the end. The caller guarantees `entry.index == last + 1`.
     pub(crate) fn push(&mut self, entry: Entry) {
         debug_assert_eq!(

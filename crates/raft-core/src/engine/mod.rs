@@ -57,6 +57,9 @@ pub struct EngineConfig {
     pub max_inflight: usize,
     /// Most committed entries handed out in one `Ready`.
     pub max_committed_per_ready: usize,
+    /// Log entries are dropped (from memory and, through `Ready::purge_to`,
+    /// from the store) in steps of at least this many.
+    pub compact_threshold: u64,
 }
 
 impl EngineConfig {
@@ -73,6 +76,7 @@ impl EngineConfig {
             max_bytes_per_msg: 1 << 20,
             max_inflight: 64,
             max_committed_per_ready: 4096,
+            compact_threshold: 8192,
         }
     }
 }
@@ -142,6 +146,9 @@ pub struct Ready {
     pub committed: Vec<Entry>,
     /// Answers to read-index requests.
     pub reads: Vec<ReadResult>,
+    /// The store may drop every entry up to and including this one, once this
+    /// ready's writes are durable (`LogStore::purge`).
+    pub purge_to: Option<LogId>,
 }
 
 impl Ready {
@@ -154,6 +161,7 @@ impl Ready {
             && self.persisted_messages.is_empty()
             && self.committed.is_empty()
             && self.reads.is_empty()
+            && self.purge_to.is_none()
     }
 
     /// The id of the last entry to append, to pass to [`Engine::persisted`].
@@ -179,6 +187,9 @@ pub(crate) struct Bugs {
     /// Commit by counting replicas, ignoring the current-term rule of §5.4.2; and,
     /// to set up the paper's Figure 8, a new leader appends no no-op entry.
     pub(crate) commit_old_term: bool,
+    /// A leader compacts what it holds itself, whether or not its followers
+    /// have it.
+    pub(crate) compact_ignoring_peers: bool,
 }
 
 /// One Raft node's protocol state. See the module docs.
@@ -212,6 +223,17 @@ pub struct Engine {
     messages: Vec<Message>,
     persisted_messages: Vec<Message>,
     read_results: Vec<ReadResult>,
+    /// The application has stored the effects of every entry up to here.
+    released: LogIndex,
+    /// Every member is known to hold the log up to here (never decreases:
+    /// such entries are committed everywhere and never removed).
+    peer_safe: LogIndex,
+    /// A compaction the store has not been told about yet.
+    pending_purge: Option<LogId>,
+    /// How often a follower needed entries that were compacted away (tests:
+    /// must stay 0, there are no snapshots to send instead).
+    #[cfg(test)]
+    pub(crate) below_compaction: u64,
 
     #[cfg(test)]
     pub(crate) bugs: Bugs,
@@ -235,9 +257,13 @@ impl Engine {
                     .into(),
             ));
         }
-        if cfg.max_inflight == 0 || cfg.max_entries_per_msg == 0 || cfg.max_bytes_per_msg == 0 {
+        if cfg.max_inflight == 0
+            || cfg.max_entries_per_msg == 0
+            || cfg.max_bytes_per_msg == 0
+            || cfg.compact_threshold == 0
+        {
             return Err(EngineError::InvalidConfig(
-                "max_inflight, max_entries_per_msg and max_bytes_per_msg must be positive".into(),
+                "max_inflight, max_entries_per_msg, max_bytes_per_msg and compact_threshold must be positive".into(),
             ));
         }
         let InitialState {
@@ -306,6 +332,11 @@ impl Engine {
             messages: Vec::new(),
             persisted_messages: Vec::new(),
             read_results: Vec::new(),
+            released: snapshot.index,
+            peer_safe: snapshot.index,
+            pending_purge: None,
+            #[cfg(test)]
+            below_compaction: 0,
             cfg,
             #[cfg(test)]
             bugs: Bugs::default(),
@@ -582,7 +613,8 @@ impl Engine {
             MessageBody::Heartbeat {
                 leader_commit,
                 round,
-            } => self.on_heartbeat(from, leader_commit, round),
+                compact_to,
+            } => self.on_heartbeat(from, leader_commit, round, compact_to),
             MessageBody::HeartbeatResponse { round } => self.on_heartbeat_response(from, round),
         }
     }
@@ -597,6 +629,7 @@ impl Engine {
             || !self.read_results.is_empty()
             || self.log.committed.min(self.log.durable) > self.log.applied
             || self.log.has_storage_ops()
+            || self.pending_purge.is_some()
     }
 
     /// Collects everything the outside world must now do. See the module docs.
@@ -639,6 +672,7 @@ impl Engine {
             persisted_messages,
             committed,
             reads: std::mem::take(&mut self.read_results),
+            purge_to: self.pending_purge.take(),
         }
     }
 
@@ -1021,7 +1055,13 @@ impl Engine {
         );
     }
 
-    fn on_heartbeat(&mut self, from: NodeId, leader_commit: LogIndex, round: u64) {
+    fn on_heartbeat(
+        &mut self,
+        from: NodeId,
+        leader_commit: LogIndex,
+        round: u64,
+        compact_to: LogIndex,
+    ) {
         if !self.accept_leader(from) {
             return;
         }
@@ -1030,6 +1070,8 @@ impl Engine {
         if c > self.log.committed {
             self.log.committed = c;
         }
+        self.peer_safe = self.peer_safe.max(compact_to);
+        self.maybe_compact();
         self.send(from, MessageBody::HeartbeatResponse { round });
     }
 
@@ -1094,7 +1136,12 @@ impl Engine {
                 }) => first_index,
                 None => index,
             };
-            next = next.min(index).max(pr.match_index + 1);
+            // Every member holds the log up to the compaction point, so a
+            // probe never needs to go below it.
+            next = next
+                .min(index)
+                .max(pr.match_index + 1)
+                .max(self.log.snapshot().index + 1);
             pr.become_probe();
             pr.next_index = next;
             tracing::debug!(
@@ -1148,6 +1195,7 @@ impl Engine {
             r.round = Some(self.round);
         }
         self.broadcast_heartbeat();
+        self.maybe_compact();
     }
 
     fn broadcast_heartbeat(&mut self) {
@@ -1156,6 +1204,7 @@ impl Engine {
             .iter()
             .map(|(&id, p)| (id, p.match_index))
             .collect();
+        let compact_to = self.safe_compact_index();
         for (p, m) in peers {
             let leader_commit = self.log.committed.min(m);
             let round = self.round;
@@ -1164,6 +1213,7 @@ impl Engine {
                 MessageBody::Heartbeat {
                     leader_commit,
                     round,
+                    compact_to,
                 },
             );
         }
@@ -1193,6 +1243,10 @@ impl Engine {
         }
         let prev = pr.next_index - 1;
         let Some(prev_term) = self.log.term(prev) else {
+            #[cfg(test)]
+            {
+                self.below_compaction += 1;
+            }
             tracing::warn!(
                 node = self.id,
                 to,
@@ -1228,6 +1282,59 @@ impl Engine {
             },
         );
         true
+    }
+
+    // ----- log compaction ----------------------------------------------------
+
+    /// The highest index every member is known to hold: what the leader has
+    /// seen acknowledged by all followers (and holds durably itself), or what
+    /// a leader said so earlier.
+    fn safe_compact_index(&self) -> LogIndex {
+        let mut safe = self.peer_safe;
+        #[cfg(test)]
+        if self.bugs.compact_ignoring_peers && self.role == Role::Leader {
+            return self.log.durable;
+        }
+        if self.role == Role::Leader {
+            let all = self
+                .progress
+                .values()
+                .map(|p| p.match_index)
+                .min()
+                .unwrap_or(LogIndex::MAX)
+                .min(self.log.durable);
+            safe = safe.max(all);
+        }
+        safe
+    }
+
+    /// Drops log entries that every member holds, this node has applied and
+    /// the application has stored, once there are `compact_threshold` of them.
+    /// Without snapshots, nothing a member might still need is dropped: a
+    /// member that is down holds the compaction back until it is back.
+    fn maybe_compact(&mut self) {
+        let upto = self
+            .safe_compact_index()
+            .min(self.released)
+            .min(self.log.applied)
+            .min(self.log.durable);
+        let from = self.log.snapshot().index;
+        if upto < from.saturating_add(self.cfg.compact_threshold) {
+            return;
+        }
+        if let Some(id) = self.log.compact(upto) {
+            tracing::debug!(node = self.id, upto = id.index, "log compacted");
+            self.pending_purge = Some(id);
+        }
+    }
+
+    /// The application has durably stored the effects of every entry up to
+    /// `index` (for example, flushed its state machine): the log no longer has
+    /// to keep them for a restart. Entries are dropped once, in addition, every
+    /// member holds them (`Ready::purge_to` tells the store).
+    pub fn release(&mut self, index: LogIndex) {
+        self.released = self.released.max(index.min(self.log.applied));
+        self.maybe_compact();
     }
 
     /// Sends appends to `to` until its pipeline is full or it has everything.

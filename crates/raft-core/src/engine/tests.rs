@@ -350,6 +350,7 @@ fn s5_2_candidate_steps_down_for_leader_of_same_term() {
         MessageBody::Heartbeat {
             leader_commit: 0,
             round: 1,
+            compact_to: 0,
         },
     ));
     assert_eq!(e.role(), Role::Follower);
@@ -1026,6 +1027,7 @@ fn messages_from_unknown_or_misaddressed_nodes_are_dropped() {
         MessageBody::Heartbeat {
             leader_commit: 0,
             round: 0,
+            compact_to: 0,
         },
     ));
     e.handle_message(msg(
@@ -1035,6 +1037,7 @@ fn messages_from_unknown_or_misaddressed_nodes_are_dropped() {
         MessageBody::Heartbeat {
             leader_commit: 0,
             round: 0,
+            compact_to: 0,
         },
     ));
     e.handle_message(msg(
@@ -1044,6 +1047,7 @@ fn messages_from_unknown_or_misaddressed_nodes_are_dropped() {
         MessageBody::Heartbeat {
             leader_commit: 0,
             round: 0,
+            compact_to: 0,
         },
     ));
     assert_eq!(e.term(), 1);
@@ -1115,6 +1119,7 @@ fn bogus_responses_to_a_leader_are_ignored() {
         MessageBody::Heartbeat {
             leader_commit: 5,
             round: 1,
+            compact_to: 0,
         },
     ));
     assert!(l.is_leader());
@@ -1220,4 +1225,99 @@ fn engine_source_has_no_io_clock_or_thread_rng() {
         checked >= 4,
         "expected the engine's source files, found {checked}"
     );
+}
+
+/// Heartbeat round: the leader's timer fires and everything is delivered.
+fn heartbeat_round(c: &mut Cluster, leader: NodeId) {
+    let d = c.node(leader).next_deadline();
+    c.tick_node(leader, d);
+    c.settle();
+}
+
+#[test]
+fn compaction_waits_for_every_member_and_for_the_application() {
+    let mut c = Cluster::new(3, |mut c| {
+        c.compact_threshold = 4;
+        c
+    });
+    c.elect(1);
+    c.cut = vec![(1, 3), (3, 1)];
+    for i in 0..10u8 {
+        c.node(1).propose(vec![i]).unwrap();
+    }
+    c.settle();
+    assert_eq!(c.node(1).commit_index(), 11);
+    // Stored by the application on 1 and 2, but node 3 lacks the entries.
+    c.node(1).release(11);
+    c.node(2).release(11);
+    heartbeat_round(&mut c, 1);
+    assert_eq!(c.node(1).snapshot().index, 0, "node 3 still needs them");
+    assert_eq!(c.node(2).snapshot().index, 0);
+    // Node 3 catches up: now every member holds them.
+    c.cut.clear();
+    heartbeat_round(&mut c, 1);
+    heartbeat_round(&mut c, 1);
+    assert_eq!(c.node(3).last_log_id().index, 11);
+    assert_eq!(c.node(1).snapshot(), LogId::new(1, 11));
+    assert_eq!(
+        c.node(2).snapshot(),
+        LogId::new(1, 11),
+        "told by the leader"
+    );
+    assert_eq!(c.node(3).snapshot().index, 0, "node 3 has released nothing");
+    c.node(3).release(11);
+    assert_eq!(c.node(3).snapshot(), LogId::new(1, 11));
+    let rd = c.node(3).take_ready();
+    assert_eq!(
+        rd.purge_to,
+        Some(LogId::new(1, 11)),
+        "the store is told once"
+    );
+    assert!(c.node(3).take_ready().purge_to.is_none());
+    // Below the threshold nothing moves; replication goes on above the point.
+    c.node(1).propose(b"after".to_vec()).unwrap();
+    c.settle();
+    c.node(1).release(12);
+    heartbeat_round(&mut c, 1);
+    assert_eq!(c.node(1).snapshot().index, 11, "1 entry < threshold 4");
+    for id in [1, 2, 3] {
+        assert_eq!(c.node(id).commit_index(), 12, "node {id}");
+        assert!(c.applied_payloads(id).contains(&cmd("after")), "node {id}");
+    }
+}
+
+#[test]
+fn compaction_never_drops_unapplied_entries_and_a_restart_resumes_after_the_point() {
+    let mut c = Cluster::new(1, |mut c| {
+        c.compact_threshold = 2;
+        c
+    });
+    c.elect(1);
+    for i in 0..5u8 {
+        c.node(1).propose(vec![i]).unwrap();
+    }
+    c.settle();
+    assert_eq!(c.node(1).applied_index(), 6);
+    // The application claims more than was handed to it: capped at applied.
+    c.node(1).release(100);
+    assert_eq!(c.node(1).snapshot(), LogId::new(1, 6));
+    // A restart from the compacted store: the point plus nothing after it.
+    let init = InitialState {
+        hard_state: HardState {
+            term: 1,
+            vote: Some(1),
+        },
+        snapshot: LogId::new(1, 6),
+        entries: vec![],
+        membership: Membership::new([1]),
+        applied: 6,
+    };
+    let mut e = Engine::new(cfg(1), init, 7, Duration::ZERO).unwrap();
+    assert_eq!(e.last_log_id(), LogId::new(1, 6));
+    let d = e.next_deadline();
+    e.tick(d);
+    let _ = e.take_ready();
+    assert_eq!(e.role(), Role::Leader);
+    let id = e.propose(b"x".to_vec()).unwrap();
+    assert_eq!(id, LogId::new(2, 8), "after the new leader's no-op at 7");
 }

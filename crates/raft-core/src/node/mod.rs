@@ -120,6 +120,7 @@ enum Request {
     ProposeBatch(Vec<Vec<u8>>, Reply<Vec<LogId>>),
     WaitCommit(LogId, Reply<()>),
     ReadIndex(Reply<LogIndex>),
+    Release(LogIndex),
 }
 
 struct Parts {
@@ -418,6 +419,26 @@ impl Raft {
         Ok(index)
     }
 
+    /// Tells the node that the application has durably stored the effects of
+    /// every entry up to `index` (for example, it flushed its state machine
+    /// and `index` was its applied index then). Log entries up to it are
+    /// dropped, from memory and from the log store, once every member holds
+    /// them too. Without this call the log keeps every entry.
+    ///
+    /// There are no snapshots yet: a member that is down holds compaction
+    /// back until it returns, and a member whose log is lost cannot be rebuilt
+    /// from the others once they have compacted.
+    pub async fn release_applied(&self, index: LogIndex) -> Result<(), Error> {
+        if !self.inner.started.load(Ordering::Acquire) {
+            return Err(Error::NotStarted);
+        }
+        self.inner
+            .req_tx
+            .send(Request::Release(index))
+            .await
+            .map_err(|_| self.stopped_error())
+    }
+
     /// A linearizable read barrier (leader only). The leader confirms with a
     /// heartbeat round that it still leads, then returns an index once all
     /// entries up to it are on their way to the apply channel. Reading the
@@ -577,6 +598,7 @@ impl Driver {
                         .push((id.term, reply));
                 }
             }
+            Request::Release(index) => self.engine.release(index),
             Request::ReadIndex(reply) => {
                 let ctx = self.next_ctx;
                 self.next_ctx += 1;
@@ -619,6 +641,15 @@ impl Driver {
             }
             for m in rd.persisted_messages {
                 self.transport.send(m);
+            }
+            if let Some(upto) = rd.purge_to {
+                let t0 = Instant::now();
+                self.store.purge(upto).await?;
+                tracing::debug!(
+                    upto = upto.index,
+                    micros = t0.elapsed().as_micros() as u64,
+                    "log purged"
+                );
             }
             if !rd.committed.is_empty() {
                 self.deliver(rd.committed);
