@@ -20,6 +20,7 @@ use std::time::Duration;
 /// | `max_entries_per_msg` | 512 | entries in one AppendEntries |
 /// | `max_bytes_per_msg` | 1 MiB | approximate payload bytes in one AppendEntries |
 /// | `max_inflight` | 64 | unanswered AppendEntries per follower (pipelining depth) |
+/// | `compact_threshold` | 8192 | log entries dropped at a time once released (see `Raft::release_applied`) |
 ///
 /// ```
 /// use raft_core::node::Config;
@@ -56,6 +57,8 @@ pub struct Config {
     pub max_bytes_per_msg: usize,
     /// Most unanswered AppendEntries per follower.
     pub max_inflight: usize,
+    /// Released log entries are dropped in steps of at least this many.
+    pub compact_threshold: u64,
 }
 
 /// What is wrong with a [`Config`].
@@ -113,6 +116,7 @@ impl Config {
             max_entries_per_msg: e.max_entries_per_msg,
             max_bytes_per_msg: e.max_bytes_per_msg,
             max_inflight: e.max_inflight,
+            compact_threshold: e.compact_threshold,
         }
     }
 
@@ -144,6 +148,10 @@ impl Config {
             ("max_entries_per_msg", self.max_entries_per_msg),
             ("max_bytes_per_msg", self.max_bytes_per_msg),
             ("max_inflight", self.max_inflight),
+            (
+                "compact_threshold",
+                usize::try_from(self.compact_threshold).unwrap_or(usize::MAX),
+            ),
         ] {
             if v == 0 {
                 return Err(ConfigError::ZeroLimit(name));
@@ -193,6 +201,7 @@ impl Config {
         c.max_entries_per_msg = self.max_entries_per_msg;
         c.max_bytes_per_msg = self.max_bytes_per_msg;
         c.max_inflight = self.max_inflight;
+        c.compact_threshold = self.compact_threshold;
         c
     }
 }

@@ -26,6 +26,8 @@ struct TestCluster {
     nodes: BTreeMap<NodeId, TestNode>,
     applied: BTreeMap<NodeId, Applied>,
     stores: BTreeMap<NodeId, MemLogStore>,
+    /// `Config::compact_threshold` for nodes started from now on.
+    compact_threshold: Option<u64>,
 }
 
 fn config(id: NodeId, ids: &[NodeId]) -> Config {
@@ -45,6 +47,7 @@ impl TestCluster {
             nodes: BTreeMap::new(),
             applied: ids.iter().map(|&id| (id, Applied::default())).collect(),
             stores: ids.iter().map(|&id| (id, MemLogStore::new())).collect(),
+            compact_threshold: None,
         };
         for id in ids {
             c.start(id).await;
@@ -55,7 +58,11 @@ impl TestCluster {
     async fn start(&mut self, id: NodeId) {
         let store = self.stores[&id].reopen();
         let (tx, mut rx) = mpsc::channel::<ApplyMsg>(100);
-        let raft = Raft::new(config(id, &self.ids), store, self.net.join(id), tx).unwrap();
+        let mut cfg = config(id, &self.ids);
+        if let Some(t) = self.compact_threshold {
+            cfg.compact_threshold = t;
+        }
+        let raft = Raft::new(cfg, store, self.net.join(id), tx).unwrap();
         let applied = self.applied[&id].clone();
         let already = applied
             .lock()
@@ -692,4 +699,68 @@ async fn apply_channel_gets_every_entry_once_in_order_whether_it_has_room_or_not
     assert_eq!(raft.status().applied_index, last);
     raft.shutdown().await.unwrap();
     consumer.abort();
+}
+
+/// Entries the application released are purged from every store once all
+/// members hold them; a node restarted from a purged store resumes after the
+/// compaction point without re-applying anything, and replication goes on.
+#[tokio::test(start_paused = true)]
+async fn released_entries_are_purged_and_restarts_resume_after_the_compaction_point() {
+    let mut c = TestCluster::new(3).await;
+    c.compact_threshold = Some(10);
+    for id in [1, 2, 3] {
+        c.kill(id).await;
+        c.start(id).await;
+    }
+    let l = c.wait_leader(&[1, 2, 3], secs(2)).await.expect("a leader");
+    for i in 0..40 {
+        c.write(&[l], &format!("a{i}"), secs(2)).await.unwrap();
+    }
+    let last = c.raft(l).status().commit_index;
+    assert!(c.wait_applied(&[1, 2, 3], last, secs(2)).await);
+    // Nothing released yet: every store still holds the whole log.
+    sleep(Duration::from_millis(500)).await;
+    for id in [1, 2, 3] {
+        let st = c.stores[&id].reopen().load().await.unwrap();
+        assert_eq!(st.snapshot.index, 0, "node {id} purged unreleased entries");
+    }
+    for id in [1, 2, 3] {
+        let applied = c.applied_indexes(id).last().copied().unwrap();
+        c.raft(id).release_applied(applied).await.unwrap();
+    }
+    // Followers learn that every member holds the entries from heartbeats.
+    sleep(Duration::from_millis(500)).await;
+    for id in [1, 2, 3] {
+        let st = c.stores[&id].reopen().load().await.unwrap();
+        assert!(
+            st.snapshot.index >= last - 10 && st.snapshot.index <= last,
+            "node {id}: compaction point {:?}, last {last}",
+            st.snapshot
+        );
+        if let Some(first) = st.entries.first() {
+            assert_eq!(
+                first.index,
+                st.snapshot.index + 1,
+                "node {id}: the store keeps what follows the point"
+            );
+        }
+    }
+    let follower = [1, 2, 3].into_iter().find(|&id| id != l).unwrap();
+    c.kill(follower).await;
+    c.start(follower).await;
+    for i in 0..5 {
+        c.write(&[l], &format!("b{i}"), secs(2)).await.unwrap();
+    }
+    let last = c.raft(l).status().commit_index;
+    assert!(c.wait_applied(&[1, 2, 3], last, secs(2)).await);
+    for id in [1, 2, 3] {
+        let idx = c.applied_indexes(id);
+        assert_eq!(
+            idx,
+            (1..=last).collect::<Vec<_>>(),
+            "node {id} applies each index once, in order"
+        );
+        assert!(c.commands(id).ends_with(&[b"b4".to_vec()]));
+    }
+    c.shutdown_all().await;
 }
