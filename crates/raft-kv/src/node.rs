@@ -46,6 +46,8 @@ pub struct NodeConfig {
 const LEADER_WAIT: Duration = Duration::from_secs(3);
 /// How long a proposed write may take before its outcome is reported unknown.
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
+/// How often the state machine is flushed so the log can drop what it covers.
+const RELEASE_EVERY: Duration = Duration::from_secs(1);
 
 fn try_again() -> Outcome {
     Outcome::Error("TRYAGAIN no leader is available; try again".into())
@@ -81,6 +83,7 @@ pub struct KvNode {
     rpc: RpcClient,
     waiters: Arc<Mutex<Waiters>>,
     applier: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    releaser: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for KvNode {
@@ -135,6 +138,7 @@ impl KvNode {
         raft.start_with_applied(sm.applied()).await?;
         let waiters = Arc::new(Mutex::new(Waiters::default()));
         let applier = tokio::spawn(apply_loop(apply_rx, sm.clone(), waiters.clone()));
+        let releaser = tokio::spawn(release_loop(raft.clone(), sm.clone()));
         let node = Arc::new(KvNode {
             cfg,
             raft,
@@ -142,6 +146,7 @@ impl KvNode {
             rpc,
             waiters,
             applier: Mutex::new(Some(applier)),
+            releaser: Mutex::new(Some(releaser)),
         });
         let _ = slot.set(Arc::downgrade(&node));
         tracing::info!(node = node.cfg.id, raft = %node.cfg.raft_addr, client = %node.cfg.client_addr, "node started");
@@ -168,10 +173,10 @@ impl KvNode {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(node = self.cfg.id, error = %e, "raft stopped with an error");
         }
-        let applier = lock(&self.applier).take();
-        if let Some(a) = applier {
-            a.abort();
-            let _ = a.await;
+        let tasks = [lock(&self.releaser).take(), lock(&self.applier).take()];
+        for t in tasks.into_iter().flatten() {
+            t.abort();
+            let _ = t.await;
         }
         if let Err(e) = self.sm.flush() {
             tracing::warn!(node = self.cfg.id, error = %e, "state machine flush failed");
@@ -398,13 +403,14 @@ impl KvNode {
         };
         let members: Vec<String> = s.members.iter().map(|m| m.to_string()).collect();
         format!(
-            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\nterm:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\nmembers:{}\r\n",
+            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\nterm:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\ncompacted_index:{}\r\nmembers:{}\r\n",
             s.id,
             s.term,
             s.leader.map_or_else(|| "none".to_string(), |l| l.to_string()),
             s.commit_index,
             self.sm.applied(),
             s.last_log_index,
+            s.compacted_index,
             members.join(","),
         )
     }
@@ -414,6 +420,37 @@ fn overwritten() -> Outcome {
     Outcome::Error(
         "TRYAGAIN the write was replaced after a leader change and not applied; try again".into(),
     )
+}
+
+/// Flushes the state machine now and then and tells Raft how far it is
+/// durable, so the log (in memory and on disk) can drop those entries. The
+/// state machine is otherwise never flushed: until it is, the log is the
+/// durable record of what it applied.
+async fn release_loop(raft: Raft, sm: Arc<StateMachine>) {
+    let mut tick = tokio::time::interval(RELEASE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut released = sm.applied();
+    loop {
+        tick.tick().await;
+        // Read before the flush: the flush covers at least this much.
+        let applied = sm.applied();
+        if applied == released {
+            continue;
+        }
+        let flushing = sm.clone();
+        match tokio::task::spawn_blocking(move || flushing.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "state machine flush failed; the log keeps its entries");
+                continue;
+            }
+            Err(_) => return,
+        }
+        if raft.release_applied(applied).await.is_err() {
+            return;
+        }
+        released = applied;
+    }
 }
 
 /// Most committed entries applied in one state-machine batch.

@@ -58,6 +58,8 @@ pub struct Status {
     pub applied_index: LogIndex,
     /// The last index in its log.
     pub last_log_index: LogIndex,
+    /// The compaction point: entries up to it are no longer in the log.
+    pub compacted_index: LogIndex,
     /// The voting members.
     pub members: Vec<NodeId>,
     /// Why the node stopped, once it has.
@@ -211,6 +213,7 @@ impl Raft {
             commit_index: 0,
             applied_index: 0,
             last_log_index: 0,
+            compacted_index: 0,
             members: config.members().into_iter().collect(),
             stopped: None,
         };
@@ -776,6 +779,7 @@ impl Driver {
                 commit_index: e.commit_index(),
                 applied_index: applied,
                 last_log_index: e.last_log_id().index,
+                compacted_index: e.snapshot().index,
                 members: e.membership().voters.iter().copied().collect(),
                 stopped: stopped.clone().or_else(|| s.stopped.clone()),
             };
