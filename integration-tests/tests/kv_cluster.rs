@@ -396,3 +396,94 @@ fn whole_cluster_sigkilled_and_restarted_serves_every_acknowledged_write() {
         }
     }
 }
+
+fn info_num(c: &Cluster, id: u64, field: &str) -> u64 {
+    c.info(id)
+        .get(field)
+        .unwrap_or_else(|| panic!("INFO of node {id} has no {field}"))
+        .parse()
+        .unwrap()
+}
+
+/// Waits until `cond` holds, or fails with `what`.
+fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `n` SETs pipelined through one connection to `id`; keys `prefix0..`.
+fn pipelined_sets(c: &Cluster, id: u64, prefix: &str, n: usize) {
+    let mut p = redis::pipe();
+    for i in 0..n {
+        p.set(format!("{prefix}{i}"), format!("{prefix}-value-{i}"));
+    }
+    let _: Vec<String> = p.query(&mut c.conn(id)).unwrap();
+}
+
+#[test]
+fn log_compaction_waits_for_a_down_node_which_then_catches_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2, 3];
+    let mut c = Cluster::new(tmp.path(), &ids);
+    c.extra = vec!["--compact-threshold".into(), "50".into()];
+    for id in ids {
+        c.start(id);
+    }
+    let mut leader = None;
+    eventually("a leader", Duration::from_secs(20), || {
+        leader = c.leader(&ids);
+        leader.is_some()
+    });
+    let leader = leader.unwrap();
+    pipelined_sets(&c, leader, "a", 400);
+    // Every node flushes its state machine within a second and compacts.
+    eventually("every node compacts", Duration::from_secs(10), || {
+        ids.iter()
+            .all(|&id| info_num(&c, id, "compacted_index") > 100)
+    });
+
+    // A follower goes down: nothing it lacks may be compacted away.
+    let down = ids.iter().copied().find(|&id| id != leader).unwrap();
+    c.kill(down);
+    let held_by_down = info_num(&c, leader, "last_log_index");
+    pipelined_sets(&c, leader, "b", 400);
+    let commit = info_num(&c, leader, "commit_index");
+    assert!(commit >= held_by_down + 400);
+    std::thread::sleep(Duration::from_millis(2500));
+    for id in ids.iter().copied().filter(|&id| id != down) {
+        let ci = info_num(&c, id, "compacted_index");
+        assert!(
+            ci <= held_by_down,
+            "node {id} compacted to {ci}, past what the down node holds ({held_by_down})"
+        );
+    }
+
+    // Back up: it catches up from the log, and compaction moves on.
+    c.start(down);
+    eventually(
+        "the restarted node catches up",
+        Duration::from_secs(20),
+        || info_num(&c, down, "applied_index") >= commit,
+    );
+    eventually("compaction resumes", Duration::from_secs(20), || {
+        ids.iter()
+            .all(|&id| info_num(&c, id, "compacted_index") > held_by_down)
+    });
+    let keys: Vec<String> = (0..400).map(|i| format!("b{i}")).collect();
+    let vals: Vec<Option<String>> = redis::cmd("MGET")
+        .arg(&keys)
+        .query(&mut c.conn(down))
+        .unwrap();
+    for (i, v) in vals.iter().enumerate() {
+        assert_eq!(
+            v.as_deref(),
+            Some(format!("b-value-{i}").as_str()),
+            "b{i} on node {down}"
+        );
+    }
+    let size: u64 = redis::cmd("DBSIZE").query(&mut c.conn(down)).unwrap();
+    assert_eq!(size, 800);
+}

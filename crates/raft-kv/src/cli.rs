@@ -11,6 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The Raft layer's default compaction step.
+fn default_compact_threshold() -> u64 {
+    raft_core::node::Config::new(0).compact_threshold
+}
+
 /// A replicated key-value store on Raft that speaks the Redis protocol.
 #[derive(Debug, Parser)]
 #[command(name = "raft-kv", version, about)]
@@ -83,6 +88,9 @@ struct NodeArgs {
     /// Cluster id; nodes of different clusters refuse each other (default 0).
     #[arg(long)]
     cluster_id: Option<u64>,
+    /// Log entries dropped at a time once the state machine holds them (default 8192).
+    #[arg(long)]
+    compact_threshold: Option<u64>,
 }
 
 /// The TOML file form of the node options.
@@ -101,6 +109,7 @@ struct FileConfig {
     election_max_ms: Option<u64>,
     password: Option<String>,
     cluster_id: Option<u64>,
+    compact_threshold: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,6 +203,10 @@ fn node_config(a: NodeArgs) -> anyhow::Result<NodeConfig> {
         election_max: ms(a.election_max_ms.or(f.election_max_ms), 300),
         password: a.password.or(f.password),
         cluster_id: a.cluster_id.or(f.cluster_id).unwrap_or(0),
+        compact_threshold: a
+            .compact_threshold
+            .or(f.compact_threshold)
+            .unwrap_or_else(default_compact_threshold),
     };
     // The Raft layer validates the timing rules with precise messages.
     let mut rc = raft_core::node::Config::new(cfg.id);
@@ -203,6 +216,7 @@ fn node_config(a: NodeArgs) -> anyhow::Result<NodeConfig> {
     rc.heartbeat_interval = cfg.heartbeat;
     rc.election_timeout_min = cfg.election_min;
     rc.election_timeout_max = cfg.election_max;
+    rc.compact_threshold = cfg.compact_threshold;
     rc.validate()?;
     Ok(cfg)
 }
@@ -317,6 +331,7 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             election_max: Duration::from_millis(300),
             password: None,
             cluster_id: 0,
+            compact_threshold: default_compact_threshold(),
         };
         running.push(run_node(cfg).await?);
     }

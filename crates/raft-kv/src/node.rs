@@ -40,6 +40,8 @@ pub struct NodeConfig {
     pub password: Option<String>,
     /// Nodes of different clusters refuse each other.
     pub cluster_id: u64,
+    /// Log entries dropped at a time once the state machine holds them.
+    pub compact_threshold: u64,
 }
 
 /// How long a client request may wait for a leader to appear.
@@ -133,6 +135,7 @@ impl KvNode {
         rc.heartbeat_interval = cfg.heartbeat;
         rc.election_timeout_min = cfg.election_min;
         rc.election_timeout_max = cfg.election_max;
+        rc.compact_threshold = cfg.compact_threshold;
         let (apply_tx, apply_rx) = mpsc::channel::<ApplyMsg>(4096);
         let raft = Raft::new(rc, log, transport, apply_tx)?;
         raft.start_with_applied(sm.applied()).await?;
