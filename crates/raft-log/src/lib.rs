@@ -7,8 +7,12 @@
 //! * `m:hard` — the hard state (term, vote);
 //! * `m:snap` — the compaction point (index, term);
 //! * `e:` + big-endian index — a run of up to 64 consecutive entries starting
-//!   at that index (a batch of appends is one insert per run; a truncation or
-//!   purge inside a run rewrites that run).
+//!   at that index (a batch of appends is one insert per run; a truncation
+//!   inside a run rewrites that run).
+//!
+//! A purge only records the new compaction point: runs wholly at or below it
+//! are then deleted a few at a time by later writes (reading skips them), so
+//! compacting a long log never stalls the node.
 //!
 //! Every value carries a CRC32 of its bytes. Each `save` or `purge` is one
 //! atomic sled batch followed by one `flush` (sled's fsync), so a batch is
@@ -43,6 +47,8 @@ const MAGIC: &[u8] = b"raft-log store, format 2";
 /// Entries stored under one key: a batch of appends costs one sled insert per
 /// run instead of one per entry, and runs stay small enough to stay inline.
 const RUN_LEN: usize = 64;
+/// Most obsolete runs deleted along with one write.
+const SWEEP_PER_WRITE: usize = 256;
 /// A marker file beside sled's files: it outlives damage that makes sled
 /// recover an empty database, so such damage is detected instead of a silent
 /// "new, empty log".
@@ -58,6 +64,8 @@ pub struct SledLogStore {
     snapshot: LogId,
     /// The last index, cached.
     last: LogIndex,
+    /// Runs wholly below the compaction point may still be stored.
+    stale_runs: bool,
 }
 
 fn entry_key(index: LogIndex) -> [u8; 10] {
@@ -187,6 +195,7 @@ impl SledLogStore {
             path,
             snapshot: LogId::default(),
             last: 0,
+            stale_runs: true,
         };
         store.check_magic()?;
         store.check_marker()?;
@@ -277,16 +286,37 @@ impl SledLogStore {
         };
         let mut entries: Vec<Entry> = Vec::new();
         let mut expect = snapshot.index + 1;
-        for kv in self.db.scan_prefix(ENTRY_PREFIX) {
+        // Runs wholly below the compaction point may linger (a purge deletes
+        // them lazily): start at the run that holds the entry after it.
+        let start = self
+            .db
+            .range(&entry_key(0)[..]..=&entry_key(expect)[..])
+            .keys()
+            .next_back()
+            .transpose()
+            .map_err(|e| io_err(path, e))?
+            .map_or_else(|| entry_key(0).to_vec(), |k| k.to_vec());
+        for kv in self.db.range(&start[..]..) {
             let (k, v) = kv.map_err(|e| io_err(path, e))?;
+            if !k.starts_with(ENTRY_PREFIX) {
+                break;
+            }
             let first = key_index(&k).ok_or_else(|| {
                 StorageError::Corrupt(format!("{}: malformed entry key", path.display()))
             })?;
-            let run: Vec<Entry> = decode(&v, &format!("entries from {first}"), path)?;
+            let mut run: Vec<Entry> = decode(&v, &format!("entries from {first}"), path)?;
             let contiguous = run
                 .iter()
                 .enumerate()
                 .all(|(i, e)| e.index == first + i as u64);
+            if contiguous && !run.is_empty() && first < expect && first <= snapshot.index {
+                // The run straddles the compaction point: keep what follows it.
+                let below = ((expect - first) as usize).min(run.len());
+                run.drain(..below);
+                expect += run.len() as u64;
+                entries.extend(run);
+                continue;
+            }
             if first != expect || run.is_empty() || !contiguous {
                 return Err(StorageError::Corrupt(format!(
                     "{}: log gap or misplaced entries: expected index {expect}, found a run keyed {first}",
@@ -303,15 +333,9 @@ impl SledLogStore {
         })
     }
 
-    /// Adds to `b` the edits that split the log at `at`: with `keep_below`, every
-    /// entry from `at` on goes (truncation); otherwise every entry below `at`
-    /// goes (purge). A run that straddles `at` is rewritten.
-    fn cut_runs(
-        &self,
-        b: &mut sled::Batch,
-        at: LogIndex,
-        keep_below: bool,
-    ) -> Result<(), StorageError> {
+    /// Adds to `b` the edits that remove every entry from `at` on
+    /// (truncation). A run that straddles `at` is rewritten.
+    fn truncate_runs(&self, b: &mut sled::Batch, at: LogIndex) -> Result<(), StorageError> {
         let path = &self.path;
         let lo = entry_key(0);
         let at_key = entry_key(at);
@@ -330,32 +354,47 @@ impl SledLogStore {
             let last = first + run.len() as u64 - 1;
             if last >= at {
                 let split = (at - first) as usize;
-                if keep_below {
-                    b.insert(&k, encode(&&run[..split])?);
-                } else {
-                    b.remove(&k);
-                    b.insert(&entry_key(at)[..], encode(&&run[split..])?);
-                }
-            } else if !keep_below {
-                b.remove(&k);
+                b.insert(&k, encode(&&run[..split])?);
             }
         }
-        let range: Vec<sled::IVec> = if keep_below {
-            self.db
-                .range(&at_key[..]..)
-                .keys()
-                .collect::<Result<_, _>>()
-        } else {
-            self.db
-                .range(&lo[..]..&at_key[..])
-                .keys()
-                .collect::<Result<_, _>>()
-        }
-        .map_err(|e| io_err(path, e))?;
+        let range: Vec<sled::IVec> = self
+            .db
+            .range(&at_key[..]..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| io_err(path, e))?;
         for k in range {
             if k.starts_with(ENTRY_PREFIX) {
                 b.remove(k);
             }
+        }
+        Ok(())
+    }
+
+    /// Adds to `b` the deletion of up to `SWEEP_PER_WRITE` runs that lie
+    /// wholly at or below the compaction point. Runs are contiguous, so every
+    /// run before the last one starting at or below `snapshot + 1` is such a run.
+    fn sweep(&mut self, b: &mut sled::Batch) -> Result<(), StorageError> {
+        if !self.stale_runs {
+            return Ok(());
+        }
+        let keys: Vec<sled::IVec> = self
+            .db
+            .range(&entry_key(0)[..]..=&entry_key(self.snapshot.index + 1)[..])
+            .keys()
+            .take(SWEEP_PER_WRITE + 1)
+            .collect::<Result<_, _>>()
+            .map_err(|e| io_err(&self.path, e))?;
+        let n = if keys.len() > SWEEP_PER_WRITE {
+            SWEEP_PER_WRITE
+        } else {
+            // The last key found holds the entry after the point (or is the
+            // first run above it): it stays. Nothing else is left to sweep.
+            self.stale_runs = false;
+            keys.len().saturating_sub(1)
+        };
+        for k in &keys[..n] {
+            b.remove(k);
         }
         Ok(())
     }
@@ -386,7 +425,7 @@ impl LogStore for SledLogStore {
         let mut b = sled::Batch::default();
         if let Some(t) = batch.truncate_from {
             if t <= self.last {
-                self.cut_runs(&mut b, t, true)?;
+                self.truncate_runs(&mut b, t)?;
             }
         }
         if let Some(hs) = &batch.hard_state {
@@ -395,6 +434,7 @@ impl LogStore for SledLogStore {
         for run in batch.entries.chunks(RUN_LEN) {
             b.insert(&entry_key(run[0].index)[..], encode(&run)?);
         }
+        self.sweep(&mut b)?;
         self.write(b).await?;
         self.last = batch.entries.last().map_or(end, |e| e.index);
         Ok(())
@@ -410,11 +450,101 @@ impl LogStore for SledLogStore {
                 upto.index, self.last
             )));
         }
+        // Recording the point is the purge; the runs below it go lazily.
         let mut b = sled::Batch::default();
-        self.cut_runs(&mut b, upto.index + 1, false)?;
         b.insert(SNAP_KEY, encode(&upto)?);
         self.write(b).await?;
         self.snapshot = upto;
+        self.stale_runs = true;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft_core::EntryPayload;
+
+    fn entries(from: LogIndex, n: u64) -> Vec<Entry> {
+        (from..from + n)
+            .map(|i| Entry {
+                term: 1,
+                index: i,
+                payload: EntryPayload::Command(i.to_be_bytes().to_vec()),
+            })
+            .collect()
+    }
+
+    fn run_keys(s: &SledLogStore) -> Vec<LogIndex> {
+        s.db.scan_prefix(ENTRY_PREFIX)
+            .keys()
+            .map(|k| key_index(&k.unwrap()).unwrap())
+            .collect()
+    }
+
+    async fn save(s: &mut SledLogStore, from: LogIndex, n: u64) {
+        s.save(LogBatch {
+            entries: entries(from, n),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+
+    /// A purge records the point at once; the runs below it are deleted by
+    /// later writes, a bounded number at a time, and every load in between
+    /// (also after reopening) returns exactly the entries after the point.
+    #[tokio::test]
+    async fn purge_is_lazy_and_loads_never_see_purged_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let mut s = SledLogStore::open(&path).unwrap();
+        // 600 runs of 10 entries each.
+        for r in 0..600u64 {
+            save(&mut s, 1 + r * 10, 10).await;
+        }
+        // The point falls inside the run 5551..=5560.
+        s.purge(LogId::new(1, 5555)).await.unwrap();
+        let check = |st: LogState| {
+            assert_eq!(st.snapshot, LogId::new(1, 5555));
+            let idx: Vec<LogIndex> = st.entries.iter().map(|e| e.index).collect();
+            assert_eq!(idx, (5556..=6000).collect::<Vec<_>>());
+            assert_eq!(st.entries[0], entries(5556, 1)[0]);
+        };
+        check(s.load().await.unwrap());
+        assert!(run_keys(&s).len() > 500, "nothing deleted yet");
+        drop(s);
+        let mut s = SledLogStore::open(&path).unwrap();
+        check(s.load().await.unwrap());
+        // Each write deletes at most SWEEP_PER_WRITE obsolete runs.
+        let left_below = |s: &SledLogStore| run_keys(s).iter().filter(|&&k| k <= 5555).count();
+        assert_eq!(left_below(&s), 556, "runs from 1, 11, ..., 5551");
+        save(&mut s, 6001, 1).await;
+        assert_eq!(left_below(&s), 556 - SWEEP_PER_WRITE);
+        save(&mut s, 6002, 1).await;
+        save(&mut s, 6003, 1).await;
+        // Only the run that straddles the point is left below it.
+        assert_eq!(
+            run_keys(&s)
+                .iter()
+                .filter(|&&k| k <= 5555)
+                .collect::<Vec<_>>(),
+            vec![&5551]
+        );
+        let st = s.load().await.unwrap();
+        assert_eq!(st.entries.first().unwrap().index, 5556);
+        assert_eq!(st.entries.last().unwrap().index, 6003);
+        // A later purge past the straddling run lets it go too.
+        s.purge(LogId::new(1, 5570)).await.unwrap();
+        save(&mut s, 6004, 1).await;
+        assert!(run_keys(&s).iter().all(|&k| k > 5560));
+        drop(s);
+        let mut s = SledLogStore::open(&path).unwrap();
+        let st = s.load().await.unwrap();
+        assert_eq!(st.snapshot, LogId::new(1, 5570));
+        assert_eq!(
+            st.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
+            (5571..=6004).collect::<Vec<_>>()
+        );
     }
 }
