@@ -2,10 +2,13 @@
 //! and temporary data directories, driven with the `redis` crate: writes
 //! through every node, reads that see writes acknowledged elsewhere, SIGKILL of
 //! the leader (failover time printed), restart and catch-up, and at the end
-//! every acknowledged write present and the three state machines identical.
+//! every acknowledged write present and the three state machines identical;
+//! a leader paused with SIGSTOP never serves a stale read when it resumes;
+//! log compaction waits for a node that is down.
 
 use redis::{Commands, Connection, RedisResult};
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -486,4 +489,118 @@ fn log_compaction_waits_for_a_down_node_which_then_catches_up() {
     }
     let size: u64 = redis::cmd("DBSIZE").query(&mut c.conn(down)).unwrap();
     assert_eq!(size, 800);
+}
+
+/// Reads one whole RESP reply (a line, or a bulk string with its body).
+fn read_one_reply(sock: &mut std::net::TcpStream) -> String {
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        if let Some(end) = reply.windows(2).position(|w| w == b"\r\n") {
+            let head = String::from_utf8_lossy(&reply[..end]).to_string();
+            let need = match head.strip_prefix('$').map(str::parse::<i64>) {
+                Some(Ok(len)) if len >= 0 => end + 2 + len as usize + 2,
+                _ => end + 2,
+            };
+            if reply.len() >= need {
+                return String::from_utf8_lossy(&reply[..need]).to_string();
+            }
+        }
+        let n = sock.read(&mut buf).expect("a reply");
+        assert!(n > 0, "the node closed the connection");
+        reply.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn signal(c: &Cluster, id: u64, sig: &str) {
+    let pid = c.procs[&id].id().to_string();
+    let st = Command::new("kill").args([sig, &pid]).status().unwrap();
+    assert!(st.success(), "kill {sig} {pid} failed");
+}
+
+/// A leader paused with SIGSTOP is replaced. When it resumes it still
+/// believes it leads for a moment; a read on it must then see the write the
+/// new leader acknowledged meanwhile, or fail with a retryable error, and
+/// never return the old value (the deposed-leader stale read).
+#[test]
+fn paused_leader_never_serves_a_stale_read_after_it_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2, 3];
+    let mut c = Cluster::new(tmp.path(), &ids);
+    for id in ids {
+        c.start(id);
+    }
+    let mut leader = None;
+    eventually("a leader", Duration::from_secs(20), || {
+        leader = c.leader(&ids);
+        leader.is_some()
+    });
+    let old = leader.unwrap();
+    let rest: Vec<u64> = ids.iter().copied().filter(|&x| x != old).collect();
+    let _: () = c.conn(old).set("x", "before").unwrap();
+    // A connection opened now; its GET is queued while the node is paused,
+    // so the node meets it the moment it resumes, still believing it leads.
+    let mut raw = std::net::TcpStream::connect(c.client[&old]).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+
+    signal(&c, old, "-STOP");
+    let paused = Instant::now();
+    write_until_ok(&c, &rest, "x", "during", Duration::from_secs(20));
+    println!(
+        "leader {old} paused; a new leader acknowledged a write after {:?}",
+        paused.elapsed()
+    );
+    raw.write_all(b"*2\r\n$3\r\nGET\r\n$1\r\nx\r\n").unwrap();
+    signal(&c, old, "-CONT");
+    let reply = read_one_reply(&mut raw);
+    assert!(
+        reply == "$6\r\nduring\r\n" || reply.starts_with("-TRYAGAIN"),
+        "the resumed leader {old} answered {reply:?}"
+    );
+
+    // Read on the resumed node at once, and keep reading while it steps down.
+    let mut conn = c.conn(old);
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut retryable = 0;
+    loop {
+        let got: RedisResult<Option<String>> = conn.get("x");
+        match got {
+            Ok(v) => {
+                assert_eq!(
+                    v.as_deref(),
+                    Some("during"),
+                    "stale read from the deposed leader {old}"
+                );
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    e.to_string().contains("TRYAGAIN"),
+                    "unexpected error from node {old}: {e}"
+                );
+                retryable += 1;
+                assert!(Instant::now() < end, "node {old} never served the read");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    println!("resumed node answered the read after {retryable} retryable errors");
+    assert_ne!(
+        c.info(old).get("role").map(String::as_str),
+        Some("leader"),
+        "the resumed node must have stepped down"
+    );
+    // It serves writes again (forwarded), and everyone agrees.
+    write_until_ok(&c, &[old], "y", "after", Duration::from_secs(20));
+    for id in ids {
+        let v: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&["x", "y"])
+            .query(&mut c.conn(id))
+            .unwrap();
+        assert_eq!(
+            v,
+            vec![Some("during".to_string()), Some("after".to_string())],
+            "node {id}"
+        );
+    }
 }
