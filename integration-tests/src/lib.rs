@@ -96,3 +96,215 @@ pub mod log_ops {
         }
     }
 }
+
+pub mod linearizable {
+    //! A linearizability checker for histories of one read/write register
+    //! (one key of the store), after Wing and Gong with Lowe's memoisation:
+    //! search for an order of the operations that respects real time (an
+    //! operation that returned before another was invoked comes first) and
+    //! register semantics (a read returns the latest write, or nothing before
+    //! any write). Writes whose outcome is unknown (the client saw an error
+    //! that does not rule the write out) may take effect at any point after
+    //! they were invoked, or never.
+
+    use std::collections::HashSet;
+
+    /// What an operation did.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Kind {
+        /// A write of this value (values are unique per history).
+        Write(String),
+        /// A read that returned this value (`None`: the key did not exist).
+        Read(Option<String>),
+    }
+
+    /// One operation, with the times it was invoked and returned
+    /// (`None`: its outcome is unknown; only writes may be unknown).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Op {
+        /// What it did.
+        pub kind: Kind,
+        /// When the client sent it (any monotonic unit).
+        pub call: u64,
+        /// When the client got the answer; `None` for an unknown outcome.
+        pub ret: Option<u64>,
+    }
+
+    /// Why a history is not linearizable: the longest prefix order found and
+    /// the operations none of which could come next.
+    #[derive(Debug)]
+    pub struct NotLinearizable {
+        /// How many operations could be placed at best.
+        pub placed: usize,
+        /// The operations that could not be placed after that prefix.
+        pub stuck_at: Vec<Op>,
+    }
+
+    /// Checks one register's history; the initial value is "absent".
+    pub fn check(history: &[Op]) -> Result<(), NotLinearizable> {
+        // Unknown reads say nothing. Unknown writes are optional, and one whose
+        // value no read returned can always be taken as never applied.
+        let observed: HashSet<&str> = history
+            .iter()
+            .filter_map(|o| match &o.kind {
+                Kind::Read(Some(v)) if o.ret.is_some() => Some(v.as_str()),
+                _ => None,
+            })
+            .collect();
+        let ops: Vec<&Op> = history
+            .iter()
+            .filter(|o| match &o.kind {
+                _ if o.ret.is_some() => true,
+                Kind::Write(v) => observed.contains(v.as_str()),
+                Kind::Read(_) => false,
+            })
+            .collect();
+        let n = ops.len();
+        let must = ops.iter().filter(|o| o.ret.is_some()).count();
+        let words = n.div_ceil(64);
+        // Depth-first search over (set of placed ops, register value).
+        struct Frame {
+            done: Vec<u64>,
+            value: Option<usize>, // index of the op whose write is current
+            placed: usize,
+            placed_required: usize,
+        }
+        let is_done = |d: &[u64], i: usize| d[i / 64] & (1 << (i % 64)) != 0;
+        let mut seen: HashSet<(Vec<u64>, Option<usize>)> = HashSet::new();
+        let mut stack = vec![Frame {
+            done: vec![0; words],
+            value: None,
+            placed: 0,
+            placed_required: 0,
+        }];
+        let mut best = (0usize, Vec::new());
+        while let Some(f) = stack.pop() {
+            if f.placed_required == must {
+                return Ok(());
+            }
+            // An op may come next if it was invoked before every pending
+            // required op returned.
+            let horizon = (0..n)
+                .filter(|&i| !is_done(&f.done, i))
+                .filter_map(|i| ops[i].ret)
+                .min()
+                .unwrap_or(u64::MAX);
+            let mut next = Vec::new();
+            for i in (0..n).filter(|&i| !is_done(&f.done, i)) {
+                let o = ops[i];
+                if o.call > horizon {
+                    continue;
+                }
+                let value = match &o.kind {
+                    Kind::Write(_) => Some(i),
+                    Kind::Read(r) => {
+                        let cur = f.value.map(|w| match &ops[w].kind {
+                            Kind::Write(v) => v.clone(),
+                            Kind::Read(_) => unreachable!("only writes set the value"),
+                        });
+                        if *r != cur {
+                            continue;
+                        }
+                        f.value
+                    }
+                };
+                let mut done = f.done.clone();
+                done[i / 64] |= 1 << (i % 64);
+                if !seen.insert((done.clone(), value)) {
+                    continue;
+                }
+                next.push(Frame {
+                    done,
+                    value,
+                    placed: f.placed + 1,
+                    placed_required: f.placed_required + usize::from(o.ret.is_some()),
+                });
+            }
+            if next.is_empty() && f.placed >= best.0 {
+                let stuck = (0..n)
+                    .filter(|&i| !is_done(&f.done, i) && ops[i].call <= horizon)
+                    .map(|i| ops[i].clone())
+                    .collect();
+                best = (f.placed, stuck);
+            }
+            stack.extend(next);
+        }
+        Err(NotLinearizable {
+            placed: best.0,
+            stuck_at: best.1,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn w(v: &str, call: u64, ret: u64) -> Op {
+            Op {
+                kind: Kind::Write(v.into()),
+                call,
+                ret: Some(ret),
+            }
+        }
+        fn r(v: Option<&str>, call: u64, ret: u64) -> Op {
+            Op {
+                kind: Kind::Read(v.map(Into::into)),
+                call,
+                ret: Some(ret),
+            }
+        }
+
+        #[test]
+        fn sequential_histories() {
+            assert!(check(&[r(None, 0, 1), w("a", 2, 3), r(Some("a"), 4, 5)]).is_ok());
+            // A read after a completed write must not see the older state.
+            assert!(check(&[w("a", 0, 1), w("b", 2, 3), r(Some("a"), 4, 5)]).is_err());
+            assert!(check(&[w("a", 0, 1), r(None, 2, 3)]).is_err());
+        }
+
+        #[test]
+        fn concurrent_operations_may_take_effect_in_either_order() {
+            // The read overlaps the write: old or new value are both fine.
+            assert!(check(&[w("a", 0, 1), w("b", 2, 6), r(Some("a"), 3, 4)]).is_ok());
+            assert!(check(&[w("a", 0, 1), w("b", 2, 6), r(Some("b"), 3, 4)]).is_ok());
+            // But once one read saw the new value, a later read cannot see the old one.
+            assert!(check(&[
+                w("a", 0, 1),
+                w("b", 2, 10),
+                r(Some("b"), 3, 4),
+                r(Some("a"), 5, 6)
+            ])
+            .is_err());
+        }
+
+        #[test]
+        fn unknown_writes_may_apply_late_or_never() {
+            let unknown = |v: &str, call: u64| Op {
+                kind: Kind::Write(v.into()),
+                call,
+                ret: None,
+            };
+            // Never applied.
+            assert!(check(&[w("a", 0, 1), unknown("b", 2), r(Some("a"), 10, 11)]).is_ok());
+            // Applied long after its client gave up.
+            assert!(check(&[
+                w("a", 0, 1),
+                unknown("b", 2),
+                r(Some("a"), 10, 11),
+                r(Some("b"), 20, 21)
+            ])
+            .is_ok());
+            // But not before it was sent.
+            assert!(check(&[w("a", 0, 1), r(Some("b"), 2, 3), unknown("b", 5)]).is_err());
+        }
+
+        #[test]
+        fn a_stale_read_after_a_failover_is_caught() {
+            // The deposed leader answers from its old state after the new
+            // leader acknowledged "new".
+            let h = [w("old", 0, 1), w("new", 5, 9), r(Some("old"), 12, 13)];
+            let e = check(&h).unwrap_err();
+            assert_eq!(e.placed, 2);
+        }
+    }
+}

@@ -4,7 +4,8 @@
 //! the leader (failover time printed), restart and catch-up, and at the end
 //! every acknowledged write present and the three state machines identical;
 //! a leader paused with SIGSTOP never serves a stale read when it resumes;
-//! log compaction waits for a node that is down.
+//! log compaction waits for a node that is down; concurrent clients' histories
+//! stay linearizable through a leader SIGKILL, restart and SIGSTOP.
 
 use redis::{Commands, Connection, RedisResult};
 use std::collections::BTreeMap;
@@ -602,5 +603,172 @@ fn paused_leader_never_serves_a_stale_read_after_it_resumes() {
             vec![Some("during".to_string()), Some("after".to_string())],
             "node {id}"
         );
+    }
+}
+
+/// One client's view of one operation on key `key`.
+struct Recorded {
+    key: usize,
+    op: integration_tests::linearizable::Op,
+}
+
+/// A client thread: SETs (unique values) and GETs on a few keys, on any node,
+/// moving to another node when one fails; records every operation's outcome.
+fn client_loop(
+    addrs: &BTreeMap<u64, SocketAddr>,
+    me: usize,
+    keys: usize,
+    start: Instant,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<Recorded> {
+    use integration_tests::linearizable::{Kind, Op};
+    let nodes: Vec<SocketAddr> = addrs.values().copied().collect();
+    let mut out = Vec::new();
+    let mut conn: Option<Connection> = None;
+    let mut target = me;
+    let mut seq = 0u64;
+    let now = || start.elapsed().as_micros() as u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let Some(cn) = conn.as_mut() else {
+            target += 1;
+            let addr = nodes[target % nodes.len()];
+            let client = redis::Client::open(format!("redis://{addr}/")).unwrap();
+            match client.get_connection_with_timeout(Duration::from_millis(500)) {
+                Ok(cn) => {
+                    cn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    cn.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+                    conn = Some(cn);
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+            continue;
+        };
+        seq += 1;
+        let key = (seq as usize * 7 + me) % keys;
+        let name = format!("lin{key}");
+        let call = now();
+        if seq % 2 == 0 {
+            let value = format!("c{me}-{seq}");
+            let res: RedisResult<String> = cn.set(&name, &value);
+            let ret = now();
+            let op = |ret| Op {
+                kind: Kind::Write(value.clone()),
+                call,
+                ret,
+            };
+            match res {
+                Ok(_) => out.push(Recorded {
+                    key,
+                    op: op(Some(ret)),
+                }),
+                // Known not to have been applied.
+                Err(e) if e.to_string().contains("TRYAGAIN") => {}
+                // May or may not have been applied.
+                Err(e) => {
+                    out.push(Recorded { key, op: op(None) });
+                    if !e.to_string().contains("UNKNOWN") {
+                        conn = None;
+                    }
+                }
+            }
+        } else {
+            let res: RedisResult<Option<String>> = cn.get(&name);
+            let ret = now();
+            match res {
+                Ok(v) => out.push(Recorded {
+                    key,
+                    op: Op {
+                        kind: Kind::Read(v),
+                        call,
+                        ret: Some(ret),
+                    },
+                }),
+                Err(e) if e.to_string().contains("TRYAGAIN") => {}
+                Err(_) => conn = None,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    out
+}
+
+/// Concurrent clients on every node while the leader is SIGKILLed and
+/// restarted, then the next leader is paused with SIGSTOP and resumed: each
+/// key's history (acknowledged operations, plus writes of unknown outcome)
+/// must be linearizable.
+#[test]
+fn client_histories_stay_linearizable_through_kills_and_pauses() {
+    use integration_tests::linearizable::check;
+    const KEYS: usize = 3;
+    const CLIENTS: usize = 4;
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2, 3];
+    let mut c = Cluster::new(tmp.path(), &ids);
+    for id in ids {
+        c.start(id);
+    }
+    let mut leader = None;
+    eventually("a leader", Duration::from_secs(20), || {
+        leader = c.leader(&ids);
+        leader.is_some()
+    });
+    let first = leader.unwrap();
+    let addrs = c.client.clone();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let start = Instant::now();
+    let recorded: Vec<Recorded> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|me| {
+                let (addrs, stop) = (&addrs, &stop);
+                s.spawn(move || client_loop(addrs, me, KEYS, start, stop))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(800));
+        c.kill(first);
+        std::thread::sleep(Duration::from_millis(800));
+        c.start(first);
+        std::thread::sleep(Duration::from_millis(800));
+        let rest: Vec<u64> = ids.to_vec();
+        let mut second = None;
+        eventually(
+            "a leader after the restart",
+            Duration::from_secs(20),
+            || {
+                second = c.leader(&rest);
+                second.is_some()
+            },
+        );
+        let second = second.unwrap();
+        signal(&c, second, "-STOP");
+        std::thread::sleep(Duration::from_millis(800));
+        signal(&c, second, "-CONT");
+        std::thread::sleep(Duration::from_millis(800));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        clients
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let acked = recorded.iter().filter(|r| r.op.ret.is_some()).count();
+    let unknown = recorded.len() - acked;
+    println!(
+        "{} operations recorded on {KEYS} keys ({acked} acknowledged, {unknown} writes of unknown outcome)",
+        recorded.len()
+    );
+    assert!(acked > 500, "the clients should get work done: {acked}");
+    for key in 0..KEYS {
+        let history: Vec<_> = recorded
+            .iter()
+            .filter(|r| r.key == key)
+            .map(|r| r.op.clone())
+            .collect();
+        if let Err(e) = check(&history) {
+            panic!(
+                "key lin{key}: not linearizable; {} of {} operations placed, then stuck at {:?}",
+                e.placed,
+                history.len(),
+                e.stuck_at
+            );
+        }
     }
 }
