@@ -647,7 +647,7 @@ fn client_loop(
         let key = (seq as usize * 7 + me) % keys;
         let name = format!("lin{key}");
         let call = now();
-        if seq % 2 == 0 {
+        if seq.is_multiple_of(2) {
             let value = format!("c{me}-{seq}");
             let res: RedisResult<String> = cn.set(&name, &value);
             let ret = now();
