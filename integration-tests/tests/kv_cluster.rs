@@ -6,7 +6,8 @@
 //! a leader paused with SIGSTOP never serves a stale read when it resumes;
 //! log compaction waits for a node that is down; concurrent clients' histories
 //! stay linearizable through a leader SIGKILL, restart and SIGSTOP, and
-//! through real partitions (UDP relays between the nodes that the test cuts).
+//! through real partitions (UDP relays between the nodes that the test cuts);
+//! follower and one-way partitions leave the leader and its term alone.
 
 use redis::{Commands, Connection, RedisResult};
 use std::collections::BTreeMap;
@@ -996,4 +997,65 @@ fn partitions_majority_serves_minority_commits_nothing_histories_linearizable() 
         seen.windows(2).all(|w| w[0] == w[1]),
         "nodes disagree: {seen:?}"
     );
+}
+
+/// Partitions that leave the leader with a majority must not disturb it:
+/// a follower cut off entirely, or one that stops hearing the leader while it
+/// can still reach everyone (a one-way cut), may campaign but cannot win or
+/// raise the term (pre-vote; followers in contact with the leader ignore it).
+/// The leader and its term stay the same and writes keep being acknowledged.
+#[test]
+fn follower_and_one_way_partitions_do_not_disturb_the_leader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2, 3];
+    let mut c = Cluster::new(tmp.path(), &ids).with_links();
+    for id in ids {
+        c.start(id);
+    }
+    let mut leader = None;
+    eventually("a leader", Duration::from_secs(20), || {
+        leader = c.leader(&ids);
+        leader.is_some()
+    });
+    let l = leader.unwrap();
+    let term = info_num(&c, l, "term");
+    let f = ids.iter().copied().find(|&x| x != l).unwrap();
+    let check_undisturbed = |c: &Cluster, what: &str| {
+        for i in 0..20 {
+            write_until_ok(c, &[l], &format!("{what}{i}"), "v", Duration::from_secs(5));
+        }
+        let info = c.info(l);
+        assert_eq!(
+            info.get("role").map(String::as_str),
+            Some("leader"),
+            "{what}"
+        );
+        assert_eq!(info_num(c, l, "term"), term, "{what}: the term moved");
+    };
+    // The follower cut off from everyone, for several election timeouts.
+    c.isolate(f, true);
+    std::thread::sleep(Duration::from_millis(1500));
+    check_undisturbed(&c, "isolated");
+    c.isolate(f, false);
+    std::thread::sleep(Duration::from_millis(500));
+    check_undisturbed(&c, "healed");
+    assert_eq!(
+        info_num(&c, f, "term"),
+        term,
+        "the isolated follower raised its term"
+    );
+    // One way: the leader's messages to the follower are lost, the
+    // follower's messages to everyone still arrive.
+    c.links[&(l, f)]
+        .cut
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(1500));
+    check_undisturbed(&c, "one-way");
+    c.links[&(l, f)]
+        .cut
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    eventually("the follower catches up", Duration::from_secs(20), || {
+        info_num(&c, f, "applied_index") >= info_num(&c, l, "commit_index")
+    });
+    assert_eq!(info_num(&c, f, "term"), term);
 }
