@@ -64,6 +64,11 @@ pub enum Outcome {
     Error(String),
 }
 
+/// The most bytes a command or forwarded message may claim: a client request
+/// is at most 64 MiB, and so is what one connection's pipeline forwards at a
+/// time. A damaged length field costs at most this much memory, briefly.
+const MAX_DECODE: usize = 128 << 20;
+
 fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
@@ -77,7 +82,12 @@ impl WriteCmd {
 
     /// Decodes a log entry; `None` when it is not a command of this store.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        bincode::serde::decode_from_slice(bytes, config())
+        // A damaged entry must not make the decoder reserve what its length
+        // fields claim: nothing decodes to more than the entry holds.
+        if bytes.len() > MAX_DECODE {
+            return None;
+        }
+        bincode::serde::decode_from_slice(bytes, config().with_limit::<MAX_DECODE>())
             .ok()
             .map(|(c, _)| c)
     }
@@ -110,7 +120,38 @@ pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 
 /// Decodes a forwarded request or reply.
 pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Option<T> {
-    bincode::serde::decode_from_slice(b, config().with_limit::<{ 1 << 28 }>())
+    if b.len() > MAX_DECODE {
+        return None;
+    }
+    bincode::serde::decode_from_slice(b, config().with_limit::<MAX_DECODE>())
         .ok()
         .map(|(v, _)| v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A damaged entry whose length fields claim gigabytes is refused. (The
+    /// `log_commands` fuzz target, run with an RSS limit, checks that no such
+    /// claim is reserved: before the decode limit it allocated 4 GB.)
+    #[test]
+    fn damaged_length_fields_are_refused() {
+        let good = WriteCmd::Set {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            cond: SetCond::Always,
+        };
+        assert_eq!(WriteCmd::decode(&good.encode()), Some(good));
+        // Variant 1 (Del), then a varint claiming 2^32 - 1 keys.
+        let bogus = [1u8, 0xfc, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(WriteCmd::decode(&bogus), None);
+        // Variant 0 (Set), a key claiming 2^32 - 1 bytes.
+        let bogus = [0u8, 0xfc, 0xff, 0xff, 0xff, 0xff, b'k'];
+        assert_eq!(WriteCmd::decode(&bogus), None);
+        assert_eq!(
+            decode::<Forward>(&[0u8, 0xfc, 0xff, 0xff, 0xff, 0xff]),
+            None
+        );
+    }
 }

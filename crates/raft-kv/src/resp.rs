@@ -77,6 +77,13 @@ pub fn parse_command(buf: &[u8], limits: &Limits) -> Parsed {
             .filter(|a| !a.is_empty())
             .map(|a| a.to_vec())
             .collect();
+        // The same limits as the multibulk form.
+        if args.len() > limits.max_args {
+            return perr("invalid multibulk length");
+        }
+        if args.iter().any(|a| a.len() > limits.max_bulk) {
+            return perr("invalid bulk length");
+        }
         return Ok(Some((args, end + 2)));
     }
     let Some(end) = line_end(buf, 1) else {
@@ -240,6 +247,14 @@ mod tests {
             "the next element would pass max_request: refused before its bytes arrive"
         );
         assert!(parse(&[b'*'; 100]).is_err(), "endless length line");
+        // Inline commands obey the same limits (found by fuzzing).
+        assert!(
+            parse(b"a b c d e f g h i j k\r\n").is_err(),
+            "11 inline args"
+        );
+        assert!(parse(b"a b c d e f g h i j\r\n").is_ok());
+        let long = [b"GET ".as_slice(), &[b'k'; 101], b"\r\n"].concat();
+        assert!(parse(&long).is_err(), "inline argument over max_bulk");
     }
 
     #[test]
