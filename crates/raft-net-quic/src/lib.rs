@@ -66,7 +66,8 @@ pub struct QuicConfig {
     pub listen: SocketAddr,
     /// Peer id -> UDP address. Every id here is a member that may connect.
     pub peers: BTreeMap<NodeId, SocketAddr>,
-    /// Largest frame accepted from a peer; larger ones close the stream.
+    /// Largest frame accepted from a peer; larger ones close the stream (at
+    /// most `wire::MAX_FRAME_LIMIT`).
     pub max_frame_bytes: usize,
     /// Messages queued per peer and stream class before new ones are dropped.
     pub queue_len: usize,
@@ -383,10 +384,14 @@ impl QuicTransport {
                 cfg.id
             )));
         }
-        if cfg.max_frame_bytes < 64 || cfg.queue_len == 0 {
-            return Err(NetError::Config(
-                "max_frame_bytes must be >= 64 and queue_len >= 1".into(),
-            ));
+        if cfg.max_frame_bytes < 64
+            || cfg.max_frame_bytes > wire::MAX_FRAME_LIMIT
+            || cfg.queue_len == 0
+        {
+            return Err(NetError::Config(format!(
+                "max_frame_bytes must be between 64 and {} and queue_len >= 1",
+                wire::MAX_FRAME_LIMIT
+            )));
         }
         let server = tls::server_config(tls)?;
         let client = tls::client_config(tls)?;

@@ -105,11 +105,21 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, FrameError> {
     Ok(out)
 }
 
+/// The largest frame any configuration may allow; decoding never reserves
+/// more than this, whatever a frame's length fields claim.
+pub const MAX_FRAME_LIMIT: usize = 64 << 20;
+
 /// Decodes a frame body.
 pub fn decode_body(body: &[u8]) -> Result<Message, FrameError> {
+    if body.len() > MAX_FRAME_LIMIT {
+        return Err(FrameError::TooLarge {
+            len: body.len(),
+            max: MAX_FRAME_LIMIT,
+        });
+    }
     let (msg, used) = bincode::serde::decode_from_slice(
         body,
-        bincode::config::standard().with_limit::<{ 1 << 30 }>(),
+        bincode::config::standard().with_limit::<MAX_FRAME_LIMIT>(),
     )
     .map_err(|e| FrameError::Decode(e.to_string()))?;
     if used != body.len() {
@@ -152,4 +162,30 @@ pub async fn read_raw_frame(
         Err(e) => return Err(FrameError::Read(e.to_string())),
     }
     Ok(Some(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft_core::MessageBody;
+
+    #[test]
+    fn frames_round_trip_and_lying_length_fields_are_refused() {
+        let msg = Message {
+            from: 1,
+            to: 2,
+            term: 3,
+            body: MessageBody::HeartbeatResponse { round: 9 },
+        };
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(decode_body(&frame[4..]).unwrap(), msg);
+        // from 1, to 2, term 3, AppendEntries (variant 2), prev index 0,
+        // prev term 0, then an entry count claiming 2^32 - 1 entries.
+        let lying = [1, 2, 3, 2, 0, 0, 0xfc, 0xff, 0xff, 0xff, 0xff];
+        assert!(decode_body(&lying).is_err());
+        assert!(matches!(
+            decode_body(&vec![0u8; MAX_FRAME_LIMIT + 1]),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
 }
