@@ -211,6 +211,16 @@ impl Cluster {
             .collect()
     }
 
+    /// Waits (up to 20 s) until one of `among` leads; returns it.
+    fn wait_leader(&self, among: &[u64]) -> u64 {
+        let mut leader = None;
+        eventually("a leader", Duration::from_secs(20), || {
+            leader = self.leader(among);
+            leader.is_some()
+        });
+        leader.expect("checked above")
+    }
+
     fn leader(&self, among: &[u64]) -> Option<u64> {
         among
             .iter()
@@ -524,12 +534,7 @@ fn log_compaction_waits_for_a_down_node_which_then_catches_up() {
     for id in ids {
         c.start(id);
     }
-    let mut leader = None;
-    eventually("a leader", Duration::from_secs(20), || {
-        leader = c.leader(&ids);
-        leader.is_some()
-    });
-    let leader = leader.unwrap();
+    let leader = c.wait_leader(&ids);
     pipelined_sets(&c, leader, "a", 400);
     // Every node flushes its state machine within a second and compacts.
     eventually("every node compacts", Duration::from_secs(10), || {
@@ -619,12 +624,7 @@ fn paused_leader_never_serves_a_stale_read_after_it_resumes() {
     for id in ids {
         c.start(id);
     }
-    let mut leader = None;
-    eventually("a leader", Duration::from_secs(20), || {
-        leader = c.leader(&ids);
-        leader.is_some()
-    });
-    let old = leader.unwrap();
+    let old = c.wait_leader(&ids);
     let rest: Vec<u64> = ids.iter().copied().filter(|&x| x != old).collect();
     let _: () = c.conn(old).set("x", "before").unwrap();
     // A connection opened now; its GET is queued while the node is paused,
@@ -780,77 +780,59 @@ fn client_loop(
     out
 }
 
-/// Concurrent clients on every node while the leader is SIGKILLed and
-/// restarted, then the next leader is paused with SIGSTOP and resumed: each
-/// key's history (acknowledged operations, plus writes of unknown outcome)
-/// must be linearizable.
-#[test]
-fn client_histories_stay_linearizable_through_kills_and_pauses() {
-    use integration_tests::linearizable::check;
-    const KEYS: usize = 3;
-    const CLIENTS: usize = 4;
-    let tmp = tempfile::tempdir().unwrap();
-    let ids = [1u64, 2, 3];
-    let mut c = Cluster::new(tmp.path(), &ids);
-    for id in ids {
-        c.start(id);
-    }
-    let mut leader = None;
-    eventually("a leader", Duration::from_secs(20), || {
-        leader = c.leader(&ids);
-        leader.is_some()
-    });
-    let first = leader.unwrap();
-    let addrs = c.client.clone();
+/// Runs `clients` client threads (see `client_loop`) on `keys` keys while
+/// `faults` runs on this thread (given the clients' time origin); returns
+/// every operation they recorded once `faults` returns.
+fn with_clients(
+    addrs: &BTreeMap<u64, SocketAddr>,
+    clients: usize,
+    keys: usize,
+    faults: impl FnOnce(Instant),
+) -> Vec<Recorded> {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let start = Instant::now();
-    let recorded: Vec<Recorded> = std::thread::scope(|s| {
-        let clients: Vec<_> = (0..CLIENTS)
+    std::thread::scope(|s| {
+        let threads: Vec<_> = (0..clients)
             .map(|me| {
-                let (addrs, stop) = (&addrs, &stop);
-                s.spawn(move || client_loop(addrs, me, KEYS, start, stop))
+                let stop = &stop;
+                s.spawn(move || client_loop(addrs, me, keys, start, stop))
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(800));
-        c.kill(first);
-        std::thread::sleep(Duration::from_millis(800));
-        c.start(first);
-        std::thread::sleep(Duration::from_millis(800));
-        let rest: Vec<u64> = ids.to_vec();
-        let mut second = None;
-        eventually(
-            "a leader after the restart",
-            Duration::from_secs(20),
-            || {
-                second = c.leader(&rest);
-                second.is_some()
-            },
-        );
-        let second = second.unwrap();
-        signal(&c, second, "-STOP");
-        std::thread::sleep(Duration::from_millis(800));
-        signal(&c, second, "-CONT");
-        std::thread::sleep(Duration::from_millis(800));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        clients
+        // Stop the clients however `faults` ends, a failed assertion included,
+        // or the scope would wait for them forever.
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let guard = StopOnDrop(&stop);
+        faults(start);
+        drop(guard);
+        threads
             .into_iter()
             .flat_map(|h| h.join().unwrap())
             .collect()
-    });
+    })
+}
+
+/// Asserts that each key's history is linearizable and that the clients got
+/// work done; returns how many operations were acknowledged.
+fn assert_linearizable(recorded: &[Recorded], keys: usize) -> usize {
     let acked = recorded.iter().filter(|r| r.op.ret.is_some()).count();
-    let unknown = recorded.len() - acked;
     println!(
-        "{} operations recorded on {KEYS} keys ({acked} acknowledged, {unknown} writes of unknown outcome)",
-        recorded.len()
+        "{} operations recorded on {keys} keys ({acked} acknowledged, {} writes of unknown outcome)",
+        recorded.len(),
+        recorded.len() - acked
     );
     assert!(acked > 500, "the clients should get work done: {acked}");
-    for key in 0..KEYS {
+    for key in 0..keys {
         let history: Vec<_> = recorded
             .iter()
             .filter(|r| r.key == key)
             .map(|r| r.op.clone())
             .collect();
-        if let Err(e) = check(&history) {
+        if let Err(e) = integration_tests::linearizable::check(&history) {
             panic!(
                 "key lin{key}: not linearizable; {} of {} operations placed, then stuck at {:?}",
                 e.placed,
@@ -859,6 +841,38 @@ fn client_histories_stay_linearizable_through_kills_and_pauses() {
             );
         }
     }
+    acked
+}
+
+/// Concurrent clients on every node while the leader is SIGKILLed and
+/// restarted, then the next leader is paused with SIGSTOP and resumed: each
+/// key's history (acknowledged operations, plus writes of unknown outcome)
+/// must be linearizable.
+#[test]
+fn client_histories_stay_linearizable_through_kills_and_pauses() {
+    const KEYS: usize = 3;
+    const CLIENTS: usize = 4;
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = [1u64, 2, 3];
+    let mut c = Cluster::new(tmp.path(), &ids);
+    for id in ids {
+        c.start(id);
+    }
+    let first = c.wait_leader(&ids);
+    let addrs = c.client.clone();
+    let recorded = with_clients(&addrs, CLIENTS, KEYS, |_| {
+        std::thread::sleep(Duration::from_millis(800));
+        c.kill(first);
+        std::thread::sleep(Duration::from_millis(800));
+        c.start(first);
+        std::thread::sleep(Duration::from_millis(800));
+        let second = c.wait_leader(&ids);
+        signal(&c, second, "-STOP");
+        std::thread::sleep(Duration::from_millis(800));
+        signal(&c, second, "-CONT");
+        std::thread::sleep(Duration::from_millis(800));
+    });
+    assert_linearizable(&recorded, KEYS);
 }
 
 /// Real partitions between real processes (UDP relays the test cuts): the
@@ -869,7 +883,6 @@ fn client_histories_stay_linearizable_through_kills_and_pauses() {
 /// linearizable; at the end all three state machines agree.
 #[test]
 fn partitions_majority_serves_minority_commits_nothing_histories_linearizable() {
-    use integration_tests::linearizable::check;
     const KEYS: usize = 3;
     const CLIENTS: usize = 4;
     let tmp = tempfile::tempdir().unwrap();
@@ -878,24 +891,11 @@ fn partitions_majority_serves_minority_commits_nothing_histories_linearizable() 
     for id in ids {
         c.start(id);
     }
-    let mut leader = None;
-    eventually("a leader", Duration::from_secs(20), || {
-        leader = c.leader(&ids);
-        leader.is_some()
-    });
-    let old = leader.unwrap();
+    let old = c.wait_leader(&ids);
     let rest: Vec<u64> = ids.iter().copied().filter(|&x| x != old).collect();
     let addrs = c.client.clone();
-    let stop = std::sync::atomic::AtomicBool::new(false);
-    let start = Instant::now();
     let mut window = (0u64, 0u64);
-    let recorded: Vec<Recorded> = std::thread::scope(|s| {
-        let clients: Vec<_> = (0..CLIENTS)
-            .map(|me| {
-                let (addrs, stop) = (&addrs, &stop);
-                s.spawn(move || client_loop(addrs, me, KEYS, start, stop))
-            })
-            .collect();
+    let recorded = with_clients(&addrs, CLIENTS, KEYS, |start| {
         std::thread::sleep(Duration::from_millis(700));
         c.isolate(old, true);
         let cut = Instant::now();
@@ -939,39 +939,15 @@ fn partitions_majority_serves_minority_commits_nothing_histories_linearizable() 
         std::thread::sleep(Duration::from_millis(800));
         c.isolate(follower, false);
         std::thread::sleep(Duration::from_millis(800));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        clients
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
     });
-    let acked = recorded.iter().filter(|r| r.op.ret.is_some()).count();
+    assert_linearizable(&recorded, KEYS);
     let during = recorded
         .iter()
         .filter(|r| matches!(r.op.kind, integration_tests::linearizable::Kind::Write(_)))
         .filter(|r| r.op.ret.is_some_and(|t| t > window.0 && t < window.1))
         .count();
-    println!(
-        "{} operations recorded ({acked} acknowledged); {during} writes acknowledged while the old leader was cut off",
-        recorded.len()
-    );
-    assert!(acked > 500, "the clients should get work done: {acked}");
+    println!("{during} writes acknowledged while the old leader was cut off");
     assert!(during > 0, "the majority should keep acknowledging writes");
-    for key in 0..KEYS {
-        let history: Vec<_> = recorded
-            .iter()
-            .filter(|r| r.key == key)
-            .map(|r| r.op.clone())
-            .collect();
-        if let Err(e) = check(&history) {
-            panic!(
-                "key lin{key}: not linearizable; {} of {} operations placed, then stuck at {:?}",
-                e.placed,
-                history.len(),
-                e.stuck_at
-            );
-        }
-    }
     // After healing every node holds the same data.
     let names: Vec<String> = (0..KEYS).map(|k| format!("lin{k}")).collect();
     let mut seen = Vec::new();
@@ -1012,12 +988,7 @@ fn follower_and_one_way_partitions_do_not_disturb_the_leader() {
     for id in ids {
         c.start(id);
     }
-    let mut leader = None;
-    eventually("a leader", Duration::from_secs(20), || {
-        leader = c.leader(&ids);
-        leader.is_some()
-    });
-    let l = leader.unwrap();
+    let l = c.wait_leader(&ids);
     let term = info_num(&c, l, "term");
     let f = ids.iter().copied().find(|&x| x != l).unwrap();
     let check_undisturbed = |c: &Cluster, what: &str| {

@@ -209,15 +209,7 @@ fn node_config(a: NodeArgs) -> anyhow::Result<NodeConfig> {
             .unwrap_or_else(default_compact_threshold),
     };
     // The Raft layer validates the timing rules with precise messages.
-    let mut rc = raft_core::node::Config::new(cfg.id);
-    for (&p, addr) in &cfg.peers {
-        rc.add_peer(p, addr.to_string())?;
-    }
-    rc.heartbeat_interval = cfg.heartbeat;
-    rc.election_timeout_min = cfg.election_min;
-    rc.election_timeout_max = cfg.election_max;
-    rc.compact_threshold = cfg.compact_threshold;
-    rc.validate()?;
+    cfg.raft_config()?;
     Ok(cfg)
 }
 

@@ -44,6 +44,22 @@ pub struct NodeConfig {
     pub compact_threshold: u64,
 }
 
+impl NodeConfig {
+    /// The Raft layer's configuration for this node, validated.
+    pub fn raft_config(&self) -> Result<RaftConfig, raft_core::node::ConfigError> {
+        let mut rc = RaftConfig::new(self.id);
+        for (&p, a) in &self.peers {
+            rc.add_peer(p, a.to_string())?;
+        }
+        rc.heartbeat_interval = self.heartbeat;
+        rc.election_timeout_min = self.election_min;
+        rc.election_timeout_max = self.election_max;
+        rc.compact_threshold = self.compact_threshold;
+        rc.validate()?;
+        Ok(rc)
+    }
+}
+
 /// How long a client request may wait for a leader to appear.
 const LEADER_WAIT: Duration = Duration::from_secs(3);
 /// How long a proposed write may take before its outcome is reported unknown.
@@ -128,14 +144,7 @@ impl KvNode {
                 encode(&reply)
             })
         }));
-        let mut rc = RaftConfig::new(cfg.id);
-        for (&p, a) in &cfg.peers {
-            rc.add_peer(p, a.to_string())?;
-        }
-        rc.heartbeat_interval = cfg.heartbeat;
-        rc.election_timeout_min = cfg.election_min;
-        rc.election_timeout_max = cfg.election_max;
-        rc.compact_threshold = cfg.compact_threshold;
+        let rc = cfg.raft_config()?;
         let (apply_tx, apply_rx) = mpsc::channel::<ApplyMsg>(4096);
         let raft = Raft::new(rc, log, transport, apply_tx)?;
         raft.start_with_applied(sm.applied()).await?;
