@@ -56,6 +56,7 @@ pub mod log_ops {
                 hard_state,
                 truncate_from: None,
                 entries: mk(last + 1, count, term),
+                membership: None,
             })
         } else if roll < 85 {
             let from = state.snapshot.index + 1 + r(4) % (last - state.snapshot.index);
@@ -67,6 +68,7 @@ pub mod log_ops {
                 }),
                 truncate_from: Some(from),
                 entries: mk(from, count, term + 1),
+                membership: None,
             })
         } else if roll < 90 && last > state.snapshot.index + 1 {
             let upto = state.snapshot.index + 1 + r(6) % (last - state.snapshot.index - 1);
@@ -84,6 +86,7 @@ pub mod log_ops {
                 }),
                 truncate_from: None,
                 entries: vec![],
+                membership: None,
             })
         }
     }

@@ -18,6 +18,7 @@
 
 pub mod engine;
 pub mod message;
+pub(crate) mod mutation;
 pub mod node;
 pub mod storage;
 #[cfg(any(test, feature = "testing"))]
@@ -28,9 +29,13 @@ pub mod types;
 #[cfg(test)]
 mod sim;
 
-pub use engine::{Engine, EngineConfig, EngineError, InitialState, NotLeader, ReadResult, Ready};
-pub use message::{Message, MessageBody, RejectHint};
+pub use engine::{
+    Engine, EngineConfig, EngineError, InitialState, NotLeader, ProposeError, ReadResult, Ready,
+};
+pub use message::{Message, MessageBody, RejectHint, MESSAGE_OVERHEAD};
 pub use node::{ApplyMsg, Config, Raft, Status};
 pub use storage::{LogBatch, LogState, LogStore, MemLogStore, StorageError};
 pub use transport::{ChannelNetwork, ChannelTransport, Transport};
-pub use types::{Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, Term};
+pub use types::{
+    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, Term, ENTRY_OVERHEAD,
+};

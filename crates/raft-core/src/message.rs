@@ -3,6 +3,13 @@
 use crate::types::{Entry, LogIndex, NodeId, Term};
 use serde::{Deserialize, Serialize};
 
+/// An upper bound on what an AppendEntries adds to an encoded frame beyond
+/// its entries (each bounded by `Entry::size_bound`): sender, receiver, term,
+/// the kind's tag, the previous entry's id, the commit index and the entry
+/// count, with room to spare. A transport whose frames hold
+/// `max_bytes_per_msg + MESSAGE_OVERHEAD` bytes carries every message.
+pub const MESSAGE_OVERHEAD: usize = 128;
+
 /// One message from one node to another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {

@@ -1,20 +1,35 @@
 //! A seeded, deterministic simulator of whole Raft clusters.
 //!
-//! Virtual time; a network that drops, delays (and so reorders), duplicates and
-//! partitions (symmetric, asymmetric, leader isolated); disks that take time, so
-//! a crash loses whatever was not yet durable; random client proposals and reads.
-//! After every step it checks the safety properties of the Raft paper's Figure 3:
-//! Election Safety, Leader Append-Only, Log Matching, Leader Completeness and
-//! State Machine Safety, plus "read index is never behind a known commit".
-//! After the fault phase everything heals and a leader must commit a new
-//! proposal within a bounded virtual time (liveness).
+//! Virtual time, and a fault model aimed at the bugs that hide in timing:
+//! * a network that drops, delays (and so reorders) and duplicates; some
+//!   messages are held for longer than an election; partitions (symmetric,
+//!   asymmetric, leader isolated) either drop what crosses them or queue it
+//!   and deliver it late, after the partition changes;
+//! * disks that take time, and sometimes stall for tens to hundreds of
+//!   milliseconds (longer than a round trip and than an election);
+//! * crashes aimed at nodes with a write in flight, which then loses the
+//!   write, keeps it, or keeps only a prefix of it; quick restarts;
+//! * an application that applies in memory, flushes its state lazily (and
+//!   only then releases the log), and loses the unflushed part in a crash,
+//!   as raft-kv does;
+//! * clients proposing and reading on any node that believes it leads.
+//!
+//! After every step it checks the safety properties of the Raft paper's
+//! Figure 3: Election Safety, Leader Append-Only, Log Matching, Leader
+//! Completeness and State Machine Safety, plus "a read index is never behind a
+//! commit known when the read began", "no entry is applied twice or out of
+//! order" and "nothing the application has not stored is compacted". After
+//! the fault phase everything heals; within a bounded virtual time a new
+//! proposal must commit, every live node must catch up to it, and every read
+//! still pending must be answered (liveness).
 //!
 //! Every run is a pure function of its seed: a failure prints the seed and the
 //! command that replays it.
 
 use crate::engine::rng::SplitMix64;
-use crate::engine::{Bugs, Engine, EngineConfig, InitialState};
+use crate::engine::{Engine, EngineConfig, InitialState};
 use crate::message::Message;
+use crate::mutation::Mutation;
 use crate::types::{Entry, HardState, LogId, LogIndex, Membership, NodeId, Role, Term};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -32,21 +47,29 @@ pub(crate) struct SimConfig {
     pub(crate) liveness_bound: Duration,
     pub(crate) pre_vote: bool,
     pub(crate) check_quorum: bool,
-    pub(crate) bugs: Bugs,
+    /// Entries per AppendEntries (small values make lagging followers common).
+    pub(crate) max_entries_per_msg: usize,
+    /// A rule broken on purpose for this run.
+    pub(crate) mutation: Option<Mutation>,
     /// Inject crashes, partitions and message faults.
     pub(crate) faults: bool,
 }
 
 impl SimConfig {
     pub(crate) fn new(seed: u64, nodes: usize, fault_steps: usize) -> Self {
+        // Every supported setting is exercised: a third of the seeds run
+        // without check-quorum (leaders then only learn of a newer term from
+        // messages), a quarter without pre-vote.
+        let mix = SplitMix64::new(seed ^ 0xc0ff_ee00).next_u64();
         SimConfig {
             seed,
             nodes,
             fault_steps,
             liveness_bound: Duration::from_secs(10),
-            pre_vote: true,
-            check_quorum: true,
-            bugs: Bugs::default(),
+            pre_vote: !mix.is_multiple_of(4),
+            check_quorum: !(mix >> 8).is_multiple_of(3),
+            max_entries_per_msg: [1, 2, 8][((mix >> 16) % 3) as usize],
+            mutation: None,
             faults: true,
         }
     }
@@ -59,6 +82,12 @@ pub(crate) struct SimStats {
     pub(crate) committed: LogIndex,
     pub(crate) leaders_elected: usize,
     pub(crate) crashes: usize,
+    /// Crashes that hit a node with a disk write in flight.
+    pub(crate) crashes_mid_write: usize,
+    /// Disk writes that stalled longer than an election timeout's minimum.
+    pub(crate) disk_stalls: usize,
+    /// Messages held by a partition and delivered after it changed.
+    pub(crate) held_delivered: usize,
     /// Log compactions carried out by stores.
     pub(crate) purges: usize,
     /// Restarts that began from a compacted log.
@@ -90,6 +119,7 @@ impl std::fmt::Display for Violation {
 enum Event {
     Deliver(Message),
     DiskDone(NodeId),
+    Restart(NodeId),
 }
 
 /// A ready whose storage writes are still on their way to disk.
@@ -111,8 +141,10 @@ struct SimNode {
     /// The durable log, each entry with the hash chain of its whole prefix.
     log: Vec<(Entry, u64)>,
     disk: Option<PendingDisk>,
-    /// Durable state machine: last applied index.
+    /// The application's state in memory: last applied index.
     applied: LogIndex,
+    /// The application's durable state: last applied index it flushed.
+    flushed: LogIndex,
     /// The store's compaction point (`node.log` keeps every entry so the
     /// checks can see them; a restart hands the engine only what follows).
     purged: LogId,
@@ -143,8 +175,12 @@ pub(crate) struct Sim {
     queue: BTreeMap<(Duration, u64), Event>,
     nodes: BTreeMap<NodeId, SimNode>,
     membership: Membership,
-    /// Directed links that currently drop everything.
+    /// Directed links that currently drop (or hold) everything.
     blocked: BTreeSet<(NodeId, NodeId)>,
+    /// The current partition queues messages instead of dropping them.
+    partition_holds: bool,
+    /// Messages held by a partition, delivered once their link is open.
+    held: Vec<Message>,
     drop_per_mille: u64,
     dup_per_mille: u64,
     max_delay_ms: u64,
@@ -158,7 +194,8 @@ pub(crate) struct Sim {
     max_commit_seen: LogIndex,
     /// Leader (node, term) -> the durable log length and prefix hash last seen.
     leader_log_marks: HashMap<(NodeId, Term), (usize, u64)>,
-    pending_reads: HashMap<u64, LogIndex>,
+    /// Read ctx -> (node asked, commit index known when the read began).
+    pending_reads: HashMap<u64, (NodeId, LogIndex)>,
     next_ctx: u64,
     next_cmd: u64,
     stats: SimStats,
@@ -183,6 +220,8 @@ impl Sim {
             nodes: BTreeMap::new(),
             membership,
             blocked: BTreeSet::new(),
+            partition_holds: false,
+            held: Vec::new(),
             drop_per_mille,
             dup_per_mille,
             max_delay_ms,
@@ -208,6 +247,7 @@ impl Sim {
                     log: Vec::new(),
                     disk: None,
                     applied: 0,
+                    flushed: 0,
                     purged: LogId::default(),
                     checked_commit: 0,
                 },
@@ -221,7 +261,7 @@ impl Sim {
         let mut c = EngineConfig::new(id);
         c.pre_vote = self.cfg.pre_vote;
         c.check_quorum = self.cfg.check_quorum;
-        c.max_entries_per_msg = 8;
+        c.max_entries_per_msg = self.cfg.max_entries_per_msg;
         c.max_inflight = 4;
         // Compact often, so that restarts, elections and lagging followers
         // meet compacted logs all the time.
@@ -233,7 +273,6 @@ impl Sim {
         let cfg = self.engine_config(id);
         let seed = self.rng.next_u64();
         let now = self.now;
-        let bugs = self.cfg.bugs;
         let membership = self.membership.clone();
         let node = self.nodes.get_mut(&id).expect("known node");
         if node.purged.index > 0 {
@@ -249,11 +288,12 @@ impl Sim {
                 .map(|(e, _)| e.clone())
                 .collect(),
             membership,
-            applied: node.applied,
+            applied: node.flushed,
         };
+        // The application restarts from what it flushed.
+        node.applied = node.flushed;
         match Engine::new(cfg, init, seed, now) {
-            Ok(mut e) => {
-                e.bugs = bugs;
+            Ok(e) => {
                 node.checked_commit = e.commit_index();
                 node.engine = Some(e);
             }
@@ -301,7 +341,13 @@ impl Sim {
     }
 
     fn send(&mut self, msg: Message) {
-        if self.blocked.contains(&(msg.from, msg.to)) || self.chance(self.drop_per_mille) {
+        if self.blocked.contains(&(msg.from, msg.to)) {
+            if self.partition_holds {
+                self.held.push(msg);
+            }
+            return;
+        }
+        if self.chance(self.drop_per_mille) {
             return;
         }
         let copies = if self.chance(self.dup_per_mille) {
@@ -310,8 +356,44 @@ impl Sim {
             1
         };
         for _ in 0..copies {
-            let delay = Duration::from_micros(self.rng.range(200, self.max_delay_ms * 1000));
+            let delay = self.message_delay();
             self.schedule(self.now + delay, Event::Deliver(msg.clone()));
+        }
+    }
+
+    /// Usually a LAN-like delay; now and then one longer than an election.
+    fn message_delay(&mut self) -> Duration {
+        if self.cfg.faults && self.chance(30) {
+            Duration::from_millis(self.rng.range(100, 1500))
+        } else {
+            Duration::from_micros(self.rng.range(200, self.max_delay_ms * 1000))
+        }
+    }
+
+    /// Sets new blocked links; held messages whose link is open now go out late.
+    fn set_blocked(&mut self, blocked: BTreeSet<(NodeId, NodeId)>) {
+        self.blocked = blocked;
+        self.partition_holds = self.rng.range(0, 2) == 0;
+        let held = std::mem::take(&mut self.held);
+        for m in held {
+            if self.blocked.contains(&(m.from, m.to)) {
+                self.held.push(m);
+            } else {
+                self.stats.held_delivered += 1;
+                let delay = self.message_delay();
+                self.schedule(self.now + delay, Event::Deliver(m));
+            }
+        }
+    }
+
+    /// How long a disk write takes: usually 0.05-3 ms, sometimes a stall
+    /// longer than a round trip and an election.
+    fn disk_latency(&mut self) -> Duration {
+        if self.cfg.faults && self.chance(60) {
+            self.stats.disk_stalls += 1;
+            Duration::from_millis(self.rng.range(20, 400))
+        } else {
+            Duration::from_micros(self.rng.range(50, 3000))
         }
     }
 
@@ -351,7 +433,7 @@ impl Sim {
             if needs_disk {
                 let node = self.nodes.get_mut(&id).expect("known node");
                 node.disk = Some(pending);
-                let at = self.now + Duration::from_micros(self.rng.range(50, 3000));
+                let at = self.now + self.disk_latency();
                 self.schedule(at, Event::DiskDone(id));
                 return;
             }
@@ -359,7 +441,9 @@ impl Sim {
         }
     }
 
-    fn finish_disk(&mut self, id: NodeId, p: PendingDisk) {
+    /// Makes a write durable: all of it, or (a crash mid-write) the hard
+    /// state, the truncation and the first `keep` entries.
+    fn persist(&mut self, id: NodeId, p: &PendingDisk, keep: usize) -> Vec<String> {
         let mut problems = Vec::new();
         {
             let node = self.nodes.get_mut(&id).expect("known node");
@@ -378,7 +462,7 @@ impl Sim {
                         "Leader Append-Only: leader {id} of term {term} truncated its log at {t}"
                     ));
                 }
-                if t <= node.applied {
+                if t <= node.applied.max(node.flushed) {
                     problems.push(format!(
                         "node {id} truncated applied entry {t} (applied {})",
                         node.applied
@@ -386,7 +470,7 @@ impl Sim {
                 }
                 node.log.truncate(t.saturating_sub(1) as usize);
             }
-            for e in &p.entries {
+            for e in p.entries.iter().take(keep) {
                 if e.index != node.log.len() as u64 + 1 {
                     problems.push(format!(
                         "node {id} wrote entry {} after a log of length {}",
@@ -409,10 +493,16 @@ impl Sim {
                 }
                 node.log.push((e.clone(), c));
             }
-            if let Some(last) = p.entries.last() {
-                if let Some(engine) = node.engine.as_mut() {
-                    engine.persisted(last.log_id());
-                }
+        }
+        problems
+    }
+
+    fn finish_disk(&mut self, id: NodeId, p: PendingDisk) {
+        let mut problems = self.persist(id, &p, p.entries.len());
+        if let Some(last) = p.entries.last() {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            if let Some(engine) = node.engine.as_mut() {
+                engine.persisted(last.log_id());
             }
         }
         for m in p.persisted_messages {
@@ -424,10 +514,10 @@ impl Sim {
                 .log
                 .get((upto.index as usize).wrapping_sub(1))
                 .map(|(e, _)| e.term);
-            if upto.index > node.applied || held != Some(upto.term) {
+            if upto.index > node.flushed || held != Some(upto.term) {
                 let what = format!(
-                    "node {id} purged to {upto:?} (applied {}, durable term there {held:?})",
-                    node.applied
+                    "node {id} compacted its log to {upto:?}, past what the application stored ({}; durable term there {held:?})",
+                    node.flushed
                 );
                 problems.push(what);
             } else {
@@ -438,12 +528,21 @@ impl Sim {
         for e in p.committed {
             self.apply(id, e);
         }
-        // The application's state is durable at once here: release at random.
-        if self.chance(400) {
+        {
             let node = self.nodes.get_mut(&id).expect("known node");
             let applied = node.applied;
             if let Some(engine) = node.engine.as_mut() {
-                engine.release(applied);
+                engine.delivered(applied);
+            }
+        }
+        // The application flushes its state now and then, and only then
+        // releases the log entries it covers.
+        if self.chance(100) {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            node.flushed = node.applied;
+            let flushed = node.flushed;
+            if let Some(engine) = node.engine.as_mut() {
+                engine.release(flushed);
             }
         }
         for what in problems {
@@ -457,7 +556,10 @@ impl Sim {
         }
         let node = self.nodes.get_mut(&id).expect("known node");
         if e.index != node.applied + 1 {
-            let what = format!("node {id} applied {} after {}", e.index, node.applied);
+            let what = format!(
+                "node {id} applied {} after {}: an entry applied twice or skipped",
+                e.index, node.applied
+            );
             self.fail(what);
             return;
         }
@@ -477,7 +579,7 @@ impl Sim {
     }
 
     fn check_read(&mut self, ctx: u64, result: Result<LogIndex, crate::engine::NotLeader>) {
-        let Some(floor) = self.pending_reads.remove(&ctx) else {
+        let Some((_, floor)) = self.pending_reads.remove(&ctx) else {
             return;
         };
         if let Ok(index) = result {
@@ -515,6 +617,22 @@ impl Sim {
                     None => {
                         self.leaders_by_term.insert(term, id);
                         self.stats.leaders_elected += 1;
+                        // Votes are durable before they are sent: a majority
+                        // holds this vote on disk (or has moved to a later term).
+                        let durable_votes = self
+                            .nodes
+                            .iter()
+                            .filter(|(&nid, n)| {
+                                nid == id
+                                    || n.hard_state.term > term
+                                    || (n.hard_state.term == term && n.hard_state.vote == Some(id))
+                            })
+                            .count();
+                        if durable_votes < self.membership.quorum() {
+                            problems.push(format!(
+                                "Vote durability: node {id} leads term {term} but only {durable_votes} nodes hold a vote for it on disk"
+                            ));
+                        }
                         // Leader Completeness: the new leader holds every committed
                         // entry (up to its compaction point: the point's term).
                         let snap = e.snapshot();
@@ -583,6 +701,19 @@ impl Sim {
                     ));
                 }
             } else if pos == self.committed.len() {
+                // Committed means durable on a majority: count the durable copies.
+                let copies = self
+                    .nodes
+                    .values()
+                    .filter(|n| n.log.get(pos).is_some_and(|(le2, _)| le2.term == le.term))
+                    .count();
+                if copies < self.membership.quorum() {
+                    problems.push(format!(
+                        "Commit durability: node {id} committed ({idx}, {}) while only {copies} of {} nodes hold it durably",
+                        le.term,
+                        self.nodes.len()
+                    ));
+                }
                 self.committed.push(rec);
             } else {
                 problems.push(format!(
@@ -596,18 +727,57 @@ impl Sim {
         problems
     }
 
+    /// Crashes a node: it loses its volatile state, the application's
+    /// unflushed state and any write in flight (which may also have become
+    /// durable, wholly or in part, just before the crash).
+    fn crash(&mut self, id: NodeId) {
+        let pending = {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            node.engine = None;
+            node.applied = node.flushed;
+            node.disk.take()
+        };
+        self.stats.crashes += 1;
+        if let Some(p) = pending {
+            self.stats.crashes_mid_write += 1;
+            let keep = match self.rng.range(0, 3) {
+                0 => None,
+                1 => Some(p.entries.len()),
+                _ => Some(self.rng.range(0, p.entries.len() as u64 + 1) as usize),
+            };
+            if let Some(keep) = keep {
+                for what in self.persist(id, &p, keep) {
+                    self.fail(what);
+                }
+            }
+        }
+        self.pending_reads.retain(|_, (n, _)| *n != id);
+        if self.rng.range(0, 2) == 0 {
+            // A quick restart, as a supervisor would do.
+            let at = self.now + Duration::from_millis(self.rng.range(1, 100));
+            self.schedule(at, Event::Restart(id));
+        }
+    }
+
     fn random_fault(&mut self) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         let roll = self.rng.range(0, 1000);
-        if roll < 3 {
-            // Crash: lose volatile state and any write not yet durable.
+        if roll < 6 {
             let live = self.live_ids();
-            if !live.is_empty() {
-                let id = live[self.rng.range(0, live.len() as u64) as usize];
-                let node = self.nodes.get_mut(&id).expect("known node");
-                node.engine = None;
-                node.disk = None;
-                self.stats.crashes += 1;
+            let writing: Vec<NodeId> = live
+                .iter()
+                .copied()
+                .filter(|id| self.nodes[id].disk.is_some())
+                .collect();
+            // Most crashes hit a node with a write in flight.
+            let pool = if !writing.is_empty() && self.rng.range(0, 10) < 7 {
+                writing
+            } else {
+                live
+            };
+            if !pool.is_empty() {
+                let id = pool[self.rng.range(0, pool.len() as u64) as usize];
+                self.crash(id);
             }
         } else if roll < 13 {
             let dead: Vec<NodeId> = ids
@@ -620,7 +790,7 @@ impl Sim {
                 self.start_node(id);
             }
         } else if roll < 18 {
-            self.blocked.clear();
+            let mut blocked = BTreeSet::new();
             match self.rng.range(0, 3) {
                 0 => {
                     // Symmetric split into two random groups.
@@ -628,7 +798,7 @@ impl Sim {
                     for (i, &a) in ids.iter().enumerate() {
                         for (j, &b) in ids.iter().enumerate() {
                             if side[i] != side[j] {
-                                self.blocked.insert((a, b));
+                                blocked.insert((a, b));
                             }
                         }
                     }
@@ -638,32 +808,47 @@ impl Sim {
                     for &a in &ids {
                         for &b in &ids {
                             if a != b && self.rng.range(0, 4) == 0 {
-                                self.blocked.insert((a, b));
+                                blocked.insert((a, b));
                             }
                         }
                     }
                 }
                 _ => {
-                    // Isolate the leader.
-                    if let Some(l) = self.leader() {
+                    // Isolate a leader.
+                    if let Some(l) = self.any_leader() {
                         for &b in &ids {
                             if b != l {
-                                self.blocked.insert((l, b));
-                                self.blocked.insert((b, l));
+                                blocked.insert((l, b));
+                                blocked.insert((b, l));
                             }
                         }
                     }
                 }
             }
+            self.set_blocked(blocked);
         } else if roll < 25 {
-            self.blocked.clear();
+            self.set_blocked(BTreeSet::new());
         }
+    }
+
+    /// A random node among those that believe they lead (several may).
+    fn any_leader(&mut self) -> Option<NodeId> {
+        let leaders: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.engine.as_ref().is_some_and(|e| e.is_leader()))
+            .map(|(&id, _)| id)
+            .collect();
+        if leaders.is_empty() {
+            return None;
+        }
+        Some(leaders[self.rng.range(0, leaders.len() as u64) as usize])
     }
 
     fn random_client(&mut self) {
         let roll = self.rng.range(0, 1000);
         if roll < 150 {
-            if let Some(l) = self.leader() {
+            if let Some(l) = self.any_leader() {
                 let cmd = self.next_cmd;
                 self.next_cmd += 1;
                 let e = self
@@ -674,22 +859,24 @@ impl Sim {
                 let _ = e.propose(cmd.to_le_bytes().to_vec());
                 self.pump(l);
             }
-        } else if roll < 170 {
-            if let Some(l) = self.leader() {
-                let ctx = self.next_ctx;
-                self.next_ctx += 1;
-                let floor = self.max_commit_seen;
-                let e = self
-                    .nodes
-                    .get_mut(&l)
-                    .and_then(|n| n.engine.as_mut())
-                    .expect("leader is live");
-                if e.read_index(ctx).is_ok() {
-                    self.pending_reads.insert(ctx, floor);
-                }
-                self.pump(l);
+        } else if roll < 230 {
+            if let Some(l) = self.any_leader() {
+                self.start_read(l);
             }
         }
+    }
+
+    fn start_read(&mut self, on: NodeId) {
+        let ctx = self.next_ctx;
+        self.next_ctx += 1;
+        let floor = self.max_commit_seen;
+        let Some(e) = self.nodes.get_mut(&on).and_then(|n| n.engine.as_mut()) else {
+            return;
+        };
+        if e.read_index(ctx).is_ok() {
+            self.pending_reads.insert(ctx, (on, floor));
+        }
+        self.pump(on);
     }
 
     /// Runs one event: the earliest message, disk completion or timer.
@@ -734,13 +921,20 @@ impl Sim {
                         self.pump(id);
                     }
                 }
+                Event::Restart(id) => {
+                    if self.nodes[&id].engine.is_none() {
+                        self.start_node(id);
+                    }
+                }
             }
         }
         self.check_invariants();
     }
 
     fn heal(&mut self) {
-        self.blocked.clear();
+        self.set_blocked(BTreeSet::new());
+        // From here on: no long stalls or delays either.
+        self.cfg.faults = false;
         self.drop_per_mille = 0;
         self.dup_per_mille = 0;
         let dead: Vec<NodeId> = self
@@ -764,6 +958,7 @@ impl Sim {
 
     /// Runs the fault phase, heals, and checks liveness.
     pub(crate) fn run(mut self) -> Result<SimStats, Violation> {
+        let _mutation = self.cfg.mutation.map(crate::mutation::inject);
         for _ in 0..self.cfg.fault_steps {
             if self.cfg.faults {
                 self.random_fault();
@@ -780,10 +975,13 @@ impl Sim {
         let mut marker: Option<(NodeId, Term, LogIndex)> = None;
         loop {
             if self.now > deadline {
+                let applied: Vec<(NodeId, LogIndex)> =
+                    self.nodes.iter().map(|(&id, n)| (id, n.applied)).collect();
                 self.fail(format!(
-                    "liveness: no new proposal committed within {:?} of healing (leader: {:?})",
+                    "liveness: within {:?} of healing, the new proposal {marker:?} did not commit and reach every node (leader: {:?}, applied: {applied:?}), or reads stayed unanswered ({:?})",
                     self.cfg.liveness_bound,
-                    self.leader()
+                    self.leader(),
+                    self.pending_reads,
                 ));
                 return Err(self.violation().expect("just set"));
             }
@@ -811,7 +1009,9 @@ impl Sim {
                     && n.log
                         .get(idx as usize - 1)
                         .is_some_and(|(e, _)| e.term == t);
-                if done {
+                // Every node catches up, and every read is answered.
+                let all_caught_up = self.nodes.values().all(|n| n.applied >= idx);
+                if done && all_caught_up && self.pending_reads.is_empty() {
                     break;
                 }
             }

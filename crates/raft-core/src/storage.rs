@@ -2,7 +2,7 @@
 //! implements, and [`MemLogStore`], an in-memory store for tests and examples
 //! that can simulate a crash.
 
-use crate::types::{Entry, HardState, LogId, LogIndex};
+use crate::types::{Entry, HardState, LogId, LogIndex, Membership};
 use async_trait::async_trait;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +16,10 @@ pub struct LogState {
     pub snapshot: LogId,
     /// The entries after the compaction point, contiguous and in order.
     pub entries: Vec<Entry>,
+    /// The membership in force at the compaction point (for a new cluster:
+    /// the members it was bootstrapped with); `None` until one is stored.
+    /// Membership entries in `entries` override it.
+    pub membership: Option<Membership>,
 }
 
 /// One durable write: applied in the order hard state, truncation, append.
@@ -27,12 +31,18 @@ pub struct LogBatch {
     pub truncate_from: Option<LogIndex>,
     /// Entries to append; the first follows the log's end after truncation.
     pub entries: Vec<Entry>,
+    /// A new membership at the compaction point (bootstrap, or compaction
+    /// past a membership entry), if it changed.
+    pub membership: Option<Membership>,
 }
 
 impl LogBatch {
     /// True when the batch changes nothing.
     pub fn is_empty(&self) -> bool {
-        self.hard_state.is_none() && self.truncate_from.is_none() && self.entries.is_empty()
+        self.hard_state.is_none()
+            && self.truncate_from.is_none()
+            && self.entries.is_empty()
+            && self.membership.is_none()
     }
 }
 
@@ -116,6 +126,9 @@ pub fn apply_batch(state: &mut LogState, batch: LogBatch) -> Result<(), StorageE
     if let Some(hs) = batch.hard_state {
         state.hard_state = hs;
     }
+    if let Some(m) = batch.membership {
+        state.membership = Some(m);
+    }
     let keep = (end - state.snapshot.index) as usize;
     state.entries.truncate(keep);
     state.entries.extend(batch.entries);
@@ -147,6 +160,8 @@ pub fn apply_purge(state: &mut LogState, upto: LogId) -> Result<(), StorageError
 struct MemShared {
     durable: LogState,
     fail_writes: bool,
+    /// Overrides the handle's write delay when set (changeable while running).
+    write_delay: Option<Duration>,
 }
 
 /// An in-memory [`LogStore`]. Clones share one "disk", so a test can drop a
@@ -182,6 +197,11 @@ impl MemLogStore {
         self.lock().durable.clone()
     }
 
+    /// Changes the write delay of every handle on this disk, from the next write on.
+    pub fn set_write_delay(&self, delay: Duration) {
+        self.lock().write_delay = Some(delay);
+    }
+
     /// Makes every later write fail (a dying disk).
     pub fn set_fail_writes(&self, fail: bool) {
         self.lock().fail_writes = fail;
@@ -200,8 +220,9 @@ impl LogStore for MemLogStore {
     }
 
     async fn save(&mut self, batch: LogBatch) -> Result<(), StorageError> {
-        if !self.write_delay.is_zero() {
-            tokio::time::sleep(self.write_delay).await;
+        let delay = self.lock().write_delay.unwrap_or(self.write_delay);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         let mut g = self.lock();
         if g.fail_writes {

@@ -71,6 +71,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             hard_state: Some(hs),
             truncate_from: None,
             entries: entries(1, 1, 5),
+            membership: None,
         },
     )
     .await;
@@ -80,6 +81,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             hard_state: None,
             truncate_from: None,
             entries: entries(3, 6, 8),
+            membership: None,
         },
     )
     .await;
@@ -104,6 +106,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             }),
             truncate_from: Some(7),
             entries: entries(4, 7, 9),
+            membership: None,
         },
     )
     .await;
@@ -128,6 +131,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             hard_state: None,
             truncate_from: Some(100),
             entries: vec![],
+            membership: None,
         },
     )
     .await;
@@ -143,6 +147,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             }),
             truncate_from: None,
             entries: entries(4, 11, 12),
+            membership: None,
         })
         .await;
     assert!(
@@ -176,6 +181,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             hard_state: None,
             truncate_from: Some(3),
             entries: vec![],
+            membership: None,
         })
         .await;
     assert!(matches!(res, Err(StorageError::Invalid(_))));
@@ -186,6 +192,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             hard_state: None,
             truncate_from: None,
             entries: entries(4, 10, 10),
+            membership: None,
         },
     )
     .await;
@@ -221,6 +228,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             hard_state: None,
             truncate_from: None,
             entries: kinds.clone(),
+            membership: None,
         },
     )
     .await;
@@ -234,6 +242,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             }),
             truncate_from: None,
             entries: big.clone(),
+            membership: None,
         },
     )
     .await;
@@ -250,11 +259,63 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             hard_state: None,
             truncate_from: Some(1),
             entries: entries(5, 1, 2),
+            membership: None,
         },
     )
     .await;
     let mut s2 = f.reopen(s2).await;
     assert_eq!(load(&mut s2).await.entries, entries(5, 1, 2));
+
+    // The membership is stored with a batch, survives reopening, purges and
+    // later batches without one, and is replaced by a newer one.
+    let mut s3 = f.fresh().await;
+    assert_eq!(load(&mut s3).await.membership, None);
+    let boot = Membership::new([1, 2, 3]);
+    save(
+        &mut s3,
+        LogBatch {
+            membership: Some(boot.clone()),
+            ..LogBatch::default()
+        },
+    )
+    .await;
+    let mut s3 = f.reopen(s3).await;
+    assert_eq!(load(&mut s3).await.membership, Some(boot.clone()));
+    save(
+        &mut s3,
+        LogBatch {
+            entries: entries(1, 1, 6),
+            ..LogBatch::default()
+        },
+    )
+    .await;
+    if let Err(err) = s3.purge(LogId::new(1, 3)).await {
+        panic!("purge failed: {err}");
+    }
+    let mut s3 = f.reopen(s3).await;
+    let st = load(&mut s3).await;
+    assert_eq!(
+        st.membership,
+        Some(boot),
+        "membership kept across appends and purges"
+    );
+    let grown = Membership::new([1, 2, 3, 4]);
+    save(
+        &mut s3,
+        LogBatch {
+            membership: Some(grown.clone()),
+            ..LogBatch::default()
+        },
+    )
+    .await;
+    let mut s3 = f.reopen(s3).await;
+    let st = load(&mut s3).await;
+    assert_eq!(
+        st.membership,
+        Some(grown),
+        "a newer membership replaces the old"
+    );
+    assert_eq!(st.entries, entries(1, 4, 6));
 }
 
 /// [`StoreFactory`] for [`crate::MemLogStore`].

@@ -28,6 +28,14 @@ pub trait Transport: Send + 'static {
 
     /// Waits for the next inbound message.
     async fn recv(&mut self) -> Option<Message>;
+
+    /// The largest encoded message this transport carries, if it has a
+    /// limit. The node refuses settings that could produce a larger one
+    /// (`Config::validate_for_transport`), so no message is ever dropped for
+    /// its size.
+    fn max_message_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 #[derive(Debug)]

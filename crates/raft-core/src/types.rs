@@ -40,13 +40,21 @@ pub enum EntryPayload {
     Membership(Membership),
 }
 
+/// An upper bound on what an entry adds to an encoded message beyond its
+/// payload's own bytes (`EntryPayload::size_hint`): its term and index, the
+/// payload's tag and length prefix, with room to spare for any integer
+/// encoding.
+pub const ENTRY_OVERHEAD: usize = 48;
+
 impl EntryPayload {
-    /// Approximate encoded size, used to bound message sizes.
+    /// The payload's variable part in bytes: a command's length, 9 bytes per
+    /// voter of a membership. With `ENTRY_OVERHEAD` an upper bound on the
+    /// entry's encoded size, used to bound message sizes.
     pub fn size_hint(&self) -> usize {
         match self {
-            EntryPayload::Blank => 1,
-            EntryPayload::Command(c) => 1 + c.len(),
-            EntryPayload::Membership(m) => 1 + 8 * m.voters.len(),
+            EntryPayload::Blank => 0,
+            EntryPayload::Command(c) => c.len(),
+            EntryPayload::Membership(m) => 9 * m.voters.len(),
         }
     }
 }
@@ -63,6 +71,11 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// An upper bound on this entry's encoded size in a message.
+    pub fn size_bound(&self) -> usize {
+        self.payload.size_hint() + ENTRY_OVERHEAD
+    }
+
     /// The (term, index) of this entry.
     pub fn log_id(&self) -> LogId {
         LogId::new(self.term, self.index)

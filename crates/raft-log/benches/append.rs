@@ -49,6 +49,7 @@ fn bench(c: &mut Criterion) {
                         hard_state: None,
                         truncate_from: None,
                         entries,
+                        membership: None,
                     }))
                     .unwrap();
                 })

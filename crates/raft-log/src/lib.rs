@@ -6,6 +6,8 @@
 //! * `m:magic` — identifies the directory as a raft-log store, with a format version;
 //! * `m:hard` — the hard state (term, vote);
 //! * `m:snap` — the compaction point (index, term);
+//! * `m:members` — the membership at the compaction point (the bootstrap
+//!   membership until compaction passes a membership entry);
 //! * `e:` + big-endian index — a run of up to 64 consecutive entries starting
 //!   at that index (a batch of appends is one insert per run; a truncation
 //!   inside a run rewrites that run).
@@ -35,13 +37,14 @@
 
 use async_trait::async_trait;
 use raft_core::storage::{check_batch, LogBatch, LogState, LogStore, StorageError};
-use raft_core::{Entry, HardState, LogId, LogIndex};
+use raft_core::{Entry, HardState, LogId, LogIndex, Membership};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::{Path, PathBuf};
 
 const MAGIC_KEY: &[u8] = b"m:magic";
 const HARD_KEY: &[u8] = b"m:hard";
 const SNAP_KEY: &[u8] = b"m:snap";
+const MEMBERS_KEY: &[u8] = b"m:members";
 const ENTRY_PREFIX: &[u8] = b"e:";
 const MAGIC: &[u8] = b"raft-log store, format 2";
 /// Entries stored under one key: a batch of appends costs one sled insert per
@@ -284,6 +287,10 @@ impl SledLogStore {
             Some(v) => decode(&v, "compaction point", path)?,
             None => LogId::default(),
         };
+        let membership: Option<Membership> = match get(MEMBERS_KEY)? {
+            Some(v) => Some(decode(&v, "membership", path)?),
+            None => None,
+        };
         let mut entries: Vec<Entry> = Vec::new();
         let mut expect = snapshot.index + 1;
         // Runs wholly below the compaction point may linger (a purge deletes
@@ -330,6 +337,7 @@ impl SledLogStore {
             hard_state,
             snapshot,
             entries,
+            membership,
         })
     }
 
@@ -430,6 +438,9 @@ impl LogStore for SledLogStore {
         }
         if let Some(hs) = &batch.hard_state {
             b.insert(HARD_KEY, encode(hs)?);
+        }
+        if let Some(m) = &batch.membership {
+            b.insert(MEMBERS_KEY, encode(m)?);
         }
         for run in batch.entries.chunks(RUN_LEN) {
             b.insert(&entry_key(run[0].index)[..], encode(&run)?);

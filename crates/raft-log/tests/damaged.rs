@@ -30,6 +30,7 @@ async fn populated(dir: &Path) -> PathBuf {
             hard_state,
             truncate_from: None,
             entries: chunk.to_vec(),
+            membership: None,
         };
         s.save(batch).await.unwrap();
     }

@@ -376,6 +376,12 @@ impl std::fmt::Debug for QuicTransport {
 }
 
 impl QuicTransport {
+    /// The largest frame a peer accepts (`QuicConfig::max_frame_bytes`): no
+    /// message or RPC request may be larger.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.handler_slot.max_frame
+    }
+
     /// Binds the endpoint and starts connecting to peers as messages arrive for them.
     pub fn bind(cfg: QuicConfig, tls: &TlsMaterial) -> Result<Self, NetError> {
         if cfg.peers.contains_key(&cfg.id) {
@@ -543,6 +549,10 @@ impl Transport for QuicTransport {
 
     async fn recv(&mut self) -> Option<Message> {
         self.inbound.recv().await
+    }
+
+    fn max_message_bytes(&self) -> Option<usize> {
+        Some(self.handler_slot.max_frame)
     }
 }
 

@@ -20,6 +20,11 @@ pub(crate) struct RaftLog {
     unstable_from: LogIndex,
     /// Lowest index removed since the last `take_storage_ops`.
     pending_truncate: Option<LogIndex>,
+    /// Highest index the application has taken from the apply queue.
+    pub(crate) delivered: LogIndex,
+    /// Encoded-size bound of the entries after `delivered`: what this node
+    /// holds for the application that it has not taken yet (back-pressure).
+    unapplied_bytes: u64,
 }
 
 impl RaftLog {
@@ -27,6 +32,11 @@ impl RaftLog {
     pub(crate) fn restore(snapshot: LogId, entries: Vec<Entry>, applied: LogIndex) -> Self {
         let last = entries.last().map(|e| e.index).unwrap_or(snapshot.index);
         let applied = applied.max(snapshot.index);
+        let unapplied_bytes = entries
+            .iter()
+            .filter(|e| e.index > applied)
+            .map(|e| e.size_bound() as u64)
+            .sum();
         RaftLog {
             snapshot,
             entries,
@@ -35,6 +45,25 @@ impl RaftLog {
             durable: last,
             unstable_from: last + 1,
             pending_truncate: None,
+            delivered: applied,
+            unapplied_bytes,
+        }
+    }
+
+    /// Encoded-size bound of the entries the application has not taken yet.
+    pub(crate) fn unapplied_bytes(&self) -> u64 {
+        self.unapplied_bytes
+    }
+
+    /// Records that the application took every entry up to `index`.
+    pub(crate) fn deliver(&mut self, index: LogIndex) {
+        let index = index.min(self.applied);
+        while self.delivered < index {
+            self.delivered += 1;
+            let sz = self
+                .entry(self.delivered)
+                .map_or(0, |e| e.size_bound() as u64);
+            self.unapplied_bytes = self.unapplied_bytes.saturating_sub(sz);
         }
     }
 
@@ -87,7 +116,7 @@ impl RaftLog {
         let mut bytes = 0usize;
         let mut out = Vec::new();
         for e in self.entries[start..].iter().take(max_entries.max(1)) {
-            let sz = e.payload.size_hint() + 16;
+            let sz = e.size_bound();
             if !out.is_empty() && bytes + sz > max_bytes {
                 break;
             }
@@ -128,7 +157,11 @@ impl RaftLog {
     /// Drops every entry up to and including `upto`, which must be applied
     /// (hence committed and durable). Returns the new compaction point.
     pub(crate) fn compact(&mut self, upto: LogIndex) -> Option<LogId> {
-        if upto <= self.snapshot.index || upto > self.applied || upto > self.durable {
+        if upto <= self.snapshot.index
+            || upto > self.applied
+            || upto > self.durable
+            || upto > self.delivered
+        {
             return None;
         }
         let term = self.term(upto)?;
@@ -145,13 +178,15 @@ impl RaftLog {
             self.last_index() + 1,
             "log must stay contiguous"
         );
+        self.unapplied_bytes += entry.size_bound() as u64;
         self.entries.push(entry);
     }
 
     /// Removes every entry from `index` on. Never removes a committed entry.
     pub(crate) fn truncate_from(&mut self, index: LogIndex) {
         debug_assert!(
-            index > self.committed,
+            index > self.committed
+                || crate::mutation::broken(crate::mutation::Mutation::TruncateAfterAppend),
             "truncating committed entry {index} (commit {})",
             self.committed
         );
@@ -159,6 +194,11 @@ impl RaftLog {
             return;
         }
         let keep = (index - self.snapshot.index - 1) as usize;
+        let removed: u64 = self.entries[keep..]
+            .iter()
+            .map(|e| e.size_bound() as u64)
+            .sum();
+        self.unapplied_bytes = self.unapplied_bytes.saturating_sub(removed);
         self.entries.truncate(keep);
         self.pending_truncate = Some(self.pending_truncate.map_or(index, |p| p.min(index)));
         self.unstable_from = self.unstable_from.min(index);

@@ -24,6 +24,7 @@ pub(crate) mod rng;
 mod tests;
 
 use crate::message::{Message, MessageBody, RejectHint};
+use crate::mutation::{broken, Mutation};
 use crate::types::{
     Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, Term,
 };
@@ -60,6 +61,16 @@ pub struct EngineConfig {
     /// Log entries are dropped (from memory and, through `Ready::purge_to`,
     /// from the store) in steps of at least this many.
     pub compact_threshold: u64,
+    /// Largest command a proposal may carry, in bytes. Every entry then fits
+    /// in one message of `max(max_bytes_per_msg, max_entry_bytes +
+    /// ENTRY_OVERHEAD) + MESSAGE_OVERHEAD` bytes.
+    pub max_entry_bytes: usize,
+    /// Back-pressure: the most entry bytes (size bounds) a node holds that
+    /// the application has not taken yet: uncommitted entries plus committed
+    /// ones waiting for the apply channel. A leader over it refuses proposals
+    /// with `ProposeError::Busy`; a follower over it accepts only part of an
+    /// AppendEntries and lets the leader retry the rest later.
+    pub max_unapplied_bytes: u64,
 }
 
 impl EngineConfig {
@@ -77,6 +88,8 @@ impl EngineConfig {
             max_inflight: 64,
             max_committed_per_ready: 4096,
             compact_threshold: 8192,
+            max_entry_bytes: 8 << 20,
+            max_unapplied_bytes: 64 << 20,
         }
     }
 }
@@ -108,6 +121,33 @@ pub enum EngineError {
     /// The configuration is unusable.
     #[error("invalid engine configuration: {0}")]
     InvalidConfig(String),
+}
+
+/// Why a proposal was refused. Nothing was appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// This node does not lead.
+    #[error(transparent)]
+    NotLeader(#[from] NotLeader),
+    /// The command is larger than `max_entry_bytes`.
+    #[error("command of {size} bytes exceeds the limit of {max} bytes (max_entry_bytes)")]
+    TooLarge {
+        /// The command's size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The node holds `max_unapplied_bytes` of entries that are not committed
+    /// and applied yet (followers or the application are behind); retry later.
+    #[error(
+        "busy: {pending} bytes of entries wait to commit and apply (limit {max}); retry later"
+    )]
+    Busy {
+        /// Bytes waiting.
+        pending: u64,
+        /// The limit.
+        max: u64,
+    },
 }
 
 /// A proposal or read reached a node that is not the leader.
@@ -149,6 +189,9 @@ pub struct Ready {
     /// The store may drop every entry up to and including this one, once this
     /// ready's writes are durable (`LogStore::purge`).
     pub purge_to: Option<LogId>,
+    /// The membership in force at `purge_to`, when compaction moved past a
+    /// membership entry: store it (`LogBatch::membership`) before purging.
+    pub membership: Option<Membership>,
 }
 
 impl Ready {
@@ -162,6 +205,7 @@ impl Ready {
             && self.committed.is_empty()
             && self.reads.is_empty()
             && self.purge_to.is_none()
+            && self.membership.is_none()
     }
 
     /// The id of the last entry to append, to pass to [`Engine::persisted`].
@@ -178,20 +222,6 @@ struct PendingRead {
     round: Option<u64>,
 }
 
-/// Deliberate protocol bugs, so tests can prove the simulator's checkers fire.
-#[cfg(test)]
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Bugs {
-    /// Grant a vote even when already voted for someone else this term.
-    pub(crate) double_vote: bool,
-    /// Commit by counting replicas, ignoring the current-term rule of §5.4.2; and,
-    /// to set up the paper's Figure 8, a new leader appends no no-op entry.
-    pub(crate) commit_old_term: bool,
-    /// A leader compacts what it holds itself, whether or not its followers
-    /// have it.
-    pub(crate) compact_ignoring_peers: bool,
-}
-
 /// One Raft node's protocol state. See the module docs.
 #[derive(Debug)]
 pub struct Engine {
@@ -202,7 +232,16 @@ pub struct Engine {
     role: Role,
     leader: Option<NodeId>,
     log: RaftLog,
+    /// The membership at the compaction point.
+    base_membership: Membership,
+    /// Membership entries after the compaction point, in index order. The
+    /// latest one counts, committed or not (thesis §4.1); truncating it
+    /// reverts to the one before.
+    configs: Vec<(LogIndex, Membership)>,
+    /// The membership in force: the last of `configs`, else `base_membership`.
     membership: Membership,
+    /// `base_membership` changed: store it with the next purge.
+    base_membership_dirty: bool,
     rng: SplitMix64,
     now: Duration,
 
@@ -234,9 +273,6 @@ pub struct Engine {
     /// must stay 0, there are no snapshots to send instead).
     #[cfg(test)]
     pub(crate) below_compaction: u64,
-
-    #[cfg(test)]
-    pub(crate) bugs: Bugs,
 }
 
 impl Engine {
@@ -261,18 +297,25 @@ impl Engine {
             || cfg.max_entries_per_msg == 0
             || cfg.max_bytes_per_msg == 0
             || cfg.compact_threshold == 0
+            || cfg.max_entry_bytes == 0
         {
             return Err(EngineError::InvalidConfig(
-                "max_inflight, max_entries_per_msg, max_bytes_per_msg and compact_threshold must be positive".into(),
+                "max_inflight, max_entries_per_msg, max_bytes_per_msg, compact_threshold and max_entry_bytes must be positive".into(),
+            ));
+        }
+        if cfg.max_unapplied_bytes < (cfg.max_entry_bytes + crate::types::ENTRY_OVERHEAD) as u64 {
+            return Err(EngineError::InvalidConfig(
+                "max_unapplied_bytes must hold at least one entry of max_entry_bytes".into(),
             ));
         }
         let InitialState {
             hard_state,
             snapshot,
             entries,
-            mut membership,
+            membership: base_membership,
             applied,
         } = init;
+        let mut configs = Vec::new();
         let mut expect = snapshot.index + 1;
         let mut prev_term = snapshot.term;
         for e in &entries {
@@ -289,7 +332,7 @@ impl Engine {
                 )));
             }
             if let EntryPayload::Membership(m) = &e.payload {
-                membership = m.clone();
+                configs.push((e.index, m.clone()));
             }
             prev_term = e.term;
             expect += 1;
@@ -307,6 +350,15 @@ impl Engine {
             )));
         }
         let id = cfg.id;
+        // A mutation for the simulator: forget what the application applied.
+        let applied = if broken(Mutation::ReapplyAfterRestart) {
+            snapshot.index
+        } else {
+            applied
+        };
+        let membership = configs
+            .last()
+            .map_or_else(|| base_membership.clone(), |(_, m)| m.clone());
         let mut e = Engine {
             id,
             term: hard_state.term,
@@ -314,7 +366,10 @@ impl Engine {
             role: Role::Follower,
             leader: None,
             log: RaftLog::restore(snapshot, entries, applied),
+            base_membership,
+            configs,
             membership,
+            base_membership_dirty: false,
             rng: SplitMix64::new(seed ^ id.rotate_left(17)),
             now,
             election_deadline: now,
@@ -338,8 +393,6 @@ impl Engine {
             #[cfg(test)]
             below_compaction: 0,
             cfg,
-            #[cfg(test)]
-            bugs: Bugs::default(),
         };
         e.reset_election_timer();
         Ok(e)
@@ -464,14 +517,71 @@ impl Engine {
 
     /// Proposes an application command. On the leader it is appended at once and
     /// its future position returned; it commits later, or is lost if leadership is.
-    pub fn propose(&mut self, command: Vec<u8>) -> Result<LogId, NotLeader> {
+    pub fn propose(&mut self, command: Vec<u8>) -> Result<LogId, ProposeError> {
+        if command.len() > self.cfg.max_entry_bytes {
+            return Err(ProposeError::TooLarge {
+                size: command.len(),
+                max: self.cfg.max_entry_bytes,
+            });
+        }
         self.propose_payload(EntryPayload::Command(command))
     }
 
-    fn propose_payload(&mut self, payload: EntryPayload) -> Result<LogId, NotLeader> {
+    /// Proposes several commands as consecutive entries, all or none: when
+    /// one is too large or together they exceed the back-pressure limit,
+    /// nothing is appended.
+    pub fn propose_batch(&mut self, commands: Vec<Vec<u8>>) -> Result<Vec<LogId>, ProposeError> {
         if self.role != Role::Leader {
             return Err(NotLeader {
                 leader: self.leader,
+            }
+            .into());
+        }
+        let mut total = 0u64;
+        for c in &commands {
+            if c.len() > self.cfg.max_entry_bytes {
+                return Err(ProposeError::TooLarge {
+                    size: c.len(),
+                    max: self.cfg.max_entry_bytes,
+                });
+            }
+            total += (c.len() + crate::types::ENTRY_OVERHEAD) as u64;
+        }
+        if commands.len() > 1 && total > self.cfg.max_unapplied_bytes {
+            // Could never be accepted as one batch: the caller must split it.
+            return Err(ProposeError::TooLarge {
+                size: usize::try_from(total).unwrap_or(usize::MAX),
+                max: usize::try_from(self.cfg.max_unapplied_bytes).unwrap_or(usize::MAX),
+            });
+        }
+        let pending = self.log.unapplied_bytes();
+        if pending > 0 && pending + total > self.cfg.max_unapplied_bytes {
+            return Err(ProposeError::Busy {
+                pending,
+                max: self.cfg.max_unapplied_bytes,
+            });
+        }
+        let ids = commands
+            .into_iter()
+            .map(|c| self.append_local(EntryPayload::Command(c)))
+            .collect();
+        self.need_broadcast = true;
+        Ok(ids)
+    }
+
+    fn propose_payload(&mut self, payload: EntryPayload) -> Result<LogId, ProposeError> {
+        if self.role != Role::Leader {
+            return Err(NotLeader {
+                leader: self.leader,
+            }
+            .into());
+        }
+        let pending = self.log.unapplied_bytes();
+        let size = (payload.size_hint() + crate::types::ENTRY_OVERHEAD) as u64;
+        if pending > 0 && pending + size > self.cfg.max_unapplied_bytes {
+            return Err(ProposeError::Busy {
+                pending,
+                max: self.cfg.max_unapplied_bytes,
             });
         }
         let id = self.append_local(payload);
@@ -501,6 +611,19 @@ impl Engine {
         }
         self.check_reads();
         Ok(())
+    }
+
+    /// Records that the application took every committed entry up to
+    /// `index` from the apply queue: their bytes no longer count toward
+    /// `max_unapplied_bytes`.
+    pub fn delivered(&mut self, index: LogIndex) {
+        self.log.deliver(index);
+    }
+
+    /// Encoded-size bound of the entries this node holds that the
+    /// application has not taken yet (see `EngineConfig::max_unapplied_bytes`).
+    pub fn unapplied_bytes(&self) -> u64 {
+        self.log.unapplied_bytes()
     }
 
     /// Records that the store made the log durable up to `last` (the
@@ -659,7 +782,27 @@ impl Engine {
         };
         let mut messages = std::mem::take(&mut self.messages);
         let mut persisted_messages = std::mem::take(&mut self.persisted_messages);
-        if hard_state.is_some() {
+        if broken(Mutation::VoteBeforeDurable) {
+            // Votes and vote requests leave at once.
+            let (votes, rest): (Vec<_>, Vec<_>) = persisted_messages.into_iter().partition(|m| {
+                matches!(
+                    m.body,
+                    MessageBody::VoteRequest { .. } | MessageBody::VoteResponse { .. }
+                )
+            });
+            persisted_messages = rest;
+            let (votes2, rest2): (Vec<_>, Vec<_>) = messages.into_iter().partition(|m| {
+                matches!(
+                    m.body,
+                    MessageBody::VoteRequest { .. } | MessageBody::VoteResponse { .. }
+                )
+            });
+            messages = rest2;
+            if hard_state.is_some() {
+                persisted_messages.append(&mut messages);
+            }
+            messages.extend(votes.into_iter().chain(votes2));
+        } else if hard_state.is_some() {
             // Every message may depend on the new term or vote.
             persisted_messages.append(&mut messages);
         }
@@ -672,6 +815,13 @@ impl Engine {
             persisted_messages,
             committed,
             reads: std::mem::take(&mut self.read_results),
+            membership: match self.pending_purge {
+                Some(_) if self.base_membership_dirty => {
+                    self.base_membership_dirty = false;
+                    Some(self.base_membership.clone())
+                }
+                _ => None,
+            },
             purge_to: self.pending_purge.take(),
         }
     }
@@ -815,11 +965,7 @@ impl Engine {
             .collect();
         self.heartbeat_deadline = now + self.cfg.heartbeat_interval;
         self.quorum_deadline = now + self.cfg.election_timeout_min;
-        #[cfg(test)]
-        let noop = !self.bugs.commit_old_term;
-        #[cfg(not(test))]
-        let noop = true;
-        if noop {
+        if !broken(Mutation::CommitOldTerm) {
             self.append_local(EntryPayload::Blank);
         }
         self.need_broadcast = true;
@@ -836,15 +982,35 @@ impl Engine {
 
     fn append_local(&mut self, payload: EntryPayload) -> LogId {
         let id = LogId::new(self.term, self.log.last_index() + 1);
-        if let EntryPayload::Membership(m) = &payload {
-            self.membership = m.clone();
-        }
-        self.log.push(Entry {
+        self.push_entry(Entry {
             term: id.term,
             index: id.index,
             payload,
         });
         id
+    }
+
+    /// Appends to the log; a membership entry takes effect at once (§4.1).
+    fn push_entry(&mut self, e: Entry) {
+        if let EntryPayload::Membership(m) = &e.payload {
+            self.configs.push((e.index, m.clone()));
+            self.membership = m.clone();
+        }
+        self.log.push(e);
+    }
+
+    /// Removes every entry from `index` on; a membership entry removed with
+    /// them stops counting, and the one before it is in force again.
+    fn truncate_log(&mut self, index: LogIndex) {
+        self.log.truncate_from(index);
+        if self.configs.last().is_some_and(|(i, _)| *i >= index) {
+            self.configs.retain(|(i, _)| *i < index);
+            self.membership = self
+                .configs
+                .last()
+                .map_or_else(|| self.base_membership.clone(), |(_, m)| m.clone());
+            tracing::info!(node = self.id, term = self.term, members = ?self.membership.voters, "membership entry truncated; reverted");
+        }
     }
 
     fn send(&mut self, to: NodeId, body: MessageBody) {
@@ -868,16 +1034,14 @@ impl Engine {
     // ----- elections (§5.2, §5.4.1) -----------------------------------------
 
     fn on_vote_request(&mut self, from: NodeId, msg_term: Term, pre_vote: bool, cand_last: LogId) {
-        let up_to_date = cand_last >= self.log.last_log_id();
+        let up_to_date =
+            cand_last >= self.log.last_log_id() || broken(Mutation::VoteIgnoresUpToDate);
         let granted = if pre_vote {
             msg_term > self.term && up_to_date
         } else {
-            #[cfg(test)]
             let free = self.vote == Some(from)
                 || (self.vote.is_none() && self.leader.is_none())
-                || (self.bugs.double_vote && self.role == Role::Follower);
-            #[cfg(not(test))]
-            let free = self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none());
+                || (broken(Mutation::DoubleVote) && self.role == Role::Follower);
             free && up_to_date
         };
         if granted && !pre_vote {
@@ -1020,39 +1184,67 @@ impl Engine {
             );
             return;
         }
-        let last_new = expect;
+        // The highest index known to match the leader's log.
+        let mut last_new = prev_index;
         for e in entries {
-            match self.log.term(e.index) {
-                Some(t) if t == e.term => continue,
+            let index = e.index;
+            match self.log.term(index) {
+                Some(t) if t == e.term => {
+                    last_new = index;
+                    continue;
+                }
                 Some(_) => {
-                    if e.index <= self.log.committed {
+                    if index <= self.log.committed {
                         tracing::error!(
                             node = self.id,
                             term,
                             from,
-                            index = e.index,
+                            index,
                             "leader conflicts with a committed entry; dropping"
                         );
                         return;
                     }
-                    self.log.truncate_from(e.index);
-                    self.log.push(e);
+                    self.truncate_log(index);
                 }
-                None => self.log.push(e),
+                None => {}
             }
+            // Back-pressure: take only what fits; the leader sends the rest later.
+            let pending = self.log.unapplied_bytes();
+            if pending > 0 && pending + e.size_bound() as u64 > self.cfg.max_unapplied_bytes {
+                tracing::debug!(
+                    node = self.id,
+                    term,
+                    index,
+                    pending,
+                    "application is behind; accepting part of an AppendEntries"
+                );
+                break;
+            }
+            self.push_entry(e);
+            last_new = index;
+        }
+        if broken(Mutation::TruncateAfterAppend) && last_new < self.log.last_index() {
+            // The classic mistake: drop what follows even though it did not conflict.
+            self.truncate_log(last_new + 1);
         }
         if leader_commit > self.log.committed {
-            self.log.committed = leader_commit.min(last_new).max(self.log.committed);
+            let upto = if broken(Mutation::CommitPastVerified) {
+                leader_commit
+            } else {
+                leader_commit.min(last_new)
+            };
+            self.log.committed = upto.max(self.log.committed);
         }
-        self.send_persisted(
-            from,
-            term,
-            MessageBody::AppendResponse {
-                success: true,
-                index: last_new,
-                hint: None,
-            },
-        );
+        let ack = MessageBody::AppendResponse {
+            success: true,
+            index: last_new,
+            hint: None,
+        };
+        if broken(Mutation::AckBeforeDurable) {
+            self.send(from, ack);
+        } else {
+            self.send_persisted(from, term, ack);
+        }
     }
 
     fn on_heartbeat(
@@ -1103,7 +1295,30 @@ impl Engine {
             return;
         }
         if success {
+            if index < pr.match_index {
+                return; // a late duplicate
+            }
+            // The follower took only part of what was sent: its application
+            // is behind (back-pressure). Wait for the next heartbeat before
+            // offering more, instead of resending at once.
+            let partial = match pr.state {
+                ReplState::Probe => pr.probe_last.is_some_and(|l| index < l),
+                ReplState::Replicate => pr
+                    .inflight
+                    .iter()
+                    .find(|&&l| l >= index)
+                    .is_some_and(|&l| index < l),
+            };
             let moved = pr.ack(index, now);
+            if partial {
+                pr.become_probe();
+                pr.paused = true;
+                pr.probe_last = None;
+                if moved {
+                    self.maybe_commit();
+                }
+                return;
+            }
             if pr.state == ReplState::Probe {
                 pr.become_replicate();
             }
@@ -1164,6 +1379,11 @@ impl Engine {
             return;
         };
         pr.recent_active = true;
+        let round = if broken(Mutation::AnyHeartbeatConfirmsRead) {
+            self.round
+        } else {
+            round
+        };
         pr.round_acked = pr.round_acked.max(round.min(self.round));
         let lagging = pr.match_index < last;
         if pr.state == ReplState::Probe {
@@ -1206,7 +1426,11 @@ impl Engine {
             .collect();
         let compact_to = self.safe_compact_index();
         for (p, m) in peers {
-            let leader_commit = self.log.committed.min(m);
+            let leader_commit = if broken(Mutation::HeartbeatCommitUncapped) {
+                self.log.committed
+            } else {
+                self.log.committed.min(m)
+            };
             let round = self.round;
             self.send(
                 p,
@@ -1261,7 +1485,10 @@ impl Engine {
             self.cfg.max_bytes_per_msg,
         );
         match pr.state {
-            ReplState::Probe => pr.paused = true,
+            ReplState::Probe => {
+                pr.paused = true;
+                pr.probe_last = entries.last().map(|e| e.index);
+            }
             ReplState::Replicate => {
                 if let Some(e) = entries.last() {
                     if pr.inflight.is_empty() {
@@ -1291,8 +1518,7 @@ impl Engine {
     /// a leader said so earlier.
     fn safe_compact_index(&self) -> LogIndex {
         let mut safe = self.peer_safe;
-        #[cfg(test)]
-        if self.bugs.compact_ignoring_peers && self.role == Role::Leader {
+        if broken(Mutation::CompactIgnoringPeers) && self.role == Role::Leader {
             return self.log.durable;
         }
         if self.role == Role::Leader {
@@ -1313,10 +1539,16 @@ impl Engine {
     /// Without snapshots, nothing a member might still need is dropped: a
     /// member that is down holds the compaction back until it is back.
     fn maybe_compact(&mut self) {
+        let released = if broken(Mutation::CompactIgnoringReleased) {
+            LogIndex::MAX
+        } else {
+            self.released
+        };
         let upto = self
             .safe_compact_index()
-            .min(self.released)
+            .min(released)
             .min(self.log.applied)
+            .min(self.log.delivered)
             .min(self.log.durable);
         let from = self.log.snapshot().index;
         if upto < from.saturating_add(self.cfg.compact_threshold) {
@@ -1325,6 +1557,14 @@ impl Engine {
         if let Some(id) = self.log.compact(upto) {
             tracing::debug!(node = self.id, upto = id.index, "log compacted");
             self.pending_purge = Some(id);
+            // Membership entries compacted away: the latest of them becomes the base.
+            let n = self.configs.partition_point(|(i, _)| *i <= id.index);
+            if n > 0 {
+                if let Some((_, m)) = self.configs.drain(..n).next_back() {
+                    self.base_membership = m;
+                    self.base_membership_dirty = true;
+                }
+            }
         }
     }
 
@@ -1333,7 +1573,7 @@ impl Engine {
     /// to keep them for a restart. Entries are dropped once, in addition, every
     /// member holds them (`Ready::purge_to` tells the store).
     pub fn release(&mut self, index: LogIndex) {
-        self.released = self.released.max(index.min(self.log.applied));
+        self.released = self.released.max(index.min(self.log.delivered));
         self.maybe_compact();
     }
 
@@ -1345,7 +1585,11 @@ impl Engine {
     /// Commits the highest index held by a majority, only if it is from the
     /// current term (§5.4.2).
     fn maybe_commit(&mut self) {
-        let durable = self.log.durable;
+        let durable = if broken(Mutation::LeaderCountsUnsynced) {
+            self.log.last_index()
+        } else {
+            self.log.durable
+        };
         let id = self.id;
         let progress = &self.progress;
         let n = self.membership.committed_value(|v| {
@@ -1358,11 +1602,7 @@ impl Engine {
         if n <= self.log.committed {
             return;
         }
-        #[cfg(test)]
-        let old_term_ok = self.bugs.commit_old_term;
-        #[cfg(not(test))]
-        let old_term_ok = false;
-        if self.log.term(n) != Some(self.term) && !old_term_ok {
+        if self.log.term(n) != Some(self.term) && !broken(Mutation::CommitOldTerm) {
             return;
         }
         self.log.committed = n;
@@ -1413,7 +1653,8 @@ impl Engine {
                 progress.get(&v).map_or(0, |p| p.round_acked)
             }
         });
-        let single = self.membership.voters.len() == 1 && self.membership.contains(id);
+        let single = (self.membership.voters.len() == 1 && self.membership.contains(id))
+            || broken(Mutation::ReadWithoutQuorum);
         let mut keep = Vec::new();
         for r in std::mem::take(&mut self.reads) {
             let done = single || r.round.is_some_and(|rr| rr <= confirmed);

@@ -25,6 +25,8 @@ pub(crate) struct Progress {
     pub(crate) state: ReplState,
     /// In Probe state: a probe is unanswered.
     pub(crate) paused: bool,
+    /// In Probe state: the last index the unanswered probe carried, if any.
+    pub(crate) probe_last: Option<LogIndex>,
     /// In Replicate state: last index of each unanswered AppendEntries, oldest first.
     pub(crate) inflight: VecDeque<LogIndex>,
     /// Heard from since the last check-quorum round.
@@ -42,6 +44,7 @@ impl Progress {
             next_index,
             state: ReplState::Probe,
             paused: false,
+            probe_last: None,
             inflight: VecDeque::new(),
             recent_active: false,
             round_acked: 0,

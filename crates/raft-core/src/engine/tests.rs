@@ -106,6 +106,10 @@ impl Cluster {
             }
             out.extend(rd.messages);
             out.extend(rd.persisted_messages);
+            // The application takes committed entries at once.
+            if let Some(last) = rd.committed.last() {
+                e.delivered(last.index);
+            }
             self.applied.entry(id).or_default().extend(rd.committed);
             self.reads.entry(id).or_default().extend(rd.reads);
         }
@@ -759,7 +763,10 @@ fn s5_4_2_figure8_old_term_entry_is_not_committed_by_counting_replicas() {
         0,
         "an old-term entry is never committed by counting replicas"
     );
-    // Once the term-4 no-op reaches a majority, both commit together.
+    // Once the term-4 no-op reaches a majority (resent at the next
+    // heartbeat: the stripped appends looked like partial acceptance), both
+    // commit together.
+    heartbeat_round(&mut c, 1);
     c.settle();
     assert_eq!(c.node(1).commit_index(), 3);
 }
@@ -1298,7 +1305,7 @@ fn compaction_never_drops_unapplied_entries_and_a_restart_resumes_after_the_poin
     }
     c.settle();
     assert_eq!(c.node(1).applied_index(), 6);
-    // The application claims more than was handed to it: capped at applied.
+    // The application claims more than was handed to it: capped at what it took.
     c.node(1).release(100);
     assert_eq!(c.node(1).snapshot(), LogId::new(1, 6));
     // A restart from the compacted store: the point plus nothing after it.
@@ -1320,4 +1327,129 @@ fn compaction_never_drops_unapplied_entries_and_a_restart_resumes_after_the_poin
     assert_eq!(e.role(), Role::Leader);
     let id = e.propose(b"x".to_vec()).unwrap();
     assert_eq!(id, LogId::new(2, 8), "after the new leader's no-op at 7");
+}
+
+// ----- thesis §4.1: the latest configuration in the log counts --------------
+
+fn members_entry(term: Term, index: LogIndex, voters: &[NodeId]) -> Entry {
+    Entry {
+        term,
+        index,
+        payload: EntryPayload::Membership(Membership::new(voters.iter().copied())),
+    }
+}
+
+#[test]
+fn thesis_4_1_follower_uses_the_latest_membership_in_its_log_and_reverts_on_truncation() {
+    let mut e = engine_with(cfg(2), &[1, 2, 3], 1, log_of(&[1]));
+    // Appended, not committed: in force at once.
+    e.handle_message(msg(
+        1,
+        2,
+        1,
+        append(1, 1, vec![members_entry(1, 2, &[1, 2, 3, 4])], 1),
+    ));
+    assert_eq!(e.membership(), &Membership::new([1, 2, 3, 4]));
+    assert_eq!(e.commit_index(), 1, "not committed");
+    let _ = take_all(&mut e);
+    // A new leader's entry replaces it: the earlier membership is back.
+    e.handle_message(msg(3, 2, 2, append(1, 1, vec![ent(2, 2)], 1)));
+    assert_eq!(e.log_term(2), Some(2));
+    assert_eq!(e.membership(), &Membership::new([1, 2, 3]));
+}
+
+#[test]
+fn thesis_4_1_restart_adopts_the_latest_membership_entry_committed_or_not() {
+    let mut entries = log_of(&[1, 1]);
+    entries.push(members_entry(1, 3, &[1, 2]));
+    entries.push(ent(1, 4));
+    let e = engine_with(cfg(2), &[1, 2, 3], 1, entries);
+    assert_eq!(e.commit_index(), 0);
+    assert_eq!(e.membership(), &Membership::new([1, 2]));
+}
+
+#[test]
+fn compaction_past_a_membership_entry_tells_the_store_the_new_base() {
+    let mut c = Cluster::new(1, |mut c| {
+        c.compact_threshold = 2;
+        c
+    });
+    c.elect(1);
+    // The single node appends a membership entry naming itself again
+    // (a no-change entry: enough to see it stored as the base).
+    c.node(1)
+        .propose_payload(EntryPayload::Membership(Membership::new([1])))
+        .unwrap();
+    for i in 0..4u8 {
+        c.node(1).propose(vec![i]).unwrap();
+    }
+    c.settle();
+    let applied = c.node(1).applied_index();
+    c.node(1).release(applied);
+    let rd = c.node(1).take_ready();
+    assert!(rd.purge_to.is_some(), "compacted");
+    assert_eq!(rd.membership, Some(Membership::new([1])));
+}
+
+// ----- proposal size and back-pressure ----------------------------------------
+
+#[test]
+fn oversized_proposals_are_refused_and_every_message_fits_the_bound() {
+    let mut c = Cluster::new(3, |mut c| {
+        c.max_entry_bytes = 4096;
+        c.max_bytes_per_msg = 1024;
+        c
+    });
+    c.elect(1);
+    assert_eq!(
+        c.node(1).propose(vec![0; 4097]),
+        Err(ProposeError::TooLarge {
+            size: 4097,
+            max: 4096
+        })
+    );
+    for n in [4096, 4095, 10, 1000, 4096] {
+        c.node(1).propose(vec![1; n]).unwrap();
+    }
+    let bound = 4096 + crate::types::ENTRY_OVERHEAD;
+    for m in c.drain(1) {
+        if let MessageBody::AppendEntries { entries, .. } = &m.body {
+            let bytes: usize = entries.iter().map(Entry::size_bound).sum();
+            assert!(bytes <= bound.max(1024), "{bytes} bytes in one message");
+        }
+    }
+}
+
+#[test]
+fn a_follower_whose_application_is_behind_accepts_only_what_fits() {
+    let mut c = cfg(2);
+    c.max_entry_bytes = 100;
+    c.max_unapplied_bytes = 1000;
+    let mut e = engine_with(c, &[1, 2, 3], 1, vec![]);
+    let entries: Vec<Entry> = (1..=20)
+        .map(|i| Entry {
+            term: 1,
+            index: i,
+            payload: EntryPayload::Command(vec![0; 100]),
+        })
+        .collect();
+    e.handle_message(msg(1, 2, 1, append(0, 0, entries.clone(), 0)));
+    let took = e.last_log_id().index;
+    assert!(took > 0 && took < 20, "took {took}");
+    assert!(e.unapplied_bytes() <= 1000);
+    let (_, acks) = take_all(&mut e);
+    assert!(
+        acks.iter().any(|m| matches!(
+            m.body,
+            MessageBody::AppendResponse { success: true, index, .. } if index == took
+        )),
+        "acknowledges exactly what it took: {acks:?}"
+    );
+    // Once the application has taken them, the rest fits.
+    e.handle_message(msg(1, 2, 1, append(took, 1, vec![], took)));
+    let rd = e.take_ready();
+    e.delivered(rd.committed.last().map_or(0, |x| x.index));
+    let rest = entries[took as usize..].to_vec();
+    e.handle_message(msg(1, 2, 1, append(took, 1, rest, took)));
+    assert!(e.last_log_id().index > took);
 }

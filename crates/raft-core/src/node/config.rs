@@ -21,6 +21,8 @@ use std::time::Duration;
 /// | `max_bytes_per_msg` | 1 MiB | approximate payload bytes in one AppendEntries |
 /// | `max_inflight` | 64 | unanswered AppendEntries per follower (pipelining depth) |
 /// | `compact_threshold` | 8192 | log entries dropped at a time once released (see `Raft::release_applied`) |
+/// | `max_entry_bytes` | 8 MiB | largest command `submit` accepts; with the message overhead it must fit the transport's frame limit |
+/// | `max_unapplied_bytes` | 64 MiB | back-pressure: entry bytes held but not yet taken by the application; over it `submit` answers `Error::Busy` |
 ///
 /// ```
 /// use raft_core::node::Config;
@@ -59,6 +61,12 @@ pub struct Config {
     pub max_inflight: usize,
     /// Released log entries are dropped in steps of at least this many.
     pub compact_threshold: u64,
+    /// Largest command `submit` accepts, in bytes.
+    pub max_entry_bytes: usize,
+    /// Most bytes of entries a node holds that its application has not taken
+    /// from the apply channel yet (uncommitted ones included); a leader over
+    /// it refuses proposals with `Error::Busy`.
+    pub max_unapplied_bytes: u64,
 }
 
 /// What is wrong with a [`Config`].
@@ -98,6 +106,24 @@ pub enum ConfigError {
     /// A peer address is empty.
     #[error("peer {0} has an empty address")]
     EmptyAddress(NodeId),
+    /// The back-pressure limit cannot hold even one entry of the largest size.
+    #[error("max_unapplied_bytes ({unapplied}) must be at least max_entry_bytes ({entry}) plus {overhead} bytes")]
+    UnappliedBelowEntry {
+        /// The configured `max_unapplied_bytes`.
+        unapplied: u64,
+        /// The configured `max_entry_bytes`.
+        entry: usize,
+        /// Per-entry overhead.
+        overhead: usize,
+    },
+    /// The largest message the settings allow does not fit the transport.
+    #[error("messages of up to {needed} bytes (max_bytes_per_msg or max_entry_bytes plus overheads) exceed the transport's limit of {limit} bytes; lower max_entry_bytes / max_bytes_per_msg or raise the transport's frame limit")]
+    MessageTooLarge {
+        /// The largest message the settings allow.
+        needed: usize,
+        /// The transport's limit.
+        limit: usize,
+    },
 }
 
 impl Config {
@@ -117,6 +143,8 @@ impl Config {
             max_bytes_per_msg: e.max_bytes_per_msg,
             max_inflight: e.max_inflight,
             compact_threshold: e.compact_threshold,
+            max_entry_bytes: e.max_entry_bytes,
+            max_unapplied_bytes: e.max_unapplied_bytes,
         }
     }
 
@@ -148,6 +176,7 @@ impl Config {
             ("max_entries_per_msg", self.max_entries_per_msg),
             ("max_bytes_per_msg", self.max_bytes_per_msg),
             ("max_inflight", self.max_inflight),
+            ("max_entry_bytes", self.max_entry_bytes),
             (
                 "compact_threshold",
                 usize::try_from(self.compact_threshold).unwrap_or(usize::MAX),
@@ -169,6 +198,14 @@ impl Config {
                 min: self.election_timeout_min,
             });
         }
+        let overhead = crate::types::ENTRY_OVERHEAD;
+        if self.max_unapplied_bytes < self.max_entry_bytes.saturating_add(overhead) as u64 {
+            return Err(ConfigError::UnappliedBelowEntry {
+                unapplied: self.max_unapplied_bytes,
+                entry: self.max_entry_bytes,
+                overhead,
+            });
+        }
         if self.peers.contains_key(&self.id) {
             return Err(ConfigError::SelfInPeers(self.id));
         }
@@ -183,6 +220,30 @@ impl Config {
             seen.insert(addr, id);
         }
         Ok(())
+    }
+
+    /// The largest encoded message these settings can produce: an
+    /// AppendEntries of `max_bytes_per_msg` of entries, or of one entry of
+    /// `max_entry_bytes`, plus the message's own fields.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_bytes_per_msg
+            .max(
+                self.max_entry_bytes
+                    .saturating_add(crate::types::ENTRY_OVERHEAD),
+            )
+            .saturating_add(crate::message::MESSAGE_OVERHEAD)
+    }
+
+    /// Checks that every message fits a transport whose frames hold at most
+    /// `limit` bytes.
+    pub fn validate_for_transport(&self, limit: Option<usize>) -> Result<(), ConfigError> {
+        match limit {
+            Some(limit) if self.max_message_bytes() > limit => Err(ConfigError::MessageTooLarge {
+                needed: self.max_message_bytes(),
+                limit,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Every voter: this node and its peers.
@@ -202,6 +263,8 @@ impl Config {
         c.max_bytes_per_msg = self.max_bytes_per_msg;
         c.max_inflight = self.max_inflight;
         c.compact_threshold = self.compact_threshold;
+        c.max_entry_bytes = self.max_entry_bytes;
+        c.max_unapplied_bytes = self.max_unapplied_bytes;
         c
     }
 }
@@ -266,6 +329,20 @@ mod tests {
         let mut c = good();
         c.peers.insert(5, " ".into());
         assert_eq!(c.validate(), Err(ConfigError::EmptyAddress(5)));
+        let mut c = good();
+        c.max_unapplied_bytes = c.max_entry_bytes as u64;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::UnappliedBelowEntry { .. })
+        ));
+        // The defaults fit a 16 MiB frame, and not a 4 MiB one.
+        let c = good();
+        c.validate_for_transport(Some(16 << 20)).unwrap();
+        c.validate_for_transport(None).unwrap();
+        assert!(matches!(
+            c.validate_for_transport(Some(4 << 20)),
+            Err(ConfigError::MessageTooLarge { limit, .. }) if limit == 4 << 20
+        ));
         let err = good_with_wrong_range().validate().unwrap_err().to_string();
         assert!(err.contains("election_timeout_min"), "{err}");
     }

@@ -13,8 +13,9 @@ mod config;
 
 pub use config::{Config, ConfigError};
 
-use crate::engine::{Engine, EngineError, InitialState, ReadResult};
+use crate::engine::{Engine, EngineError, InitialState, ProposeError, ReadResult};
 use crate::message::Message;
+use crate::mutation::{broken, Mutation};
 use crate::storage::{LogBatch, LogStore, StorageError};
 use crate::transport::Transport;
 use crate::types::{Entry, EntryPayload, LogId, LogIndex, Membership, NodeId, Role, Term};
@@ -62,6 +63,9 @@ pub struct Status {
     pub compacted_index: LogIndex,
     /// The voting members.
     pub members: Vec<NodeId>,
+    /// Bytes of entries held that the application has not taken yet
+    /// (bounded by `Config::max_unapplied_bytes`).
+    pub unapplied_bytes: u64,
     /// Why the node stopped, once it has.
     pub stopped: Option<String>,
 }
@@ -107,6 +111,43 @@ pub enum Error {
     /// The outcome cannot be known any more (the entry was compacted away).
     #[error("the outcome of entry {0} is unknown")]
     Unknown(LogIndex),
+    /// The command is larger than `Config::max_entry_bytes`; nothing was proposed.
+    #[error("command of {size} bytes exceeds the limit of {max} bytes (max_entry_bytes)")]
+    TooLarge {
+        /// The command's size (for a batch: the batch's).
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Too many bytes wait to commit or to be applied; nothing was proposed.
+    /// Retry later.
+    #[error(
+        "busy: {pending} bytes of entries wait to commit and apply (limit {max}); retry later"
+    )]
+    Busy {
+        /// Bytes waiting.
+        pending: u64,
+        /// The limit (`Config::max_unapplied_bytes`).
+        max: u64,
+    },
+    /// The configured members disagree with the membership stored in the log.
+    #[error("the configured members {configured:?} disagree with the membership stored in the log {stored:?}; the stored membership counts: start with the peers it names")]
+    MembershipMismatch {
+        /// The members the configuration names (this node and its peers).
+        configured: Vec<NodeId>,
+        /// The members in force according to the durable log.
+        stored: Vec<NodeId>,
+    },
+}
+
+impl From<ProposeError> for Error {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::NotLeader(n) => n.into(),
+            ProposeError::TooLarge { size, max } => Error::TooLarge { size, max },
+            ProposeError::Busy { pending, max } => Error::Busy { pending, max },
+        }
+    }
 }
 
 impl From<crate::engine::NotLeader> for Error {
@@ -192,6 +233,8 @@ impl std::fmt::Debug for Raft {
 }
 
 const REQUEST_QUEUE: usize = 4096;
+/// How long `shutdown` waits for the driver to finish its current write.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 const MAX_EVENTS_PER_TURN: usize = 4096;
 
 impl Raft {
@@ -204,6 +247,7 @@ impl Raft {
         apply_tx: mpsc::Sender<ApplyMsg>,
     ) -> Result<Raft, Error> {
         config.validate()?;
+        config.validate_for_transport(transport.max_message_bytes())?;
         let (req_tx, req_rx) = mpsc::channel(REQUEST_QUEUE);
         let status = Status {
             id: config.id,
@@ -215,6 +259,7 @@ impl Raft {
             last_log_index: 0,
             compacted_index: 0,
             members: config.members().into_iter().collect(),
+            unapplied_bytes: 0,
             stopped: None,
         };
         let (status_tx, status_rx) = watch::channel(status);
@@ -247,32 +292,25 @@ impl Raft {
     /// delivered again.
     pub async fn start_with_applied(&self, applied_index: LogIndex) -> Result<(), Error> {
         let mut lc = self.inner.lifecycle.lock().await;
-        let parts = match std::mem::replace(&mut *lc, Lifecycle::Stopped) {
+        let parts = match &mut *lc {
             Lifecycle::NotStarted(p) => p,
-            other => {
-                *lc = other;
-                return Err(Error::AlreadyStarted);
-            }
+            _ => return Err(Error::AlreadyStarted),
+        };
+        // Everything that can fail happens before the parts are taken: a
+        // refused start leaves the node startable with the same store.
+        let engine = Self::restore(&self.inner.config, &mut parts.store, applied_index).await?;
+        let Lifecycle::NotStarted(parts) = std::mem::replace(&mut *lc, Lifecycle::Stopped) else {
+            return Err(Error::AlreadyStarted);
         };
         let Parts {
-            mut store,
+            store,
             transport,
             apply_tx,
             req_rx,
             status_tx,
         } = *parts;
         let cfg = &self.inner.config;
-        let state = store.load().await?;
-        let init = InitialState {
-            hard_state: state.hard_state,
-            snapshot: state.snapshot,
-            entries: state.entries,
-            membership: Membership::new(cfg.members()),
-            applied: applied_index,
-        };
         let origin = Instant::now();
-        let seed = seed_for(cfg.id);
-        let engine = Engine::new(cfg.engine_config(), init, seed, std::time::Duration::ZERO)?;
         self.inner
             .applied
             .store(engine.applied_index(), Ordering::Release);
@@ -315,16 +353,89 @@ impl Raft {
         Ok(())
     }
 
+    /// Loads the durable state and builds the engine from it. The membership
+    /// is bootstrapped from the configuration once, into the store; after
+    /// that the stored one counts, and a configuration naming other members
+    /// is refused.
+    async fn restore(
+        cfg: &Config,
+        store: &mut Box<dyn LogStore>,
+        applied_index: LogIndex,
+    ) -> Result<Engine, Error> {
+        let state = store.load().await?;
+        let configured = Membership::new(cfg.members());
+        let base = match state.membership.clone() {
+            Some(m) => m,
+            None => {
+                let fresh = state.entries.is_empty()
+                    && state.snapshot == LogId::default()
+                    && state.hard_state == crate::types::HardState::default();
+                if !fresh {
+                    tracing::warn!(
+                        node = cfg.id,
+                        members = ?configured.voters,
+                        "the log stores no membership (written by an older version); storing the configured one"
+                    );
+                }
+                store
+                    .save(LogBatch {
+                        membership: Some(configured.clone()),
+                        ..LogBatch::default()
+                    })
+                    .await?;
+                configured.clone()
+            }
+        };
+        let in_force = state
+            .entries
+            .iter()
+            .rev()
+            .find_map(|e| match &e.payload {
+                EntryPayload::Membership(m) => Some(m.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| base.clone());
+        if in_force != configured {
+            return Err(Error::MembershipMismatch {
+                configured: configured.voters.into_iter().collect(),
+                stored: in_force.voters.into_iter().collect(),
+            });
+        }
+        let init = InitialState {
+            hard_state: state.hard_state,
+            snapshot: state.snapshot,
+            entries: state.entries,
+            membership: base,
+            applied: applied_index,
+        };
+        let seed = seed_for(cfg.id);
+        Ok(Engine::new(
+            cfg.engine_config(),
+            init,
+            seed,
+            std::time::Duration::ZERO,
+        )?)
+    }
+
     /// Stops the node and waits until none of its tasks is running. Returns
     /// the error that stopped the node earlier, if one did.
     pub async fn shutdown(&self) -> Result<(), Error> {
         let mut lc = self.inner.lifecycle.lock().await;
         match std::mem::replace(&mut *lc, Lifecycle::Stopped) {
-            Lifecycle::Running(r) => {
+            Lifecycle::Running(mut r) => {
                 let _ = r.shutdown.send(());
-                let res = match r.driver.await {
-                    Ok(res) => res,
-                    Err(e) => Err(Error::Stopped(format!("driver task failed: {e}"))),
+                // A hung disk must not hang shutdown: the driver may be
+                // waiting on a write that never returns. Abandoning it is
+                // safe: nothing that depends on it has been sent.
+                let res = match tokio::time::timeout(SHUTDOWN_GRACE, &mut r.driver).await {
+                    Ok(Ok(res)) => res,
+                    Ok(Err(e)) => Err(Error::Stopped(format!("driver task failed: {e}"))),
+                    Err(_) => {
+                        r.driver.abort();
+                        Err(Error::Stopped(format!(
+                            "shutdown gave up after {SHUTDOWN_GRACE:?}: the log store did not answer"
+                        )))
+                    }
                 };
                 r.applier.abort();
                 let _ = r.applier.await;
@@ -337,6 +448,11 @@ impl Raft {
     /// This node's configuration.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// The largest command `submit` accepts (`Config::max_entry_bytes`).
+    pub fn max_command_bytes(&self) -> usize {
+        self.inner.config.max_entry_bytes
     }
 
     /// The current status.
@@ -536,6 +652,7 @@ impl Driver {
             // stamps leader contact and re-arms the election timer with it.
             let now = self.now();
             self.engine.tick(now);
+            self.engine.delivered(self.applied.load(Ordering::Acquire));
             match wake {
                 Wake::Shutdown | Wake::HandlesGone => break Ok(()),
                 Wake::ApplyFailed => break Err(Error::ApplyChannelClosed),
@@ -577,11 +694,7 @@ impl Driver {
                 let _ = reply.send(self.engine.propose(cmd).map_err(Error::from));
             }
             Request::ProposeBatch(cmds, reply) => {
-                let res: Result<Vec<LogId>, Error> = cmds
-                    .into_iter()
-                    .map(|c| self.engine.propose(c).map_err(Error::from))
-                    .collect();
-                let _ = reply.send(res);
+                let _ = reply.send(self.engine.propose_batch(cmds).map_err(Error::from));
             }
             Request::WaitCommit(id, reply) => {
                 if id.index <= self.engine.applied_index() {
@@ -619,7 +732,7 @@ impl Driver {
 
     async fn process_ready(&mut self) -> Result<(), Error> {
         while self.engine.has_ready() {
-            let rd = self.engine.take_ready();
+            let mut rd = self.engine.take_ready();
             let last = rd.last_entry();
             for m in rd.messages {
                 self.transport.send(m);
@@ -627,8 +740,14 @@ impl Driver {
             let batch = LogBatch {
                 hard_state: rd.hard_state,
                 truncate_from: rd.truncate_from,
-                entries: rd.entries,
+                entries: std::mem::take(&mut rd.entries),
+                membership: rd.membership.take(),
             };
+            if broken(Mutation::DriverSendsBeforeSave) {
+                for m in std::mem::take(&mut rd.persisted_messages) {
+                    self.transport.send(m);
+                }
+            }
             if !batch.is_empty() {
                 let n = batch.entries.len();
                 let t0 = Instant::now();
@@ -781,6 +900,7 @@ impl Driver {
                 last_log_index: e.last_log_id().index,
                 compacted_index: e.snapshot().index,
                 members: e.membership().voters.iter().copied().collect(),
+                unapplied_bytes: e.unapplied_bytes(),
                 stopped: stopped.clone().or_else(|| s.stopped.clone()),
             };
             if *s != new {

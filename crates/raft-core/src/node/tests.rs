@@ -523,9 +523,10 @@ async fn failing_disk_stops_the_node_with_a_storage_error() {
     let net = ChannelNetwork::new();
     let (tx, _rx) = mpsc::channel(16);
     let store = MemLogStore::new();
-    store.set_fail_writes(true);
+    let disk = store.clone();
     let raft = Raft::new(Config::new(1), store, net.join(1), tx).unwrap();
     raft.start().await.unwrap();
+    disk.set_fail_writes(true);
     let mut st = raft.watch_status();
     // Reduce to a bool at once: the returned guard holds the status lock.
     let stopped = timeout(secs(2), st.wait_for(|s| s.stopped.is_some()))
@@ -763,4 +764,352 @@ async fn released_entries_are_purged_and_restarts_resume_after_the_compaction_po
         assert!(c.commands(id).ends_with(&[b"b4".to_vec()]));
     }
     c.shutdown_all().await;
+}
+
+// ----- durability, back-pressure, start-up -----------------------------------
+
+/// Three nodes on slow disks; reports every broken durability rule seen:
+/// a leader whose votes are not durable on a majority when it is elected, and
+/// an entry reported committed that is not durable on a majority. Followers
+/// crash in the middle of writes along the way (a stopped node loses the
+/// write in flight).
+async fn durability_violations() -> Vec<String> {
+    let ids = [1u64, 2, 3];
+    let net = ChannelNetwork::new();
+    let stores: BTreeMap<NodeId, MemLogStore> = ids
+        .iter()
+        .map(|&id| {
+            (
+                id,
+                MemLogStore::new().with_write_delay(Duration::from_millis(40)),
+            )
+        })
+        .collect();
+    let mut nodes: BTreeMap<NodeId, Raft> = BTreeMap::new();
+    let start = |id: NodeId, nodes: &mut BTreeMap<NodeId, Raft>| {
+        let (tx, mut rx) = mpsc::channel::<ApplyMsg>(1000);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let raft = Raft::new(config(id, &ids), stores[&id].reopen(), net.join(id), tx).unwrap();
+        nodes.insert(id, raft);
+    };
+    for id in ids {
+        start(id, &mut nodes);
+        nodes[&id].start().await.unwrap();
+    }
+    let mut problems = Vec::new();
+    let votes_ok = |leader: NodeId, term: Term| {
+        let n = stores
+            .values()
+            .filter(|s| {
+                let hs = s.durable().hard_state;
+                hs.term > term || (hs.term == term && hs.vote == Some(leader))
+            })
+            .count();
+        n >= 2
+    };
+    let mut seen_terms = BTreeSet::new();
+    for round in 0..6u64 {
+        // Wait for a leader and check its votes at once.
+        let deadline = Instant::now() + secs(5);
+        let leader = loop {
+            let l = nodes
+                .iter()
+                .find(|(_, r)| r.is_leader())
+                .map(|(&id, r)| (id, r.status().term));
+            if let Some(l) = l {
+                break Some(l);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            sleep(Duration::from_millis(1)).await;
+        };
+        let Some((leader, term)) = leader else {
+            problems.push(format!("round {round}: no leader"));
+            break;
+        };
+        if seen_terms.insert(term) && !votes_ok(leader, term) {
+            problems.push(format!(
+                "node {leader} leads term {term} before a majority stored its vote"
+            ));
+        }
+        // The leader's disk is fast, the followers' slow: only the
+        // followers' acknowledgements decide when an entry commits.
+        for (&id, s) in &stores {
+            s.set_write_delay(if id == leader {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_millis(200)
+            });
+        }
+        for i in 0..3 {
+            let cmd = format!("r{round}-{i}").into_bytes();
+            match nodes[&leader].submit(cmd).await {
+                Ok((index, t)) => {
+                    if nodes[&leader].wait_committed(index, t).await.is_ok() {
+                        let holders = stores
+                            .values()
+                            .filter(|s| {
+                                s.durable()
+                                    .entries
+                                    .iter()
+                                    .any(|e| e.index == index && e.term == t)
+                            })
+                            .count();
+                        if holders < 2 {
+                            problems.push(format!(
+                                "entry {index} of term {t} reported committed while durable on {holders} of 3 disks"
+                            ));
+                        }
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        // A follower crashes in the middle of a write, and the leader is
+        // restarted to force an election among slow disks.
+        let follower = ids.iter().copied().find(|&id| id != leader).unwrap_or(1);
+        let _ = nodes[&leader].submit(b"in flight".to_vec()).await;
+        sleep(Duration::from_millis(20)).await;
+        for id in [follower, leader] {
+            let _ = nodes[&id].shutdown().await;
+            start(id, &mut nodes);
+            nodes[&id].start().await.unwrap();
+        }
+        for s in stores.values() {
+            s.set_write_delay(Duration::from_millis(40));
+        }
+    }
+    for r in nodes.values() {
+        let _ = r.shutdown().await;
+    }
+    problems
+}
+
+/// Acknowledgements and votes leave only after the write they promise is
+/// durable. The same scenario with the driver changed to send them before
+/// `save` returns must be caught.
+#[tokio::test(start_paused = true)]
+async fn acks_and_votes_leave_only_after_their_save_returns() {
+    let problems = durability_violations().await;
+    assert!(problems.is_empty(), "{problems:#?}");
+    let broken = {
+        let _m = crate::mutation::inject(crate::mutation::Mutation::DriverSendsBeforeSave);
+        durability_violations().await
+    };
+    println!("with acks and votes sent before save: {broken:#?}");
+    assert!(
+        !broken.is_empty(),
+        "sending before save returns went unnoticed"
+    );
+}
+
+fn small_limits(id: NodeId, ids: &[NodeId]) -> Config {
+    let mut c = config(id, ids);
+    c.max_entry_bytes = 64 << 10;
+    c.max_unapplied_bytes = 1 << 20;
+    c
+}
+
+fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// An application that stops reading the apply channel: the node refuses
+/// new proposals with `Busy` instead of queueing without bound, memory stays
+/// flat while clients keep trying, and everything flows again once the
+/// application reads.
+#[tokio::test(start_paused = true)]
+async fn application_that_stops_reading_gets_busy_not_unbounded_memory() {
+    let net = ChannelNetwork::new();
+    let (tx, mut rx) = mpsc::channel::<ApplyMsg>(4);
+    let raft = Raft::new(small_limits(1, &[1]), MemLogStore::new(), net.join(1), tx).unwrap();
+    raft.start().await.unwrap();
+    wait_until("leader", || raft.is_leader()).await;
+    let cmd = vec![7u8; 60 << 10];
+    let mut accepted = 0u64;
+    let mut busy = 0u64;
+    let rss_before = rss_bytes();
+    // 16k attempts of 60 KiB: about 1 GiB offered.
+    for _ in 0..16_384 {
+        match raft.submit(cmd.clone()).await {
+            Ok(_) => accepted += 1,
+            Err(Error::Busy { pending, max }) => {
+                assert!(pending <= max, "{pending} > {max}");
+                busy += 1;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    let st = raft.status();
+    let rss_after = rss_bytes();
+    println!(
+        "accepted {accepted}, busy {busy}, unapplied {} bytes, rss {:?} -> {:?}",
+        st.unapplied_bytes, rss_before, rss_after
+    );
+    assert!(
+        busy > 16_000,
+        "the node kept accepting: {accepted} accepted"
+    );
+    assert!(st.unapplied_bytes <= 1 << 20);
+    if let (Some(a), Some(b)) = (rss_before, rss_after) {
+        assert!(
+            b.saturating_sub(a) < 128 << 20,
+            "memory grew by {} bytes",
+            b - a
+        );
+    }
+    // The application reads again: every accepted entry arrives, and
+    // proposals are accepted again.
+    let mut got = 0u64;
+    while got < accepted {
+        let m = timeout(secs(5), rx.recv()).await.unwrap().unwrap();
+        if m.command_valid {
+            got += 1;
+        }
+    }
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let mut ok = false;
+    for _ in 0..100 {
+        if raft.submit_and_wait(cmd.clone()).await.is_ok() {
+            ok = true;
+            break;
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+    assert!(ok, "proposals accepted again once the application reads");
+    raft.shutdown().await.unwrap();
+}
+
+/// Followers whose disks are slow: the leader's uncommitted entries are
+/// bounded; it answers `Busy` and commits what it accepted.
+#[tokio::test(start_paused = true)]
+async fn slow_follower_disks_bound_the_leaders_uncommitted_entries() {
+    let ids = [1u64, 2, 3];
+    let net = ChannelNetwork::new();
+    let stores: Vec<MemLogStore> = ids.iter().map(|_| MemLogStore::new()).collect();
+    let mut nodes = Vec::new();
+    for (i, &id) in ids.iter().enumerate() {
+        let (tx, mut rx) = mpsc::channel::<ApplyMsg>(100);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        let r = Raft::new(small_limits(id, &ids), stores[i].reopen(), net.join(id), tx).unwrap();
+        r.start().await.unwrap();
+        nodes.push(r);
+    }
+    wait_until("leader", || nodes.iter().any(|r| r.is_leader())).await;
+    let li = nodes.iter().position(|r| r.is_leader()).unwrap_or(0);
+    for (i, s) in stores.iter().enumerate() {
+        if i != li {
+            // Slow, but below the election timeout: a disk slower than that
+            // keeps any cluster from holding a leader.
+            s.set_write_delay(Duration::from_millis(100));
+        }
+    }
+    let cmd = vec![1u8; 60 << 10];
+    let (mut accepted, mut busy, mut max_seen) = (Vec::new(), 0, 0);
+    for _ in 0..2000 {
+        match nodes[li].submit(cmd.clone()).await {
+            Ok(id) => accepted.push(id),
+            Err(Error::Busy { .. }) => busy += 1,
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        max_seen = max_seen.max(nodes[li].status().unapplied_bytes);
+    }
+    println!(
+        "accepted {}, busy {busy}, most unapplied bytes seen {max_seen}",
+        accepted.len()
+    );
+    assert!(busy > 1000, "a leader with slow followers kept accepting");
+    assert!(max_seen <= 1 << 20, "{max_seen}");
+    for (index, term) in accepted {
+        nodes[li].wait_committed(index, term).await.unwrap();
+    }
+    for r in &nodes {
+        r.shutdown().await.unwrap();
+    }
+}
+
+/// A start refused for bad durable state leaves the node startable: a
+/// corrected retry runs it.
+#[tokio::test(start_paused = true)]
+async fn a_refused_start_can_be_retried() {
+    let net = ChannelNetwork::new();
+    let (tx, _rx) = mpsc::channel(16);
+    let raft = Raft::new(Config::new(1), MemLogStore::new(), net.join(1), tx).unwrap();
+    let err = raft.start_with_applied(100).await.unwrap_err();
+    assert!(matches!(err, Error::Restore(_)), "{err}");
+    assert_eq!(raft.status().stopped, None);
+    raft.start_with_applied(0).await.unwrap();
+    wait_until("leader", || raft.is_leader()).await;
+    raft.submit_and_wait(b"x".to_vec()).await.unwrap();
+    assert_eq!(raft.start().await, Err(Error::AlreadyStarted));
+    raft.shutdown().await.unwrap();
+}
+
+/// The members are stored at the first start; a restart with other peers
+/// (none, or a phantom one) is refused with both sets named, and a restart
+/// with the stored ones works.
+#[tokio::test(start_paused = true)]
+async fn stored_membership_counts_and_other_peers_are_refused() {
+    let net = ChannelNetwork::new();
+    let disk = MemLogStore::new();
+    let run = |cfg: Config| {
+        let (tx, mut rx) = mpsc::channel::<ApplyMsg>(16);
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        Raft::new(cfg, disk.reopen(), net.join(2), tx).unwrap()
+    };
+    let r = run(config(2, &[1, 2, 3]));
+    r.start().await.unwrap();
+    r.shutdown().await.unwrap();
+    assert_eq!(
+        disk.durable().membership,
+        Some(Membership::new([1, 2, 3])),
+        "bootstrapped once, durably"
+    );
+    for wrong in [vec![2u64], vec![1, 2, 3, 4], vec![1, 2]] {
+        let r = run(config(2, &wrong));
+        let err = r.start().await.unwrap_err();
+        assert_eq!(
+            err,
+            Error::MembershipMismatch {
+                configured: wrong.clone(),
+                stored: vec![1, 2, 3]
+            }
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("[1, 2, 3]") && text.contains(&format!("{wrong:?}")),
+            "{text}"
+        );
+    }
+    let r = run(config(2, &[1, 2, 3]));
+    r.start().await.unwrap();
+    r.shutdown().await.unwrap();
+}
+
+/// Commands larger than `max_entry_bytes` are refused before anything is
+/// proposed; a batch is all or nothing.
+#[tokio::test(start_paused = true)]
+async fn oversized_commands_are_refused_with_a_typed_error() {
+    let net = ChannelNetwork::new();
+    let (tx, mut rx) = mpsc::channel::<ApplyMsg>(16);
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let raft = Raft::new(small_limits(1, &[1]), MemLogStore::new(), net.join(1), tx).unwrap();
+    raft.start().await.unwrap();
+    wait_until("leader", || raft.is_leader()).await;
+    let max = raft.max_command_bytes();
+    assert_eq!(max, 64 << 10);
+    raft.submit_and_wait(vec![0; max]).await.unwrap();
+    assert_eq!(
+        raft.submit(vec![0; max + 1]).await,
+        Err(Error::TooLarge { size: max + 1, max })
+    );
+    let before = raft.status().last_log_index;
+    let res = raft.submit_batch(vec![vec![1; 10], vec![0; max + 1]]).await;
+    assert!(matches!(res, Err(Error::TooLarge { .. })), "{res:?}");
+    assert_eq!(raft.status().last_log_index, before, "nothing was proposed");
+    raft.shutdown().await.unwrap();
 }
