@@ -5,7 +5,8 @@
 //! every acknowledged write present and the three state machines identical;
 //! a leader paused with SIGSTOP never serves a stale read when it resumes;
 //! log compaction waits for a node that is down; concurrent clients' histories
-//! stay linearizable through a leader SIGKILL, restart and SIGSTOP, and
+//! (SET, MSET, GET, MGET, INCR, CAS) stay linearizable through a leader
+//! SIGKILL, restart and SIGSTOP, and
 //! through real partitions (UDP relays between the nodes that the test cuts);
 //! follower and one-way partitions leave the leader and its term alone.
 
@@ -694,27 +695,73 @@ fn paused_leader_never_serves_a_stale_read_after_it_resumes() {
     }
 }
 
-/// One client's view of one operation on key `key`.
-struct Recorded {
-    key: usize,
-    op: integration_tests::linearizable::Op,
+/// The registers the clients write (SET, MSET, CAS) and read (GET, MGET),
+/// in pairs: MSET and MGET always cover one pair.
+const REGISTER_PAIRS: [[&str; 2]; 2] = [["lin-a0", "lin-b0"], ["lin-a1", "lin-b1"]];
+/// The counters the clients INCR, and read alone or together (MGET).
+const COUNTERS: [&str; 2] = ["lin-n0", "lin-n1"];
+
+/// Every key the clients use.
+fn client_keys() -> Vec<&'static str> {
+    REGISTER_PAIRS
+        .iter()
+        .flatten()
+        .chain(&COUNTERS)
+        .copied()
+        .collect()
 }
 
-/// A client thread: SETs (unique values) and GETs on a few keys, on any node,
-/// moving to another node when one fails; records every operation's outcome.
+/// What a client does with a reply: record the operation as acknowledged,
+/// as of unknown outcome, or not at all; and whether to reconnect.
+enum Verdict<T> {
+    Acked(T),
+    /// A write that may or may not have been applied.
+    Unknown {
+        reconnect: bool,
+    },
+    /// Known not to have happened (a read that failed, a write refused
+    /// with -TRYAGAIN: the store's answer when it proposed nothing).
+    Nothing {
+        reconnect: bool,
+    },
+}
+
+/// Classifies a reply by its Redis error code, never its text: for a write,
+/// -TRYAGAIN says it was not proposed; -UNKNOWN, a broken connection or any
+/// other error leave its outcome unknown. For a read any error means it did
+/// not happen. A reply of the wrong type is a protocol bug and fails the test.
+fn verdict<T>(res: RedisResult<T>, write: bool, what: &str) -> Verdict<T> {
+    match res {
+        Ok(v) => Verdict::Acked(v),
+        Err(e) if e.kind() == redis::ErrorKind::TypeError => {
+            panic!("{what}: a reply of the wrong type: {e}")
+        }
+        Err(e) if e.code() == Some("TRYAGAIN") => Verdict::Nothing { reconnect: false },
+        Err(e) if write => Verdict::Unknown {
+            reconnect: e.code() != Some("UNKNOWN"),
+        },
+        Err(_) => Verdict::Nothing { reconnect: true },
+    }
+}
+
+/// A client thread, on any node, moving to another node when one fails:
+/// SET, MSET over a pair, GET, MGET over a pair, CAS (expecting the value
+/// this client last saw) on the registers, INCR and GET/MGET on the counters,
+/// every written value unique. Records every operation's outcome.
 fn client_loop(
     addrs: &BTreeMap<u64, SocketAddr>,
     me: usize,
-    keys: usize,
     start: Instant,
     stop: &std::sync::atomic::AtomicBool,
-) -> Vec<Recorded> {
+) -> Vec<integration_tests::linearizable::Op> {
     use integration_tests::linearizable::{Kind, Op};
     let nodes: Vec<SocketAddr> = addrs.values().copied().collect();
     let mut out = Vec::new();
     let mut conn: Option<Connection> = None;
     let mut target = me;
     let mut seq = 0u64;
+    // The value this client last saw each register hold (CAS expects it).
+    let mut last_seen: BTreeMap<&str, String> = BTreeMap::new();
     let now = || start.elapsed().as_micros() as u64;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let Some(cn) = conn.as_mut() else {
@@ -732,47 +779,135 @@ fn client_loop(
             continue;
         };
         seq += 1;
-        let key = (seq as usize * 7 + me) % keys;
-        let name = format!("lin{key}");
+        // A fixed, varied sequence per client (no RNG needed).
+        let pick = (seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize + me;
+        let pair = REGISTER_PAIRS[pick % 2];
+        let one = pair[(pick / 2) % 2];
+        let counter = COUNTERS[(pick / 4) % 2];
+        let value = format!("c{me}-{seq}");
         let call = now();
-        if seq.is_multiple_of(2) {
-            let value = format!("c{me}-{seq}");
-            let res: RedisResult<String> = cn.set(&name, &value);
-            let ret = now();
-            let op = |ret| Op {
-                kind: Kind::Write(value.clone()),
-                call,
-                ret,
-            };
-            match res {
-                Ok(_) => out.push(Recorded {
-                    key,
-                    op: op(Some(ret)),
-                }),
-                // Known not to have been applied.
-                Err(e) if e.code() == Some("TRYAGAIN") => {}
-                // May or may not have been applied.
-                Err(e) => {
-                    out.push(Recorded { key, op: op(None) });
-                    if e.code() != Some("UNKNOWN") {
-                        conn = None;
+        let (kind, verdict): (Kind, Verdict<()>) = match pick % 20 {
+            // SET one register.
+            0..=2 => {
+                let v = verdict(cn.set::<_, _, String>(one, &value), true, "SET");
+                let v = map_verdict(v, |_| {
+                    last_seen.insert(one, value.clone());
+                });
+                (Kind::set(one, &value), v)
+            }
+            // MSET a pair.
+            3..=5 => {
+                let res = redis::cmd("MSET")
+                    .arg(pair[0])
+                    .arg(&value)
+                    .arg(pair[1])
+                    .arg(&value)
+                    .query::<String>(cn);
+                let v = map_verdict(verdict(res, true, "MSET"), |_| {
+                    for k in pair {
+                        last_seen.insert(k, value.clone());
                     }
+                });
+                let pairs = pair.iter().map(|k| (k.to_string(), value.clone()));
+                (Kind::Write(pairs.collect()), v)
+            }
+            // GET a register or a counter.
+            6..=8 => {
+                let key = if pick % 20 == 8 { counter } else { one };
+                let mut got = None;
+                let v = map_verdict(
+                    verdict(cn.get::<_, Option<String>>(key), false, "GET"),
+                    |r| {
+                        if let Some(r) = &r {
+                            last_seen.insert(key, r.clone());
+                        }
+                        got = r;
+                    },
+                );
+                (Kind::get(key, got.as_deref()), v)
+            }
+            // MGET a pair of registers or the counters.
+            9..=11 => {
+                let keys = if pick % 20 == 11 { COUNTERS } else { pair };
+                let res = redis::cmd("MGET")
+                    .arg(keys[0])
+                    .arg(keys[1])
+                    .query::<Vec<Option<String>>>(cn);
+                let mut got = vec![None, None];
+                let v = map_verdict(verdict(res, false, "MGET"), |r| {
+                    assert_eq!(r.len(), 2, "MGET of two keys answered {r:?}");
+                    for (k, v) in keys.iter().zip(&r) {
+                        if let Some(v) = v {
+                            last_seen.insert(k, v.clone());
+                        }
+                    }
+                    got = r;
+                });
+                let pairs = keys.iter().map(|k| k.to_string()).zip(got);
+                (Kind::Read(pairs.collect()), v)
+            }
+            // INCR a counter.
+            12..=15 => {
+                let res = redis::cmd("INCR").arg(counter).query::<i64>(cn);
+                let mut got = 0;
+                let v = map_verdict(verdict(res, true, "INCR"), |n| got = n);
+                (
+                    Kind::Incr {
+                        key: counter.to_string(),
+                        value: got,
+                    },
+                    v,
+                )
+            }
+            // CAS a register from the value this client last saw.
+            _ => {
+                let expected = last_seen
+                    .get(one)
+                    .cloned()
+                    .unwrap_or_else(|| "never-seen".to_string());
+                let res = redis::cmd("CAS")
+                    .arg(one)
+                    .arg(&expected)
+                    .arg(&value)
+                    .query::<i64>(cn);
+                let mut swapped = false;
+                let v = map_verdict(verdict(res, true, "CAS"), |n| {
+                    assert!(n == 0 || n == 1, "CAS answered {n}");
+                    swapped = n == 1;
+                    if swapped {
+                        last_seen.insert(one, value.clone());
+                    }
+                });
+                let kind = Kind::Cas {
+                    key: one.to_string(),
+                    expected,
+                    new: value.clone(),
+                    swapped,
+                };
+                (kind, v)
+            }
+        };
+        let ret = now();
+        match verdict {
+            Verdict::Acked(()) => out.push(Op {
+                kind,
+                call,
+                ret: Some(ret),
+            }),
+            Verdict::Unknown { reconnect } => {
+                out.push(Op {
+                    kind,
+                    call,
+                    ret: None,
+                });
+                if reconnect {
+                    conn = None;
                 }
             }
-        } else {
-            let res: RedisResult<Option<String>> = cn.get(&name);
-            let ret = now();
-            match res {
-                Ok(v) => out.push(Recorded {
-                    key,
-                    op: Op {
-                        kind: Kind::Read(v),
-                        call,
-                        ret: Some(ret),
-                    },
-                }),
-                Err(e) if e.code() == Some("TRYAGAIN") => {}
-                Err(_) => conn = None,
+            Verdict::Nothing { reconnect } => {
+                if reconnect {
+                    conn = None;
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -780,22 +915,33 @@ fn client_loop(
     out
 }
 
-/// Runs `clients` client threads (see `client_loop`) on `keys` keys while
-/// `faults` runs on this thread (given the clients' time origin); returns
-/// every operation they recorded once `faults` returns.
+/// Runs `f` on an acknowledged reply.
+fn map_verdict<T>(v: Verdict<T>, f: impl FnOnce(T)) -> Verdict<()> {
+    match v {
+        Verdict::Acked(t) => {
+            f(t);
+            Verdict::Acked(())
+        }
+        Verdict::Unknown { reconnect } => Verdict::Unknown { reconnect },
+        Verdict::Nothing { reconnect } => Verdict::Nothing { reconnect },
+    }
+}
+
+/// Runs `clients` client threads (see `client_loop`) while `faults` runs on
+/// this thread (given the clients' time origin); returns every operation
+/// they recorded once `faults` returns.
 fn with_clients(
     addrs: &BTreeMap<u64, SocketAddr>,
     clients: usize,
-    keys: usize,
     faults: impl FnOnce(Instant),
-) -> Vec<Recorded> {
+) -> Vec<integration_tests::linearizable::Op> {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let start = Instant::now();
     std::thread::scope(|s| {
         let threads: Vec<_> = (0..clients)
             .map(|me| {
                 let stop = &stop;
-                s.spawn(move || client_loop(addrs, me, keys, start, stop))
+                s.spawn(move || client_loop(addrs, me, start, stop))
             })
             .collect();
         // Stop the clients however `faults` ends, a failed assertion included,
@@ -816,41 +962,67 @@ fn with_clients(
     })
 }
 
-/// Asserts that each key's history is linearizable and that the clients got
-/// work done; returns how many operations were acknowledged.
-fn assert_linearizable(recorded: &[Recorded], keys: usize) -> usize {
-    let acked = recorded.iter().filter(|r| r.op.ret.is_some()).count();
+/// Asserts that the clients got work of every kind done and that the whole
+/// history (every key, multi-key operations included) is linearizable;
+/// returns how many operations were acknowledged.
+fn assert_linearizable(recorded: &[integration_tests::linearizable::Op]) -> usize {
+    use integration_tests::linearizable::{check, Kind};
+    let acked: Vec<_> = recorded.iter().filter(|o| o.ret.is_some()).collect();
+    let count = |f: &dyn Fn(&Kind) -> bool| acked.iter().filter(|o| f(&o.kind)).count();
+    let counts = [
+        (
+            "SET",
+            count(&|k| matches!(k, Kind::Write(p) if p.len() == 1)),
+        ),
+        (
+            "MSET",
+            count(&|k| matches!(k, Kind::Write(p) if p.len() > 1)),
+        ),
+        (
+            "GET",
+            count(&|k| matches!(k, Kind::Read(p) if p.len() == 1)),
+        ),
+        (
+            "MGET",
+            count(&|k| matches!(k, Kind::Read(p) if p.len() > 1)),
+        ),
+        ("INCR", count(&|k| matches!(k, Kind::Incr { .. }))),
+        ("CAS", count(&|k| matches!(k, Kind::Cas { .. }))),
+        (
+            "CAS that swapped",
+            count(&|k| matches!(k, Kind::Cas { swapped: true, .. })),
+        ),
+    ];
     println!(
-        "{} operations recorded on {keys} keys ({acked} acknowledged, {} writes of unknown outcome)",
+        "{} operations recorded on {} keys ({} acknowledged: {counts:?}; {} of unknown outcome)",
         recorded.len(),
-        recorded.len() - acked
+        client_keys().len(),
+        acked.len(),
+        recorded.len() - acked.len()
     );
-    assert!(acked > 500, "the clients should get work done: {acked}");
-    for key in 0..keys {
-        let history: Vec<_> = recorded
-            .iter()
-            .filter(|r| r.key == key)
-            .map(|r| r.op.clone())
-            .collect();
-        if let Err(e) = integration_tests::linearizable::check(&history) {
-            panic!(
-                "key lin{key}: not linearizable; {} of {} operations placed, then stuck at {:?}",
-                e.placed,
-                history.len(),
-                e.stuck_at
-            );
-        }
+    assert!(
+        acked.len() > 500,
+        "the clients should get work done: {}",
+        acked.len()
+    );
+    for (what, n) in counts {
+        assert!(n >= 10, "too few acknowledged {what}: {counts:?}");
     }
-    acked
+    let t = Instant::now();
+    if let Err(e) = check(recorded) {
+        panic!("{e}");
+    }
+    println!("history checked in {:?}", t.elapsed());
+    acked.len()
 }
 
 /// Concurrent clients on every node while the leader is SIGKILLed and
-/// restarted, then the next leader is paused with SIGSTOP and resumed: each
-/// key's history (acknowledged operations, plus writes of unknown outcome)
-/// must be linearizable.
+/// restarted, then the next leader is paused with SIGSTOP and resumed. They
+/// SET, MSET, GET, MGET and CAS registers in pairs and INCR counters; the
+/// whole history (acknowledged operations, plus writes of unknown outcome)
+/// must be linearizable, multi-key operations atomic.
 #[test]
 fn client_histories_stay_linearizable_through_kills_and_pauses() {
-    const KEYS: usize = 3;
     const CLIENTS: usize = 4;
     let tmp = tempfile::tempdir().unwrap();
     let ids = [1u64, 2, 3];
@@ -860,7 +1032,7 @@ fn client_histories_stay_linearizable_through_kills_and_pauses() {
     }
     let first = c.wait_leader(&ids);
     let addrs = c.client.clone();
-    let recorded = with_clients(&addrs, CLIENTS, KEYS, |_| {
+    let recorded = with_clients(&addrs, CLIENTS, |_| {
         std::thread::sleep(Duration::from_millis(800));
         c.kill(first);
         std::thread::sleep(Duration::from_millis(800));
@@ -872,18 +1044,18 @@ fn client_histories_stay_linearizable_through_kills_and_pauses() {
         signal(&c, second, "-CONT");
         std::thread::sleep(Duration::from_millis(800));
     });
-    assert_linearizable(&recorded, KEYS);
+    assert_linearizable(&recorded);
 }
 
 /// Real partitions between real processes (UDP relays the test cuts): the
 /// leader cut off from both followers is replaced within a few election
 /// timeouts and the majority keeps acknowledging writes, while the isolated
 /// node commits nothing; then a follower is cut off and healed. Concurrent
-/// clients run throughout, on every node, and each key's history must be
-/// linearizable; at the end all three state machines agree.
+/// clients (the mix of `client_loop`) run throughout, on every node, and the
+/// whole history must be linearizable; at the end all three state machines
+/// agree.
 #[test]
 fn partitions_majority_serves_minority_commits_nothing_histories_linearizable() {
-    const KEYS: usize = 3;
     const CLIENTS: usize = 4;
     let tmp = tempfile::tempdir().unwrap();
     let ids = [1u64, 2, 3];
@@ -895,7 +1067,7 @@ fn partitions_majority_serves_minority_commits_nothing_histories_linearizable() 
     let rest: Vec<u64> = ids.iter().copied().filter(|&x| x != old).collect();
     let addrs = c.client.clone();
     let mut window = (0u64, 0u64);
-    let recorded = with_clients(&addrs, CLIENTS, KEYS, |start| {
+    let recorded = with_clients(&addrs, CLIENTS, |start| {
         std::thread::sleep(Duration::from_millis(700));
         c.isolate(old, true);
         let cut = Instant::now();
@@ -940,16 +1112,16 @@ fn partitions_majority_serves_minority_commits_nothing_histories_linearizable() 
         c.isolate(follower, false);
         std::thread::sleep(Duration::from_millis(800));
     });
-    assert_linearizable(&recorded, KEYS);
+    assert_linearizable(&recorded);
     let during = recorded
         .iter()
-        .filter(|r| matches!(r.op.kind, integration_tests::linearizable::Kind::Write(_)))
-        .filter(|r| r.op.ret.is_some_and(|t| t > window.0 && t < window.1))
+        .filter(|o| !matches!(o.kind, integration_tests::linearizable::Kind::Read(_)))
+        .filter(|o| o.ret.is_some_and(|t| t > window.0 && t < window.1))
         .count();
     println!("{during} writes acknowledged while the old leader was cut off");
     assert!(during > 0, "the majority should keep acknowledging writes");
     // After healing every node holds the same data.
-    let names: Vec<String> = (0..KEYS).map(|k| format!("lin{k}")).collect();
+    let names = client_keys();
     let mut seen = Vec::new();
     for id in ids {
         // A node that was just healed may answer -TRYAGAIN until it has

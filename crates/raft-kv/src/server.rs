@@ -236,24 +236,25 @@ async fn execute(
     }
 }
 
+/// Answers a read from one applied state: all the keys of one command (MGET,
+/// EXISTS) and DBSIZE come from the same view, never half of a batch.
 fn read(node: &KvNode, name: &str, keys: &[Vec<u8>]) -> Outcome {
-    let sm = node.state_machine();
-    let res: anyhow::Result<Outcome> = (|| {
+    let res: anyhow::Result<Outcome> = node.state_machine().read_view(|v| {
         Ok(match name {
-            "GET" => sm.get(&keys[0])?.map_or(Outcome::Nil, Outcome::Bulk),
-            "MGET" => Outcome::Array(keys.iter().map(|k| sm.get(k)).collect::<Result<_, _>>()?),
+            "GET" => v.get(&keys[0])?.map_or(Outcome::Nil, Outcome::Bulk),
+            "MGET" => Outcome::Array(keys.iter().map(|k| v.get(k)).collect::<Result<_, _>>()?),
             "EXISTS" => {
                 let mut c = 0;
                 for k in keys {
-                    if sm.get(k)?.is_some() {
+                    if v.exists(k)? {
                         c += 1;
                     }
                 }
                 Outcome::Int(c)
             }
-            "STRLEN" => Outcome::Int(sm.get(&keys[0])?.map_or(0, |v| v.len() as i64)),
-            _ => Outcome::Int(sm.dbsize()? as i64),
+            "STRLEN" => Outcome::Int(v.get(&keys[0])?.map_or(0, |v| v.len() as i64)),
+            _ => Outcome::Int(v.dbsize()? as i64),
         })
-    })();
+    });
     res.unwrap_or_else(|e| Outcome::Error(format!("ERR storage: {e}")))
 }
