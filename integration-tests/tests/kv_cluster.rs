@@ -156,6 +156,22 @@ impl Cluster {
     }
 
     fn start(&mut self, id: u64) {
+        let peers: Vec<(u64, SocketAddr)> = self
+            .raft
+            .iter()
+            .filter(|(&p, _)| p != id)
+            .map(|(&p, &a)| (p, self.links.get(&(id, p)).map_or(a, |l| l.addr)))
+            .collect();
+        let mut cmd = self.node_command(id, &peers);
+        let log = std::fs::File::create(self.dir.join(format!("node-{id}.log"))).unwrap();
+        cmd.stdout(Stdio::null())
+            .stderr(log)
+            .env("RUST_LOG", "info,raft_core=debug");
+        self.procs.insert(id, cmd.spawn().unwrap());
+    }
+
+    /// The command line of node `id` with the given peers.
+    fn node_command(&self, id: u64, peers: &[(u64, SocketAddr)]) -> Command {
         let mut cmd = Command::new(BIN);
         cmd.arg("node")
             .args(["--id", &id.to_string()])
@@ -165,18 +181,11 @@ impl Cluster {
             .arg(self.dir.join(format!("node-{id}")))
             .arg("--tls-dir")
             .arg(self.dir.join("certs"));
-        for (&p, a) in &self.raft {
-            if p != id {
-                let a = self.links.get(&(id, p)).map_or(*a, |l| l.addr);
-                cmd.args(["--peer", &format!("{p}={a}")]);
-            }
+        for (p, a) in peers {
+            cmd.args(["--peer", &format!("{p}={a}")]);
         }
         cmd.args(&self.extra);
-        let log = std::fs::File::create(self.dir.join(format!("node-{id}.log"))).unwrap();
-        cmd.stdout(Stdio::null())
-            .stderr(log)
-            .env("RUST_LOG", "info");
-        self.procs.insert(id, cmd.spawn().unwrap());
+        cmd
     }
 
     fn kill(&mut self, id: u64) {
@@ -1255,4 +1264,189 @@ fn a_state_machine_behind_the_compaction_point_is_refused_and_nothing_is_lost() 
     for (i, v) in vals.iter().enumerate() {
         assert_eq!(v.as_deref(), Some(format!("g-value-{i}").as_str()));
     }
+}
+
+/// The largest value a `SET key value` may carry under a node's
+/// `max_entry_bytes` (the limit applies to the encoded command).
+fn value_limit(key: &str, max_entry: usize) -> usize {
+    let probe = 1 << 20;
+    let cmd = raft_kv::command::WriteCmd::Set {
+        key: key.as_bytes().to_vec(),
+        value: vec![0; probe],
+        cond: raft_kv::command::SetCond::Always,
+    };
+    max_entry - (cmd.encoded_len() - probe)
+}
+
+/// One large write used to stop every write in the cluster (the entry was
+/// larger than the followers' frame limit and was resent forever). Values at
+/// the limit - 1 and the limit commit, the limit + 1 and a 16 MiB value are
+/// refused with a clear error before anything is proposed, through the
+/// leader and through a follower, and the cluster keeps committing.
+#[test]
+fn values_at_the_entry_limit_commit_and_larger_ones_are_refused_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.keep();
+    eprintln!("DIR {}", dir.display()); // DEBUGTMP
+    let mut c = Cluster::new(&dir, &[1, 2, 3]);
+    for id in [1, 2, 3] {
+        c.start(id);
+    }
+    let leader = c.wait_leader(&[1, 2, 3]);
+    let follower = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    let max_entry: usize = c.info(leader)["max_entry_bytes"].parse().unwrap();
+    assert_eq!(max_entry, 8 << 20, "the default");
+    for via in [leader, follower] {
+        let mut conn = c.conn(via);
+        let key = format!("big-{via}");
+        let limit = value_limit(&key, max_entry);
+        for (n, fits) in [
+            (limit - 1, true),
+            (limit, true),
+            (limit + 1, false),
+            ((16 << 20) - 64, false),
+        ] {
+            let value = vec![b'v'; n];
+            let res: RedisResult<String> = conn.set(&key, value);
+            match res {
+                Ok(ok) if fits => assert_eq!(ok, "OK"),
+                Err(e) if !fits => {
+                    let text = e.to_string();
+                    assert!(
+                        text.contains("too large"),
+                        "{n} bytes via node {via}: {text}"
+                    );
+                }
+                other => panic!("{n} bytes via node {via} (limit {limit}): {other:?}"),
+            }
+            // The cluster keeps committing, and the key holds the last value that fit.
+            let small = format!("after-{via}-{n}");
+            let ok: String = conn.set(&small, "x").unwrap();
+            assert_eq!(ok, "OK");
+            let len: usize = redis::cmd("STRLEN").arg(&key).query(&mut conn).unwrap();
+            assert_eq!(len, if fits { n } else { limit });
+        }
+    }
+    // Every node holds the largest value (and got there over QUIC).
+    for id in [1, 2, 3] {
+        let mut conn = c.conn(id);
+        for via in [leader, follower] {
+            let key = format!("big-{via}");
+            let len: usize = redis::cmd("STRLEN").arg(&key).query(&mut conn).unwrap();
+            assert_eq!(len, value_limit(&key, max_entry), "node {id}, {key}");
+        }
+    }
+}
+
+/// The members are stored at the first start. A member restarted without
+/// its peers, or with a phantom one, refuses to start and names both sets
+/// (it used to form a cluster of its own and accept conflicting writes);
+/// started with the stored ones, it rejoins.
+#[test]
+fn a_member_restarted_with_other_peers_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), &[1, 2, 3]);
+    for id in [1, 2, 3] {
+        c.start(id);
+    }
+    let leader = c.wait_leader(&[1, 2, 3]);
+    let victim = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    write_until_ok(&c, &[leader], "before", "1", Duration::from_secs(10));
+    c.kill(victim);
+    let others: Vec<(u64, SocketAddr)> = c
+        .raft
+        .iter()
+        .filter(|(&p, _)| p != victim)
+        .map(|(&p, &a)| (p, a))
+        .collect();
+    let mut phantom = others.clone();
+    phantom.push((4, free_udp()));
+    for (what, peers) in [("no peers", Vec::new()), ("a phantom peer", phantom)] {
+        let out = c
+            .node_command(victim, &peers)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: started anyway");
+        assert!(
+            stderr.contains("[1, 2, 3]") && stderr.contains("disagree"),
+            "{what}: {stderr}"
+        );
+    }
+    // Only one cluster exists: the write made meanwhile is seen by the
+    // victim once it is back with the right peers.
+    write_until_ok(&c, &[leader], "during", "2", Duration::from_secs(10));
+    c.start(victim);
+    eventually("the victim catches up", Duration::from_secs(20), || {
+        let mut conn = c.conn(victim);
+        redis::cmd("GET")
+            .arg("during")
+            .query::<Option<String>>(&mut conn)
+            .ok()
+            .flatten()
+            .as_deref()
+            == Some("2")
+    });
+}
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "this test mounts a small tmpfs to fill a node's disk: run it as root"
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A node whose disk fills does not stay up looking healthy: its Raft stops,
+/// the process exits non-zero with the reason, and the other two keep serving.
+#[test]
+fn a_node_whose_disk_fills_exits_nonzero_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), &[1, 2, 3]);
+    let _fs = Tmpfs::mount(&dir.path().join("node-3"), "24m");
+    for id in [1, 2, 3] {
+        c.start(id);
+    }
+    let leader = c.wait_leader(&[1, 2, 3]);
+    let serving = if leader == 3 { 1 } else { leader };
+    let value = vec![b'x'; 1 << 20];
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut i = 0u64;
+    let status = loop {
+        i += 1;
+        if let Some(st) = c.procs.get_mut(&3).and_then(|p| p.try_wait().unwrap()) {
+            break st;
+        }
+        assert!(Instant::now() < end, "node 3 never noticed its full disk");
+        let mut conn = c.conn(serving);
+        let _: RedisResult<String> = conn.set(format!("fill-{}", i % 64), &value);
+    };
+    c.procs.remove(&3);
+    assert!(!status.success(), "exit status {status:?}");
+    let log = std::fs::read_to_string(dir.path().join("node-3.log")).unwrap();
+    assert!(
+        log.contains("the node stopped") && log.to_lowercase().contains("space"),
+        "node 3's log does not say why it stopped: {}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+    // The other two still commit.
+    write_until_ok(&c, &[1, 2], "after-full", "1", Duration::from_secs(20));
 }

@@ -118,7 +118,8 @@ impl std::fmt::Display for Violation {
 #[derive(Debug)]
 enum Event {
     Deliver(Message),
-    DiskDone(NodeId),
+    /// The oldest queued write of a node (in the given incarnation) is done.
+    DiskDone(NodeId, u64),
     Restart(NodeId),
 }
 
@@ -140,7 +141,13 @@ struct SimNode {
     hard_state: HardState,
     /// The durable log, each entry with the hash chain of its whole prefix.
     log: Vec<(Entry, u64)>,
-    disk: Option<PendingDisk>,
+    /// Readies waiting for their write, oldest first; the disk runs them in
+    /// order, as the node driver's storage task does.
+    disk: std::collections::VecDeque<PendingDisk>,
+    /// When the last queued write finishes.
+    disk_free_at: Duration,
+    /// Incarnation: a crash discards the disk events of the one before.
+    epoch: u64,
     /// The application's state in memory: last applied index.
     applied: LogIndex,
     /// The application's durable state: last applied index it flushed.
@@ -191,6 +198,9 @@ pub(crate) struct Sim {
     log_registry: HashMap<(LogIndex, Term), u64>,
     /// Committed entries by index (position 0 is index 1): (term, entry hash).
     committed: Vec<(Term, u64)>,
+    /// For each committed index, the term of the node that committed it first
+    /// (the leader of that term): Leader Completeness binds later terms only.
+    commit_terms: Vec<Term>,
     max_commit_seen: LogIndex,
     /// Leader (node, term) -> the durable log length and prefix hash last seen.
     leader_log_marks: HashMap<(NodeId, Term), (usize, u64)>,
@@ -229,6 +239,7 @@ impl Sim {
             leaders_by_term: HashMap::new(),
             log_registry: HashMap::new(),
             committed: Vec::new(),
+            commit_terms: Vec::new(),
             max_commit_seen: 0,
             leader_log_marks: HashMap::new(),
             pending_reads: HashMap::new(),
@@ -245,7 +256,9 @@ impl Sim {
                     engine: None,
                     hard_state: HardState::default(),
                     log: Vec::new(),
-                    disk: None,
+                    disk: std::collections::VecDeque::new(),
+                    disk_free_at: Duration::ZERO,
+                    epoch: 0,
                     applied: 0,
                     flushed: 0,
                     purged: LogId::default(),
@@ -401,9 +414,6 @@ impl Sim {
     fn pump(&mut self, id: NodeId) {
         loop {
             let node = self.nodes.get_mut(&id).expect("known node");
-            if node.disk.is_some() {
-                return;
-            }
             let Some(engine) = node.engine.as_mut() else {
                 return;
             };
@@ -412,11 +422,18 @@ impl Sim {
             }
             let leader_term = engine.is_leader().then(|| engine.term());
             let ready = engine.take_ready();
+            // While a term or vote is being written, every message waits for it.
+            let hold = node.disk.iter().any(|p| p.hard_state.is_some());
             for r in &ready.reads {
                 self.check_read(r.ctx, r.result);
             }
-            for m in ready.messages {
-                self.send(m);
+            let mut persisted_messages = ready.persisted_messages;
+            if hold {
+                persisted_messages.splice(0..0, ready.messages);
+            } else {
+                for m in ready.messages {
+                    self.send(m);
+                }
             }
             let needs_disk = ready.hard_state.is_some()
                 || ready.truncate_from.is_some()
@@ -425,19 +442,28 @@ impl Sim {
                 hard_state: ready.hard_state,
                 truncate_from: ready.truncate_from,
                 entries: ready.entries,
-                persisted_messages: ready.persisted_messages,
+                persisted_messages,
                 committed: ready.committed,
                 taken_as_leader_of: leader_term,
                 purge_to: ready.purge_to,
             };
-            if needs_disk {
-                let node = self.nodes.get_mut(&id).expect("known node");
-                node.disk = Some(pending);
-                let at = self.now + self.disk_latency();
-                self.schedule(at, Event::DiskDone(id));
-                return;
+            let node = self.nodes.get_mut(&id).expect("known node");
+            if !needs_disk && node.disk.is_empty() {
+                self.finish_disk(id, pending);
+                continue;
             }
-            self.finish_disk(id, pending);
+            // The disk runs writes one after another.
+            let latency = if needs_disk {
+                self.disk_latency()
+            } else {
+                Duration::ZERO
+            };
+            let node = self.nodes.get_mut(&id).expect("known node");
+            let at = node.disk_free_at.max(self.now) + latency;
+            node.disk_free_at = at;
+            node.disk.push_back(pending);
+            let epoch = node.epoch;
+            self.schedule(at, Event::DiskDone(id, epoch));
         }
     }
 
@@ -638,7 +664,9 @@ impl Sim {
                         let snap = e.snapshot();
                         for (i, &(t, h)) in self.committed.iter().enumerate() {
                             let idx = i as LogIndex + 1;
-                            if idx < snap.index {
+                            // Committed in this term or a later one (by a
+                            // leader this one has not heard of): not binding.
+                            if idx < snap.index || self.commit_terms[i] >= term {
                                 continue;
                             }
                             let ok = if idx == snap.index {
@@ -715,6 +743,7 @@ impl Sim {
                     ));
                 }
                 self.committed.push(rec);
+                self.commit_terms.push(e.term());
             } else {
                 problems.push(format!(
                     "node {id} committed {idx} with a gap in the global record"
@@ -735,7 +764,12 @@ impl Sim {
             let node = self.nodes.get_mut(&id).expect("known node");
             node.engine = None;
             node.applied = node.flushed;
-            node.disk.take()
+            node.epoch += 1;
+            node.disk_free_at = Duration::ZERO;
+            // Only the oldest write can be in the middle of reaching the disk.
+            let front = node.disk.pop_front();
+            node.disk.clear();
+            front
         };
         self.stats.crashes += 1;
         if let Some(p) = pending {
@@ -767,7 +801,7 @@ impl Sim {
             let writing: Vec<NodeId> = live
                 .iter()
                 .copied()
-                .filter(|id| self.nodes[id].disk.is_some())
+                .filter(|id| !self.nodes[id].disk.is_empty())
                 .collect();
             // Most crashes hit a node with a write in flight.
             let pool = if !writing.is_empty() && self.rng.range(0, 10) < 7 {
@@ -914,8 +948,12 @@ impl Sim {
                         self.pump(to);
                     }
                 }
-                Event::DiskDone(id) => {
-                    let p = self.nodes.get_mut(&id).and_then(|n| n.disk.take());
+                Event::DiskDone(id, epoch) => {
+                    let p = self
+                        .nodes
+                        .get_mut(&id)
+                        .filter(|n| n.epoch == epoch)
+                        .and_then(|n| n.disk.pop_front());
                     if let Some(p) = p {
                         self.finish_disk(id, p);
                         self.pump(id);
@@ -933,8 +971,10 @@ impl Sim {
 
     fn heal(&mut self) {
         self.set_blocked(BTreeSet::new());
-        // From here on: no long stalls or delays either.
+        // From here on: no long stalls or delays either, and a LAN's jitter
+        // (heavy reordering makes pipelined catch-up crawl, not stop).
         self.cfg.faults = false;
+        self.max_delay_ms = self.max_delay_ms.min(10);
         self.drop_per_mille = 0;
         self.dup_per_mille = 0;
         let dead: Vec<NodeId> = self
@@ -972,11 +1012,39 @@ impl Sim {
         self.heal();
         let healed_at = self.now;
         let deadline = healed_at + self.cfg.liveness_bound;
+        // A healthy cluster settles in a few thousand events; a broken one
+        // can storm (elections, retransmissions) without bound.
+        let step_limit = self.step + 50 * self.cfg.fault_steps.max(1000);
         let mut marker: Option<(NodeId, Term, LogIndex)> = None;
         loop {
-            if self.now > deadline {
+            if self.now > deadline || self.step > step_limit {
                 let applied: Vec<(NodeId, LogIndex)> =
                     self.nodes.iter().map(|(&id, n)| (id, n.applied)).collect();
+                if std::env::var_os("RAFT_SIM_DEBUG").is_some() {
+                    for (id, n) in &self.nodes {
+                        if let Some(e) = &n.engine {
+                            eprintln!(
+                                "node {id}: {:?} term {} commit {} last {:?} durable {} applied {} snap {:?} disk queue {} | {}",
+                                e.role(), e.term(), e.commit_index(), e.last_log_id(), e.durable_index(),
+                                e.applied_index(), e.snapshot(), n.disk.len(), e.progress_debug()
+                            );
+                            let writes = n
+                                .disk
+                                .iter()
+                                .filter(|p| {
+                                    p.hard_state.is_some()
+                                        || p.truncate_from.is_some()
+                                        || !p.entries.is_empty()
+                                })
+                                .count();
+                            let hs = n.disk.iter().filter(|p| p.hard_state.is_some()).count();
+                            let tr = n.disk.iter().filter(|p| p.truncate_from.is_some()).count();
+                            let msgs: usize =
+                                n.disk.iter().map(|p| p.persisted_messages.len()).sum();
+                            eprintln!("   queue: {writes} writes ({hs} hard state, {tr} truncations), {msgs} held messages, free at {:?} now {:?}", n.disk_free_at, self.now);
+                        }
+                    }
+                }
                 self.fail(format!(
                     "liveness: within {:?} of healing, the new proposal {marker:?} did not commit and reach every node (leader: {:?}, applied: {applied:?}), or reads stayed unanswered ({:?})",
                     self.cfg.liveness_bound,

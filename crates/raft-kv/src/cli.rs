@@ -16,6 +16,11 @@ fn default_compact_threshold() -> u64 {
     raft_core::node::Config::new(0).compact_threshold
 }
 
+/// The Raft layer's default largest entry.
+fn default_max_entry_bytes() -> usize {
+    raft_core::node::Config::new(0).max_entry_bytes
+}
+
 /// A replicated key-value store on Raft that speaks the Redis protocol.
 #[derive(Debug, Parser)]
 #[command(name = "raft-kv", version, about)]
@@ -91,6 +96,11 @@ struct NodeArgs {
     /// Log entries dropped at a time once the state machine holds them (default 8192).
     #[arg(long)]
     compact_threshold: Option<u64>,
+    /// Largest encoded write command in bytes; larger writes are refused with
+    /// an error before they are proposed (default 8388608 = 8 MiB; at most
+    /// about 16 MiB, the transport's frame limit).
+    #[arg(long)]
+    max_entry_bytes: Option<usize>,
 }
 
 /// The TOML file form of the node options.
@@ -110,6 +120,7 @@ struct FileConfig {
     password: Option<String>,
     cluster_id: Option<u64>,
     compact_threshold: Option<u64>,
+    max_entry_bytes: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -207,6 +218,10 @@ fn node_config(a: NodeArgs) -> anyhow::Result<NodeConfig> {
             .compact_threshold
             .or(f.compact_threshold)
             .unwrap_or_else(default_compact_threshold),
+        max_entry_bytes: a
+            .max_entry_bytes
+            .or(f.max_entry_bytes)
+            .unwrap_or_else(default_max_entry_bytes),
     };
     // The Raft layer validates the timing rules with precise messages.
     cfg.raft_config()?;
@@ -269,7 +284,7 @@ pub fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let res = rt.block_on(async move {
         match cli.command {
             Command::Certs { dir, nodes } => {
                 raft_net_quic::generate_cluster_certs(&dir, &nodes)?;
@@ -282,15 +297,30 @@ pub fn main() -> anyhow::Result<()> {
             Command::Node(args) => {
                 let cfg = node_config(args)?;
                 let (node, server) = run_node(cfg).await?;
-                wait_for_stop().await;
+                // A node whose Raft stopped (a failed disk, a failed state
+                // machine) must not linger looking healthy: it exits with
+                // the reason, for its supervisor to see.
+                let failed = tokio::select! {
+                    _ = wait_for_stop() => None,
+                    why = node.wait_stopped() => Some(why),
+                };
+                if let Some(why) = &failed {
+                    tracing::error!(reason = %why, "raft stopped; shutting the node down");
+                }
                 server.abort();
                 node.shutdown().await;
-                Ok(())
+                match failed {
+                    Some(why) => bail!("the node stopped: {why}"),
+                    None => Ok(()),
+                }
             }
             Command::Demo { nodes, data_dir } => demo(nodes, data_dir).await,
             Command::Bench(b) => bench(b).await,
         }
-    })
+    });
+    // A write stuck in a hung disk must not keep the process alive.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    res
 }
 
 async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
@@ -324,6 +354,7 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             password: None,
             cluster_id: 0,
             compact_threshold: default_compact_threshold(),
+            max_entry_bytes: default_max_entry_bytes(),
         };
         running.push(run_node(cfg).await?);
     }

@@ -80,6 +80,15 @@ impl WriteCmd {
         bincode::serde::encode_to_vec(self, config()).unwrap_or_default()
     }
 
+    /// The size of [`WriteCmd::encode`]'s output, without encoding.
+    pub fn encoded_len(&self) -> usize {
+        let mut w = bincode::enc::write::SizeWriter::default();
+        match bincode::serde::encode_into_writer(self, &mut w, config()) {
+            Ok(()) => w.bytes_written,
+            Err(_) => usize::MAX,
+        }
+    }
+
     /// Decodes a log entry; `None` when it is not a command of this store.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         // A damaged entry must not make the decoder reserve what its length
@@ -142,7 +151,10 @@ mod tests {
             value: b"v".to_vec(),
             cond: SetCond::Always,
         };
-        assert_eq!(WriteCmd::decode(&good.encode()), Some(good));
+        assert_eq!(WriteCmd::decode(&good.encode()), Some(good.clone()));
+        assert_eq!(good.encoded_len(), good.encode().len());
+        let big = WriteCmd::MSet(vec![(vec![1; 300], vec![2; 70_000]); 3]);
+        assert_eq!(big.encoded_len(), big.encode().len());
         // Variant 1 (Del), then a varint claiming 2^32 - 1 keys.
         let bogus = [1u8, 0xfc, 0xff, 0xff, 0xff, 0xff];
         assert_eq!(WriteCmd::decode(&bogus), None);

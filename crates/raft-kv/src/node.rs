@@ -42,6 +42,10 @@ pub struct NodeConfig {
     pub cluster_id: u64,
     /// Log entries dropped at a time once the state machine holds them.
     pub compact_threshold: u64,
+    /// Largest encoded write command; larger ones are refused before they
+    /// are proposed. With the message overhead it must fit the transport's
+    /// frame limit (16 MiB).
+    pub max_entry_bytes: usize,
 }
 
 impl NodeConfig {
@@ -55,7 +59,15 @@ impl NodeConfig {
         rc.election_timeout_min = self.election_min;
         rc.election_timeout_max = self.election_max;
         rc.compact_threshold = self.compact_threshold;
+        rc.max_entry_bytes = self.max_entry_bytes;
+        // Enough room for several of the largest entries.
+        rc.max_unapplied_bytes = rc
+            .max_unapplied_bytes
+            .max(4 * self.max_entry_bytes as u64 + 4096);
         rc.validate()?;
+        rc.validate_for_transport(Some(
+            QuicConfig::new(self.id, self.raft_addr).max_frame_bytes,
+        ))?;
         Ok(rc)
     }
 }
@@ -66,9 +78,32 @@ const LEADER_WAIT: Duration = Duration::from_secs(3);
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How often the state machine is flushed so the log can drop what it covers.
 const RELEASE_EVERY: Duration = Duration::from_secs(1);
+/// How long shutdown waits for the state machine's final flush.
+const FLUSH_GRACE: Duration = Duration::from_secs(3);
 
 fn try_again() -> Outcome {
     Outcome::Error("TRYAGAIN no leader is available; try again".into())
+}
+
+fn too_large(size: usize, max: usize) -> Outcome {
+    Outcome::Error(format!(
+        "ERR command too large: {size} bytes encoded, the limit is {max} bytes (max-entry-bytes); nothing was written"
+    ))
+}
+
+fn stopped(why: &str) -> Outcome {
+    Outcome::Error(format!(
+        "ERR this node has stopped ({why}); it serves nothing until it is restarted"
+    ))
+}
+
+/// The outcome for a proposal Raft refused; nothing was proposed.
+fn refused(e: &RaftError) -> Outcome {
+    match e {
+        RaftError::Busy { .. } => Outcome::Error(format!("TRYAGAIN {e}")),
+        RaftError::Stopped(why) => stopped(why),
+        _ => Outcome::Error(format!("ERR {e}")),
+    }
 }
 
 fn unknown(why: &str) -> Outcome {
@@ -99,6 +134,10 @@ pub struct KvNode {
     raft: Raft,
     sm: Arc<StateMachine>,
     rpc: RpcClient,
+    /// The largest frame a peer accepts: forwarded requests are cut to fit.
+    frame_limit: usize,
+    /// Why the state machine stopped applying, if it did.
+    failure: Arc<Mutex<Option<String>>>,
     waiters: Arc<Mutex<Waiters>>,
     applier: Mutex<Option<tokio::task::JoinHandle<()>>>,
     releaser: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -121,13 +160,20 @@ impl KvNode {
     pub async fn start(cfg: NodeConfig) -> anyhow::Result<Arc<KvNode>> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.data_dir.display()))?;
-        let log = SledLogStore::open(cfg.data_dir.join("log"))?;
-        let sm = Arc::new(StateMachine::open(&cfg.data_dir.join("sm"))?);
+        // Opening reads and checks whole databases: off the async threads.
+        let log = SledLogStore::open_async(cfg.data_dir.join("log")).await?;
+        let sm_path = cfg.data_dir.join("sm");
+        let sm = Arc::new(
+            tokio::task::spawn_blocking(move || StateMachine::open(&sm_path))
+                .await
+                .map_err(|e| anyhow::anyhow!("opening the state machine failed: {e}"))??,
+        );
         let tls = TlsMaterial::load_dir(&cfg.tls_dir, cfg.id)?;
         let mut qc = QuicConfig::new(cfg.id, cfg.raft_addr);
         qc.cluster_id = cfg.cluster_id;
         qc.peers = cfg.peers.clone();
         let transport = QuicTransport::bind(qc, &tls)?;
+        let frame_limit = transport.max_frame_bytes();
         let rpc = transport.rpc_client();
         let slot: Arc<OnceLock<std::sync::Weak<KvNode>>> = Arc::new(OnceLock::new());
         let handler_slot = slot.clone();
@@ -149,13 +195,21 @@ impl KvNode {
         let raft = Raft::new(rc, log, transport, apply_tx)?;
         raft.start_with_applied(sm.applied()).await?;
         let waiters = Arc::new(Mutex::new(Waiters::default()));
-        let applier = tokio::spawn(apply_loop(apply_rx, sm.clone(), waiters.clone()));
+        let failure = Arc::new(Mutex::new(None));
+        let applier = tokio::spawn(apply_loop(
+            apply_rx,
+            sm.clone(),
+            waiters.clone(),
+            failure.clone(),
+        ));
         let releaser = tokio::spawn(release_loop(raft.clone(), sm.clone()));
         let node = Arc::new(KvNode {
             cfg,
             raft,
             sm,
             rpc,
+            frame_limit,
+            failure,
             waiters,
             applier: Mutex::new(Some(applier)),
             releaser: Mutex::new(Some(releaser)),
@@ -180,7 +234,30 @@ impl KvNode {
         &self.raft
     }
 
-    /// Stops Raft and the applier, and flushes the state machine.
+    /// Why this node stopped serving, once Raft has stopped (a failed disk,
+    /// a failed state machine): every command then answers an error.
+    pub fn stopped(&self) -> Option<String> {
+        let raft = self.raft.status().stopped?;
+        // The state machine's own failure explains a closed apply channel.
+        Some(lock(&self.failure).clone().unwrap_or(raft))
+    }
+
+    /// Waits until Raft stops on its own (not through `shutdown`), and
+    /// returns why.
+    pub async fn wait_stopped(&self) -> String {
+        let mut st = self.raft.watch_status();
+        let stopped = st.wait_for(|s| s.stopped.is_some()).await.is_ok();
+        drop(st);
+        if stopped {
+            self.stopped().unwrap_or_else(|| "raft stopped".to_string())
+        } else {
+            "raft stopped".to_string()
+        }
+    }
+
+    /// Stops Raft and the applier, and flushes the state machine. Bounded in
+    /// time even when the disk hangs: the state machine's flush is given
+    /// up after `FLUSH_GRACE` (the log re-delivers what it did not store).
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(node = self.cfg.id, error = %e, "raft stopped with an error");
@@ -190,8 +267,19 @@ impl KvNode {
             t.abort();
             let _ = t.await;
         }
-        if let Err(e) = self.sm.flush() {
-            tracing::warn!(node = self.cfg.id, error = %e, "state machine flush failed");
+        let sm = self.sm.clone();
+        match timeout(FLUSH_GRACE, tokio::task::spawn_blocking(move || sm.flush())).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(node = self.cfg.id, error = %e, "state machine flush failed")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = self.cfg.id, error = %e, "state machine flush failed")
+            }
+            Err(_) => tracing::error!(
+                node = self.cfg.id,
+                "state machine flush did not finish within {FLUSH_GRACE:?}; giving up"
+            ),
         }
     }
 
@@ -219,9 +307,62 @@ impl KvNode {
             .unwrap_or_else(|| Outcome::Error("ERR internal".into()))
     }
 
+    /// Answers commands too large for the log at once (`Some`), and keeps
+    /// the rest in order.
+    fn check_sizes(&self, cmds: Vec<WriteCmd>) -> (Vec<Option<Outcome>>, Vec<WriteCmd>) {
+        let max = self.raft.max_command_bytes();
+        let stop = self.stopped();
+        let mut early = Vec::with_capacity(cmds.len());
+        let mut ok = Vec::with_capacity(cmds.len());
+        for c in cmds {
+            if let Some(why) = &stop {
+                early.push(Some(stopped(why)));
+                continue;
+            }
+            let size = c.encoded_len();
+            if size > max {
+                early.push(Some(too_large(size, max)));
+            } else {
+                early.push(None);
+                ok.push(c);
+            }
+        }
+        (early, ok)
+    }
+
     /// Runs writes in order: on the leader as one batch, elsewhere forwarded
-    /// to it in one request. Returns one outcome per command.
+    /// to it (in requests that fit the transport's frames). Returns one
+    /// outcome per command.
     pub async fn write_many(&self, cmds: Vec<WriteCmd>) -> Vec<Outcome> {
+        let (early, ok) = self.check_sizes(cmds);
+        let mut done = Vec::with_capacity(ok.len());
+        // Each forwarded request stays well inside one frame.
+        let budget = self.frame_limit.saturating_sub(4096).max(1);
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        for c in ok {
+            let size = c.encoded_len();
+            if !chunk.is_empty() && bytes + size > budget {
+                done.extend(self.write_chunk(std::mem::take(&mut chunk)).await);
+                bytes = 0;
+            }
+            bytes += size;
+            chunk.push(c);
+        }
+        if !chunk.is_empty() {
+            done.extend(self.write_chunk(chunk).await);
+        }
+        let mut done = done.into_iter();
+        early
+            .into_iter()
+            .map(|e| {
+                e.or_else(|| done.next())
+                    .unwrap_or_else(|| Outcome::Error("ERR internal: lost an outcome".into()))
+            })
+            .collect()
+    }
+
+    async fn write_chunk(&self, cmds: Vec<WriteCmd>) -> Vec<Outcome> {
         let n = cmds.len();
         let mut hint = self.raft.leader();
         for _ in 0..4 {
@@ -292,10 +433,8 @@ impl KvNode {
             Ok(ids) => ids,
             Err(RaftError::NotLeader { leader }) => return Err(leader),
             Err(e) => {
-                return Ok(cmds
-                    .iter()
-                    .map(|_| Ticket::Done(Outcome::Error(format!("ERR {e}"))))
-                    .collect())
+                let o = refused(&e);
+                return Ok(cmds.iter().map(|_| Ticket::Done(o.clone())).collect());
             }
         };
         let mut w = lock(&self.waiters);
@@ -320,15 +459,29 @@ impl KvNode {
         if cmds.is_empty() {
             return Vec::new();
         }
-        if self.raft.is_leader() {
-            if let Ok(tickets) = self.propose_local(&cmds).await {
-                return tickets;
-            }
+        let (early, ok) = self.check_sizes(cmds);
+        let mut tickets = None;
+        if self.raft.is_leader() && !ok.is_empty() {
+            tickets = self.propose_local(&ok).await.ok();
         }
-        self.write_many(cmds)
-            .await
+        let tickets = match tickets {
+            Some(t) => t,
+            None => self
+                .write_many(ok)
+                .await
+                .into_iter()
+                .map(Ticket::Done)
+                .collect(),
+        };
+        let mut tickets = tickets.into_iter();
+        early
             .into_iter()
-            .map(Ticket::Done)
+            .map(|e| match e {
+                Some(o) => Ticket::Done(o),
+                None => tickets.next().unwrap_or_else(|| {
+                    Ticket::Done(Outcome::Error("ERR internal: lost a write ticket".into()))
+                }),
+            })
             .collect()
     }
 
@@ -409,13 +562,18 @@ impl KvNode {
     pub fn info(&self) -> String {
         let s = self.raft.status();
         let role = match s.role {
+            _ if s.stopped.is_some() => "stopped",
             Role::Leader => "leader",
             Role::Candidate | Role::PreCandidate => "candidate",
             Role::Follower => "follower",
         };
+        let stopped_line = match &s.stopped {
+            Some(why) => format!("stopped_reason:{}\r\n", why.replace(['\r', '\n'], " ")),
+            None => String::new(),
+        };
         let members: Vec<String> = s.members.iter().map(|m| m.to_string()).collect();
         format!(
-            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\nterm:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\ncompacted_index:{}\r\nmembers:{}\r\n",
+            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\ncompacted_index:{}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nmembers:{}\r\n",
             s.id,
             s.term,
             s.leader.map_or_else(|| "none".to_string(), |l| l.to_string()),
@@ -423,6 +581,8 @@ impl KvNode {
             self.sm.applied(),
             s.last_log_index,
             s.compacted_index,
+            s.unapplied_bytes,
+            self.raft.max_command_bytes(),
             members.join(","),
         )
     }
@@ -468,13 +628,41 @@ async fn release_loop(raft: Raft, sm: Arc<StateMachine>) {
 /// Most committed entries applied in one state-machine batch.
 const APPLY_BATCH: usize = 512;
 
+/// Decodes and applies one batch of committed entries (blocking: sled).
+fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> anyhow::Result<Vec<Outcome>> {
+    let cmds: Vec<Option<WriteCmd>> = batch
+        .iter()
+        .map(|m| {
+            let cmd = if m.command_valid {
+                WriteCmd::decode(&m.command)
+            } else {
+                None
+            };
+            if m.command_valid && cmd.is_none() {
+                tracing::error!(
+                    index = m.command_index,
+                    "undecodable command in the log; applying as a no-op"
+                );
+            }
+            cmd
+        })
+        .collect();
+    let items: Vec<(u64, Option<&WriteCmd>)> = batch
+        .iter()
+        .zip(&cmds)
+        .map(|(m, c)| (m.command_index, c.as_ref()))
+        .collect();
+    sm.apply_many(&items)
+}
+
 async fn apply_loop(
     mut rx: mpsc::Receiver<ApplyMsg>,
     sm: Arc<StateMachine>,
     waiters: Arc<Mutex<Waiters>>,
+    failure: Arc<Mutex<Option<String>>>,
 ) {
-    let mut batch: Vec<ApplyMsg> = Vec::with_capacity(APPLY_BATCH);
     while let Some(first) = rx.recv().await {
+        let mut batch: Vec<ApplyMsg> = Vec::with_capacity(APPLY_BATCH);
         batch.push(first);
         // Everything already delivered goes into the same atomic sled batch.
         while batch.len() < APPLY_BATCH {
@@ -483,37 +671,27 @@ async fn apply_loop(
                 Err(_) => break,
             }
         }
-        let cmds: Vec<Option<WriteCmd>> = batch
-            .iter()
-            .map(|m| {
-                let cmd = if m.command_valid {
-                    WriteCmd::decode(&m.command)
-                } else {
-                    None
-                };
-                if m.command_valid && cmd.is_none() {
-                    tracing::error!(
-                        index = m.command_index,
-                        "undecodable command in the log; applying as a no-op"
-                    );
-                }
-                cmd
-            })
-            .collect();
-        let items: Vec<(u64, Option<&WriteCmd>)> = batch
-            .iter()
-            .zip(&cmds)
-            .map(|(m, c)| (m.command_index, c.as_ref()))
-            .collect();
-        let outcomes = match sm.apply_many(&items) {
-            Ok(o) => o,
+        // sled reads and writes block: off the async threads.
+        let sm2 = sm.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let r = apply_batch(&sm2, &batch);
+            (batch, r)
+        })
+        .await;
+        let (batch, outcomes) = match res {
+            Ok((batch, Ok(o))) => (batch, o),
+            Ok((_, Err(e))) => {
+                tracing::error!(error = %e, "state machine failed; stopping the node");
+                *lock(&failure) = Some(format!("the state machine failed: {e}"));
+                return;
+            }
             Err(e) => {
-                tracing::error!(error = %e, "state machine failed; stopping the applier");
+                *lock(&failure) = Some(format!("the state machine task failed: {e}"));
                 return;
             }
         };
         let mut w = lock(&waiters);
-        for (m, outcome) in batch.drain(..).zip(outcomes) {
+        for (m, outcome) in batch.into_iter().zip(outcomes) {
             if let Some((term, tx)) = w.pending.remove(&m.command_index) {
                 let _ = tx.send(if term == m.command_term {
                     outcome.clone()

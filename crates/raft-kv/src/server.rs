@@ -151,6 +151,14 @@ async fn execute(
     if !*authed {
         return err("NOAUTH Authentication required.");
     }
+    // A stopped node says so to every command but INFO (which shows why).
+    if name != "INFO" {
+        if let Some(why) = node.stopped() {
+            return err(&format!(
+                "ERR this node has stopped ({why}); it serves nothing until it is restarted"
+            ));
+        }
+    }
     let write = |cmd: WriteCmd| async move { Reply::Write(cmd) };
     match (name.as_str(), n) {
         ("PING", 1) => {

@@ -59,8 +59,22 @@ const MARKER_FILE: &str = "RAFT_LOG_STORE";
 
 /// A durable Raft log in a sled database directory. One store per directory
 /// per process (sled's rule).
+///
+/// Every operation of the `LogStore` trait runs on tokio's blocking pool
+/// (encoding, sled reads, the batch and the fsync alike), so the async
+/// threads never wait for the disk. [`SledLogStore::open`] blocks (it reads
+/// and checks the whole log); from async code use [`SledLogStore::open_async`].
 #[derive(Debug)]
 pub struct SledLogStore {
+    path: PathBuf,
+    /// `None` only while an operation runs on the blocking pool, or after
+    /// one panicked there.
+    core: Option<Core>,
+}
+
+/// The store's state and its synchronous operations.
+#[derive(Debug)]
+struct Core {
     db: sled::Db,
     path: PathBuf,
     /// The compaction point, cached.
@@ -153,9 +167,54 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> StorageError {
 
 impl SledLogStore {
     /// Opens (or creates) the store in directory `path`, checking that it holds
-    /// a raft-log store in good order.
+    /// a raft-log store in good order. Blocks: it reads the whole log.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
-        let path = path.as_ref().to_path_buf();
+        let core = Core::open(path.as_ref())?;
+        Ok(SledLogStore {
+            path: core.path.clone(),
+            core: Some(core),
+        })
+    }
+
+    /// [`SledLogStore::open`] on tokio's blocking pool.
+    pub async fn open_async(path: impl AsRef<Path>) -> Result<Self, StorageError> {
+        let path: PathBuf = path.as_ref().to_path_buf();
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || Self::open(p))
+            .await
+            .map_err(|e| io_err(&path, format!("opening failed: {e}")))?
+    }
+
+    /// The directory this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `op` on the core, on the blocking pool.
+    async fn run<T: Send + 'static>(
+        &mut self,
+        op: impl FnOnce(&mut Core) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let Some(mut core) = self.core.take() else {
+            return Err(StorageError::Io(format!(
+                "{}: the store is unusable after an earlier failure",
+                self.path.display()
+            )));
+        };
+        let (core, res) = tokio::task::spawn_blocking(move || {
+            let res = op(&mut core);
+            (core, res)
+        })
+        .await
+        .map_err(|e| io_err(&self.path, format!("storage task failed: {e}")))?;
+        self.core = Some(core);
+        res
+    }
+}
+
+impl Core {
+    fn open(path: &Path) -> Result<Self, StorageError> {
+        let path = path.to_path_buf();
         let fresh = match std::fs::read_dir(&path) {
             Ok(mut it) => it.next().is_none(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
@@ -193,7 +252,7 @@ impl SledLogStore {
                 )))
             }
         };
-        let mut store = SledLogStore {
+        let mut store = Core {
             db,
             path,
             snapshot: LogId::default(),
@@ -209,11 +268,6 @@ impl SledLogStore {
             .last()
             .map_or(state.snapshot.index, |e| e.index);
         Ok(store)
-    }
-
-    /// The directory this store lives in.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn check_magic(&self) -> Result<(), StorageError> {
@@ -407,28 +461,14 @@ impl SledLogStore {
         Ok(())
     }
 
-    /// Applies `b` and flushes, off the async thread: the caller's task
-    /// yields at once, so whatever it just woke (the transport sending a
-    /// leader's appends, say) runs while the disk works.
-    async fn write(&self, b: sled::Batch) -> Result<(), StorageError> {
-        let db = self.db.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            db.apply_batch(b)?;
-            db.flush()
-        })
-        .await
-        .map_err(|e| io_err(&self.path, e))?;
-        res.map(|_| ()).map_err(|e| io_err(&self.path, e))
-    }
-}
-
-#[async_trait]
-impl LogStore for SledLogStore {
-    async fn load(&mut self) -> Result<LogState, StorageError> {
-        self.read_state()
+    /// Applies `b` and flushes (sled's fsync).
+    fn write(&self, b: sled::Batch) -> Result<(), StorageError> {
+        self.db.apply_batch(b).map_err(|e| io_err(&self.path, e))?;
+        self.db.flush().map_err(|e| io_err(&self.path, e))?;
+        Ok(())
     }
 
-    async fn save(&mut self, batch: LogBatch) -> Result<(), StorageError> {
+    fn save(&mut self, batch: LogBatch) -> Result<(), StorageError> {
         let end = check_batch(self.snapshot.index, self.last, &batch)?;
         let mut b = sled::Batch::default();
         if let Some(t) = batch.truncate_from {
@@ -446,12 +486,12 @@ impl LogStore for SledLogStore {
             b.insert(&entry_key(run[0].index)[..], encode(&run)?);
         }
         self.sweep(&mut b)?;
-        self.write(b).await?;
+        self.write(b)?;
         self.last = batch.entries.last().map_or(end, |e| e.index);
         Ok(())
     }
 
-    async fn purge(&mut self, upto: LogId) -> Result<(), StorageError> {
+    fn purge(&mut self, upto: LogId) -> Result<(), StorageError> {
         if upto.index <= self.snapshot.index {
             return Ok(());
         }
@@ -464,10 +504,25 @@ impl LogStore for SledLogStore {
         // Recording the point is the purge; the runs below it go lazily.
         let mut b = sled::Batch::default();
         b.insert(SNAP_KEY, encode(&upto)?);
-        self.write(b).await?;
+        self.write(b)?;
         self.snapshot = upto;
         self.stale_runs = true;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl LogStore for SledLogStore {
+    async fn load(&mut self) -> Result<LogState, StorageError> {
+        self.run(|c| c.read_state()).await
+    }
+
+    async fn save(&mut self, batch: LogBatch) -> Result<(), StorageError> {
+        self.run(move |c| c.save(batch)).await
+    }
+
+    async fn purge(&mut self, upto: LogId) -> Result<(), StorageError> {
+        self.run(move |c| c.purge(upto)).await
     }
 }
 
@@ -487,7 +542,11 @@ mod tests {
     }
 
     fn run_keys(s: &SledLogStore) -> Vec<LogIndex> {
-        s.db.scan_prefix(ENTRY_PREFIX)
+        let Some(core) = s.core.as_ref() else {
+            return Vec::new();
+        };
+        core.db
+            .scan_prefix(ENTRY_PREFIX)
             .keys()
             .map(|k| key_index(&k.unwrap()).unwrap())
             .collect()

@@ -466,6 +466,21 @@ impl Engine {
             _ => self.election_deadline,
         }
     }
+    /// The leader's replication state per follower, for diagnostics.
+    #[cfg(test)]
+    pub(crate) fn progress_debug(&self) -> String {
+        self.progress
+            .iter()
+            .map(|(id, p)| {
+                format!(
+                    "{id}: match {} next {} {:?} paused {} inflight {:?}",
+                    p.match_index, p.next_index, p.state, p.paused, p.inflight
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     /// The leader's view of each follower's match index (empty on followers).
     pub fn match_indexes(&self) -> BTreeMap<NodeId, LogIndex> {
         self.progress
@@ -1295,12 +1310,18 @@ impl Engine {
             return;
         }
         if success {
-            if index < pr.match_index {
-                return; // a late duplicate
+            // A late duplicate tells nothing new; reacting to it (resending)
+            // would turn duplicates into storms.
+            let duplicate = match pr.state {
+                ReplState::Replicate => index <= pr.match_index,
+                ReplState::Probe => index < pr.match_index,
+            };
+            if duplicate {
+                return;
             }
-            // The follower took only part of what was sent: its application
-            // is behind (back-pressure). Wait for the next heartbeat before
-            // offering more, instead of resending at once.
+            // The follower took only part of what was sent (or nothing): its
+            // application is behind (back-pressure). Wait for the next
+            // heartbeat before offering more, instead of resending at once.
             let partial = match pr.state {
                 ReplState::Probe => pr.probe_last.is_some_and(|l| index < l),
                 ReplState::Replicate => pr

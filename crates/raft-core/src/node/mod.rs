@@ -2,10 +2,14 @@
 //! and a [`Transport`], and the [`Raft`] handle applications talk to.
 //!
 //! Each turn of the driver waits for anything (a request, a peer message, a
-//! timer), then takes everything else already waiting, feeds it all to the
-//! engine, and carries out the engine's output: the log writes of the whole
-//! turn become one durable `save` (group commit), a leader's appends go out
-//! before its own write finishes, and acknowledgements go out only after it.
+//! timer, a finished disk write), then takes everything else already waiting,
+//! feeds it all to the engine, and carries out the engine's output. Log writes
+//! go to a storage task that runs them one after another, merging the ones
+//! that queue up into one durable `save` (group commit); the driver keeps
+//! turning meanwhile, so heartbeats, votes refused and a leader's appends
+//! travel while the disk works. What promises durable state (acknowledgements,
+//! votes, and while a term or vote is being written, every message) goes out
+//! only once the writes before it have returned.
 //! Committed entries flow to the application's apply channel through a
 //! separate task, so a slow application never delays heartbeats.
 
@@ -178,6 +182,7 @@ struct Running {
     shutdown: oneshot::Sender<()>,
     driver: JoinHandle<Result<(), Error>>,
     applier: JoinHandle<()>,
+    storage: JoinHandle<()>,
 }
 
 enum Lifecycle {
@@ -325,9 +330,16 @@ impl Raft {
             apply_queued.clone(),
             apply_fail_tx.clone(),
         ));
+        let span = tracing::info_span!("raft", node = cfg.id);
+        let (storage_tx, storage_rx) = mpsc::unbounded_channel();
+        let (disk_done_tx, disk_done_rx) = mpsc::unbounded_channel();
+        let storage =
+            tokio::spawn(storage_task(store, storage_rx, disk_done_tx).instrument(span.clone()));
         let driver = Driver {
             engine,
-            store,
+            storage: storage_tx,
+            disk_done: disk_done_rx,
+            pending: std::collections::VecDeque::new(),
             transport,
             origin,
             req_rx,
@@ -342,13 +354,13 @@ impl Raft {
             reads_after_apply: BTreeMap::new(),
             next_ctx: 1,
         };
-        let span = tracing::info_span!("raft", node = cfg.id);
         let driver = tokio::spawn(driver.run(shutdown_rx, apply_fail_rx).instrument(span));
         self.inner.started.store(true, Ordering::Release);
         *lc = Lifecycle::Running(Running {
             shutdown: shutdown_tx,
             driver,
             applier,
+            storage,
         });
         Ok(())
     }
@@ -439,6 +451,9 @@ impl Raft {
                 };
                 r.applier.abort();
                 let _ = r.applier.await;
+                // Ends by itself once the driver is gone, unless a write hangs.
+                r.storage.abort();
+                let _ = r.storage.await;
                 res
             }
             _ => Ok(()),
@@ -598,9 +613,110 @@ async fn applier(
     }
 }
 
+/// One durable write for the storage task.
+struct DiskJob {
+    batch: LogBatch,
+    purge_to: Option<LogId>,
+}
+
+/// What remains of a ready once its write (and every write before it) is durable.
+struct AfterSave {
+    /// A write was sent to the storage task for this ready.
+    has_job: bool,
+    /// That write has returned.
+    done: bool,
+    /// It changed the term or vote: later messages wait for it.
+    hard_state: bool,
+    last: Option<LogId>,
+    persisted_messages: Vec<Message>,
+    committed: Vec<Entry>,
+    reads: Vec<ReadResult>,
+}
+
+/// Runs the log writes one after another. Jobs that queued up while the
+/// disk was busy go out as one `save` when they can be merged (group
+/// commit); each job is reported done in order.
+async fn storage_task(
+    mut store: Box<dyn LogStore>,
+    mut jobs: mpsc::UnboundedReceiver<DiskJob>,
+    done: mpsc::UnboundedSender<Result<(), StorageError>>,
+) {
+    let mut next: Option<DiskJob> = None;
+    loop {
+        let first = match next.take() {
+            Some(j) => j,
+            None => match jobs.recv().await {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        let mut batch = first.batch;
+        let mut purge_to = first.purge_to;
+        let mut count = 1usize;
+        // Merge what else is waiting, while it only appends to this batch.
+        while purge_to.is_none() {
+            match jobs.try_recv() {
+                Ok(j) if j.batch.truncate_from.is_none() => {
+                    if j.batch.hard_state.is_some() {
+                        batch.hard_state = j.batch.hard_state;
+                    }
+                    if j.batch.membership.is_some() {
+                        batch.membership = j.batch.membership;
+                    }
+                    batch.entries.extend(j.batch.entries);
+                    purge_to = j.purge_to;
+                    count += 1;
+                }
+                Ok(j) => {
+                    next = Some(j);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let t0 = Instant::now();
+        let n = batch.entries.len();
+        let mut res = if batch.is_empty() {
+            Ok(())
+        } else {
+            store.save(batch).await
+        };
+        tracing::trace!(
+            entries = n,
+            jobs = count,
+            micros = t0.elapsed().as_micros() as u64,
+            "log write"
+        );
+        if res.is_ok() {
+            if let Some(upto) = purge_to {
+                res = store.purge(upto).await;
+                tracing::debug!(upto = upto.index, "log purged");
+            }
+        }
+        let failed = res.is_err();
+        if let Err(e) = res {
+            let _ = done.send(Err(e));
+        } else {
+            for _ in 0..count {
+                if done.send(Ok(())).is_err() {
+                    return;
+                }
+            }
+        }
+        if failed {
+            return;
+        }
+    }
+}
+
 struct Driver {
     engine: Engine,
-    store: Box<dyn LogStore>,
+    /// Log writes go to the storage task...
+    storage: mpsc::UnboundedSender<DiskJob>,
+    /// ...which reports each one done, in order.
+    disk_done: mpsc::UnboundedReceiver<Result<(), StorageError>>,
+    /// Readies waiting for their write (or an earlier one), oldest first.
+    pending: std::collections::VecDeque<AfterSave>,
     transport: Box<dyn Transport>,
     origin: Instant,
     req_rx: mpsc::Receiver<Request>,
@@ -620,6 +736,7 @@ struct Driver {
 enum Wake {
     Shutdown,
     ApplyFailed,
+    DiskDone(Option<Result<(), StorageError>>),
     Request(Request),
     Message(Message),
     HandlesGone,
@@ -644,6 +761,7 @@ impl Driver {
                 biased;
                 _ = &mut shutdown => Wake::Shutdown,
                 _ = apply_failed.recv() => Wake::ApplyFailed,
+                d = self.disk_done.recv() => Wake::DiskDone(d),
                 r = self.req_rx.recv() => r.map_or(Wake::HandlesGone, Wake::Request),
                 m = self.transport.recv() => m.map_or(Wake::TransportClosed, Wake::Message),
                 _ = tokio::time::sleep_until(deadline) => Wake::Timer,
@@ -657,6 +775,12 @@ impl Driver {
                 Wake::Shutdown | Wake::HandlesGone => break Ok(()),
                 Wake::ApplyFailed => break Err(Error::ApplyChannelClosed),
                 Wake::TransportClosed => break Err(Error::Stopped("transport closed".into())),
+                Wake::DiskDone(None) => break Err(Error::Stopped("the storage task ended".into())),
+                Wake::DiskDone(Some(Err(e))) => {
+                    tracing::error!(error = %e, "stopping node");
+                    break Err(e.into());
+                }
+                Wake::DiskDone(Some(Ok(()))) => self.disk_done_once(),
                 Wake::Request(r) => self.handle_request(r),
                 Wake::Message(m) => self.engine.handle_message(m),
                 Wake::Timer => {}
@@ -733,9 +857,20 @@ impl Driver {
     async fn process_ready(&mut self) -> Result<(), Error> {
         while self.engine.has_ready() {
             let mut rd = self.engine.take_ready();
-            let last = rd.last_entry();
-            for m in rd.messages {
+            // While a term or vote is on its way to disk, every message waits
+            // for it (each may depend on it).
+            let hold = self.pending.iter().any(|p| p.hard_state && !p.done);
+            let mut persisted_messages = std::mem::take(&mut rd.persisted_messages);
+            if hold {
+                persisted_messages.splice(0..0, std::mem::take(&mut rd.messages));
+            }
+            for m in std::mem::take(&mut rd.messages) {
                 self.transport.send(m);
+            }
+            if broken(Mutation::DriverSendsBeforeSave) {
+                for m in std::mem::take(&mut persisted_messages) {
+                    self.transport.send(m);
+                }
             }
             let batch = LogBatch {
                 hard_state: rd.hard_state,
@@ -743,44 +878,60 @@ impl Driver {
                 entries: std::mem::take(&mut rd.entries),
                 membership: rd.membership.take(),
             };
-            if broken(Mutation::DriverSendsBeforeSave) {
-                for m in std::mem::take(&mut rd.persisted_messages) {
-                    self.transport.send(m);
+            let has_job = !batch.is_empty() || rd.purge_to.is_some();
+            let after = AfterSave {
+                has_job,
+                done: false,
+                hard_state: batch.hard_state.is_some(),
+                last: batch.entries.last().map(Entry::log_id),
+                persisted_messages,
+                committed: rd.committed,
+                reads: rd.reads,
+            };
+            if has_job {
+                let job = DiskJob {
+                    batch,
+                    purge_to: rd.purge_to,
+                };
+                if self.storage.send(job).is_err() {
+                    return Err(Error::Stopped("the storage task ended".into()));
                 }
             }
-            if !batch.is_empty() {
-                let n = batch.entries.len();
-                let t0 = Instant::now();
-                self.store.save(batch).await?;
-                tracing::trace!(
-                    entries = n,
-                    micros = t0.elapsed().as_micros() as u64,
-                    "log write"
-                );
-            }
-            if let Some(last) = last {
+            self.pending.push_back(after);
+            self.finish_durable();
+        }
+        Ok(())
+    }
+
+    /// The storage task finished the oldest outstanding write.
+    fn disk_done_once(&mut self) {
+        if let Some(p) = self.pending.iter_mut().find(|p| p.has_job && !p.done) {
+            p.done = true;
+        }
+        self.finish_durable();
+    }
+
+    /// Completes, in order, every ready whose write (and every write before
+    /// it) is durable: the engine learns what is durable, acknowledgements
+    /// and votes go out, committed entries go to the application.
+    fn finish_durable(&mut self) {
+        while self.pending.front().is_some_and(|p| p.done || !p.has_job) {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            if let Some(last) = p.last {
                 self.engine.persisted(last);
             }
-            for m in rd.persisted_messages {
+            for m in p.persisted_messages {
                 self.transport.send(m);
             }
-            if let Some(upto) = rd.purge_to {
-                let t0 = Instant::now();
-                self.store.purge(upto).await?;
-                tracing::debug!(
-                    upto = upto.index,
-                    micros = t0.elapsed().as_micros() as u64,
-                    "log purged"
-                );
+            if !p.committed.is_empty() {
+                self.deliver(p.committed);
             }
-            if !rd.committed.is_empty() {
-                self.deliver(rd.committed);
-            }
-            for r in rd.reads {
+            for r in p.reads {
                 self.on_read(r);
             }
         }
-        Ok(())
     }
 
     fn deliver(&mut self, committed: Vec<Entry>) {

@@ -95,23 +95,33 @@ fn fault_free_clusters_make_progress() {
 fn catch_rate(m: Mutation, first: u64, seeds: u64, steps: usize) -> (u64, Option<Violation>) {
     let mut caught = 0;
     let mut example = None;
+    let t0 = std::time::Instant::now();
+    let mut slowest = (std::time::Duration::ZERO, 0);
     for seed in first..first + seeds {
         let mut cfg = SimConfig::new(seed, nodes_for(seed), steps);
         cfg.mutation = Some(m);
+        let t = std::time::Instant::now();
         if let Err(v) = Sim::new(cfg).run() {
             caught += 1;
             example.get_or_insert(v);
         }
+        slowest = slowest.max((t.elapsed(), seed));
     }
+    println!(
+        "  ({m:?}: {:?} in all, slowest seed {} took {:?})",
+        t0.elapsed(),
+        slowest.1,
+        slowest.0
+    );
     (caught, example)
 }
 
 /// The mutation matrix: with each safety rule broken on purpose, the
 /// simulator must catch it within the CI budget (RAFT_MUTATION_SEEDS seeds
-/// per mutation, default 300). Prints each mutation's catch rate.
+/// per mutation, default 1000). Prints each mutation's catch rate.
 #[test]
 fn simulator_catches_every_mutation() {
-    let seeds = env_u64("RAFT_MUTATION_SEEDS", 300);
+    let seeds = env_u64("RAFT_MUTATION_SEEDS", 1000);
     let steps = env_u64("RAFT_SIM_STEPS", 3000) as usize;
     let first = env_u64("RAFT_SIM_FIRST_SEED", 1);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
