@@ -49,6 +49,8 @@ pub(crate) struct SimConfig {
     pub(crate) check_quorum: bool,
     /// Entries per AppendEntries (small values make lagging followers common).
     pub(crate) max_entries_per_msg: usize,
+    /// Back-pressure limit, when not the default.
+    pub(crate) max_unapplied_bytes: Option<u64>,
     /// A rule broken on purpose for this run.
     pub(crate) mutation: Option<Mutation>,
     /// Inject crashes, partitions and message faults.
@@ -69,6 +71,14 @@ impl SimConfig {
             pre_vote: !mix.is_multiple_of(4),
             check_quorum: !(mix >> 8).is_multiple_of(3),
             max_entries_per_msg: [1, 2, 8][((mix >> 16) % 3) as usize],
+            // A quarter of the seeds run with a tiny back-pressure limit (a
+            // few dozen entries), so that `Busy`, partial acceptance and
+            // the leader's back-off happen all the time.
+            max_unapplied_bytes: if (mix >> 24).is_multiple_of(4) {
+                Some(2000)
+            } else {
+                None
+            },
             mutation: None,
             faults: true,
         }
@@ -279,6 +289,10 @@ impl Sim {
         // Compact often, so that restarts, elections and lagging followers
         // meet compacted logs all the time.
         c.compact_threshold = 5;
+        if let Some(b) = self.cfg.max_unapplied_bytes {
+            c.max_unapplied_bytes = b;
+            c.max_entry_bytes = 64;
+        }
         c
     }
 
@@ -557,7 +571,11 @@ impl Sim {
         {
             let node = self.nodes.get_mut(&id).expect("known node");
             let applied = node.applied;
-            if let Some(engine) = node.engine.as_mut() {
+            // The application takes what it applied from the queue late,
+            // now and then, as a busy one would.
+            let take = self.rng.range(0, 3) != 0;
+            let node = self.nodes.get_mut(&id).expect("known node");
+            if let Some(engine) = node.engine.as_mut().filter(|_| take) {
                 engine.delivered(applied);
             }
         }
@@ -741,6 +759,24 @@ impl Sim {
                         le.term,
                         self.nodes.len()
                     ));
+                }
+                // Leader Completeness, also for leaders elected before this
+                // commit was seen: every leader of a later term holds it.
+                for (&oid, other) in &self.nodes {
+                    let Some(oe) = other.engine.as_ref().filter(|oe| oe.is_leader()) else {
+                        continue;
+                    };
+                    if oe.term() > e.term()
+                        && idx > oe.snapshot().index
+                        && oe.log_entry(idx).is_none_or(|x| x.term != le.term)
+                    {
+                        problems.push(format!(
+                            "Leader Completeness: leader {oid} of term {} lacks entry {idx} (term {}) committed in term {}",
+                            oe.term(),
+                            le.term,
+                            e.term()
+                        ));
+                    }
                 }
                 self.committed.push(rec);
                 self.commit_terms.push(e.term());

@@ -11,6 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// How long the process may take to close its stores after shutdown.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
 /// The Raft layer's default compaction step.
 fn default_compact_threshold() -> u64 {
     raft_core::node::Config::new(0).compact_threshold
@@ -309,6 +312,17 @@ pub fn main() -> anyhow::Result<()> {
                 }
                 server.abort();
                 node.shutdown().await;
+                // Dropping the stores flushes them; a hung or full disk must
+                // not keep the process alive past this point.
+                let code = i32::from(failed.is_some());
+                std::thread::spawn(move || {
+                    std::thread::sleep(EXIT_GRACE);
+                    eprintln!(
+                        "raft-kv: error: the stores did not close within {EXIT_GRACE:?} (storage hung); exiting"
+                    );
+                    std::process::exit(code.max(1));
+                });
+                drop(node);
                 match failed {
                     Some(why) => bail!("the node stopped: {why}"),
                     None => Ok(()),

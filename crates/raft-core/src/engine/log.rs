@@ -10,8 +10,8 @@ use crate::types::{Entry, LogId, LogIndex, Term};
 pub(crate) struct RaftLog {
     snapshot: LogId,
     entries: Vec<Entry>,
-    /// Highest index known committed.
-    pub(crate) committed: LogIndex,
+    /// Highest index known committed (moved only by `commit_to`).
+    committed: LogIndex,
     /// Highest index handed to the application.
     pub(crate) applied: LogIndex,
     /// Highest index known durable in the local `LogStore`.
@@ -25,6 +25,9 @@ pub(crate) struct RaftLog {
     /// Encoded-size bound of the entries after `delivered`: what this node
     /// holds for the application that it has not taken yet (back-pressure).
     unapplied_bytes: u64,
+    /// The part of `unapplied_bytes` that is committed: what only the
+    /// application can free (a follower's back-pressure looks at this).
+    committed_unapplied_bytes: u64,
 }
 
 impl RaftLog {
@@ -47,7 +50,39 @@ impl RaftLog {
             pending_truncate: None,
             delivered: applied,
             unapplied_bytes,
+            committed_unapplied_bytes: 0,
         }
+    }
+
+    /// The commit index.
+    pub(crate) fn committed(&self) -> LogIndex {
+        self.committed
+    }
+
+    /// Moves the commit index forward to `index` (never back).
+    pub(crate) fn commit_to(&mut self, index: LogIndex) {
+        if index <= self.committed {
+            return;
+        }
+        debug_assert!(
+            index <= self.last_index()
+                || crate::mutation::broken(crate::mutation::Mutation::CommitPastVerified),
+            "commit {index} past the last index {}",
+            self.last_index()
+        );
+        let from = self.committed.max(self.delivered);
+        let upto = index.min(self.last_index());
+        for i in from + 1..=upto {
+            if let Some(e) = self.entry(i) {
+                self.committed_unapplied_bytes += e.size_bound() as u64;
+            }
+        }
+        self.committed = index;
+    }
+
+    /// Encoded-size bound of committed entries the application has not taken yet.
+    pub(crate) fn committed_unapplied_bytes(&self) -> u64 {
+        self.committed_unapplied_bytes
     }
 
     /// Encoded-size bound of the entries the application has not taken yet.
@@ -64,6 +99,9 @@ impl RaftLog {
                 .entry(self.delivered)
                 .map_or(0, |e| e.size_bound() as u64);
             self.unapplied_bytes = self.unapplied_bytes.saturating_sub(sz);
+            if self.delivered <= self.committed {
+                self.committed_unapplied_bytes = self.committed_unapplied_bytes.saturating_sub(sz);
+            }
         }
     }
 

@@ -426,7 +426,7 @@ impl Engine {
     }
     /// The commit index.
     pub fn commit_index(&self) -> LogIndex {
-        self.log.committed
+        self.log.committed()
     }
     /// The highest index handed out for applying.
     pub fn applied_index(&self) -> LogIndex {
@@ -613,13 +613,13 @@ impl Engine {
                 leader: self.leader,
             });
         }
-        if self.log.term(self.log.committed) != Some(self.term) {
+        if self.log.term(self.log.committed()) != Some(self.term) {
             // A new leader does not know the commit index until its no-op commits.
             self.reads_before_commit.push(ctx);
         } else {
             self.reads.push(PendingRead {
                 ctx,
-                index: self.log.committed,
+                index: self.log.committed(),
                 round: None,
             });
             self.need_read_round = true;
@@ -765,7 +765,7 @@ impl Engine {
             || !self.messages.is_empty()
             || !self.persisted_messages.is_empty()
             || !self.read_results.is_empty()
-            || self.log.committed.min(self.log.durable) > self.log.applied
+            || self.log.committed().min(self.log.durable) > self.log.applied
             || self.log.has_storage_ops()
             || self.pending_purge.is_some()
     }
@@ -1151,9 +1151,9 @@ impl Engine {
             last_term = e.term;
         }
         let term = self.term;
-        if prev_index < self.log.committed {
+        if prev_index < self.log.committed() {
             // Everything up to our commit index is known to match any leader's log.
-            let index = self.log.committed;
+            let index = self.log.committed();
             self.send_persisted(
                 from,
                 term,
@@ -1178,7 +1178,7 @@ impl Engine {
                     first_index: self
                         .log
                         .first_index_of_term_run(prev_index)
-                        .max(self.log.committed + 1),
+                        .max(self.log.committed() + 1),
                 }
             };
             tracing::debug!(
@@ -1209,7 +1209,7 @@ impl Engine {
                     continue;
                 }
                 Some(_) => {
-                    if index <= self.log.committed {
+                    if index <= self.log.committed() {
                         tracing::error!(
                             node = self.id,
                             term,
@@ -1223,8 +1223,11 @@ impl Engine {
                 }
                 None => {}
             }
-            // Back-pressure: take only what fits; the leader sends the rest later.
-            let pending = self.log.unapplied_bytes();
+            // Back-pressure: while committed entries wait for the application
+            // beyond the limit, take only what fits; the leader sends the
+            // rest later. Uncommitted bytes do not count here: only commit
+            // progress frees them (the leader bounds them with `Busy`).
+            let pending = self.log.committed_unapplied_bytes();
             if pending > 0 && pending + e.size_bound() as u64 > self.cfg.max_unapplied_bytes {
                 tracing::debug!(
                     node = self.id,
@@ -1242,13 +1245,13 @@ impl Engine {
             // The classic mistake: drop what follows even though it did not conflict.
             self.truncate_log(last_new + 1);
         }
-        if leader_commit > self.log.committed {
+        if leader_commit > self.log.committed() {
             let upto = if broken(Mutation::CommitPastVerified) {
                 leader_commit
             } else {
                 leader_commit.min(last_new)
             };
-            self.log.committed = upto.max(self.log.committed);
+            self.log.commit_to(upto);
         }
         let ack = MessageBody::AppendResponse {
             success: true,
@@ -1274,8 +1277,8 @@ impl Engine {
         }
         // The leader caps leader_commit at our match index, so these entries are ours.
         let c = leader_commit.min(self.log.last_index());
-        if c > self.log.committed {
-            self.log.committed = c;
+        if c > self.log.committed() {
+            self.log.commit_to(c);
         }
         self.peer_safe = self.peer_safe.max(compact_to);
         self.maybe_compact();
@@ -1313,6 +1316,7 @@ impl Engine {
             // A late duplicate tells nothing new; reacting to it (resending)
             // would turn duplicates into storms.
             let duplicate = match pr.state {
+                _ if pr.backoff => index <= pr.match_index,
                 ReplState::Replicate => index <= pr.match_index,
                 ReplState::Probe => index < pr.match_index,
             };
@@ -1335,6 +1339,7 @@ impl Engine {
                 pr.become_probe();
                 pr.paused = true;
                 pr.probe_last = None;
+                pr.backoff = true;
                 if moved {
                     self.maybe_commit();
                 }
@@ -1409,6 +1414,7 @@ impl Engine {
         let lagging = pr.match_index < last;
         if pr.state == ReplState::Probe {
             pr.paused = false;
+            pr.backoff = false;
         }
         self.check_reads();
         if lagging {
@@ -1448,9 +1454,9 @@ impl Engine {
         let compact_to = self.safe_compact_index();
         for (p, m) in peers {
             let leader_commit = if broken(Mutation::HeartbeatCommitUncapped) {
-                self.log.committed
+                self.log.committed()
             } else {
-                self.log.committed.min(m)
+                self.log.committed().min(m)
             };
             let round = self.round;
             self.send(
@@ -1476,7 +1482,7 @@ impl Engine {
     /// carries the new commit index.
     fn send_append(&mut self, to: NodeId, commit_only: bool) -> bool {
         let last = self.log.last_index();
-        let committed = self.log.committed;
+        let committed = self.log.committed();
         let Some(pr) = self.progress.get_mut(&to) else {
             return false;
         };
@@ -1620,13 +1626,13 @@ impl Engine {
                 progress.get(&v).map_or(0, |p| p.match_index)
             }
         });
-        if n <= self.log.committed {
+        if n <= self.log.committed() {
             return;
         }
         if self.log.term(n) != Some(self.term) && !broken(Mutation::CommitOldTerm) {
             return;
         }
-        self.log.committed = n;
+        self.log.commit_to(n);
         // Followers learn the new commit index promptly.
         let peers: Vec<NodeId> = self.progress.keys().copied().collect();
         for p in peers {

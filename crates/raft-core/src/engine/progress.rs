@@ -27,6 +27,10 @@ pub(crate) struct Progress {
     pub(crate) paused: bool,
     /// In Probe state: the last index the unanswered probe carried, if any.
     pub(crate) probe_last: Option<LogIndex>,
+    /// The follower took only part of what was sent (its application is
+    /// behind): acknowledgements that show no progress are ignored until a
+    /// heartbeat answer or real progress, so duplicates cannot restart sending.
+    pub(crate) backoff: bool,
     /// In Replicate state: last index of each unanswered AppendEntries, oldest first.
     pub(crate) inflight: VecDeque<LogIndex>,
     /// Heard from since the last check-quorum round.
@@ -45,6 +49,7 @@ impl Progress {
             state: ReplState::Probe,
             paused: false,
             probe_last: None,
+            backoff: false,
             inflight: VecDeque::new(),
             recent_active: false,
             round_acked: 0,
@@ -60,6 +65,7 @@ impl Progress {
     }
 
     pub(crate) fn become_replicate(&mut self) {
+        self.backoff = false;
         self.state = ReplState::Replicate;
         self.paused = false;
         self.inflight.clear();

@@ -22,6 +22,7 @@ use std::time::Duration;
 /// | `max_inflight` | 64 | unanswered AppendEntries per follower (pipelining depth) |
 /// | `compact_threshold` | 8192 | log entries dropped at a time once released (see `Raft::release_applied`) |
 /// | `max_entry_bytes` | 8 MiB | largest command `submit` accepts; with the message overhead it must fit the transport's frame limit |
+/// | `max_write_stall` | 5 s | a log write taking longer stops the node (a hung disk must not keep a leader that cannot apply) |
 /// | `max_unapplied_bytes` | 64 MiB | back-pressure: entry bytes held but not yet taken by the application; over it `submit` answers `Error::Busy` |
 ///
 /// ```
@@ -67,6 +68,10 @@ pub struct Config {
     /// from the apply channel yet (uncommitted ones included); a leader over
     /// it refuses proposals with `Error::Busy`.
     pub max_unapplied_bytes: u64,
+    /// A log write that has not returned after this long stops the node with
+    /// an error: a node whose disk hangs must not stay leader (it could never
+    /// apply) nor look healthy.
+    pub max_write_stall: Duration,
 }
 
 /// What is wrong with a [`Config`].
@@ -145,6 +150,7 @@ impl Config {
             compact_threshold: e.compact_threshold,
             max_entry_bytes: e.max_entry_bytes,
             max_unapplied_bytes: e.max_unapplied_bytes,
+            max_write_stall: Duration::from_secs(5),
         }
     }
 
@@ -167,6 +173,7 @@ impl Config {
             ("heartbeat_interval", self.heartbeat_interval),
             ("election_timeout_min", self.election_timeout_min),
             ("election_timeout_max", self.election_timeout_max),
+            ("max_write_stall", self.max_write_stall),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));

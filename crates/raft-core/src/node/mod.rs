@@ -340,6 +340,8 @@ impl Raft {
             storage: storage_tx,
             disk_done: disk_done_rx,
             pending: std::collections::VecDeque::new(),
+            write_started: std::collections::VecDeque::new(),
+            max_write_stall: cfg.max_write_stall,
             transport,
             origin,
             req_rx,
@@ -717,6 +719,10 @@ struct Driver {
     disk_done: mpsc::UnboundedReceiver<Result<(), StorageError>>,
     /// Readies waiting for their write (or an earlier one), oldest first.
     pending: std::collections::VecDeque<AfterSave>,
+    /// When each write still in the storage task's hands was handed over.
+    write_started: std::collections::VecDeque<Instant>,
+    /// A write older than this stops the node.
+    max_write_stall: std::time::Duration,
     transport: Box<dyn Transport>,
     origin: Instant,
     req_rx: mpsc::Receiver<Request>,
@@ -737,6 +743,7 @@ enum Wake {
     Shutdown,
     ApplyFailed,
     DiskDone(Option<Result<(), StorageError>>),
+    WriteStalled,
     Request(Request),
     Message(Message),
     HandlesGone,
@@ -757,6 +764,16 @@ impl Driver {
         tracing::info!(term = self.engine.term(), last = ?self.engine.last_log_id(), "node started");
         let result = loop {
             let deadline = self.origin + self.engine.next_deadline();
+            let stall_at = self
+                .write_started
+                .front()
+                .map(|&t| t + self.max_write_stall);
+            let stalled = async move {
+                match stall_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             let wake = tokio::select! {
                 biased;
                 _ = &mut shutdown => Wake::Shutdown,
@@ -765,6 +782,7 @@ impl Driver {
                 r = self.req_rx.recv() => r.map_or(Wake::HandlesGone, Wake::Request),
                 m = self.transport.recv() => m.map_or(Wake::TransportClosed, Wake::Message),
                 _ = tokio::time::sleep_until(deadline) => Wake::Timer,
+                _ = stalled => Wake::WriteStalled,
             };
             // The engine's clock must be current before it sees the event: it
             // stamps leader contact and re-arms the election timer with it.
@@ -781,6 +799,14 @@ impl Driver {
                     break Err(e.into());
                 }
                 Wake::DiskDone(Some(Ok(()))) => self.disk_done_once(),
+                Wake::WriteStalled => {
+                    let e = StorageError::Io(format!(
+                        "a log write has not finished after {:?}: the disk is stalled",
+                        self.max_write_stall
+                    ));
+                    tracing::error!(error = %e, "stopping node");
+                    break Err(e.into());
+                }
                 Wake::Request(r) => self.handle_request(r),
                 Wake::Message(m) => self.engine.handle_message(m),
                 Wake::Timer => {}
@@ -896,6 +922,7 @@ impl Driver {
                 if self.storage.send(job).is_err() {
                     return Err(Error::Stopped("the storage task ended".into()));
                 }
+                self.write_started.push_back(Instant::now());
             }
             self.pending.push_back(after);
             self.finish_durable();
@@ -905,6 +932,7 @@ impl Driver {
 
     /// The storage task finished the oldest outstanding write.
     fn disk_done_once(&mut self) {
+        self.write_started.pop_front();
         if let Some(p) = self.pending.iter_mut().find(|p| p.has_job && !p.done) {
             p.done = true;
         }

@@ -1137,3 +1137,27 @@ async fn shutdown_is_bounded_when_the_disk_hangs() {
     assert_eq!(res, Ok(()));
     assert!(took <= SHUTDOWN_GRACE, "{took:?}");
 }
+
+/// A leader whose disk hangs cannot apply anything; it must not stay leader
+/// looking healthy. The node stops with a storage error after
+/// `max_write_stall`, and the others elect a new leader.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_disk_stops_the_node_and_the_others_take_over() {
+    let c = TestCluster::new(3).await;
+    let leader = c.wait_leader(&[1, 2, 3], secs(5)).await.expect("a leader");
+    c.stores[&leader].set_write_delay(Duration::from_secs(24 * 3600));
+    let r = c.nodes[&leader].raft.clone();
+    tokio::spawn(async move {
+        let _ = r.submit(b"stuck".to_vec()).await;
+    });
+    let mut st = c.nodes[&leader].raft.watch_status();
+    let stopped = timeout(secs(10), st.wait_for(|s| s.stopped.is_some()))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(stopped, "the node with the stalled disk stops");
+    let why = c.nodes[&leader].raft.status().stopped.unwrap_or_default();
+    assert!(why.contains("stalled"), "{why}");
+    let others: Vec<NodeId> = [1, 2, 3].into_iter().filter(|&i| i != leader).collect();
+    let next = c.wait_leader(&others, secs(5)).await;
+    assert!(next.is_some_and(|n| n != leader), "{next:?}");
+}
