@@ -201,6 +201,7 @@ impl KvNode {
             sm.clone(),
             waiters.clone(),
             failure.clone(),
+            raft.clone(),
         ));
         let releaser = tokio::spawn(release_loop(raft.clone(), sm.clone()));
         let node = Arc::new(KvNode {
@@ -660,6 +661,7 @@ async fn apply_loop(
     sm: Arc<StateMachine>,
     waiters: Arc<Mutex<Waiters>>,
     failure: Arc<Mutex<Option<String>>>,
+    raft: Raft,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch: Vec<ApplyMsg> = Vec::with_capacity(APPLY_BATCH);
@@ -683,10 +685,13 @@ async fn apply_loop(
             Ok((_, Err(e))) => {
                 tracing::error!(error = %e, "state machine failed; stopping the node");
                 *lock(&failure) = Some(format!("the state machine failed: {e}"));
+                // Raft stops too: the node must not go on looking healthy.
+                let _ = raft.shutdown().await;
                 return;
             }
             Err(e) => {
                 *lock(&failure) = Some(format!("the state machine task failed: {e}"));
+                let _ = raft.shutdown().await;
                 return;
             }
         };

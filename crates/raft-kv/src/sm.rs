@@ -21,13 +21,38 @@ const DATA: &[u8] = b"d:";
 /// The key-value state machine.
 #[derive(Debug)]
 pub struct StateMachine {
-    db: sled::Db,
+    db: ClosedElsewhere,
     applied_tx: watch::Sender<u64>,
     /// Held for writing while a batch goes into sled and its index is
     /// published, for reading by a [`ReadView`]: a view sees every batch
     /// entirely or not at all. It guards no data of its own, so a poisoned
     /// gate (a panic elsewhere) is simply taken over.
     gate: RwLock<()>,
+}
+
+/// The database handle, closed on a thread of its own when dropped: sled
+/// flushes on close, and on a full or hung disk that flush never returns;
+/// it must not block an async runtime thread (nor what that thread was
+/// about to run). Every write is already durable or re-delivered by the log.
+#[derive(Debug)]
+struct ClosedElsewhere(Option<sled::Db>);
+
+impl std::ops::Deref for ClosedElsewhere {
+    type Target = sled::Db;
+    fn deref(&self) -> &sled::Db {
+        // Only `drop` takes it out.
+        self.0.as_ref().expect("the database is open until dropped")
+    }
+}
+
+impl Drop for ClosedElsewhere {
+    fn drop(&mut self) {
+        if let Some(db) = self.0.take() {
+            let _ = std::thread::Builder::new()
+                .name("sm-close".into())
+                .spawn(move || drop(db));
+        }
+    }
 }
 
 /// A view of one applied state: every read through it sees the same batches.
@@ -88,7 +113,7 @@ impl StateMachine {
         let applied = u64_of(db.get(APPLIED)?);
         let (applied_tx, _) = watch::channel(applied);
         Ok(StateMachine {
-            db,
+            db: ClosedElsewhere(Some(db)),
             applied_tx,
             gate: RwLock::new(()),
         })

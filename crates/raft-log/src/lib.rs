@@ -511,6 +511,20 @@ impl Core {
     }
 }
 
+impl Drop for SledLogStore {
+    /// sled flushes when it closes; on a full or hung disk that flush never
+    /// returns. It happens on a thread of its own, never on the caller's
+    /// (an async runtime's thread blocked there would stall every task it
+    /// was about to run). Every save was already flushed.
+    fn drop(&mut self) {
+        if let Some(core) = self.core.take() {
+            let _ = std::thread::Builder::new()
+                .name("raft-log-close".into())
+                .spawn(move || drop(core));
+        }
+    }
+}
+
 #[async_trait]
 impl LogStore for SledLogStore {
     async fn load(&mut self) -> Result<LogState, StorageError> {

@@ -1,0 +1,123 @@
+//! A node whose disk fills does not go on looking healthy: Raft stops, INFO
+//! says so and why, and every command answers an error. (Needs root: it
+//! mounts a small tmpfs to fill.)
+
+use raft_kv::command::{SetCond, WriteCmd};
+use raft_kv::node::NodeConfig;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "this test mounts a small tmpfs to fill a node's disk: run it as root"
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn free_tcp() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+fn free_udp() -> SocketAddr {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap()
+}
+
+/// Sends one command and reads one reply line (enough for these replies).
+fn ask(addr: SocketAddr, args: &[&str]) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_full_disk_says_so_to_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    raft_net_quic::generate_cluster_certs(&dir.path().join("certs"), &[1]).unwrap();
+    let data = dir.path().join("data");
+    let _fs = Tmpfs::mount(&data, "16m");
+    let client_addr = free_tcp();
+    let cfg = NodeConfig {
+        id: 1,
+        raft_addr: free_udp(),
+        client_addr,
+        peers: BTreeMap::new(),
+        data_dir: data.clone(),
+        tls_dir: dir.path().join("certs"),
+        heartbeat: Duration::from_millis(100),
+        election_min: Duration::from_millis(150),
+        election_max: Duration::from_millis(300),
+        password: None,
+        cluster_id: 0,
+        compact_threshold: 8192,
+        max_entry_bytes: 8 << 20,
+    };
+    let (node, server) = raft_kv::cli::run_node(cfg).await.unwrap();
+    assert!(ask(client_addr, &["PING"]).starts_with("+PONG"));
+    let end = Instant::now() + Duration::from_secs(60);
+    let mut i = 0u32;
+    while node.stopped().is_none() {
+        assert!(Instant::now() < end, "the node never noticed its full disk");
+        i += 1;
+        let _ = node
+            .write_many(vec![WriteCmd::Set {
+                key: format!("k{}", i % 32).into_bytes(),
+                value: vec![b'x'; 1 << 20],
+                cond: SetCond::Always,
+            }])
+            .await;
+    }
+    let why = node.stopped().unwrap_or_default();
+    assert!(why.to_lowercase().contains("space"), "{why}");
+    let info = node.info();
+    assert!(info.contains("role:stopped"), "{info}");
+    assert!(info.contains("stopped_reason:"), "{info}");
+    for cmd in [
+        vec!["PING"],
+        vec!["GET", "k1"],
+        vec!["SET", "a", "b"],
+        vec!["DBSIZE"],
+    ] {
+        let reply = ask(client_addr, &cmd);
+        assert!(
+            reply.starts_with("-ERR this node has stopped"),
+            "{cmd:?}: {reply}"
+        );
+    }
+    let info = ask(client_addr, &["INFO"]);
+    assert!(info.contains("role:stopped"), "{info}");
+    // Shutdown is bounded even though the disk is full.
+    server.abort();
+    let t0 = Instant::now();
+    node.shutdown().await;
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+}
