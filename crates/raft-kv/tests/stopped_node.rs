@@ -62,7 +62,7 @@ fn ask(addr: SocketAddr, args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_full_disk_says_so_to_every_command() {
     let dir = tempfile::tempdir().unwrap();
-    raft_net_quic::generate_cluster_certs(&dir.path().join("certs"), &[1]).unwrap();
+    raft_net_quic::generate_cluster_certs(dir.path().join("certs"), &[1]).unwrap();
     let data = dir.path().join("data");
     let _fs = Tmpfs::mount(&data, "16m");
     let client_addr = free_tcp();
