@@ -103,13 +103,23 @@ impl StateMachine {
         // index travels with the data, so after a crash the log re-delivers
         // whatever the state machine lost. Skipping it keeps the disk free for
         // the log's own flushes. Shutdown flushes explicitly.
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| {
-                anyhow::anyhow!("{}: cannot open the state machine: {e}", path.display())
-            })?;
+        // A handle closed just before (on its own thread, see
+        // `ClosedElsewhere`) may still hold sled's file lock for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match sled::Config::new().path(path).flush_every_ms(None).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => {
+                    anyhow::bail!("{}: cannot open the state machine: {e}", path.display())
+                }
+            }
+        };
         let applied = u64_of(db.get(APPLIED)?);
         let (applied_tx, _) = watch::channel(applied);
         Ok(StateMachine {
