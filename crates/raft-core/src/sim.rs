@@ -152,7 +152,7 @@ struct SimNode {
     /// The durable log, each entry with the hash chain of its whole prefix.
     log: Vec<(Entry, u64)>,
     /// Readies waiting for their write, oldest first; the disk runs them in
-    /// order, as the node driver's storage task does.
+    /// order, as the node driver does.
     disk: std::collections::VecDeque<PendingDisk>,
     /// When the last queued write finishes.
     disk_free_at: Duration,

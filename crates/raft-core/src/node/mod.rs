@@ -4,9 +4,9 @@
 //! Each turn of the driver waits for anything (a request, a peer message, a
 //! timer, a finished disk write), then takes everything else already waiting,
 //! feeds it all to the engine, and carries out the engine's output. Log writes
-//! go to a storage task that runs them one after another, merging the ones
-//! that queue up into one durable `save` (group commit); the driver keeps
-//! turning meanwhile, so heartbeats, votes refused and a leader's appends
+//! run one after another as a future the driver polls alongside everything
+//! else; the ones that queue up meanwhile go into the next durable `save`
+//! together (group commit). The driver keeps turning while a write runs, so heartbeats, votes refused and a leader's appends
 //! travel while the disk works. What promises durable state (acknowledgements,
 //! votes, and while a term or vote is being written, every message) goes out
 //! only once the writes before it have returned.
@@ -182,7 +182,6 @@ struct Running {
     shutdown: oneshot::Sender<()>,
     driver: JoinHandle<Result<(), Error>>,
     applier: JoinHandle<()>,
-    storage: JoinHandle<()>,
 }
 
 enum Lifecycle {
@@ -331,14 +330,11 @@ impl Raft {
             apply_fail_tx.clone(),
         ));
         let span = tracing::info_span!("raft", node = cfg.id);
-        let (storage_tx, storage_rx) = mpsc::unbounded_channel();
-        let (disk_done_tx, disk_done_rx) = mpsc::unbounded_channel();
-        let storage =
-            tokio::spawn(storage_task(store, storage_rx, disk_done_tx).instrument(span.clone()));
         let driver = Driver {
             engine,
-            storage: storage_tx,
-            disk_done: disk_done_rx,
+            store: Some(store),
+            writing: None,
+            jobs: std::collections::VecDeque::new(),
             pending: std::collections::VecDeque::new(),
             write_started: std::collections::VecDeque::new(),
             max_write_stall: cfg.max_write_stall,
@@ -362,7 +358,6 @@ impl Raft {
             shutdown: shutdown_tx,
             driver,
             applier,
-            storage,
         });
         Ok(())
     }
@@ -453,9 +448,6 @@ impl Raft {
                 };
                 r.applier.abort();
                 let _ = r.applier.await;
-                // Ends by itself once the driver is gone, unless a write hangs.
-                r.storage.abort();
-                let _ = r.storage.await;
                 res
             }
             _ => Ok(()),
@@ -615,7 +607,7 @@ async fn applier(
     }
 }
 
-/// One durable write for the storage task.
+/// One durable write, waiting for the one in progress.
 struct DiskJob {
     batch: LogBatch,
     purge_to: Option<LogId>,
@@ -623,7 +615,7 @@ struct DiskJob {
 
 /// What remains of a ready once its write (and every write before it) is durable.
 struct AfterSave {
-    /// A write was sent to the storage task for this ready.
+    /// A write was queued for this ready.
     has_job: bool,
     /// That write has returned.
     done: bool,
@@ -635,91 +627,56 @@ struct AfterSave {
     reads: Vec<ReadResult>,
 }
 
-/// Runs the log writes one after another. Jobs that queued up while the
-/// disk was busy go out as one `save` when they can be merged (group
-/// commit); each job is reported done in order.
-async fn storage_task(
+/// A log write in progress: it gives the store back with its result and the
+/// number of jobs it carried.
+type Writing = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (Box<dyn LogStore>, Result<(), StorageError>, usize)>
+            + Send,
+    >,
+>;
+
+/// Runs one write: the batch (several jobs merged) and then the purge.
+async fn write(
     mut store: Box<dyn LogStore>,
-    mut jobs: mpsc::UnboundedReceiver<DiskJob>,
-    done: mpsc::UnboundedSender<Result<(), StorageError>>,
-) {
-    let mut next: Option<DiskJob> = None;
-    loop {
-        let first = match next.take() {
-            Some(j) => j,
-            None => match jobs.recv().await {
-                Some(j) => j,
-                None => return,
-            },
-        };
-        let mut batch = first.batch;
-        let mut purge_to = first.purge_to;
-        let mut count = 1usize;
-        // Merge what else is waiting, while it only appends to this batch.
-        while purge_to.is_none() {
-            match jobs.try_recv() {
-                Ok(j) if j.batch.truncate_from.is_none() => {
-                    if j.batch.hard_state.is_some() {
-                        batch.hard_state = j.batch.hard_state;
-                    }
-                    if j.batch.membership.is_some() {
-                        batch.membership = j.batch.membership;
-                    }
-                    batch.entries.extend(j.batch.entries);
-                    purge_to = j.purge_to;
-                    count += 1;
-                }
-                Ok(j) => {
-                    next = Some(j);
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        let t0 = Instant::now();
-        let n = batch.entries.len();
-        let mut res = if batch.is_empty() {
-            Ok(())
-        } else {
-            store.save(batch).await
-        };
-        tracing::trace!(
-            entries = n,
-            jobs = count,
-            micros = t0.elapsed().as_micros() as u64,
-            "log write"
-        );
-        if res.is_ok() {
-            if let Some(upto) = purge_to {
-                res = store.purge(upto).await;
-                tracing::debug!(upto = upto.index, "log purged");
-            }
-        }
-        let failed = res.is_err();
-        if let Err(e) = res {
-            let _ = done.send(Err(e));
-        } else {
-            for _ in 0..count {
-                if done.send(Ok(())).is_err() {
-                    return;
-                }
-            }
-        }
-        if failed {
-            return;
+    batch: LogBatch,
+    purge_to: Option<LogId>,
+    jobs: usize,
+) -> (Box<dyn LogStore>, Result<(), StorageError>, usize) {
+    let t0 = Instant::now();
+    let n = batch.entries.len();
+    let mut res = if batch.is_empty() {
+        Ok(())
+    } else {
+        store.save(batch).await
+    };
+    tracing::trace!(
+        entries = n,
+        jobs,
+        micros = t0.elapsed().as_micros() as u64,
+        "log write"
+    );
+    if res.is_ok() {
+        if let Some(upto) = purge_to {
+            res = store.purge(upto).await;
+            tracing::debug!(upto = upto.index, "log purged");
         }
     }
+    (store, res, jobs)
 }
 
 struct Driver {
     engine: Engine,
-    /// Log writes go to the storage task...
-    storage: mpsc::UnboundedSender<DiskJob>,
-    /// ...which reports each one done, in order.
-    disk_done: mpsc::UnboundedReceiver<Result<(), StorageError>>,
+    /// The log store, while no write holds it.
+    store: Option<Box<dyn LogStore>>,
+    /// The write in progress: the driver keeps turning while it runs, and
+    /// jobs that queue up meanwhile go to disk together next (group commit).
+    writing: Option<Writing>,
+    /// Writes waiting for the one in progress, in order.
+    jobs: std::collections::VecDeque<DiskJob>,
     /// Readies waiting for their write (or an earlier one), oldest first.
     pending: std::collections::VecDeque<AfterSave>,
-    /// When each write still in the storage task's hands was handed over.
+    /// When each write job not yet durable was queued.
     write_started: std::collections::VecDeque<Instant>,
     /// A write older than this stops the node.
     max_write_stall: std::time::Duration,
@@ -739,10 +696,20 @@ struct Driver {
     next_ctx: u64,
 }
 
+/// Waits for the write in progress; never resolves when there is none.
+async fn poll_writing(
+    writing: &mut Option<Writing>,
+) -> (Box<dyn LogStore>, Result<(), StorageError>, usize) {
+    match writing {
+        Some(w) => w.await,
+        None => std::future::pending().await,
+    }
+}
+
 enum Wake {
     Shutdown,
     ApplyFailed,
-    DiskDone(Option<Result<(), StorageError>>),
+    DiskDone(Box<dyn LogStore>, Result<(), StorageError>, usize),
     WriteStalled,
     Request(Request),
     Message(Message),
@@ -778,7 +745,7 @@ impl Driver {
                 biased;
                 _ = &mut shutdown => Wake::Shutdown,
                 _ = apply_failed.recv() => Wake::ApplyFailed,
-                d = self.disk_done.recv() => Wake::DiskDone(d),
+                (store, res, n) = poll_writing(&mut self.writing) => Wake::DiskDone(store, res, n),
                 r = self.req_rx.recv() => r.map_or(Wake::HandlesGone, Wake::Request),
                 m = self.transport.recv() => m.map_or(Wake::TransportClosed, Wake::Message),
                 _ = tokio::time::sleep_until(deadline) => Wake::Timer,
@@ -793,12 +760,18 @@ impl Driver {
                 Wake::Shutdown | Wake::HandlesGone => break Ok(()),
                 Wake::ApplyFailed => break Err(Error::ApplyChannelClosed),
                 Wake::TransportClosed => break Err(Error::Stopped("transport closed".into())),
-                Wake::DiskDone(None) => break Err(Error::Stopped("the storage task ended".into())),
-                Wake::DiskDone(Some(Err(e))) => {
-                    tracing::error!(error = %e, "stopping node");
-                    break Err(e.into());
+                Wake::DiskDone(store, res, n) => {
+                    self.writing = None;
+                    self.store = Some(store);
+                    if let Err(e) = res {
+                        tracing::error!(error = %e, "stopping node");
+                        break Err(e.into());
+                    }
+                    for _ in 0..n {
+                        self.disk_done_once();
+                    }
+                    self.start_write();
                 }
-                Wake::DiskDone(Some(Ok(()))) => self.disk_done_once(),
                 Wake::WriteStalled => {
                     let e = StorageError::Io(format!(
                         "a log write has not finished after {:?}: the disk is stalled",
@@ -915,22 +888,58 @@ impl Driver {
                 reads: rd.reads,
             };
             if has_job {
-                let job = DiskJob {
+                self.jobs.push_back(DiskJob {
                     batch,
                     purge_to: rd.purge_to,
-                };
-                if self.storage.send(job).is_err() {
-                    return Err(Error::Stopped("the storage task ended".into()));
-                }
+                });
                 self.write_started.push_back(Instant::now());
             }
             self.pending.push_back(after);
             self.finish_durable();
         }
+        self.start_write();
         Ok(())
     }
 
-    /// The storage task finished the oldest outstanding write.
+    /// Starts the next write when none is in progress: every queued job
+    /// that only appends goes into one batch (group commit).
+    fn start_write(&mut self) {
+        if self.writing.is_some() || self.jobs.is_empty() {
+            return;
+        }
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let Some(first) = self.jobs.pop_front() else {
+            self.store = Some(store);
+            return;
+        };
+        let mut batch = first.batch;
+        let mut purge_to = first.purge_to;
+        let mut count = 1usize;
+        while purge_to.is_none()
+            && self
+                .jobs
+                .front()
+                .is_some_and(|j| j.batch.truncate_from.is_none())
+        {
+            let Some(j) = self.jobs.pop_front() else {
+                break;
+            };
+            if j.batch.hard_state.is_some() {
+                batch.hard_state = j.batch.hard_state;
+            }
+            if j.batch.membership.is_some() {
+                batch.membership = j.batch.membership;
+            }
+            batch.entries.extend(j.batch.entries);
+            purge_to = j.purge_to;
+            count += 1;
+        }
+        self.writing = Some(Box::pin(write(store, batch, purge_to, count)));
+    }
+
+    /// The oldest outstanding write job is durable.
     fn disk_done_once(&mut self) {
         self.write_started.pop_front();
         if let Some(p) = self.pending.iter_mut().find(|p| p.has_job && !p.done) {
