@@ -428,6 +428,13 @@ impl Raft {
 
     /// Stops the node and waits until none of its tasks is running. Returns
     /// the error that stopped the node earlier, if one did.
+    ///
+    /// A log write in progress is abandoned, not awaited (a hung disk must
+    /// not hang shutdown): nothing that depends on it has been sent, but a
+    /// store that hands work to other threads (the sled store uses tokio's
+    /// blocking pool) may still finish that write after `shutdown` returns.
+    /// Reopen the same store only once it has let go of its files (the sled
+    /// store waits for its lock for a short time).
     pub async fn shutdown(&self) -> Result<(), Error> {
         let mut lc = self.inner.lifecycle.lock().await;
         match std::mem::replace(&mut *lc, Lifecycle::Stopped) {
