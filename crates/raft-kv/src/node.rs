@@ -341,17 +341,36 @@ impl KvNode {
         let budget = self.frame_limit.saturating_sub(4096).max(1);
         let mut chunk = Vec::new();
         let mut bytes = 0;
+        let mut chunks: Vec<Vec<WriteCmd>> = Vec::new();
         for c in ok {
             let size = c.encoded_len();
             if !chunk.is_empty() && bytes + size > budget {
-                done.extend(self.write_chunk(std::mem::take(&mut chunk)).await);
+                chunks.push(std::mem::take(&mut chunk));
                 bytes = 0;
             }
             bytes += size;
             chunk.push(c);
         }
         if !chunk.is_empty() {
-            done.extend(self.write_chunk(chunk).await);
+            chunks.push(chunk);
+        }
+        let mut failed = false;
+        for chunk in chunks {
+            if failed {
+                // Never sent: later writes must not overtake one whose
+                // outcome is unknown or that was refused.
+                done.extend(chunk.iter().map(|_| {
+                    Outcome::Error(
+                        "TRYAGAIN not sent: an earlier write of this pipeline failed".into(),
+                    )
+                }));
+                continue;
+            }
+            let outcomes = self.write_chunk(chunk).await;
+            failed = outcomes.iter().any(|o| {
+                matches!(o, Outcome::Error(e) if e.starts_with("UNKNOWN") || e.starts_with("TRYAGAIN"))
+            });
+            done.extend(outcomes);
         }
         let mut done = done.into_iter();
         early
@@ -503,6 +522,10 @@ impl KvNode {
 
     async fn handle_forward(&self, from: NodeId, f: Forward) -> ForwardReply {
         tracing::trace!(node = self.cfg.id, from, ?f, "forwarded request");
+        if self.stopped().is_some() {
+            // Let the asking node look for a leader that is alive.
+            return ForwardReply::NotLeader(None);
+        }
         match f {
             Forward::Writes(cmds) => match self.propose_local(&cmds).await {
                 Ok(tickets) => ForwardReply::Outcomes(self.finish_all(tickets).await),
@@ -568,7 +591,7 @@ impl KvNode {
             Role::Candidate | Role::PreCandidate => "candidate",
             Role::Follower => "follower",
         };
-        let stopped_line = match &s.stopped {
+        let stopped_line = match &self.stopped() {
             Some(why) => format!("stopped_reason:{}\r\n", why.replace(['\r', '\n'], " ")),
             None => String::new(),
         };
@@ -685,12 +708,15 @@ async fn apply_loop(
             Ok((_, Err(e))) => {
                 tracing::error!(error = %e, "state machine failed; stopping the node");
                 *lock(&failure) = Some(format!("the state machine failed: {e}"));
+                // Waiting clients learn at once that the outcome is unknown.
+                lock(&waiters).pending.clear();
                 // Raft stops too: the node must not go on looking healthy.
                 let _ = raft.shutdown().await;
                 return;
             }
             Err(e) => {
                 *lock(&failure) = Some(format!("the state machine task failed: {e}"));
+                lock(&waiters).pending.clear();
                 let _ = raft.shutdown().await;
                 return;
             }
