@@ -527,10 +527,27 @@ impl KvNode {
             return ForwardReply::NotLeader(None);
         }
         match f {
-            Forward::Writes(cmds) => match self.propose_local(&cmds).await {
-                Ok(tickets) => ForwardReply::Outcomes(self.finish_all(tickets).await),
-                Err(hint) => ForwardReply::NotLeader(hint),
-            },
+            Forward::Writes(cmds) => {
+                // Each command is checked against this node's limit, so one
+                // too large does not get the others refused with it.
+                let (early, ok) = self.check_sizes(cmds);
+                match self.propose_local(&ok).await {
+                    Ok(tickets) => {
+                        let mut done = self.finish_all(tickets).await.into_iter();
+                        ForwardReply::Outcomes(
+                            early
+                                .into_iter()
+                                .map(|e| {
+                                    e.or_else(|| done.next()).unwrap_or_else(|| {
+                                        Outcome::Error("ERR internal: lost an outcome".into())
+                                    })
+                                })
+                                .collect(),
+                        )
+                    }
+                    Err(hint) => ForwardReply::NotLeader(hint),
+                }
+            }
             Forward::ReadIndex => match self.raft.read_index().await {
                 Ok(i) => ForwardReply::ReadIndex(i),
                 Err(RaftError::NotLeader { leader }) => ForwardReply::NotLeader(leader),

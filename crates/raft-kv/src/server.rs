@@ -222,7 +222,7 @@ async fn execute(
             if let Err(o) = node.read_barrier().await {
                 return now(o);
             }
-            now(read(node, &name, &args[1..]))
+            now(read(node, &name, &args[1..]).await)
         }
         ("INFO", 1 | 2) => now(Outcome::Bulk(node.info().into_bytes())),
         (
@@ -245,9 +245,30 @@ async fn execute(
 }
 
 /// Answers a read from one applied state: all the keys of one command (MGET,
-/// EXISTS) and DBSIZE come from the same view, never half of a batch.
-fn read(node: &KvNode, name: &str, keys: &[Vec<u8>]) -> Outcome {
-    let res: anyhow::Result<Outcome> = node.state_machine().read_view(|v| {
+/// EXISTS) and DBSIZE come from the same view, never half of a batch. While
+/// a batch is being applied the task waits without holding its thread; a
+/// batch that never finishes (a hung disk) gets `-TRYAGAIN` after 5 s.
+async fn read(node: &KvNode, name: &str, keys: &[Vec<u8>]) -> Outcome {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut tries = 0u32;
+    loop {
+        if let Some(o) = try_read(node, name, keys) {
+            return o;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Outcome::Error("TRYAGAIN the state machine is busy; try again".into());
+        }
+        tries += 1;
+        if tries < 16 {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+}
+
+fn try_read(node: &KvNode, name: &str, keys: &[Vec<u8>]) -> Option<Outcome> {
+    let res: Option<anyhow::Result<Outcome>> = node.state_machine().try_read_view(|v| {
         Ok(match name {
             "GET" => v.get(&keys[0])?.map_or(Outcome::Nil, Outcome::Bulk),
             "MGET" => Outcome::Array(keys.iter().map(|k| v.get(k)).collect::<Result<_, _>>()?),
@@ -264,5 +285,5 @@ fn read(node: &KvNode, name: &str, keys: &[Vec<u8>]) -> Outcome {
             _ => Outcome::Int(v.dbsize()? as i64),
         })
     });
-    res.unwrap_or_else(|e| Outcome::Error(format!("ERR storage: {e}")))
+    res.map(|r| r.unwrap_or_else(|e| Outcome::Error(format!("ERR storage: {e}"))))
 }

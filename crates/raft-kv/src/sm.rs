@@ -201,6 +201,18 @@ impl StateMachine {
         f(&ReadView { db: &self.db })
     }
 
+    /// [`StateMachine::read_view`] if no batch is being applied right now;
+    /// `None` otherwise (async callers wait without blocking their thread,
+    /// which a stalled batch could hold forever).
+    pub fn try_read_view<T>(&self, f: impl FnOnce(&ReadView<'_>) -> T) -> Option<T> {
+        let _gate = match self.gate.try_read() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(f(&ReadView { db: &self.db }))
+    }
+
     /// The value of a key.
     pub fn get(&self, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
         self.read_view(|v| v.get(key))
