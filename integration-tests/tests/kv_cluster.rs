@@ -1420,38 +1420,13 @@ fn a_member_restarted_with_other_peers_refuses_to_start() {
     });
 }
 
-/// A tmpfs mounted for one test, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .unwrap();
-        assert!(
-            st.success(),
-            "this test mounts a small tmpfs to fill a node's disk: run it as root"
-        );
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// A node whose disk fills does not stay up looking healthy: its Raft stops,
 /// the process exits non-zero with the reason, and the other two keep serving.
 #[test]
 fn a_node_whose_disk_fills_exits_nonzero_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::new(dir.path(), &[1, 2, 3]);
-    let _fs = Tmpfs::mount(&dir.path().join("node-3"), "24m");
+    let _fs = integration_tests::tmpfs::Tmpfs::mount(&dir.path().join("node-3"), "24m");
     for id in [1, 2, 3] {
         c.start(id);
     }

@@ -238,7 +238,7 @@ impl KvNode {
     /// Why this node stopped serving, once Raft has stopped (a failed disk,
     /// a failed state machine): every command then answers an error.
     pub fn stopped(&self) -> Option<String> {
-        let raft = self.raft.status().stopped?;
+        let raft = self.raft.stopped()?;
         // The state machine's own failure explains a closed apply channel.
         Some(lock(&self.failure).clone().unwrap_or(raft))
     }
@@ -336,6 +336,14 @@ impl KvNode {
     /// outcome per command.
     pub async fn write_many(&self, cmds: Vec<WriteCmd>) -> Vec<Outcome> {
         let (early, ok) = self.check_sizes(cmds);
+        let done = self.write_checked(ok).await;
+        merge(early, done, || {
+            Outcome::Error("ERR internal: lost an outcome".into())
+        })
+    }
+
+    /// `write_many` for commands that passed `check_sizes`.
+    async fn write_checked(&self, ok: Vec<WriteCmd>) -> Vec<Outcome> {
         let mut done = Vec::with_capacity(ok.len());
         // Each forwarded request stays well inside one frame.
         let budget = self.frame_limit.saturating_sub(4096).max(1);
@@ -372,14 +380,7 @@ impl KvNode {
             });
             done.extend(outcomes);
         }
-        let mut done = done.into_iter();
-        early
-            .into_iter()
-            .map(|e| {
-                e.or_else(|| done.next())
-                    .unwrap_or_else(|| Outcome::Error("ERR internal: lost an outcome".into()))
-            })
-            .collect()
+        done
     }
 
     async fn write_chunk(&self, cmds: Vec<WriteCmd>) -> Vec<Outcome> {
@@ -487,22 +488,16 @@ impl KvNode {
         let tickets = match tickets {
             Some(t) => t,
             None => self
-                .write_many(ok)
+                .write_checked(ok)
                 .await
                 .into_iter()
                 .map(Ticket::Done)
                 .collect(),
         };
-        let mut tickets = tickets.into_iter();
-        early
-            .into_iter()
-            .map(|e| match e {
-                Some(o) => Ticket::Done(o),
-                None => tickets.next().unwrap_or_else(|| {
-                    Ticket::Done(Outcome::Error("ERR internal: lost a write ticket".into()))
-                }),
-            })
-            .collect()
+        let early = early.into_iter().map(|e| e.map(Ticket::Done)).collect();
+        merge(early, tickets, || {
+            Ticket::Done(Outcome::Error("ERR internal: lost a write ticket".into()))
+        })
     }
 
     /// Waits for a ticket's outcome.
@@ -533,17 +528,10 @@ impl KvNode {
                 let (early, ok) = self.check_sizes(cmds);
                 match self.propose_local(&ok).await {
                     Ok(tickets) => {
-                        let mut done = self.finish_all(tickets).await.into_iter();
-                        ForwardReply::Outcomes(
-                            early
-                                .into_iter()
-                                .map(|e| {
-                                    e.or_else(|| done.next()).unwrap_or_else(|| {
-                                        Outcome::Error("ERR internal: lost an outcome".into())
-                                    })
-                                })
-                                .collect(),
-                        )
+                        let done = self.finish_all(tickets).await;
+                        ForwardReply::Outcomes(merge(early, done, || {
+                            Outcome::Error("ERR internal: lost an outcome".into())
+                        }))
                     }
                     Err(hint) => ForwardReply::NotLeader(hint),
                 }
@@ -627,6 +615,16 @@ impl KvNode {
             members.join(","),
         )
     }
+}
+
+/// Puts answers back in command order: `early` holds the ones known before
+/// proposing (`Some`), `rest` the others in order.
+fn merge<T>(early: Vec<Option<T>>, rest: Vec<T>, lost: impl Fn() -> T) -> Vec<T> {
+    let mut rest = rest.into_iter();
+    early
+        .into_iter()
+        .map(|e| e.or_else(|| rest.next()).unwrap_or_else(&lost))
+        .collect()
 }
 
 fn overwritten() -> Outcome {

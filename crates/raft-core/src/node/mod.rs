@@ -336,7 +336,6 @@ impl Raft {
             writing: None,
             jobs: std::collections::VecDeque::new(),
             pending: std::collections::VecDeque::new(),
-            write_started: std::collections::VecDeque::new(),
             max_write_stall: cfg.max_write_stall,
             transport,
             origin,
@@ -485,6 +484,11 @@ impl Raft {
         self.inner.status_rx.clone()
     }
 
+    /// Why the node stopped, once it has (without copying the whole status).
+    pub fn stopped(&self) -> Option<String> {
+        self.inner.status_rx.borrow().stopped.clone()
+    }
+
     /// True when this node believes it is the leader.
     pub fn is_leader(&self) -> bool {
         self.inner.status_rx.borrow().role == Role::Leader
@@ -622,8 +626,8 @@ struct DiskJob {
 
 /// What remains of a ready once its write (and every write before it) is durable.
 struct AfterSave {
-    /// A write was queued for this ready.
-    has_job: bool,
+    /// When a write was queued for this ready (`None`: it had nothing to write).
+    queued_at: Option<Instant>,
     /// That write has returned.
     done: bool,
     /// It changed the term or vote: later messages wait for it.
@@ -683,8 +687,6 @@ struct Driver {
     jobs: std::collections::VecDeque<DiskJob>,
     /// Readies waiting for their write (or an earlier one), oldest first.
     pending: std::collections::VecDeque<AfterSave>,
-    /// When each write job not yet durable was queued.
-    write_started: std::collections::VecDeque<Instant>,
     /// A write older than this stops the node.
     max_write_stall: std::time::Duration,
     transport: Box<dyn Transport>,
@@ -738,10 +740,13 @@ impl Driver {
         tracing::info!(term = self.engine.term(), last = ?self.engine.last_log_id(), "node started");
         let result = loop {
             let deadline = self.origin + self.engine.next_deadline();
+            // The oldest write not yet durable must not be older than the limit.
             let stall_at = self
-                .write_started
-                .front()
-                .map(|&t| t + self.max_write_stall);
+                .pending
+                .iter()
+                .find(|p| p.queued_at.is_some() && !p.done)
+                .and_then(|p| p.queued_at)
+                .map(|t| t + self.max_write_stall);
             let stalled = async move {
                 match stall_at {
                     Some(t) => tokio::time::sleep_until(t).await,
@@ -886,7 +891,7 @@ impl Driver {
             };
             let has_job = !batch.is_empty() || rd.purge_to.is_some();
             let after = AfterSave {
-                has_job,
+                queued_at: has_job.then(Instant::now),
                 done: false,
                 hard_state: batch.hard_state.is_some(),
                 last: batch.entries.last().map(Entry::log_id),
@@ -899,7 +904,6 @@ impl Driver {
                     batch,
                     purge_to: rd.purge_to,
                 });
-                self.write_started.push_back(Instant::now());
             }
             self.pending.push_back(after);
             self.finish_durable();
@@ -948,8 +952,11 @@ impl Driver {
 
     /// The oldest outstanding write job is durable.
     fn disk_done_once(&mut self) {
-        self.write_started.pop_front();
-        if let Some(p) = self.pending.iter_mut().find(|p| p.has_job && !p.done) {
+        if let Some(p) = self
+            .pending
+            .iter_mut()
+            .find(|p| p.queued_at.is_some() && !p.done)
+        {
             p.done = true;
         }
         self.finish_durable();
@@ -959,7 +966,11 @@ impl Driver {
     /// it) is durable: the engine learns what is durable, acknowledgements
     /// and votes go out, committed entries go to the application.
     fn finish_durable(&mut self) {
-        while self.pending.front().is_some_and(|p| p.done || !p.has_job) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|p| p.done || p.queued_at.is_none())
+        {
             let Some(p) = self.pending.pop_front() else {
                 break;
             };

@@ -7,33 +7,7 @@ use raft_kv::node::NodeConfig;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .unwrap();
-        assert!(
-            st.success(),
-            "this test mounts a small tmpfs to fill a node's disk: run it as root"
-        );
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 fn free_tcp() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -76,7 +50,7 @@ async fn full_disk() {
     let dir = tempfile::tempdir().unwrap();
     raft_net_quic::generate_cluster_certs(dir.path().join("certs"), &[1]).unwrap();
     let data = dir.path().join("data");
-    let _fs = Tmpfs::mount(&data, "16m");
+    let _fs = integration_tests::tmpfs::Tmpfs::mount(&data, "16m");
     let client_addr = free_tcp();
     let cfg = NodeConfig {
         id: 1,
