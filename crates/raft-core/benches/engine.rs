@@ -3,7 +3,7 @@
 //! proposals outstanding.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use raft_core::{Engine, EngineConfig, InitialState, LogIndex, Membership, Message, NodeId};
+use raft_core::{Engine, Config, InitialState, LogIndex, Membership, Message, NodeId};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ impl Cluster {
                 };
                 (
                     id,
-                    Engine::new(EngineConfig::new(id), init, id, Duration::ZERO).unwrap(),
+                    Engine::new(Config::new(id), init, id, Duration::ZERO).unwrap(),
                 )
             })
             .collect();

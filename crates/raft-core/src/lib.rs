@@ -16,8 +16,10 @@
 //! durable and networked ones.
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod engine;
 pub mod message;
+mod rng;
 pub(crate) mod mutation;
 pub mod node;
 pub mod storage;
@@ -29,13 +31,14 @@ pub mod types;
 #[cfg(test)]
 mod sim;
 
-pub use engine::{
-    Engine, EngineConfig, EngineError, InitialState, NotLeader, ProposeError, ReadResult, Ready,
-};
+pub use config::{Config, ConfigError};
+pub use engine::{Engine, EngineError, InitialState, NotLeader, ProposeError, ReadResult, Ready};
 pub use message::{Message, MessageBody, RejectHint, MESSAGE_OVERHEAD};
-pub use node::{ApplyMsg, Config, Raft, Status};
+pub use node::{ApplyMsg, Error, Proposal, Raft, Responder, Status};
 pub use storage::{LogBatch, LogState, LogStore, MemLogStore, StorageError};
-pub use transport::{ChannelNetwork, ChannelTransport, Transport};
+pub use transport::{
+    ChannelNetwork, ChannelTransport, InboundRpc, PeerRpc, RpcEndpoint, RpcError, Transport,
+};
 pub use types::{
     Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, Term, ENTRY_OVERHEAD,
 };

@@ -26,8 +26,8 @@
 //! Every run is a pure function of its seed: a failure prints the seed and the
 //! command that replays it.
 
-use crate::engine::rng::SplitMix64;
-use crate::engine::{Engine, EngineConfig, InitialState};
+use crate::config::Config;
+use crate::engine::{Engine, InitialState};
 use crate::message::Message;
 use crate::mutation::Mutation;
 use crate::types::{Entry, HardState, LogId, LogIndex, Membership, NodeId, Role, Term};
@@ -62,7 +62,7 @@ impl SimConfig {
         // Every supported setting is exercised: a third of the seeds run
         // without check-quorum (leaders then only learn of a newer term from
         // messages), a quarter without pre-vote.
-        let mix = SplitMix64::new(seed ^ 0xc0ff_ee00).next_u64();
+        let mix = fastrand::Rng::with_seed(seed ^ 0xc0ff_ee00).u64(..);
         SimConfig {
             seed,
             nodes,
@@ -186,7 +186,7 @@ fn chain(prev: u64, e: &Entry) -> u64 {
 
 pub(crate) struct Sim {
     cfg: SimConfig,
-    rng: SplitMix64,
+    rng: fastrand::Rng,
     now: Duration,
     seq: u64,
     queue: BTreeMap<(Duration, u64), Event>,
@@ -224,7 +224,7 @@ pub(crate) struct Sim {
 
 impl Sim {
     pub(crate) fn new(cfg: SimConfig) -> Self {
-        let mut rng = SplitMix64::new(cfg.seed);
+        let mut rng = fastrand::Rng::with_seed(cfg.seed);
         let ids: Vec<NodeId> = (1..=cfg.nodes as NodeId).collect();
         let membership = Membership::new(ids.iter().copied());
         let (drop_per_mille, dup_per_mille, max_delay_ms) = if cfg.faults {
@@ -280,8 +280,8 @@ impl Sim {
         sim
     }
 
-    fn engine_config(&self, id: NodeId) -> EngineConfig {
-        let mut c = EngineConfig::new(id);
+    fn engine_config(&self, id: NodeId) -> Config {
+        let mut c = Config::new(id);
         c.pre_vote = self.cfg.pre_vote;
         c.check_quorum = self.cfg.check_quorum;
         c.max_entries_per_msg = self.cfg.max_entries_per_msg;
@@ -298,7 +298,7 @@ impl Sim {
 
     fn start_node(&mut self, id: NodeId) {
         let cfg = self.engine_config(id);
-        let seed = self.rng.next_u64();
+        let seed = self.rng.u64(..);
         let now = self.now;
         let membership = self.membership.clone();
         let node = self.nodes.get_mut(&id).expect("known node");
@@ -1143,6 +1143,21 @@ impl Sim {
             .iter()
             .filter_map(|(&id, n)| n.engine.as_ref().map(|e| (id, e.role())))
             .collect()
+    }
+}
+
+/// `[lo, hi)`, or `lo` when empty: the one shape the simulator draws with.
+trait Draw {
+    fn range(&mut self, lo: u64, hi: u64) -> u64;
+}
+
+impl Draw for fastrand::Rng {
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            lo
+        } else {
+            self.u64(lo..hi)
+        }
     }
 }
 

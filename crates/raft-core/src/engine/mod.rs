@@ -16,203 +16,24 @@
 //!
 //! Readies must be processed one at a time, in order.
 
+mod interface;
 mod log;
 mod progress;
-pub(crate) mod rng;
 
 #[cfg(test)]
 mod tests;
 
+use crate::config::Config;
 use crate::message::{Message, MessageBody, RejectHint};
 use crate::mutation::{broken, Mutation};
 use crate::types::{
     Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, Term,
 };
+pub use interface::{EngineError, InitialState, NotLeader, ProposeError, ReadResult, Ready};
 use log::RaftLog;
 use progress::{Progress, ReplState};
-use rng::SplitMix64;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-
-/// Tunables of the protocol engine. See `Config` in the node module for the
-/// user-facing version with validation and defaults.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EngineConfig {
-    /// This node's id.
-    pub id: NodeId,
-    /// Interval between leader heartbeats.
-    pub heartbeat_interval: Duration,
-    /// Lower bound (inclusive) of the randomized election timeout.
-    pub election_timeout_min: Duration,
-    /// Upper bound (exclusive) of the randomized election timeout.
-    pub election_timeout_max: Duration,
-    /// Ask for pre-votes before starting an election (thesis §9.6).
-    pub pre_vote: bool,
-    /// A leader that has not heard from a majority within an election timeout steps down.
-    pub check_quorum: bool,
-    /// Most entries in one AppendEntries.
-    pub max_entries_per_msg: usize,
-    /// Approximate byte bound of one AppendEntries' entries.
-    pub max_bytes_per_msg: usize,
-    /// Most unanswered AppendEntries to one follower.
-    pub max_inflight: usize,
-    /// Most committed entries handed out in one `Ready`.
-    pub max_committed_per_ready: usize,
-    /// Log entries are dropped (from memory and, through `Ready::purge_to`,
-    /// from the store) in steps of at least this many.
-    pub compact_threshold: u64,
-    /// Largest command a proposal may carry, in bytes. Every entry then fits
-    /// in one message of `max(max_bytes_per_msg, max_entry_bytes +
-    /// ENTRY_OVERHEAD) + MESSAGE_OVERHEAD` bytes.
-    pub max_entry_bytes: usize,
-    /// Back-pressure: the most entry bytes (size bounds) a node holds that
-    /// the application has not taken yet: uncommitted entries plus committed
-    /// ones waiting for the apply channel. A leader over it refuses proposals
-    /// with `ProposeError::Busy`; a follower over it accepts only part of an
-    /// AppendEntries and lets the leader retry the rest later.
-    pub max_unapplied_bytes: u64,
-}
-
-impl EngineConfig {
-    /// The seed's defaults: heartbeat 100 ms, election timeout 150-300 ms.
-    pub fn new(id: NodeId) -> Self {
-        EngineConfig {
-            id,
-            heartbeat_interval: Duration::from_millis(100),
-            election_timeout_min: Duration::from_millis(150),
-            election_timeout_max: Duration::from_millis(300),
-            pre_vote: true,
-            check_quorum: true,
-            max_entries_per_msg: 512,
-            max_bytes_per_msg: 1 << 20,
-            max_inflight: 64,
-            max_committed_per_ready: 4096,
-            compact_threshold: 8192,
-            max_entry_bytes: 8 << 20,
-            max_unapplied_bytes: 64 << 20,
-        }
-    }
-}
-
-/// The durable state a node restarts from.
-#[derive(Debug, Clone, Default)]
-pub struct InitialState {
-    /// Last persisted term and vote.
-    pub hard_state: HardState,
-    /// The compaction point: the last index (and its term) no longer in the log.
-    /// `LogId::default()` for a log that starts at index 1.
-    pub snapshot: LogId,
-    /// The log entries after the compaction point, contiguous.
-    pub entries: Vec<Entry>,
-    /// The membership in force at the compaction point (for a new cluster: the
-    /// initial members). Membership entries in `entries` override it.
-    pub membership: Membership,
-    /// The highest index the application has already applied; entries up to it
-    /// are not handed out again.
-    pub applied: LogIndex,
-}
-
-/// Why durable state could not be restored.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EngineError {
-    /// The persisted state contradicts itself.
-    #[error("inconsistent persisted state: {0}")]
-    InvalidState(String),
-    /// The configuration is unusable.
-    #[error("invalid engine configuration: {0}")]
-    InvalidConfig(String),
-}
-
-/// Why a proposal was refused. Nothing was appended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum ProposeError {
-    /// This node does not lead.
-    #[error(transparent)]
-    NotLeader(#[from] NotLeader),
-    /// The command is larger than `max_entry_bytes`.
-    #[error("command of {size} bytes exceeds the limit of {max} bytes (max_entry_bytes)")]
-    TooLarge {
-        /// The command's size.
-        size: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// The node holds `max_unapplied_bytes` of entries that are not committed
-    /// and applied yet (followers or the application are behind); retry later.
-    #[error(
-        "busy: {pending} bytes of entries wait to commit and apply (limit {max}); retry later"
-    )]
-    Busy {
-        /// Bytes waiting.
-        pending: u64,
-        /// The limit.
-        max: u64,
-    },
-}
-
-/// A proposal or read reached a node that is not the leader.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("not the leader (leader hint: {leader:?})")]
-pub struct NotLeader {
-    /// The leader this node believes in, if any.
-    pub leader: Option<NodeId>,
-}
-
-/// The outcome of a [`Engine::read_index`] request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReadResult {
-    /// The caller's token.
-    pub ctx: u64,
-    /// `Ok(index)`: a read that waits until `index` is applied is linearizable.
-    /// `Err`: leadership was lost before it could be confirmed.
-    pub result: Result<LogIndex, NotLeader>,
-}
-
-/// Everything the engine asks the outside world to do. See the module docs for
-/// the order in which the parts must be carried out.
-#[derive(Debug, Default)]
-pub struct Ready {
-    /// Term and vote to persist, when they changed.
-    pub hard_state: Option<HardState>,
-    /// Remove every stored entry from this index on (before appending `entries`).
-    pub truncate_from: Option<LogIndex>,
-    /// Entries to append durably.
-    pub entries: Vec<Entry>,
-    /// Messages that may be sent right away.
-    pub messages: Vec<Message>,
-    /// Messages to send only after this ready's state is durable.
-    pub persisted_messages: Vec<Message>,
-    /// Committed entries to apply, in index order, each exactly once.
-    pub committed: Vec<Entry>,
-    /// Answers to read-index requests.
-    pub reads: Vec<ReadResult>,
-    /// The store may drop every entry up to and including this one, once this
-    /// ready's writes are durable (`LogStore::purge`).
-    pub purge_to: Option<LogId>,
-    /// The membership in force at `purge_to`, when compaction moved past a
-    /// membership entry: store it (`LogBatch::membership`) before purging.
-    pub membership: Option<Membership>,
-}
-
-impl Ready {
-    /// True when there is nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.hard_state.is_none()
-            && self.truncate_from.is_none()
-            && self.entries.is_empty()
-            && self.messages.is_empty()
-            && self.persisted_messages.is_empty()
-            && self.committed.is_empty()
-            && self.reads.is_empty()
-            && self.purge_to.is_none()
-            && self.membership.is_none()
-    }
-
-    /// The id of the last entry to append, to pass to [`Engine::persisted`].
-    pub fn last_entry(&self) -> Option<LogId> {
-        self.entries.last().map(Entry::log_id)
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 struct PendingRead {
@@ -225,7 +46,7 @@ struct PendingRead {
 /// One Raft node's protocol state. See the module docs.
 #[derive(Debug)]
 pub struct Engine {
-    cfg: EngineConfig,
+    cfg: Config,
     id: NodeId,
     term: Term,
     vote: Option<NodeId>,
@@ -242,7 +63,7 @@ pub struct Engine {
     membership: Membership,
     /// `base_membership` changed: store it with the next purge.
     base_membership_dirty: bool,
-    rng: SplitMix64,
+    rng: crate::rng::Rng,
     now: Duration,
 
     election_deadline: Duration,
@@ -279,35 +100,12 @@ impl Engine {
     /// Restores an engine from durable state. `seed` drives the election-timeout
     /// randomness; `now` is the driver's current time.
     pub fn new(
-        cfg: EngineConfig,
+        cfg: Config,
         init: InitialState,
         seed: u64,
         now: Duration,
     ) -> Result<Self, EngineError> {
-        if cfg.election_timeout_min.is_zero()
-            || cfg.election_timeout_max <= cfg.election_timeout_min
-            || cfg.heartbeat_interval.is_zero()
-        {
-            return Err(EngineError::InvalidConfig(
-                "need 0 < election_timeout_min < election_timeout_max and a non-zero heartbeat"
-                    .into(),
-            ));
-        }
-        if cfg.max_inflight == 0
-            || cfg.max_entries_per_msg == 0
-            || cfg.max_bytes_per_msg == 0
-            || cfg.compact_threshold == 0
-            || cfg.max_entry_bytes == 0
-        {
-            return Err(EngineError::InvalidConfig(
-                "max_inflight, max_entries_per_msg, max_bytes_per_msg, compact_threshold and max_entry_bytes must be positive".into(),
-            ));
-        }
-        if cfg.max_unapplied_bytes < (cfg.max_entry_bytes + crate::types::ENTRY_OVERHEAD) as u64 {
-            return Err(EngineError::InvalidConfig(
-                "max_unapplied_bytes must hold at least one entry of max_entry_bytes".into(),
-            ));
-        }
+        cfg.validate()?;
         let InitialState {
             hard_state,
             snapshot,
@@ -370,7 +168,7 @@ impl Engine {
             configs,
             membership,
             base_membership_dirty: false,
-            rng: SplitMix64::new(seed ^ id.rotate_left(17)),
+            rng: crate::rng::Rng::with_seed(seed ^ id.rotate_left(17)),
             now,
             election_deadline: now,
             heartbeat_deadline: now,
@@ -636,7 +434,7 @@ impl Engine {
     }
 
     /// Encoded-size bound of the entries this node holds that the
-    /// application has not taken yet (see `EngineConfig::max_unapplied_bytes`).
+    /// application has not taken yet (see `Config::max_unapplied_bytes`).
     pub fn unapplied_bytes(&self) -> u64 {
         self.log.unapplied_bytes()
     }
@@ -846,7 +644,7 @@ impl Engine {
     fn reset_election_timer(&mut self) {
         let min = self.cfg.election_timeout_min.as_micros() as u64;
         let max = self.cfg.election_timeout_max.as_micros() as u64;
-        self.election_deadline = self.now + Duration::from_micros(self.rng.range(min, max));
+        self.election_deadline = self.now + Duration::from_micros(self.rng.u64(min..max.max(min + 1)));
     }
 
     fn in_lease(&self) -> bool {

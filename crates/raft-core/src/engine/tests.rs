@@ -9,8 +9,8 @@ fn ms(x: u64) -> Duration {
     Duration::from_millis(x)
 }
 
-fn cfg(id: NodeId) -> EngineConfig {
-    let mut c = EngineConfig::new(id);
+fn cfg(id: NodeId) -> Config {
+    let mut c = Config::new(id);
     c.pre_vote = false;
     c.check_quorum = false;
     c
@@ -37,7 +37,7 @@ fn log_of(terms: &[Term]) -> Vec<Entry> {
         .collect()
 }
 
-fn engine_with(c: EngineConfig, voters: &[NodeId], term: Term, entries: Vec<Entry>) -> Engine {
+fn engine_with(c: Config, voters: &[NodeId], term: Term, entries: Vec<Entry>) -> Engine {
     let init = InitialState {
         hard_state: HardState { term, vote: None },
         entries,
@@ -58,7 +58,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(n: u64, f: impl Fn(EngineConfig) -> EngineConfig) -> Self {
+    fn new(n: u64, f: impl Fn(Config) -> Config) -> Self {
         let voters: Vec<NodeId> = (1..=n).collect();
         let nodes = voters
             .iter()
@@ -1192,7 +1192,7 @@ fn inconsistent_durable_state_is_rejected_at_restore() {
     c.election_timeout_max = c.election_timeout_min;
     assert!(matches!(
         Engine::new(c, InitialState::default(), 0, Duration::ZERO),
-        Err(EngineError::InvalidConfig(_))
+        Err(EngineError::Config(_))
     ));
 }
 

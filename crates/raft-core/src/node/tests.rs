@@ -3,7 +3,17 @@
 //! deterministic in their timing checks and fast.
 
 use super::*;
+use crate::config::Config;
 use crate::storage::MemLogStore;
+use crate::storage::LogStore;
+use crate::types::{LogIndex, Membership, NodeId, Role, Term};
+use super::handle::SHUTDOWN_GRACE;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use crate::storage::StorageError;
 use crate::transport::ChannelNetwork;
 use std::collections::BTreeSet;
 use std::sync::Mutex as StdMutex;
@@ -33,7 +43,7 @@ struct TestCluster {
 fn config(id: NodeId, ids: &[NodeId]) -> Config {
     let mut c = Config::new(id);
     for &p in ids.iter().filter(|&&p| p != id) {
-        c.add_peer(p, format!("node{p}")).unwrap();
+        c.add_peer(p).unwrap();
     }
     c
 }
@@ -71,7 +81,9 @@ impl TestCluster {
             .map_or(0, |m| m.command_index);
         raft.start_with_applied(already).await.unwrap();
         let consumer = tokio::spawn(async move {
-            while let Some(m) = rx.recv().await {
+            while let Some(mut m) = rx.recv().await {
+                // Applied: a proposer waiting on it may go on.
+                drop(m.responder.take());
                 applied.lock().unwrap().push(m);
             }
         });
@@ -377,7 +389,9 @@ async fn old_leader_rejoins_steps_down_and_its_uncommitted_entries_are_replaced(
     let old = c.wait_leader(&all, secs(2)).await.expect("a leader");
     c.write(&[old], "committed", secs(2)).await.unwrap();
     c.net.isolate(old);
-    let (idx, term) = c.raft(old).submit(b"doomed".to_vec()).await.unwrap();
+    let doomed = c.raft(old).propose(vec![b"doomed".to_vec()]).await.unwrap();
+    let doomed = doomed.into_iter().next().unwrap();
+    let (idx, term) = (doomed.index, doomed.term);
     let rest: Vec<NodeId> = all.iter().copied().filter(|&x| x != old).collect();
     let new = c
         .wait_leader(&rest, secs(3))
@@ -386,10 +400,7 @@ async fn old_leader_rejoins_steps_down_and_its_uncommitted_entries_are_replaced(
     for i in 0..3 {
         c.write(&[new], &format!("new{i}"), secs(2)).await.unwrap();
     }
-    let waiter = {
-        let r = c.raft(old).clone();
-        tokio::spawn(async move { r.wait_committed(idx, term).await })
-    };
+    let waiter = tokio::spawn(doomed.committed());
     c.net.heal();
     let last = c.raft(new).status().commit_index;
     assert!(
@@ -844,9 +855,11 @@ async fn durability_violations() -> Vec<String> {
         }
         for i in 0..3 {
             let cmd = format!("r{round}-{i}").into_bytes();
-            match nodes[&leader].submit(cmd).await {
-                Ok((index, t)) => {
-                    if nodes[&leader].wait_committed(index, t).await.is_ok() {
+            match nodes[&leader].propose(vec![cmd]).await {
+                Ok(mut ps) => {
+                    let p = ps.pop().unwrap();
+                    let (index, t) = (p.index, p.term);
+                    if p.committed().await.is_ok() {
                         let holders = stores
                             .values()
                             .filter(|s| {
@@ -1014,8 +1027,8 @@ async fn slow_follower_disks_bound_the_leaders_uncommitted_entries() {
     let rss_before = rss_bytes();
     // 16k attempts of 60 KiB: about 1 GiB offered.
     for _ in 0..16_384 {
-        match nodes[li].submit(cmd.clone()).await {
-            Ok(id) => accepted.push(id),
+        match nodes[li].propose(vec![cmd.clone()]).await {
+            Ok(ps) => accepted.extend(ps),
             Err(Error::Busy { .. }) => busy += 1,
             Err(e) => panic!("unexpected error {e}"),
         }
@@ -1037,8 +1050,8 @@ async fn slow_follower_disks_bound_the_leaders_uncommitted_entries() {
             b - a
         );
     }
-    for (index, term) in accepted {
-        nodes[li].wait_committed(index, term).await.unwrap();
+    for p in accepted {
+        p.committed().await.unwrap();
     }
     for r in &nodes {
         r.shutdown().await.unwrap();

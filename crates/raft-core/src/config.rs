@@ -1,14 +1,15 @@
-//! The user-facing configuration of a Raft node, with the seed's defaults and
-//! validation that names what is wrong.
+//! The one configuration of a Raft node: who it is, who its peers are, and
+//! every protocol setting, with the seed's defaults and one validation that
+//! names what is wrong. The engine and the node read the same value.
 
-use crate::engine::EngineConfig;
 use crate::types::NodeId;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-/// How one node runs. Start from [`Config::new`], which fills in the defaults
-/// below, then change what you need and call [`Config::validate`] (the node
-/// also validates on construction).
+/// How one node runs. Start from [`Config::new`] (or `Default`, node 1 alone),
+/// which fills in the defaults below, then change what you need and call
+/// [`Config::validate`] (the engine also validates on construction, so an
+/// invalid configuration never runs).
 ///
 /// | field | default | advice |
 /// |---|---|---|
@@ -24,14 +25,18 @@ use std::time::Duration;
 /// | `max_entry_bytes` | 8 MiB | largest command `submit` accepts; with the message overhead it must fit the transport's frame limit |
 /// | `max_write_stall` | 5 s | a log write taking longer stops the node (a hung disk must not keep a leader that cannot apply) |
 /// | `max_unapplied_bytes` | 64 MiB | back-pressure: entry bytes held but not yet taken by the application; over it `submit` answers `Error::Busy` |
+/// | `max_committed_per_ready` | 4096 | committed entries handed to the application in one step |
+///
+/// `peers` holds ids only: how to reach a peer is the transport's business
+/// (`raft-net-quic` takes addresses in its own config). The peers only
+/// bootstrap a new cluster; once the log holds a membership, that counts.
 ///
 /// ```
-/// use raft_core::node::Config;
+/// use raft_core::Config;
 /// use std::time::Duration;
 ///
 /// let mut cfg = Config::new(1);
-/// cfg.add_peer(2, "10.0.0.2:7101").unwrap();
-/// cfg.add_peer(3, "10.0.0.3:7101").unwrap();
+/// cfg.add_peer(2).unwrap().add_peer(3).unwrap();
 /// // A WAN deployment: slower timeouts.
 /// cfg.heartbeat_interval = Duration::from_millis(200);
 /// cfg.election_timeout_min = Duration::from_secs(1);
@@ -42,8 +47,8 @@ use std::time::Duration;
 pub struct Config {
     /// This node's id; unique in the cluster.
     pub id: NodeId,
-    /// The other members: id -> network address (the transport interprets it).
-    pub peers: BTreeMap<NodeId, String>,
+    /// The other members of a new cluster.
+    pub peers: BTreeSet<NodeId>,
     /// Interval between leader heartbeats.
     pub heartbeat_interval: Duration,
     /// Lower bound (inclusive) of the randomized election timeout.
@@ -72,6 +77,8 @@ pub struct Config {
     /// an error: a node whose disk hangs must not stay leader (it could never
     /// apply) nor look healthy.
     pub max_write_stall: Duration,
+    /// Most committed entries handed to the application in one step.
+    pub max_committed_per_ready: usize,
 }
 
 /// What is wrong with a [`Config`].
@@ -105,12 +112,6 @@ pub enum ConfigError {
     /// A peer id was added twice.
     #[error("peer id {0} appears more than once")]
     DuplicateId(NodeId),
-    /// Two peers share an address.
-    #[error("peers {0} and {1} share the address {2:?}")]
-    DuplicateAddress(NodeId, NodeId, String),
-    /// A peer address is empty.
-    #[error("peer {0} has an empty address")]
-    EmptyAddress(NodeId),
     /// The back-pressure limit cannot hold even one entry of the largest size.
     #[error("max_unapplied_bytes ({unapplied}) must be at least max_entry_bytes ({entry}) plus {overhead} bytes")]
     UnappliedBelowEntry {
@@ -131,39 +132,44 @@ pub enum ConfigError {
     },
 }
 
+/// The seed's defaults (heartbeat 100 ms, elections 150-300 ms) for node 1
+/// alone: the one place every default is written.
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            id: 1,
+            peers: BTreeSet::new(),
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(150),
+            election_timeout_max: Duration::from_millis(300),
+            pre_vote: true,
+            check_quorum: true,
+            max_entries_per_msg: 512,
+            max_bytes_per_msg: 1 << 20,
+            max_inflight: 64,
+            compact_threshold: 8192,
+            max_entry_bytes: 8 << 20,
+            max_unapplied_bytes: 64 << 20,
+            max_write_stall: Duration::from_secs(5),
+            max_committed_per_ready: 4096,
+        }
+    }
+}
+
 impl Config {
     /// A configuration with the seed's defaults and no peers (a single-node cluster).
     pub fn new(id: NodeId) -> Self {
-        // The engine's defaults are the one source of these values.
-        let e = EngineConfig::new(id);
         Config {
             id,
-            peers: BTreeMap::new(),
-            heartbeat_interval: e.heartbeat_interval,
-            election_timeout_min: e.election_timeout_min,
-            election_timeout_max: e.election_timeout_max,
-            pre_vote: e.pre_vote,
-            check_quorum: e.check_quorum,
-            max_entries_per_msg: e.max_entries_per_msg,
-            max_bytes_per_msg: e.max_bytes_per_msg,
-            max_inflight: e.max_inflight,
-            compact_threshold: e.compact_threshold,
-            max_entry_bytes: e.max_entry_bytes,
-            max_unapplied_bytes: e.max_unapplied_bytes,
-            max_write_stall: Duration::from_secs(5),
+            ..Config::default()
         }
     }
 
     /// Adds a peer; an id that is already present is an error.
-    pub fn add_peer(
-        &mut self,
-        id: NodeId,
-        addr: impl Into<String>,
-    ) -> Result<&mut Self, ConfigError> {
-        if self.peers.contains_key(&id) {
+    pub fn add_peer(&mut self, id: NodeId) -> Result<&mut Self, ConfigError> {
+        if !self.peers.insert(id) {
             return Err(ConfigError::DuplicateId(id));
         }
-        self.peers.insert(id, addr.into());
         Ok(self)
     }
 
@@ -184,6 +190,7 @@ impl Config {
             ("max_bytes_per_msg", self.max_bytes_per_msg),
             ("max_inflight", self.max_inflight),
             ("max_entry_bytes", self.max_entry_bytes),
+            ("max_committed_per_ready", self.max_committed_per_ready),
             (
                 "compact_threshold",
                 usize::try_from(self.compact_threshold).unwrap_or(usize::MAX),
@@ -213,18 +220,8 @@ impl Config {
                 overhead,
             });
         }
-        if self.peers.contains_key(&self.id) {
+        if self.peers.contains(&self.id) {
             return Err(ConfigError::SelfInPeers(self.id));
-        }
-        let mut seen: BTreeMap<&str, NodeId> = BTreeMap::new();
-        for (&id, addr) in &self.peers {
-            if addr.trim().is_empty() {
-                return Err(ConfigError::EmptyAddress(id));
-            }
-            if let Some(&other) = seen.get(addr.as_str()) {
-                return Err(ConfigError::DuplicateAddress(other, id, addr.clone()));
-            }
-            seen.insert(addr, id);
         }
         Ok(())
     }
@@ -255,24 +252,7 @@ impl Config {
 
     /// Every voter: this node and its peers.
     pub fn members(&self) -> BTreeSet<NodeId> {
-        self.peers.keys().copied().chain([self.id]).collect()
-    }
-
-    /// The engine's view of this configuration.
-    pub fn engine_config(&self) -> EngineConfig {
-        let mut c = EngineConfig::new(self.id);
-        c.heartbeat_interval = self.heartbeat_interval;
-        c.election_timeout_min = self.election_timeout_min;
-        c.election_timeout_max = self.election_timeout_max;
-        c.pre_vote = self.pre_vote;
-        c.check_quorum = self.check_quorum;
-        c.max_entries_per_msg = self.max_entries_per_msg;
-        c.max_bytes_per_msg = self.max_bytes_per_msg;
-        c.max_inflight = self.max_inflight;
-        c.compact_threshold = self.compact_threshold;
-        c.max_entry_bytes = self.max_entry_bytes;
-        c.max_unapplied_bytes = self.max_unapplied_bytes;
-        c
+        self.peers.iter().copied().chain([self.id]).collect()
     }
 }
 
@@ -282,7 +262,7 @@ mod tests {
 
     fn good() -> Config {
         let mut c = Config::new(1);
-        c.add_peer(2, "a:1").unwrap().add_peer(3, "b:1").unwrap();
+        c.add_peer(2).unwrap().add_peer(3).unwrap();
         c
     }
 
@@ -312,18 +292,10 @@ mod tests {
             Err(ConfigError::HeartbeatTooSlow { .. })
         ));
         let mut c = good();
-        c.peers.insert(1, "self:1".into());
+        c.peers.insert(1);
         assert_eq!(c.validate(), Err(ConfigError::SelfInPeers(1)));
         let mut c = good();
-        assert_eq!(
-            c.add_peer(2, "z:9").unwrap_err(),
-            ConfigError::DuplicateId(2)
-        );
-        c.add_peer(4, "a:1").unwrap();
-        assert_eq!(
-            c.validate(),
-            Err(ConfigError::DuplicateAddress(2, 4, "a:1".into()))
-        );
+        assert_eq!(c.add_peer(2).unwrap_err(), ConfigError::DuplicateId(2));
         let mut c = good();
         c.heartbeat_interval = Duration::ZERO;
         assert_eq!(
@@ -333,9 +305,6 @@ mod tests {
         let mut c = good();
         c.max_inflight = 0;
         assert_eq!(c.validate(), Err(ConfigError::ZeroLimit("max_inflight")));
-        let mut c = good();
-        c.peers.insert(5, " ".into());
-        assert_eq!(c.validate(), Err(ConfigError::EmptyAddress(5)));
         let mut c = good();
         c.max_unapplied_bytes = c.max_entry_bytes as u64;
         assert!(matches!(

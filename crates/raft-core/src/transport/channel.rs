@@ -1,50 +1,41 @@
-//! Moving messages between nodes: the [`Transport`] trait, and an in-process
-//! [`ChannelNetwork`] with fault injection (drop, delay, partition) for tests
-//! and examples.
+//! An in-process network of [`ChannelTransport`]s with faults on demand
+//! (drop, delay, partition), for tests and examples. It carries Raft
+//! messages and application requests ([`PeerRpc`]) alike, and the same
+//! partitions cut both.
 
-use crate::engine::rng::SplitMix64;
+use super::{InboundRpc, PeerRpc, RpcEndpoint, RpcError, Transport};
 use crate::message::Message;
 use crate::types::NodeId;
 use async_trait::async_trait;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-/// Carries Raft messages to peers and brings theirs in.
-///
-/// Contract:
-/// * `send` never blocks and never fails loudly: Raft tolerates lost, delayed,
-///   duplicated and reordered messages, so a transport may drop a message it
-///   cannot deliver (a dead peer, a full queue). It should bound the memory it
-///   spends on a peer that does not answer.
-/// * `recv` yields messages addressed to this node; a transport that
-///   authenticates peers must only yield messages whose `from` is the
-///   authenticated sender. `None` means the transport is closed for good.
-#[async_trait]
-pub trait Transport: Send + 'static {
-    /// Queues a message for `msg.to`.
-    fn send(&self, msg: Message);
-
-    /// Waits for the next inbound message.
-    async fn recv(&mut self) -> Option<Message>;
-
-    /// The largest encoded message this transport carries, if it has a
-    /// limit. The node refuses settings that could produce a larger one
-    /// (`Config::validate_for_transport`), so no message is ever dropped for
-    /// its size.
-    fn max_message_bytes(&self) -> Option<usize> {
-        None
-    }
-}
+/// Requests one node may have waiting for its application.
+const RPC_QUEUE: usize = 1024;
 
 #[derive(Debug)]
 struct NetState {
     inboxes: HashMap<NodeId, mpsc::UnboundedSender<Message>>,
+    rpc_inboxes: HashMap<NodeId, mpsc::Sender<InboundRpc>>,
     blocked: BTreeSet<(NodeId, NodeId)>,
     drop_per_mille: u64,
     delay: (Duration, Duration),
-    rng: SplitMix64,
+    rng: fastrand::Rng,
+}
+
+impl NetState {
+    fn pick_delay(&mut self) -> Duration {
+        let (lo, hi) = self.delay;
+        if hi.is_zero() {
+            return Duration::ZERO;
+        }
+        Duration::from_micros(
+            self.rng
+                .u64(lo.as_micros() as u64..=hi.as_micros() as u64),
+        )
+    }
 }
 
 /// An in-process network joining [`ChannelTransport`]s, with faults on demand.
@@ -66,10 +57,11 @@ impl ChannelNetwork {
         ChannelNetwork {
             state: Arc::new(Mutex::new(NetState {
                 inboxes: HashMap::new(),
+                rpc_inboxes: HashMap::new(),
                 blocked: BTreeSet::new(),
                 drop_per_mille: 0,
                 delay: (Duration::ZERO, Duration::ZERO),
-                rng: SplitMix64::new(0x5eed),
+                rng: fastrand::Rng::with_seed(0x5eed),
             })),
         }
     }
@@ -82,11 +74,16 @@ impl ChannelNetwork {
     /// (as a restarted process would).
     pub fn join(&self, id: NodeId) -> ChannelTransport {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.lock().inboxes.insert(id, tx);
+        let mut s = self.lock();
+        s.inboxes.insert(id, tx);
+        // A restarted node's old requests go nowhere until it asks anew.
+        s.rpc_inboxes.remove(&id);
+        drop(s);
         ChannelTransport {
             id,
             net: self.clone(),
             rx,
+            rpc_taken: false,
         }
     }
 
@@ -144,22 +141,13 @@ impl ChannelNetwork {
                 return;
             }
             let p = s.drop_per_mille;
-            if p > 0 && s.rng.range(0, 1000) < p {
+            if p > 0 && s.rng.u64(0..1000) < p {
                 return;
             }
             let Some(tx) = s.inboxes.get(&msg.to).cloned() else {
                 return;
             };
-            let (lo, hi) = s.delay;
-            let d = if hi.is_zero() {
-                Duration::ZERO
-            } else {
-                Duration::from_micros(
-                    s.rng
-                        .range(lo.as_micros() as u64, hi.as_micros() as u64 + 1),
-                )
-            };
-            (tx, d)
+            (tx, s.pick_delay())
         };
         if delay.is_zero() {
             let _ = tx.send(msg);
@@ -178,6 +166,7 @@ pub struct ChannelTransport {
     id: NodeId,
     net: ChannelNetwork,
     rx: mpsc::UnboundedReceiver<Message>,
+    rpc_taken: bool,
 }
 
 #[async_trait]
@@ -196,5 +185,86 @@ impl Transport for ChannelTransport {
 
     async fn recv(&mut self) -> Option<Message> {
         self.rx.recv().await
+    }
+
+    fn rpc_endpoint(&mut self) -> Option<RpcEndpoint> {
+        if self.rpc_taken {
+            return None;
+        }
+        self.rpc_taken = true;
+        let (tx, rx) = mpsc::channel(RPC_QUEUE);
+        self.net.lock().rpc_inboxes.insert(self.id, tx);
+        Some(RpcEndpoint {
+            client: Arc::new(ChannelRpc {
+                id: self.id,
+                net: self.net.clone(),
+            }),
+            inbound: rx,
+        })
+    }
+}
+
+/// Application requests over a [`ChannelNetwork`]: cut by the same
+/// partitions, slowed by the same delays as Raft messages.
+#[derive(Debug)]
+struct ChannelRpc {
+    id: NodeId,
+    net: ChannelNetwork,
+}
+
+#[async_trait]
+impl PeerRpc for ChannelRpc {
+    async fn call(&self, to: NodeId, request: Vec<u8>) -> Result<Vec<u8>, RpcError> {
+        let (inbox, delay) = {
+            let mut s = self.net.lock();
+            if s.blocked.contains(&(self.id, to)) {
+                return Err(RpcError::Unreachable(to));
+            }
+            let inbox = s
+                .rpc_inboxes
+                .get(&to)
+                .cloned()
+                .ok_or(RpcError::Unreachable(to))?;
+            (inbox, s.pick_delay())
+        };
+        tokio::time::sleep(delay).await;
+        let (reply, rx) = oneshot::channel();
+        inbox
+            .send(InboundRpc {
+                from: self.id,
+                request,
+                reply,
+            })
+            .await
+            .map_err(|_| RpcError::Unreachable(to))?;
+        let answer = rx
+            .await
+            .map_err(|_| RpcError::Broken(to, "no reply".into()))?;
+        if self.net.lock().blocked.contains(&(to, self.id)) {
+            return Err(RpcError::Broken(to, "the link was cut before the reply".into()));
+        }
+        Ok(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{transport_conformance, NetworkFactory};
+
+    struct Channels;
+
+    #[async_trait]
+    impl NetworkFactory for Channels {
+        type Transport = ChannelTransport;
+        async fn cluster(&mut self, ids: &[NodeId]) -> Vec<ChannelTransport> {
+            let net = ChannelNetwork::new();
+            ids.iter().map(|&id| net.join(id)).collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn channel_transport_conforms() {
+        transport_conformance(Channels).await;
     }
 }

@@ -1,5 +1,3 @@
-//! Test helpers for users of raft-core (feature `testing`).
-//!
 //! [`log_store_conformance`] checks any [`LogStore`] against the trait's
 //! contract. Run it from your own store's tests:
 //!

@@ -1,0 +1,479 @@
+//! The driver task: one engine, one log store, one transport, the timers,
+//! and the turn loop that feeds the engine and carries out its output.
+
+use super::apply::{ApplyMsg, ApplyQueue, Waiters};
+use super::handle::{Reply, Request};
+use super::{Error, Status};
+use crate::engine::{Engine, ReadResult};
+use crate::message::Message;
+use crate::mutation::{broken, Mutation};
+use crate::storage::{LogBatch, LogStore, StorageError};
+use crate::transport::Transport;
+use crate::types::{Entry, LogId, LogIndex};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+/// Most requests and messages taken into one turn.
+const MAX_EVENTS_PER_TURN: usize = 4096;
+
+/// One durable write, waiting for the one in progress.
+struct DiskJob {
+    batch: LogBatch,
+    purge_to: Option<LogId>,
+}
+
+/// What remains of a ready once its write (and every write before it) is durable.
+struct AfterSave {
+    /// When a write was queued for this ready (`None`: it had nothing to write).
+    queued_at: Option<Instant>,
+    /// That write has returned.
+    done: bool,
+    /// It changed the term or vote: later messages wait for it.
+    hard_state: bool,
+    last: Option<LogId>,
+    persisted_messages: Vec<Message>,
+    committed: Vec<Entry>,
+    reads: Vec<ReadResult>,
+}
+
+/// A log write in progress: it gives the store back with its result and the
+/// number of jobs it carried.
+type Writing = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (Box<dyn LogStore>, Result<(), StorageError>, usize)>
+            + Send,
+    >,
+>;
+
+/// Runs one write: the batch (several jobs merged) and then the purge.
+async fn write(
+    mut store: Box<dyn LogStore>,
+    batch: LogBatch,
+    purge_to: Option<LogId>,
+    jobs: usize,
+) -> (Box<dyn LogStore>, Result<(), StorageError>, usize) {
+    let t0 = Instant::now();
+    let n = batch.entries.len();
+    let mut res = if batch.is_empty() {
+        Ok(())
+    } else {
+        store.save(batch).await
+    };
+    tracing::trace!(
+        entries = n,
+        jobs,
+        micros = t0.elapsed().as_micros() as u64,
+        "log write"
+    );
+    if res.is_ok() {
+        if let Some(upto) = purge_to {
+            res = store.purge(upto).await;
+            tracing::debug!(upto = upto.index, "log purged");
+        }
+    }
+    (store, res, jobs)
+}
+
+pub(super) struct Driver {
+    engine: Engine,
+    /// The log store, while no write holds it.
+    store: Option<Box<dyn LogStore>>,
+    /// The write in progress: the driver keeps turning while it runs, and
+    /// jobs that queue up meanwhile go to disk together next (group commit).
+    writing: Option<Writing>,
+    /// Writes waiting for the one in progress, in order.
+    jobs: VecDeque<DiskJob>,
+    /// Readies waiting for their write (or an earlier one), oldest first.
+    pending: VecDeque<AfterSave>,
+    /// A write older than this stops the node.
+    max_write_stall: std::time::Duration,
+    transport: Box<dyn Transport>,
+    origin: Instant,
+    req_rx: mpsc::Receiver<Request>,
+    status_tx: watch::Sender<Status>,
+    apply: ApplyQueue,
+    /// Proposals waiting for their entry to be applied.
+    waiters: Waiters,
+    read_waiters: HashMap<u64, Reply<LogIndex>>,
+    reads_after_apply: BTreeMap<LogIndex, Vec<Reply<LogIndex>>>,
+    next_ctx: u64,
+}
+
+/// Waits for the write in progress; never resolves when there is none.
+async fn poll_writing(
+    writing: &mut Option<Writing>,
+) -> (Box<dyn LogStore>, Result<(), StorageError>, usize) {
+    match writing {
+        Some(w) => w.await,
+        None => std::future::pending().await,
+    }
+}
+
+enum Wake {
+    Shutdown,
+    ApplyFailed,
+    DiskDone(Box<dyn LogStore>, Result<(), StorageError>, usize),
+    WriteStalled,
+    Request(Request),
+    Message(Message),
+    HandlesGone,
+    TransportClosed,
+    Timer,
+}
+
+impl Driver {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        engine: Engine,
+        store: Box<dyn LogStore>,
+        transport: Box<dyn Transport>,
+        max_write_stall: std::time::Duration,
+        origin: Instant,
+        req_rx: mpsc::Receiver<Request>,
+        status_tx: watch::Sender<Status>,
+        apply: ApplyQueue,
+    ) -> Driver {
+        Driver {
+            engine,
+            store: Some(store),
+            writing: None,
+            jobs: VecDeque::new(),
+            pending: VecDeque::new(),
+            max_write_stall,
+            transport,
+            origin,
+            req_rx,
+            status_tx,
+            apply,
+            waiters: Waiters::default(),
+            read_waiters: HashMap::new(),
+            reads_after_apply: BTreeMap::new(),
+            next_ctx: 1,
+        }
+    }
+
+    fn now(&self) -> std::time::Duration {
+        Instant::now().saturating_duration_since(self.origin)
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut shutdown: oneshot::Receiver<()>,
+        mut apply_failed: mpsc::Receiver<()>,
+    ) -> Result<(), Error> {
+        tracing::info!(term = self.engine.term(), last = ?self.engine.last_log_id(), "node started");
+        let result = loop {
+            let deadline = self.origin + self.engine.next_deadline();
+            // The oldest write not yet durable must not be older than the limit.
+            let stall_at = self
+                .pending
+                .iter()
+                .find(|p| p.queued_at.is_some() && !p.done)
+                .and_then(|p| p.queued_at)
+                .map(|t| t + self.max_write_stall);
+            let stalled = async move {
+                match stall_at {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let wake = tokio::select! {
+                biased;
+                _ = &mut shutdown => Wake::Shutdown,
+                _ = apply_failed.recv() => Wake::ApplyFailed,
+                (store, res, n) = poll_writing(&mut self.writing) => Wake::DiskDone(store, res, n),
+                r = self.req_rx.recv() => r.map_or(Wake::HandlesGone, Wake::Request),
+                m = self.transport.recv() => m.map_or(Wake::TransportClosed, Wake::Message),
+                _ = tokio::time::sleep_until(deadline) => Wake::Timer,
+                _ = stalled => Wake::WriteStalled,
+            };
+            // The engine's clock must be current before it sees the event: it
+            // stamps leader contact and re-arms the election timer with it.
+            let now = self.now();
+            self.engine.tick(now);
+            self.engine.delivered(self.apply.applied());
+            match wake {
+                Wake::Shutdown | Wake::HandlesGone => break Ok(()),
+                Wake::ApplyFailed => break Err(Error::ApplyChannelClosed),
+                Wake::TransportClosed => break Err(Error::Stopped("transport closed".into())),
+                Wake::DiskDone(store, res, n) => {
+                    self.writing = None;
+                    self.store = Some(store);
+                    if let Err(e) = res {
+                        tracing::error!(error = %e, "stopping node");
+                        break Err(e.into());
+                    }
+                    for _ in 0..n {
+                        self.disk_done_once();
+                    }
+                    self.start_write();
+                }
+                Wake::WriteStalled => {
+                    let e = StorageError::Io(format!(
+                        "a log write has not finished after {:?}: the disk is stalled",
+                        self.max_write_stall
+                    ));
+                    tracing::error!(error = %e, "stopping node");
+                    break Err(e.into());
+                }
+                Wake::Request(r) => self.handle_request(r),
+                Wake::Message(m) => self.engine.handle_message(m),
+                Wake::Timer => {}
+            }
+            // Take everything else already waiting: one turn, one durable write.
+            for _ in 0..MAX_EVENTS_PER_TURN {
+                tokio::select! {
+                    biased;
+                    Some(r) = self.req_rx.recv() => self.handle_request(r),
+                    Some(m) = self.transport.recv() => self.engine.handle_message(m),
+                    _ = std::future::ready(()) => break,
+                }
+            }
+            let now = self.now();
+            self.engine.tick(now);
+            if let Err(e) = self.process_ready() {
+                tracing::error!(error = %e, "stopping node");
+                break Err(e);
+            }
+            self.publish_status(None);
+        };
+        let why = match &result {
+            Ok(()) => "shut down".to_string(),
+            Err(e) => e.to_string(),
+        };
+        self.fail_waiters(&why);
+        self.publish_status(Some(why));
+        tracing::info!("node stopped");
+        result
+    }
+
+    fn handle_request(&mut self, r: Request) {
+        match r {
+            Request::Submit(cmds, reply) => {
+                let _ = reply.send(self.engine.propose_batch(cmds).map_err(Error::from));
+            }
+            Request::Propose(cmds, answered, reply) => {
+                let res = self.engine.propose_batch(cmds).map(|ids| {
+                    ids.into_iter()
+                        .map(|id| self.waiters.register(id.index, id.term, answered))
+                        .collect()
+                });
+                let _ = reply.send(res.map_err(Error::from));
+            }
+            Request::Release(index) => self.engine.release(index),
+            Request::ReadIndex(reply) => {
+                let ctx = self.next_ctx;
+                self.next_ctx += 1;
+                match self.engine.read_index(ctx) {
+                    Ok(()) => {
+                        self.read_waiters.insert(ctx, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn process_ready(&mut self) -> Result<(), Error> {
+        while self.engine.has_ready() {
+            let mut rd = self.engine.take_ready();
+            // While a term or vote is on its way to disk, every message waits
+            // for it (each may depend on it).
+            let hold = self.pending.iter().any(|p| p.hard_state && !p.done);
+            let mut persisted_messages = std::mem::take(&mut rd.persisted_messages);
+            if hold {
+                persisted_messages.splice(0..0, std::mem::take(&mut rd.messages));
+            }
+            for m in std::mem::take(&mut rd.messages) {
+                self.transport.send(m);
+            }
+            if broken(Mutation::DriverSendsBeforeSave) {
+                for m in std::mem::take(&mut persisted_messages) {
+                    self.transport.send(m);
+                }
+            }
+            let batch = LogBatch {
+                hard_state: rd.hard_state,
+                truncate_from: rd.truncate_from,
+                entries: std::mem::take(&mut rd.entries),
+                membership: rd.membership.take(),
+            };
+            let has_job = !batch.is_empty() || rd.purge_to.is_some();
+            let after = AfterSave {
+                queued_at: has_job.then(Instant::now),
+                done: false,
+                hard_state: batch.hard_state.is_some(),
+                last: batch.entries.last().map(Entry::log_id),
+                persisted_messages,
+                committed: rd.committed,
+                reads: rd.reads,
+            };
+            if has_job {
+                self.jobs.push_back(DiskJob {
+                    batch,
+                    purge_to: rd.purge_to,
+                });
+            }
+            self.pending.push_back(after);
+            self.finish_durable();
+        }
+        self.start_write();
+        Ok(())
+    }
+
+    /// Starts the next write when none is in progress: every queued job
+    /// that only appends goes into one batch (group commit).
+    fn start_write(&mut self) {
+        if self.writing.is_some() || self.jobs.is_empty() {
+            return;
+        }
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let Some(first) = self.jobs.pop_front() else {
+            self.store = Some(store);
+            return;
+        };
+        let mut batch = first.batch;
+        let mut purge_to = first.purge_to;
+        let mut count = 1usize;
+        while purge_to.is_none()
+            && self
+                .jobs
+                .front()
+                .is_some_and(|j| j.batch.truncate_from.is_none())
+        {
+            let Some(j) = self.jobs.pop_front() else {
+                break;
+            };
+            if j.batch.hard_state.is_some() {
+                batch.hard_state = j.batch.hard_state;
+            }
+            if j.batch.membership.is_some() {
+                batch.membership = j.batch.membership;
+            }
+            batch.entries.extend(j.batch.entries);
+            purge_to = j.purge_to;
+            count += 1;
+        }
+        self.writing = Some(Box::pin(write(store, batch, purge_to, count)));
+    }
+
+    /// The oldest outstanding write job is durable.
+    fn disk_done_once(&mut self) {
+        if let Some(p) = self
+            .pending
+            .iter_mut()
+            .find(|p| p.queued_at.is_some() && !p.done)
+        {
+            p.done = true;
+        }
+        self.finish_durable();
+    }
+
+    /// Completes, in order, every ready whose write (and every write before
+    /// it) is durable: the engine learns what is durable, acknowledgements
+    /// and votes go out, committed entries go to the application.
+    fn finish_durable(&mut self) {
+        while self
+            .pending
+            .front()
+            .is_some_and(|p| p.done || p.queued_at.is_none())
+        {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            if let Some(last) = p.last {
+                self.engine.persisted(last);
+            }
+            for m in p.persisted_messages {
+                self.transport.send(m);
+            }
+            if !p.committed.is_empty() {
+                self.deliver(p.committed);
+            }
+            for r in p.reads {
+                self.on_read(r);
+            }
+        }
+    }
+
+    fn deliver(&mut self, committed: Vec<Entry>) {
+        let Some(last) = committed.last().map(|e| e.index) else {
+            return;
+        };
+        let msgs = committed
+            .into_iter()
+            .map(|e| {
+                let responder = self.waiters.take(e.index, e.term);
+                ApplyMsg::from_entry(e, responder)
+            })
+            .collect();
+        self.apply.hand_over(msgs);
+        let rest = self.reads_after_apply.split_off(&(last + 1));
+        for (idx, ws) in std::mem::replace(&mut self.reads_after_apply, rest) {
+            for w in ws {
+                let _ = w.send(Ok(idx));
+            }
+        }
+    }
+
+    fn on_read(&mut self, r: ReadResult) {
+        let Some(reply) = self.read_waiters.remove(&r.ctx) else {
+            return;
+        };
+        match r.result {
+            Ok(index) if index <= self.engine.applied_index() => {
+                let _ = reply.send(Ok(index));
+            }
+            Ok(index) => self.reads_after_apply.entry(index).or_default().push(reply),
+            Err(_) => {
+                let _ = reply.send(Err(Error::NotLeader {
+                    leader: self.engine.leader(),
+                }));
+            }
+        }
+    }
+
+    fn fail_waiters(&mut self, why: &str) {
+        self.waiters.fail_all(why);
+        for (_, tx) in self.read_waiters.drain() {
+            let _ = tx.send(Err(Error::Stopped(why.to_string())));
+        }
+        for (_, ws) in std::mem::take(&mut self.reads_after_apply) {
+            for tx in ws {
+                let _ = tx.send(Err(Error::Stopped(why.to_string())));
+            }
+        }
+    }
+
+    fn publish_status(&self, stopped: Option<String>) {
+        let e = &self.engine;
+        let applied = self.apply.applied();
+        self.status_tx.send_if_modified(|s| {
+            let new = Status {
+                id: e.id(),
+                role: e.role(),
+                term: e.term(),
+                leader: e.leader(),
+                commit_index: e.commit_index(),
+                applied_index: applied,
+                last_log_index: e.last_log_id().index,
+                compacted_index: e.snapshot().index,
+                members: e.membership().voters.iter().copied().collect(),
+                unapplied_bytes: e.unapplied_bytes(),
+                stopped: stopped.clone().or_else(|| s.stopped.clone()),
+            };
+            if *s != new {
+                *s = new;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+

@@ -1,0 +1,490 @@
+//! The [`Raft`] handle applications hold: construction, start (restoring the
+//! durable state), the seed's API, and shutdown. Everything it asks of the
+//! node travels as a [`Request`] to the driver task.
+
+use super::apply::{applier, ApplyMsg, ApplyQueue, Proposal};
+use super::driver::Driver;
+use super::Error;
+use crate::config::Config;
+use crate::engine::{Engine, InitialState};
+use crate::storage::{LogBatch, LogStore};
+use crate::transport::Transport;
+use crate::types::{EntryPayload, LogId, LogIndex, Membership, NodeId, Role, Term};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+/// A snapshot of what the node knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// This node's id.
+    pub id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// Its current term.
+    pub term: Term,
+    /// The leader it follows, if known (itself when leader).
+    pub leader: Option<NodeId>,
+    /// The commit index.
+    pub commit_index: LogIndex,
+    /// The highest index accepted by the apply channel.
+    pub applied_index: LogIndex,
+    /// The last index in its log.
+    pub last_log_index: LogIndex,
+    /// The compaction point: entries up to it are no longer in the log.
+    pub compacted_index: LogIndex,
+    /// The voting members.
+    pub members: Vec<NodeId>,
+    /// Bytes of entries held that the application has not taken yet
+    /// (bounded by `Config::max_unapplied_bytes`).
+    pub unapplied_bytes: u64,
+    /// Why the node stopped, once it has.
+    pub stopped: Option<String>,
+}
+
+pub(super) type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// What a handle asks of the driver.
+pub(super) enum Request {
+    /// Append commands; nobody waits for their outcome.
+    Submit(Vec<Vec<u8>>, Reply<Vec<LogId>>),
+    /// Append commands and register a waiter for each; `true`: the
+    /// application answers each (else the hand-over resolves it).
+    Propose(Vec<Vec<u8>>, bool, Reply<Vec<Proposal>>),
+    ReadIndex(Reply<LogIndex>),
+    Release(LogIndex),
+}
+
+struct Parts {
+    store: Box<dyn LogStore>,
+    transport: Box<dyn Transport>,
+    apply_tx: mpsc::Sender<ApplyMsg>,
+    req_rx: mpsc::Receiver<Request>,
+    status_tx: watch::Sender<Status>,
+}
+
+struct Running {
+    shutdown: oneshot::Sender<()>,
+    driver: JoinHandle<Result<(), Error>>,
+    applier: JoinHandle<()>,
+}
+
+enum Lifecycle {
+    NotStarted(Box<Parts>),
+    Running(Running),
+    Stopped,
+}
+
+struct Inner {
+    config: Config,
+    req_tx: mpsc::Sender<Request>,
+    status_rx: watch::Receiver<Status>,
+    applied: Arc<AtomicU64>,
+    started: std::sync::atomic::AtomicBool,
+    lifecycle: Mutex<Lifecycle>,
+}
+
+/// A handle on one Raft node. Cheap to clone; every clone drives the same node.
+///
+/// ```no_run
+/// use raft_core::node::{ApplyMsg, Config, Raft};
+/// use raft_core::{ChannelNetwork, MemLogStore};
+///
+/// # async fn demo() -> Result<(), raft_core::node::Error> {
+/// let net = ChannelNetwork::new();
+/// let mut cfg = Config::new(1);
+/// cfg.add_peer(2, "node2")?.add_peer(3, "node3")?;
+/// let (apply_tx, mut apply_rx) = tokio::sync::mpsc::channel::<ApplyMsg>(100);
+/// let raft = Raft::new(cfg, MemLogStore::new(), net.join(1), apply_tx)?;
+/// raft.start().await?;
+/// tokio::spawn(async move {
+///     while let Some(msg) = apply_rx.recv().await {
+///         if msg.command_valid { /* apply msg.command */ }
+///     }
+/// });
+/// if raft.is_leader() {
+///     let (index, term) = raft.submit(b"SET key value".to_vec()).await?;
+///     raft.wait_committed(index, term).await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Raft {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Raft {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Raft")
+            .field("id", &self.inner.config.id)
+            .finish()
+    }
+}
+
+const REQUEST_QUEUE: usize = 4096;
+/// How long `shutdown` waits for the driver to finish its current write.
+pub(super) const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl Raft {
+    /// Builds a node (not yet running) from a validated configuration, a log
+    /// store, a transport and the channel committed entries go to.
+    pub fn new(
+        config: Config,
+        store: impl LogStore,
+        transport: impl Transport,
+        apply_tx: mpsc::Sender<ApplyMsg>,
+    ) -> Result<Raft, Error> {
+        config.validate()?;
+        config.validate_for_transport(transport.max_message_bytes())?;
+        let (req_tx, req_rx) = mpsc::channel(REQUEST_QUEUE);
+        let status = Status {
+            id: config.id,
+            role: Role::Follower,
+            term: 0,
+            leader: None,
+            commit_index: 0,
+            applied_index: 0,
+            last_log_index: 0,
+            compacted_index: 0,
+            members: config.members().into_iter().collect(),
+            unapplied_bytes: 0,
+            stopped: None,
+        };
+        let (status_tx, status_rx) = watch::channel(status);
+        let parts = Parts {
+            store: Box::new(store),
+            transport: Box::new(transport),
+            apply_tx,
+            req_rx,
+            status_tx,
+        };
+        Ok(Raft {
+            inner: Arc::new(Inner {
+                config,
+                req_tx,
+                status_rx,
+                applied: Arc::new(AtomicU64::new(0)),
+                started: std::sync::atomic::AtomicBool::new(false),
+                lifecycle: Mutex::new(Lifecycle::NotStarted(Box::new(parts))),
+            }),
+        })
+    }
+
+    /// Starts the node with nothing applied yet.
+    pub async fn start(&self) -> Result<(), Error> {
+        self.start_with_applied(0).await
+    }
+
+    /// Starts the node. `applied_index` is the highest index the application
+    /// has already applied durably (0 for none): entries up to it are not
+    /// delivered again.
+    pub async fn start_with_applied(&self, applied_index: LogIndex) -> Result<(), Error> {
+        let mut lc = self.inner.lifecycle.lock().await;
+        let parts = match &mut *lc {
+            Lifecycle::NotStarted(p) => p,
+            _ => return Err(Error::AlreadyStarted),
+        };
+        // Everything that can fail happens before the parts are taken: a
+        // refused start leaves the node startable with the same store.
+        let engine = Self::restore(&self.inner.config, &mut parts.store, applied_index).await?;
+        let Lifecycle::NotStarted(parts) = std::mem::replace(&mut *lc, Lifecycle::Stopped) else {
+            return Err(Error::AlreadyStarted);
+        };
+        let Parts {
+            store,
+            transport,
+            apply_tx,
+            req_rx,
+            status_tx,
+        } = *parts;
+        let cfg = &self.inner.config;
+        self.inner
+            .applied
+            .store(engine.applied_index(), Ordering::Release);
+        let (apply_q_tx, apply_q_rx) = mpsc::unbounded_channel();
+        let (apply_fail_tx, apply_fail_rx) = mpsc::channel(1);
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let apply_queued = Arc::new(AtomicUsize::new(0));
+        let applier = tokio::spawn(applier(
+            apply_q_rx,
+            apply_tx.clone(),
+            self.inner.applied.clone(),
+            apply_queued.clone(),
+            apply_fail_tx.clone(),
+        ));
+        let span = tracing::info_span!("raft", node = cfg.id);
+        let apply = ApplyQueue {
+            tx: apply_tx,
+            overflow: apply_q_tx,
+            queued: apply_queued,
+            applied: self.inner.applied.clone(),
+            failed: apply_fail_tx,
+        };
+        let driver = Driver::new(
+            engine,
+            store,
+            transport,
+            cfg.max_write_stall,
+            Instant::now(),
+            req_rx,
+            status_tx,
+            apply,
+        );
+        let driver = tokio::spawn(driver.run(shutdown_rx, apply_fail_rx).instrument(span));
+        self.inner.started.store(true, Ordering::Release);
+        *lc = Lifecycle::Running(Running {
+            shutdown: shutdown_tx,
+            driver,
+            applier,
+        });
+        Ok(())
+    }
+
+    /// Loads the durable state and builds the engine from it. The membership
+    /// is bootstrapped from the configuration once, into the store; after
+    /// that the stored one counts, and a configuration naming other members
+    /// is refused.
+    async fn restore(
+        cfg: &Config,
+        store: &mut Box<dyn LogStore>,
+        applied_index: LogIndex,
+    ) -> Result<Engine, Error> {
+        let state = store.load().await?;
+        let configured = Membership::new(cfg.members());
+        let base = match state.membership.clone() {
+            Some(m) => m,
+            None => {
+                let fresh = state.entries.is_empty()
+                    && state.snapshot == LogId::default()
+                    && state.hard_state == crate::types::HardState::default();
+                if !fresh {
+                    tracing::warn!(
+                        node = cfg.id,
+                        members = ?configured.voters,
+                        "the log stores no membership (written by an older version); storing the configured one"
+                    );
+                }
+                store
+                    .save(LogBatch {
+                        membership: Some(configured.clone()),
+                        ..LogBatch::default()
+                    })
+                    .await?;
+                configured.clone()
+            }
+        };
+        let in_force = state
+            .entries
+            .iter()
+            .rev()
+            .find_map(|e| match &e.payload {
+                EntryPayload::Membership(m) => Some(m.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| base.clone());
+        if in_force != configured {
+            return Err(Error::MembershipMismatch {
+                configured: configured.voters.into_iter().collect(),
+                stored: in_force.voters.into_iter().collect(),
+            });
+        }
+        let init = InitialState {
+            hard_state: state.hard_state,
+            snapshot: state.snapshot,
+            entries: state.entries,
+            membership: base,
+            applied: applied_index,
+        };
+        let seed = seed_for(cfg.id);
+        Ok(Engine::new(
+            cfg.clone(),
+            init,
+            seed,
+            std::time::Duration::ZERO,
+        )?)
+    }
+
+    /// Stops the node and waits until none of its tasks is running. Returns
+    /// the error that stopped the node earlier, if one did.
+    ///
+    /// A log write in progress is abandoned, not awaited (a hung disk must
+    /// not hang shutdown): nothing that depends on it has been sent, but a
+    /// store that hands work to other threads (the sled store uses tokio's
+    /// blocking pool) may still finish that write after `shutdown` returns.
+    /// Reopen the same store only once it has let go of its files (the sled
+    /// store waits for its lock for a short time).
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        let mut lc = self.inner.lifecycle.lock().await;
+        match std::mem::replace(&mut *lc, Lifecycle::Stopped) {
+            Lifecycle::Running(mut r) => {
+                let _ = r.shutdown.send(());
+                // A hung disk must not hang shutdown: the driver may be
+                // waiting on a write that never returns. Abandoning it is
+                // safe: nothing that depends on it has been sent.
+                let res = match tokio::time::timeout(SHUTDOWN_GRACE, &mut r.driver).await {
+                    Ok(Ok(res)) => res,
+                    Ok(Err(e)) => Err(Error::Stopped(format!("driver task failed: {e}"))),
+                    Err(_) => {
+                        r.driver.abort();
+                        Err(Error::Stopped(format!(
+                            "shutdown gave up after {SHUTDOWN_GRACE:?}: the log store did not answer"
+                        )))
+                    }
+                };
+                r.applier.abort();
+                let _ = r.applier.await;
+                res
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The largest command `submit` accepts (`Config::max_entry_bytes`).
+    pub fn max_command_bytes(&self) -> usize {
+        self.inner.config.max_entry_bytes
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        let mut s = self.inner.status_rx.borrow().clone();
+        s.applied_index = self.inner.applied.load(Ordering::Acquire);
+        s
+    }
+
+    /// A receiver that sees every status change (for waiting on a condition).
+    /// Do not hold a borrowed value (`borrow()`, or the guard `wait_for`
+    /// returns) across an await: it blocks the node from publishing its status.
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
+        self.inner.status_rx.clone()
+    }
+
+    /// Why the node stopped, once it has (without copying the whole status).
+    pub fn stopped(&self) -> Option<String> {
+        self.inner.status_rx.borrow().stopped.clone()
+    }
+
+    /// True when this node believes it is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.inner.status_rx.borrow().role == Role::Leader
+    }
+
+    /// The leader this node follows, if known.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.inner.status_rx.borrow().leader
+    }
+
+    async fn request<R>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<R, Error>>) -> Request,
+    ) -> Result<R, Error> {
+        if !self.inner.started.load(Ordering::Acquire) {
+            return Err(Error::NotStarted);
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.inner.req_tx.send(make(tx)).await.is_err() {
+            return Err(self.stopped_error());
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(self.stopped_error()),
+        }
+    }
+
+    fn stopped_error(&self) -> Error {
+        let s = self.inner.status_rx.borrow();
+        match &s.stopped {
+            Some(why) => Error::Stopped(why.clone()),
+            None => Error::NotStarted,
+        }
+    }
+
+    /// Proposes a command (the seed's `Submit`). On the leader it returns the
+    /// index and term the entry will have if it commits; elsewhere
+    /// `Error::NotLeader` with a hint. Nobody waits for the outcome: use
+    /// [`Raft::propose`] for that.
+    pub async fn submit(&self, command: Vec<u8>) -> Result<(LogIndex, Term), Error> {
+        let ids = self
+            .request(|tx| Request::Submit(vec![command], tx))
+            .await?;
+        ids.first()
+            .map(|id| (id.index, id.term))
+            .ok_or(Error::Stopped("the node proposed nothing".into()))
+    }
+
+    /// Proposes several commands in one request to the driver, in order; they
+    /// land in consecutive entries (all or none). Returns each one's (index, term).
+    pub async fn submit_batch(
+        &self,
+        commands: Vec<Vec<u8>>,
+    ) -> Result<Vec<(LogIndex, Term)>, Error> {
+        let ids = self.request(|tx| Request::Submit(commands, tx)).await?;
+        Ok(ids.into_iter().map(|id| (id.index, id.term)).collect())
+    }
+
+    /// Proposes commands in order, as consecutive entries (all or none), and
+    /// returns a [`Proposal`] per command that resolves with what the
+    /// application answers once it applied the entry (see
+    /// [`ApplyMsg::responder`]). The waiter is registered in the same step
+    /// that appends the entry, so no outcome can slip past it.
+    pub async fn propose(&self, commands: Vec<Vec<u8>>) -> Result<Vec<Proposal>, Error> {
+        self.request(|tx| Request::Propose(commands, true, tx)).await
+    }
+
+    /// Proposes one command and waits until it has been committed and
+    /// handed to the apply channel; returns its index.
+    pub async fn submit_and_wait(&self, command: Vec<u8>) -> Result<LogIndex, Error> {
+        let mut ps = self
+            .request(|tx| Request::Propose(vec![command], false, tx))
+            .await?;
+        match ps.pop() {
+            Some(p) => p.committed().await,
+            None => Err(Error::Stopped("the node proposed nothing".into())),
+        }
+    }
+
+    /// Tells the node that the application has durably stored the effects of
+    /// every entry up to `index` (for example, it flushed its state machine
+    /// and `index` was its applied index then). Log entries up to it are
+    /// dropped, from memory and from the log store, once every member holds
+    /// them too. Without this call the log keeps every entry.
+    ///
+    /// There are no snapshots yet: a member that is down holds compaction
+    /// back until it returns, and a member whose log is lost cannot be rebuilt
+    /// from the others once they have compacted.
+    pub async fn release_applied(&self, index: LogIndex) -> Result<(), Error> {
+        if !self.inner.started.load(Ordering::Acquire) {
+            return Err(Error::NotStarted);
+        }
+        self.inner
+            .req_tx
+            .send(Request::Release(index))
+            .await
+            .map_err(|_| self.stopped_error())
+    }
+
+    /// A linearizable read barrier (leader only). The leader confirms with a
+    /// heartbeat round that it still leads, then returns an index once all
+    /// entries up to it are on their way to the apply channel. Reading the
+    /// application's state after it has applied that index is linearizable.
+    pub async fn read_index(&self) -> Result<LogIndex, Error> {
+        self.request(Request::ReadIndex).await
+    }
+}
+
+/// A per-process seed for election-timeout randomness.
+fn seed_for(id: NodeId) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(std::process::id())
+}
+
