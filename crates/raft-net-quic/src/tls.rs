@@ -4,7 +4,7 @@
 //! alternative name is `node-<id>.raft`. A node accepts a connection only from
 //! a certificate of that CA, and only lets it speak for the id it names.
 
-use crate::NetError;
+use crate::error::NetError;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::RootCertStore;

@@ -2,7 +2,9 @@
 //! are refused; garbage on a stream closes only that stream; a restarted peer
 //! reconnects and catches up.
 
-use raft_core::node::{ApplyMsg, Config, Error, Raft};
+use raft_core::node::{ApplyMsg, Error, Raft};
+use raft_core::testing::{transport_conformance, NetworkFactory};
+use raft_core::Config;
 use raft_core::{MemLogStore, Message, MessageBody, NodeId, Transport};
 use raft_net_quic::{wire, ClusterCa, QuicConfig, QuicTransport, TlsMaterial};
 use std::collections::BTreeMap;
@@ -87,7 +89,7 @@ struct Node {
 fn start_node(id: NodeId, ids: &[NodeId], t: QuicTransport, store: MemLogStore) -> Node {
     let mut cfg = Config::new(id);
     for &p in ids.iter().filter(|&&p| p != id) {
-        cfg.add_peer(p, format!("node{p}")).unwrap();
+        cfg.add_peer(p).unwrap();
     }
     let (tx, mut rx) = mpsc::channel::<ApplyMsg>(1024);
     let raft = Raft::new(cfg, store, t, tx).unwrap();
@@ -355,19 +357,41 @@ async fn wrong_cluster_id_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc_reaches_the_peer_handler_with_the_authenticated_sender() {
     let ca = ClusterCa::generate().unwrap();
-    let (ts, _addrs) = mesh(&ca, &[1, 2]);
-    ts[0].set_rpc_handler(std::sync::Arc::new(|from, req: Vec<u8>| {
-        Box::pin(async move {
-            let mut out = format!("from {from}: ").into_bytes();
-            out.extend(req.into_iter().rev());
-            out
-        })
-    }));
-    let client = ts[1].rpc_client();
-    let reply = timeout(Duration::from_secs(5), client.call(1, b"olleh"))
+    let (mut ts, _addrs) = mesh(&ca, &[1, 2]);
+    let mut server = ts[0].rpc_endpoint().expect("an RPC endpoint");
+    tokio::spawn(async move {
+        while let Some(req) = server.inbound.recv().await {
+            let mut out = format!("from {}: ", req.from).into_bytes();
+            out.extend(req.request.iter().rev());
+            req.reply(out);
+        }
+    });
+    let client = ts[1].rpc_endpoint().expect("an RPC endpoint").client;
+    let reply = timeout(Duration::from_secs(5), client.call(1, b"olleh".to_vec()))
         .await
         .unwrap()
         .unwrap();
     assert_eq!(reply, b"from 2: hello");
-    assert!(client.call(7, b"x").await.is_err(), "unknown peer");
+    assert!(client.call(7, b"x".to_vec()).await.is_err(), "unknown peer");
+}
+
+/// QUIC meshes on loopback for the transport conformance suite.
+struct QuicMeshes {
+    cas: Vec<ClusterCa>,
+}
+
+#[async_trait::async_trait]
+impl NetworkFactory for QuicMeshes {
+    type Transport = QuicTransport;
+    async fn cluster(&mut self, ids: &[NodeId]) -> Vec<QuicTransport> {
+        let ca = ClusterCa::generate().unwrap();
+        let (ts, _) = mesh(&ca, ids);
+        self.cas.push(ca);
+        ts
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_transport_conforms() {
+    transport_conformance(QuicMeshes { cas: Vec::new() }).await;
 }

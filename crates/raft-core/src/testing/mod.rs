@@ -7,5 +7,5 @@
 mod log_store;
 mod transport;
 
-pub use log_store::{log_store_conformance, StoreFactory};
+pub use log_store::{log_store_conformance, MemStoreFactory, StoreFactory};
 pub use transport::{transport_conformance, NetworkFactory};

@@ -1,0 +1,211 @@
+//! The outbound side: one [`PeerLink`] per peer (its connection, reconnect
+//! back-off and rate-limited warnings) and the writer tasks that drain its
+//! control and bulk queues.
+
+use crate::{tls, wire};
+use raft_core::{Message, NodeId};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Logs at most one warning per interval for one subject, counting the rest.
+#[derive(Debug)]
+pub(crate) struct WarnLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnLimiter {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    pub(crate) fn new() -> Self {
+        WarnLimiter {
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Some(number suppressed since the last warning) when a warning may be logged now.
+    pub(crate) fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(t) if now.duration_since(t) < Self::EVERY => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.last = None;
+        self.suppressed = 0;
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+    failed: bool,
+    rng: fastrand::Rng,
+}
+
+impl Backoff {
+    const MIN: Duration = Duration::from_millis(50);
+    const MAX: Duration = Duration::from_secs(2);
+
+    pub(crate) fn new(seed: u64) -> Self {
+        Backoff {
+            next: Self::MIN,
+            failed: false,
+            rng: fastrand::Rng::with_seed(seed),
+        }
+    }
+
+    /// How long to wait before the next attempt: nothing after a success,
+    /// else the current step with ±50% jitter.
+    fn delay(&mut self) -> Duration {
+        if !self.failed {
+            return Duration::ZERO;
+        }
+        let jitter = 0.5 + self.rng.f64();
+        self.next.mul_f64(jitter)
+    }
+
+    fn failure(&mut self) {
+        if self.failed {
+            self.next = (self.next * 2).min(Self::MAX);
+        }
+        self.failed = true;
+    }
+
+    fn success(&mut self) {
+        self.failed = false;
+        self.next = Self::MIN;
+    }
+}
+
+/// The connection to one peer, shared by its two writer tasks.
+pub(crate) struct PeerLink {
+    pub(crate) id: NodeId,
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) addrs: Arc<RwLock<BTreeMap<NodeId, SocketAddr>>>,
+    pub(crate) conn: tokio::sync::Mutex<Option<quinn::Connection>>,
+    pub(crate) backoff: Mutex<Backoff>,
+    pub(crate) warn: Mutex<WarnLimiter>,
+    pub(crate) header: [u8; wire::HEADER_LEN],
+    pub(crate) local: NodeId,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PeerLink {
+    fn warn(&self, what: &str, err: &dyn std::fmt::Display) {
+        if let Some(suppressed) = lock(&self.warn).allow() {
+            tracing::warn!(node = self.local, peer = self.id, suppressed, error = %err, "{what}");
+        }
+    }
+
+    pub(crate) async fn connection(&self) -> Option<quinn::Connection> {
+        let mut g = self.conn.lock().await;
+        if let Some(c) = g.as_ref() {
+            if c.close_reason().is_none() {
+                return Some(c.clone());
+            }
+        }
+        *g = None;
+        let delay = lock(&self.backoff).delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let addr = self
+            .addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&self.id)
+            .copied();
+        let Some(addr) = addr else {
+            lock(&self.backoff).failure();
+            return None;
+        };
+        let res = match self.endpoint.connect(addr, &tls::node_name(self.id)) {
+            Ok(connecting) => connecting.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match res {
+            Ok(c) => {
+                lock(&self.backoff).success();
+                lock(&self.warn).reset();
+                tracing::debug!(node = self.local, peer = self.id, %addr, "connected");
+                *g = Some(c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                lock(&self.backoff).failure();
+                self.warn("cannot connect to peer", &e);
+                None
+            }
+        }
+    }
+
+    async fn open_stream(&self, control: bool) -> Option<quinn::SendStream> {
+        let conn = self.connection().await?;
+        let mut s = match conn.open_uni().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.warn("cannot open stream to peer", &e);
+                return None;
+            }
+        };
+        let _ = s.set_priority(if control { 1 } else { 0 });
+        if let Err(e) = s.write_all(&self.header).await {
+            self.warn("cannot write to peer", &e);
+            return None;
+        }
+        Some(s)
+    }
+}
+
+pub(crate) async fn writer(link: Arc<PeerLink>, control: bool, mut rx: mpsc::Receiver<Message>) {
+    let mut stream: Option<quinn::SendStream> = None;
+    while let Some(msg) = rx.recv().await {
+        let frame = match wire::encode_frame(&msg) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(node = link.local, peer = link.id, error = %e, "cannot encode message");
+                continue;
+            }
+        };
+        if stream.is_none() {
+            stream = link.open_stream(control).await;
+        }
+        // A message that cannot be written now is dropped: Raft sends again.
+        tracing::trace!(
+            node = link.local,
+            peer = link.id,
+            kind = msg.body.kind(),
+            connected = stream.is_some(),
+            "sending"
+        );
+        if let Some(s) = stream.as_mut() {
+            if let Err(e) = s.write_all(&frame).await {
+                link.warn("write to peer failed", &e);
+                stream = None;
+            }
+        }
+    }
+}
+
+pub(crate) struct PeerQueues {
+    pub(crate) control: mpsc::Sender<Message>,
+    pub(crate) bulk: mpsc::Sender<Message>,
+    pub(crate) warn: Mutex<WarnLimiter>,
+}
+
