@@ -7,7 +7,8 @@
 //! Run: `cargo run -p examples --example in_process_cluster`
 
 use anyhow::{bail, Context};
-use raft_core::node::{ApplyMsg, Config, Error, Raft};
+use raft_core::node::{ApplyMsg, Error, Raft};
+use raft_core::Config;
 use raft_core::{ChannelNetwork, MemLogStore, NodeId};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -65,7 +66,7 @@ async fn main() -> anyhow::Result<()> {
         // Config: node id, peers (id -> address), and the seed's timing defaults.
         let mut config = Config::new(id);
         for peer in ids.iter().filter(|&&p| p != id) {
-            config.add_peer(*peer, format!("node{peer}"))?;
+            config.add_peer(*peer)?;
         }
         config.heartbeat_interval = Duration::from_millis(100);
         config.election_timeout_min = Duration::from_millis(150);

@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo run -p examples --example quic_sled_cluster`
 
-use raft_core::node::{ApplyMsg, Config, Raft};
+use raft_core::node::{ApplyMsg, Raft};
+use raft_core::Config;
 use raft_core::NodeId;
 use raft_log::SledLogStore;
 use raft_net_quic::{ClusterCa, QuicConfig, QuicTransport};
@@ -50,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
     for (id, transport) in transports {
         let mut cfg = Config::new(id);
         for p in ids.iter().filter(|&&p| p != id) {
-            cfg.add_peer(*p, format!("node{p}"))?;
+            cfg.add_peer(*p)?;
         }
         let store = SledLogStore::open(dir.join(format!("node-{id}")))?;
         let (tx, mut rx) = mpsc::channel::<ApplyMsg>(1024);

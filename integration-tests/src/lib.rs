@@ -27,10 +27,7 @@ pub mod log_ops {
     /// The `n`th operation of stream `seed`, given the state before it.
     pub fn op(seed: u64, n: u64, state: &LogState) -> Op {
         let r = |k: u64| mix(seed, n.wrapping_mul(16).wrapping_add(k));
-        let last = state
-            .entries
-            .last()
-            .map_or(state.snapshot.index, |e| e.index);
+        let last = state.entries.last().map_or(state.purged.index, |e| e.index);
         let term = state.hard_state.term.max(1);
         let mk = |from: u64, count: u64, term: u64| -> Vec<Entry> {
             (0..count)
@@ -46,7 +43,7 @@ pub mod log_ops {
                 .collect()
         };
         let roll = r(0) % 100;
-        if roll < 70 || last == state.snapshot.index {
+        if roll < 70 || last == state.purged.index {
             let count = 1 + r(1) % 32;
             let hard_state = (r(2) % 10 == 0).then_some(HardState {
                 term,
@@ -59,7 +56,7 @@ pub mod log_ops {
                 membership: None,
             })
         } else if roll < 85 {
-            let from = state.snapshot.index + 1 + r(4) % (last - state.snapshot.index);
+            let from = state.purged.index + 1 + r(4) % (last - state.purged.index);
             let count = 1 + r(5) % 8;
             Op::Save(LogBatch {
                 hard_state: Some(HardState {
@@ -70,13 +67,13 @@ pub mod log_ops {
                 entries: mk(from, count, term + 1),
                 membership: None,
             })
-        } else if roll < 90 && last > state.snapshot.index + 1 {
-            let upto = state.snapshot.index + 1 + r(6) % (last - state.snapshot.index - 1);
+        } else if roll < 90 && last > state.purged.index + 1 {
+            let upto = state.purged.index + 1 + r(6) % (last - state.purged.index - 1);
             let t = state
                 .entries
                 .iter()
                 .find(|e| e.index == upto)
-                .map_or(state.snapshot.term, |e| e.term);
+                .map_or(state.purged.term, |e| e.term);
             Op::Purge(LogId::new(t, upto))
         } else {
             Op::Save(LogBatch {

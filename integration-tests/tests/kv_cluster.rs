@@ -548,8 +548,7 @@ fn log_compaction_waits_for_a_down_node_which_then_catches_up() {
     pipelined_sets(&c, leader, "a", 400);
     // Every node flushes its state machine within a second and compacts.
     eventually("every node compacts", Duration::from_secs(10), || {
-        ids.iter()
-            .all(|&id| info_num(&c, id, "compacted_index") > 100)
+        ids.iter().all(|&id| info_num(&c, id, "purged_index") > 100)
     });
 
     // A follower goes down: nothing it lacks may be compacted away.
@@ -561,7 +560,7 @@ fn log_compaction_waits_for_a_down_node_which_then_catches_up() {
     assert!(commit >= held_by_down + 400);
     std::thread::sleep(Duration::from_millis(2500));
     for id in ids.iter().copied().filter(|&id| id != down) {
-        let ci = info_num(&c, id, "compacted_index");
+        let ci = info_num(&c, id, "purged_index");
         assert!(
             ci <= held_by_down,
             "node {id} compacted to {ci}, past what the down node holds ({held_by_down})"
@@ -577,7 +576,7 @@ fn log_compaction_waits_for_a_down_node_which_then_catches_up() {
     );
     eventually("compaction resumes", Duration::from_secs(20), || {
         ids.iter()
-            .all(|&id| info_num(&c, id, "compacted_index") > held_by_down)
+            .all(|&id| info_num(&c, id, "purged_index") > held_by_down)
     });
     let keys: Vec<String> = (0..400).map(|i| format!("b{i}")).collect();
     let vals: Vec<Option<String>> = redis::cmd("MGET")
@@ -1228,7 +1227,7 @@ fn a_state_machine_behind_the_compaction_point_is_refused_and_nothing_is_lost() 
     });
     pipelined_sets(&c, 1, "g", 200);
     eventually("the log is compacted", Duration::from_secs(10), || {
-        info_num(&c, 1, "compacted_index") > 100
+        info_num(&c, 1, "purged_index") > 100
     });
     c.kill(1);
     let sm = tmp.path().join("node-1").join("sm");

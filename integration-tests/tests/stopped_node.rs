@@ -53,19 +53,14 @@ async fn full_disk() {
     let _fs = integration_tests::tmpfs::Tmpfs::mount(&data, "16m");
     let client_addr = free_tcp();
     let cfg = NodeConfig {
-        id: 1,
         raft_addr: free_udp(),
         client_addr,
         peers: BTreeMap::new(),
         data_dir: data.clone(),
         tls_dir: dir.path().join("certs"),
-        heartbeat: Duration::from_millis(100),
-        election_min: Duration::from_millis(150),
-        election_max: Duration::from_millis(300),
         password: None,
         cluster_id: 0,
-        compact_threshold: 8192,
-        max_entry_bytes: 8 << 20,
+        raft: raft_core::Config::new(1),
     };
     let (node, server) = raft_kv::cli::run_node(cfg).await.unwrap();
     assert!(ask(client_addr, &["PING"]).starts_with("+PONG"));
@@ -75,7 +70,7 @@ async fn full_disk() {
         assert!(Instant::now() < end, "the node never noticed its full disk");
         i += 1;
         let _ = node
-            .write_many(vec![WriteCmd::Set {
+            .write(vec![WriteCmd::Set {
                 key: format!("k{}", i % 32).into_bytes(),
                 value: vec![b'x'; 1 << 20],
                 cond: SetCond::Always,

@@ -3,7 +3,7 @@
 //! proposals outstanding.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use raft_core::{Engine, Config, InitialState, LogIndex, Membership, Message, NodeId};
+use raft_core::{Config, Engine, InitialState, LogIndex, Membership, Message, NodeId};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 

@@ -19,9 +19,9 @@
 pub mod config;
 pub mod engine;
 pub mod message;
-mod rng;
 pub(crate) mod mutation;
 pub mod node;
+mod rng;
 pub mod storage;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -73,7 +73,7 @@ pub enum MessageBody {
         /// Every member holds the log up to this index: a node may drop
         /// entries up to it once it has applied them and the application has
         /// stored their effects (see `Engine::release`).
-        compact_to: LogIndex,
+        purge_to_index: LogIndex,
     },
     /// The answer to a heartbeat.
     HeartbeatResponse {

@@ -307,7 +307,7 @@ impl Sim {
         }
         let init = InitialState {
             hard_state: node.hard_state,
-            snapshot: node.purged,
+            purged: node.purged,
             entries: node
                 .log
                 .iter()
@@ -679,7 +679,7 @@ impl Sim {
                         }
                         // Leader Completeness: the new leader holds every committed
                         // entry (up to its compaction point: the point's term).
-                        let snap = e.snapshot();
+                        let snap = e.purged();
                         for (i, &(t, h)) in self.committed.iter().enumerate() {
                             let idx = i as LogIndex + 1;
                             // Committed in this term or a later one (by a
@@ -767,7 +767,7 @@ impl Sim {
                         continue;
                     };
                     if oe.term() > e.term()
-                        && idx > oe.snapshot().index
+                        && idx > oe.purged().index
                         && oe.log_entry(idx).is_none_or(|x| x.term != le.term)
                     {
                         problems.push(format!(
@@ -1062,7 +1062,7 @@ impl Sim {
                             eprintln!(
                                 "node {id}: {:?} term {} commit {} last {:?} durable {} applied {} snap {:?} disk queue {} | {}",
                                 e.role(), e.term(), e.commit_index(), e.last_log_id(), e.durable_index(),
-                                e.applied_index(), e.snapshot(), n.disk.len(), e.progress_debug()
+                                e.applied_index(), e.purged(), n.disk.len(), e.progress_debug()
                             );
                             let writes = n
                                 .disk

@@ -13,7 +13,7 @@ pub struct LogState {
     /// The last persisted term and vote.
     pub hard_state: HardState,
     /// The compaction point: entries up to and including it have been purged.
-    pub snapshot: LogId,
+    pub purged: LogId,
     /// The entries after the compaction point, contiguous and in order.
     pub entries: Vec<Entry>,
     /// The membership in force at the compaction point (for a new cluster:
@@ -86,19 +86,19 @@ pub trait LogStore: Send + 'static {
 }
 
 /// Checks that `batch` can be applied to a log holding entries
-/// `snapshot_index + 1 ..= last`: the truncation stays above the compaction
+/// `purged_index + 1 ..= last`: the truncation stays above the compaction
 /// point and the entries follow on without a gap. Returns the last index kept
 /// before the batch's entries. Stores call it before writing anything.
 pub fn check_batch(
-    snapshot_index: LogIndex,
+    purged_index: LogIndex,
     last: LogIndex,
     batch: &LogBatch,
 ) -> Result<LogIndex, StorageError> {
     let mut end = last;
     if let Some(t) = batch.truncate_from {
-        if t <= snapshot_index {
+        if t <= purged_index {
             return Err(StorageError::Invalid(format!(
-                "truncate from {t} reaches below the compaction point {snapshot_index}"
+                "truncate from {t} reaches below the compaction point {purged_index}"
             )));
         }
         end = end.min(t - 1);
@@ -118,18 +118,15 @@ pub fn check_batch(
 /// Checks a batch against the current state and applies it to `state`.
 /// Shared by stores that keep their state as a [`LogState`].
 pub fn apply_batch(state: &mut LogState, batch: LogBatch) -> Result<(), StorageError> {
-    let last = state
-        .entries
-        .last()
-        .map_or(state.snapshot.index, |e| e.index);
-    let end = check_batch(state.snapshot.index, last, &batch)?;
+    let last = state.entries.last().map_or(state.purged.index, |e| e.index);
+    let end = check_batch(state.purged.index, last, &batch)?;
     if let Some(hs) = batch.hard_state {
         state.hard_state = hs;
     }
     if let Some(m) = batch.membership {
         state.membership = Some(m);
     }
-    let keep = (end - state.snapshot.index) as usize;
+    let keep = (end - state.purged.index) as usize;
     state.entries.truncate(keep);
     state.entries.extend(batch.entries);
     Ok(())
@@ -137,22 +134,19 @@ pub fn apply_batch(state: &mut LogState, batch: LogBatch) -> Result<(), StorageE
 
 /// Applies a purge to a [`LogState`].
 pub fn apply_purge(state: &mut LogState, upto: LogId) -> Result<(), StorageError> {
-    if upto.index <= state.snapshot.index {
+    if upto.index <= state.purged.index {
         return Ok(());
     }
-    let last = state
-        .entries
-        .last()
-        .map_or(state.snapshot.index, |e| e.index);
+    let last = state.entries.last().map_or(state.purged.index, |e| e.index);
     if upto.index > last {
         return Err(StorageError::Invalid(format!(
             "purge to {} past the last index {last}",
             upto.index
         )));
     }
-    let n = (upto.index - state.snapshot.index) as usize;
+    let n = (upto.index - state.purged.index) as usize;
     state.entries.drain(..n);
-    state.snapshot = upto;
+    state.purged = upto;
     Ok(())
 }
 

@@ -4,26 +4,15 @@ use crate::node::{KvNode, NodeConfig};
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
 
 /// How long shutting down (Raft, the state machine's flush, closing the
 /// stores) may take before the process exits anyway.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
-
-/// The Raft layer's default compaction step.
-fn default_compact_threshold() -> u64 {
-    raft_core::node::Config::new(0).compact_threshold
-}
-
-/// The Raft layer's default largest entry.
-fn default_max_entry_bytes() -> usize {
-    raft_core::node::Config::new(0).max_entry_bytes
-}
 
 /// A replicated key-value store on Raft that speaks the Redis protocol.
 #[derive(Debug, Parser)]
@@ -56,7 +45,7 @@ enum Command {
         data_dir: Option<PathBuf>,
     },
     /// A closed-loop load generator.
-    Bench(BenchArgs),
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args, Default)]
@@ -127,34 +116,6 @@ struct FileConfig {
     max_entry_bytes: Option<usize>,
 }
 
-#[derive(Debug, clap::Args)]
-struct BenchArgs {
-    /// Server addresses, comma separated; connections are spread over them.
-    #[arg(long, value_delimiter = ',', required = true)]
-    addr: Vec<String>,
-    /// Concurrent clients (requests in flight), spread over the connections.
-    #[arg(long, default_value_t = 1)]
-    clients: usize,
-    /// TCP connections.
-    #[arg(long, default_value_t = 1)]
-    conns: usize,
-    /// Duration in seconds.
-    #[arg(long, default_value_t = 10)]
-    secs: u64,
-    /// Value size in bytes.
-    #[arg(long, default_value_t = 256)]
-    value_size: usize,
-    /// Number of distinct keys.
-    #[arg(long, default_value_t = 100_000)]
-    keys: u64,
-    /// Operation: set or get.
-    #[arg(long, default_value = "set")]
-    op: String,
-    /// Password, if the servers require AUTH.
-    #[arg(long)]
-    password: Option<String>,
-}
-
 fn parse_peer(s: &str) -> anyhow::Result<(u64, SocketAddr)> {
     let (id, addr) = s
         .split_once('=')
@@ -199,9 +160,32 @@ fn node_config(a: NodeArgs) -> anyhow::Result<NodeConfig> {
     if peers.contains_key(&id) {
         bail!("node {id} lists itself as a peer");
     }
-    let ms = |v: Option<u64>, d: u64| Duration::from_millis(v.unwrap_or(d));
+    // Every Raft default comes from raft-core's one Config.
+    let mut raft = raft_core::Config::new(id);
+    let ms = |v: Option<u64>, d: &mut Duration| {
+        if let Some(v) = v {
+            *d = Duration::from_millis(v);
+        }
+    };
+    ms(
+        a.heartbeat_ms.or(f.heartbeat_ms),
+        &mut raft.heartbeat_interval,
+    );
+    ms(
+        a.election_min_ms.or(f.election_min_ms),
+        &mut raft.election_timeout_min,
+    );
+    ms(
+        a.election_max_ms.or(f.election_max_ms),
+        &mut raft.election_timeout_max,
+    );
+    if let Some(t) = a.compact_threshold.or(f.compact_threshold) {
+        raft.compact_threshold = t;
+    }
+    if let Some(m) = a.max_entry_bytes.or(f.max_entry_bytes) {
+        raft.max_entry_bytes = m;
+    }
     let cfg = NodeConfig {
-        id,
         raft_addr: a
             .raft_addr
             .or(f.raft_addr)
@@ -213,19 +197,9 @@ fn node_config(a: NodeArgs) -> anyhow::Result<NodeConfig> {
         peers,
         data_dir: a.data_dir.or(f.data_dir).ok_or_else(|| need("data-dir"))?,
         tls_dir: a.tls_dir.or(f.tls_dir).ok_or_else(|| need("tls-dir"))?,
-        heartbeat: ms(a.heartbeat_ms.or(f.heartbeat_ms), 100),
-        election_min: ms(a.election_min_ms.or(f.election_min_ms), 150),
-        election_max: ms(a.election_max_ms.or(f.election_max_ms), 300),
         password: a.password.or(f.password),
         cluster_id: a.cluster_id.or(f.cluster_id).unwrap_or(0),
-        compact_threshold: a
-            .compact_threshold
-            .or(f.compact_threshold)
-            .unwrap_or_else(default_compact_threshold),
-        max_entry_bytes: a
-            .max_entry_bytes
-            .or(f.max_entry_bytes)
-            .unwrap_or_else(default_max_entry_bytes),
+        raft,
     };
     // The Raft layer validates the timing rules with precise messages.
     cfg.raft_config()?;
@@ -239,8 +213,9 @@ pub async fn run_node(
     let listener = tokio::net::TcpListener::bind(cfg.client_addr)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.client_addr))?;
+    let password = cfg.password.clone();
     let node = KvNode::start(cfg).await?;
-    let server = tokio::spawn(crate::server::serve(listener, node.clone()));
+    let server = tokio::spawn(crate::server::serve(listener, node.clone(), password));
     Ok((node, server))
 }
 
@@ -330,7 +305,7 @@ pub fn main() -> anyhow::Result<()> {
                 }
             }
             Command::Demo { nodes, data_dir } => demo(nodes, data_dir).await,
-            Command::Bench(b) => bench(b).await,
+            Command::Bench(b) => crate::bench::run(b).await,
         }
     });
     // A write stuck in a hung disk must not keep the process alive.
@@ -353,7 +328,6 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     let mut running = Vec::new();
     for &id in &ids {
         let cfg = NodeConfig {
-            id,
             raft_addr: raft_addr(id),
             client_addr: client_addr(id),
             peers: ids
@@ -363,13 +337,9 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
                 .collect(),
             data_dir: dir.join(format!("node-{id}")),
             tls_dir: certs.clone(),
-            heartbeat: Duration::from_millis(100),
-            election_min: Duration::from_millis(150),
-            election_max: Duration::from_millis(300),
             password: None,
             cluster_id: 0,
-            compact_threshold: default_compact_threshold(),
-            max_entry_bytes: default_max_entry_bytes(),
+            raft: raft_core::Config::new(id),
         };
         running.push(run_node(cfg).await?);
     }
@@ -395,224 +365,9 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Length of the first complete RESP reply in `buf`, if there is one.
-fn reply_len(buf: &[u8]) -> Option<usize> {
-    fn line(buf: &[u8], from: usize) -> Option<usize> {
-        buf.get(from..)?
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .map(|p| from + p)
-    }
-    fn one(buf: &[u8], at: usize) -> Option<usize> {
-        let end = line(buf, at)?;
-        match *buf.get(at)? {
-            b'+' | b'-' | b':' => Some(end + 2),
-            b'$' => {
-                let n: i64 = std::str::from_utf8(&buf[at + 1..end]).ok()?.parse().ok()?;
-                if n < 0 {
-                    return Some(end + 2);
-                }
-                let stop = end + 2 + n as usize + 2;
-                (stop <= buf.len()).then_some(stop)
-            }
-            b'*' => {
-                let n: i64 = std::str::from_utf8(&buf[at + 1..end]).ok()?.parse().ok()?;
-                let mut pos = end + 2;
-                for _ in 0..n.max(0) {
-                    pos = one(buf, pos)?;
-                }
-                Some(pos)
-            }
-            _ => None,
-        }
-    }
-    one(buf, 0)
-}
-
-fn request(op: &str, key: &[u8], value: &[u8]) -> Vec<u8> {
-    let mut r = Vec::with_capacity(value.len() + 64);
-    let parts: &[&[u8]] = if op == "get" {
-        &[b"GET", key]
-    } else {
-        &[b"SET", key, value]
-    };
-    r.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
-    for p in parts {
-        r.extend_from_slice(format!("${}\r\n", p.len()).as_bytes());
-        r.extend_from_slice(p);
-        r.extend_from_slice(b"\r\n");
-    }
-    r
-}
-
-struct ConnStats {
-    latencies_us: Vec<u32>,
-    errors: u64,
-    first_error: Option<String>,
-}
-
-async fn bench_conn(
-    addr: String,
-    window: usize,
-    a: Arc<BenchArgs>,
-    seed: u64,
-    until: Instant,
-) -> anyhow::Result<ConnStats> {
-    let mut sock = tokio::net::TcpStream::connect(&addr)
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    sock.set_nodelay(true)?;
-    let mut buf = Vec::with_capacity(64 * 1024);
-    let mut chunk = vec![0u8; 64 * 1024];
-    if let Some(pw) = &a.password {
-        sock.write_all(format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{pw}\r\n", pw.len()).as_bytes())
-            .await?;
-        loop {
-            let n = sock.read(&mut chunk).await?;
-            if n == 0 {
-                bail!("{addr} closed the connection during AUTH");
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(l) = reply_len(&buf) {
-                if buf[0] == b'-' {
-                    bail!("AUTH failed: {}", String::from_utf8_lossy(&buf[..l]).trim());
-                }
-                buf.drain(..l);
-                break;
-            }
-        }
-    }
-    let value = vec![b'x'; a.value_size];
-    let mut rng = seed | 1;
-    let keys = a.keys.max(1);
-    let mut next_key = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        format!("key:{}", rng % keys).into_bytes()
-    };
-    let mut inflight: VecDeque<Instant> = VecDeque::new();
-    let mut stats = ConnStats {
-        latencies_us: Vec::new(),
-        errors: 0,
-        first_error: None,
-    };
-    let mut out = Vec::new();
-    for _ in 0..window {
-        out.extend(request(&a.op, &next_key(), &value));
-        inflight.push_back(Instant::now());
-    }
-    sock.write_all(&out).await?;
-    while !inflight.is_empty() {
-        let n = sock.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("{addr} closed the connection");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        out.clear();
-        let mut consumed = 0;
-        while let Some(l) = reply_len(&buf[consumed..]) {
-            let sent = inflight
-                .pop_front()
-                .ok_or_else(|| anyhow!("more replies than requests"))?;
-            stats
-                .latencies_us
-                .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
-            if buf[consumed] == b'-' {
-                stats.errors += 1;
-                if stats.first_error.is_none() {
-                    stats.first_error = Some(
-                        String::from_utf8_lossy(&buf[consumed..consumed + l])
-                            .trim()
-                            .to_string(),
-                    );
-                }
-            }
-            consumed += l;
-            if Instant::now() < until {
-                out.extend(request(&a.op, &next_key(), &value));
-                inflight.push_back(Instant::now());
-            }
-        }
-        buf.drain(..consumed);
-        if !out.is_empty() {
-            sock.write_all(&out).await?;
-        }
-    }
-    Ok(stats)
-}
-
-async fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    if a.op != "set" && a.op != "get" {
-        bail!("--op must be set or get");
-    }
-    if a.conns == 0 || a.clients < a.conns {
-        bail!("need --conns >= 1 and --clients >= --conns");
-    }
-    let a = Arc::new(a);
-    let start = Instant::now();
-    let until = start + Duration::from_secs(a.secs);
-    let mut tasks = Vec::new();
-    for c in 0..a.conns {
-        let window = a.clients / a.conns + usize::from(c < a.clients % a.conns);
-        let addr = a.addr[c % a.addr.len()].clone();
-        tasks.push(tokio::spawn(bench_conn(
-            addr,
-            window,
-            a.clone(),
-            0x9E37_79B9 + c as u64 * 7919,
-            until,
-        )));
-    }
-    let mut lat: Vec<u32> = Vec::new();
-    let mut errors = 0;
-    let mut first_error = None;
-    for t in tasks {
-        let s = t.await??;
-        lat.extend(s.latencies_us);
-        errors += s.errors;
-        first_error = first_error.or(s.first_error);
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    println!(
-        "{} {} ops in {:.1}s: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, errors {} ({} clients, {} conns, {} B values)",
-        lat.len(),
-        a.op.to_uppercase(),
-        elapsed,
-        lat.len() as f64 / elapsed,
-        pct(0.5),
-        pct(0.99),
-        pct(0.999),
-        errors,
-        a.clients,
-        a.conns,
-        a.value_size
-    );
-    if let Some(e) = first_error {
-        println!("first error: {e}");
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reply_boundaries() {
-        assert_eq!(reply_len(b"+OK\r\n"), Some(5));
-        assert_eq!(reply_len(b"$3\r\nabc\r\n:1\r\n"), Some(9));
-        assert_eq!(reply_len(b"$3\r\nab"), None);
-        assert_eq!(reply_len(b"*2\r\n$1\r\na\r\n$-1\r\n"), Some(16));
-        assert_eq!(reply_len(b"$-1\r\n"), Some(5));
-    }
 
     #[test]
     fn config_file_and_flags_merge_with_clear_errors() {
@@ -630,7 +385,7 @@ mod tests {
         };
         let cfg = node_config(args).unwrap();
         assert_eq!(cfg.peers.len(), 2);
-        assert_eq!(cfg.heartbeat, Duration::from_millis(50));
+        assert_eq!(cfg.raft.heartbeat_interval, Duration::from_millis(50));
         let bad = NodeArgs {
             config: Some(f.clone()),
             election_min_ms: Some(400),
@@ -664,5 +419,20 @@ mod tests {
             .to_string()
             .contains("invalid configuration"));
         assert!(parse_peer("2:127.0.0.1:1").is_err());
+        // Two peers at one address.
+        let shared = NodeArgs {
+            id: Some(1),
+            raft_addr: Some("127.0.0.1:7101".parse().unwrap()),
+            client_addr: Some("127.0.0.1:7001".parse().unwrap()),
+            data_dir: Some("d".into()),
+            tls_dir: Some("t".into()),
+            peers: vec!["2=127.0.0.1:7102".into(), "4=127.0.0.1:7102".into()],
+            ..Default::default()
+        };
+        let err = node_config(shared).unwrap_err().to_string();
+        assert!(
+            err.contains("peers 2 and 4 share the address 127.0.0.1:7102"),
+            "{err}"
+        );
     }
 }

@@ -1,5 +1,8 @@
-//! The commands replicated through the Raft log, and their results.
+//! The store's commands: [`Command`], parsed once from a client's request;
+//! [`WriteCmd`], the form a write takes in the Raft log; [`ReadCmd`]; and
+//! the [`Value`] a command yields.
 
+use crate::error::KvError;
 use serde::{Deserialize, Serialize};
 
 /// A condition on SET.
@@ -47,12 +50,14 @@ pub enum WriteCmd {
     },
 }
 
-/// The outcome of applying a write (or of a read).
+/// A command's value (the domain's result; errors are [`KvError`]s).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Outcome {
-    /// +OK
+pub enum Value {
+    /// Done (`+OK`).
     Ok,
-    /// A null bulk string.
+    /// A status word (`+PONG`).
+    Status(String),
+    /// Nothing (a null bulk string).
     Nil,
     /// An integer.
     Int(i64),
@@ -60,16 +65,142 @@ pub enum Outcome {
     Bulk(Vec<u8>),
     /// An array of optional bulk strings.
     Array(Vec<Option<Vec<u8>>>),
-    /// An error reply (the full text after the `-`).
-    Error(String),
+}
+
+/// A read, answered from one applied state after a read barrier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadCmd {
+    /// GET key.
+    Get(Vec<u8>),
+    /// MGET key...
+    MGet(Vec<Vec<u8>>),
+    /// EXISTS key...
+    Exists(Vec<Vec<u8>>),
+    /// STRLEN key.
+    StrLen(Vec<u8>),
+    /// DBSIZE.
+    DbSize,
+}
+
+/// A client request, parsed once from its RESP arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// PING [message].
+    Ping(Option<Vec<u8>>),
+    /// ECHO message.
+    Echo(Vec<u8>),
+    /// AUTH [user] password.
+    Auth(Vec<u8>),
+    /// COMMAND (an empty list: clients only probe it).
+    CommandList,
+    /// INFO [section].
+    Info,
+    /// A replicated write.
+    Write(WriteCmd),
+    /// A linearizable read.
+    Read(ReadCmd),
+}
+
+fn int_arg(b: &[u8]) -> Result<i64, KvError> {
+    std::str::from_utf8(b)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or(KvError::NotAnInteger)
+}
+
+impl Command {
+    /// Parses a request (`args[0]` is the command name, any case). The one
+    /// place that knows each command's shape: adding a command adds an arm
+    /// here, one where it runs (`sm` for writes and reads), and a test.
+    pub fn parse(mut args: Vec<Vec<u8>>) -> Result<Command, KvError> {
+        if args.is_empty() {
+            return Err(KvError::Syntax);
+        }
+        let name = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+        let n = args.len();
+        let arity = || KvError::WrongArity(name.to_ascii_lowercase());
+        let mut rest = args.split_off(1).into_iter();
+        let mut next = || rest.next().unwrap_or_default();
+        Ok(match (name.as_str(), n) {
+            ("PING", 1) => Command::Ping(None),
+            ("PING", 2) => Command::Ping(Some(next())),
+            ("ECHO", 2) => Command::Echo(next()),
+            ("AUTH", 2) => Command::Auth(next()),
+            ("AUTH", 3) => {
+                let _user = next();
+                Command::Auth(next())
+            }
+            ("COMMAND", _) => Command::CommandList,
+            ("INFO", 1 | 2) => Command::Info,
+            ("SET", 3..) => {
+                let (key, value) = (next(), next());
+                let opts: Vec<String> = rest
+                    .map(|a| String::from_utf8_lossy(&a).to_ascii_uppercase())
+                    .collect();
+                let cond = match opts.as_slice() {
+                    [] => SetCond::Always,
+                    [x] if x == "NX" => SetCond::IfAbsent,
+                    [x] if x == "XX" => SetCond::IfPresent,
+                    _ => return Err(KvError::Syntax),
+                };
+                Command::Write(WriteCmd::Set { key, value, cond })
+            }
+            ("DEL", 2..) => Command::Write(WriteCmd::Del(rest.collect())),
+            ("MSET", _) if n >= 3 && n % 2 == 1 => {
+                let mut pairs = Vec::with_capacity(n / 2);
+                while let (Some(k), Some(v)) = (rest.next(), rest.next()) {
+                    pairs.push((k, v));
+                }
+                Command::Write(WriteCmd::MSet(pairs))
+            }
+            ("INCR", 2) => Command::Write(WriteCmd::IncrBy(next(), 1)),
+            ("DECR", 2) => Command::Write(WriteCmd::IncrBy(next(), -1)),
+            ("INCRBY", 3) => {
+                let key = next();
+                Command::Write(WriteCmd::IncrBy(key, int_arg(&next())?))
+            }
+            ("DECRBY", 3) => {
+                let key = next();
+                let d = int_arg(&next())?
+                    .checked_neg()
+                    .ok_or(KvError::DecrementOverflow)?;
+                Command::Write(WriteCmd::IncrBy(key, d))
+            }
+            ("CAS", 4) => Command::Write(WriteCmd::Cas {
+                key: next(),
+                expected: next(),
+                new: next(),
+            }),
+            ("GET", 2) => Command::Read(ReadCmd::Get(next())),
+            ("MGET", 2..) => Command::Read(ReadCmd::MGet(rest.collect())),
+            ("EXISTS", 2..) => Command::Read(ReadCmd::Exists(rest.collect())),
+            ("STRLEN", 2) => Command::Read(ReadCmd::StrLen(next())),
+            ("DBSIZE", 1) => Command::Read(ReadCmd::DbSize),
+            (
+                "PING" | "ECHO" | "AUTH" | "SET" | "DEL" | "MSET" | "INCR" | "DECR" | "INCRBY"
+                | "DECRBY" | "CAS" | "GET" | "MGET" | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO",
+                _,
+            ) => return Err(arity()),
+            _ => {
+                let shown: String = rest
+                    .take(8)
+                    .map(|a| format!("'{}' ", String::from_utf8_lossy(&a)))
+                    .collect();
+                return Err(KvError::UnknownCommand {
+                    name: String::from_utf8_lossy(&args[0]).into_owned(),
+                    args: shown,
+                });
+            }
+        })
+    }
 }
 
 /// The most bytes a command or forwarded message may claim: a client request
 /// is at most 64 MiB, and so is what one connection's pipeline forwards at a
 /// time. A damaged length field costs at most this much memory, briefly.
-const MAX_DECODE: usize = 128 << 20;
+pub(crate) const MAX_DECODE: usize = 128 << 20;
 
-fn config() -> bincode::config::Configuration {
+pub(crate) fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
 
@@ -102,41 +233,6 @@ impl WriteCmd {
     }
 }
 
-/// Requests one node sends another over the cluster transport.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Forward {
-    /// Run these writes, in order, as leader and return their outcomes.
-    Writes(Vec<WriteCmd>),
-    /// Confirm leadership and return a linearizable read index.
-    ReadIndex,
-}
-
-/// Replies to [`Forward`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ForwardReply {
-    /// The writes' outcomes, in order (errors included).
-    Outcomes(Vec<Outcome>),
-    /// A read index.
-    ReadIndex(u64),
-    /// The node asked is not the leader; it names the one it knows.
-    NotLeader(Option<u64>),
-}
-
-/// Encodes a forwarded request or reply.
-pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(v, config()).unwrap_or_default()
-}
-
-/// Decodes a forwarded request or reply.
-pub fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Option<T> {
-    if b.len() > MAX_DECODE {
-        return None;
-    }
-    bincode::serde::decode_from_slice(b, config().with_limit::<MAX_DECODE>())
-        .ok()
-        .map(|(v, _)| v)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,8 +258,59 @@ mod tests {
         let bogus = [0u8, 0xfc, 0xff, 0xff, 0xff, 0xff, b'k'];
         assert_eq!(WriteCmd::decode(&bogus), None);
         assert_eq!(
-            decode::<Forward>(&[0u8, 0xfc, 0xff, 0xff, 0xff, 0xff]),
+            crate::forward::Forward::decode(&[0u8, 0xfc, 0xff, 0xff, 0xff, 0xff]),
             None
         );
+    }
+
+    fn args(s: &str) -> Vec<Vec<u8>> {
+        s.split(' ').map(|a| a.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn requests_parse_into_typed_commands_with_clear_errors() {
+        assert_eq!(
+            Command::parse(args("set k v NX")),
+            Ok(Command::Write(WriteCmd::Set {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                cond: SetCond::IfAbsent
+            }))
+        );
+        assert_eq!(Command::parse(args("SET k v EX")), Err(KvError::Syntax));
+        assert_eq!(
+            Command::parse(args("GET")),
+            Err(KvError::WrongArity("get".into()))
+        );
+        assert_eq!(
+            Command::parse(args("DECRBY k -9223372036854775808")),
+            Err(KvError::DecrementOverflow)
+        );
+        assert_eq!(
+            Command::parse(args("INCRBY k x")),
+            Err(KvError::NotAnInteger)
+        );
+        assert_eq!(
+            Command::parse(args("MSET a 1 b 2")),
+            Ok(Command::Write(WriteCmd::MSet(vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec())
+            ])))
+        );
+        assert_eq!(
+            Command::parse(args("MSET a 1 b")),
+            Err(KvError::WrongArity("mset".into()))
+        );
+        assert_eq!(
+            Command::parse(args("MGET a b")),
+            Ok(Command::Read(ReadCmd::MGet(vec![
+                b"a".to_vec(),
+                b"b".to_vec()
+            ])))
+        );
+        assert!(matches!(
+            Command::parse(args("FLUSHALL now")),
+            Err(KvError::UnknownCommand { name, args }) if name == "FLUSHALL" && args == "'now' "
+        ));
     }
 }

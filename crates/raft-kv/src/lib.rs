@@ -14,9 +14,16 @@
 //!   broke): `-UNKNOWN`, never a plain failure.
 #![deny(missing_docs)]
 
-pub mod cli;
+// The domain: commands, their results and errors, the state machine.
 pub mod command;
+pub mod error;
+pub mod sm;
+// The Raft adapter: proposing, forwarding, read barriers.
+pub mod forward;
 pub mod node;
+// The Redis edge: RESP frames and client connections.
 pub mod resp;
 pub mod server;
-pub mod sm;
+// The binary: command line and load generator.
+pub mod bench;
+pub mod cli;

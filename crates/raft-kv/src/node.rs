@@ -1,73 +1,100 @@
-//! A store node: Raft (sled log, QUIC transport) + the sled state machine,
-//! with writes forwarded to the leader and linearizable reads.
+//! The Raft adapter: a store node is raft-core's [`Raft`] on any log store
+//! and any transport, the state machine fed by its apply channel, writes
+//! proposed on the leader or forwarded to it through the transport's
+//! [`PeerRpc`] channel, and linearizable reads behind a read barrier.
+//!
+//! A write goes one way: [`KvNode::write`] proposes it with
+//! [`Raft::propose`], whose waiter travels with the entry; the apply loop
+//! answers the entry's responder with the state machine's result, and that
+//! result is the client's reply.
 
-use crate::command::{decode, encode, Forward, ForwardReply, Outcome, WriteCmd};
+use crate::command::{ReadCmd, WriteCmd};
+use crate::error::{KvError, Reply};
+use crate::forward::{Forward, ForwardReply};
 use crate::sm::StateMachine;
-use raft_core::node::{ApplyMsg, Config as RaftConfig, Error as RaftError, Raft};
-use raft_core::{NodeId, Role, Term};
+use raft_core::{
+    ApplyMsg, Config as RaftConfig, Error as RaftError, InboundRpc, LogStore, NodeId, PeerRpc,
+    Proposal, Raft, Responder, Role, RpcError, Transport,
+};
 use raft_log::SledLogStore;
-use raft_net_quic::{QuicConfig, QuicTransport, RpcClient, RpcError, TlsMaterial};
-use std::collections::{BTreeMap, HashMap};
+use raft_net_quic::{QuicConfig, QuicTransport, TlsMaterial};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-/// Everything a node needs to run.
+/// Everything a node of the `raft-kv` binary needs: addresses, directories,
+/// and the Raft settings (one [`raft_core::Config`], whose defaults are the
+/// binary's defaults).
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// This node's id.
-    pub id: NodeId,
     /// UDP address for Raft traffic (QUIC).
     pub raft_addr: SocketAddr,
     /// TCP address for Redis clients.
     pub client_addr: SocketAddr,
-    /// Peer id -> Raft address.
+    /// Peer id -> Raft address (the peers' ids are `raft.peers`).
     pub peers: BTreeMap<NodeId, SocketAddr>,
     /// Where the log (`log/`) and the state machine (`sm/`) live.
     pub data_dir: PathBuf,
     /// Where `ca.pem`, `node-<id>.pem` and `node-<id>.key` are.
     pub tls_dir: PathBuf,
-    /// Leader heartbeat interval.
-    pub heartbeat: Duration,
-    /// Election timeout lower bound.
-    pub election_min: Duration,
-    /// Election timeout upper bound.
-    pub election_max: Duration,
     /// Clients must AUTH with this password when set.
     pub password: Option<String>,
     /// Nodes of different clusters refuse each other.
     pub cluster_id: u64,
-    /// Log entries dropped at a time once the state machine holds them.
-    pub compact_threshold: u64,
-    /// Largest encoded write command; larger ones are refused before they
-    /// are proposed. With the message overhead it must fit the transport's
-    /// frame limit (16 MiB).
-    pub max_entry_bytes: usize,
+    /// The Raft settings; `raft.id` is this node's id. `raft.peers` is
+    /// filled from `peers`.
+    pub raft: RaftConfig,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A store could not be opened.
+    #[error("{0}")]
+    Store(String),
+    /// The transport could not be set up.
+    #[error(transparent)]
+    Net(#[from] raft_net_quic::NetError),
+    /// Raft refused to start.
+    #[error(transparent)]
+    Raft(#[from] RaftError),
 }
 
 impl NodeConfig {
-    /// The Raft layer's configuration for this node, validated.
-    pub fn raft_config(&self) -> Result<RaftConfig, raft_core::node::ConfigError> {
-        let mut rc = RaftConfig::new(self.id);
-        for (&p, a) in &self.peers {
-            rc.add_peer(p, a.to_string())?;
-        }
-        rc.heartbeat_interval = self.heartbeat;
-        rc.election_timeout_min = self.election_min;
-        rc.election_timeout_max = self.election_max;
-        rc.compact_threshold = self.compact_threshold;
-        rc.max_entry_bytes = self.max_entry_bytes;
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.raft.id
+    }
+
+    /// The Raft configuration this node runs with, validated (against the
+    /// QUIC frame limit too), with the peers' addresses checked.
+    pub fn raft_config(&self) -> Result<RaftConfig, StartError> {
+        let mut rc = self.raft.clone();
+        rc.peers = self.peers.keys().copied().collect();
         // Enough room for several of the largest entries.
         rc.max_unapplied_bytes = rc
             .max_unapplied_bytes
-            .max(4 * self.max_entry_bytes as u64 + 4096);
-        rc.validate()?;
-        rc.validate_for_transport(Some(
-            QuicConfig::new(self.id, self.raft_addr).max_frame_bytes,
-        ))?;
+            .max(4 * rc.max_entry_bytes as u64 + 4096);
+        let bad = |e: raft_core::ConfigError| StartError::Config(e.to_string());
+        rc.validate().map_err(bad)?;
+        rc.validate_for_transport(Some(QuicConfig::new(rc.id, self.raft_addr).max_frame_bytes))
+            .map_err(bad)?;
+        let mut seen: BTreeMap<SocketAddr, NodeId> = BTreeMap::new();
+        for (&id, &addr) in &self.peers {
+            if let Some(other) = seen.insert(addr, id) {
+                return Err(StartError::Config(format!(
+                    "peers {other} and {id} share the address {addr}"
+                )));
+            }
+        }
         Ok(rc)
     }
 }
@@ -80,73 +107,48 @@ const COMMIT_WAIT: Duration = Duration::from_secs(5);
 const RELEASE_EVERY: Duration = Duration::from_secs(1);
 /// How long shutdown waits for the state machine's final flush.
 const FLUSH_GRACE: Duration = Duration::from_secs(3);
+/// How long a read waits for a batch being applied.
+const READ_WAIT: Duration = Duration::from_secs(5);
 
-fn try_again() -> Outcome {
-    Outcome::Error("TRYAGAIN no leader is available; try again".into())
-}
-
-fn too_large(size: usize, max: usize) -> Outcome {
-    Outcome::Error(format!(
-        "ERR command too large: {size} bytes encoded, the limit is {max} bytes (max-entry-bytes); nothing was written"
-    ))
-}
-
-fn stopped(why: &str) -> Outcome {
-    Outcome::Error(format!(
-        "ERR this node has stopped ({why}); it serves nothing until it is restarted"
-    ))
-}
-
-/// The outcome for a proposal Raft refused; nothing was proposed.
-fn refused(e: &RaftError) -> Outcome {
+/// The reply for a proposal Raft refused; nothing was proposed.
+fn refused(e: &RaftError) -> KvError {
     match e {
-        RaftError::Busy { .. } => Outcome::Error(format!("TRYAGAIN {e}")),
-        RaftError::Stopped(why) => stopped(why),
-        _ => Outcome::Error(format!("ERR {e}")),
+        RaftError::Busy { .. } => KvError::NotApplied(e.to_string()),
+        RaftError::Stopped(why) => KvError::Stopped(why.clone()),
+        _ => KvError::Raft(e.to_string()),
     }
 }
 
-fn unknown(why: &str) -> Outcome {
-    Outcome::Error(format!(
-        "UNKNOWN the write's outcome is unknown ({why}); it may or may not have been applied"
-    ))
-}
-
-/// A write in progress; see [`KvNode::begin_write`].
-#[derive(Debug)]
-pub enum Ticket {
-    /// Finished.
-    Done(Outcome),
-    /// Proposed at this index; the outcome arrives when it is applied.
-    Waiting(u64, oneshot::Receiver<Outcome>),
-}
-
-#[derive(Default)]
-struct Waiters {
-    pending: HashMap<u64, (Term, oneshot::Sender<Outcome>)>,
-    /// Outcomes of recently applied entries, for waiters that register late.
-    recent: BTreeMap<u64, (Term, Outcome)>,
+/// Waits for a proposal's result.
+async fn settle(p: Proposal) -> Reply {
+    match timeout(COMMIT_WAIT, p.outcome::<Reply>()).await {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => Err(KvError::Internal("the state machine gave no answer".into())),
+        Ok(Err(RaftError::Overwritten { .. })) => Err(KvError::NotApplied(
+            "the write was replaced after a leader change and not applied; try again".into(),
+        )),
+        Ok(Err(_)) => Err(KvError::Unknown("the node stopped".into())),
+        Err(_) => Err(KvError::Unknown("timed out waiting for the commit".into())),
+    }
 }
 
 /// A running store node.
 pub struct KvNode {
-    cfg: NodeConfig,
+    id: NodeId,
     raft: Raft,
     sm: Arc<StateMachine>,
-    rpc: RpcClient,
-    /// The largest frame a peer accepts: forwarded requests are cut to fit.
+    rpc: Arc<dyn PeerRpc>,
+    /// The largest request a peer accepts: forwarded requests are cut to fit.
     frame_limit: usize,
     /// Why the state machine stopped applying, if it did.
     failure: Arc<Mutex<Option<String>>>,
-    waiters: Arc<Mutex<Waiters>>,
-    applier: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    releaser: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for KvNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvNode")
-            .field("id", &self.cfg.id)
+            .field("id", &self.id)
             .finish_non_exhaustive()
     }
 }
@@ -156,83 +158,79 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl KvNode {
-    /// Opens the stores, binds the transport and starts Raft.
-    pub async fn start(cfg: NodeConfig) -> anyhow::Result<Arc<KvNode>> {
+    /// Opens the sled log and the state machine in `cfg.data_dir`, binds the
+    /// QUIC transport and starts Raft: the `raft-kv` binary's node.
+    pub async fn start(cfg: NodeConfig) -> Result<Arc<KvNode>, StartError> {
+        let rc = cfg.raft_config()?;
         std::fs::create_dir_all(&cfg.data_dir)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.data_dir.display()))?;
+            .map_err(|e| StartError::Store(format!("{}: {e}", cfg.data_dir.display())))?;
         // Opening reads and checks whole databases: off the async threads.
-        let log = SledLogStore::open_async(cfg.data_dir.join("log")).await?;
-        let sm_path = cfg.data_dir.join("sm");
-        let sm = Arc::new(
-            tokio::task::spawn_blocking(move || StateMachine::open(&sm_path))
-                .await
-                .map_err(|e| anyhow::anyhow!("opening the state machine failed: {e}"))??,
-        );
-        let tls = TlsMaterial::load_dir(&cfg.tls_dir, cfg.id)?;
-        let mut qc = QuicConfig::new(cfg.id, cfg.raft_addr);
+        let log = SledLogStore::open_async(cfg.data_dir.join("log"))
+            .await
+            .map_err(|e| StartError::Store(e.to_string()))?;
+        let tls = TlsMaterial::load_dir(&cfg.tls_dir, rc.id)?;
+        let mut qc = QuicConfig::new(rc.id, cfg.raft_addr);
         qc.cluster_id = cfg.cluster_id;
         qc.peers = cfg.peers.clone();
         let transport = QuicTransport::bind(qc, &tls)?;
-        let frame_limit = transport.max_frame_bytes();
-        let rpc = transport.rpc_client();
-        let slot: Arc<OnceLock<std::sync::Weak<KvNode>>> = Arc::new(OnceLock::new());
-        let handler_slot = slot.clone();
-        transport.set_rpc_handler(Arc::new(move |from, req| {
-            let node = handler_slot.get().and_then(|w| w.upgrade());
-            Box::pin(async move {
-                let reply = match (node, decode::<Forward>(&req)) {
-                    (Some(n), Some(f)) => n.handle_forward(from, f).await,
-                    (None, _) => ForwardReply::NotLeader(None),
-                    (_, None) => ForwardReply::Outcomes(vec![Outcome::Error(
-                        "ERR undecodable forwarded request".into(),
-                    )]),
-                };
-                encode(&reply)
-            })
-        }));
-        let rc = cfg.raft_config()?;
+        let node = Self::start_with(rc, &cfg.data_dir.join("sm"), log, transport).await?;
+        tracing::info!(node = node.id, raft = %cfg.raft_addr, client = %cfg.client_addr, "node started");
+        Ok(node)
+    }
+
+    /// Starts a node on any log store and any transport that carries
+    /// application requests ([`Transport::rpc_endpoint`]); the state
+    /// machine lives in `sm_dir`.
+    pub async fn start_with(
+        rc: RaftConfig,
+        sm_dir: &Path,
+        store: impl LogStore,
+        mut transport: impl Transport,
+    ) -> Result<Arc<KvNode>, StartError> {
+        let endpoint = transport.rpc_endpoint().ok_or_else(|| {
+            StartError::Config("the transport carries no requests between members".into())
+        })?;
+        let sm_path = sm_dir.to_path_buf();
+        let sm = Arc::new(
+            tokio::task::spawn_blocking(move || StateMachine::open(&sm_path))
+                .await
+                .map_err(|e| StartError::Store(format!("opening the state machine failed: {e}")))?
+                .map_err(|e| StartError::Store(e.to_string()))?,
+        );
+        let frame_limit = endpoint.client.max_request_bytes().unwrap_or(64 << 20);
         let (apply_tx, apply_rx) = mpsc::channel::<ApplyMsg>(4096);
-        let raft = Raft::new(rc, log, transport, apply_tx)?;
+        let raft = Raft::new(rc, store, transport, apply_tx)?;
         raft.start_with_applied(sm.applied()).await?;
-        let waiters = Arc::new(Mutex::new(Waiters::default()));
         let failure = Arc::new(Mutex::new(None));
         let applier = tokio::spawn(apply_loop(
             apply_rx,
             sm.clone(),
-            waiters.clone(),
             failure.clone(),
             raft.clone(),
         ));
         let releaser = tokio::spawn(release_loop(raft.clone(), sm.clone()));
         let node = Arc::new(KvNode {
-            cfg,
+            id: raft.config().id,
             raft,
             sm,
-            rpc,
+            rpc: endpoint.client,
             frame_limit,
             failure,
-            waiters,
-            applier: Mutex::new(Some(applier)),
-            releaser: Mutex::new(Some(releaser)),
+            tasks: Mutex::new(vec![applier, releaser]),
         });
-        let _ = slot.set(Arc::downgrade(&node));
-        tracing::info!(node = node.cfg.id, raft = %node.cfg.raft_addr, client = %node.cfg.client_addr, "node started");
+        let server = tokio::spawn(serve_peers(Arc::downgrade(&node), endpoint.inbound));
+        lock(&node.tasks).push(server);
         Ok(node)
     }
 
-    /// The node's configuration.
-    pub fn config(&self) -> &NodeConfig {
-        &self.cfg
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
     }
 
     /// The state machine (read access).
     pub fn state_machine(&self) -> &StateMachine {
         &self.sm
-    }
-
-    /// The Raft handle.
-    pub fn raft(&self) -> &Raft {
-        &self.raft
     }
 
     /// Why this node stopped serving, once Raft has stopped (a failed disk,
@@ -261,10 +259,10 @@ impl KvNode {
     /// up after `FLUSH_GRACE` (the log re-delivers what it did not store).
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
-            tracing::warn!(node = self.cfg.id, error = %e, "raft stopped with an error");
+            tracing::warn!(node = self.id, error = %e, "raft stopped with an error");
         }
-        let tasks = [lock(&self.releaser).take(), lock(&self.applier).take()];
-        for t in tasks.into_iter().flatten() {
+        let tasks = std::mem::take(&mut *lock(&self.tasks));
+        for t in tasks {
             t.abort();
             let _ = t.await;
         }
@@ -272,13 +270,13 @@ impl KvNode {
         match timeout(FLUSH_GRACE, tokio::task::spawn_blocking(move || sm.flush())).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => {
-                tracing::warn!(node = self.cfg.id, error = %e, "state machine flush failed")
+                tracing::warn!(node = self.id, error = %e, "state machine flush failed")
             }
             Ok(Err(e)) => {
-                tracing::warn!(node = self.cfg.id, error = %e, "state machine flush failed")
+                tracing::warn!(node = self.id, error = %e, "state machine flush failed")
             }
             Err(_) => tracing::error!(
-                node = self.cfg.id,
+                node = self.id,
                 "state machine flush did not finish within {FLUSH_GRACE:?}; giving up"
             ),
         }
@@ -300,29 +298,21 @@ impl KvNode {
         res
     }
 
-    /// Runs a write: on the leader directly, elsewhere forwarded to it.
-    pub async fn write(&self, cmd: WriteCmd) -> Outcome {
-        self.write_many(vec![cmd])
-            .await
-            .pop()
-            .unwrap_or_else(|| Outcome::Error("ERR internal".into()))
-    }
-
     /// Answers commands too large for the log at once (`Some`), and keeps
     /// the rest in order.
-    fn check_sizes(&self, cmds: Vec<WriteCmd>) -> (Vec<Option<Outcome>>, Vec<WriteCmd>) {
+    fn check_sizes(&self, cmds: Vec<WriteCmd>) -> (Vec<Option<Reply>>, Vec<WriteCmd>) {
         let max = self.raft.max_command_bytes();
         let stop = self.stopped();
         let mut early = Vec::with_capacity(cmds.len());
         let mut ok = Vec::with_capacity(cmds.len());
         for c in cmds {
             if let Some(why) = &stop {
-                early.push(Some(stopped(why)));
+                early.push(Some(Err(KvError::Stopped(why.clone()))));
                 continue;
             }
             let size = c.encoded_len();
             if size > max {
-                early.push(Some(too_large(size, max)));
+                early.push(Some(Err(KvError::TooLarge { size, max })));
             } else {
                 early.push(None);
                 ok.push(c);
@@ -331,19 +321,22 @@ impl KvNode {
         (early, ok)
     }
 
-    /// Runs writes in order: on the leader as one batch, elsewhere forwarded
-    /// to it (in requests that fit the transport's frames). Returns one
-    /// outcome per command.
-    pub async fn write_many(&self, cmds: Vec<WriteCmd>) -> Vec<Outcome> {
+    /// Runs writes in order, one reply per command: on the leader as one
+    /// batch of proposals, elsewhere forwarded to it (in requests that fit
+    /// the transport's frames). The one way a write enters the store.
+    pub async fn write(&self, cmds: Vec<WriteCmd>) -> Vec<Reply> {
+        if cmds.is_empty() {
+            return Vec::new();
+        }
         let (early, ok) = self.check_sizes(cmds);
         let done = self.write_checked(ok).await;
         merge(early, done, || {
-            Outcome::Error("ERR internal: lost an outcome".into())
+            Err(KvError::Internal("lost a reply".into()))
         })
     }
 
-    /// `write_many` for commands that passed `check_sizes`.
-    async fn write_checked(&self, ok: Vec<WriteCmd>) -> Vec<Outcome> {
+    /// `write` for commands that passed `check_sizes`.
+    async fn write_checked(&self, ok: Vec<WriteCmd>) -> Vec<Reply> {
         let mut done = Vec::with_capacity(ok.len());
         // Each forwarded request stays well inside one frame.
         let budget = self.frame_limit.saturating_sub(4096).max(1);
@@ -368,77 +361,69 @@ impl KvNode {
                 // Never sent: later writes must not overtake one whose
                 // outcome is unknown or that was refused.
                 done.extend(chunk.iter().map(|_| {
-                    Outcome::Error(
-                        "TRYAGAIN not sent: an earlier write of this pipeline failed".into(),
-                    )
+                    Err(KvError::NotApplied(
+                        "not sent: an earlier write of this pipeline failed".into(),
+                    ))
                 }));
                 continue;
             }
             let outcomes = self.write_chunk(chunk).await;
-            failed = outcomes.iter().any(|o| {
-                matches!(o, Outcome::Error(e) if e.starts_with("UNKNOWN") || e.starts_with("TRYAGAIN"))
-            });
+            failed = outcomes
+                .iter()
+                .any(|o| o.as_ref().is_err_and(KvError::stops_pipeline));
             done.extend(outcomes);
         }
         done
     }
 
-    async fn write_chunk(&self, cmds: Vec<WriteCmd>) -> Vec<Outcome> {
+    async fn write_chunk(&self, cmds: Vec<WriteCmd>) -> Vec<Reply> {
         let n = cmds.len();
         let mut hint = self.raft.leader();
+        let mut request = None;
         for _ in 0..4 {
             let leader = match hint {
                 Some(l) => l,
                 None => match self.leader_within(LEADER_WAIT).await {
                     Some(l) => l,
-                    None => return vec![try_again(); n],
+                    None => return vec![Err(KvError::NoLeader); n],
                 },
             };
-            if leader == self.cfg.id {
+            if leader == self.id {
                 match self.propose_local(&cmds).await {
-                    Ok(tickets) => return self.finish_all(tickets).await,
+                    Ok(replies) => return replies,
                     Err(h) => hint = h.filter(|&h| h != leader),
                 }
                 continue;
             }
-            match self.forward(leader, Forward::Writes(cmds.clone())).await {
-                Ok(ForwardReply::Outcomes(v)) if v.len() == n => return v,
+            let req = request.get_or_insert_with(|| Forward::Writes(cmds.clone()));
+            match self.forward(leader, req).await {
+                Ok(ForwardReply::Replies(v)) if v.len() == n => return v,
                 Ok(ForwardReply::NotLeader(h)) => hint = h.filter(|&h| h != leader),
                 Ok(_) => {
                     return vec![
-                        Outcome::Error(
-                            "ERR internal: unexpected reply from the leader".into()
-                        );
+                        Err(KvError::Internal("unexpected reply from the leader".into()));
                         n
                     ]
                 }
                 Err(RpcError::Unreachable(_)) | Err(RpcError::UnknownPeer(_)) => hint = None,
-                Err(RpcError::Broken(_, why)) => return vec![unknown(&why); n],
+                Err(RpcError::Broken(_, why)) => return vec![Err(KvError::Unknown(why)); n],
             }
         }
-        vec![try_again(); n]
-    }
-
-    async fn finish_all(&self, tickets: Vec<Ticket>) -> Vec<Outcome> {
-        let mut out = Vec::with_capacity(tickets.len());
-        for t in tickets {
-            out.push(self.finish(t).await);
-        }
-        out
+        vec![Err(KvError::NoLeader); n]
     }
 
     /// Sends a request to the node believed to lead. Gives up as soon as this
     /// node stops believing `to` leads (it died, or lost an election): waiting
     /// for the transport to notice a dead peer would take seconds.
-    async fn forward(&self, to: NodeId, f: Forward) -> Result<ForwardReply, RpcError> {
+    async fn forward(&self, to: NodeId, f: &Forward) -> Result<ForwardReply, RpcError> {
         let mut status = self.raft.watch_status();
         let deposed = async move {
             let _ = status.wait_for(|s| s.leader != Some(to)).await;
         };
-        let bytes = encode(&f);
+        let bytes = f.encode();
         tokio::select! {
-            r = timeout(COMMIT_WAIT + Duration::from_secs(1), self.rpc.call(to, &bytes)) => match r {
-                Ok(Ok(bytes)) => decode::<ForwardReply>(&bytes).ok_or_else(|| RpcError::Broken(to, "undecodable reply".into())),
+            r = timeout(COMMIT_WAIT + Duration::from_secs(1), self.rpc.call(to, bytes)) => match r {
+                Ok(Ok(bytes)) => ForwardReply::decode(&bytes).ok_or_else(|| RpcError::Broken(to, "undecodable reply".into())),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(RpcError::Broken(to, "timed out".into())),
             },
@@ -446,77 +431,27 @@ impl KvNode {
         }
     }
 
-    /// Proposes the commands in order as one batch on this node. `Err` with
-    /// the leader hint when this node does not lead.
-    async fn propose_local(&self, cmds: &[WriteCmd]) -> Result<Vec<Ticket>, Option<NodeId>> {
-        let encoded = cmds.iter().map(WriteCmd::encode).collect();
-        let ids = match self.raft.submit_batch(encoded).await {
-            Ok(ids) => ids,
-            Err(RaftError::NotLeader { leader }) => return Err(leader),
-            Err(e) => {
-                let o = refused(&e);
-                return Ok(cmds.iter().map(|_| Ticket::Done(o.clone())).collect());
-            }
-        };
-        let mut w = lock(&self.waiters);
-        Ok(ids
-            .into_iter()
-            .map(|(index, term)| {
-                if let Some((t, o)) = w.recent.get(&index) {
-                    return Ticket::Done(if *t == term { o.clone() } else { overwritten() });
-                }
-                let (tx, rx) = oneshot::channel();
-                w.pending.insert(index, (term, tx));
-                Ticket::Waiting(index, rx)
-            })
-            .collect())
-    }
-
-    /// Starts writes without waiting for them: on the leader they are proposed
-    /// now, as one batch and in order, and each ticket is redeemed with
-    /// [`KvNode::finish`]; elsewhere they are forwarded to the leader in one
-    /// request, which is waited for here.
-    pub async fn begin_writes(&self, cmds: Vec<WriteCmd>) -> Vec<Ticket> {
+    /// Proposes the commands in order as one batch on this node and waits
+    /// for their results. `Err` with the leader hint when this node does not lead.
+    async fn propose_local(&self, cmds: &[WriteCmd]) -> Result<Vec<Reply>, Option<NodeId>> {
         if cmds.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
-        let (early, ok) = self.check_sizes(cmds);
-        let mut tickets = None;
-        if self.raft.is_leader() && !ok.is_empty() {
-            tickets = self.propose_local(&ok).await.ok();
-        }
-        let tickets = match tickets {
-            Some(t) => t,
-            None => self
-                .write_checked(ok)
-                .await
-                .into_iter()
-                .map(Ticket::Done)
-                .collect(),
+        let encoded = cmds.iter().map(WriteCmd::encode).collect();
+        let proposals = match self.raft.propose(encoded).await {
+            Ok(p) => p,
+            Err(RaftError::NotLeader { leader }) => return Err(leader),
+            Err(e) => return Ok(vec![Err(refused(&e)); cmds.len()]),
         };
-        let early = early.into_iter().map(|e| e.map(Ticket::Done)).collect();
-        merge(early, tickets, || {
-            Ticket::Done(Outcome::Error("ERR internal: lost a write ticket".into()))
-        })
-    }
-
-    /// Waits for a ticket's outcome.
-    pub async fn finish(&self, t: Ticket) -> Outcome {
-        match t {
-            Ticket::Done(o) => o,
-            Ticket::Waiting(index, rx) => match timeout(COMMIT_WAIT, rx).await {
-                Ok(Ok(o)) => o,
-                Ok(Err(_)) => unknown("the node stopped"),
-                Err(_) => {
-                    lock(&self.waiters).pending.remove(&index);
-                    unknown("timed out waiting for the commit")
-                }
-            },
+        let mut out = Vec::with_capacity(proposals.len());
+        for p in proposals {
+            out.push(settle(p).await);
         }
+        Ok(out)
     }
 
     async fn handle_forward(&self, from: NodeId, f: Forward) -> ForwardReply {
-        tracing::trace!(node = self.cfg.id, from, ?f, "forwarded request");
+        tracing::trace!(node = self.id, from, ?f, "forwarded request");
         if self.stopped().is_some() {
             // Let the asking node look for a leader that is alive.
             return ForwardReply::NotLeader(None);
@@ -527,12 +462,9 @@ impl KvNode {
                 // too large does not get the others refused with it.
                 let (early, ok) = self.check_sizes(cmds);
                 match self.propose_local(&ok).await {
-                    Ok(tickets) => {
-                        let done = self.finish_all(tickets).await;
-                        ForwardReply::Outcomes(merge(early, done, || {
-                            Outcome::Error("ERR internal: lost an outcome".into())
-                        }))
-                    }
+                    Ok(done) => ForwardReply::Replies(merge(early, done, || {
+                        Err(KvError::Internal("lost a reply".into()))
+                    })),
                     Err(hint) => ForwardReply::NotLeader(hint),
                 }
             }
@@ -546,7 +478,7 @@ impl KvNode {
 
     /// Waits until reading local state is linearizable: a read index from the
     /// leader (confirmed by a heartbeat round), then local apply up to it.
-    pub async fn read_barrier(&self) -> Result<(), Outcome> {
+    async fn read_barrier(&self) -> Result<(), KvError> {
         let mut hint = self.raft.leader();
         for _ in 0..4 {
             let leader = match hint {
@@ -554,19 +486,19 @@ impl KvNode {
                 None => self
                     .leader_within(LEADER_WAIT)
                     .await
-                    .ok_or_else(try_again)?,
+                    .ok_or(KvError::NoLeader)?,
             };
-            let index = if leader == self.cfg.id {
+            let index = if leader == self.id {
                 match timeout(COMMIT_WAIT, self.raft.read_index()).await {
                     Ok(Ok(i)) => i,
                     Ok(Err(RaftError::NotLeader { leader })) => {
                         hint = leader;
                         continue;
                     }
-                    _ => return Err(try_again()),
+                    _ => return Err(KvError::NoLeader),
                 }
             } else {
-                match self.forward(leader, Forward::ReadIndex).await {
+                match self.forward(leader, &Forward::ReadIndex).await {
                     Ok(ForwardReply::ReadIndex(i)) => i,
                     Ok(ForwardReply::NotLeader(h)) => {
                         hint = h.filter(|&h| h != leader);
@@ -582,9 +514,43 @@ impl KvNode {
             let reached = timeout(COMMIT_WAIT, applied.wait_for(|&a| a >= index))
                 .await
                 .is_ok_and(|r| r.is_ok());
-            return if reached { Ok(()) } else { Err(try_again()) };
+            return if reached {
+                Ok(())
+            } else {
+                Err(KvError::NoLeader)
+            };
         }
-        Err(try_again())
+        Err(KvError::NoLeader)
+    }
+
+    /// Runs a read linearizably: a read barrier, then one view of the
+    /// applied state (all the keys of MGET or EXISTS, and DBSIZE, from the
+    /// same batches). While a batch is being applied the task waits without
+    /// holding its thread; a batch that never finishes (a hung disk) gets
+    /// a retry answer after `READ_WAIT`.
+    pub async fn read(&self, cmd: &ReadCmd) -> Reply {
+        if let Some(why) = self.stopped() {
+            return Err(KvError::Stopped(why));
+        }
+        self.read_barrier().await?;
+        let deadline = tokio::time::Instant::now() + READ_WAIT;
+        let mut tries = 0u32;
+        loop {
+            if let Some(r) = self.sm.try_read_view(|v| v.read(cmd)) {
+                return r;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(KvError::NotApplied(
+                    "the state machine is busy; try again".into(),
+                ));
+            }
+            tries += 1;
+            if tries < 16 {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
     }
 
     /// The `# Raft` section of INFO.
@@ -602,18 +568,35 @@ impl KvNode {
         };
         let members: Vec<String> = s.members.iter().map(|m| m.to_string()).collect();
         format!(
-            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\ncompacted_index:{}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nmembers:{}\r\n",
+            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\npurged_index:{}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nmembers:{}\r\n",
             s.id,
             s.term,
             s.leader.map_or_else(|| "none".to_string(), |l| l.to_string()),
             s.commit_index,
             self.sm.applied(),
             s.last_log_index,
-            s.compacted_index,
+            s.purged_index,
             s.unapplied_bytes,
             self.raft.max_command_bytes(),
             members.join(","),
         )
+    }
+}
+
+/// Answers requests from other members until the node is gone.
+async fn serve_peers(node: Weak<KvNode>, mut inbound: mpsc::Receiver<InboundRpc>) {
+    while let Some(req) = inbound.recv().await {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let reply = match (node.upgrade(), Forward::decode(&req.request)) {
+                (Some(n), Some(f)) => n.handle_forward(req.from, f).await,
+                (None, _) => ForwardReply::NotLeader(None),
+                (_, None) => ForwardReply::Replies(vec![Err(KvError::Internal(
+                    "undecodable forwarded request".into(),
+                ))]),
+            };
+            req.reply(reply.encode());
+        });
     }
 }
 
@@ -625,12 +608,6 @@ fn merge<T>(early: Vec<Option<T>>, rest: Vec<T>, lost: impl Fn() -> T) -> Vec<T>
         .into_iter()
         .map(|e| e.or_else(|| rest.next()).unwrap_or_else(&lost))
         .collect()
-}
-
-fn overwritten() -> Outcome {
-    Outcome::Error(
-        "TRYAGAIN the write was replaced after a leader change and not applied; try again".into(),
-    )
 }
 
 /// Flushes the state machine now and then and tells Raft how far it is
@@ -668,7 +645,7 @@ async fn release_loop(raft: Raft, sm: Arc<StateMachine>) {
 const APPLY_BATCH: usize = 512;
 
 /// Decodes and applies one batch of committed entries (blocking: sled).
-fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> anyhow::Result<Vec<Outcome>> {
+fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> Result<Vec<Reply>, KvError> {
     let cmds: Vec<Option<WriteCmd>> = batch
         .iter()
         .map(|m| {
@@ -694,10 +671,10 @@ fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> anyhow::Result<Vec<Outc
     sm.apply_many(&items)
 }
 
+/// Applies committed entries in batches and answers each proposer waiting here.
 async fn apply_loop(
     mut rx: mpsc::Receiver<ApplyMsg>,
     sm: Arc<StateMachine>,
-    waiters: Arc<Mutex<Waiters>>,
     failure: Arc<Mutex<Option<String>>>,
     raft: Raft,
 ) {
@@ -711,44 +688,31 @@ async fn apply_loop(
                 Err(_) => break,
             }
         }
+        let responders: Vec<Option<Responder>> =
+            batch.iter_mut().map(|m| m.responder.take()).collect();
         // sled reads and writes block: off the async threads.
         let sm2 = sm.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            let r = apply_batch(&sm2, &batch);
-            (batch, r)
-        })
-        .await;
-        let (batch, outcomes) = match res {
-            Ok((batch, Ok(o))) => (batch, o),
-            Ok((_, Err(e))) => {
-                tracing::error!(error = %e, "state machine failed; stopping the node");
-                *lock(&failure) = Some(format!("the state machine failed: {e}"));
-                // Waiting clients learn at once that the outcome is unknown.
-                lock(&waiters).pending.clear();
-                // Raft stops too: the node must not go on looking healthy.
-                let _ = raft.shutdown().await;
-                return;
+        let res = tokio::task::spawn_blocking(move || apply_batch(&sm2, &batch)).await;
+        let why = match res {
+            Ok(Ok(replies)) => {
+                for (r, reply) in responders.into_iter().zip(replies) {
+                    if let Some(r) = r {
+                        r.answer(reply);
+                    }
+                }
+                continue;
             }
-            Err(e) => {
-                *lock(&failure) = Some(format!("the state machine task failed: {e}"));
-                lock(&waiters).pending.clear();
-                let _ = raft.shutdown().await;
-                return;
-            }
+            Ok(Err(e)) => format!("the state machine failed: {e}"),
+            Err(e) => format!("the state machine task failed: {e}"),
         };
-        let mut w = lock(&waiters);
-        for (m, outcome) in batch.into_iter().zip(outcomes) {
-            if let Some((term, tx)) = w.pending.remove(&m.command_index) {
-                let _ = tx.send(if term == m.command_term {
-                    outcome.clone()
-                } else {
-                    overwritten()
-                });
-            }
-            w.recent.insert(m.command_index, (m.command_term, outcome));
+        tracing::error!(error = %why, "stopping the node");
+        *lock(&failure) = Some(why.clone());
+        // Waiting clients learn at once that the outcome is unknown.
+        for r in responders.into_iter().flatten() {
+            r.answer::<Reply>(Err(KvError::Unknown(why.clone())));
         }
-        while w.recent.len() > 4096 {
-            w.recent.pop_first();
-        }
+        // Raft stops too: the node must not go on looking healthy.
+        let _ = raft.shutdown().await;
+        return;
     }
 }

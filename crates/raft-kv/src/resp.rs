@@ -1,4 +1,6 @@
-//! A RESP2 request parser with hard limits, and reply encoding.
+//! The Redis edge: a RESP2 request parser with hard limits, reply
+//! encoding, and the one place that spells Redis error replies
+//! ([`error_reply`]).
 //!
 //! Requests are arrays of bulk strings (what every Redis client sends) or
 //! inline commands (`PING\r\n`, for telnet). Lengths are checked as soon as
@@ -6,7 +8,8 @@
 //! a request that grows past the limit is rejected before its bytes are
 //! buffered, so one client cannot make the server hold unbounded memory.
 
-use crate::command::Outcome;
+use crate::command::Value;
+use crate::error::{KvError, Reply};
 
 /// Limits on one request.
 #[derive(Debug, Clone, Copy)]
@@ -142,14 +145,42 @@ fn need_more(buf: &[u8], limits: &Limits) -> Parsed {
     Ok(None)
 }
 
-/// Appends a RESP2 encoding of `o` to `out`.
-pub fn encode_outcome(out: &mut Vec<u8>, o: &Outcome) {
-    match o {
-        Outcome::Ok => out.extend_from_slice(b"+OK\r\n"),
-        Outcome::Nil => out.extend_from_slice(b"$-1\r\n"),
-        Outcome::Int(n) => out.extend_from_slice(format!(":{n}\r\n").as_bytes()),
-        Outcome::Bulk(b) => bulk(out, b),
-        Outcome::Array(items) => {
+/// The Redis reply code for an error: clients and tools key on it
+/// (`TRYAGAIN` and `UNKNOWN` tell a retrying client what it may assume).
+fn error_code(e: &KvError) -> &'static str {
+    match e {
+        KvError::NoLeader | KvError::NotApplied(_) => "TRYAGAIN",
+        KvError::Unknown(_) => "UNKNOWN",
+        KvError::WrongPassword => "WRONGPASS",
+        KvError::AuthRequired => "NOAUTH",
+        _ => "ERR",
+    }
+}
+
+/// The text of an error reply (after the `-`).
+pub fn error_reply(e: &KvError) -> String {
+    format!("{} {e}", error_code(e))
+}
+
+/// Appends an error reply; line breaks in the text become spaces.
+pub fn error_line(out: &mut Vec<u8>, text: &str) {
+    out.push(b'-');
+    out.extend(
+        text.bytes()
+            .map(|c| if c == b'\r' || c == b'\n' { b' ' } else { c }),
+    );
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends a RESP2 encoding of a command's reply to `out`.
+pub fn encode_reply(out: &mut Vec<u8>, r: &Reply) {
+    match r {
+        Ok(Value::Ok) => out.extend_from_slice(b"+OK\r\n"),
+        Ok(Value::Status(s)) => simple(out, s),
+        Ok(Value::Nil) => out.extend_from_slice(b"$-1\r\n"),
+        Ok(Value::Int(n)) => out.extend_from_slice(format!(":{n}\r\n").as_bytes()),
+        Ok(Value::Bulk(b)) => bulk(out, b),
+        Ok(Value::Array(items)) => {
             out.extend_from_slice(format!("*{}\r\n", items.len()).as_bytes());
             for i in items {
                 match i {
@@ -158,19 +189,12 @@ pub fn encode_outcome(out: &mut Vec<u8>, o: &Outcome) {
                 }
             }
         }
-        Outcome::Error(e) => {
-            out.push(b'-');
-            out.extend(
-                e.bytes()
-                    .map(|c| if c == b'\r' || c == b'\n' { b' ' } else { c }),
-            );
-            out.extend_from_slice(b"\r\n");
-        }
+        Err(e) => error_line(out, &error_reply(e)),
     }
 }
 
 /// Appends a simple string (`+...`).
-pub fn simple(out: &mut Vec<u8>, s: &str) {
+fn simple(out: &mut Vec<u8>, s: &str) {
     out.push(b'+');
     out.extend_from_slice(s.as_bytes());
     out.extend_from_slice(b"\r\n");
@@ -180,6 +204,40 @@ fn bulk(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
     out.extend_from_slice(b);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Length of the first complete RESP reply in `buf`, if there is one.
+pub fn reply_len(buf: &[u8]) -> Option<usize> {
+    fn line(buf: &[u8], from: usize) -> Option<usize> {
+        buf.get(from..)?
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .map(|p| from + p)
+    }
+    fn one(buf: &[u8], at: usize) -> Option<usize> {
+        let end = line(buf, at)?;
+        match *buf.get(at)? {
+            b'+' | b'-' | b':' => Some(end + 2),
+            b'$' => {
+                let n: i64 = std::str::from_utf8(&buf[at + 1..end]).ok()?.parse().ok()?;
+                if n < 0 {
+                    return Some(end + 2);
+                }
+                let stop = end + 2 + n as usize + 2;
+                (stop <= buf.len()).then_some(stop)
+            }
+            b'*' => {
+                let n: i64 = std::str::from_utf8(&buf[at + 1..end]).ok()?.parse().ok()?;
+                let mut pos = end + 2;
+                for _ in 0..n.max(0) {
+                    pos = one(buf, pos)?;
+                }
+                Some(pos)
+            }
+            _ => None,
+        }
+    }
+    one(buf, 0)
 }
 
 #[cfg(test)]
@@ -258,11 +316,20 @@ mod tests {
     }
 
     #[test]
+    fn reply_boundaries() {
+        assert_eq!(reply_len(b"+OK\r\n"), Some(5));
+        assert_eq!(reply_len(b"$3\r\nabc\r\n:1\r\n"), Some(9));
+        assert_eq!(reply_len(b"$3\r\nab"), None);
+        assert_eq!(reply_len(b"*2\r\n$1\r\na\r\n$-1\r\n"), Some(16));
+        assert_eq!(reply_len(b"$-1\r\n"), Some(5));
+    }
+
+    #[test]
     fn replies_encode_as_resp2() {
         let mut out = Vec::new();
-        encode_outcome(&mut out, &Outcome::Array(vec![Some(b"a".to_vec()), None]));
-        encode_outcome(&mut out, &Outcome::Int(-3));
-        encode_outcome(&mut out, &Outcome::Error("ERR bad\r\nthing".into()));
+        encode_reply(&mut out, &Ok(Value::Array(vec![Some(b"a".to_vec()), None])));
+        encode_reply(&mut out, &Ok(Value::Int(-3)));
+        encode_reply(&mut out, &Err(KvError::Raft("bad\r\nthing".into())));
         assert_eq!(
             out,
             b"*2\r\n$1\r\na\r\n$-1\r\n:-3\r\n-ERR bad  thing\r\n".to_vec()

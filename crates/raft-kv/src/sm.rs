@@ -8,7 +8,8 @@
 //! per key could otherwise see some keys before a batch and others after it.
 //! A read-write gate makes each applied batch and each view exclusive.
 
-use crate::command::{Outcome, SetCond, WriteCmd};
+use crate::command::{ReadCmd, SetCond, Value, WriteCmd};
+use crate::error::{KvError, Reply};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{PoisonError, RwLock};
@@ -64,22 +65,43 @@ pub struct ReadView<'a> {
 
 impl ReadView<'_> {
     /// The value of a key.
-    pub fn get(&self, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         Ok(self.db.get(dkey(key))?.map(|v| v.to_vec()))
     }
 
     /// Whether a key exists.
-    pub fn exists(&self, key: &[u8]) -> anyhow::Result<bool> {
+    pub fn exists(&self, key: &[u8]) -> Result<bool, KvError> {
         Ok(self.db.contains_key(dkey(key))?)
     }
 
     /// The number of keys.
-    pub fn dbsize(&self) -> anyhow::Result<u64> {
+    pub fn dbsize(&self) -> Result<u64, KvError> {
         Ok(u64_of(self.db.get(COUNT)?))
     }
 
+    /// Answers a read from this view.
+    pub fn read(&self, cmd: &ReadCmd) -> Reply {
+        Ok(match cmd {
+            ReadCmd::Get(k) => self.get(k)?.map_or(Value::Nil, Value::Bulk),
+            ReadCmd::MGet(keys) => {
+                Value::Array(keys.iter().map(|k| self.get(k)).collect::<Result<_, _>>()?)
+            }
+            ReadCmd::Exists(keys) => {
+                let mut n = 0;
+                for k in keys {
+                    if self.exists(k)? {
+                        n += 1;
+                    }
+                }
+                Value::Int(n)
+            }
+            ReadCmd::StrLen(k) => Value::Int(self.get(k)?.map_or(0, |v| v.len() as i64)),
+            ReadCmd::DbSize => Value::Int(self.dbsize()? as i64),
+        })
+    }
+
     /// The index of the last entry this view covers.
-    pub fn applied(&self) -> anyhow::Result<u64> {
+    pub fn applied(&self) -> Result<u64, KvError> {
         Ok(u64_of(self.db.get(APPLIED)?))
     }
 }
@@ -98,7 +120,7 @@ fn u64_of(v: Option<sled::IVec>) -> u64 {
 
 impl StateMachine {
     /// Opens (or creates) the state machine in `path`.
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
+    pub fn open(path: &Path) -> Result<Self, KvError> {
         // No periodic fsync: the Raft log is the durable record, and the applied
         // index travels with the data, so after a crash the log re-delivers
         // whatever the state machine lost. Skipping it keeps the disk free for
@@ -116,7 +138,10 @@ impl StateMachine {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
                 Err(e) => {
-                    anyhow::bail!("{}: cannot open the state machine: {e}", path.display())
+                    return Err(KvError::Storage(format!(
+                        "{}: cannot open the state machine: {e}",
+                        path.display()
+                    )))
                 }
             }
         };
@@ -140,9 +165,9 @@ impl StateMachine {
     }
 
     /// Applies the entry at `index`: a write, or `None` for Raft's own entries.
-    pub fn apply(&self, index: u64, cmd: Option<&WriteCmd>) -> anyhow::Result<Outcome> {
+    pub fn apply(&self, index: u64, cmd: Option<&WriteCmd>) -> Result<Reply, KvError> {
         let mut out = self.apply_many(&[(index, cmd)])?;
-        Ok(out.pop().unwrap_or(Outcome::Ok))
+        Ok(out.pop().unwrap_or(Ok(Value::Ok)))
     }
 
     /// Applies consecutive entries as one atomic sled batch that also records
@@ -150,7 +175,7 @@ impl StateMachine {
     /// (never applied twice) and answered with an error outcome. There is one
     /// applier (the node's apply loop); read views see the batch entirely or
     /// not at all.
-    pub fn apply_many(&self, entries: &[(u64, Option<&WriteCmd>)]) -> anyhow::Result<Vec<Outcome>> {
+    pub fn apply_many(&self, entries: &[(u64, Option<&WriteCmd>)]) -> Result<Vec<Reply>, KvError> {
         let applied = self.applied();
         let mut st = Staged {
             db: &self.db,
@@ -162,12 +187,12 @@ impl StateMachine {
         let mut outcomes = Vec::with_capacity(entries.len());
         for &(index, cmd) in entries {
             if index <= last {
-                outcomes.push(Outcome::Error("ERR already applied".into()));
+                outcomes.push(Err(KvError::AlreadyApplied));
                 continue;
             }
             last = index;
             outcomes.push(match cmd {
-                None => Outcome::Ok,
+                None => Ok(Value::Ok),
                 Some(cmd) => st.stage(cmd)?,
             });
         }
@@ -214,29 +239,17 @@ impl StateMachine {
     }
 
     /// The value of a key.
-    pub fn get(&self, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         self.read_view(|v| v.get(key))
     }
 
     /// The number of keys.
-    pub fn dbsize(&self) -> anyhow::Result<u64> {
+    pub fn dbsize(&self) -> Result<u64, KvError> {
         self.read_view(|v| v.dbsize())
     }
 
-    /// Every key and value, in key order (tests compare replicas with it).
-    pub fn dump(&self) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
-        self.db
-            .scan_prefix(DATA)
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((k[DATA.len()..].to_vec(), v.to_vec()))
-            })
-            .collect()
-    }
-
     /// Makes applied state durable (on shutdown).
-    pub fn flush(&self) -> anyhow::Result<()> {
+    pub fn flush(&self) -> Result<(), KvError> {
         self.db.flush()?;
         Ok(())
     }
@@ -251,7 +264,7 @@ struct Staged<'a> {
 }
 
 impl Staged<'_> {
-    fn get(&self, key: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         let k = dkey(key);
         if let Some(v) = self.writes.get(&k) {
             return Ok(v.clone());
@@ -259,7 +272,7 @@ impl Staged<'_> {
         Ok(self.db.get(k)?.map(|v| v.to_vec()))
     }
 
-    fn exists(&self, key: &[u8]) -> anyhow::Result<bool> {
+    fn exists(&self, key: &[u8]) -> Result<bool, KvError> {
         let k = dkey(key);
         if let Some(v) = self.writes.get(&k) {
             return Ok(v.is_some());
@@ -267,7 +280,7 @@ impl Staged<'_> {
         Ok(self.db.contains_key(k)?)
     }
 
-    fn put(&mut self, key: &[u8], value: Vec<u8>) -> anyhow::Result<()> {
+    fn put(&mut self, key: &[u8], value: Vec<u8>) -> Result<(), KvError> {
         let existed = self.exists(key)?;
         self.put_known(key, value, existed);
         Ok(())
@@ -281,7 +294,7 @@ impl Staged<'_> {
         self.writes.insert(dkey(key), Some(value));
     }
 
-    fn delete(&mut self, key: &[u8]) -> anyhow::Result<bool> {
+    fn delete(&mut self, key: &[u8]) -> Result<bool, KvError> {
         if !self.exists(key)? {
             return Ok(false);
         }
@@ -290,8 +303,10 @@ impl Staged<'_> {
         Ok(true)
     }
 
-    fn stage(&mut self, cmd: &WriteCmd) -> anyhow::Result<Outcome> {
-        Ok(match cmd {
+    /// Stages one write; the outer error is a storage failure, the inner
+    /// one the command's own result.
+    fn stage(&mut self, cmd: &WriteCmd) -> Result<Reply, KvError> {
+        Ok(Ok(match cmd {
             WriteCmd::Set { key, value, cond } => {
                 let exists = self.exists(key)?;
                 let go = match cond {
@@ -300,10 +315,10 @@ impl Staged<'_> {
                     SetCond::IfPresent => exists,
                 };
                 if !go {
-                    return Ok(Outcome::Nil);
+                    return Ok(Ok(Value::Nil));
                 }
                 self.put_known(key, value.clone(), exists);
-                Outcome::Ok
+                Value::Ok
             }
             WriteCmd::Del(keys) => {
                 let mut n = 0;
@@ -312,43 +327,37 @@ impl Staged<'_> {
                         n += 1;
                     }
                 }
-                Outcome::Int(n)
+                Value::Int(n)
             }
             WriteCmd::MSet(pairs) => {
                 for (k, v) in pairs {
                     self.put(k, v.clone())?;
                 }
-                Outcome::Ok
+                Value::Ok
             }
             WriteCmd::IncrBy(key, delta) => {
                 let n: i64 = match self.get(key)? {
                     None => 0,
                     Some(v) => match std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()) {
                         Some(n) => n,
-                        None => {
-                            return Ok(Outcome::Error(
-                                "ERR value is not an integer or out of range".into(),
-                            ))
-                        }
+                        None => return Ok(Err(KvError::NotAnInteger)),
                     },
                 };
                 let Some(new) = n.checked_add(*delta) else {
-                    return Ok(Outcome::Error(
-                        "ERR increment or decrement would overflow".into(),
-                    ));
+                    return Ok(Err(KvError::Overflow));
                 };
                 self.put(key, new.to_string().into_bytes())?;
-                Outcome::Int(new)
+                Value::Int(new)
             }
             WriteCmd::Cas { key, expected, new } => {
                 if self.get(key)?.as_deref() == Some(expected.as_slice()) {
                     self.put(key, new.clone())?;
-                    Outcome::Int(1)
+                    Value::Int(1)
                 } else {
-                    Outcome::Int(0)
+                    Value::Int(0)
                 }
             }
-        })
+        }))
     }
 }
 
@@ -370,41 +379,47 @@ mod tests {
         let p = dir.path().join("sm");
         {
             let sm = StateMachine::open(&p).unwrap();
-            assert_eq!(sm.apply(1, None).unwrap(), Outcome::Ok);
+            assert_eq!(sm.apply(1, None).unwrap(), Ok(Value::Ok));
             assert_eq!(
                 sm.apply(2, Some(&set("a", "1", SetCond::Always))).unwrap(),
-                Outcome::Ok
+                Ok(Value::Ok)
             );
             assert_eq!(
                 sm.apply(3, Some(&set("a", "2", SetCond::IfAbsent)))
                     .unwrap(),
-                Outcome::Nil
+                Ok(Value::Nil)
             );
             assert_eq!(
                 sm.apply(4, Some(&set("b", "x", SetCond::IfPresent)))
                     .unwrap(),
-                Outcome::Nil
+                Ok(Value::Nil)
             );
             assert_eq!(
                 sm.apply(5, Some(&WriteCmd::IncrBy("a".into(), 41)))
                     .unwrap(),
-                Outcome::Int(42)
+                Ok(Value::Int(42))
             );
             assert_eq!(
                 sm.apply(6, Some(&WriteCmd::IncrBy("a".into(), i64::MAX)))
                     .unwrap(),
-                Outcome::Error("ERR increment or decrement would overflow".into())
+                Err(KvError::Overflow)
             );
             let cas = |e: &str, n: &str| WriteCmd::Cas {
                 key: "a".into(),
                 expected: e.into(),
                 new: n.into(),
             };
-            assert_eq!(sm.apply(7, Some(&cas("41", "x"))).unwrap(), Outcome::Int(0));
-            assert_eq!(sm.apply(8, Some(&cas("42", "x"))).unwrap(), Outcome::Int(1));
+            assert_eq!(
+                sm.apply(7, Some(&cas("41", "x"))).unwrap(),
+                Ok(Value::Int(0))
+            );
+            assert_eq!(
+                sm.apply(8, Some(&cas("42", "x"))).unwrap(),
+                Ok(Value::Int(1))
+            );
             assert_eq!(
                 sm.apply(9, Some(&WriteCmd::IncrBy("a".into(), 1))).unwrap(),
-                Outcome::Error("ERR value is not an integer or out of range".into())
+                Err(KvError::NotAnInteger)
             );
             sm.apply(
                 10,
@@ -414,6 +429,7 @@ mod tests {
                     ("c".into(), "5".into()),
                 ])),
             )
+            .unwrap()
             .unwrap();
             assert_eq!(sm.dbsize().unwrap(), 3);
             assert_eq!(
@@ -422,7 +438,7 @@ mod tests {
                     Some(&WriteCmd::Del(vec!["c".into(), "c".into(), "zz".into()]))
                 )
                 .unwrap(),
-                Outcome::Int(1)
+                Ok(Value::Int(1))
             );
             assert_eq!(sm.dbsize().unwrap(), 2);
             sm.flush().unwrap();
@@ -435,7 +451,7 @@ mod tests {
         assert!(matches!(
             sm.apply(11, Some(&set("a", "again", SetCond::Always)))
                 .unwrap(),
-            Outcome::Error(_)
+            Err(KvError::AlreadyApplied)
         ));
         assert_eq!(sm.get(b"a").unwrap(), Some(b"x".to_vec()));
     }
@@ -468,14 +484,14 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Outcome::Ok,
-                Outcome::Ok,
-                Outcome::Int(3),
-                Outcome::Nil,
-                Outcome::Int(1),
-                Outcome::Nil,
-                Outcome::Ok,
-                Outcome::Int(1)
+                Ok(Value::Ok),
+                Ok(Value::Ok),
+                Ok(Value::Int(3)),
+                Ok(Value::Nil),
+                Ok(Value::Int(1)),
+                Ok(Value::Nil),
+                Ok(Value::Ok),
+                Ok(Value::Int(1))
             ]
         );
         assert_eq!(sm.applied(), 8);
@@ -484,7 +500,9 @@ mod tests {
         assert_eq!(sm.dbsize().unwrap(), 2);
         // Replaying part of the batch changes nothing.
         let again = sm.apply_many(&items[..3]).unwrap();
-        assert!(again.iter().all(|o| matches!(o, Outcome::Error(_))));
+        assert!(again
+            .iter()
+            .all(|o| matches!(o, Err(KvError::AlreadyApplied))));
         assert_eq!(sm.dbsize().unwrap(), 2);
     }
 
@@ -518,7 +536,7 @@ mod tests {
         let mut example = None;
         while !writer.is_finished() {
             let (vals, size) = sm
-                .read_view(|v| -> anyhow::Result<_> {
+                .read_view(|v| -> Result<_, KvError> {
                     let vals: Vec<Option<Vec<u8>>> =
                         keys.iter().map(|k| v.get(k)).collect::<Result<_, _>>()?;
                     Ok((vals, v.dbsize()?))

@@ -78,7 +78,7 @@ struct Core {
     db: sled::Db,
     path: PathBuf,
     /// The compaction point, cached.
-    snapshot: LogId,
+    purged: LogId,
     /// The last index, cached.
     last: LogIndex,
     /// Runs wholly below the compaction point may still be stored.
@@ -255,18 +255,15 @@ impl Core {
         let mut store = Core {
             db,
             path,
-            snapshot: LogId::default(),
+            purged: LogId::default(),
             last: 0,
             stale_runs: true,
         };
         store.check_magic()?;
         store.check_marker()?;
         let state = store.read_state()?;
-        store.snapshot = state.snapshot;
-        store.last = state
-            .entries
-            .last()
-            .map_or(state.snapshot.index, |e| e.index);
+        store.purged = state.purged;
+        store.last = state.entries.last().map_or(state.purged.index, |e| e.index);
         Ok(store)
     }
 
@@ -337,7 +334,7 @@ impl Core {
             Some(v) => decode(&v, "hard state", path)?,
             None => HardState::default(),
         };
-        let snapshot: LogId = match get(SNAP_KEY)? {
+        let purged: LogId = match get(SNAP_KEY)? {
             Some(v) => decode(&v, "compaction point", path)?,
             None => LogId::default(),
         };
@@ -346,7 +343,7 @@ impl Core {
             None => None,
         };
         let mut entries: Vec<Entry> = Vec::new();
-        let mut expect = snapshot.index + 1;
+        let mut expect = purged.index + 1;
         // Runs wholly below the compaction point may linger (a purge deletes
         // them lazily): start at the run that holds the entry after it.
         let start = self
@@ -370,7 +367,7 @@ impl Core {
                 .iter()
                 .enumerate()
                 .all(|(i, e)| e.index == first + i as u64);
-            if contiguous && !run.is_empty() && first < expect && first <= snapshot.index {
+            if contiguous && !run.is_empty() && first < expect && first <= purged.index {
                 // The run straddles the compaction point: keep what follows it.
                 let below = ((expect - first) as usize).min(run.len());
                 run.drain(..below);
@@ -389,7 +386,7 @@ impl Core {
         }
         Ok(LogState {
             hard_state,
-            snapshot,
+            purged,
             entries,
             membership,
         })
@@ -442,7 +439,7 @@ impl Core {
         }
         let keys: Vec<sled::IVec> = self
             .db
-            .range(&entry_key(0)[..]..=&entry_key(self.snapshot.index + 1)[..])
+            .range(&entry_key(0)[..]..=&entry_key(self.purged.index + 1)[..])
             .keys()
             .take(SWEEP_PER_WRITE + 1)
             .collect::<Result<_, _>>()
@@ -469,7 +466,7 @@ impl Core {
     }
 
     fn save(&mut self, batch: LogBatch) -> Result<(), StorageError> {
-        let end = check_batch(self.snapshot.index, self.last, &batch)?;
+        let end = check_batch(self.purged.index, self.last, &batch)?;
         let mut b = sled::Batch::default();
         if let Some(t) = batch.truncate_from {
             if t <= self.last {
@@ -492,7 +489,7 @@ impl Core {
     }
 
     fn purge(&mut self, upto: LogId) -> Result<(), StorageError> {
-        if upto.index <= self.snapshot.index {
+        if upto.index <= self.purged.index {
             return Ok(());
         }
         if upto.index > self.last {
@@ -505,7 +502,7 @@ impl Core {
         let mut b = sled::Batch::default();
         b.insert(SNAP_KEY, encode(&upto)?);
         self.write(b)?;
-        self.snapshot = upto;
+        self.purged = upto;
         self.stale_runs = true;
         Ok(())
     }
@@ -590,7 +587,7 @@ mod tests {
         // The point falls inside the run 5551..=5560.
         s.purge(LogId::new(1, 5555)).await.unwrap();
         let check = |st: LogState| {
-            assert_eq!(st.snapshot, LogId::new(1, 5555));
+            assert_eq!(st.purged, LogId::new(1, 5555));
             let idx: Vec<LogIndex> = st.entries.iter().map(|e| e.index).collect();
             assert_eq!(idx, (5556..=6000).collect::<Vec<_>>());
             assert_eq!(st.entries[0], entries(5556, 1)[0]);
@@ -625,7 +622,7 @@ mod tests {
         drop(s);
         let mut s = SledLogStore::open(&path).unwrap();
         let st = s.load().await.unwrap();
-        assert_eq!(st.snapshot, LogId::new(1, 5570));
+        assert_eq!(st.purged, LogId::new(1, 5570));
         assert_eq!(
             st.entries.iter().map(|e| e.index).collect::<Vec<_>>(),
             (5571..=6004).collect::<Vec<_>>()

@@ -52,7 +52,7 @@ fn ping(round: u64) -> Message {
         body: MessageBody::Heartbeat {
             leader_commit: 0,
             round,
-            compact_to: 0,
+            purge_to_index: 0,
         },
     }
 }

@@ -20,4 +20,3 @@ pub enum NetError {
     #[error("invalid transport configuration: {0}")]
     Config(String),
 }
-

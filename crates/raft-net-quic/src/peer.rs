@@ -208,4 +208,3 @@ pub(crate) struct PeerQueues {
     pub(crate) bulk: mpsc::Sender<Message>,
     pub(crate) warn: Mutex<WarnLimiter>,
 }
-

@@ -46,4 +46,3 @@ impl PeerRpc for RpcClient {
         Some(self.max_frame)
     }
 }
-

@@ -58,7 +58,7 @@ fn hb(from: NodeId, to: NodeId, term: u64) -> Message {
         body: MessageBody::Heartbeat {
             leader_commit: 0,
             round: term,
-            compact_to: 0,
+            purge_to_index: 0,
         },
     }
 }

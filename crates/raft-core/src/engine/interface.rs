@@ -12,7 +12,7 @@ pub struct InitialState {
     pub hard_state: HardState,
     /// The compaction point: the last index (and its term) no longer in the log.
     /// `LogId::default()` for a log that starts at index 1.
-    pub snapshot: LogId,
+    pub purged: LogId,
     /// The log entries after the compaction point, contiguous.
     pub entries: Vec<Entry>,
     /// The membership in force at the compaction point (for a new cluster: the
@@ -124,4 +124,3 @@ impl Ready {
         self.entries.last().map(Entry::log_id)
     }
 }
-

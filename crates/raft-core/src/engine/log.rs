@@ -5,10 +5,10 @@
 use crate::types::{Entry, LogId, LogIndex, Term};
 
 /// The log as the engine sees it. Entries at and below the compaction point
-/// (`snapshot`) are no longer held; the first held entry is `snapshot.index + 1`.
+/// (`purged`) are no longer held; the first held entry is `snapshot.index + 1`.
 #[derive(Debug)]
 pub(crate) struct RaftLog {
-    snapshot: LogId,
+    purged: LogId,
     entries: Vec<Entry>,
     /// Highest index known committed (moved only by `commit_to`).
     committed: LogIndex,
@@ -32,16 +32,16 @@ pub(crate) struct RaftLog {
 
 impl RaftLog {
     /// A log restored from durable state. The caller has validated contiguity.
-    pub(crate) fn restore(snapshot: LogId, entries: Vec<Entry>, applied: LogIndex) -> Self {
-        let last = entries.last().map(|e| e.index).unwrap_or(snapshot.index);
-        let applied = applied.max(snapshot.index);
+    pub(crate) fn restore(purged: LogId, entries: Vec<Entry>, applied: LogIndex) -> Self {
+        let last = entries.last().map(|e| e.index).unwrap_or(purged.index);
+        let applied = applied.max(purged.index);
         let unapplied_bytes = entries
             .iter()
             .filter(|e| e.index > applied)
             .map(|e| e.size_bound() as u64)
             .sum();
         RaftLog {
-            snapshot,
+            purged,
             entries,
             committed: applied,
             applied,
@@ -105,22 +105,22 @@ impl RaftLog {
         }
     }
 
-    pub(crate) fn snapshot(&self) -> LogId {
-        self.snapshot
+    pub(crate) fn purged(&self) -> LogId {
+        self.purged
     }
 
     pub(crate) fn last_index(&self) -> LogIndex {
         self.entries
             .last()
             .map(|e| e.index)
-            .unwrap_or(self.snapshot.index)
+            .unwrap_or(self.purged.index)
     }
 
     pub(crate) fn last_term(&self) -> Term {
         self.entries
             .last()
             .map(|e| e.term)
-            .unwrap_or(self.snapshot.term)
+            .unwrap_or(self.purged.term)
     }
 
     pub(crate) fn last_log_id(&self) -> LogId {
@@ -130,27 +130,27 @@ impl RaftLog {
     /// The term of the entry at `index`: `None` when it lies beyond the end or
     /// below the compaction point.
     pub(crate) fn term(&self, index: LogIndex) -> Option<Term> {
-        if index == self.snapshot.index {
-            return Some(self.snapshot.term);
+        if index == self.purged.index {
+            return Some(self.purged.term);
         }
         self.entry(index).map(|e| e.term)
     }
 
     pub(crate) fn entry(&self, index: LogIndex) -> Option<&Entry> {
-        if index <= self.snapshot.index {
+        if index <= self.purged.index {
             return None;
         }
-        let pos = usize::try_from(index - self.snapshot.index - 1).ok()?;
+        let pos = usize::try_from(index - self.purged.index - 1).ok()?;
         self.entries.get(pos)
     }
 
     /// Entries from `from`, at most `max_entries` and about `max_bytes` (always at
     /// least one entry when one exists).
     pub(crate) fn slice(&self, from: LogIndex, max_entries: usize, max_bytes: usize) -> Vec<Entry> {
-        if from <= self.snapshot.index || from > self.last_index() {
+        if from <= self.purged.index || from > self.last_index() {
             return Vec::new();
         }
-        let start = (from - self.snapshot.index - 1) as usize;
+        let start = (from - self.purged.index - 1) as usize;
         let mut bytes = 0usize;
         let mut out = Vec::new();
         for e in self.entries[start..].iter().take(max_entries.max(1)) {
@@ -167,7 +167,7 @@ impl RaftLog {
     /// The last index holding `term`, searching down from `from`.
     pub(crate) fn last_index_of_term(&self, term: Term, from: LogIndex) -> Option<LogIndex> {
         let mut i = from.min(self.last_index());
-        while i > self.snapshot.index {
+        while i > self.purged.index {
             let t = self.term(i)?;
             if t == term {
                 return Some(i);
@@ -186,7 +186,7 @@ impl RaftLog {
             return index;
         };
         let mut i = index;
-        while i > self.snapshot.index + 1 && self.term(i - 1) == Some(t) {
+        while i > self.purged.index + 1 && self.term(i - 1) == Some(t) {
             i -= 1;
         }
         i
@@ -195,7 +195,7 @@ impl RaftLog {
     /// Drops every entry up to and including `upto`, which must be applied
     /// (hence committed and durable). Returns the new compaction point.
     pub(crate) fn compact(&mut self, upto: LogIndex) -> Option<LogId> {
-        if upto <= self.snapshot.index
+        if upto <= self.purged.index
             || upto > self.applied
             || upto > self.durable
             || upto > self.delivered
@@ -203,10 +203,10 @@ impl RaftLog {
             return None;
         }
         let term = self.term(upto)?;
-        let n = (upto - self.snapshot.index) as usize;
+        let n = (upto - self.purged.index) as usize;
         self.entries.drain(..n);
-        self.snapshot = LogId::new(term, upto);
-        Some(self.snapshot)
+        self.purged = LogId::new(term, upto);
+        Some(self.purged)
     }
 
     /// Appends one entry at the end. The caller guarantees `entry.index == last + 1`.
@@ -228,10 +228,10 @@ impl RaftLog {
             "truncating committed entry {index} (commit {})",
             self.committed
         );
-        if index > self.last_index() || index <= self.snapshot.index {
+        if index > self.last_index() || index <= self.purged.index {
             return;
         }
-        let keep = (index - self.snapshot.index - 1) as usize;
+        let keep = (index - self.purged.index - 1) as usize;
         let removed: u64 = self.entries[keep..]
             .iter()
             .map(|e| e.size_bound() as u64)
@@ -249,7 +249,7 @@ impl RaftLog {
         let trunc = self.pending_truncate.take();
         let last = self.last_index();
         let entries = if self.unstable_from <= last {
-            let start = (self.unstable_from - self.snapshot.index - 1) as usize;
+            let start = (self.unstable_from - self.purged.index - 1) as usize;
             self.entries[start..].to_vec()
         } else {
             Vec::new()

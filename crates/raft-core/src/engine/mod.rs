@@ -108,14 +108,14 @@ impl Engine {
         cfg.validate()?;
         let InitialState {
             hard_state,
-            snapshot,
+            purged,
             entries,
             membership: base_membership,
             applied,
         } = init;
         let mut configs = Vec::new();
-        let mut expect = snapshot.index + 1;
-        let mut prev_term = snapshot.term;
+        let mut expect = purged.index + 1;
+        let mut prev_term = purged.term;
         for e in &entries {
             if e.index != expect {
                 return Err(EngineError::InvalidState(format!(
@@ -141,16 +141,16 @@ impl Engine {
                 "application applied index {applied} is past the last log index {last}"
             )));
         }
-        if applied < snapshot.index {
+        if applied < purged.index {
             return Err(EngineError::InvalidState(format!(
                 "application applied index {applied} is below the compaction point {}",
-                snapshot.index
+                purged.index
             )));
         }
         let id = cfg.id;
         // A mutation for the simulator: forget what the application applied.
         let applied = if broken(Mutation::ReapplyAfterRestart) {
-            snapshot.index
+            purged.index
         } else {
             applied
         };
@@ -163,7 +163,7 @@ impl Engine {
             vote: hard_state.vote,
             role: Role::Follower,
             leader: None,
-            log: RaftLog::restore(snapshot, entries, applied),
+            log: RaftLog::restore(purged, entries, applied),
             base_membership,
             configs,
             membership,
@@ -185,8 +185,8 @@ impl Engine {
             messages: Vec::new(),
             persisted_messages: Vec::new(),
             read_results: Vec::new(),
-            released: snapshot.index,
-            peer_safe: snapshot.index,
+            released: purged.index,
+            peer_safe: purged.index,
             pending_purge: None,
             #[cfg(test)]
             below_compaction: 0,
@@ -239,8 +239,8 @@ impl Engine {
         self.log.last_log_id()
     }
     /// The compaction point.
-    pub fn snapshot(&self) -> LogId {
-        self.log.snapshot()
+    pub fn purged(&self) -> LogId {
+        self.log.purged()
     }
     /// The membership in force.
     pub fn membership(&self) -> &Membership {
@@ -549,8 +549,8 @@ impl Engine {
             MessageBody::Heartbeat {
                 leader_commit,
                 round,
-                compact_to,
-            } => self.on_heartbeat(from, leader_commit, round, compact_to),
+                purge_to_index,
+            } => self.on_heartbeat(from, leader_commit, round, purge_to_index),
             MessageBody::HeartbeatResponse { round } => self.on_heartbeat_response(from, round),
         }
     }
@@ -644,7 +644,8 @@ impl Engine {
     fn reset_election_timer(&mut self) {
         let min = self.cfg.election_timeout_min.as_micros() as u64;
         let max = self.cfg.election_timeout_max.as_micros() as u64;
-        self.election_deadline = self.now + Duration::from_micros(self.rng.u64(min..max.max(min + 1)));
+        self.election_deadline =
+            self.now + Duration::from_micros(self.rng.u64(min..max.max(min + 1)));
     }
 
     fn in_lease(&self) -> bool {
@@ -1068,7 +1069,7 @@ impl Engine {
         from: NodeId,
         leader_commit: LogIndex,
         round: u64,
-        compact_to: LogIndex,
+        purge_to_index: LogIndex,
     ) {
         if !self.accept_leader(from) {
             return;
@@ -1078,7 +1079,7 @@ impl Engine {
         if c > self.log.committed() {
             self.log.commit_to(c);
         }
-        self.peer_safe = self.peer_safe.max(compact_to);
+        self.peer_safe = self.peer_safe.max(purge_to_index);
         self.maybe_compact();
         self.send(from, MessageBody::HeartbeatResponse { round });
     }
@@ -1180,7 +1181,7 @@ impl Engine {
             next = next
                 .min(index)
                 .max(pr.match_index + 1)
-                .max(self.log.snapshot().index + 1);
+                .max(self.log.purged().index + 1);
             pr.become_probe();
             pr.next_index = next;
             tracing::debug!(
@@ -1249,7 +1250,7 @@ impl Engine {
             .iter()
             .map(|(&id, p)| (id, p.match_index))
             .collect();
-        let compact_to = self.safe_compact_index();
+        let purge_to_index = self.safe_compact_index();
         for (p, m) in peers {
             let leader_commit = if broken(Mutation::HeartbeatCommitUncapped) {
                 self.log.committed()
@@ -1262,7 +1263,7 @@ impl Engine {
                 MessageBody::Heartbeat {
                     leader_commit,
                     round,
-                    compact_to,
+                    purge_to_index,
                 },
             );
         }
@@ -1375,7 +1376,7 @@ impl Engine {
             .min(self.log.applied)
             .min(self.log.delivered)
             .min(self.log.durable);
-        let from = self.log.snapshot().index;
+        let from = self.log.purged().index;
         if upto < from.saturating_add(self.cfg.compact_threshold) {
             return;
         }

@@ -354,7 +354,7 @@ fn s5_2_candidate_steps_down_for_leader_of_same_term() {
         MessageBody::Heartbeat {
             leader_commit: 0,
             round: 1,
-            compact_to: 0,
+            purge_to_index: 0,
         },
     ));
     assert_eq!(e.role(), Role::Follower);
@@ -981,7 +981,7 @@ fn log_may_start_above_index_one() {
                 term: 3,
                 vote: None,
             },
-            snapshot: LogId::new(3, 100),
+            purged: LogId::new(3, 100),
             entries: vec![ent(3, 101)],
             membership: Membership::new(voters),
             applied: 100,
@@ -1034,7 +1034,7 @@ fn messages_from_unknown_or_misaddressed_nodes_are_dropped() {
         MessageBody::Heartbeat {
             leader_commit: 0,
             round: 0,
-            compact_to: 0,
+            purge_to_index: 0,
         },
     ));
     e.handle_message(msg(
@@ -1044,7 +1044,7 @@ fn messages_from_unknown_or_misaddressed_nodes_are_dropped() {
         MessageBody::Heartbeat {
             leader_commit: 0,
             round: 0,
-            compact_to: 0,
+            purge_to_index: 0,
         },
     ));
     e.handle_message(msg(
@@ -1054,7 +1054,7 @@ fn messages_from_unknown_or_misaddressed_nodes_are_dropped() {
         MessageBody::Heartbeat {
             leader_commit: 0,
             round: 0,
-            compact_to: 0,
+            purge_to_index: 0,
         },
     ));
     assert_eq!(e.term(), 1);
@@ -1126,7 +1126,7 @@ fn bogus_responses_to_a_leader_are_ignored() {
         MessageBody::Heartbeat {
             leader_commit: 5,
             round: 1,
-            compact_to: 0,
+            purge_to_index: 0,
         },
     ));
     assert!(l.is_leader());
@@ -1258,22 +1258,18 @@ fn compaction_waits_for_every_member_and_for_the_application() {
     c.node(1).release(11);
     c.node(2).release(11);
     heartbeat_round(&mut c, 1);
-    assert_eq!(c.node(1).snapshot().index, 0, "node 3 still needs them");
-    assert_eq!(c.node(2).snapshot().index, 0);
+    assert_eq!(c.node(1).purged().index, 0, "node 3 still needs them");
+    assert_eq!(c.node(2).purged().index, 0);
     // Node 3 catches up: now every member holds them.
     c.cut.clear();
     heartbeat_round(&mut c, 1);
     heartbeat_round(&mut c, 1);
     assert_eq!(c.node(3).last_log_id().index, 11);
-    assert_eq!(c.node(1).snapshot(), LogId::new(1, 11));
-    assert_eq!(
-        c.node(2).snapshot(),
-        LogId::new(1, 11),
-        "told by the leader"
-    );
-    assert_eq!(c.node(3).snapshot().index, 0, "node 3 has released nothing");
+    assert_eq!(c.node(1).purged(), LogId::new(1, 11));
+    assert_eq!(c.node(2).purged(), LogId::new(1, 11), "told by the leader");
+    assert_eq!(c.node(3).purged().index, 0, "node 3 has released nothing");
     c.node(3).release(11);
-    assert_eq!(c.node(3).snapshot(), LogId::new(1, 11));
+    assert_eq!(c.node(3).purged(), LogId::new(1, 11));
     let rd = c.node(3).take_ready();
     assert_eq!(
         rd.purge_to,
@@ -1286,7 +1282,7 @@ fn compaction_waits_for_every_member_and_for_the_application() {
     c.settle();
     c.node(1).release(12);
     heartbeat_round(&mut c, 1);
-    assert_eq!(c.node(1).snapshot().index, 11, "1 entry < threshold 4");
+    assert_eq!(c.node(1).purged().index, 11, "1 entry < threshold 4");
     for id in [1, 2, 3] {
         assert_eq!(c.node(id).commit_index(), 12, "node {id}");
         assert!(c.applied_payloads(id).contains(&cmd("after")), "node {id}");
@@ -1307,14 +1303,14 @@ fn compaction_never_drops_unapplied_entries_and_a_restart_resumes_after_the_poin
     assert_eq!(c.node(1).applied_index(), 6);
     // The application claims more than was handed to it: capped at what it took.
     c.node(1).release(100);
-    assert_eq!(c.node(1).snapshot(), LogId::new(1, 6));
+    assert_eq!(c.node(1).purged(), LogId::new(1, 6));
     // A restart from the compacted store: the point plus nothing after it.
     let init = InitialState {
         hard_state: HardState {
             term: 1,
             vote: Some(1),
         },
-        snapshot: LogId::new(1, 6),
+        purged: LogId::new(1, 6),
         entries: vec![],
         membership: Membership::new([1]),
         applied: 6,

@@ -462,7 +462,7 @@ impl Driver {
                 commit_index: e.commit_index(),
                 applied_index: applied,
                 last_log_index: e.last_log_id().index,
-                compacted_index: e.snapshot().index,
+                purged_index: e.purged().index,
                 members: e.membership().voters.iter().copied().collect(),
                 unapplied_bytes: e.unapplied_bytes(),
                 stopped: stopped.clone().or_else(|| s.stopped.clone()),
@@ -476,4 +476,3 @@ impl Driver {
         });
     }
 }
-

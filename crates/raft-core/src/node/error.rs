@@ -90,4 +90,3 @@ impl From<crate::engine::NotLeader> for Error {
         Error::NotLeader { leader: e.leader }
     }
 }
-

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-/// A snapshot of what the node knows.
+/// A purged of what the node knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
     /// This node's id.
@@ -35,7 +35,7 @@ pub struct Status {
     /// The last index in its log.
     pub last_log_index: LogIndex,
     /// The compaction point: entries up to it are no longer in the log.
-    pub compacted_index: LogIndex,
+    pub purged_index: LogIndex,
     /// The voting members.
     pub members: Vec<NodeId>,
     /// Bytes of entries held that the application has not taken yet
@@ -148,7 +148,7 @@ impl Raft {
             commit_index: 0,
             applied_index: 0,
             last_log_index: 0,
-            compacted_index: 0,
+            purged_index: 0,
             members: config.members().into_iter().collect(),
             unapplied_bytes: 0,
             stopped: None,
@@ -258,7 +258,7 @@ impl Raft {
             Some(m) => m,
             None => {
                 let fresh = state.entries.is_empty()
-                    && state.snapshot == LogId::default()
+                    && state.purged == LogId::default()
                     && state.hard_state == crate::types::HardState::default();
                 if !fresh {
                     tracing::warn!(
@@ -293,7 +293,7 @@ impl Raft {
         }
         let init = InitialState {
             hard_state: state.hard_state,
-            snapshot: state.snapshot,
+            purged: state.purged,
             entries: state.entries,
             membership: base,
             applied: applied_index,
@@ -435,7 +435,8 @@ impl Raft {
     /// [`ApplyMsg::responder`]). The waiter is registered in the same step
     /// that appends the entry, so no outcome can slip past it.
     pub async fn propose(&self, commands: Vec<Vec<u8>>) -> Result<Vec<Proposal>, Error> {
-        self.request(|tx| Request::Propose(commands, true, tx)).await
+        self.request(|tx| Request::Propose(commands, true, tx))
+            .await
     }
 
     /// Proposes one command and waits until it has been committed and
@@ -487,4 +488,3 @@ fn seed_for(id: NodeId) -> u64 {
         .unwrap_or(0);
     t ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(std::process::id())
 }
-

@@ -2,22 +2,22 @@
 //! network) run in tokio's virtual time: the seed's failure scenarios,
 //! deterministic in their timing checks and fast.
 
+use super::handle::SHUTDOWN_GRACE;
 use super::*;
 use crate::config::Config;
-use crate::storage::MemLogStore;
 use crate::storage::LogStore;
+use crate::storage::MemLogStore;
+use crate::storage::StorageError;
+use crate::transport::ChannelNetwork;
 use crate::types::{LogIndex, Membership, NodeId, Role, Term};
-use super::handle::SHUTDOWN_GRACE;
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::Mutex as StdMutex;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use crate::storage::StorageError;
-use crate::transport::ChannelNetwork;
-use std::collections::BTreeSet;
-use std::sync::Mutex as StdMutex;
-use std::time::Duration;
 use tokio::time::{sleep, timeout};
 
 const ELECTION_MAX: Duration = Duration::from_millis(300);
@@ -734,7 +734,7 @@ async fn released_entries_are_purged_and_restarts_resume_after_the_compaction_po
     sleep(Duration::from_millis(500)).await;
     for id in [1, 2, 3] {
         let st = c.stores[&id].reopen().load().await.unwrap();
-        assert_eq!(st.snapshot.index, 0, "node {id} purged unreleased entries");
+        assert_eq!(st.purged.index, 0, "node {id} purged unreleased entries");
     }
     for id in [1, 2, 3] {
         let applied = c.applied_indexes(id).last().copied().unwrap();
@@ -745,14 +745,14 @@ async fn released_entries_are_purged_and_restarts_resume_after_the_compaction_po
     for id in [1, 2, 3] {
         let st = c.stores[&id].reopen().load().await.unwrap();
         assert!(
-            st.snapshot.index >= last - 10 && st.snapshot.index <= last,
+            st.purged.index >= last - 10 && st.purged.index <= last,
             "node {id}: compaction point {:?}, last {last}",
-            st.snapshot
+            st.purged
         );
         if let Some(first) = st.entries.first() {
             assert_eq!(
                 first.index,
-                st.snapshot.index + 1,
+                st.purged.index + 1,
                 "node {id}: the store keeps what follows the point"
             );
         }

@@ -86,7 +86,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
     let mut s = f.reopen(s).await;
     let st = load(&mut s).await;
     assert_eq!(st.hard_state, hs);
-    assert_eq!(st.snapshot, LogId::default());
+    assert_eq!(st.purged, LogId::default());
     let mut want = entries(1, 1, 5);
     want.extend(entries(3, 6, 8));
     assert_eq!(
@@ -164,7 +164,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
     }
     let mut s = f.reopen(s).await;
     let st = load(&mut s).await;
-    assert_eq!(st.snapshot, LogId::new(1, 4));
+    assert_eq!(st.purged, LogId::new(1, 4));
     assert_eq!(st.entries.first().map(|x| x.index), Some(5));
     assert_eq!(st.entries.last().map(|x| x.index), Some(9));
     // Purging again below the point is a no-op; past the end is refused.

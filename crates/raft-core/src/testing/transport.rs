@@ -36,7 +36,7 @@ fn heartbeat(from: NodeId, to: NodeId, round: u64) -> Message {
         body: MessageBody::Heartbeat {
             leader_commit: 3,
             round,
-            compact_to: 0,
+            purge_to_index: 0,
         },
     }
 }
@@ -78,7 +78,11 @@ pub async fn transport_conformance<F: NetworkFactory>(mut f: F) {
         for _ in 0..2 {
             let m = next(&mut ts[i], "a message on a healthy link").await;
             assert_eq!(m.to, me, "a message arrived at the wrong node");
-            assert_eq!(m, heartbeat(m.from, me, m.from * 10 + me), "a message changed on the way");
+            assert_eq!(
+                m,
+                heartbeat(m.from, me, m.from * 10 + me),
+                "a message changed on the way"
+            );
             got.insert(m.from);
         }
         let want: BTreeSet<NodeId> = ids.iter().copied().filter(|&x| x != me).collect();
@@ -96,7 +100,11 @@ pub async fn transport_conformance<F: NetworkFactory>(mut f: F) {
             rounds.insert(round);
         }
     }
-    assert_eq!(rounds, (1000..1200).collect(), "a burst lost or changed messages");
+    assert_eq!(
+        rounds,
+        (1000..1200).collect(),
+        "a burst lost or changed messages"
+    );
 
     // Unknown receiver: dropped quietly; a forged sender: never delivered as such.
     ts[0].send(heartbeat(1, 99, 5));
@@ -104,7 +112,10 @@ pub async fn transport_conformance<F: NetworkFactory>(mut f: F) {
     ts[0].send(heartbeat(1, 2, 7));
     loop {
         let m = next(&mut ts[1], "a message after a forged one").await;
-        assert_ne!(m.from, 3, "a message sent by node 1 under node 3's id arrived as node 3's");
+        assert_ne!(
+            m.from, 3,
+            "a message sent by node 1 under node 3's id arrived as node 3's"
+        );
         if m == heartbeat(1, 2, 7) {
             break;
         }
@@ -130,7 +141,10 @@ pub async fn transport_conformance<F: NetworkFactory>(mut f: F) {
     };
     ts[0].send(big.clone());
     let m = next(&mut ts[2], "a message at the size limit").await;
-    assert!(m == big, "a message at the size limit ({limit} bytes) changed on the way");
+    assert!(
+        m == big,
+        "a message at the size limit ({limit} bytes) changed on the way"
+    );
 
     rpc_checks(&mut ts).await;
 }
@@ -139,11 +153,17 @@ async fn rpc_checks<T: Transport>(ts: &mut [T]) {
     let Some(mut one) = ts[0].rpc_endpoint() else {
         // This transport carries no application requests: nothing more to check.
         for t in ts.iter_mut() {
-            assert!(t.rpc_endpoint().is_none(), "RPC support must not differ between nodes");
+            assert!(
+                t.rpc_endpoint().is_none(),
+                "RPC support must not differ between nodes"
+            );
         }
         return;
     };
-    assert!(ts[0].rpc_endpoint().is_none(), "the RPC endpoint was handed out twice");
+    assert!(
+        ts[0].rpc_endpoint().is_none(),
+        "the RPC endpoint was handed out twice"
+    );
     let Some(mut two) = ts[1].rpc_endpoint() else {
         panic!("node 2 has no RPC endpoint while node 1 has one");
     };
@@ -165,13 +185,20 @@ async fn rpc_checks<T: Transport>(ts: &mut [T]) {
         async move {
             tokio::time::timeout(DELIVERY, c.call(to, body))
                 .await
-                .unwrap_or_else(|_| panic!("a request to node {to} got no answer within {DELIVERY:?}"))
+                .unwrap_or_else(|_| {
+                    panic!("a request to node {to} got no answer within {DELIVERY:?}")
+                })
         }
     };
-    let reply = call(2, b"abc").await.expect("a request to a healthy member");
+    let reply = call(2, b"abc")
+        .await
+        .expect("a request to a healthy member");
     let mut want = 1u64.to_be_bytes().to_vec();
     want.extend(b"cba");
-    assert_eq!(reply, want, "the reply did not come from node 2 answering node 1");
+    assert_eq!(
+        reply, want,
+        "the reply did not come from node 2 answering node 1"
+    );
     // Concurrent requests each get their own reply.
     let calls: Vec<_> = (0..20u8)
         .map(|i| tokio::spawn(call(2, &[i, i + 1])))
@@ -180,7 +207,11 @@ async fn rpc_checks<T: Transport>(ts: &mut [T]) {
         let mut want = 1u64.to_be_bytes().to_vec();
         want.extend([i + 1, i]);
         let r = r.await.expect("the request task");
-        assert_eq!(r.expect("a concurrent request"), want, "replies were mixed up");
+        assert_eq!(
+            r.expect("a concurrent request"),
+            want,
+            "replies were mixed up"
+        );
     }
     match call(99, b"x").await {
         Err(RpcError::UnknownPeer(99)) | Err(RpcError::Unreachable(99)) => {}
@@ -191,8 +222,14 @@ async fn rpc_checks<T: Transport>(ts: &mut [T]) {
         other => panic!("a request dropped unanswered must be reported broken, got {other:?}"),
     }
     // The link still works afterwards.
-    assert!(call(2, b"again").await.is_ok(), "the link broke after a dropped request");
+    assert!(
+        call(2, b"again").await.is_ok(),
+        "the link broke after a dropped request"
+    );
     // Node 1's inbound side stays quiet: nothing was addressed to it.
-    assert!(one.inbound.try_recv().is_err(), "node 1 received a request nobody sent it");
+    assert!(
+        one.inbound.try_recv().is_err(),
+        "node 1 received a request nobody sent it"
+    );
     server.abort();
 }

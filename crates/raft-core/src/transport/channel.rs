@@ -31,10 +31,7 @@ impl NetState {
         if hi.is_zero() {
             return Duration::ZERO;
         }
-        Duration::from_micros(
-            self.rng
-                .u64(lo.as_micros() as u64..=hi.as_micros() as u64),
-        )
+        Duration::from_micros(self.rng.u64(lo.as_micros() as u64..=hi.as_micros() as u64))
     }
 }
 
@@ -241,7 +238,10 @@ impl PeerRpc for ChannelRpc {
             .await
             .map_err(|_| RpcError::Broken(to, "no reply".into()))?;
         if self.net.lock().blocked.contains(&(to, self.id)) {
-            return Err(RpcError::Broken(to, "the link was cut before the reply".into()));
+            return Err(RpcError::Broken(
+                to,
+                "the link was cut before the reply".into(),
+            ));
         }
         Ok(answer)
     }

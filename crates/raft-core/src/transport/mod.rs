@@ -120,5 +120,3 @@ impl std::fmt::Debug for RpcEndpoint {
         f.debug_struct("RpcEndpoint").finish_non_exhaustive()
     }
 }
-
-

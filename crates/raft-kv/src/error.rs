@@ -1,0 +1,95 @@
+//! The store's one error type. Its texts say what went wrong; the Redis
+//! edge (`resp::error_reply`) picks the reply code (`ERR`, `TRYAGAIN`,
+//! `UNKNOWN`, ...) and is the only place that spells a Redis error.
+
+use serde::{Deserialize, Serialize};
+
+/// Why a command got no value. Travels between nodes with forwarded writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum KvError {
+    /// A value that must be an integer is not one.
+    #[error("value is not an integer or out of range")]
+    NotAnInteger,
+    /// INCR/INCRBY/DECR would leave the i64 range.
+    #[error("increment or decrement would overflow")]
+    Overflow,
+    /// DECRBY with i64::MIN.
+    #[error("decrement would overflow")]
+    DecrementOverflow,
+    /// The command has the wrong number of arguments (its name, lowercase).
+    #[error("wrong number of arguments for '{0}' command")]
+    WrongArity(String),
+    /// An option is not understood.
+    #[error("syntax error")]
+    Syntax,
+    /// No such command.
+    #[error("unknown command '{name}', with args beginning with: {args}")]
+    UnknownCommand {
+        /// The name as sent.
+        name: String,
+        /// The first arguments, quoted.
+        args: String,
+    },
+    /// AUTH while no password is configured.
+    #[error("AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?")]
+    NoPasswordSet,
+    /// AUTH with the wrong password.
+    #[error("invalid username-password pair or user is disabled.")]
+    WrongPassword,
+    /// A command before AUTH.
+    #[error("Authentication required.")]
+    AuthRequired,
+    /// The command is larger than the log takes; nothing was written.
+    #[error("command too large: {size} bytes encoded, the limit is {max} bytes (max-entry-bytes); nothing was written")]
+    TooLarge {
+        /// The encoded size.
+        size: usize,
+        /// `max_entry_bytes`.
+        max: usize,
+    },
+    /// This node stopped (a failed disk or state machine).
+    #[error("this node has stopped ({0}); it serves nothing until it is restarted")]
+    Stopped(String),
+    /// No leader within the wait; nothing was written.
+    #[error("no leader is available; try again")]
+    NoLeader,
+    /// Known not applied (refused, replaced, or never sent); retry.
+    #[error("{0}")]
+    NotApplied(String),
+    /// The write may or may not have been applied.
+    #[error("the write's outcome is unknown ({0}); it may or may not have been applied")]
+    Unknown(String),
+    /// An entry at or below the applied index came again (never applied twice).
+    #[error("already applied")]
+    AlreadyApplied,
+    /// The state machine's storage failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// Raft refused the proposal for another reason.
+    #[error("{0}")]
+    Raft(String),
+    /// A bug: something that cannot happen did.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl KvError {
+    /// True when a write failed in a way that must stop the writes queued
+    /// behind it (their order would no longer hold): its outcome is unknown
+    /// or it was not applied.
+    pub fn stops_pipeline(&self) -> bool {
+        matches!(
+            self,
+            KvError::Unknown(_) | KvError::NoLeader | KvError::NotApplied(_)
+        )
+    }
+}
+
+impl From<sled::Error> for KvError {
+    fn from(e: sled::Error) -> Self {
+        KvError::Storage(e.to_string())
+    }
+}
+
+/// A command's result.
+pub type Reply = Result<crate::command::Value, KvError>;

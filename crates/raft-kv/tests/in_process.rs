@@ -1,0 +1,212 @@
+//! raft-kv on raft-core's in-process `ChannelNetwork` and `MemLogStore`:
+//! the store runs on any transport and log store. Writes through any node,
+//! typed errors across forwarding, linearizable reads, a partitioned
+//! leader, and the Redis edge over a real socket.
+
+use raft_core::{ChannelNetwork, Config, MemLogStore, NodeId};
+use raft_kv::command::{ReadCmd, SetCond, Value, WriteCmd};
+use raft_kv::error::KvError;
+use raft_kv::node::KvNode;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Cluster {
+    net: ChannelNetwork,
+    nodes: BTreeMap<NodeId, Arc<KvNode>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster(max_entry_bytes: usize) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let net = ChannelNetwork::new();
+    let ids = [1, 2, 3];
+    let mut nodes = BTreeMap::new();
+    for id in ids {
+        let mut rc = Config::new(id);
+        for p in ids.iter().filter(|&&p| p != id) {
+            rc.add_peer(*p).unwrap();
+        }
+        rc.max_entry_bytes = max_entry_bytes;
+        let sm = dir.path().join(format!("sm-{id}"));
+        let node = KvNode::start_with(rc, &sm, MemLogStore::new(), net.join(id))
+            .await
+            .unwrap();
+        nodes.insert(id, node);
+    }
+    Cluster {
+        net,
+        nodes,
+        _dir: dir,
+    }
+}
+
+impl Cluster {
+    async fn leader(&self, among: &[NodeId]) -> NodeId {
+        for _ in 0..400 {
+            for &id in among {
+                if self.nodes[&id].info().contains("role:leader") {
+                    return id;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no leader among {among:?}");
+    }
+
+    async fn shutdown(self) {
+        for n in self.nodes.values() {
+            n.shutdown().await;
+        }
+    }
+}
+
+fn set(k: &str, v: &str) -> WriteCmd {
+    WriteCmd::Set {
+        key: k.into(),
+        value: v.into(),
+        cond: SetCond::Always,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_through_any_node_and_linearizable_reads_everywhere() {
+    let c = cluster(1024).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    let followers: Vec<NodeId> = [1, 2, 3].into_iter().filter(|&i| i != leader).collect();
+    // A follower forwards; the reply comes back typed.
+    let r = c.nodes[&followers[0]]
+        .write(vec![set("a", "1"), WriteCmd::IncrBy("a".into(), 41)])
+        .await;
+    assert_eq!(r, vec![Ok(Value::Ok), Ok(Value::Int(42))]);
+    // The other follower reads it at once (read index through the leader).
+    let got = c.nodes[&followers[1]]
+        .read(&ReadCmd::Get(b"a".to_vec()))
+        .await;
+    assert_eq!(got, Ok(Value::Bulk(b"42".to_vec())));
+    // Domain errors travel through forwarding as errors, not as texts.
+    let r = c.nodes[&followers[1]]
+        .write(vec![set("s", "x"), WriteCmd::IncrBy("s".into(), 1)])
+        .await;
+    assert_eq!(r, vec![Ok(Value::Ok), Err(KvError::NotAnInteger)]);
+    // MSET and MGET: one batch, one view.
+    let pairs = vec![
+        (b"m1".to_vec(), b"x".to_vec()),
+        (b"m2".to_vec(), b"x".to_vec()),
+    ];
+    assert_eq!(
+        c.nodes[&leader].write(vec![WriteCmd::MSet(pairs)]).await,
+        vec![Ok(Value::Ok)]
+    );
+    let got = c.nodes[&followers[0]]
+        .read(&ReadCmd::MGet(vec![b"m1".to_vec(), b"m2".to_vec()]))
+        .await;
+    assert_eq!(
+        got,
+        Ok(Value::Array(vec![Some(b"x".to_vec()), Some(b"x".to_vec())]))
+    );
+    // Too large for the log: refused on a follower before anything is proposed.
+    let big = c.nodes[&followers[0]]
+        .write(vec![set("big", &"x".repeat(2000)), set("b", "2")])
+        .await;
+    assert!(
+        matches!(big[0], Err(KvError::TooLarge { max: 1024, .. })),
+        "{big:?}"
+    );
+    assert_eq!(big[1], Ok(Value::Ok));
+    let got = c.nodes[&leader]
+        .read(&ReadCmd::Exists(vec![b"big".to_vec(), b"b".to_vec()]))
+        .await;
+    assert_eq!(got, Ok(Value::Int(1)));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_leader_serves_nothing_and_the_majority_goes_on() {
+    let c = cluster(1 << 20).await;
+    let old = c.leader(&[1, 2, 3]).await;
+    assert_eq!(
+        c.nodes[&old].write(vec![set("k", "before")]).await,
+        vec![Ok(Value::Ok)]
+    );
+    c.net.isolate(old);
+    let rest: Vec<NodeId> = [1, 2, 3].into_iter().filter(|&i| i != old).collect();
+    // The cut-off leader cannot confirm a read or commit a write.
+    let read = c.nodes[&old].read(&ReadCmd::Get(b"k".to_vec())).await;
+    assert!(
+        read.is_err(),
+        "a partitioned leader answered a read: {read:?}"
+    );
+    let new = c.leader(&rest).await;
+    let w = c.nodes[&rest.iter().copied().find(|&i| i != new).unwrap()]
+        .write(vec![set("k", "after")])
+        .await;
+    assert_eq!(w, vec![Ok(Value::Ok)]);
+    let w = c.nodes[&old].write(vec![set("k", "lost")]).await;
+    assert!(
+        matches!(&w[0], Err(e) if e.stops_pipeline()),
+        "a write on the minority side must not succeed: {w:?}"
+    );
+    c.net.heal();
+    for id in [1, 2, 3] {
+        let mut got = Err(KvError::NoLeader);
+        for _ in 0..100 {
+            got = c.nodes[&id].read(&ReadCmd::Get(b"k".to_vec())).await;
+            if got.is_ok() {
+                break;
+            }
+        }
+        assert_eq!(got, Ok(Value::Bulk(b"after".to_vec())), "node {id}");
+    }
+    c.shutdown().await;
+}
+
+async fn ask(sock: &mut tokio::net::TcpStream, req: &str) -> String {
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while raft_kv::resp::reply_len(&got).is_none() {
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_edge_spells_each_error_once() {
+    let c = cluster(1 << 20).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(raft_kv::server::serve(
+        listener,
+        c.nodes[&leader].clone(),
+        Some("pw".into()),
+    ));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(
+        ask(&mut s, "GET a\r\n").await,
+        "-NOAUTH Authentication required.\r\n"
+    );
+    assert!(ask(&mut s, "AUTH nope\r\n")
+        .await
+        .starts_with("-WRONGPASS "));
+    assert_eq!(ask(&mut s, "AUTH pw\r\n").await, "+OK\r\n");
+    assert_eq!(ask(&mut s, "SET a 1\r\n").await, "+OK\r\n");
+    assert_eq!(ask(&mut s, "INCR a\r\n").await, ":2\r\n");
+    assert_eq!(ask(&mut s, "GET a\r\n").await, "$1\r\n2\r\n");
+    assert_eq!(
+        ask(&mut s, "GET\r\n").await,
+        "-ERR wrong number of arguments for 'get' command\r\n"
+    );
+    assert_eq!(
+        ask(&mut s, "NOPE x\r\n").await,
+        "-ERR unknown command 'NOPE', with args beginning with: 'x' \r\n"
+    );
+    assert_eq!(ask(&mut s, "SET a 1 XY\r\n").await, "-ERR syntax error\r\n");
+    assert_eq!(ask(&mut s, "PING\r\n").await, "+PONG\r\n");
+    server.abort();
+    c.shutdown().await;
+}
