@@ -62,7 +62,7 @@ impl Cluster {
             while let Some(m) = self.wire.pop_front() {
                 any = true;
                 let to = m.to;
-                self.nodes.get_mut(&to).unwrap().handle_message(m);
+                self.nodes.get_mut(&to).unwrap().handle_message(self.now, m);
             }
             if !any {
                 return;

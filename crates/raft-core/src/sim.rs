@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::engine::{Engine, InitialState};
 use crate::message::Message;
 use crate::mutation::Mutation;
-use crate::types::{Entry, HardState, LogId, LogIndex, Membership, NodeId, Role, Term};
+use crate::types::{Entry, HardState, LogId, LogIndex, Membership, NodeId, Term};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -979,7 +979,7 @@ impl Sim {
                     let now = self.now;
                     if let Some(e) = self.nodes.get_mut(&to).and_then(|n| n.engine.as_mut()) {
                         e.tick(now);
-                        e.handle_message(m);
+                        e.handle_message(now, m);
                         self.stats.messages_delivered += 1;
                         self.pump(to);
                     }
@@ -1128,21 +1128,6 @@ impl Sim {
         self.stats.committed = self.committed.len() as LogIndex;
         self.stats.virtual_time = self.now;
         Ok(self.stats)
-    }
-
-    /// The durable log of a node (tests inspect it).
-    #[allow(dead_code)]
-    pub(crate) fn durable_log(&self, id: NodeId) -> Vec<Entry> {
-        self.nodes[&id].log.iter().map(|(e, _)| e.clone()).collect()
-    }
-
-    /// The role of each live node.
-    #[allow(dead_code)]
-    pub(crate) fn roles(&self) -> BTreeMap<NodeId, Role> {
-        self.nodes
-            .iter()
-            .filter_map(|(&id, n)| n.engine.as_ref().map(|e| (id, e.role())))
-            .collect()
     }
 }
 

@@ -27,7 +27,7 @@
 //! damaged files; the panic is caught and reported as corruption.
 //!
 //! ```no_run
-//! use raft_core::{LogStore, node::{Config, Raft}};
+//! use raft_core::{Config, LogStore, Raft};
 //! use raft_log::SledLogStore;
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = SledLogStore::open("/var/lib/mynode/raft-log")?;

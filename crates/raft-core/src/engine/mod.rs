@@ -19,6 +19,7 @@
 mod interface;
 mod log;
 mod progress;
+mod read_queue;
 
 #[cfg(test)]
 mod tests;
@@ -32,16 +33,9 @@ use crate::types::{
 pub use interface::{EngineError, InitialState, NotLeader, ProposeError, ReadResult, Ready};
 use log::RaftLog;
 use progress::{Progress, ReplState};
+use read_queue::ReadQueue;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-
-#[derive(Debug, Clone, Copy)]
-struct PendingRead {
-    ctx: u64,
-    index: LogIndex,
-    /// The heartbeat round whose quorum confirms leadership; `None` until one is started.
-    round: Option<u64>,
-}
 
 /// One Raft node's protocol state. See the module docs.
 #[derive(Debug)]
@@ -73,16 +67,12 @@ pub struct Engine {
 
     votes: BTreeMap<NodeId, bool>,
     progress: BTreeMap<NodeId, Progress>,
-    round: u64,
-    reads: Vec<PendingRead>,
-    reads_before_commit: Vec<u64>,
+    reads: ReadQueue,
 
     need_broadcast: bool,
-    need_read_round: bool,
     hard_state_dirty: bool,
     messages: Vec<Message>,
     persisted_messages: Vec<Message>,
-    read_results: Vec<ReadResult>,
     /// The application has stored the effects of every entry up to here.
     released: LogIndex,
     /// Every member is known to hold the log up to here (never decreases:
@@ -176,15 +166,11 @@ impl Engine {
             last_leader_contact: None,
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
-            round: 0,
-            reads: Vec::new(),
-            reads_before_commit: Vec::new(),
+            reads: ReadQueue::default(),
             need_broadcast: false,
-            need_read_round: false,
             hard_state_dirty: false,
             messages: Vec::new(),
             persisted_messages: Vec::new(),
-            read_results: Vec::new(),
             released: purged.index,
             peer_safe: purged.index,
             pending_purge: None,
@@ -231,7 +217,8 @@ impl Engine {
         self.log.applied
     }
     /// The highest index known durable locally.
-    pub fn durable_index(&self) -> LogIndex {
+    #[cfg(test)]
+    pub(crate) fn durable_index(&self) -> LogIndex {
         self.log.durable
     }
     /// The last entry's id.
@@ -277,14 +264,6 @@ impl Engine {
             })
             .collect::<Vec<_>>()
             .join("; ")
-    }
-
-    /// The leader's view of each follower's match index (empty on followers).
-    pub fn match_indexes(&self) -> BTreeMap<NodeId, LogIndex> {
-        self.progress
-            .iter()
-            .map(|(&id, p)| (id, p.match_index))
-            .collect()
     }
 
     // ----- inputs ----------------------------------------------------------
@@ -411,17 +390,10 @@ impl Engine {
                 leader: self.leader,
             });
         }
-        if self.log.term(self.log.committed()) != Some(self.term) {
-            // A new leader does not know the commit index until its no-op commits.
-            self.reads_before_commit.push(ctx);
-        } else {
-            self.reads.push(PendingRead {
-                ctx,
-                index: self.log.committed(),
-                round: None,
-            });
-            self.need_read_round = true;
-        }
+        // A new leader does not know the commit index until its no-op commits.
+        let committed = self.log.committed();
+        let known = (self.log.term(committed) == Some(self.term)).then_some(committed);
+        self.reads.push(ctx, known);
         self.check_reads();
         Ok(())
     }
@@ -447,10 +419,12 @@ impl Engine {
         }
     }
 
-    /// Handles a message from a peer. Messages not addressed to this node, from
-    /// unknown nodes, or malformed are dropped. Call [`Engine::tick`] with the
-    /// current time first: the engine stamps leader contact with its clock.
-    pub fn handle_message(&mut self, msg: Message) {
+    /// Handles a message from a peer that arrived at `now` (the engine's
+    /// clock moves to it, never back; timers fire only in [`Engine::tick`]).
+    /// Messages not addressed to this node, from unknown nodes, or malformed
+    /// are dropped.
+    pub fn handle_message(&mut self, now: Duration, msg: Message) {
+        self.now = self.now.max(now);
         if msg.to != self.id || msg.from == self.id {
             tracing::warn!(
                 node = self.id,
@@ -559,10 +533,10 @@ impl Engine {
     pub fn has_ready(&self) -> bool {
         self.hard_state_dirty
             || self.need_broadcast
-            || self.need_read_round
+            || self.reads.needs_round()
             || !self.messages.is_empty()
             || !self.persisted_messages.is_empty()
-            || !self.read_results.is_empty()
+            || self.reads.has_results()
             || self.log.committed().min(self.log.durable) > self.log.applied
             || self.log.has_storage_ops()
             || self.pending_purge.is_some()
@@ -575,13 +549,13 @@ impl Engine {
                 self.need_broadcast = false;
                 self.broadcast_append();
             }
-            if self.need_read_round {
-                self.need_read_round = false;
+            if self.reads.needs_round() {
+                self.reads.clear_need();
                 self.start_read_round();
             }
         } else {
             self.need_broadcast = false;
-            self.need_read_round = false;
+            self.reads.clear_need();
         }
         let (truncate_from, entries) = self.log.take_storage_ops();
         let hard_state = if self.hard_state_dirty {
@@ -627,7 +601,7 @@ impl Engine {
             messages,
             persisted_messages,
             committed,
-            reads: std::mem::take(&mut self.read_results),
+            reads: self.reads.take_results(),
             membership: match self.pending_purge {
                 Some(_) if self.base_membership_dirty => {
                     self.base_membership_dirty = false;
@@ -668,7 +642,7 @@ impl Engine {
             self.hard_state_dirty = true;
         }
         if self.role == Role::Leader {
-            self.fail_reads();
+            self.reads.fail_all();
             self.progress.clear();
         }
         if self.role != Role::Follower || self.leader != leader {
@@ -706,7 +680,7 @@ impl Engine {
                 return;
             };
             if self.role == Role::Leader {
-                self.fail_reads();
+                self.reads.fail_all();
                 self.progress.clear();
             }
             self.role = Role::Candidate;
@@ -1204,12 +1178,13 @@ impl Engine {
             return;
         };
         pr.recent_active = true;
+        let latest = self.reads.round();
         let round = if broken(Mutation::AnyHeartbeatConfirmsRead) {
-            self.round
+            latest
         } else {
             round
         };
-        pr.round_acked = pr.round_acked.max(round.min(self.round));
+        pr.round_acked = pr.round_acked.max(round.min(latest));
         let lagging = pr.match_index < last;
         if pr.state == ReplState::Probe {
             pr.paused = false;
@@ -1236,10 +1211,7 @@ impl Engine {
                 }
             }
         }
-        self.round += 1;
-        for r in self.reads.iter_mut().filter(|r| r.round.is_none()) {
-            r.round = Some(self.round);
-        }
+        self.reads.next_round();
         self.broadcast_heartbeat();
         self.maybe_compact();
     }
@@ -1257,7 +1229,7 @@ impl Engine {
             } else {
                 self.log.committed().min(m)
             };
-            let round = self.round;
+            let round = self.reads.round();
             self.send(
                 p,
                 MessageBody::Heartbeat {
@@ -1437,15 +1409,7 @@ impl Engine {
         for p in peers {
             self.send_append(p, true);
         }
-        if !self.reads_before_commit.is_empty() && self.log.term(n) == Some(self.term) {
-            for ctx in std::mem::take(&mut self.reads_before_commit) {
-                self.reads.push(PendingRead {
-                    ctx,
-                    index: n,
-                    round: None,
-                });
-            }
-            self.need_read_round = true;
+        if self.log.term(n) == Some(self.term) && self.reads.leader_committed(n) {
             self.check_reads();
         }
     }
@@ -1453,24 +1417,22 @@ impl Engine {
     // ----- linearizable reads ----------------------------------------------
 
     fn start_read_round(&mut self) {
-        if self.reads.iter().all(|r| r.round.is_some()) {
+        if self.reads.all_in_round() {
             return;
         }
-        self.round += 1;
-        for r in self.reads.iter_mut().filter(|r| r.round.is_none()) {
-            r.round = Some(self.round);
-        }
+        self.reads.next_round();
         self.broadcast_heartbeat();
         self.check_reads();
     }
 
+    /// Answers the reads whose round a quorum has confirmed.
     fn check_reads(&mut self) {
         if self.reads.is_empty() {
             return;
         }
         let id = self.id;
         let progress = &self.progress;
-        let round = self.round;
+        let round = self.reads.round();
         // The highest round a majority has confirmed (this node confirms every round).
         let confirmed = self.membership.committed_value(|v| {
             if v == id {
@@ -1481,34 +1443,6 @@ impl Engine {
         });
         let single = (self.membership.voters.len() == 1 && self.membership.contains(id))
             || broken(Mutation::ReadWithoutQuorum);
-        let mut keep = Vec::new();
-        for r in std::mem::take(&mut self.reads) {
-            let done = single || r.round.is_some_and(|rr| rr <= confirmed);
-            if done {
-                self.read_results.push(ReadResult {
-                    ctx: r.ctx,
-                    result: Ok(r.index),
-                });
-            } else {
-                keep.push(r);
-            }
-        }
-        self.reads = keep;
-    }
-
-    fn fail_reads(&mut self) {
-        let leader = NotLeader { leader: None };
-        for r in std::mem::take(&mut self.reads) {
-            self.read_results.push(ReadResult {
-                ctx: r.ctx,
-                result: Err(leader),
-            });
-        }
-        for ctx in std::mem::take(&mut self.reads_before_commit) {
-            self.read_results.push(ReadResult {
-                ctx,
-                result: Err(leader),
-            });
-        }
+        self.reads.confirm(confirmed, single);
     }
 }

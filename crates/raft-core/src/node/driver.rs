@@ -218,7 +218,7 @@ impl Driver {
                     break Err(e.into());
                 }
                 Wake::Request(r) => self.handle_request(r),
-                Wake::Message(m) => self.engine.handle_message(m),
+                Wake::Message(m) => self.engine.handle_message(now, m),
                 Wake::Timer => {}
             }
             // Take everything else already waiting: one turn, one durable write.
@@ -226,7 +226,7 @@ impl Driver {
                 tokio::select! {
                     biased;
                     Some(r) = self.req_rx.recv() => self.handle_request(r),
-                    Some(m) = self.transport.recv() => self.engine.handle_message(m),
+                    Some(m) = self.transport.recv() => self.engine.handle_message(self.now(), m),
                     _ = std::future::ready(()) => break,
                 }
             }

@@ -90,24 +90,34 @@ struct Inner {
 /// A handle on one Raft node. Cheap to clone; every clone drives the same node.
 ///
 /// ```no_run
-/// use raft_core::node::{ApplyMsg, Config, Raft};
-/// use raft_core::{ChannelNetwork, MemLogStore};
+/// use raft_core::{ApplyMsg, ChannelNetwork, Config, MemLogStore, Raft};
 ///
-/// # async fn demo() -> Result<(), raft_core::node::Error> {
+/// # async fn demo() -> Result<(), raft_core::Error> {
 /// let net = ChannelNetwork::new();
 /// let mut cfg = Config::new(1);
-/// cfg.add_peer(2, "node2")?.add_peer(3, "node3")?;
+/// cfg.add_peer(2)?.add_peer(3)?;
 /// let (apply_tx, mut apply_rx) = tokio::sync::mpsc::channel::<ApplyMsg>(100);
 /// let raft = Raft::new(cfg, MemLogStore::new(), net.join(1), apply_tx)?;
 /// raft.start().await?;
 /// tokio::spawn(async move {
 ///     while let Some(msg) = apply_rx.recv().await {
-///         if msg.command_valid { /* apply msg.command */ }
+///         if msg.command_valid {
+///             let applied = msg.command.len(); // apply msg.command here
+///             // The node that proposed it waits for this answer.
+///             if let Some(r) = msg.responder {
+///                 r.answer(applied);
+///             }
+///         }
 ///     }
 /// });
 /// if raft.is_leader() {
-///     let (index, term) = raft.submit(b"SET key value".to_vec()).await?;
-///     raft.wait_committed(index, term).await?;
+///     // The seed's Submit: (index, term), nobody waits.
+///     let (_index, _term) = raft.submit(b"SET key value".to_vec()).await?;
+///     // Or propose and wait for the application's answer.
+///     for p in raft.propose(vec![b"SET other value".to_vec()]).await? {
+///         let answer: Option<usize> = p.outcome().await?;
+///         assert_eq!(answer, Some(15));
+///     }
 /// }
 /// # Ok(()) }
 /// ```
