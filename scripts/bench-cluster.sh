@@ -3,11 +3,14 @@
 # separate processes) and runs the load generator against it.
 #
 # Usage: scripts/bench-cluster.sh [SECS]
+#   BIN=path/to/raft-kv scripts/bench-cluster.sh 5   (compare two builds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
-cargo build --release -q -p raft-kv
-bin=target/release/raft-kv
+if [ -z "${BIN:-}" ]; then
+  cargo build --release -q -p raft-kv
+fi
+bin=${BIN:-target/release/raft-kv}
 dir=$(mktemp -d /tmp/raft-kv-bench.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }

@@ -870,18 +870,13 @@ mod tests {
         assert!(matches!(check(&h), Err(CheckError::NotLinearizable(_))));
     }
 
-    /// A small deterministic generator (splitmix64).
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
+    /// Draws in `[0, n)` from a seeded generator (`n` > 0).
+    trait Below {
+        fn below(&mut self, n: u64) -> u64;
+    }
+    impl Below for fastrand::Rng {
         fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
+            self.u64(0..n.max(1))
         }
     }
 
@@ -897,7 +892,7 @@ mod tests {
             call: u64,
             done: bool,
         }
-        let mut rng = Rng(seed);
+        let mut rng = fastrand::Rng::with_seed(seed);
         let mut state: HashMap<String, String> = HashMap::new();
         let mut slots: Vec<Option<Pending>> = vec![None; clients];
         let mut zombies: Vec<Pending> = Vec::new();

@@ -16,7 +16,7 @@
 //! durable and networked ones.
 #![deny(missing_docs)]
 
-pub mod config;
+mod config;
 pub mod engine;
 pub mod message;
 pub(crate) mod mutation;

@@ -119,11 +119,12 @@ fn refused(e: &RaftError) -> KvError {
     }
 }
 
-/// Waits for a proposal's result.
-async fn settle(p: Proposal) -> Reply {
-    match timeout(COMMIT_WAIT, p.outcome::<Reply>()).await {
+/// Waits for a proposal's result until `deadline`.
+async fn settle(p: Proposal, deadline: tokio::time::Instant) -> Reply {
+    match tokio::time::timeout_at(deadline, p.outcome::<Reply>()).await {
         Ok(Ok(Some(r))) => r,
-        Ok(Ok(None)) => Err(KvError::Internal("the state machine gave no answer".into())),
+        // Committed, but the answer was lost (the node stopped first).
+        Ok(Ok(None)) => Err(KvError::Unknown("the node stopped before answering".into())),
         Ok(Err(RaftError::Overwritten { .. })) => Err(KvError::NotApplied(
             "the write was replaced after a leader change and not applied; try again".into(),
         )),
@@ -443,9 +444,11 @@ impl KvNode {
             Err(RaftError::NotLeader { leader }) => return Err(leader),
             Err(e) => return Ok(vec![Err(refused(&e)); cmds.len()]),
         };
+        // One deadline for the batch: a slow entry does not multiply the wait.
+        let deadline = tokio::time::Instant::now() + COMMIT_WAIT;
         let mut out = Vec::with_capacity(proposals.len());
         for p in proposals {
-            out.push(settle(p).await);
+            out.push(settle(p, deadline).await);
         }
         Ok(out)
     }

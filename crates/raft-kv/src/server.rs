@@ -74,6 +74,22 @@ impl Session<'_> {
     /// Runs one request; writes are queued in `pending`, anything that must
     /// observe them (a read) sends them first.
     async fn execute(&mut self, args: Vec<Vec<u8>>, pending: &mut Vec<Pending>, out: &mut Vec<u8>) {
+        // AUTH, then the AUTH requirement, then a stopped node's answer come
+        // before the command is even looked at: nothing about commands is
+        // revealed before AUTH, nor served by a stopped node.
+        let name = args
+            .first()
+            .map(|a| a.to_ascii_uppercase())
+            .unwrap_or_default();
+        let is_auth = name == b"AUTH";
+        if !is_auth && !self.authed {
+            return pending.push(Pending::Now(Err(KvError::AuthRequired)));
+        }
+        if !is_auth && name != b"INFO" {
+            if let Some(why) = self.node.stopped() {
+                return pending.push(Pending::Now(Err(KvError::Stopped(why))));
+            }
+        }
         let cmd = match Command::parse(args) {
             Ok(c) => c,
             Err(e) => return pending.push(Pending::Now(Err(e))),
@@ -88,15 +104,6 @@ impl Session<'_> {
                 Some(_) => Err(KvError::WrongPassword),
             };
             return pending.push(Pending::Now(r));
-        }
-        if !self.authed {
-            return pending.push(Pending::Now(Err(KvError::AuthRequired)));
-        }
-        // A stopped node says so to every command but INFO (which shows why).
-        if !matches!(cmd, Command::Info) {
-            if let Some(why) = self.node.stopped() {
-                return pending.push(Pending::Now(Err(KvError::Stopped(why))));
-            }
         }
         let r = match cmd {
             Command::Ping(None) => Ok(Value::Status("PONG".into())),

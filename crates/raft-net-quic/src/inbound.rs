@@ -113,7 +113,11 @@ async fn handle_rpc(
                 }
             }
         }
-        None => Vec::new(),
+        // Nobody takes requests yet: the caller learns it was not handled.
+        None => {
+            let _ = send.reset(wire::ERR_PROTOCOL);
+            return;
+        }
     };
     let Ok(len) = u32::try_from(reply.len()) else {
         return;

@@ -271,6 +271,7 @@ impl RaftLog {
             && self.term(id.index) == Some(id.term)
         {
             self.durable = id.index;
+            self.check();
             return true;
         }
         false
@@ -287,6 +288,30 @@ impl RaftLog {
         if let Some(last) = out.last() {
             self.applied = last.index;
         }
+        self.check();
         out
+    }
+
+    /// The log's invariants: applied <= committed (only committed entries
+    /// are handed out), durable <= last, delivered <= applied.
+    pub(crate) fn check(&self) {
+        debug_assert!(
+            self.applied <= self.committed || self.applied == self.purged.index,
+            "applied {} past committed {}",
+            self.applied,
+            self.committed
+        );
+        debug_assert!(
+            self.durable <= self.last_index(),
+            "durable {} past the last index {}",
+            self.durable,
+            self.last_index()
+        );
+        debug_assert!(
+            self.delivered <= self.applied,
+            "delivered {} past applied {}",
+            self.delivered,
+            self.applied
+        );
     }
 }

@@ -18,6 +18,7 @@
 
 mod interface;
 mod log;
+mod membership;
 mod progress;
 mod read_queue;
 
@@ -32,6 +33,7 @@ use crate::types::{
 };
 pub use interface::{EngineError, InitialState, NotLeader, ProposeError, ReadResult, Ready};
 use log::RaftLog;
+use membership::MembershipLog;
 use progress::{Progress, ReplState};
 use read_queue::ReadQueue;
 use std::collections::{BTreeMap, BTreeSet};
@@ -47,16 +49,8 @@ pub struct Engine {
     role: Role,
     leader: Option<NodeId>,
     log: RaftLog,
-    /// The membership at the compaction point.
-    base_membership: Membership,
-    /// Membership entries after the compaction point, in index order. The
-    /// latest one counts, committed or not (thesis §4.1); truncating it
-    /// reverts to the one before.
-    configs: Vec<(LogIndex, Membership)>,
-    /// The membership in force: the last of `configs`, else `base_membership`.
-    membership: Membership,
-    /// `base_membership` changed: store it with the next purge.
-    base_membership_dirty: bool,
+    /// The membership per log index; the latest counts, committed or not.
+    members: MembershipLog,
     rng: crate::rng::Rng,
     now: Duration,
 
@@ -103,7 +97,6 @@ impl Engine {
             membership: base_membership,
             applied,
         } = init;
-        let mut configs = Vec::new();
         let mut expect = purged.index + 1;
         let mut prev_term = purged.term;
         for e in &entries {
@@ -118,9 +111,6 @@ impl Engine {
                     "entry {} has term {} (previous {prev_term}, current term {})",
                     e.index, e.term, hard_state.term
                 )));
-            }
-            if let EntryPayload::Membership(m) = &e.payload {
-                configs.push((e.index, m.clone()));
             }
             prev_term = e.term;
             expect += 1;
@@ -144,9 +134,7 @@ impl Engine {
         } else {
             applied
         };
-        let membership = configs
-            .last()
-            .map_or_else(|| base_membership.clone(), |(_, m)| m.clone());
+        let members = MembershipLog::restore(base_membership, &entries);
         let mut e = Engine {
             id,
             term: hard_state.term,
@@ -154,10 +142,7 @@ impl Engine {
             role: Role::Follower,
             leader: None,
             log: RaftLog::restore(purged, entries, applied),
-            base_membership,
-            configs,
-            membership,
-            base_membership_dirty: false,
+            members,
             rng: crate::rng::Rng::with_seed(seed ^ id.rotate_left(17)),
             now,
             election_deadline: now,
@@ -231,7 +216,7 @@ impl Engine {
     }
     /// The membership in force.
     pub fn membership(&self) -> &Membership {
-        &self.membership
+        &self.members.current()
     }
     /// The term of the entry at `index`, if held.
     pub fn log_term(&self, index: LogIndex) -> Option<Term> {
@@ -289,7 +274,7 @@ impl Engine {
                 for p in self.progress.values_mut() {
                     p.recent_active = false;
                 }
-                if !self.membership.is_quorum(&active) {
+                if !self.members.current().is_quorum(&active) {
                     tracing::info!(
                         node = self.id,
                         term = self.term,
@@ -299,7 +284,7 @@ impl Engine {
                 }
             }
         } else if now >= self.election_deadline {
-            if self.membership.contains(self.id) {
+            if self.members.current().contains(self.id) {
                 self.campaign(self.cfg.pre_vote);
             } else {
                 self.reset_election_timer();
@@ -434,7 +419,7 @@ impl Engine {
             );
             return;
         }
-        if !self.membership.contains(msg.from) {
+        if !self.members.current().contains(msg.from) {
             tracing::warn!(
                 node = self.id,
                 from = msg.from,
@@ -603,11 +588,8 @@ impl Engine {
             committed,
             reads: self.reads.take_results(),
             membership: match self.pending_purge {
-                Some(_) if self.base_membership_dirty => {
-                    self.base_membership_dirty = false;
-                    Some(self.base_membership.clone())
-                }
-                _ => None,
+                Some(_) => self.members.take_new_base(),
+                None => None,
             },
             purge_to: self.pending_purge.take(),
         }
@@ -684,6 +666,7 @@ impl Engine {
                 self.progress.clear();
             }
             self.role = Role::Candidate;
+            debug_assert!(t > self.term, "terms never decrease");
             self.term = t;
             self.vote = Some(self.id);
             self.hard_state_dirty = true;
@@ -726,13 +709,13 @@ impl Engine {
             .filter(|(_, &g)| !g)
             .map(|(&id, _)| id)
             .collect();
-        if self.membership.is_quorum(&granted) {
+        if self.members.current().is_quorum(&granted) {
             match self.role {
                 Role::PreCandidate => self.campaign(false),
                 Role::Candidate => self.become_leader(),
                 _ => {}
             }
-        } else if self.membership.is_quorum(&rejected) {
+        } else if self.members.current().is_quorum(&rejected) {
             self.become_follower(self.term, None);
         }
     }
@@ -745,7 +728,8 @@ impl Engine {
         let next = self.log.last_index() + 1;
         let now = self.now;
         self.progress = self
-            .membership
+            .members
+            .current()
             .voters
             .iter()
             .filter(|&&id| id != self.id)
@@ -761,7 +745,8 @@ impl Engine {
     }
 
     fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.membership
+        self.members
+            .current()
             .voters
             .iter()
             .copied()
@@ -780,10 +765,7 @@ impl Engine {
 
     /// Appends to the log; a membership entry takes effect at once (§4.1).
     fn push_entry(&mut self, e: Entry) {
-        if let EntryPayload::Membership(m) = &e.payload {
-            self.configs.push((e.index, m.clone()));
-            self.membership = m.clone();
-        }
+        self.members.appended(&e);
         self.log.push(e);
     }
 
@@ -791,13 +773,8 @@ impl Engine {
     /// them stops counting, and the one before it is in force again.
     fn truncate_log(&mut self, index: LogIndex) {
         self.log.truncate_from(index);
-        if self.configs.last().is_some_and(|(i, _)| *i >= index) {
-            self.configs.retain(|(i, _)| *i < index);
-            self.membership = self
-                .configs
-                .last()
-                .map_or_else(|| self.base_membership.clone(), |(_, m)| m.clone());
-            tracing::info!(node = self.id, term = self.term, members = ?self.membership.voters, "membership entry truncated; reverted");
+        if self.members.truncated(index) {
+            tracing::info!(node = self.id, term = self.term, members = ?self.members.current().voters, "membership entry truncated; reverted");
         }
     }
 
@@ -1158,6 +1135,7 @@ impl Engine {
                 .max(self.log.purged().index + 1);
             pr.become_probe();
             pr.next_index = next;
+            pr.check();
             tracing::debug!(
                 node = self.id,
                 term = self.term,
@@ -1293,6 +1271,7 @@ impl Engine {
                         pr.last_progress = self.now;
                     }
                     pr.next_index = e.index + 1;
+                    pr.check();
                     pr.inflight.push_back(e.index);
                 }
             }
@@ -1355,14 +1334,8 @@ impl Engine {
         if let Some(id) = self.log.compact(upto) {
             tracing::debug!(node = self.id, upto = id.index, "log compacted");
             self.pending_purge = Some(id);
-            // Membership entries compacted away: the latest of them becomes the base.
-            let n = self.configs.partition_point(|(i, _)| *i <= id.index);
-            if n > 0 {
-                if let Some((_, m)) = self.configs.drain(..n).next_back() {
-                    self.base_membership = m;
-                    self.base_membership_dirty = true;
-                }
-            }
+            // Membership entries purged: the latest of them becomes the base.
+            self.members.purged(id.index);
         }
     }
 
@@ -1390,7 +1363,7 @@ impl Engine {
         };
         let id = self.id;
         let progress = &self.progress;
-        let n = self.membership.committed_value(|v| {
+        let n = self.members.current().committed_value(|v| {
             if v == id {
                 durable
             } else {
@@ -1434,14 +1407,15 @@ impl Engine {
         let progress = &self.progress;
         let round = self.reads.round();
         // The highest round a majority has confirmed (this node confirms every round).
-        let confirmed = self.membership.committed_value(|v| {
+        let confirmed = self.members.current().committed_value(|v| {
             if v == id {
                 round
             } else {
                 progress.get(&v).map_or(0, |p| p.round_acked)
             }
         });
-        let single = (self.membership.voters.len() == 1 && self.membership.contains(id))
+        let single = (self.members.current().voters.len() == 1
+            && self.members.current().contains(id))
             || broken(Mutation::ReadWithoutQuorum);
         self.reads.confirm(confirmed, single);
     }

@@ -57,6 +57,17 @@ impl Progress {
         }
     }
 
+    /// A follower's progress invariant: the next index to send is past
+    /// what it is known to hold.
+    pub(crate) fn check(&self) {
+        debug_assert!(
+            self.match_index < self.next_index,
+            "match {} not below next {}",
+            self.match_index,
+            self.next_index
+        );
+    }
+
     pub(crate) fn become_probe(&mut self) {
         self.state = ReplState::Probe;
         self.paused = false;
@@ -82,6 +93,7 @@ impl Progress {
             self.match_index = index;
             self.next_index = self.next_index.max(index + 1);
             self.last_progress = now;
+            self.check();
             true
         } else {
             false

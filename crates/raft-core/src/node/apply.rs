@@ -95,9 +95,11 @@ pub struct Proposal {
 }
 
 impl Proposal {
-    /// Waits until the entry has been applied and returns what the
-    /// application answered: `Ok(Some(value))` when it answered with a `T`,
-    /// `Ok(None)` when it dropped the responder or answered another type.
+    /// Waits until the entry has been committed and applied, and returns
+    /// what the application answered: `Ok(Some(value))` when it answered
+    /// with a `T`; `Ok(None)` when the entry committed but no answer came
+    /// (the application dropped the responder or answered another type, or
+    /// the node stopped before the application took the entry).
     /// `Error::Overwritten`: a later leader replaced the entry; it never
     /// applies. `Error::Stopped`: the node stopped first; the outcome is
     /// unknown.
@@ -118,12 +120,14 @@ impl Proposal {
 }
 
 /// The driver's waiters: one per proposal still on its way to the
-/// application, registered when the entry was appended.
+/// application, registered when the entry was appended. Several may share
+/// an index (a deposed leader's entry, then a later one's): which of them
+/// won is only known when that index commits.
 #[derive(Debug, Default)]
 pub(super) struct Waiters {
-    /// Index -> the entry's term, whether the application answers (else
-    /// the proposal resolves when the entry is handed over), the waiter.
-    by_index: BTreeMap<LogIndex, (Term, bool, AnswerTx)>,
+    /// Index -> (the entry's term, whether the application answers (else
+    /// the hand-over resolves it), the waiter).
+    by_index: BTreeMap<LogIndex, Vec<(Term, bool, AnswerTx)>>,
 }
 
 impl Waiters {
@@ -131,32 +135,60 @@ impl Waiters {
     /// `answered`: the application's answer resolves it, else the hand-over.
     pub(super) fn register(&mut self, index: LogIndex, term: Term, answered: bool) -> Proposal {
         let (tx, rx) = oneshot::channel();
-        // An older waiter at the same index lost its entry to this one.
-        if let Some((t, _, old)) = self.by_index.insert(index, (term, answered, tx)) {
-            let _ = old.send(Err(Error::Overwritten { index, term: t }));
-        }
+        self.by_index
+            .entry(index)
+            .or_default()
+            .push((term, answered, tx));
         Proposal { index, term, rx }
     }
 
-    /// The responder for a committed entry, if it was proposed here. A
-    /// waiter for another term at this index lost its entry.
+    /// The responder for a committed entry, if it was proposed here. The
+    /// waiters of other terms at this index lost their entry for good.
     pub(super) fn take(&mut self, index: LogIndex, term: Term) -> Option<Responder> {
-        let (t, answered, tx) = self.by_index.remove(&index)?;
-        if t != term {
-            let _ = tx.send(Err(Error::Overwritten { index, term: t }));
-            None
-        } else if answered {
-            Some(Responder { tx: Some(tx) })
-        } else {
-            let _ = tx.send(Ok(None));
-            None
+        let mut won = None;
+        for (t, answered, tx) in self.by_index.remove(&index)? {
+            if t != term {
+                let _ = tx.send(Err(Error::Overwritten { index, term: t }));
+            } else if answered {
+                won = Some(Responder { tx: Some(tx) });
+            } else {
+                let _ = tx.send(Ok(None));
+            }
+        }
+        won
+    }
+
+    /// (`index`, `term`) committed: a waiter further on with an older term
+    /// can never commit (a log holding it would hold a term no newer than
+    /// its own at `index`), so it fails now rather than when its index
+    /// fills up, which could take forever on an idle cluster.
+    pub(super) fn committed(&mut self, index: LogIndex, term: Term) {
+        let mut emptied = Vec::new();
+        for (&i, ws) in self.by_index.range_mut(index + 1..) {
+            ws.retain_mut(|(t, _, tx)| {
+                if *t >= term {
+                    return true;
+                }
+                let (dead, _) = oneshot::channel();
+                let tx = std::mem::replace(tx, dead);
+                let _ = tx.send(Err(Error::Overwritten { index: i, term: *t }));
+                false
+            });
+            if ws.is_empty() {
+                emptied.push(i);
+            }
+        }
+        for i in emptied {
+            self.by_index.remove(&i);
         }
     }
 
     /// Fails every waiter: the node stopped.
     pub(super) fn fail_all(&mut self, why: &str) {
-        for (_, (_, _, tx)) in std::mem::take(&mut self.by_index) {
-            let _ = tx.send(Err(Error::Stopped(why.to_string())));
+        for (_, ws) in std::mem::take(&mut self.by_index) {
+            for (_, _, tx) in ws {
+                let _ = tx.send(Err(Error::Stopped(why.to_string())));
+            }
         }
     }
 }
@@ -230,5 +262,48 @@ pub(super) async fn applier(
             applied.store(idx, Ordering::Release);
             queued.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which of two proposals at one index wins is decided when the index
+    /// commits, not when the second is made: a deposed leader's entry may
+    /// still commit through another leader.
+    #[tokio::test]
+    async fn the_entry_that_commits_decides_which_waiter_wins() {
+        let mut w = Waiters::default();
+        let older = w.register(5, 1, true);
+        let newer = w.register(5, 3, true);
+        let r = w.take(5, 1).expect("the older entry committed");
+        r.answer(7u32);
+        assert_eq!(older.outcome::<u32>().await, Ok(Some(7)));
+        assert_eq!(
+            newer.outcome::<u32>().await,
+            Err(Error::Overwritten { index: 5, term: 3 })
+        );
+    }
+
+    /// A commit of a newer term fails the older-term waiters beyond it at
+    /// once; waiters of its own term wait for their index.
+    #[tokio::test]
+    async fn a_newer_commit_fails_older_waiters_beyond_it() {
+        let mut w = Waiters::default();
+        let stale = w.register(9, 2, true);
+        let current = w.register(8, 3, false);
+        w.committed(7, 3);
+        let waited = std::time::Duration::from_millis(100);
+        assert_eq!(
+            tokio::time::timeout(waited, stale.outcome::<()>()).await,
+            Ok(Err(Error::Overwritten { index: 9, term: 2 })),
+            "the stale waiter must be failed by the commit, not left waiting"
+        );
+        assert!(
+            w.take(8, 3).is_none(),
+            "resolved at hand-over, no responder"
+        );
+        assert_eq!(current.committed().await, Ok(8));
     }
 }

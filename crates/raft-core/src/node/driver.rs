@@ -402,9 +402,10 @@ impl Driver {
     }
 
     fn deliver(&mut self, committed: Vec<Entry>) {
-        let Some(last) = committed.last().map(|e| e.index) else {
+        let Some((last, last_term)) = committed.last().map(|e| (e.index, e.term)) else {
             return;
         };
+        self.waiters.committed(last, last_term);
         let msgs = committed
             .into_iter()
             .map(|e| {
