@@ -49,7 +49,7 @@ impl MembershipLog {
     /// Entries from `index` on were removed; true when the membership in
     /// force reverted.
     pub(super) fn truncated(&mut self, index: LogIndex) -> bool {
-        if !self.entries.last().is_some_and(|(i, _)| *i >= index) {
+        if self.entries.last().is_none_or(|(i, _)| *i < index) {
             return false;
         }
         self.entries.retain(|(i, _)| *i < index);

@@ -216,7 +216,7 @@ impl Engine {
     }
     /// The membership in force.
     pub fn membership(&self) -> &Membership {
-        &self.members.current()
+        self.members.current()
     }
     /// The term of the entry at `index`, if held.
     pub fn log_term(&self, index: LogIndex) -> Option<Term> {
