@@ -1,0 +1,328 @@
+//! Replication, leader side (§5.3, §5.4.2): answers to appends and
+//! heartbeats, back-off, pipelining, commit of current-term entries, and
+//! the heartbeat rounds that confirm reads (thesis §6.4).
+
+use super::*;
+
+impl Engine {
+    pub(super) fn on_append_response(
+        &mut self,
+        from: NodeId,
+        success: bool,
+        index: LogIndex,
+        hint: Option<RejectHint>,
+    ) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let last = self.log.last_index();
+        let now = self.now;
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        pr.recent_active = true;
+        if index > last {
+            tracing::warn!(
+                node = self.id,
+                from,
+                index,
+                "dropping AppendResponse past our log end"
+            );
+            return;
+        }
+        if success {
+            // A late duplicate tells nothing new; reacting to it (resending)
+            // would turn duplicates into storms.
+            let duplicate = match pr.state {
+                _ if pr.backoff => index <= pr.match_index,
+                ReplState::Replicate => index <= pr.match_index,
+                ReplState::Probe => index < pr.match_index,
+            };
+            if duplicate {
+                return;
+            }
+            // The follower took only part of what was sent (or nothing): its
+            // application is behind (back-pressure). Wait for the next
+            // heartbeat before offering more, instead of resending at once.
+            let partial = match pr.state {
+                ReplState::Probe => pr.probe_last.is_some_and(|l| index < l),
+                ReplState::Replicate => pr
+                    .inflight
+                    .iter()
+                    .find(|&&l| l >= index)
+                    .is_some_and(|&l| index < l),
+            };
+            let moved = pr.ack(index, now);
+            if partial {
+                pr.become_probe();
+                pr.paused = true;
+                pr.probe_last = None;
+                pr.backoff = true;
+                if moved {
+                    self.maybe_commit();
+                }
+                return;
+            }
+            if pr.state == ReplState::Probe {
+                pr.become_replicate();
+            }
+            if pr.inflight.is_empty() {
+                pr.last_progress = now;
+            }
+            if moved {
+                self.maybe_commit();
+            }
+            self.fill_pipeline(from);
+        } else {
+            let stale = match pr.state {
+                ReplState::Replicate => index <= pr.match_index,
+                ReplState::Probe => index + 1 != pr.next_index,
+            };
+            if stale {
+                return;
+            }
+            let mut next = match hint {
+                Some(RejectHint {
+                    conflict_term: Some(t),
+                    first_index,
+                }) => match self.log.last_index_of_term(t, index) {
+                    Some(i) => i + 1,
+                    None => first_index,
+                },
+                Some(RejectHint {
+                    conflict_term: None,
+                    first_index,
+                }) => first_index,
+                None => index,
+            };
+            // Every member holds the log up to the compaction point, so a
+            // probe never needs to go below it.
+            next = next
+                .min(index)
+                .max(pr.match_index + 1)
+                .max(self.log.purged().index + 1);
+            pr.become_probe();
+            pr.next_index = next;
+            pr.check();
+            tracing::debug!(
+                node = self.id,
+                term = self.term,
+                from,
+                next,
+                "follower rejected; backing off"
+            );
+            self.send_append(from, false);
+        }
+    }
+
+    pub(super) fn on_heartbeat_response(&mut self, from: NodeId, round: u64) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let last = self.log.last_index();
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return;
+        };
+        pr.recent_active = true;
+        let latest = self.reads.round();
+        let round = if broken(Mutation::AnyHeartbeatConfirmsRead) {
+            latest
+        } else {
+            round
+        };
+        pr.round_acked = pr.round_acked.max(round.min(latest));
+        let lagging = pr.match_index < last;
+        if pr.state == ReplState::Probe {
+            pr.paused = false;
+            pr.backoff = false;
+        }
+        self.check_reads();
+        if lagging {
+            self.fill_pipeline(from);
+        }
+    }
+
+    pub(super) fn on_heartbeat_timer(&mut self) {
+        let now = self.now;
+        let stall = self.cfg.election_timeout_min;
+        for pr in self.progress.values_mut() {
+            match pr.state {
+                ReplState::Probe => pr.paused = false,
+                ReplState::Replicate => {
+                    if !pr.inflight.is_empty() && now >= pr.last_progress + stall {
+                        // Appends or their answers were lost: find the match point again.
+                        pr.become_probe();
+                        pr.last_progress = now;
+                    }
+                }
+            }
+        }
+        self.reads.next_round();
+        self.broadcast_heartbeat();
+        self.maybe_compact();
+    }
+
+    pub(super) fn broadcast_heartbeat(&mut self) {
+        let peers: Vec<(NodeId, LogIndex)> = self
+            .progress
+            .iter()
+            .map(|(&id, p)| (id, p.match_index))
+            .collect();
+        let purge_to_index = self.safe_compact_index();
+        for (p, m) in peers {
+            let leader_commit = if broken(Mutation::HeartbeatCommitUncapped) {
+                self.log.committed()
+            } else {
+                self.log.committed().min(m)
+            };
+            let round = self.reads.round();
+            self.send(
+                p,
+                MessageBody::Heartbeat {
+                    leader_commit,
+                    round,
+                    purge_to_index,
+                },
+            );
+        }
+    }
+
+    pub(super) fn broadcast_append(&mut self) {
+        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        for p in peers {
+            self.fill_pipeline(p);
+        }
+    }
+
+    /// Sends what the follower is missing, as flow control allows. With
+    /// `commit_only`, an up-to-date follower still gets an empty append that
+    /// carries the new commit index.
+    pub(super) fn send_append(&mut self, to: NodeId, commit_only: bool) -> bool {
+        let last = self.log.last_index();
+        let committed = self.log.committed();
+        let Some(pr) = self.progress.get_mut(&to) else {
+            return false;
+        };
+        match pr.state {
+            ReplState::Probe if pr.paused => return false,
+            ReplState::Replicate if pr.inflight.len() >= self.cfg.max_inflight => return false,
+            ReplState::Replicate if pr.next_index > last && !commit_only => return false,
+            _ => {}
+        }
+        let prev = pr.next_index - 1;
+        let Some(prev_term) = self.log.term(prev) else {
+            #[cfg(test)]
+            {
+                self.below_compaction += 1;
+            }
+            tracing::warn!(
+                node = self.id,
+                to,
+                prev,
+                "follower needs entries below the compaction point"
+            );
+            return false;
+        };
+        let entries = self.log.slice(
+            pr.next_index,
+            self.cfg.max_entries_per_msg,
+            self.cfg.max_bytes_per_msg,
+        );
+        match pr.state {
+            ReplState::Probe => {
+                pr.paused = true;
+                pr.probe_last = entries.last().map(|e| e.index);
+            }
+            ReplState::Replicate => {
+                if let Some(e) = entries.last() {
+                    if pr.inflight.is_empty() {
+                        pr.last_progress = self.now;
+                    }
+                    pr.next_index = e.index + 1;
+                    pr.check();
+                    pr.inflight.push_back(e.index);
+                }
+            }
+        }
+        self.send(
+            to,
+            MessageBody::AppendEntries {
+                prev_log_index: prev,
+                prev_log_term: prev_term,
+                entries,
+                leader_commit: committed,
+            },
+        );
+        true
+    }
+
+    /// Sends appends to `to` until its pipeline is full or it has everything.
+    pub(super) fn fill_pipeline(&mut self, to: NodeId) {
+        while self.send_append(to, false) {}
+    }
+
+    /// Commits the highest index held by a majority, only if it is from the
+    /// current term (§5.4.2).
+    pub(super) fn maybe_commit(&mut self) {
+        let durable = if broken(Mutation::LeaderCountsUnsynced) {
+            self.log.last_index()
+        } else {
+            self.log.durable
+        };
+        let id = self.id;
+        let progress = &self.progress;
+        let n = self.members.current().committed_value(|v| {
+            if v == id {
+                durable
+            } else {
+                progress.get(&v).map_or(0, |p| p.match_index)
+            }
+        });
+        if n <= self.log.committed() {
+            return;
+        }
+        if self.log.term(n) != Some(self.term) && !broken(Mutation::CommitOldTerm) {
+            return;
+        }
+        self.log.commit_to(n);
+        // Followers learn the new commit index promptly.
+        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        for p in peers {
+            self.send_append(p, true);
+        }
+        if self.log.term(n) == Some(self.term) && self.reads.leader_committed(n) {
+            self.check_reads();
+        }
+    }
+
+    pub(super) fn start_read_round(&mut self) {
+        if self.reads.all_in_round() {
+            return;
+        }
+        self.reads.next_round();
+        self.broadcast_heartbeat();
+        self.check_reads();
+    }
+
+    /// Answers the reads whose round a quorum has confirmed.
+    pub(super) fn check_reads(&mut self) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let id = self.id;
+        let progress = &self.progress;
+        let round = self.reads.round();
+        // The highest round a majority has confirmed (this node confirms every round).
+        let confirmed = self.members.current().committed_value(|v| {
+            if v == id {
+                round
+            } else {
+                progress.get(&v).map_or(0, |p| p.round_acked)
+            }
+        });
+        let single = (self.members.current().voters.len() == 1
+            && self.members.current().contains(id))
+            || broken(Mutation::ReadWithoutQuorum);
+        self.reads.confirm(confirmed, single);
+    }
+}
