@@ -128,6 +128,10 @@ pub(super) struct Waiters {
     /// Index -> (the entry's term, whether the application answers (else
     /// the hand-over resolves it), the waiter).
     by_index: BTreeMap<LogIndex, Vec<(Term, bool, AnswerTx)>>,
+    /// The newest committed term already swept for older waiters: waiters
+    /// are registered at the leader's term, never older than a term
+    /// committed in its log, so a sweep per term suffices.
+    swept: Term,
 }
 
 impl Waiters {
@@ -163,6 +167,10 @@ impl Waiters {
     /// its own at `index`), so it fails now rather than when its index
     /// fills up, which could take forever on an idle cluster.
     pub(super) fn committed(&mut self, index: LogIndex, term: Term) {
+        if term <= self.swept {
+            return;
+        }
+        self.swept = term;
         let mut emptied = Vec::new();
         for (&i, ws) in self.by_index.range_mut(index + 1..) {
             ws.retain_mut(|(t, _, tx)| {
