@@ -26,6 +26,8 @@ use std::time::Duration;
 /// | `max_write_stall` | 5 s | a log write taking longer stops the node (a hung disk must not keep a leader that cannot apply) |
 /// | `max_unapplied_bytes` | 64 MiB | back-pressure: entry bytes held but not yet taken by the application; over it `submit` answers `Error::Busy` |
 /// | `max_committed_per_ready` | 4096 | committed entries handed to the application in one step |
+/// | `read_policy` | `ReadIndex` | how a leader confirms a linearizable read: a heartbeat round each time, or a lease |
+/// | `lease_drift_margin` | 30 ms | with `Lease`: the lease is `election_timeout_min` minus this; safe while clock rates differ by less than `margin / (2 * election_timeout_min)` (10% with the defaults) |
 ///
 /// `peers` holds ids only: how to reach a peer is the transport's business
 /// (`raft-net-quic` takes addresses in its own config). The peers only
@@ -79,6 +81,30 @@ pub struct Config {
     pub max_write_stall: Duration,
     /// Most committed entries handed to the application in one step.
     pub max_committed_per_ready: usize,
+    /// How a leader confirms that it still leads before it answers a read.
+    pub read_policy: ReadPolicy,
+    /// With [`ReadPolicy::Lease`]: how much shorter than
+    /// `election_timeout_min` the lease is, to absorb clock drift.
+    pub lease_drift_margin: Duration,
+}
+
+/// How a leader confirms, for a linearizable read, that no other leader
+/// can have committed anything it has not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadPolicy {
+    /// A heartbeat round acknowledged by a majority per batch of reads
+    /// (thesis §6.4). Safe whatever the clocks do.
+    #[default]
+    ReadIndex,
+    /// A lease (thesis §6.4.1): after a majority acknowledged a heartbeat
+    /// sent at time T, no other leader can be elected before
+    /// T + `election_timeout_min` (those members ignore vote requests until
+    /// then), so until T + `election_timeout_min` - `lease_drift_margin`
+    /// the leader answers reads without a round. Safe while the members'
+    /// clocks run at rates that differ by less than
+    /// `lease_drift_margin / (2 * election_timeout_min)`; needs
+    /// `check_quorum`. A lapsed lease falls back to a heartbeat round.
+    Lease,
 }
 
 /// What is wrong with a [`Config`].
@@ -112,6 +138,15 @@ pub enum ConfigError {
     /// A peer id was added twice.
     #[error("peer id {0} appears more than once")]
     DuplicateId(NodeId),
+    /// Lease reads need check-quorum (members in a lease ignore candidates)
+    /// and a margin below the minimum election timeout.
+    #[error("read_policy Lease needs check_quorum and lease_drift_margin ({margin:?}) below election_timeout_min ({min:?})")]
+    LeaseUnsafe {
+        /// The configured margin.
+        margin: Duration,
+        /// The configured minimum election timeout.
+        min: Duration,
+    },
     /// The back-pressure limit cannot hold even one entry of the largest size.
     #[error("max_unapplied_bytes ({unapplied}) must be at least max_entry_bytes ({entry}) plus {overhead} bytes")]
     UnappliedBelowEntry {
@@ -152,6 +187,8 @@ impl Default for Config {
             max_unapplied_bytes: 64 << 20,
             max_write_stall: Duration::from_secs(5),
             max_committed_per_ready: 4096,
+            read_policy: ReadPolicy::ReadIndex,
+            lease_drift_margin: Duration::from_millis(30),
         }
     }
 }
@@ -222,6 +259,14 @@ impl Config {
         }
         if self.peers.contains(&self.id) {
             return Err(ConfigError::SelfInPeers(self.id));
+        }
+        if self.read_policy == ReadPolicy::Lease
+            && (!self.check_quorum || self.lease_drift_margin >= self.election_timeout_min)
+        {
+            return Err(ConfigError::LeaseUnsafe {
+                margin: self.lease_drift_margin,
+                min: self.election_timeout_min,
+            });
         }
         Ok(())
     }
@@ -319,6 +364,15 @@ mod tests {
             c.validate_for_transport(Some(4 << 20)),
             Err(ConfigError::MessageTooLarge { limit, .. }) if limit == 4 << 20
         ));
+        let mut c = good();
+        c.read_policy = ReadPolicy::Lease;
+        c.validate().unwrap();
+        c.check_quorum = false;
+        assert!(matches!(c.validate(), Err(ConfigError::LeaseUnsafe { .. })));
+        let mut c = good();
+        c.read_policy = ReadPolicy::Lease;
+        c.lease_drift_margin = c.election_timeout_min;
+        assert!(matches!(c.validate(), Err(ConfigError::LeaseUnsafe { .. })));
         let err = good_with_wrong_range().validate().unwrap_err().to_string();
         assert!(err.contains("election_timeout_min"), "{err}");
     }

@@ -31,7 +31,7 @@ pub mod types;
 #[cfg(test)]
 mod sim;
 
-pub use config::{Config, ConfigError};
+pub use config::{Config, ConfigError, ReadPolicy};
 pub use engine::{Engine, EngineError, InitialState, NotLeader, ProposeError, ReadResult, Ready};
 pub use message::{Message, MessageBody, RejectHint, MESSAGE_OVERHEAD};
 pub use node::{ApplyMsg, Error, Proposal, Raft, Responder, Status};

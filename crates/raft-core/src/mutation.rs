@@ -45,12 +45,17 @@ pub(crate) enum Mutation {
     CommitPastVerified,
     /// The node driver sends acknowledgements and votes before `save` returns.
     DriverSendsBeforeSave,
+    /// A lease read trusts the whole election timeout: no drift margin.
+    LeaseWithoutDriftMargin,
+    /// The lease runs from when a majority's answers arrived, not from when
+    /// the heartbeat they answer was sent.
+    LeaseFromAnswer,
 }
 
 impl Mutation {
     /// Every mutation the simulator must catch (the driver's is caught by node tests).
     #[cfg(test)]
-    pub(crate) const ENGINE: [Mutation; 14] = [
+    pub(crate) const ENGINE: [Mutation; 16] = [
         Mutation::VoteBeforeDurable,
         Mutation::LeaderCountsUnsynced,
         Mutation::AnyHeartbeatConfirmsRead,
@@ -65,6 +70,8 @@ impl Mutation {
         Mutation::TruncateAfterAppend,
         Mutation::ReapplyAfterRestart,
         Mutation::CommitPastVerified,
+        Mutation::LeaseWithoutDriftMargin,
+        Mutation::LeaseFromAnswer,
     ];
 
     #[cfg(test)]

@@ -37,6 +37,14 @@ use std::hash::{Hash, Hasher};
 use std::time::Duration;
 
 /// The shape of one simulated run.
+/// Lease seeds run elections of 600-1200 ms (long next to the simulated
+/// network, so that a lease broken by a few percent is visible) with a
+/// margin of 200 ms: enough for clocks 20% fast or slow (the margin must be
+/// at least 2 * 600 ms * rho / (1 + rho) = 200 ms for rho = 0.2). Without the
+/// margin a deposed leader's lease would outlive its followers' by 250 ms.
+const LEASE_ELECTION_MIN: Duration = Duration::from_millis(600);
+const LEASE_MARGIN: Duration = Duration::from_millis(200);
+
 #[derive(Debug, Clone)]
 pub(crate) struct SimConfig {
     pub(crate) seed: u64,
@@ -55,6 +63,10 @@ pub(crate) struct SimConfig {
     pub(crate) mutation: Option<Mutation>,
     /// Inject crashes, partitions and message faults.
     pub(crate) faults: bool,
+    /// Leaders answer reads under a lease (`ReadPolicy::Lease`).
+    pub(crate) lease: bool,
+    /// Each node's clock runs this many parts per million fast or slow.
+    pub(crate) drift_ppm: u64,
 }
 
 impl SimConfig {
@@ -81,6 +93,10 @@ impl SimConfig {
             },
             mutation: None,
             faults: true,
+            // Half of the check-quorum seeds read under a lease, with clocks
+            // 20% fast or slow: at the edge of what `LEASE_MARGIN` allows.
+            lease: !(mix >> 8).is_multiple_of(3) && (mix >> 32).is_multiple_of(2),
+            drift_ppm: 200_000,
         }
     }
 }
@@ -103,6 +119,10 @@ pub(crate) struct SimStats {
     /// Restarts that began from a compacted log.
     pub(crate) restarts_compacted: usize,
     pub(crate) reads_confirmed: usize,
+    /// Reads answered under a leader's lease.
+    pub(crate) lease_reads: u64,
+    /// Of those, reads answered while another node led in a newer term.
+    pub(crate) deposed_lease_reads: u64,
     pub(crate) messages_delivered: usize,
     pub(crate) virtual_time: Duration,
 }
@@ -220,6 +240,12 @@ pub(crate) struct Sim {
     next_cmd: u64,
     stats: SimStats,
     violation: Option<String>,
+    /// Each node's clock (lease seeds): since true time `.0` it reads `.1`
+    /// plus the elapsed true time scaled by `.2` parts per million.
+    clock_ppm: BTreeMap<NodeId, (Duration, Duration, i64)>,
+    /// Lease seeds: a leader cut off until the others elect a new leader
+    /// that commits (or a time limit passes): (old leader, until).
+    deposing: Option<(NodeId, Duration)>,
 }
 
 impl Sim {
@@ -257,6 +283,8 @@ impl Sim {
             next_cmd: 1,
             stats: SimStats::default(),
             violation: None,
+            clock_ppm: BTreeMap::new(),
+            deposing: None,
             cfg,
         };
         for id in ids {
@@ -275,6 +303,11 @@ impl Sim {
                     checked_commit: 0,
                 },
             );
+            if sim.cfg.lease {
+                let d = sim.cfg.drift_ppm as i64;
+                let ppm = if sim.rng.bool() { d } else { -d };
+                sim.set_rate(id, ppm);
+            }
             sim.start_node(id);
         }
         sim
@@ -289,6 +322,12 @@ impl Sim {
         // Compact often, so that restarts, elections and lagging followers
         // meet compacted logs all the time.
         c.compact_threshold = 5;
+        if self.cfg.lease {
+            c.read_policy = crate::config::ReadPolicy::Lease;
+            c.lease_drift_margin = LEASE_MARGIN;
+            c.election_timeout_min = LEASE_ELECTION_MIN;
+            c.election_timeout_max = LEASE_ELECTION_MIN * 2;
+        }
         if let Some(b) = self.cfg.max_unapplied_bytes {
             c.max_unapplied_bytes = b;
             c.max_entry_bytes = 64;
@@ -296,10 +335,33 @@ impl Sim {
         c
     }
 
+    /// Node `id`'s clock at true time `t`.
+    fn local(&self, id: NodeId, t: Duration) -> Duration {
+        let (at, reads, ppm) = self.clock_ppm.get(&id).copied().unwrap_or_default();
+        let since = t.saturating_sub(at).as_nanos();
+        let nanos = since * (1_000_000i128 + ppm as i128) as u128 / 1_000_000;
+        reads + Duration::from_nanos(nanos.min(u64::MAX as u128) as u64)
+    }
+
+    /// Changes node `id`'s clock rate from now on (its time stays continuous).
+    fn set_rate(&mut self, id: NodeId, ppm: i64) {
+        let reads = self.local(id, self.now);
+        self.clock_ppm.insert(id, (self.now, reads, ppm));
+    }
+
+    /// The true time at which node `id`'s clock reads `local` (rounded up,
+    /// so that the node's clock has reached `local` by then).
+    fn global(&self, id: NodeId, local: Duration) -> Duration {
+        let (at, reads, ppm) = self.clock_ppm.get(&id).copied().unwrap_or_default();
+        let rate = (1_000_000i128 + ppm as i128) as u128;
+        let nanos = (local.saturating_sub(reads).as_nanos() * 1_000_000).div_ceil(rate);
+        at + Duration::from_nanos(nanos.min(u64::MAX as u128) as u64)
+    }
+
     fn start_node(&mut self, id: NodeId) {
         let cfg = self.engine_config(id);
         let seed = self.rng.u64(..);
-        let now = self.now;
+        let now = self.local(id, self.now);
         let membership = self.membership.clone();
         let node = self.nodes.get_mut(&id).expect("known node");
         if node.purged.index > 0 {
@@ -831,6 +893,46 @@ impl Sim {
 
     fn random_fault(&mut self) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        if let Some((old, until)) = self.deposing {
+            // Hold the cut until another node leads in a newer term and has
+            // committed in it (then the old leader's lease is what protects
+            // its reads), or until the limit.
+            let old_term = self.nodes[&old].engine.as_ref().map_or(0, |e| e.term());
+            let replaced = self.nodes.iter().any(|(&id, n)| {
+                id != old
+                    && n.engine.as_ref().is_some_and(|e| {
+                        e.is_leader()
+                            && e.term() > old_term
+                            && e.log_term(e.commit_index()) == Some(e.term())
+                    })
+            });
+            if replaced || self.now >= until {
+                self.deposing = None;
+                self.set_blocked(BTreeSet::new());
+            }
+            return;
+        }
+        if self.cfg.lease && self.rng.range(0, 1000) < 3 {
+            if let Some(l) = self.any_leader() {
+                let mut blocked = BTreeSet::new();
+                for &b in &ids {
+                    if b != l {
+                        blocked.insert((l, b));
+                        blocked.insert((b, l));
+                    }
+                }
+                self.set_blocked(blocked);
+                self.deposing = Some((l, self.now + Duration::from_secs(5)));
+                // The worst drift the bound allows: the cut-off leader's
+                // clock slow, everyone else's fast (its lease then lasts
+                // longest next to theirs).
+                let d = self.cfg.drift_ppm as i64;
+                for &b in &ids {
+                    self.set_rate(b, if b == l { -d } else { d });
+                }
+                return;
+            }
+        }
         let roll = self.rng.range(0, 1000);
         if roll < 6 {
             let live = self.live_ids();
@@ -896,7 +998,9 @@ impl Sim {
                 }
             }
             self.set_blocked(blocked);
-        } else if roll < 25 {
+        } else if roll < if self.cfg.lease { 20 } else { 25 } {
+            // Lease seeds keep partitions longer: a deposed leader's lease
+            // only matters once the others have elected and committed.
             self.set_blocked(BTreeSet::new());
         }
     }
@@ -933,6 +1037,18 @@ impl Sim {
             if let Some(l) = self.any_leader() {
                 self.start_read(l);
             }
+        } else if self.cfg.lease && roll < 530 {
+            // Lease reads answer at once: ask every node that believes it
+            // leads, a deposed one included, as often as possible.
+            let leaders: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.engine.as_ref().is_some_and(|e| e.is_leader()))
+                .map(|(&id, _)| id)
+                .collect();
+            for l in leaders {
+                self.start_read(l);
+            }
         }
     }
 
@@ -940,11 +1056,25 @@ impl Sim {
         let ctx = self.next_ctx;
         self.next_ctx += 1;
         let floor = self.max_commit_seen;
+        let now = self.local(on, self.now);
         let Some(e) = self.nodes.get_mut(&on).and_then(|n| n.engine.as_mut()) else {
             return;
         };
-        if e.read_index(ctx).is_ok() {
+        let before = e.lease_reads;
+        let term = e.term();
+        if e.read_index(now, ctx).is_ok() {
             self.pending_reads.insert(ctx, (on, floor));
+        }
+        let lease = e.lease_reads - before;
+        self.stats.lease_reads += lease;
+        if lease > 0
+            && self
+                .nodes
+                .values()
+                .filter_map(|n| n.engine.as_ref())
+                .any(|o| o.is_leader() && o.term() > term)
+        {
+            self.stats.deposed_lease_reads += 1;
         }
         self.pump(on);
     }
@@ -955,7 +1085,7 @@ impl Sim {
         let next_timer = self
             .nodes
             .iter()
-            .filter_map(|(&id, n)| n.engine.as_ref().map(|e| (e.next_deadline(), id)))
+            .filter_map(|(&id, n)| n.engine.as_ref().map(|e| (self.global(id, e.next_deadline()), id)))
             .min();
         let next_event = self.queue.keys().next().copied();
         let use_timer = match (next_timer, next_event) {
@@ -966,7 +1096,7 @@ impl Sim {
         if use_timer {
             let (t, id) = next_timer.expect("checked");
             self.now = self.now.max(t);
-            let now = self.now;
+            let now = self.local(id, self.now);
             if let Some(e) = self.nodes.get_mut(&id).and_then(|n| n.engine.as_mut()) {
                 e.tick(now);
             }
@@ -976,7 +1106,7 @@ impl Sim {
             match ev {
                 Event::Deliver(m) => {
                     let to = m.to;
-                    let now = self.now;
+                    let now = self.local(to, self.now);
                     if let Some(e) = self.nodes.get_mut(&to).and_then(|n| n.engine.as_mut()) {
                         e.tick(now);
                         e.handle_message(now, m);

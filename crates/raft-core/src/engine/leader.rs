@@ -136,6 +136,7 @@ impl Engine {
             pr.paused = false;
             pr.backoff = false;
         }
+        self.extend_lease();
         self.check_reads();
         if lagging {
             self.fill_pipeline(from);
@@ -157,7 +158,7 @@ impl Engine {
                 }
             }
         }
-        self.reads.next_round();
+        self.reads.next_round(self.now);
         self.broadcast_heartbeat();
         self.maybe_compact();
     }
@@ -299,9 +300,49 @@ impl Engine {
         if self.reads.all_in_round() {
             return;
         }
-        self.reads.next_round();
+        self.reads.next_round(self.now);
         self.broadcast_heartbeat();
         self.check_reads();
+    }
+
+    /// The highest heartbeat round a majority has confirmed (this node
+    /// confirms every round).
+    pub(super) fn confirmed_round(&self) -> u64 {
+        let id = self.id;
+        let progress = &self.progress;
+        let round = self.reads.round();
+        self.members.current().committed_value(|v| {
+            if v == id {
+                round
+            } else {
+                progress.get(&v).map_or(0, |p| p.round_acked)
+            }
+        })
+    }
+
+    /// With lease reads: a majority acknowledged a heartbeat sent at T, so
+    /// no other leader can exist before T + election_timeout_min on their
+    /// clocks; this leader trusts T + election_timeout_min - margin on its own.
+    pub(super) fn extend_lease(&mut self) {
+        if self.cfg.read_policy != crate::config::ReadPolicy::Lease {
+            return;
+        }
+        let confirmed = self.confirmed_round();
+        let from = if broken(Mutation::LeaseFromAnswer) {
+            Some(self.now)
+        } else {
+            self.reads.sent_at(confirmed)
+        };
+        let Some(from) = from else {
+            return;
+        };
+        let margin = if broken(Mutation::LeaseWithoutDriftMargin) {
+            Duration::ZERO
+        } else {
+            self.cfg.lease_drift_margin
+        };
+        let until = from + self.cfg.election_timeout_min.saturating_sub(margin);
+        self.lease_until = self.lease_until.max(until);
     }
 
     /// Answers the reads whose round a quorum has confirmed.

@@ -66,6 +66,13 @@ pub struct Engine {
     votes: BTreeMap<NodeId, bool>,
     progress: BTreeMap<NodeId, Progress>,
     reads: ReadQueue,
+    /// With lease reads: reads are answered without a round until then
+    /// (this node's clock).
+    lease_until: Duration,
+    /// With lease reads: a (re)started member ignores candidates until
+    /// then, as if it were in a leader's lease: it may have acknowledged a
+    /// heartbeat just before it went down.
+    startup_lease_until: Duration,
 
     need_broadcast: bool,
     hard_state_dirty: bool,
@@ -82,6 +89,9 @@ pub struct Engine {
     /// must stay 0, there are no snapshots to send instead).
     #[cfg(test)]
     pub(crate) below_compaction: u64,
+    /// Reads answered under the lease (tests: the simulator reports it).
+    #[cfg(test)]
+    pub(crate) lease_reads: u64,
 }
 
 impl Engine {
@@ -156,6 +166,12 @@ impl Engine {
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
             reads: ReadQueue::default(),
+            lease_until: Duration::ZERO,
+            startup_lease_until: if cfg.read_policy == crate::config::ReadPolicy::Lease {
+                now + cfg.election_timeout_min
+            } else {
+                Duration::ZERO
+            },
             need_broadcast: false,
             hard_state_dirty: false,
             messages: Vec::new(),
@@ -165,6 +181,8 @@ impl Engine {
             pending_purge: None,
             #[cfg(test)]
             below_compaction: 0,
+            #[cfg(test)]
+            lease_reads: 0,
             cfg,
         };
         e.reset_election_timer();
@@ -373,7 +391,8 @@ impl Engine {
     /// Asks for a linearizable read point. The answer arrives in a later
     /// `Ready::reads` with the same `ctx`: once the application has applied the
     /// returned index, reading its state is linearizable.
-    pub fn read_index(&mut self, ctx: u64) -> Result<(), NotLeader> {
+    pub fn read_index(&mut self, now: Duration, ctx: u64) -> Result<(), NotLeader> {
+        self.now = self.now.max(now);
         if self.role != Role::Leader {
             return Err(NotLeader {
                 leader: self.leader,
@@ -382,6 +401,18 @@ impl Engine {
         // A new leader does not know the commit index until its no-op commits.
         let committed = self.log.committed();
         let known = (self.log.term(committed) == Some(self.term)).then_some(committed);
+        if let Some(index) = known {
+            if self.cfg.read_policy == crate::config::ReadPolicy::Lease
+                && self.now < self.lease_until
+            {
+                self.reads.answer_now(ctx, index);
+                #[cfg(test)]
+                {
+                    self.lease_reads += 1;
+                }
+                return Ok(());
+            }
+        }
         self.reads.push(ctx, known);
         self.check_reads();
         Ok(())
@@ -612,6 +643,9 @@ impl Engine {
         if !self.cfg.check_quorum {
             return false;
         }
+        if self.now < self.startup_lease_until {
+            return true;
+        }
         if self.role == Role::Leader {
             return true;
         }
@@ -628,6 +662,7 @@ impl Engine {
             self.hard_state_dirty = true;
         }
         if self.role == Role::Leader {
+            self.lease_until = Duration::ZERO;
             self.reads.fail_all();
             self.progress.clear();
         }
@@ -728,6 +763,8 @@ impl Engine {
         tracing::info!(node = self.id, term = self.term, "became leader");
         self.role = Role::Leader;
         self.leader = Some(self.id);
+        self.lease_until = Duration::ZERO;
+        self.reads.forget_rounds();
         self.votes.clear();
         let next = self.log.last_index() + 1;
         let now = self.now;

@@ -19,6 +19,8 @@ struct PendingRead {
 pub(super) struct ReadQueue {
     /// The latest heartbeat round (each broadcast starts one).
     round: u64,
+    /// When recent rounds were sent (leader's clock), oldest first.
+    sent: std::collections::VecDeque<(u64, std::time::Duration)>,
     /// Reads with a read index, waiting for a round's quorum.
     pending: Vec<PendingRead>,
     /// Reads that reached a new leader before it committed an entry of its
@@ -85,9 +87,14 @@ impl ReadQueue {
 
     /// Starts the next round (a heartbeat broadcast follows); reads without
     /// one join it. Returns its number.
-    pub(super) fn next_round(&mut self) -> u64 {
+    pub(super) fn next_round(&mut self, now: std::time::Duration) -> u64 {
         self.round += 1;
         let round = self.round;
+        self.sent.push_back((round, now));
+        // Only rounds newer than the one a majority confirmed can matter.
+        while self.sent.len() > 64 {
+            self.sent.pop_front();
+        }
         for r in self.pending.iter_mut().filter(|r| r.round.is_none()) {
             r.round = Some(round);
         }
@@ -108,6 +115,27 @@ impl ReadQueue {
             }
             !done
         });
+    }
+
+    /// When round `round` was sent, if it is recent.
+    pub(super) fn sent_at(&self, round: u64) -> Option<std::time::Duration> {
+        self.sent
+            .iter()
+            .find(|(r, _)| *r == round)
+            .map(|(_, t)| *t)
+    }
+
+    /// Answers a read at once (a lease read).
+    pub(super) fn answer_now(&mut self, ctx: u64, index: LogIndex) {
+        self.results.push(ReadResult {
+            ctx,
+            result: Ok(index),
+        });
+    }
+
+    /// A new term: rounds of an earlier leadership confirm nothing.
+    pub(super) fn forget_rounds(&mut self) {
+        self.sent.clear();
     }
 
     /// True when no read waits for a quorum.

@@ -265,7 +265,7 @@ impl Driver {
             Request::ReadIndex(reply) => {
                 let ctx = self.next_ctx;
                 self.next_ctx += 1;
-                match self.engine.read_index(ctx) {
+                match self.engine.read_index(self.now(), ctx) {
                     Ok(()) => {
                         self.read_waiters.insert(ctx, reply);
                     }

@@ -27,9 +27,13 @@ fn safety_and_liveness_across_seeds() {
     let mut reads = 0usize;
     let mut purges = 0usize;
     let mut restarts_compacted = 0usize;
+    let (mut lease_reads, mut lease_seeds) = (0u64, 0u64);
     for seed in first..first + seeds {
-        match Sim::new(SimConfig::new(seed, nodes_for(seed), steps)).run() {
+        let cfg = SimConfig::new(seed, nodes_for(seed), steps);
+        lease_seeds += u64::from(cfg.lease);
+        match Sim::new(cfg).run() {
             Ok(stats) => {
+                lease_reads += stats.lease_reads;
                 total_steps += stats.steps;
                 total_committed += stats.committed;
                 crashes += stats.crashes;
@@ -40,6 +44,8 @@ fn safety_and_liveness_across_seeds() {
             Err(v) => panic!("{v}"),
         }
     }
+    println!("{lease_reads} reads answered under a lease on {lease_seeds} lease seeds");
+    assert!(lease_reads > 0, "the lease seeds should answer reads under a lease");
     println!(
         "simulated {seeds} seeds (3/5/7 nodes), {total_steps} steps, {total_committed} entries committed, {crashes} crashes, {reads} reads confirmed, {purges} log compactions, {restarts_compacted} restarts from a compacted log"
     );
@@ -99,7 +105,10 @@ fn expected_reports(m: Mutation) -> &'static [&'static str] {
     match m {
         Mutation::VoteBeforeDurable => &["Vote durability", "Election Safety"],
         Mutation::LeaderCountsUnsynced | Mutation::AckBeforeDurable => &["Commit durability"],
-        Mutation::AnyHeartbeatConfirmsRead | Mutation::ReadWithoutQuorum => &["stale read"],
+        Mutation::AnyHeartbeatConfirmsRead
+        | Mutation::ReadWithoutQuorum
+        | Mutation::LeaseWithoutDriftMargin
+        | Mutation::LeaseFromAnswer => &["stale read"],
         Mutation::CompactIgnoringReleased => &["past what the application stored"],
         Mutation::DoubleVote => &["Election Safety", "Vote durability"],
         Mutation::VoteIgnoresUpToDate | Mutation::CommitOldTerm => {
@@ -125,8 +134,23 @@ fn catch_rate(m: Mutation, first: u64, seeds: u64, steps: usize) -> (u64, u64, O
     for seed in first..first + seeds {
         let mut cfg = SimConfig::new(seed, nodes_for(seed), steps);
         cfg.mutation = Some(m);
+        if matches!(
+            m,
+            Mutation::LeaseWithoutDriftMargin | Mutation::LeaseFromAnswer
+        ) {
+            // Only a lease reader can break a lease rule.
+            cfg.lease = true;
+            cfg.check_quorum = true;
+            cfg.drift_ppm = env_u64("RAFT_SIM_DRIFT_PPM", cfg.drift_ppm);
+        }
         let t = std::time::Instant::now();
-        if let Err(v) = Sim::new(cfg).run() {
+        let res = Sim::new(cfg).run();
+        if let (Ok(st), true) = (&res, std::env::var("RAFT_SIM_DEBUG_LEASE").is_ok()) {
+            if st.deposed_lease_reads > 0 {
+                println!("seed {seed}: {} deposed lease reads of {}", st.deposed_lease_reads, st.lease_reads);
+            }
+        }
+        if let Err(v) = res {
             caught_any += 1;
             if expected_reports(m).iter().any(|r| v.what.contains(r)) {
                 caught += 1;
@@ -153,7 +177,14 @@ fn simulator_catches_every_mutation() {
     let steps = env_u64("RAFT_SIM_STEPS", 3000) as usize;
     let first = env_u64("RAFT_SIM_FIRST_SEED", 1);
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let queue = std::sync::Mutex::new(Mutation::ENGINE.to_vec());
+    // RAFT_MUTATION_ONLY=Name runs one mutation (for tuning and debugging).
+    let only = std::env::var("RAFT_MUTATION_ONLY").ok();
+    let queue = std::sync::Mutex::new(
+        Mutation::ENGINE
+            .into_iter()
+            .filter(|m| only.as_ref().is_none_or(|o| format!("{m:?}") == *o))
+            .collect::<Vec<_>>(),
+    );
     let results = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..threads {

@@ -200,7 +200,7 @@ fn single_node_cluster_elects_itself_commits_and_reads() {
     c.settle();
     c.node(1).propose(b"solo".to_vec()).unwrap();
     c.settle();
-    c.node(1).read_index(3).unwrap();
+    c.node(1).read_index(Duration::ZERO, 3).unwrap();
     c.settle();
     assert_eq!(
         c.applied_payloads(1),
