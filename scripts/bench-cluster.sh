@@ -4,6 +4,7 @@
 #
 # Usage: scripts/bench-cluster.sh [SECS]
 #   BIN=path/to/raft-kv scripts/bench-cluster.sh 5   (compare two builds)
+#   READ_POLICY=lease scripts/bench-cluster.sh 5      (leader lease reads)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -16,12 +17,14 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
 trap cleanup EXIT
 
+policy=()
+if [ -n "${READ_POLICY:-}" ]; then policy=(--read-policy "$READ_POLICY"); fi
 $bin certs --dir "$dir/certs" --nodes 1,2,3 >/dev/null
 for id in 1 2 3; do
   peers=()
   for p in 1 2 3; do [ "$p" = "$id" ] || peers+=(--peer "$p=127.0.0.1:$((7200 + p))"); done
   RUST_LOG=warn $bin node --id "$id" --raft-addr "127.0.0.1:$((7200 + id))" --client-addr "127.0.0.1:$((7300 + id))" \
-    "${peers[@]}" --data-dir "$dir/node-$id" --tls-dir "$dir/certs" 2>"$dir/node-$id.log" &
+    "${peers[@]}" "${policy[@]}" --data-dir "$dir/node-$id" --tls-dir "$dir/certs" 2>"$dir/node-$id.log" &
   pids+=($!)
 done
 
@@ -57,4 +60,5 @@ for _ in 1 2 3; do
   echo "$out; cluster CPU per op: $(( (c1 - c0) * 1000000000 / tck / ops )) ns"
 done
 $bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op get
+$bin bench --addr "$addr" --clients 1 --conns 1 --secs "$secs" --value-size 256 --op get
 $bin bench --addr 127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303 --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set

@@ -1085,7 +1085,11 @@ impl Sim {
         let next_timer = self
             .nodes
             .iter()
-            .filter_map(|(&id, n)| n.engine.as_ref().map(|e| (self.global(id, e.next_deadline()), id)))
+            .filter_map(|(&id, n)| {
+                n.engine
+                    .as_ref()
+                    .map(|e| (self.global(id, e.next_deadline()), id))
+            })
             .min();
         let next_event = self.queue.keys().next().copied();
         let use_timer = match (next_timer, next_event) {

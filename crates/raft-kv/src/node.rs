@@ -571,7 +571,7 @@ impl KvNode {
         };
         let members: Vec<String> = s.members.iter().map(|m| m.to_string()).collect();
         format!(
-            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\npurged_index:{}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nmembers:{}\r\n",
+            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\npurged_index:{}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nread_policy:{}\r\nmembers:{}\r\n",
             s.id,
             s.term,
             s.leader.map_or_else(|| "none".to_string(), |l| l.to_string()),
@@ -581,6 +581,10 @@ impl KvNode {
             s.purged_index,
             s.unapplied_bytes,
             self.raft.max_command_bytes(),
+            match self.raft.config().read_policy {
+                raft_core::ReadPolicy::ReadIndex => "index",
+                raft_core::ReadPolicy::Lease => "lease",
+            },
             members.join(","),
         )
     }

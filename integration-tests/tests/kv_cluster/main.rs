@@ -324,9 +324,20 @@ fn log_compaction_waits_for_a_down_node_which_then_catches_up() {
 /// never return the old value (the deposed-leader stale read).
 #[test]
 fn paused_leader_never_serves_a_stale_read_after_it_resumes() {
+    paused_leader_never_serves_a_stale_read_after_it_resumes_under("index");
+}
+
+/// The same, with leader lease reads (`--read-policy lease`).
+#[test]
+fn paused_leader_never_serves_a_stale_read_after_it_resumes_under_lease_reads() {
+    paused_leader_never_serves_a_stale_read_after_it_resumes_under("lease");
+}
+
+fn paused_leader_never_serves_a_stale_read_after_it_resumes_under(read_policy: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let ids = [1u64, 2, 3];
     let mut c = Cluster::new(tmp.path(), &ids);
+    c.extra = vec!["--read-policy".into(), read_policy.into()];
     for id in ids {
         c.start(id);
     }
@@ -407,10 +418,21 @@ fn paused_leader_never_serves_a_stale_read_after_it_resumes() {
 /// must be linearizable, multi-key operations atomic.
 #[test]
 fn client_histories_stay_linearizable_through_kills_and_pauses() {
+    client_histories_stay_linearizable_through_kills_and_pauses_under("index");
+}
+
+/// The same, with leader lease reads (`--read-policy lease`).
+#[test]
+fn client_histories_stay_linearizable_through_kills_and_pauses_under_lease_reads() {
+    client_histories_stay_linearizable_through_kills_and_pauses_under("lease");
+}
+
+fn client_histories_stay_linearizable_through_kills_and_pauses_under(read_policy: &str) {
     const CLIENTS: usize = 4;
     let tmp = tempfile::tempdir().unwrap();
     let ids = [1u64, 2, 3];
     let mut c = Cluster::new(tmp.path(), &ids);
+    c.extra = vec!["--read-policy".into(), read_policy.into()];
     for id in ids {
         c.start(id);
     }
@@ -440,10 +462,23 @@ fn client_histories_stay_linearizable_through_kills_and_pauses() {
 /// agree.
 #[test]
 fn partitions_majority_serves_minority_commits_nothing_histories_linearizable() {
+    partitions_majority_serves_minority_commits_nothing_histories_linearizable_under("index");
+}
+
+/// The same, with leader lease reads (`--read-policy lease`).
+#[test]
+fn partitions_majority_serves_minority_commits_nothing_histories_linearizable_under_lease_reads() {
+    partitions_majority_serves_minority_commits_nothing_histories_linearizable_under("lease");
+}
+
+fn partitions_majority_serves_minority_commits_nothing_histories_linearizable_under(
+    read_policy: &str,
+) {
     const CLIENTS: usize = 4;
     let tmp = tempfile::tempdir().unwrap();
     let ids = [1u64, 2, 3];
     let mut c = Cluster::new(tmp.path(), &ids).with_links();
+    c.extra = vec!["--read-policy".into(), read_policy.into()];
     for id in ids {
         c.start(id);
     }
@@ -538,9 +573,20 @@ fn partitions_majority_serves_minority_commits_nothing_histories_linearizable() 
 /// The leader and its term stay the same and writes keep being acknowledged.
 #[test]
 fn follower_and_one_way_partitions_do_not_disturb_the_leader() {
+    follower_and_one_way_partitions_do_not_disturb_the_leader_under("index");
+}
+
+/// The same, with leader lease reads (`--read-policy lease`).
+#[test]
+fn follower_and_one_way_partitions_do_not_disturb_the_leader_under_lease_reads() {
+    follower_and_one_way_partitions_do_not_disturb_the_leader_under("lease");
+}
+
+fn follower_and_one_way_partitions_do_not_disturb_the_leader_under(read_policy: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let ids = [1u64, 2, 3];
     let mut c = Cluster::new(tmp.path(), &ids).with_links();
+    c.extra = vec!["--read-policy".into(), read_policy.into()];
     for id in ids {
         c.start(id);
     }

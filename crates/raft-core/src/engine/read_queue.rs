@@ -119,10 +119,7 @@ impl ReadQueue {
 
     /// When round `round` was sent, if it is recent.
     pub(super) fn sent_at(&self, round: u64) -> Option<std::time::Duration> {
-        self.sent
-            .iter()
-            .find(|(r, _)| *r == round)
-            .map(|(_, t)| *t)
+        self.sent.iter().find(|(r, _)| *r == round).map(|(_, t)| *t)
     }
 
     /// Answers a read at once (a lease read).

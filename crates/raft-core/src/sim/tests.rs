@@ -45,7 +45,10 @@ fn safety_and_liveness_across_seeds() {
         }
     }
     println!("{lease_reads} reads answered under a lease on {lease_seeds} lease seeds");
-    assert!(lease_reads > 0, "the lease seeds should answer reads under a lease");
+    assert!(
+        lease_reads > 0,
+        "the lease seeds should answer reads under a lease"
+    );
     println!(
         "simulated {seeds} seeds (3/5/7 nodes), {total_steps} steps, {total_committed} entries committed, {crashes} crashes, {reads} reads confirmed, {purges} log compactions, {restarts_compacted} restarts from a compacted log"
     );
@@ -147,7 +150,10 @@ fn catch_rate(m: Mutation, first: u64, seeds: u64, steps: usize) -> (u64, u64, O
         let res = Sim::new(cfg).run();
         if let (Ok(st), true) = (&res, std::env::var("RAFT_SIM_DEBUG_LEASE").is_ok()) {
             if st.deposed_lease_reads > 0 {
-                println!("seed {seed}: {} deposed lease reads of {}", st.deposed_lease_reads, st.lease_reads);
+                println!(
+                    "seed {seed}: {} deposed lease reads of {}",
+                    st.deposed_lease_reads, st.lease_reads
+                );
             }
         }
         if let Err(v) = res {

@@ -29,7 +29,10 @@ fn read_index_waits_for_a_quorum_round_and_returns_commit() {
             result: Ok(2)
         }]
     );
-    assert_eq!(c.node(2).read_index(Duration::ZERO, 1), Err(NotLeader { leader: Some(1) }));
+    assert_eq!(
+        c.node(2).read_index(Duration::ZERO, 1),
+        Err(NotLeader { leader: Some(1) })
+    );
 }
 
 #[test]
@@ -111,7 +114,8 @@ fn lease_reads_answer_at_once_until_the_lease_from_the_sent_heartbeat_lapses() {
     c.node(1).read_index(in_lease, 7).unwrap();
     let out = c.drain(1);
     assert!(
-        !out.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })),
+        !out.iter()
+            .any(|m| matches!(m.body, MessageBody::Heartbeat { .. })),
         "a read in the lease needs no round"
     );
     assert_eq!(
@@ -126,7 +130,8 @@ fn lease_reads_answer_at_once_until_the_lease_from_the_sent_heartbeat_lapses() {
     c.node(1).read_index(lapsed, 8).unwrap();
     let out = c.drain(1);
     assert!(
-        out.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })),
+        out.iter()
+            .any(|m| matches!(m.body, MessageBody::Heartbeat { .. })),
         "a lapsed lease falls back to a heartbeat round"
     );
     assert!(c.reads[&1].iter().all(|r| r.ctx != 8), "not answered yet");
