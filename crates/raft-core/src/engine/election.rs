@@ -13,7 +13,15 @@ impl Engine {
     ) {
         let up_to_date =
             cand_last >= self.log.last_log_id() || broken(Mutation::VoteIgnoresUpToDate);
-        let granted = if pre_vote {
+        // Under lease reads a member in a leader's lease grants nothing new,
+        // whatever the request's term (a retransmit of a vote it already
+        // gave is not new).
+        let leased = self.cfg.read_policy == crate::config::ReadPolicy::Lease
+            && self.in_lease()
+            && self.vote != Some(from);
+        let granted = if leased {
+            false
+        } else if pre_vote {
             msg_term > self.term && up_to_date
         } else {
             let free = self.vote == Some(from)

@@ -639,7 +639,7 @@ impl Engine {
             self.now + Duration::from_micros(self.rng.u64(min..max.max(min + 1)));
     }
 
-    fn in_lease(&self) -> bool {
+    pub(super) fn in_lease(&self) -> bool {
         if !self.cfg.check_quorum {
             return false;
         }
@@ -651,6 +651,12 @@ impl Engine {
         }
         match (self.leader, self.last_leader_contact) {
             (Some(_), Some(t)) => self.now < t + self.cfg.election_timeout_min,
+            // Under lease reads the contact alone counts: a stray message
+            // with a higher term clears the leader, not the promise this
+            // member made by acknowledging its heartbeat.
+            (None, Some(t)) if self.cfg.read_policy == crate::config::ReadPolicy::Lease => {
+                self.now < t + self.cfg.election_timeout_min
+            }
             _ => false,
         }
     }

@@ -161,3 +161,60 @@ fn lease_a_restarted_member_ignores_candidates_for_one_election_timeout() {
     assert_eq!(c.node(2).term(), 6);
     assert_eq!(c.node(2).vote(), Some(1));
 }
+
+/// A member that acknowledged a leader's heartbeat keeps its promise even
+/// when a stray reply with a higher term makes it forget that leader: it
+/// grants no vote, at that term or the next, until the lease has run out.
+#[test]
+fn lease_a_stray_higher_term_does_not_free_a_member_to_vote() {
+    let mut c = lease_cluster();
+    c.tick_node(2, ms(150));
+    c.tick_node(3, ms(150));
+    c.elect(1);
+    c.settle();
+    let t = c.now;
+    assert_eq!(c.node(2).leader(), Some(1));
+    let term = c.node(2).term();
+    // A late rejection from node 3, carrying a newer term.
+    c.node(2).handle_message(
+        t,
+        msg(
+            3,
+            2,
+            term + 1,
+            MessageBody::VoteResponse {
+                pre_vote: false,
+                granted: false,
+            },
+        ),
+    );
+    assert_eq!(c.node(2).term(), term + 1);
+    assert_eq!(c.node(2).leader(), None);
+    let request = |term, pre_vote| {
+        msg(
+            3,
+            2,
+            term,
+            MessageBody::VoteRequest {
+                pre_vote,
+                last_log_index: 10,
+                last_log_term: 10,
+            },
+        )
+    };
+    c.node(2)
+        .handle_message(t + ms(1), request(term + 1, false));
+    c.node(2).handle_message(t + ms(2), request(term + 2, true));
+    let answers = c.drain(2);
+    assert!(
+        !answers
+            .iter()
+            .any(|m| matches!(m.body, MessageBody::VoteResponse { granted: true, .. })),
+        "a member in a lease granted a vote: {answers:?}"
+    );
+    assert_eq!(c.node(2).vote(), None);
+    // Once the lease has run out it may vote again.
+    c.node(2)
+        .handle_message(t + ms(151), request(term + 1, false));
+    assert_eq!(c.node(2).vote(), Some(3));
+}
