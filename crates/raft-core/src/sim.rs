@@ -1005,14 +1005,18 @@ impl Sim {
         }
     }
 
-    /// A random node among those that believe they lead (several may).
-    fn any_leader(&mut self) -> Option<NodeId> {
-        let leaders: Vec<NodeId> = self
-            .nodes
+    /// Every live node that believes it leads (several may).
+    fn leaders(&self) -> Vec<NodeId> {
+        self.nodes
             .iter()
             .filter(|(_, n)| n.engine.as_ref().is_some_and(|e| e.is_leader()))
             .map(|(&id, _)| id)
-            .collect();
+            .collect()
+    }
+
+    /// A random node among those that believe they lead.
+    fn any_leader(&mut self) -> Option<NodeId> {
+        let leaders = self.leaders();
         if leaders.is_empty() {
             return None;
         }
@@ -1040,13 +1044,7 @@ impl Sim {
         } else if self.cfg.lease && roll < 530 {
             // Lease reads answer at once: ask every node that believes it
             // leads, a deposed one included, as often as possible.
-            let leaders: Vec<NodeId> = self
-                .nodes
-                .iter()
-                .filter(|(_, n)| n.engine.as_ref().is_some_and(|e| e.is_leader()))
-                .map(|(&id, _)| id)
-                .collect();
-            for l in leaders {
+            for l in self.leaders() {
                 self.start_read(l);
             }
         }

@@ -173,15 +173,9 @@ impl Waiters {
         self.swept = term;
         let mut emptied = Vec::new();
         for (&i, ws) in self.by_index.range_mut(index + 1..) {
-            ws.retain_mut(|(t, _, tx)| {
-                if *t >= term {
-                    return true;
-                }
-                let (dead, _) = oneshot::channel();
-                let tx = std::mem::replace(tx, dead);
-                let _ = tx.send(Err(Error::Overwritten { index: i, term: *t }));
-                false
-            });
+            for (t, _, tx) in ws.extract_if(.., |(t, _, _)| *t < term) {
+                let _ = tx.send(Err(Error::Overwritten { index: i, term: t }));
+            }
             if ws.is_empty() {
                 emptied.push(i);
             }
