@@ -51,6 +51,7 @@ pub fn op(seed: u64, n: u64, state: &LogState) -> Op {
             truncate_from: None,
             entries: mk(last + 1, count, term),
             membership: None,
+            ..Default::default()
         })
     } else if roll < 85 {
         let from = state.purged.index + 1 + r(4) % (last - state.purged.index);
@@ -63,6 +64,7 @@ pub fn op(seed: u64, n: u64, state: &LogState) -> Op {
             truncate_from: Some(from),
             entries: mk(from, count, term + 1),
             membership: None,
+            ..Default::default()
         })
     } else if roll < 90 && last > state.purged.index + 1 {
         let upto = state.purged.index + 1 + r(6) % (last - state.purged.index - 1);
@@ -81,6 +83,7 @@ pub fn op(seed: u64, n: u64, state: &LogState) -> Op {
             truncate_from: None,
             entries: vec![],
             membership: None,
+            ..Default::default()
         })
     }
 }

@@ -86,7 +86,23 @@ pub struct Config {
     /// With [`ReadPolicy::Lease`]: how much shorter than
     /// `election_timeout_min` the lease is, to absorb clock drift.
     pub lease_drift_margin: Duration,
+    /// Entries kept in the log below the latest snapshot, so that a
+    /// follower a little behind catches up from the log rather than by a
+    /// whole snapshot.
+    pub trailing_entries: u64,
+    /// Bytes per snapshot chunk on the wire.
+    pub snapshot_chunk_bytes: usize,
+    /// Snapshot chunks sent ahead of the follower's acknowledgements: with
+    /// the chunk size, this bounds the memory a transfer takes on either side.
+    pub snapshot_chunks_in_flight: usize,
+    /// A snapshot transfer that makes no progress for this long is dropped
+    /// (and started again, resuming where the follower stopped).
+    pub snapshot_timeout: Duration,
 }
+
+/// Room for a snapshot chunk's own fields (the snapshot's metadata with a
+/// membership of a few hundred voters) beyond its bytes.
+pub(crate) const SNAPSHOT_CHUNK_OVERHEAD: usize = 4096;
 
 /// How a leader confirms, for a linearizable read, that no other leader
 /// can have committed anything it has not.
@@ -189,6 +205,10 @@ impl Default for Config {
             max_committed_per_ready: 4096,
             read_policy: ReadPolicy::ReadIndex,
             lease_drift_margin: Duration::from_millis(30),
+            trailing_entries: 1024,
+            snapshot_chunk_bytes: 1 << 20,
+            snapshot_chunks_in_flight: 4,
+            snapshot_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -217,6 +237,7 @@ impl Config {
             ("election_timeout_min", self.election_timeout_min),
             ("election_timeout_max", self.election_timeout_max),
             ("max_write_stall", self.max_write_stall),
+            ("snapshot_timeout", self.snapshot_timeout),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
@@ -228,6 +249,8 @@ impl Config {
             ("max_inflight", self.max_inflight),
             ("max_entry_bytes", self.max_entry_bytes),
             ("max_committed_per_ready", self.max_committed_per_ready),
+            ("snapshot_chunk_bytes", self.snapshot_chunk_bytes),
+            ("snapshot_chunks_in_flight", self.snapshot_chunks_in_flight),
             (
                 "compact_threshold",
                 usize::try_from(self.compact_threshold).unwrap_or(usize::MAX),
@@ -273,7 +296,7 @@ impl Config {
 
     /// The largest encoded message these settings can produce: an
     /// AppendEntries of `max_bytes_per_msg` of entries, or of one entry of
-    /// `max_entry_bytes`, plus the message's own fields.
+    /// `max_entry_bytes`, plus the message's own fields; or a snapshot chunk.
     pub fn max_message_bytes(&self) -> usize {
         self.max_bytes_per_msg
             .max(
@@ -281,6 +304,10 @@ impl Config {
                     .saturating_add(crate::types::ENTRY_OVERHEAD),
             )
             .saturating_add(crate::message::MESSAGE_OVERHEAD)
+            .max(
+                self.snapshot_chunk_bytes
+                    .saturating_add(SNAPSHOT_CHUNK_OVERHEAD),
+            )
     }
 
     /// Checks that every message fits a transport whose frames hold at most

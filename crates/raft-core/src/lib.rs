@@ -22,6 +22,7 @@ pub mod message;
 pub(crate) mod mutation;
 pub mod node;
 mod rng;
+pub mod snapshot;
 pub mod storage;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -35,10 +36,12 @@ pub use config::{Config, ConfigError, ReadPolicy};
 pub use engine::{Engine, EngineError, InitialState, NotLeader, ProposeError, ReadResult, Ready};
 pub use message::{Message, MessageBody, RejectHint, MESSAGE_OVERHEAD};
 pub use node::{ApplyMsg, Error, Proposal, Raft, Responder, Status};
+pub use snapshot::{MemSnapshotStore, SnapshotReader, SnapshotStore, SnapshotWriter};
 pub use storage::{LogBatch, LogState, LogStore, MemLogStore, StorageError};
 pub use transport::{
     ChannelNetwork, ChannelTransport, InboundRpc, PeerRpc, RpcEndpoint, RpcError, Transport,
 };
 pub use types::{
-    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, Term, ENTRY_OVERHEAD,
+    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, SnapshotMeta, Term,
+    ENTRY_OVERHEAD,
 };

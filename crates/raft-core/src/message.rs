@@ -1,6 +1,6 @@
 //! Messages exchanged between Raft nodes. Transports carry these as opaque values.
 
-use crate::types::{Entry, LogIndex, NodeId, Term};
+use crate::types::{Entry, LogIndex, NodeId, SnapshotMeta, Term};
 use serde::{Deserialize, Serialize};
 
 /// An upper bound on what an AppendEntries adds to an encoded frame beyond
@@ -80,6 +80,38 @@ pub enum MessageBody {
         /// The round being answered.
         round: u64,
     },
+    /// A snapshot has arrived whole from the leader and is stored with the
+    /// application. The receiving node's driver makes this message itself
+    /// when the last chunk is durable; one arriving from the network is
+    /// dropped. The engine answers with an `AppendResponse`.
+    InstallSnapshot {
+        /// What the snapshot covers.
+        meta: SnapshotMeta,
+    },
+    /// A piece of a snapshot, streamed by the leader's driver (the engine
+    /// never sees it). Chunks go out in order, a few ahead of the
+    /// acknowledgements.
+    SnapshotChunk {
+        /// What the snapshot covers.
+        meta: SnapshotMeta,
+        /// The snapshot's size in bytes.
+        size: u64,
+        /// Where `data` starts in the snapshot.
+        offset: u64,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// A follower's driver acknowledges snapshot bytes: it holds the first
+    /// `next` bytes of the snapshot at `index` durably, and wants the rest
+    /// from `next` on (a smaller `next` than sent asks for a resend; 0
+    /// restarts the transfer).
+    SnapshotAck {
+        /// The snapshot's last index.
+        index: LogIndex,
+        /// The first byte not yet held.
+        next: u64,
+    },
 }
 
 /// The follower's hint for a rejected AppendEntries, letting the leader skip a
@@ -106,6 +138,9 @@ impl MessageBody {
             MessageBody::AppendResponse { .. } => "AppendResponse",
             MessageBody::Heartbeat { .. } => "Heartbeat",
             MessageBody::HeartbeatResponse { .. } => "HeartbeatResponse",
+            MessageBody::InstallSnapshot { .. } => "InstallSnapshot",
+            MessageBody::SnapshotChunk { .. } => "SnapshotChunk",
+            MessageBody::SnapshotAck { .. } => "SnapshotAck",
         }
     }
 }

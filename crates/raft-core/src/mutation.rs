@@ -50,12 +50,19 @@ pub(crate) enum Mutation {
     /// The lease runs from when a majority's answers arrived, not from when
     /// the heartbeat they answer was sent.
     LeaseFromAnswer,
+    /// A follower installs a snapshot older than its commit index (its
+    /// state goes back).
+    InstallOlderThanCommit,
+    /// A follower whose log holds a snapshot's last entry still replaces
+    /// the whole log with the snapshot, dropping entries after it that
+    /// it had acknowledged.
+    DiscardMatchingSuffix,
 }
 
 impl Mutation {
     /// Every mutation the simulator must catch (the driver's is caught by node tests).
     #[cfg(test)]
-    pub(crate) const ENGINE: [Mutation; 16] = [
+    pub(crate) const ENGINE: [Mutation; 18] = [
         Mutation::VoteBeforeDurable,
         Mutation::LeaderCountsUnsynced,
         Mutation::AnyHeartbeatConfirmsRead,
@@ -72,6 +79,8 @@ impl Mutation {
         Mutation::CommitPastVerified,
         Mutation::LeaseWithoutDriftMargin,
         Mutation::LeaseFromAnswer,
+        Mutation::InstallOlderThanCommit,
+        Mutation::DiscardMatchingSuffix,
     ];
 
     #[cfg(test)]

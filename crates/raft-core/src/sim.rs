@@ -28,9 +28,9 @@
 
 use crate::config::Config;
 use crate::engine::{Engine, InitialState};
-use crate::message::Message;
+use crate::message::{Message, MessageBody};
 use crate::mutation::Mutation;
-use crate::types::{Entry, HardState, LogId, LogIndex, Membership, NodeId, Term};
+use crate::types::{Entry, HardState, LogId, LogIndex, Membership, NodeId, SnapshotMeta, Term};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -67,6 +67,9 @@ pub(crate) struct SimConfig {
     pub(crate) lease: bool,
     /// Each node's clock runs this many parts per million fast or slow.
     pub(crate) drift_ppm: u64,
+    /// Applications take snapshots at random; the log is compacted up to
+    /// them and lagging followers get them.
+    pub(crate) snapshots: bool,
 }
 
 impl SimConfig {
@@ -97,6 +100,7 @@ impl SimConfig {
             // 20% fast or slow: at the edge of what `LEASE_MARGIN` allows.
             lease: !(mix >> 8).is_multiple_of(3) && (mix >> 32).is_multiple_of(2),
             drift_ppm: 200_000,
+            snapshots: (mix >> 40).is_multiple_of(2),
         }
     }
 }
@@ -124,6 +128,15 @@ pub(crate) struct SimStats {
     /// Of those, reads answered while another node led in a newer term.
     pub(crate) deposed_lease_reads: u64,
     pub(crate) messages_delivered: usize,
+    /// Restarts whose application had to load a snapshot first.
+    pub(crate) restarts_from_snapshot: usize,
+    /// Snapshots the applications took.
+    pub(crate) snapshots_taken: usize,
+    /// Snapshots that arrived at a follower (duplicates included).
+    pub(crate) snapshots_delivered: usize,
+    /// Snapshots a follower's application loaded (after a leader's
+    /// transfer, or at a restart).
+    pub(crate) snapshots_loaded: usize,
     pub(crate) virtual_time: Duration,
 }
 
@@ -151,6 +164,13 @@ enum Event {
     /// The oldest queued write of a node (in the given incarnation) is done.
     DiskDone(NodeId, u64),
     Restart(NodeId),
+    /// A whole snapshot reaches a follower: (from, to, term, what it
+    /// covers, the state's hash).
+    SnapshotArrives(NodeId, NodeId, Term, SnapshotMeta, u64),
+    /// The leader's transfer to a follower gave up (to, from).
+    SnapshotFailed(NodeId, NodeId),
+    /// The leader's transfer ended: (leader, follower, snapshot index).
+    SnapshotSent(NodeId, NodeId, LogIndex),
 }
 
 /// A ready whose storage writes are still on their way to disk.
@@ -163,6 +183,12 @@ struct PendingDisk {
     committed: Vec<Entry>,
     taken_as_leader_of: Option<Term>,
     purge_to: Option<LogId>,
+    /// A leader's snapshot replaces the log first.
+    install: Option<SnapshotMeta>,
+    /// The store records the application's latest snapshot.
+    snapshot: Option<SnapshotMeta>,
+    /// The application loads this snapshot before `committed`.
+    apply_snapshot: Option<SnapshotMeta>,
 }
 
 #[derive(Debug)]
@@ -187,6 +213,15 @@ struct SimNode {
     purged: LogId,
     /// Highest commit index already compared against the global record.
     checked_commit: LogIndex,
+    /// The application's state: the hash chain of the entries applied.
+    app_hash: u64,
+    /// The hash of the state it flushed.
+    flushed_hash: u64,
+    /// The application's durable snapshots: last index -> (what it
+    /// covers, the state's hash).
+    snaps: BTreeMap<LogIndex, (SnapshotMeta, u64)>,
+    /// The latest snapshot the log store recorded.
+    log_snapshot: Option<SnapshotMeta>,
 }
 
 fn entry_hash(e: &Entry) -> u64 {
@@ -228,6 +263,9 @@ pub(crate) struct Sim {
     log_registry: HashMap<(LogIndex, Term), u64>,
     /// Committed entries by index (position 0 is index 1): (term, entry hash).
     committed: Vec<(Term, u64)>,
+    /// The committed entries themselves with the hash chain of the prefix
+    /// ending at each (what a snapshot of that prefix must hash to).
+    committed_log: Vec<(Entry, u64)>,
     /// For each committed index, the term of the node that committed it first
     /// (the leader of that term): Leader Completeness binds later terms only.
     commit_terms: Vec<Term>,
@@ -275,6 +313,7 @@ impl Sim {
             leaders_by_term: HashMap::new(),
             log_registry: HashMap::new(),
             committed: Vec::new(),
+            committed_log: Vec::new(),
             commit_terms: Vec::new(),
             max_commit_seen: 0,
             leader_log_marks: HashMap::new(),
@@ -301,6 +340,10 @@ impl Sim {
                     flushed: 0,
                     purged: LogId::default(),
                     checked_commit: 0,
+                    app_hash: 0,
+                    flushed_hash: 0,
+                    snaps: BTreeMap::new(),
+                    log_snapshot: None,
                 },
             );
             if sim.cfg.lease {
@@ -322,6 +365,8 @@ impl Sim {
         // Compact often, so that restarts, elections and lagging followers
         // meet compacted logs all the time.
         c.compact_threshold = 5;
+        // Snapshots leave few entries behind: followers need them often.
+        c.trailing_entries = self.cfg.seed % 4;
         if self.cfg.lease {
             c.read_policy = crate::config::ReadPolicy::Lease;
             c.lease_drift_margin = LEASE_MARGIN;
@@ -367,6 +412,9 @@ impl Sim {
         if node.purged.index > 0 {
             self.stats.restarts_compacted += 1;
         }
+        if node.flushed < node.purged.index {
+            self.stats.restarts_from_snapshot += 1;
+        }
         let init = InitialState {
             hard_state: node.hard_state,
             purged: node.purged,
@@ -378,9 +426,11 @@ impl Sim {
                 .collect(),
             membership,
             applied: node.flushed,
+            snapshot: node.log_snapshot.clone(),
         };
         // The application restarts from what it flushed.
         node.applied = node.flushed;
+        node.app_hash = node.flushed_hash;
         match Engine::new(cfg, init, seed, now) {
             Ok(e) => {
                 node.checked_commit = e.commit_index();
@@ -511,9 +561,14 @@ impl Sim {
                     self.send(m);
                 }
             }
+            for (to, meta) in ready.send_snapshots {
+                self.send_snapshot(id, to, meta);
+            }
             let needs_disk = ready.hard_state.is_some()
                 || ready.truncate_from.is_some()
-                || !ready.entries.is_empty();
+                || !ready.entries.is_empty()
+                || ready.install.is_some()
+                || ready.snapshot.is_some();
             let pending = PendingDisk {
                 hard_state: ready.hard_state,
                 truncate_from: ready.truncate_from,
@@ -522,6 +577,9 @@ impl Sim {
                 committed: ready.committed,
                 taken_as_leader_of: leader_term,
                 purge_to: ready.purge_to,
+                install: ready.install,
+                snapshot: ready.snapshot,
+                apply_snapshot: ready.apply_snapshot,
             };
             let node = self.nodes.get_mut(&id).expect("known node");
             if !needs_disk && node.disk.is_empty() {
@@ -547,6 +605,39 @@ impl Sim {
     /// state, the truncation and the first `keep` entries.
     fn persist(&mut self, id: NodeId, p: &PendingDisk, keep: usize) -> Vec<String> {
         let mut problems = Vec::new();
+        if let Some(m) = &p.install {
+            let s = m.last.index as usize;
+            let node = self.nodes.get_mut(&id).expect("known node");
+            match self.committed_log.get(s.wrapping_sub(1)) {
+                Some((e, _)) if e.term == m.last.term => {
+                    // Figure 13: a log that holds the snapshot's last entry
+                    // keeps what follows it (entries it may have acknowledged).
+                    let matched = node.log.get(s - 1).is_some_and(|(le, _)| le.term == m.last.term);
+                    if matched && node.log.len() > s {
+                        problems.push(format!(
+                            "Snapshot install: node {id} dropped entries {}..={} that follow the snapshot's matching last entry {:?}",
+                            s + 1,
+                            node.log.len(),
+                            m.last
+                        ));
+                    }
+                    // The log now starts after the snapshot; the sim keeps
+                    // the committed prefix in its place for its checks.
+                    node.log = self.committed_log[..s].to_vec();
+                    node.purged = m.last;
+                    node.log_snapshot = Some(m.clone());
+                }
+                _ if s == 0 => {}
+                _ => problems.push(format!(
+                    "node {id} installed a snapshot ending at {:?}, which is not a committed entry",
+                    m.last
+                )),
+            }
+        }
+        if let Some(m) = &p.snapshot {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            node.log_snapshot = Some(m.clone());
+        }
         {
             let node = self.nodes.get_mut(&id).expect("known node");
             if let Some(hs) = p.hard_state {
@@ -616,7 +707,10 @@ impl Sim {
                 .log
                 .get((upto.index as usize).wrapping_sub(1))
                 .map(|(e, _)| e.term);
-            if upto.index > node.flushed || held != Some(upto.term) {
+            let stored = node
+                .flushed
+                .max(node.snaps.keys().next_back().copied().unwrap_or(0));
+            if upto.index > stored || held != Some(upto.term) {
                 let what = format!(
                     "node {id} compacted its log to {upto:?}, past what the application stored ({}; durable term there {held:?})",
                     node.flushed
@@ -626,6 +720,9 @@ impl Sim {
                 node.purged = node.purged.max(upto);
                 self.stats.purges += 1;
             }
+        }
+        if let Some(m) = p.apply_snapshot {
+            self.load_snapshot(id, &m);
         }
         for e in p.committed {
             self.apply(id, e);
@@ -646,9 +743,25 @@ impl Sim {
         if self.chance(100) {
             let node = self.nodes.get_mut(&id).expect("known node");
             node.flushed = node.applied;
+            node.flushed_hash = node.app_hash;
             let flushed = node.flushed;
             if let Some(engine) = node.engine.as_mut() {
                 engine.release(flushed);
+            }
+        }
+        // Or it takes a snapshot of what it applied.
+        if self.cfg.snapshots && self.chance(40) {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            let (applied, hash) = (node.applied, node.app_hash);
+            if let Some(meta) = node.engine.as_mut().and_then(|e| e.snapshot_taken(applied)) {
+                if meta.last.index != applied {
+                    problems.push(format!(
+                        "node {id}: snapshot at {applied} recorded as {:?}",
+                        meta.last
+                    ));
+                }
+                node.snaps.insert(applied, (meta, hash));
+                self.stats.snapshots_taken += 1;
             }
         }
         for what in problems {
@@ -670,6 +783,7 @@ impl Sim {
             return;
         }
         node.applied = e.index;
+        node.app_hash = chain(node.app_hash, &e);
         let h = entry_hash(&e);
         match self.committed.get(e.index as usize - 1) {
             Some(&(t, eh)) if t != e.term || eh != h => self.fail(format!(
@@ -680,6 +794,115 @@ impl Sim {
             None => self.fail(format!(
                 "node {id} applied {} before anyone committed it",
                 e.index
+            )),
+        }
+    }
+
+    /// The leader's driver streams the snapshot `meta` from its store: it
+    /// arrives whole after a while, or is lost (the transfer then times
+    /// out), now and then twice or very late.
+    fn send_snapshot(&mut self, from: NodeId, to: NodeId, meta: SnapshotMeta) {
+        let Some(term) = self.nodes[&from].engine.as_ref().map(|e| e.term()) else {
+            return;
+        };
+        let Some((held, hash)) = self.nodes[&from].snaps.get(&meta.last.index).cloned() else {
+            self.fail(format!(
+                "node {from} was asked to send a snapshot ending at {:?} that its application does not hold",
+                meta.last
+            ));
+            return;
+        };
+        if held != meta {
+            self.fail(format!(
+                "node {from} was asked to send {meta:?} but holds {held:?} there"
+            ));
+            return;
+        }
+        let timeout = Duration::from_millis(self.rng.range(300, 2000));
+        if self.blocked.contains(&(from, to)) || self.chance(self.drop_per_mille * 2) {
+            self.schedule(self.now + timeout, Event::SnapshotFailed(to, from));
+            return;
+        }
+        let copies = if self.chance(self.dup_per_mille * 3) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay = if self.cfg.faults && self.chance(100) {
+                Duration::from_millis(self.rng.range(200, 3000))
+            } else {
+                Duration::from_millis(self.rng.range(1, 50))
+            };
+            self.schedule(
+                self.now + delay,
+                Event::SnapshotArrives(from, to, term, meta.clone(), hash),
+            );
+        }
+    }
+
+    /// A whole snapshot arrives: the follower's store keeps it, then the
+    /// engine decides what to do with it.
+    fn snapshot_arrives(&mut self, from: NodeId, to: NodeId, term: Term, meta: SnapshotMeta, hash: u64) {
+        let now = self.local(to, self.now);
+        let node = self.nodes.get_mut(&to).expect("known node");
+        let Some(e) = node.engine.as_mut() else {
+            return;
+        };
+        let index = meta.last.index;
+        node.snaps.insert(index, (meta.clone(), hash));
+        self.stats.snapshots_delivered += 1;
+        e.tick(now);
+        e.handle_message(
+            now,
+            Message {
+                from,
+                to,
+                term,
+                body: MessageBody::InstallSnapshot { meta },
+            },
+        );
+        self.pump(to);
+        // The last acknowledgement reaches the leader's driver, or its
+        // transfer times out.
+        if !self.blocked.contains(&(to, from)) && !self.chance(self.drop_per_mille) {
+            let delay = self.message_delay();
+            self.schedule(self.now + delay, Event::SnapshotSent(from, to, index));
+        } else {
+            let timeout = Duration::from_millis(self.rng.range(300, 2000));
+            self.schedule(self.now + timeout, Event::SnapshotFailed(to, from));
+        }
+    }
+
+    /// The application replaces its state with the snapshot `m` from its
+    /// store: it must be the committed prefix, and never behind what the
+    /// application had applied.
+    fn load_snapshot(&mut self, id: NodeId, m: &SnapshotMeta) {
+        let s = m.last.index;
+        let node = self.nodes.get_mut(&id).expect("known node");
+        let Some((held, hash)) = node.snaps.get(&s).cloned() else {
+            let what = format!("node {id} must load a snapshot ending at {s} that it does not hold");
+            self.fail(what);
+            return;
+        };
+        if held != *m {
+            let what = format!("node {id} must load {m:?} but holds {held:?}");
+            self.fail(what);
+            return;
+        }
+        if s < node.applied {
+            let what = format!(
+                "node {id} loaded a snapshot ending at {s} after applying {}: its state went back",
+                node.applied
+            );
+            self.fail(what);
+            return;
+        }
+        node.applied = s;
+        node.app_hash = hash;
+        node.flushed = s;
+        node.flushed_hash = hash;
+        self.stats.snapshots_loaded += 1;
+        match self.committed_log.get(s as usize - 1) {
+            Some((_, c)) if *c == hash => {}
+            _ => self.fail(format!(
+                "State Machine Safety: node {id} loaded a snapshot ending at {s} that is not the committed prefix"
             )),
         }
     }
@@ -794,7 +1017,9 @@ impl Sim {
             return problems;
         };
         let commit = e.commit_index();
-        for idx in node.checked_commit + 1..=commit {
+        // Entries a snapshot replaced were checked where they were committed.
+        let from = node.checked_commit.max(e.purged().index);
+        for idx in from + 1..=commit {
             let Some(le) = e.log_entry(idx) else {
                 problems.push(format!("node {id} committed {idx} beyond its log"));
                 break;
@@ -841,6 +1066,8 @@ impl Sim {
                     }
                 }
                 self.committed.push(rec);
+                let prev = self.committed_log.last().map_or(0, |(_, c)| *c);
+                self.committed_log.push((le.clone(), chain(prev, le)));
                 self.commit_terms.push(e.term());
             } else {
                 problems.push(format!(
@@ -862,6 +1089,7 @@ impl Sim {
             let node = self.nodes.get_mut(&id).expect("known node");
             node.engine = None;
             node.applied = node.flushed;
+            node.app_hash = node.flushed_hash;
             node.epoch += 1;
             node.disk_free_at = Duration::ZERO;
             // Only the oldest write can be in the middle of reaching the disk.
@@ -1131,6 +1359,21 @@ impl Sim {
                     if self.nodes[&id].engine.is_none() {
                         self.start_node(id);
                     }
+                }
+                Event::SnapshotArrives(from, to, term, meta, hash) => {
+                    self.snapshot_arrives(from, to, term, meta, hash);
+                }
+                Event::SnapshotSent(from, to, index) => {
+                    if let Some(e) = self.nodes.get_mut(&from).and_then(|n| n.engine.as_mut()) {
+                        e.snapshot_sent(to, index);
+                    }
+                    self.pump(from);
+                }
+                Event::SnapshotFailed(to, from) => {
+                    if let Some(e) = self.nodes.get_mut(&from).and_then(|n| n.engine.as_mut()) {
+                        e.snapshot_failed(to);
+                    }
+                    self.pump(from);
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! implements, and [`MemLogStore`], an in-memory store for tests and examples
 //! that can simulate a crash.
 
-use crate::types::{Entry, HardState, LogId, LogIndex, Membership};
+use crate::types::{Entry, HardState, LogId, LogIndex, Membership, SnapshotMeta};
 use async_trait::async_trait;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,9 +20,13 @@ pub struct LogState {
     /// the members it was bootstrapped with); `None` until one is stored.
     /// Membership entries in `entries` override it.
     pub membership: Option<Membership>,
+    /// The latest snapshot the application holds, as recorded by
+    /// `LogBatch::snapshot` or `LogBatch::install`.
+    pub snapshot: Option<SnapshotMeta>,
 }
 
-/// One durable write: applied in the order hard state, truncation, append.
+/// One durable write: applied in the order install, hard state,
+/// truncation, append, snapshot record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogBatch {
     /// New term and vote, if they changed.
@@ -34,6 +38,12 @@ pub struct LogBatch {
     /// A new membership at the compaction point (bootstrap, or compaction
     /// past a membership entry), if it changed.
     pub membership: Option<Membership>,
+    /// A snapshot from the leader replaces the log: drop every entry, make
+    /// `last` the compaction point and `membership` its membership, and
+    /// record it as the latest snapshot. Applied before everything else.
+    pub install: Option<SnapshotMeta>,
+    /// The application took a snapshot: record it as the latest.
+    pub snapshot: Option<SnapshotMeta>,
 }
 
 impl LogBatch {
@@ -43,6 +53,8 @@ impl LogBatch {
             && self.truncate_from.is_none()
             && self.entries.is_empty()
             && self.membership.is_none()
+            && self.install.is_none()
+            && self.snapshot.is_none()
     }
 }
 
@@ -94,6 +106,10 @@ pub fn check_batch(
     last: LogIndex,
     batch: &LogBatch,
 ) -> Result<LogIndex, StorageError> {
+    let (purged_index, last) = match &batch.install {
+        Some(m) => (m.last.index, m.last.index),
+        None => (purged_index, last),
+    };
     let mut end = last;
     if let Some(t) = batch.truncate_from {
         if t <= purged_index {
@@ -120,6 +136,15 @@ pub fn check_batch(
 pub fn apply_batch(state: &mut LogState, batch: LogBatch) -> Result<(), StorageError> {
     let last = state.entries.last().map_or(state.purged.index, |e| e.index);
     let end = check_batch(state.purged.index, last, &batch)?;
+    if let Some(m) = batch.install {
+        state.entries.clear();
+        state.purged = m.last;
+        state.membership = Some(m.membership.clone());
+        state.snapshot = Some(m);
+    }
+    if let Some(m) = batch.snapshot {
+        state.snapshot = Some(m);
+    }
     if let Some(hs) = batch.hard_state {
         state.hard_state = hs;
     }

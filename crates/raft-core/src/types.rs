@@ -129,6 +129,18 @@ impl Membership {
     }
 }
 
+/// What a snapshot covers: the application's state after applying every
+/// entry up to `last`, and the membership in force there. The log store
+/// keeps the latest one (`LogState::snapshot`); the bytes live with the
+/// application (`SnapshotStore`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// The last entry the snapshot covers.
+    pub last: LogId,
+    /// The membership in force at `last`.
+    pub membership: Membership,
+}
+
 /// The state that must be durable before any message that depends on it leaves
 /// the node (Figure 2, "persistent state on all servers").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -50,6 +50,7 @@ fn bench(c: &mut Criterion) {
                         truncate_from: None,
                         entries,
                         membership: None,
+                        ..Default::default()
                     }))
                     .unwrap();
                 })

@@ -31,6 +31,7 @@ async fn populated(dir: &Path) -> PathBuf {
             truncate_from: None,
             entries: chunk.to_vec(),
             membership: None,
+            ..Default::default()
         };
         s.save(batch).await.unwrap();
     }

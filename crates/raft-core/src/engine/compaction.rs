@@ -26,18 +26,25 @@ impl Engine {
     }
 
     /// Drops log entries that every member holds, this node has applied and
-    /// the application has stored, once there are `compact_threshold` of them.
-    /// Without snapshots, nothing a member might still need is dropped: a
-    /// member that is down holds the compaction back until it is back.
+    /// the application has stored, or that the latest snapshot covers (less
+    /// `trailing_entries`), once there are `compact_threshold` of them. A
+    /// member that needs what was dropped gets the snapshot.
     pub(super) fn maybe_compact(&mut self) {
         let released = if broken(Mutation::CompactIgnoringReleased) {
             LogIndex::MAX
         } else {
             self.released
         };
+        // Without a snapshot: what every member holds and the application
+        // stored. With one: up to it, whatever the others hold, less the
+        // trailing entries kept for followers a little behind.
+        let by_snapshot = self.snapshot.as_ref().map_or(0, |m| {
+            m.last.index.saturating_sub(self.cfg.trailing_entries)
+        });
         let upto = self
             .safe_compact_index()
             .min(released)
+            .max(by_snapshot)
             .min(self.log.applied)
             .min(self.log.delivered)
             .min(self.log.durable);

@@ -3,7 +3,7 @@
 
 use crate::config::ConfigError;
 use crate::message::Message;
-use crate::types::{Entry, HardState, LogId, LogIndex, Membership, NodeId};
+use crate::types::{Entry, HardState, LogId, LogIndex, Membership, NodeId, SnapshotMeta};
 
 /// The durable state a node restarts from.
 #[derive(Debug, Clone, Default)]
@@ -21,6 +21,12 @@ pub struct InitialState {
     /// The highest index the application has already applied; entries up to it
     /// are not handed out again.
     pub applied: LogIndex,
+    /// The latest snapshot the application holds (`LogState::snapshot`).
+    /// When `applied` is below the compaction point (a crash between
+    /// storing a leader's snapshot and installing it, or state files
+    /// lost), the node hands it to the application first
+    /// (`Ready::apply_snapshot`).
+    pub snapshot: Option<SnapshotMeta>,
 }
 
 /// Why durable state could not be restored.
@@ -103,6 +109,17 @@ pub struct Ready {
     /// The membership in force at `purge_to`, when compaction moved past a
     /// membership entry: store it (`LogBatch::membership`) before purging.
     pub membership: Option<Membership>,
+    /// The application's new snapshot: record it (`LogBatch::snapshot`).
+    pub snapshot: Option<SnapshotMeta>,
+    /// A snapshot from the leader replaces the log (`LogBatch::install`),
+    /// before this ready's other writes.
+    pub install: Option<SnapshotMeta>,
+    /// Once this ready's writes are durable, the application must load
+    /// this snapshot (it holds the bytes) before applying `committed`.
+    pub apply_snapshot: Option<SnapshotMeta>,
+    /// Followers that need a snapshot: stream it to them, then tell the
+    /// engine if the transfer fails (`Engine::snapshot_failed`).
+    pub send_snapshots: Vec<(NodeId, SnapshotMeta)>,
 }
 
 impl Ready {
@@ -117,6 +134,10 @@ impl Ready {
             && self.reads.is_empty()
             && self.purge_to.is_none()
             && self.membership.is_none()
+            && self.snapshot.is_none()
+            && self.install.is_none()
+            && self.apply_snapshot.is_none()
+            && self.send_snapshots.is_empty()
     }
 
     /// The id of the last entry to append, to pass to `Engine::persisted`.

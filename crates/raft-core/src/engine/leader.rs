@@ -30,12 +30,23 @@ impl Engine {
             );
             return;
         }
+        if let ReplState::Snapshot(pending) = pr.state {
+            // Only the follower's answer to the snapshot (or a later one)
+            // ends the transfer; anything older is stale.
+            if success && index >= pending {
+                pr.ack(index, now);
+                pr.become_replicate();
+                self.maybe_commit();
+                self.fill_pipeline(from);
+            }
+            return;
+        }
         if success {
             // A late duplicate tells nothing new; reacting to it (resending)
             // would turn duplicates into storms.
             let duplicate = match pr.state {
                 _ if pr.backoff => index <= pr.match_index,
-                ReplState::Replicate => index <= pr.match_index,
+                ReplState::Replicate | ReplState::Snapshot(_) => index <= pr.match_index,
                 ReplState::Probe => index < pr.match_index,
             };
             if duplicate {
@@ -51,6 +62,7 @@ impl Engine {
                     .iter()
                     .find(|&&l| l >= index)
                     .is_some_and(|&l| index < l),
+                ReplState::Snapshot(_) => false,
             };
             let moved = pr.ack(index, now);
             if partial {
@@ -77,6 +89,7 @@ impl Engine {
             let stale = match pr.state {
                 ReplState::Replicate => index <= pr.match_index,
                 ReplState::Probe => index + 1 != pr.next_index,
+                ReplState::Snapshot(_) => true,
             };
             if stale {
                 return;
@@ -95,12 +108,8 @@ impl Engine {
                 }) => first_index,
                 None => index,
             };
-            // Every member holds the log up to the compaction point, so a
-            // probe never needs to go below it.
-            next = next
-                .min(index)
-                .max(pr.match_index + 1)
-                .max(self.log.purged().index + 1);
+            // Below the compaction point the follower gets a snapshot.
+            next = next.min(index).max(pr.match_index + 1);
             pr.become_probe();
             pr.next_index = next;
             pr.check();
@@ -156,6 +165,7 @@ impl Engine {
                         pr.last_progress = now;
                     }
                 }
+                ReplState::Snapshot(_) => {}
             }
         }
         self.reads.next_round(self.now);
@@ -205,6 +215,7 @@ impl Engine {
             return false;
         };
         match pr.state {
+            ReplState::Snapshot(_) => return false,
             ReplState::Probe if pr.paused => return false,
             ReplState::Replicate if pr.inflight.len() >= self.cfg.max_inflight => return false,
             ReplState::Replicate if pr.next_index > last && !commit_only => return false,
@@ -212,6 +223,9 @@ impl Engine {
         }
         let prev = pr.next_index - 1;
         let Some(prev_term) = self.log.term(prev) else {
+            if self.start_snapshot(to) {
+                return false;
+            }
             #[cfg(test)]
             {
                 self.below_compaction += 1;
@@ -244,6 +258,7 @@ impl Engine {
                     pr.inflight.push_back(e.index);
                 }
             }
+            ReplState::Snapshot(_) => {}
         }
         self.send(
             to,

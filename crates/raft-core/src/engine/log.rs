@@ -209,6 +209,23 @@ impl RaftLog {
         Some(self.purged)
     }
 
+    /// Replaces the whole log with a snapshot ending at `last`: every entry
+    /// goes, and everything up to `last` counts as committed, applied,
+    /// delivered and durable (the store installs it first thing in the
+    /// same write).
+    pub(crate) fn install(&mut self, last: LogId) {
+        self.entries.clear();
+        self.purged = last;
+        self.committed = self.committed.max(last.index);
+        self.applied = last.index;
+        self.delivered = last.index;
+        self.durable = last.index;
+        self.unstable_from = last.index + 1;
+        self.pending_truncate = None;
+        self.unapplied_bytes = 0;
+        self.committed_unapplied_bytes = 0;
+    }
+
     /// Appends one entry at the end. The caller guarantees `entry.index == last + 1`.
     pub(crate) fn push(&mut self, entry: Entry) {
         debug_assert_eq!(

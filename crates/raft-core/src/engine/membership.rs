@@ -38,6 +38,15 @@ impl MembershipLog {
         &self.current
     }
 
+    /// The membership in force at `index` (at or above the purge point).
+    pub(super) fn at(&self, index: LogIndex) -> &Membership {
+        self.entries
+            .iter()
+            .rev()
+            .find(|(i, _)| *i <= index)
+            .map_or(&self.base, |(_, m)| m)
+    }
+
     /// An entry was appended: a membership entry takes effect at once.
     pub(super) fn appended(&mut self, e: &Entry) {
         if let EntryPayload::Membership(m) = &e.payload {

@@ -25,6 +25,7 @@ mod log;
 mod membership;
 mod progress;
 mod read_queue;
+mod snapshot;
 
 #[cfg(test)]
 mod tests;
@@ -33,7 +34,7 @@ use crate::config::Config;
 use crate::message::{Message, MessageBody, RejectHint};
 use crate::mutation::{broken, Mutation};
 use crate::types::{
-    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, Term,
+    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, SnapshotMeta, Term,
 };
 pub use interface::{EngineError, InitialState, NotLeader, ProposeError, ReadResult, Ready};
 use log::RaftLog;
@@ -85,6 +86,16 @@ pub struct Engine {
     peer_safe: LogIndex,
     /// A compaction the store has not been told about yet.
     pending_purge: Option<LogId>,
+    /// The latest snapshot the application holds.
+    snapshot: Option<SnapshotMeta>,
+    /// A snapshot taken that the store has not recorded yet.
+    pending_snapshot: Option<SnapshotMeta>,
+    /// A leader's snapshot that replaces the log in the next write.
+    pending_install: Option<SnapshotMeta>,
+    /// A snapshot the application must load next.
+    pending_apply_snapshot: Option<SnapshotMeta>,
+    /// Followers to stream a snapshot to.
+    snapshot_sends: Vec<(NodeId, SnapshotMeta)>,
     /// How often a follower needed entries that were compacted away (tests:
     /// must stay 0, there are no snapshots to send instead).
     #[cfg(test)]
@@ -110,6 +121,7 @@ impl Engine {
             entries,
             membership: base_membership,
             applied,
+            snapshot,
         } = init;
         let mut expect = purged.index + 1;
         let mut prev_term = purged.term;
@@ -130,15 +142,36 @@ impl Engine {
             expect += 1;
         }
         let last = expect - 1;
+        if let Some(m) = &snapshot {
+            if m.last.index > last {
+                return Err(EngineError::InvalidState(format!(
+                    "the latest snapshot ends at {} past the last log index {last}",
+                    m.last.index
+                )));
+            }
+        }
+        // The application is behind the compaction point: it must load the
+        // snapshot first (a crash between storing a leader's snapshot and
+        // loading it, or lost state files).
+        let mut apply_snapshot = None;
+        let mut applied = applied;
+        if applied < purged.index {
+            match &snapshot {
+                Some(m) if m.last.index >= purged.index => {
+                    applied = m.last.index;
+                    apply_snapshot = Some(m.clone());
+                }
+                _ => {
+                    return Err(EngineError::InvalidState(format!(
+                        "application applied index {applied} is below the compaction point {} and no snapshot covers it",
+                        purged.index
+                    )))
+                }
+            }
+        }
         if applied > last {
             return Err(EngineError::InvalidState(format!(
                 "application applied index {applied} is past the last log index {last}"
-            )));
-        }
-        if applied < purged.index {
-            return Err(EngineError::InvalidState(format!(
-                "application applied index {applied} is below the compaction point {}",
-                purged.index
             )));
         }
         let id = cfg.id;
@@ -179,6 +212,11 @@ impl Engine {
             released: purged.index,
             peer_safe: purged.index,
             pending_purge: None,
+            snapshot,
+            pending_snapshot: None,
+            pending_install: None,
+            pending_apply_snapshot: apply_snapshot,
+            snapshot_sends: Vec::new(),
             #[cfg(test)]
             below_compaction: 0,
             #[cfg(test)]
@@ -191,6 +229,10 @@ impl Engine {
 
     // ----- observers -------------------------------------------------------
 
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id
@@ -239,6 +281,10 @@ impl Engine {
     /// The membership in force.
     pub fn membership(&self) -> &Membership {
         self.members.current()
+    }
+    /// The latest snapshot the application holds, as far as the engine knows.
+    pub fn snapshot(&self) -> Option<&SnapshotMeta> {
+        self.snapshot.as_ref()
     }
     /// The term of the entry at `index`, if held.
     pub fn log_term(&self, index: LogIndex) -> Option<Term> {
@@ -445,6 +491,17 @@ impl Engine {
     /// are dropped.
     pub fn handle_message(&mut self, now: Duration, msg: Message) {
         self.now = self.now.max(now);
+        if matches!(
+            msg.body,
+            MessageBody::SnapshotChunk { .. } | MessageBody::SnapshotAck { .. }
+        ) {
+            tracing::warn!(
+                node = self.id,
+                from = msg.from,
+                "dropping a snapshot transfer message: the driver handles those"
+            );
+            return;
+        }
         if msg.to != self.id || msg.from == self.id {
             tracing::warn!(
                 node = self.id,
@@ -483,14 +540,18 @@ impl Engine {
                     pre_vote: true,
                     granted: true,
                 } => {}
-                MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } => {
+                MessageBody::AppendEntries { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::InstallSnapshot { .. } => {
                     self.become_follower(msg.term, Some(from));
                 }
                 _ => self.become_follower(msg.term, None),
             }
         } else if msg.term < self.term {
             match &msg.body {
-                MessageBody::AppendEntries { .. } | MessageBody::Heartbeat { .. } => {
+                MessageBody::AppendEntries { .. }
+                | MessageBody::Heartbeat { .. }
+                | MessageBody::InstallSnapshot { .. } => {
                     // Tell the stale leader about the newer term so it steps down.
                     self.send(
                         from,
@@ -546,6 +607,8 @@ impl Engine {
                 purge_to_index,
             } => self.on_heartbeat(from, leader_commit, round, purge_to_index),
             MessageBody::HeartbeatResponse { round } => self.on_heartbeat_response(from, round),
+            MessageBody::InstallSnapshot { meta } => self.on_install_snapshot(from, meta),
+            MessageBody::SnapshotChunk { .. } | MessageBody::SnapshotAck { .. } => {}
         }
     }
 
@@ -560,6 +623,10 @@ impl Engine {
             || self.log.committed().min(self.log.durable) > self.log.applied
             || self.log.has_storage_ops()
             || self.pending_purge.is_some()
+            || self.pending_snapshot.is_some()
+            || self.pending_install.is_some()
+            || self.pending_apply_snapshot.is_some()
+            || !self.snapshot_sends.is_empty()
     }
 
     /// Collects everything the outside world must now do. See the module docs.
@@ -627,6 +694,10 @@ impl Engine {
                 None => None,
             },
             purge_to: self.pending_purge.take(),
+            snapshot: self.pending_snapshot.take(),
+            install: self.pending_install.take(),
+            apply_snapshot: self.pending_apply_snapshot.take(),
+            send_snapshots: std::mem::take(&mut self.snapshot_sends),
         }
     }
 

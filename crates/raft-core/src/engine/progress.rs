@@ -14,6 +14,10 @@ pub(crate) enum ReplState {
     /// The follower's log is known to match: AppendEntries are pipelined, up to
     /// `max_inflight` unanswered messages at once.
     Replicate,
+    /// The follower needs entries below the compaction point: a snapshot
+    /// ending at this index is on its way; nothing else is sent until the
+    /// follower acknowledges it (or the transfer fails).
+    Snapshot(LogIndex),
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +77,14 @@ impl Progress {
         self.paused = false;
         self.inflight.clear();
         self.next_index = self.match_index + 1;
+    }
+
+    pub(crate) fn become_snapshot(&mut self, index: LogIndex) {
+        self.backoff = false;
+        self.state = ReplState::Snapshot(index);
+        self.paused = false;
+        self.probe_last = None;
+        self.inflight.clear();
     }
 
     pub(crate) fn become_replicate(&mut self) {

@@ -7,7 +7,7 @@
 //! that a later leader replaced fails its waiter with `Error::Overwritten`.
 
 use super::Error;
-use crate::types::{Entry, EntryPayload, LogIndex, Term};
+use crate::types::{Entry, EntryPayload, LogIndex, SnapshotMeta, Term};
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,6 +36,11 @@ pub struct ApplyMsg {
     /// the proposer waits: answer it once the command is applied (or drop
     /// it, which tells the proposer the entry applied without an answer).
     pub responder: Option<Responder>,
+    /// Set when the leader's snapshot replaced this node's log: load the
+    /// snapshot the application's `SnapshotStore` received for it (ending
+    /// at `command_index`) in place of the current state; the next entries
+    /// follow it. `command_valid` is false.
+    pub snapshot: Option<SnapshotMeta>,
 }
 
 impl ApplyMsg {
@@ -47,6 +52,7 @@ impl ApplyMsg {
                 command_index: e.index,
                 command_term: e.term,
                 responder,
+                snapshot: None,
             },
             _ => ApplyMsg {
                 command_valid: false,
@@ -54,7 +60,19 @@ impl ApplyMsg {
                 command_index: e.index,
                 command_term: e.term,
                 responder,
+                snapshot: None,
             },
+        }
+    }
+
+    pub(super) fn from_snapshot(meta: SnapshotMeta) -> ApplyMsg {
+        ApplyMsg {
+            command_valid: false,
+            command: Vec::new(),
+            command_index: meta.last.index,
+            command_term: meta.last.term,
+            responder: None,
+            snapshot: Some(meta),
         }
     }
 }
@@ -182,6 +200,17 @@ impl Waiters {
         }
         for i in emptied {
             self.by_index.remove(&i);
+        }
+    }
+
+    /// A snapshot replaced the log up to `upto`: whether the entries
+    /// waited for committed is unknown here.
+    pub(super) fn covered(&mut self, upto: LogIndex) {
+        let rest = self.by_index.split_off(&(upto + 1));
+        for (i, ws) in std::mem::replace(&mut self.by_index, rest) {
+            for (_, _, tx) in ws {
+                let _ = tx.send(Err(Error::Unknown(i)));
+            }
         }
     }
 

@@ -3,14 +3,17 @@
 
 use super::apply::{ApplyMsg, ApplyQueue, Waiters};
 use super::handle::{Reply, Request};
+use super::transfer::{self, Limits, Received, Route};
 use super::{Error, Status};
 use crate::engine::{Engine, ReadResult};
-use crate::message::Message;
+use crate::message::{Message, MessageBody};
 use crate::mutation::{broken, Mutation};
+use crate::snapshot::SnapshotStore;
 use crate::storage::{LogBatch, LogStore, StorageError};
 use crate::transport::Transport;
-use crate::types::{Entry, LogId, LogIndex};
+use crate::types::{Entry, LogId, LogIndex, NodeId, SnapshotMeta, Term};
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -35,6 +38,38 @@ struct AfterSave {
     persisted_messages: Vec<Message>,
     committed: Vec<Entry>,
     reads: Vec<ReadResult>,
+    /// A snapshot the application must load before `committed`.
+    apply_snapshot: Option<SnapshotMeta>,
+}
+
+/// A snapshot being streamed to a follower.
+struct Outgoing {
+    index: LogIndex,
+    acks: mpsc::Sender<u64>,
+}
+
+/// A snapshot arriving from the leader.
+struct Incoming {
+    leader: NodeId,
+    term: Term,
+    meta: SnapshotMeta,
+    chunks: mpsc::Sender<(u64, Vec<u8>)>,
+}
+
+/// Snapshot transfers in both directions.
+struct Transfers {
+    store: Option<Arc<dyn SnapshotStore>>,
+    limits: Limits,
+    outgoing: HashMap<NodeId, Outgoing>,
+    /// Chunks the sending tasks produced, for the transport.
+    chunk_tx: mpsc::Sender<Message>,
+    chunk_rx: mpsc::Receiver<Message>,
+    /// Sending tasks that ended: (follower, snapshot index, result).
+    done_tx: mpsc::UnboundedSender<(NodeId, LogIndex, Result<(), String>)>,
+    done_rx: mpsc::UnboundedReceiver<(NodeId, LogIndex, Result<(), String>)>,
+    incoming: Option<Incoming>,
+    events_tx: mpsc::UnboundedSender<Received>,
+    events_rx: mpsc::UnboundedReceiver<Received>,
 }
 
 /// A log write in progress: it gives the store back with its result and the
@@ -98,6 +133,7 @@ pub(super) struct Driver {
     read_waiters: HashMap<u64, Reply<LogIndex>>,
     reads_after_apply: BTreeMap<LogIndex, Vec<Reply<LogIndex>>>,
     next_ctx: u64,
+    transfers: Transfers,
 }
 
 /// Waits for the write in progress; never resolves when there is none.
@@ -120,6 +156,9 @@ enum Wake {
     HandlesGone,
     TransportClosed,
     Timer,
+    Chunk(Message),
+    SendDone(NodeId, LogIndex, Result<(), String>),
+    Received(Received),
 }
 
 impl Driver {
@@ -127,6 +166,7 @@ impl Driver {
     pub(super) fn new(
         engine: Engine,
         store: Box<dyn LogStore>,
+        snapshots: Option<Arc<dyn SnapshotStore>>,
         transport: Box<dyn Transport>,
         max_write_stall: std::time::Duration,
         origin: Instant,
@@ -134,7 +174,29 @@ impl Driver {
         status_tx: watch::Sender<Status>,
         apply: ApplyQueue,
     ) -> Driver {
+        let cfg = engine.config();
+        let limits = Limits {
+            chunk: cfg.snapshot_chunk_bytes,
+            in_flight: cfg.snapshot_chunks_in_flight,
+            timeout: cfg.snapshot_timeout,
+        };
+        let (chunk_tx, chunk_rx) = mpsc::channel(cfg.snapshot_chunks_in_flight.max(1));
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let transfers = Transfers {
+            store: snapshots,
+            limits,
+            outgoing: HashMap::new(),
+            chunk_tx,
+            chunk_rx,
+            done_tx,
+            done_rx,
+            incoming: None,
+            events_tx,
+            events_rx,
+        };
         Driver {
+            transfers,
             engine,
             store: Some(store),
             writing: None,
@@ -187,6 +249,9 @@ impl Driver {
                 m = self.transport.recv() => m.map_or(Wake::TransportClosed, Wake::Message),
                 _ = tokio::time::sleep_until(deadline) => Wake::Timer,
                 _ = stalled => Wake::WriteStalled,
+                Some(ev) = self.transfers.events_rx.recv() => Wake::Received(ev),
+                Some((to, index, res)) = self.transfers.done_rx.recv() => Wake::SendDone(to, index, res),
+                Some(m) = self.transfers.chunk_rx.recv() => Wake::Chunk(m),
             };
             // The engine's clock must be current before it sees the event: it
             // stamps leader contact and re-arms the election timer with it.
@@ -218,15 +283,18 @@ impl Driver {
                     break Err(e.into());
                 }
                 Wake::Request(r) => self.handle_request(r),
-                Wake::Message(m) => self.engine.handle_message(now, m),
+                Wake::Message(m) => self.on_message(m),
                 Wake::Timer => {}
+                Wake::Chunk(m) => self.transport.send(m),
+                Wake::SendDone(to, index, res) => self.on_send_done(to, index, res),
+                Wake::Received(ev) => self.on_received(ev),
             }
             // Take everything else already waiting: one turn, one durable write.
             for _ in 0..MAX_EVENTS_PER_TURN {
                 tokio::select! {
                     biased;
                     Some(r) = self.req_rx.recv() => self.handle_request(r),
-                    Some(m) = self.transport.recv() => self.engine.handle_message(self.now(), m),
+                    Some(m) = self.transport.recv() => self.on_message(m),
                     _ = std::future::ready(()) => break,
                 }
             }
@@ -262,6 +330,9 @@ impl Driver {
                 let _ = reply.send(res.map_err(Error::from));
             }
             Request::Release(index) => self.engine.release(index),
+            Request::SnapshotTaken(index, reply) => {
+                let _ = reply.send(Ok(self.engine.snapshot_taken(index)));
+            }
             Request::ReadIndex(reply) => {
                 let ctx = self.next_ctx;
                 self.next_ctx += 1;
@@ -295,11 +366,16 @@ impl Driver {
                     self.transport.send(m);
                 }
             }
+            for (to, meta) in std::mem::take(&mut rd.send_snapshots) {
+                self.start_sending(to, meta);
+            }
             let batch = LogBatch {
                 hard_state: rd.hard_state,
                 truncate_from: rd.truncate_from,
                 entries: std::mem::take(&mut rd.entries),
                 membership: rd.membership.take(),
+                install: rd.install.take(),
+                snapshot: rd.snapshot.take(),
             };
             let has_job = !batch.is_empty() || rd.purge_to.is_some();
             let after = AfterSave {
@@ -310,6 +386,7 @@ impl Driver {
                 persisted_messages,
                 committed: rd.committed,
                 reads: rd.reads,
+                apply_snapshot: rd.apply_snapshot.take(),
             };
             if has_job {
                 self.jobs.push_back(DiskJob {
@@ -344,7 +421,7 @@ impl Driver {
             && self
                 .jobs
                 .front()
-                .is_some_and(|j| j.batch.truncate_from.is_none())
+                .is_some_and(|j| j.batch.truncate_from.is_none() && j.batch.install.is_none())
         {
             let Some(j) = self.jobs.pop_front() else {
                 break;
@@ -354,6 +431,9 @@ impl Driver {
             }
             if j.batch.membership.is_some() {
                 batch.membership = j.batch.membership;
+            }
+            if j.batch.snapshot.is_some() {
+                batch.snapshot = j.batch.snapshot;
             }
             batch.entries.extend(j.batch.entries);
             purge_to = j.purge_to;
@@ -392,6 +472,9 @@ impl Driver {
             for m in p.persisted_messages {
                 self.transport.send(m);
             }
+            if let Some(meta) = p.apply_snapshot {
+                self.deliver_snapshot(meta);
+            }
             if !p.committed.is_empty() {
                 self.deliver(p.committed);
             }
@@ -418,6 +501,220 @@ impl Driver {
         for (idx, ws) in std::mem::replace(&mut self.reads_after_apply, rest) {
             for w in ws {
                 let _ = w.send(Ok(idx));
+            }
+        }
+    }
+
+    /// The application loads a snapshot: entries it covers that were
+    /// waited for have an unknown outcome here, reads up to it are served.
+    fn deliver_snapshot(&mut self, meta: SnapshotMeta) {
+        let last = meta.last.index;
+        self.waiters.covered(last);
+        self.apply.hand_over(vec![ApplyMsg::from_snapshot(meta)]);
+        let rest = self.reads_after_apply.split_off(&(last + 1));
+        for (idx, ws) in std::mem::replace(&mut self.reads_after_apply, rest) {
+            for w in ws {
+                let _ = w.send(Ok(idx));
+            }
+        }
+    }
+
+    /// A message from a peer: snapshot transfers are the driver's; the
+    /// rest goes to the engine.
+    fn on_message(&mut self, m: Message) {
+        let now = self.now();
+        match m.body {
+            MessageBody::SnapshotChunk {
+                meta,
+                size,
+                offset,
+                data,
+            } => self.on_chunk(m.from, m.term, meta, size, offset, data),
+            MessageBody::SnapshotAck { index, next } => {
+                if let Some(o) = self.transfers.outgoing.get(&m.from) {
+                    if o.index == index {
+                        let _ = o.acks.try_send(next);
+                    }
+                }
+            }
+            MessageBody::InstallSnapshot { .. } => {
+                tracing::warn!(
+                    from = m.from,
+                    "dropping an InstallSnapshot from the network: only a finished transfer makes one"
+                );
+            }
+            _ => self.engine.handle_message(now, m),
+        }
+    }
+
+    /// Starts streaming `meta` to `to`, unless that transfer is running.
+    fn start_sending(&mut self, to: NodeId, meta: SnapshotMeta) {
+        let Some(store) = self.transfers.store.clone() else {
+            tracing::warn!(
+                to,
+                "a follower needs a snapshot, but this node has no snapshot store"
+            );
+            self.engine.snapshot_failed(to);
+            return;
+        };
+        let index = meta.last.index;
+        if self
+            .transfers
+            .outgoing
+            .get(&to)
+            .is_some_and(|o| o.index == index && !o.acks.is_closed())
+        {
+            return;
+        }
+        let (acks_tx, acks_rx) = mpsc::channel(self.transfers.limits.in_flight * 2 + 4);
+        self.transfers.outgoing.insert(
+            to,
+            Outgoing {
+                index,
+                acks: acks_tx,
+            },
+        );
+        let route = Route {
+            from: self.engine.id(),
+            to,
+            term: self.engine.term(),
+        };
+        let limits = self.transfers.limits;
+        let out = self.transfers.chunk_tx.clone();
+        let done = self.transfers.done_tx.clone();
+        tracing::info!(to, index, "sending a snapshot");
+        tokio::spawn(async move {
+            let res = transfer::send(store, meta, route, limits, out, acks_rx).await;
+            let _ = done.send((to, index, res));
+        });
+    }
+
+    fn on_send_done(&mut self, to: NodeId, index: LogIndex, res: Result<(), String>) {
+        if self
+            .transfers
+            .outgoing
+            .get(&to)
+            .is_some_and(|o| o.index == index)
+        {
+            self.transfers.outgoing.remove(&to);
+        }
+        match res {
+            Ok(()) => {
+                tracing::info!(to, index, "snapshot sent");
+                self.engine.snapshot_sent(to, index);
+            }
+            Err(e) => {
+                tracing::warn!(to, index, error = %e, "snapshot transfer failed");
+                self.engine.snapshot_failed(to);
+            }
+        }
+    }
+
+    /// A chunk from the leader: handed to the task storing that snapshot
+    /// (started on the first chunk of a snapshot not being received).
+    fn on_chunk(
+        &mut self,
+        from: NodeId,
+        term: Term,
+        meta: SnapshotMeta,
+        size: u64,
+        offset: u64,
+        data: Vec<u8>,
+    ) {
+        if term < self.engine.term() || self.engine.is_leader() {
+            return;
+        }
+        let Some(store) = self.transfers.store.clone() else {
+            tracing::warn!(from, "a snapshot arrived, but this node has no snapshot store");
+            return;
+        };
+        let same = self.transfers.incoming.as_ref().is_some_and(|i| {
+            i.meta == meta && i.leader == from && i.term == term && !i.chunks.is_closed()
+        });
+        if !same {
+            let cap = self.transfers.limits.in_flight * 2 + 4;
+            let (tx, rx) = mpsc::channel(cap);
+            let events = self.transfers.events_tx.clone();
+            tracing::info!(from, index = meta.last.index, size, "receiving a snapshot");
+            tokio::spawn(transfer::receive(
+                store,
+                meta.clone(),
+                size,
+                from,
+                term,
+                rx,
+                events,
+            ));
+            self.transfers.incoming = Some(Incoming {
+                leader: from,
+                term,
+                meta,
+                chunks: tx,
+            });
+        }
+        // The task answers chunks that do not follow on; a full queue only
+        // means the leader sent more than its window (it resends).
+        if let Some(inc) = self.transfers.incoming.as_ref() {
+            let _ = inc.chunks.try_send((offset, data));
+        }
+    }
+
+    fn on_received(&mut self, ev: Received) {
+        match ev {
+            Received::Ack {
+                leader,
+                term,
+                index,
+                next,
+            } => self.transport.send(Message {
+                from: self.engine.id(),
+                to: leader,
+                term,
+                body: MessageBody::SnapshotAck { index, next },
+            }),
+            Received::Done {
+                leader,
+                term,
+                meta,
+                size,
+            } => {
+                if self
+                    .transfers
+                    .incoming
+                    .as_ref()
+                    .is_some_and(|i| i.meta == meta && i.leader == leader)
+                {
+                    self.transfers.incoming = None;
+                }
+                let index = meta.last.index;
+                self.transport.send(Message {
+                    from: self.engine.id(),
+                    to: leader,
+                    term,
+                    body: MessageBody::SnapshotAck { index, next: size },
+                });
+                tracing::info!(from = leader, index, "snapshot received");
+                let now = self.now();
+                self.engine.handle_message(
+                    now,
+                    Message {
+                        from: leader,
+                        to: self.engine.id(),
+                        term,
+                        body: MessageBody::InstallSnapshot { meta },
+                    },
+                );
+            }
+            Received::Failed { index, error } => {
+                tracing::warn!(index, error = %error, "storing a snapshot failed");
+                if self
+                    .transfers
+                    .incoming
+                    .as_ref()
+                    .is_some_and(|i| i.meta.last.index == index)
+                {
+                    self.transfers.incoming = None;
+                }
             }
         }
     }
@@ -464,6 +761,7 @@ impl Driver {
                 applied_index: applied,
                 last_log_index: e.last_log_id().index,
                 purged_index: e.purged().index,
+                snapshot_index: e.snapshot().map_or(0, |m| m.last.index),
                 members: e.membership().voters.iter().copied().collect(),
                 unapplied_bytes: e.unapplied_bytes(),
                 stopped: stopped.clone().or_else(|| s.stopped.clone()),

@@ -7,9 +7,10 @@ use super::driver::Driver;
 use super::Error;
 use crate::config::Config;
 use crate::engine::{Engine, InitialState};
+use crate::snapshot::SnapshotStore;
 use crate::storage::{LogBatch, LogStore};
 use crate::transport::Transport;
-use crate::types::{EntryPayload, LogId, LogIndex, Membership, NodeId, Role, Term};
+use crate::types::{EntryPayload, LogId, LogIndex, Membership, NodeId, Role, SnapshotMeta, Term};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
@@ -36,6 +37,8 @@ pub struct Status {
     pub last_log_index: LogIndex,
     /// The compaction point: entries up to it are no longer in the log.
     pub purged_index: LogIndex,
+    /// The last index of the latest snapshot (0 for none).
+    pub snapshot_index: LogIndex,
     /// The voting members.
     pub members: Vec<NodeId>,
     /// Bytes of entries held that the application has not taken yet
@@ -56,10 +59,12 @@ pub(super) enum Request {
     Propose(Vec<Vec<u8>>, bool, Reply<Vec<Proposal>>),
     ReadIndex(Reply<LogIndex>),
     Release(LogIndex),
+    SnapshotTaken(LogIndex, Reply<Option<SnapshotMeta>>),
 }
 
 struct Parts {
     store: Box<dyn LogStore>,
+    snapshots: Option<Arc<dyn SnapshotStore>>,
     transport: Box<dyn Transport>,
     apply_tx: mpsc::Sender<ApplyMsg>,
     req_rx: mpsc::Receiver<Request>,
@@ -147,6 +152,32 @@ impl Raft {
         transport: impl Transport,
         apply_tx: mpsc::Sender<ApplyMsg>,
     ) -> Result<Raft, Error> {
+        Self::build(config, store, None, transport, apply_tx)
+    }
+
+    /// Builds a node that takes part in snapshots: the application reports
+    /// the snapshots it takes ([`Raft::snapshot_taken`]), `snapshots` reads
+    /// them to send to followers that fell behind the compaction point and
+    /// stores those a leader sends, and the apply channel says when to load
+    /// one ([`ApplyMsg::snapshot`]). Without snapshots (`Raft::new`), the
+    /// log is compacted only past what every member holds.
+    pub fn with_snapshots(
+        config: Config,
+        store: impl LogStore,
+        snapshots: impl SnapshotStore,
+        transport: impl Transport,
+        apply_tx: mpsc::Sender<ApplyMsg>,
+    ) -> Result<Raft, Error> {
+        Self::build(config, store, Some(Arc::new(snapshots)), transport, apply_tx)
+    }
+
+    fn build(
+        config: Config,
+        store: impl LogStore,
+        snapshots: Option<Arc<dyn SnapshotStore>>,
+        transport: impl Transport,
+        apply_tx: mpsc::Sender<ApplyMsg>,
+    ) -> Result<Raft, Error> {
         config.validate()?;
         config.validate_for_transport(transport.max_message_bytes())?;
         let (req_tx, req_rx) = mpsc::channel(REQUEST_QUEUE);
@@ -159,6 +190,7 @@ impl Raft {
             applied_index: 0,
             last_log_index: 0,
             purged_index: 0,
+            snapshot_index: 0,
             members: config.members().into_iter().collect(),
             unapplied_bytes: 0,
             stopped: None,
@@ -166,6 +198,7 @@ impl Raft {
         let (status_tx, status_rx) = watch::channel(status);
         let parts = Parts {
             store: Box::new(store),
+            snapshots,
             transport: Box::new(transport),
             apply_tx,
             req_rx,
@@ -205,6 +238,7 @@ impl Raft {
         };
         let Parts {
             store,
+            snapshots,
             transport,
             apply_tx,
             req_rx,
@@ -236,6 +270,7 @@ impl Raft {
         let driver = Driver::new(
             engine,
             store,
+            snapshots,
             transport,
             cfg.max_write_stall,
             Instant::now(),
@@ -307,6 +342,7 @@ impl Raft {
             entries: state.entries,
             membership: base,
             applied: applied_index,
+            snapshot: state.snapshot,
         };
         let seed = seed_for(cfg.id);
         Ok(Engine::new(
@@ -467,9 +503,8 @@ impl Raft {
     /// dropped, from memory and from the log store, once every member holds
     /// them too. Without this call the log keeps every entry.
     ///
-    /// There are no snapshots yet: a member that is down holds compaction
-    /// back until it returns, and a member whose log is lost cannot be rebuilt
-    /// from the others once they have compacted.
+    /// Without snapshots, a member that is down holds this compaction back
+    /// until it returns; see [`Raft::snapshot_taken`].
     pub async fn release_applied(&self, index: LogIndex) -> Result<(), Error> {
         if !self.inner.started.load(Ordering::Acquire) {
             return Err(Error::NotStarted);
@@ -479,6 +514,17 @@ impl Raft {
             .send(Request::Release(index))
             .await
             .map_err(|_| self.stopped_error())
+    }
+
+    /// Tells the node that the application holds a durable snapshot of its
+    /// state after applying every entry up to `index`, readable through its
+    /// [`SnapshotStore`]. The log is compacted up to it (less
+    /// `Config::trailing_entries`) whatever the other members hold; a
+    /// member that needs what was dropped is sent the snapshot. Returns what
+    /// the snapshot covers, or `None` when it is not newer than the latest
+    /// one or `index` was not applied here.
+    pub async fn snapshot_taken(&self, index: LogIndex) -> Result<Option<SnapshotMeta>, Error> {
+        self.request(|tx| Request::SnapshotTaken(index, tx)).await
     }
 
     /// A linearizable read barrier (leader only). The leader confirms with a

@@ -17,6 +17,7 @@ mod apply;
 mod driver;
 mod error;
 mod handle;
+mod transfer;
 
 pub use apply::{ApplyMsg, Proposal, Responder};
 pub use error::Error;

@@ -28,6 +28,8 @@ fn safety_and_liveness_across_seeds() {
     let mut purges = 0usize;
     let mut restarts_compacted = 0usize;
     let (mut lease_reads, mut lease_seeds) = (0u64, 0u64);
+    let (mut snaps_taken, mut snaps_delivered, mut snaps_loaded, mut snap_restarts) =
+        (0, 0, 0, 0);
     for seed in first..first + seeds {
         let cfg = SimConfig::new(seed, nodes_for(seed), steps);
         lease_seeds += u64::from(cfg.lease);
@@ -40,6 +42,10 @@ fn safety_and_liveness_across_seeds() {
                 reads += stats.reads_confirmed;
                 purges += stats.purges;
                 restarts_compacted += stats.restarts_compacted;
+                snaps_taken += stats.snapshots_taken;
+                snaps_delivered += stats.snapshots_delivered;
+                snaps_loaded += stats.snapshots_loaded;
+                snap_restarts += stats.restarts_from_snapshot;
             }
             Err(v) => panic!("{v}"),
         }
@@ -59,6 +65,13 @@ fn safety_and_liveness_across_seeds() {
     assert!(
         purges > 0 && restarts_compacted > 0,
         "the runs should compact logs and restart from compacted logs"
+    );
+    println!(
+        "snapshots: {snaps_taken} taken, {snaps_delivered} delivered to followers, {snaps_loaded} loaded, {snap_restarts} restarts that had to load one first"
+    );
+    assert!(
+        snaps_taken > 0 && snaps_delivered > 0 && snaps_loaded > 0 && snap_restarts > 0,
+        "the snapshot seeds should take, send, load and restart from snapshots"
     );
 }
 
@@ -123,6 +136,8 @@ fn expected_reports(m: Mutation) -> &'static [&'static str] {
         Mutation::ReapplyAfterRestart => &["applied twice"],
         Mutation::CommitPastVerified => &["beyond its log", "State Machine Safety"],
         Mutation::DriverSendsBeforeSave => &[],
+        Mutation::InstallOlderThanCommit => &["state went back"],
+        Mutation::DiscardMatchingSuffix => &["follow the snapshot's matching last entry"],
     }
 }
 
@@ -146,6 +161,13 @@ fn catch_rate(m: Mutation, first: u64, seeds: u64, steps: usize) -> (u64, u64, O
             cfg.check_quorum = true;
             cfg.drift_ppm = env_u64("RAFT_SIM_DRIFT_PPM", cfg.drift_ppm);
         }
+        match m {
+            // Snapshot rules need snapshots; the compaction rules of a
+            // log without them are only visible without.
+            Mutation::InstallOlderThanCommit | Mutation::DiscardMatchingSuffix => cfg.snapshots = true,
+            Mutation::CompactIgnoringPeers | Mutation::CompactIgnoringReleased => cfg.snapshots = false,
+            _ => {}
+        }
         let t = std::time::Instant::now();
         let res = Sim::new(cfg).run();
         if let (Ok(st), true) = (&res, std::env::var("RAFT_SIM_DEBUG_LEASE").is_ok()) {
@@ -158,6 +180,9 @@ fn catch_rate(m: Mutation, first: u64, seeds: u64, steps: usize) -> (u64, u64, O
         }
         if let Err(v) = res {
             caught_any += 1;
+            if std::env::var_os("RAFT_SIM_SHOW_ANY").is_some() {
+                println!("seed {seed}: {}", first_line(&v.what));
+            }
             if expected_reports(m).iter().any(|r| v.what.contains(r)) {
                 caught += 1;
                 example.get_or_insert(v);

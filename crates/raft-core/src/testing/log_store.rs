@@ -70,6 +70,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             truncate_from: None,
             entries: entries(1, 1, 5),
             membership: None,
+            ..Default::default()
         },
     )
     .await;
@@ -80,6 +81,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             truncate_from: None,
             entries: entries(3, 6, 8),
             membership: None,
+            ..Default::default()
         },
     )
     .await;
@@ -105,6 +107,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             truncate_from: Some(7),
             entries: entries(4, 7, 9),
             membership: None,
+            ..Default::default()
         },
     )
     .await;
@@ -130,6 +133,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             truncate_from: Some(100),
             entries: vec![],
             membership: None,
+            ..Default::default()
         },
     )
     .await;
@@ -146,6 +150,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             truncate_from: None,
             entries: entries(4, 11, 12),
             membership: None,
+            ..Default::default()
         })
         .await;
     assert!(
@@ -180,6 +185,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             truncate_from: Some(3),
             entries: vec![],
             membership: None,
+            ..Default::default()
         })
         .await;
     assert!(matches!(res, Err(StorageError::Invalid(_))));
@@ -191,6 +197,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             truncate_from: None,
             entries: entries(4, 10, 10),
             membership: None,
+            ..Default::default()
         },
     )
     .await;
@@ -227,6 +234,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             truncate_from: None,
             entries: kinds.clone(),
             membership: None,
+            ..Default::default()
         },
     )
     .await;
@@ -241,6 +249,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             truncate_from: None,
             entries: big.clone(),
             membership: None,
+            ..Default::default()
         },
     )
     .await;
@@ -258,6 +267,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
             truncate_from: Some(1),
             entries: entries(5, 1, 2),
             membership: None,
+            ..Default::default()
         },
     )
     .await;

@@ -16,6 +16,7 @@ mod membership;
 mod reads;
 mod replication;
 mod safety;
+mod snapshot;
 mod terms;
 
 fn ms(x: u64) -> Duration {
@@ -68,6 +69,12 @@ struct Cluster {
     now: Duration,
     /// Directed links that drop messages.
     cut: Vec<(NodeId, NodeId)>,
+    /// Snapshots leaders asked to send: (from, to, what).
+    snapshot_sends: Vec<(NodeId, NodeId, SnapshotMeta)>,
+    /// Snapshots each node's application was told to load.
+    loaded: BTreeMap<NodeId, Vec<SnapshotMeta>>,
+    /// Log resets each node's store was told to carry out.
+    installs: BTreeMap<NodeId, Vec<SnapshotMeta>>,
 }
 
 impl Cluster {
@@ -83,6 +90,9 @@ impl Cluster {
             reads: BTreeMap::new(),
             now: Duration::ZERO,
             cut: vec![],
+            snapshot_sends: vec![],
+            loaded: BTreeMap::new(),
+            installs: BTreeMap::new(),
         }
     }
 
@@ -98,6 +108,9 @@ impl Cluster {
             reads: BTreeMap::new(),
             now: Duration::ZERO,
             cut: vec![],
+            snapshot_sends: vec![],
+            loaded: BTreeMap::new(),
+            installs: BTreeMap::new(),
         }
     }
 
@@ -119,6 +132,15 @@ impl Cluster {
             }
             out.extend(rd.messages);
             out.extend(rd.persisted_messages);
+            for (to, m) in rd.send_snapshots {
+                self.snapshot_sends.push((id, to, m));
+            }
+            if let Some(m) = rd.install {
+                self.installs.entry(id).or_default().push(m);
+            }
+            if let Some(m) = rd.apply_snapshot {
+                self.loaded.entry(id).or_default().push(m);
+            }
             // The application takes committed entries at once.
             if let Some(last) = rd.committed.last() {
                 e.delivered(last.index);

@@ -1,0 +1,174 @@
+//! Snapshots (§7): the application's snapshots as the engine records
+//! them, a follower that needs one, and a follower that receives one.
+//!
+//! The engine never touches snapshot bytes. The application takes a
+//! snapshot and reports its index ([`Engine::snapshot_taken`]); the log may
+//! then be compacted up to it whatever the other members hold. A leader
+//! whose follower needs entries below the compaction point asks the driver
+//! to stream the latest snapshot (`Ready::send_snapshots`); the follower's
+//! driver stores the chunks with the application and, once the last one is
+//! durable, hands the engine an `InstallSnapshot` message.
+
+use super::*;
+
+impl Engine {
+    /// The application holds a durable snapshot of its state after applying
+    /// every entry up to `index`. The engine records it (the store learns it
+    /// through `Ready::snapshot`), counts the state as stored (see
+    /// [`Engine::release`]) and may compact the log up to it, keeping
+    /// `trailing_entries` below it. Returns what the snapshot covers, or
+    /// `None` when `index` is not newer than the latest snapshot, was not
+    /// handed to the application, or lies below the compaction point.
+    pub fn snapshot_taken(&mut self, index: LogIndex) -> Option<SnapshotMeta> {
+        if self.snapshot.as_ref().is_some_and(|m| m.last.index >= index) {
+            return None;
+        }
+        if index > self.log.applied || index > self.log.delivered {
+            return None;
+        }
+        let term = self.log.term(index)?;
+        let meta = SnapshotMeta {
+            last: LogId::new(term, index),
+            membership: self.members.at(index).clone(),
+        };
+        tracing::debug!(node = self.id, index, "snapshot taken");
+        self.snapshot = Some(meta.clone());
+        self.pending_snapshot = Some(meta.clone());
+        self.released = self.released.max(index);
+        self.maybe_compact();
+        Some(meta)
+    }
+
+    /// The snapshot transfer to `to` failed: go back to probing, so the next
+    /// heartbeat answer starts it again (resuming where the follower
+    /// stopped, when it kept what it received).
+    pub fn snapshot_failed(&mut self, to: NodeId) {
+        if self.role != Role::Leader {
+            return;
+        }
+        if let Some(pr) = self.progress.get_mut(&to) {
+            if matches!(pr.state, ReplState::Snapshot(_)) {
+                tracing::debug!(node = self.id, term = self.term, to, "snapshot transfer failed");
+                pr.become_probe();
+            }
+        }
+    }
+
+    /// The snapshot ending at `index` reached `to` whole. Its answer may
+    /// still be lost: probe from just after the snapshot, which the answer
+    /// to the probe confirms (or, if the follower did not take it, sends
+    /// the leader back to a snapshot).
+    pub fn snapshot_sent(&mut self, to: NodeId, index: LogIndex) {
+        if self.role != Role::Leader {
+            return;
+        }
+        if let Some(pr) = self.progress.get_mut(&to) {
+            if pr.state == ReplState::Snapshot(index) {
+                pr.become_probe();
+                pr.next_index = pr.next_index.max(index + 1);
+                self.send_append(to, false);
+            }
+        }
+    }
+
+    /// `to` needs entries from `next` on, which the log no longer holds:
+    /// send the latest snapshot instead. Returns false when there is none
+    /// that covers them.
+    pub(super) fn start_snapshot(&mut self, to: NodeId) -> bool {
+        let purged = self.log.purged().index;
+        let Some(meta) = self
+            .snapshot
+            .clone()
+            .filter(|m| m.last.index >= purged)
+        else {
+            return false;
+        };
+        let Some(pr) = self.progress.get_mut(&to) else {
+            return false;
+        };
+        tracing::debug!(
+            node = self.id,
+            term = self.term,
+            to,
+            index = meta.last.index,
+            "follower needs a snapshot"
+        );
+        pr.become_snapshot(meta.last.index);
+        self.snapshot_sends.push((to, meta));
+        true
+    }
+
+    /// A snapshot from the leader is stored with the application (§7,
+    /// Figure 13). One the commit index already covers changes nothing; if
+    /// the log holds its last entry, the entries after it are kept and the
+    /// log applies as usual; otherwise it replaces the log and the state.
+    pub(super) fn on_install_snapshot(&mut self, from: NodeId, meta: SnapshotMeta) {
+        if !self.accept_leader(from) {
+            return;
+        }
+        let term = self.term;
+        let last = meta.last;
+        let committed = self.log.committed();
+        if last.index <= committed && !broken(Mutation::InstallOlderThanCommit) {
+            tracing::debug!(
+                node = self.id,
+                term,
+                index = last.index,
+                committed,
+                "snapshot already covered by the commit index"
+            );
+            self.send_persisted(
+                from,
+                term,
+                MessageBody::AppendResponse {
+                    success: true,
+                    index: committed,
+                    hint: None,
+                },
+            );
+            return;
+        }
+        if last.index > committed
+            && self.log.term(last.index) == Some(last.term)
+            && !broken(Mutation::DiscardMatchingSuffix)
+        {
+            // The log matches the leader's up to the snapshot's end, and
+            // the snapshot only holds committed entries.
+            self.log.commit_to(last.index);
+            self.send_persisted(
+                from,
+                term,
+                MessageBody::AppendResponse {
+                    success: true,
+                    index: last.index,
+                    hint: None,
+                },
+            );
+            return;
+        }
+        tracing::info!(
+            node = self.id,
+            term,
+            index = last.index,
+            "installing a snapshot from the leader"
+        );
+        self.log.install(last);
+        self.log.check();
+        self.members = MembershipLog::restore(meta.membership.clone(), &[]);
+        self.released = self.released.max(last.index);
+        self.pending_purge = None;
+        self.snapshot = Some(meta.clone());
+        self.pending_snapshot = None;
+        self.pending_install = Some(meta.clone());
+        self.pending_apply_snapshot = Some(meta);
+        self.send_persisted(
+            from,
+            term,
+            MessageBody::AppendResponse {
+                success: true,
+                index: last.index,
+                hint: None,
+            },
+        );
+    }
+}
