@@ -612,7 +612,10 @@ impl Sim {
                 Some((e, _)) if e.term == m.last.term => {
                     // Figure 13: a log that holds the snapshot's last entry
                     // keeps what follows it (entries it may have acknowledged).
-                    let matched = node.log.get(s - 1).is_some_and(|(le, _)| le.term == m.last.term);
+                    let matched = node
+                        .log
+                        .get(s - 1)
+                        .is_some_and(|(le, _)| le.term == m.last.term);
                     if matched && node.log.len() > s {
                         problems.push(format!(
                             "Snapshot install: node {id} dropped entries {}..={} that follow the snapshot's matching last entry {:?}",
@@ -823,7 +826,11 @@ impl Sim {
             self.schedule(self.now + timeout, Event::SnapshotFailed(to, from));
             return;
         }
-        let copies = if self.chance(self.dup_per_mille * 3) { 2 } else { 1 };
+        let copies = if self.chance(self.dup_per_mille * 3) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let delay = if self.cfg.faults && self.chance(100) {
                 Duration::from_millis(self.rng.range(200, 3000))
@@ -839,7 +846,14 @@ impl Sim {
 
     /// A whole snapshot arrives: the follower's store keeps it, then the
     /// engine decides what to do with it.
-    fn snapshot_arrives(&mut self, from: NodeId, to: NodeId, term: Term, meta: SnapshotMeta, hash: u64) {
+    fn snapshot_arrives(
+        &mut self,
+        from: NodeId,
+        to: NodeId,
+        term: Term,
+        meta: SnapshotMeta,
+        hash: u64,
+    ) {
         let now = self.local(to, self.now);
         let node = self.nodes.get_mut(&to).expect("known node");
         let Some(e) = node.engine.as_mut() else {
@@ -877,7 +891,8 @@ impl Sim {
         let s = m.last.index;
         let node = self.nodes.get_mut(&id).expect("known node");
         let Some((held, hash)) = node.snaps.get(&s).cloned() else {
-            let what = format!("node {id} must load a snapshot ending at {s} that it does not hold");
+            let what =
+                format!("node {id} must load a snapshot ending at {s} that it does not hold");
             self.fail(what);
             return;
         };

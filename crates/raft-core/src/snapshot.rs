@@ -9,7 +9,7 @@
 //! with the entries around it.
 
 use crate::storage::StorageError;
-use crate::types::{LogIndex, SnapshotMeta};
+use crate::types::{LogId, LogIndex, SnapshotMeta};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -83,12 +83,18 @@ impl MemSnapshotStore {
         Self::default()
     }
 
-    /// Stores a snapshot the application took.
-    pub fn put(&self, meta: SnapshotMeta, bytes: Vec<u8>) {
-        self.lock().done.insert(meta.last.index, (meta, bytes));
+    /// Stores a snapshot the application took, of its state after
+    /// applying every entry up to `last`.
+    pub fn put(&self, last: LogId, bytes: Vec<u8>) {
+        let meta = SnapshotMeta {
+            last,
+            membership: Default::default(),
+        };
+        self.lock().done.insert(last.index, (meta, bytes));
     }
 
-    /// The snapshot ending at `index`, if held and finished.
+    /// The snapshot ending at `index`, if held and finished (the
+    /// membership is known only for received ones).
     pub fn get(&self, index: LogIndex) -> Option<(SnapshotMeta, Vec<u8>)> {
         self.lock().done.get(&index).cloned()
     }
@@ -149,7 +155,9 @@ impl SnapshotWriter for MemWriter {
         let key = (self.meta.last.index, self.meta.last.term);
         let buf = g.partial.entry(key).or_default();
         if buf.len() as u64 + data.len() as u64 > self.size {
-            return Err(StorageError::Invalid("snapshot longer than announced".into()));
+            return Err(StorageError::Invalid(
+                "snapshot longer than announced".into(),
+            ));
         }
         buf.extend_from_slice(data);
         self.held = buf.len() as u64;
@@ -178,7 +186,7 @@ impl SnapshotStore for MemSnapshotStore {
     async fn open(&self, meta: &SnapshotMeta) -> Result<Box<dyn SnapshotReader>, StorageError> {
         let g = self.lock();
         match g.done.get(&meta.last.index) {
-            Some((m, bytes)) if m == meta => Ok(Box::new(MemReader {
+            Some((m, bytes)) if m.last == meta.last => Ok(Box::new(MemReader {
                 bytes: Arc::new(bytes.clone()),
             })),
             _ => Err(StorageError::Invalid(format!(

@@ -177,8 +177,34 @@ impl Engine {
         if !self.accept_leader(from) {
             return;
         }
-        // The leader caps leader_commit at our match index, so these entries are ours.
-        let c = leader_commit.min(self.log.last_index());
+        // The leader caps leader_commit at our match index, so these entries
+        // are ours; a log shorter than that lost what it acknowledged (a
+        // wiped disk): say so, so the leader starts over.
+        let last = self.log.last_index();
+        if leader_commit > last && !broken(Mutation::HeartbeatCommitUncapped) {
+            tracing::warn!(
+                node = self.id,
+                term = self.term,
+                from,
+                leader_commit,
+                last,
+                "the leader believes this log holds more than it does"
+            );
+            let term = self.term;
+            self.send_persisted(
+                from,
+                term,
+                MessageBody::AppendResponse {
+                    success: false,
+                    index: leader_commit,
+                    hint: Some(RejectHint {
+                        conflict_term: None,
+                        first_index: last + 1,
+                    }),
+                },
+            );
+        }
+        let c = leader_commit.min(last);
         if c > self.log.committed() {
             self.log.commit_to(c);
         }

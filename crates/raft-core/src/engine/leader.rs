@@ -86,6 +86,32 @@ impl Engine {
             }
             self.fill_pipeline(from);
         } else {
+            // A follower with an empty log that had acknowledged entries
+            // lost its disk (a wiped member rejoining; it says so when a
+            // heartbeat's commit index is past its log): start over with
+            // the snapshot. (An old rejection reordered behind a later
+            // acknowledgement looks the same; it costs one needless snapshot
+            // offer, which a follower holding the entries answers at once,
+            // Figure 13.)
+            if let Some(RejectHint {
+                conflict_term: None,
+                first_index: 1,
+            }) = hint
+            {
+                if pr.match_index > 0 && self.snapshot.is_some() {
+                    tracing::warn!(
+                        node = self.id,
+                        term = self.term,
+                        from,
+                        acknowledged = pr.match_index,
+                        "follower's log is empty though it acknowledged entries (its disk was replaced?)"
+                    );
+                    pr.match_index = 0;
+                    pr.become_probe();
+                    self.send_append(from, false);
+                    return;
+                }
+            }
             let stale = match pr.state {
                 ReplState::Replicate => index <= pr.match_index,
                 ReplState::Probe => index + 1 != pr.next_index,

@@ -20,7 +20,11 @@ impl Engine {
     /// `None` when `index` is not newer than the latest snapshot, was not
     /// handed to the application, or lies below the compaction point.
     pub fn snapshot_taken(&mut self, index: LogIndex) -> Option<SnapshotMeta> {
-        if self.snapshot.as_ref().is_some_and(|m| m.last.index >= index) {
+        if self
+            .snapshot
+            .as_ref()
+            .is_some_and(|m| m.last.index >= index)
+        {
             return None;
         }
         if index > self.log.applied || index > self.log.delivered {
@@ -48,7 +52,12 @@ impl Engine {
         }
         if let Some(pr) = self.progress.get_mut(&to) {
             if matches!(pr.state, ReplState::Snapshot(_)) {
-                tracing::debug!(node = self.id, term = self.term, to, "snapshot transfer failed");
+                tracing::debug!(
+                    node = self.id,
+                    term = self.term,
+                    to,
+                    "snapshot transfer failed"
+                );
                 pr.become_probe();
             }
         }
@@ -76,11 +85,7 @@ impl Engine {
     /// that covers them.
     pub(super) fn start_snapshot(&mut self, to: NodeId) -> bool {
         let purged = self.log.purged().index;
-        let Some(meta) = self
-            .snapshot
-            .clone()
-            .filter(|m| m.last.index >= purged)
-        else {
+        let Some(meta) = self.snapshot.clone().filter(|m| m.last.index >= purged) else {
             return false;
         };
         let Some(pr) = self.progress.get_mut(&to) else {

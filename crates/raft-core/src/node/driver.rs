@@ -625,7 +625,10 @@ impl Driver {
             return;
         }
         let Some(store) = self.transfers.store.clone() else {
-            tracing::warn!(from, "a snapshot arrived, but this node has no snapshot store");
+            tracing::warn!(
+                from,
+                "a snapshot arrived, but this node has no snapshot store"
+            );
             return;
         };
         let same = self.transfers.incoming.as_ref().is_some_and(|i| {

@@ -168,7 +168,13 @@ impl Raft {
         transport: impl Transport,
         apply_tx: mpsc::Sender<ApplyMsg>,
     ) -> Result<Raft, Error> {
-        Self::build(config, store, Some(Arc::new(snapshots)), transport, apply_tx)
+        Self::build(
+            config,
+            store,
+            Some(Arc::new(snapshots)),
+            transport,
+            apply_tx,
+        )
     }
 
     fn build(

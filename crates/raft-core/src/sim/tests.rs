@@ -28,8 +28,7 @@ fn safety_and_liveness_across_seeds() {
     let mut purges = 0usize;
     let mut restarts_compacted = 0usize;
     let (mut lease_reads, mut lease_seeds) = (0u64, 0u64);
-    let (mut snaps_taken, mut snaps_delivered, mut snaps_loaded, mut snap_restarts) =
-        (0, 0, 0, 0);
+    let (mut snaps_taken, mut snaps_delivered, mut snaps_loaded, mut snap_restarts) = (0, 0, 0, 0);
     for seed in first..first + seeds {
         let cfg = SimConfig::new(seed, nodes_for(seed), steps);
         lease_seeds += u64::from(cfg.lease);
@@ -164,8 +163,12 @@ fn catch_rate(m: Mutation, first: u64, seeds: u64, steps: usize) -> (u64, u64, O
         match m {
             // Snapshot rules need snapshots; the compaction rules of a
             // log without them are only visible without.
-            Mutation::InstallOlderThanCommit | Mutation::DiscardMatchingSuffix => cfg.snapshots = true,
-            Mutation::CompactIgnoringPeers | Mutation::CompactIgnoringReleased => cfg.snapshots = false,
+            Mutation::InstallOlderThanCommit | Mutation::DiscardMatchingSuffix => {
+                cfg.snapshots = true
+            }
+            Mutation::CompactIgnoringPeers | Mutation::CompactIgnoringReleased => {
+                cfg.snapshots = false
+            }
             _ => {}
         }
         let t = std::time::Instant::now();

@@ -9,7 +9,12 @@ use super::*;
 fn deliver_snapshots(c: &mut Cluster) {
     for (from, to, meta) in std::mem::take(&mut c.snapshot_sends) {
         let term = c.node(from).term();
-        let m = msg(from, to, term, MessageBody::InstallSnapshot { meta: meta.clone() });
+        let m = msg(
+            from,
+            to,
+            term,
+            MessageBody::InstallSnapshot { meta: meta.clone() },
+        );
         c.node(to).handle_message(Duration::ZERO, m);
         c.node(from).snapshot_sent(to, meta.last.index);
     }
@@ -90,7 +95,11 @@ fn figure_13_a_snapshot_the_commit_index_covers_changes_nothing() {
     assert_eq!(f.last_log_id(), LogId::new(2, 4), "the log is untouched");
     assert!(rd.persisted_messages.iter().any(|m| matches!(
         m.body,
-        MessageBody::AppendResponse { success: true, index: 4, .. }
+        MessageBody::AppendResponse {
+            success: true,
+            index: 4,
+            ..
+        }
     )));
 }
 
@@ -130,16 +139,26 @@ fn figure_13_steps_7_8_a_conflicting_log_is_replaced_by_the_snapshot() {
     assert_eq!(f.purged(), LogId::new(3, 3));
     assert_eq!(f.commit_index(), 3);
     assert_eq!(f.applied_index(), 3);
-    assert!(rd.persisted_messages.iter().any(|m| matches!(
-        m.body,
-        MessageBody::AppendResponse { success: true, index: 3, .. }
-    )), "acknowledged only once durable");
+    assert!(
+        rd.persisted_messages.iter().any(|m| matches!(
+            m.body,
+            MessageBody::AppendResponse {
+                success: true,
+                index: 3,
+                ..
+            }
+        )),
+        "acknowledged only once durable"
+    );
     // A stale leader's snapshot is refused and the sender told the newer term.
     let old = SnapshotMeta {
         last: LogId::new(1, 9),
         membership: Membership::new([1, 2, 3]),
     };
-    f.handle_message(ms(0), msg(3, 2, 2, MessageBody::InstallSnapshot { meta: old }));
+    f.handle_message(
+        ms(0),
+        msg(3, 2, 2, MessageBody::InstallSnapshot { meta: old }),
+    );
     let rd = f.take_ready();
     assert!(rd.install.is_none());
     assert!(rd.messages.iter().any(|m| m.to == 3 && m.term == 3));
@@ -152,7 +171,10 @@ fn a_restart_between_storing_and_loading_a_snapshot_loads_it_first() {
         membership: Membership::new([1, 2, 3]),
     };
     let init = InitialState {
-        hard_state: HardState { term: 2, vote: None },
+        hard_state: HardState {
+            term: 2,
+            vote: None,
+        },
         purged: LogId::new(2, 8),
         entries: vec![ent(2, 9)],
         membership: Membership::new([1, 2, 3]),
@@ -165,7 +187,10 @@ fn a_restart_between_storing_and_loading_a_snapshot_loads_it_first() {
     assert_eq!(e.applied_index(), 8);
     // Without a snapshot the gap cannot be closed: a clear refusal.
     let init = InitialState {
-        hard_state: HardState { term: 2, vote: None },
+        hard_state: HardState {
+            term: 2,
+            vote: None,
+        },
         purged: LogId::new(2, 8),
         entries: vec![ent(2, 9)],
         membership: Membership::new([1, 2, 3]),

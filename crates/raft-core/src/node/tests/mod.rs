@@ -24,6 +24,7 @@ mod durability;
 mod lifecycle;
 mod limits;
 mod seed_scenarios;
+mod snapshots;
 
 const ELECTION_MAX: Duration = Duration::from_millis(300);
 
