@@ -3,7 +3,7 @@
 //! exactly what must be on disk after each acknowledged one.
 
 use raft_core::storage::{apply_batch, apply_purge, LogBatch, LogState, StorageError};
-use raft_core::{Entry, EntryPayload, HardState, LogId};
+use raft_core::{Entry, EntryPayload, HardState, LogId, Membership, SnapshotMeta};
 
 /// One operation on a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +66,43 @@ pub fn op(seed: u64, n: u64, state: &LogState) -> Op {
             membership: None,
             ..Default::default()
         })
-    } else if roll < 90 && last > state.purged.index + 1 {
+    } else if roll < 87 {
+        // A leader's snapshot replaces the log: sometimes inside it,
+        // sometimes far past its end; entries may follow in the same batch.
+        let at = if r(9) % 2 == 0 {
+            state.purged.index + 1 + r(10) % (last - state.purged.index)
+        } else {
+            last + 1 + r(10) % 5000
+        };
+        let snap_term = term + 1;
+        Op::Save(LogBatch {
+            hard_state: Some(HardState {
+                term: snap_term,
+                vote: None,
+            }),
+            install: Some(SnapshotMeta {
+                last: LogId::new(snap_term, at),
+                membership: Membership::new([1, 2, 3 + r(11) % 3]),
+            }),
+            entries: mk(at + 1, r(12) % 4, snap_term),
+            ..Default::default()
+        })
+    } else if roll < 89 && last > state.purged.index {
+        // The application recorded a snapshot inside the log.
+        let at = state.purged.index + 1 + r(13) % (last - state.purged.index);
+        let t = state
+            .entries
+            .iter()
+            .find(|e| e.index == at)
+            .map_or(state.purged.term, |e| e.term);
+        Op::Save(LogBatch {
+            snapshot: Some(SnapshotMeta {
+                last: LogId::new(t, at),
+                membership: Membership::new([1, 2, 3]),
+            }),
+            ..Default::default()
+        })
+    } else if roll < 92 && last > state.purged.index + 1 {
         let upto = state.purged.index + 1 + r(6) % (last - state.purged.index - 1);
         let t = state
             .entries

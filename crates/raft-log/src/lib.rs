@@ -37,7 +37,7 @@
 
 use async_trait::async_trait;
 use raft_core::storage::{check_batch, LogBatch, LogState, LogStore, StorageError};
-use raft_core::{Entry, HardState, LogId, LogIndex, Membership};
+use raft_core::{Entry, HardState, LogId, LogIndex, Membership, SnapshotMeta};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -45,6 +45,7 @@ const MAGIC_KEY: &[u8] = b"m:magic";
 const HARD_KEY: &[u8] = b"m:hard";
 const SNAP_KEY: &[u8] = b"m:snap";
 const MEMBERS_KEY: &[u8] = b"m:members";
+const LATEST_SNAPSHOT_KEY: &[u8] = b"m:snapshot";
 const ENTRY_PREFIX: &[u8] = b"e:";
 const MAGIC: &[u8] = b"raft-log store, format 2";
 /// Entries stored under one key: a batch of appends costs one sled insert per
@@ -342,6 +343,10 @@ impl Core {
             Some(v) => Some(decode(&v, "membership", path)?),
             None => None,
         };
+        let snapshot: Option<SnapshotMeta> = match get(LATEST_SNAPSHOT_KEY)? {
+            Some(v) => Some(decode(&v, "snapshot record", path)?),
+            None => None,
+        };
         let mut entries: Vec<Entry> = Vec::new();
         let mut expect = purged.index + 1;
         // Runs wholly below the compaction point may linger (a purge deletes
@@ -389,6 +394,7 @@ impl Core {
             purged,
             entries,
             membership,
+            snapshot,
         })
     }
 
@@ -468,6 +474,20 @@ impl Core {
     fn save(&mut self, batch: LogBatch) -> Result<(), StorageError> {
         let end = check_batch(self.purged.index, self.last, &batch)?;
         let mut b = sled::Batch::default();
+        if let Some(m) = &batch.install {
+            // Entries after the snapshot go now; those up to it are below
+            // the new compaction point and go lazily.
+            let after = m.last.index.saturating_add(1);
+            if after <= self.last {
+                self.truncate_runs(&mut b, after)?;
+            }
+            b.insert(SNAP_KEY, encode(&m.last)?);
+            b.insert(MEMBERS_KEY, encode(&m.membership)?);
+            b.insert(LATEST_SNAPSHOT_KEY, encode(m)?);
+        }
+        if let Some(m) = &batch.snapshot {
+            b.insert(LATEST_SNAPSHOT_KEY, encode(m)?);
+        }
         if let Some(t) = batch.truncate_from {
             if t <= self.last {
                 self.truncate_runs(&mut b, t)?;
@@ -484,6 +504,10 @@ impl Core {
         }
         self.sweep(&mut b)?;
         self.write(b)?;
+        if let Some(m) = &batch.install {
+            self.purged = m.last;
+            self.stale_runs = true;
+        }
         self.last = batch.entries.last().map_or(end, |e| e.index);
         Ok(())
     }

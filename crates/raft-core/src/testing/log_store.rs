@@ -9,7 +9,7 @@
 //! ```
 
 use crate::storage::{LogBatch, LogState, LogStore, StorageError};
-use crate::types::{Entry, EntryPayload, HardState, LogId, Membership};
+use crate::types::{Entry, EntryPayload, HardState, LogId, Membership, SnapshotMeta};
 use async_trait::async_trait;
 
 /// Makes stores for the conformance suite.
@@ -324,6 +324,82 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
         "a newer membership replaces the old"
     );
     assert_eq!(st.entries, entries(1, 4, 6));
+
+    // A snapshot record survives reopening and later batches.
+    let taken = SnapshotMeta {
+        last: LogId::new(1, 5),
+        membership: Membership::new([1, 2, 3, 4]),
+    };
+    save(
+        &mut s3,
+        LogBatch {
+            snapshot: Some(taken.clone()),
+            entries: entries(1, 7, 7),
+            ..LogBatch::default()
+        },
+    )
+    .await;
+    let mut s3 = f.reopen(s3).await;
+    let st = load(&mut s3).await;
+    assert_eq!(st.snapshot, Some(taken));
+    assert_eq!(st.entries, entries(1, 4, 7));
+
+    // A leader's snapshot replaces the whole log: entries on either side
+    // of its end go, the compaction point, its membership and the record
+    // become the snapshot's, and what the same batch appends follows it.
+    let leaders = SnapshotMeta {
+        last: LogId::new(3, 6),
+        membership: Membership::new([1, 2, 3]),
+    };
+    save(
+        &mut s3,
+        LogBatch {
+            install: Some(leaders.clone()),
+            entries: vec![e(3, 7)],
+            ..LogBatch::default()
+        },
+    )
+    .await;
+    let mut s3 = f.reopen(s3).await;
+    let st = load(&mut s3).await;
+    assert_eq!(st.purged, LogId::new(3, 6));
+    assert_eq!(st.entries, vec![e(3, 7)], "the old entries are gone");
+    assert_eq!(st.membership, Some(leaders.membership.clone()));
+    assert_eq!(st.snapshot, Some(leaders.clone()));
+    // A snapshot far past the log's end, into an empty store.
+    let far = SnapshotMeta {
+        last: LogId::new(4, 1000),
+        membership: Membership::new([1, 2, 3]),
+    };
+    save(
+        &mut s3,
+        LogBatch {
+            install: Some(far.clone()),
+            ..LogBatch::default()
+        },
+    )
+    .await;
+    save(
+        &mut s3,
+        LogBatch {
+            entries: vec![e(4, 1001), e(4, 1002)],
+            ..LogBatch::default()
+        },
+    )
+    .await;
+    let mut s3 = f.reopen(s3).await;
+    let st = load(&mut s3).await;
+    assert_eq!(st.purged, far.last);
+    assert_eq!(st.entries, vec![e(4, 1001), e(4, 1002)]);
+    assert_eq!(st.snapshot, Some(far));
+    // Appending with a gap after it is still refused.
+    let gap = s3
+        .save(LogBatch {
+            entries: vec![e(4, 1010)],
+            ..LogBatch::default()
+        })
+        .await;
+    assert!(matches!(gap, Err(StorageError::Invalid(_))), "{gap:?}");
 }
 
 /// [`StoreFactory`] for [`crate::MemLogStore`].
