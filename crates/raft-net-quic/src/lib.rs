@@ -11,10 +11,11 @@
 //!   sender, receiver) that is checked before anything else is read; then come
 //!   length-prefixed bincode frames, each bounded by `max_frame_bytes`. A bad
 //!   frame closes that stream with a logged error; everything else carries on.
-//! * Per peer there are two streams on one connection: a control stream (votes,
-//!   heartbeats, acknowledgements) at higher priority and a bulk stream for
-//!   AppendEntries carrying entries, so votes and heartbeats never wait behind a
-//!   large append. Outbound queues are bounded per peer: a dead peer costs
+//! * Per peer there are three streams on one connection: a control stream
+//!   (votes, heartbeats, acknowledgements) at the highest priority, a bulk
+//!   stream for AppendEntries carrying entries, and a snapshot stream at the
+//!   lowest, so votes and heartbeats never wait behind a large append and
+//!   replication never waits behind a snapshot. Outbound queues are bounded per peer: a dead peer costs
 //!   bounded memory, and its messages are dropped (Raft retransmits).
 //! * Reconnects back off exponentially with jitter; repeated warnings about one
 //!   peer are rate-limited.
@@ -34,7 +35,7 @@ pub use tls::{generate_cluster_certs, ClusterCa, TlsMaterial};
 
 use async_trait::async_trait;
 use inbound::{accept_loop, Inbound};
-use peer::{lock, writer, Backoff, PeerLink, PeerQueues, WarnLimiter};
+use peer::{lock, writer, Backoff, Class, PeerLink, PeerQueues, WarnLimiter};
 use raft_core::{Message, MessageBody, NodeId, RpcEndpoint, Transport};
 use rpc::RpcClient;
 use std::collections::BTreeMap;
@@ -42,6 +43,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+/// Snapshot chunks queued per peer.
+const SNAPSHOT_QUEUE: usize = 16;
 
 /// Requests from peers waiting for the application.
 const RPC_QUEUE: usize = 1024;
@@ -126,14 +130,19 @@ impl QuicTransport {
             });
             let (ctx, crx) = mpsc::channel(cfg.queue_len);
             let (btx, brx) = mpsc::channel(cfg.queue_len);
+            // A snapshot sender keeps a few chunks in flight; a short queue
+            // bounds the memory a stuck peer can hold.
+            let (stx, srx) = mpsc::channel(SNAPSHOT_QUEUE);
             links.insert(peer, link.clone());
-            tasks.push(tokio::spawn(writer(link.clone(), true, crx)));
-            tasks.push(tokio::spawn(writer(link, false, brx)));
+            tasks.push(tokio::spawn(writer(link.clone(), Class::Control, crx)));
+            tasks.push(tokio::spawn(writer(link.clone(), Class::Bulk, brx)));
+            tasks.push(tokio::spawn(writer(link, Class::Snapshot, srx)));
             peers.insert(
                 peer,
                 PeerQueues {
                     control: ctx,
                     bulk: btx,
+                    snapshot: stx,
                     warn: Mutex::new(WarnLimiter::new()),
                 },
             );
@@ -209,7 +218,9 @@ impl Transport for QuicTransport {
             return;
         };
         let to = msg.to;
-        let tx = if is_control(&msg) {
+        let tx = if matches!(msg.body, MessageBody::SnapshotChunk { .. }) {
+            &q.snapshot
+        } else if is_control(&msg) {
             &q.control
         } else {
             &q.bulk

@@ -1,6 +1,6 @@
 //! The outbound side: one [`PeerLink`] per peer (its connection, reconnect
 //! back-off and rate-limited warnings) and the writer tasks that drain its
-//! control and bulk queues.
+//! control, bulk and snapshot queues.
 
 use crate::{tls, wire};
 use raft_core::{Message, NodeId};
@@ -155,7 +155,7 @@ impl PeerLink {
         }
     }
 
-    async fn open_stream(&self, control: bool) -> Option<quinn::SendStream> {
+    async fn open_stream(&self, class: Class) -> Option<quinn::SendStream> {
         let conn = self.connection().await?;
         let mut s = match conn.open_uni().await {
             Ok(s) => s,
@@ -164,7 +164,7 @@ impl PeerLink {
                 return None;
             }
         };
-        let _ = s.set_priority(if control { 1 } else { 0 });
+        let _ = s.set_priority(class.priority());
         if let Err(e) = s.write_all(&self.header).await {
             self.warn("cannot write to peer", &e);
             return None;
@@ -173,7 +173,29 @@ impl PeerLink {
     }
 }
 
-pub(crate) async fn writer(link: Arc<PeerLink>, control: bool, mut rx: mpsc::Receiver<Message>) {
+/// The three streams to a peer, each with its own queue: one busy class
+/// never holds another up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// Votes, heartbeats, acknowledgements.
+    Control,
+    /// Appends with entries.
+    Bulk,
+    /// Snapshot chunks, below everything else.
+    Snapshot,
+}
+
+impl Class {
+    fn priority(self) -> i32 {
+        match self {
+            Class::Control => 1,
+            Class::Bulk => 0,
+            Class::Snapshot => -1,
+        }
+    }
+}
+
+pub(crate) async fn writer(link: Arc<PeerLink>, class: Class, mut rx: mpsc::Receiver<Message>) {
     let mut stream: Option<quinn::SendStream> = None;
     while let Some(msg) = rx.recv().await {
         let frame = match wire::encode_frame(&msg) {
@@ -184,7 +206,7 @@ pub(crate) async fn writer(link: Arc<PeerLink>, control: bool, mut rx: mpsc::Rec
             }
         };
         if stream.is_none() {
-            stream = link.open_stream(control).await;
+            stream = link.open_stream(class).await;
         }
         // A message that cannot be written now is dropped: Raft sends again.
         tracing::trace!(
@@ -206,5 +228,6 @@ pub(crate) async fn writer(link: Arc<PeerLink>, control: bool, mut rx: mpsc::Rec
 pub(crate) struct PeerQueues {
     pub(crate) control: mpsc::Sender<Message>,
     pub(crate) bulk: mpsc::Sender<Message>,
+    pub(crate) snapshot: mpsc::Sender<Message>,
     pub(crate) warn: Mutex<WarnLimiter>,
 }
