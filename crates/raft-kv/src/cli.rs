@@ -13,6 +13,8 @@ use std::time::Duration;
 /// How long shutting down (Raft, the state machine's flush, closing the
 /// stores) may take before the process exits anyway.
 const EXIT_GRACE: Duration = Duration::from_secs(10);
+/// Applied entries between snapshots, unless configured.
+pub const DEFAULT_SNAPSHOT_THRESHOLD: u64 = 100_000;
 
 /// A replicated key-value store on Raft that speaks the Redis protocol.
 #[derive(Debug, Parser)]
@@ -91,6 +93,11 @@ struct NodeArgs {
     /// Log entries dropped at a time once the state machine holds them (default 8192).
     #[arg(long)]
     compact_threshold: Option<u64>,
+    /// Take a snapshot after this many applied entries, and compact the log
+    /// up to it whatever the other members hold; 0 for never (default
+    /// 100000).
+    #[arg(long)]
+    snapshot_threshold: Option<u64>,
     /// Largest encoded write command in bytes; larger writes are refused with
     /// an error before they are proposed (default 8388608 = 8 MiB; at most
     /// about 16 MiB, the transport's frame limit).
@@ -121,6 +128,7 @@ struct FileConfig {
     password: Option<String>,
     cluster_id: Option<u64>,
     compact_threshold: Option<u64>,
+    snapshot_threshold: Option<u64>,
     max_entry_bytes: Option<usize>,
     read_policy: Option<String>,
 }
@@ -212,6 +220,10 @@ fn node_config(a: NodeArgs) -> anyhow::Result<NodeConfig> {
             .ok_or_else(|| need("client-addr"))?,
         peers,
         data_dir: a.data_dir.or(f.data_dir).ok_or_else(|| need("data-dir"))?,
+        snapshot_threshold: a
+            .snapshot_threshold
+            .or(f.snapshot_threshold)
+            .unwrap_or(DEFAULT_SNAPSHOT_THRESHOLD),
         tls_dir: a.tls_dir.or(f.tls_dir).ok_or_else(|| need("tls-dir"))?,
         password: a.password.or(f.password),
         cluster_id: a.cluster_id.or(f.cluster_id).unwrap_or(0),
@@ -352,6 +364,7 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
                 .map(|&p| (p, raft_addr(p)))
                 .collect(),
             data_dir: dir.join(format!("node-{id}")),
+            snapshot_threshold: DEFAULT_SNAPSHOT_THRESHOLD,
             tls_dir: certs.clone(),
             password: None,
             cluster_id: 0,

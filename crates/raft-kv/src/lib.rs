@@ -18,9 +18,11 @@
 pub mod command;
 pub mod error;
 pub mod sm;
+pub mod snapfile;
 // The Raft adapter: proposing, forwarding, read barriers.
 pub mod forward;
 pub mod node;
+pub mod snapshots;
 // The Redis edge: RESP frames and client connections.
 pub mod resp;
 pub mod server;

@@ -12,9 +12,10 @@ use crate::command::{ReadCmd, WriteCmd};
 use crate::error::{KvError, Reply};
 use crate::forward::{Forward, ForwardReply};
 use crate::sm::StateMachine;
+use crate::snapshots::{SnapshotStats, Snapshots};
 use raft_core::{
-    ApplyMsg, Config as RaftConfig, Error as RaftError, InboundRpc, LogStore, NodeId, PeerRpc,
-    Proposal, Raft, Responder, Role, RpcError, Transport,
+    ApplyMsg, Config as RaftConfig, Error as RaftError, InboundRpc, LogBatch, LogId, LogStore,
+    NodeId, PeerRpc, Proposal, Raft, Responder, Role, RpcError, SnapshotMeta, Transport,
 };
 use raft_log::SledLogStore;
 use raft_net_quic::{QuicConfig, QuicTransport, TlsMaterial};
@@ -38,8 +39,12 @@ pub struct NodeConfig {
     pub client_addr: SocketAddr,
     /// Peer id -> Raft address (the peers' ids are `raft.peers`).
     pub peers: BTreeMap<NodeId, SocketAddr>,
-    /// Where the log (`log/`) and the state machine (`sm/`) live.
+    /// Where the log (`log/`), the state machine (`sm/`) and the snapshots
+    /// (`snapshots/`) live.
     pub data_dir: PathBuf,
+    /// Take a snapshot (and compact the log up to it) after this many
+    /// applied entries; 0 for never.
+    pub snapshot_threshold: u64,
     /// Where `ca.pem`, `node-<id>.pem` and `node-<id>.key` are.
     pub tls_dir: PathBuf,
     /// Clients must AUTH with this password when set.
@@ -105,6 +110,8 @@ const LEADER_WAIT: Duration = Duration::from_secs(3);
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
 /// How often the state machine is flushed so the log can drop what it covers.
 const RELEASE_EVERY: Duration = Duration::from_secs(1);
+/// How often the snapshot policy looks at the applied index.
+const SNAPSHOT_CHECK: Duration = Duration::from_millis(200);
 /// How long shutdown waits for the state machine's final flush.
 const FLUSH_GRACE: Duration = Duration::from_secs(3);
 /// How long a read waits for a batch being applied.
@@ -138,6 +145,7 @@ pub struct KvNode {
     id: NodeId,
     raft: Raft,
     sm: Arc<StateMachine>,
+    snaps: Snapshots,
     rpc: Arc<dyn PeerRpc>,
     /// The largest request a peer accepts: forwarded requests are cut to fit.
     frame_limit: usize,
@@ -174,54 +182,90 @@ impl KvNode {
         qc.cluster_id = cfg.cluster_id;
         qc.peers = cfg.peers.clone();
         let transport = QuicTransport::bind(qc, &tls)?;
-        let node = Self::start_with(rc, &cfg.data_dir.join("sm"), log, transport).await?;
+        let node =
+            Self::start_with(rc, &cfg.data_dir, cfg.snapshot_threshold, log, transport).await?;
         tracing::info!(node = node.id, raft = %cfg.raft_addr, client = %cfg.client_addr, "node started");
         Ok(node)
     }
 
     /// Starts a node on any log store and any transport that carries
     /// application requests ([`Transport::rpc_endpoint`]); the state
-    /// machine lives in `sm_dir`.
+    /// machine lives in `dir/sm`, the snapshots in `dir/snapshots`, and a
+    /// snapshot is taken every `snapshot_threshold` applied entries (0:
+    /// never).
     pub async fn start_with(
         rc: RaftConfig,
-        sm_dir: &Path,
-        store: impl LogStore,
+        dir: &Path,
+        snapshot_threshold: u64,
+        mut store: impl LogStore,
         mut transport: impl Transport,
     ) -> Result<Arc<KvNode>, StartError> {
         let endpoint = transport.rpc_endpoint().ok_or_else(|| {
             StartError::Config("the transport carries no requests between members".into())
         })?;
-        let sm_path = sm_dir.to_path_buf();
+        let sm_path = dir.join("sm");
         let sm = Arc::new(
-            tokio::task::spawn_blocking(move || StateMachine::open(&sm_path))
+            tokio::task::spawn_blocking(move || open_or_set_aside(&sm_path))
                 .await
-                .map_err(|e| StartError::Store(format!("opening the state machine failed: {e}")))?
-                .map_err(|e| StartError::Store(e.to_string()))?,
+                .map_err(|e| {
+                    StartError::Store(format!("opening the state machine failed: {e}"))
+                })??,
         );
+        let snaps = Snapshots::open(&dir.join("snapshots"))
+            .map_err(|e| StartError::Store(e.to_string()))?;
+        recover_lost_state(&mut store, &sm, &snaps, &rc).await?;
         let frame_limit = endpoint.client.max_request_bytes().unwrap_or(64 << 20);
         let (apply_tx, apply_rx) = mpsc::channel::<ApplyMsg>(4096);
-        let raft = Raft::new(rc, store, transport, apply_tx)?;
+        let raft = Raft::with_snapshots(rc, store, snaps.clone(), transport, apply_tx)?;
         raft.start_with_applied(sm.applied()).await?;
         let failure = Arc::new(Mutex::new(None));
         let applier = tokio::spawn(apply_loop(
             apply_rx,
             sm.clone(),
+            snaps.clone(),
             failure.clone(),
             raft.clone(),
         ));
         let releaser = tokio::spawn(release_loop(raft.clone(), sm.clone()));
+        let mut tasks = vec![applier, releaser];
+        if snapshot_threshold > 0 {
+            tasks.push(tokio::spawn(snapshot_loop(
+                raft.clone(),
+                sm.clone(),
+                snaps.clone(),
+                snapshot_threshold,
+            )));
+        }
         let node = Arc::new(KvNode {
             id: raft.config().id,
             raft,
             sm,
+            snaps,
             rpc: endpoint.client,
             frame_limit,
             failure,
-            tasks: Mutex::new(vec![applier, releaser]),
+            tasks: Mutex::new(tasks),
         });
         let server = tokio::spawn(serve_peers(Arc::downgrade(&node), endpoint.inbound));
         lock(&node.tasks).push(server);
         Ok(node)
+    }
+
+    /// The node's snapshot files.
+    pub fn snapshots(&self) -> &Snapshots {
+        &self.snaps
+    }
+
+    /// Writes a snapshot of this node's state as it is now into `out`
+    /// (for a backup: call it after a read barrier). Returns its header.
+    pub async fn write_snapshot_to(
+        &self,
+        out: PathBuf,
+    ) -> Result<crate::sm::SnapshotInfo, KvError> {
+        let sm = self.sm.clone();
+        tokio::task::spawn_blocking(move || sm.write_snapshot(&out))
+            .await
+            .map_err(|e| KvError::Internal(format!("snapshot task failed: {e}")))?
     }
 
     /// This node's id.
@@ -570,8 +614,14 @@ impl KvNode {
             None => String::new(),
         };
         let members: Vec<String> = s.members.iter().map(|m| m.to_string()).collect();
+        let SnapshotStats {
+            bytes,
+            keys,
+            last_duration_ms,
+            ..
+        } = self.snaps.stats();
         format!(
-            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\npurged_index:{}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nread_policy:{}\r\nmembers:{}\r\n",
+            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\npurged_index:{}\r\nsnapshot_index:{}\r\nsnapshot_bytes:{bytes}\r\nsnapshot_keys:{keys}\r\nsnapshot_last_duration_ms:{last_duration_ms}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nread_policy:{}\r\nmembers:{}\r\n",
             s.id,
             s.term,
             s.leader.map_or_else(|| "none".to_string(), |l| l.to_string()),
@@ -579,6 +629,7 @@ impl KvNode {
             self.sm.applied(),
             s.last_log_index,
             s.purged_index,
+            s.snapshot_index,
             s.unapplied_bytes,
             self.raft.max_command_bytes(),
             match self.raft.config().read_policy {
@@ -675,22 +726,43 @@ fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> Result<Vec<Reply>, KvEr
         .zip(&cmds)
         .map(|(m, c)| (m.command_index, c.as_ref()))
         .collect();
-    sm.apply_many(&items)
+    sm.apply_many_in_term(&items, batch.last().map(|m| m.command_term))
 }
 
-/// Applies committed entries in batches and answers each proposer waiting here.
+/// Applies committed entries in batches and answers each proposer waiting
+/// here; loads a snapshot from the leader when the apply channel says so.
 async fn apply_loop(
     mut rx: mpsc::Receiver<ApplyMsg>,
     sm: Arc<StateMachine>,
+    snaps: Snapshots,
     failure: Arc<Mutex<Option<String>>>,
     raft: Raft,
 ) {
-    while let Some(first) = rx.recv().await {
+    let mut next: Option<ApplyMsg> = None;
+    loop {
+        let first = match next.take() {
+            Some(m) => m,
+            None => match rx.recv().await {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        if let Some(meta) = first.snapshot.clone() {
+            if let Err(why) = load_snapshot(&sm, &snaps, &meta).await {
+                return fail_applying(why, Vec::new(), &failure, &raft).await;
+            }
+            continue;
+        }
         let mut batch: Vec<ApplyMsg> = Vec::with_capacity(APPLY_BATCH);
         batch.push(first);
-        // Everything already delivered goes into the same atomic sled batch.
+        // Everything already delivered goes into the same atomic sled batch
+        // (up to a snapshot, which waits for the next turn).
         while batch.len() < APPLY_BATCH {
             match rx.try_recv() {
+                Ok(m) if m.snapshot.is_some() => {
+                    next = Some(m);
+                    break;
+                }
                 Ok(m) => batch.push(m),
                 Err(_) => break,
             }
@@ -712,14 +784,179 @@ async fn apply_loop(
             Ok(Err(e)) => format!("the state machine failed: {e}"),
             Err(e) => format!("the state machine task failed: {e}"),
         };
-        tracing::error!(error = %why, "stopping the node");
-        *lock(&failure) = Some(why.clone());
-        // Waiting clients learn at once that the outcome is unknown.
-        for r in responders.into_iter().flatten() {
-            r.answer::<Reply>(Err(KvError::Unknown(why.clone())));
-        }
-        // Raft stops too: the node must not go on looking healthy.
-        let _ = raft.shutdown().await;
-        return;
+        return fail_applying(why, responders, &failure, &raft).await;
     }
+}
+
+/// The state machine cannot go on: waiting clients learn at once that the
+/// outcome is unknown, and Raft stops too (the node must not go on
+/// looking healthy).
+async fn fail_applying(
+    why: String,
+    responders: Vec<Option<Responder>>,
+    failure: &Mutex<Option<String>>,
+    raft: &Raft,
+) {
+    tracing::error!(error = %why, "stopping the node");
+    *lock(failure) = Some(why.clone());
+    for r in responders.into_iter().flatten() {
+        r.answer::<Reply>(Err(KvError::Unknown(why.clone())));
+    }
+    let _ = raft.shutdown().await;
+}
+
+/// Replaces the state with the snapshot `meta` describes, from this node's
+/// snapshot files (received from the leader, or its own).
+async fn load_snapshot(
+    sm: &Arc<StateMachine>,
+    snaps: &Snapshots,
+    meta: &SnapshotMeta,
+) -> Result<(), String> {
+    let path = snaps.path(meta.last.index, meta.last.term);
+    let t0 = std::time::Instant::now();
+    let sm2 = sm.clone();
+    let p2 = path.clone();
+    let h = tokio::task::spawn_blocking(move || sm2.load_snapshot(&p2))
+        .await
+        .map_err(|e| format!("loading a snapshot failed: {e}"))?
+        .map_err(|e| format!("loading the snapshot ending at {:?}: {e}", meta.last))?;
+    if h.index != meta.last.index {
+        return Err(format!(
+            "the snapshot file for {:?} ends at {}",
+            meta.last, h.index
+        ));
+    }
+    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let ms = t0.elapsed().as_millis() as u64;
+    tracing::info!(index = h.index, keys = h.keys, bytes, ms, "snapshot loaded");
+    snaps.record(SnapshotStats {
+        index: h.index,
+        bytes,
+        keys: h.keys,
+        last_duration_ms: ms,
+    });
+    snaps.prune();
+    Ok(())
+}
+
+/// Takes a snapshot every `threshold` applied entries: written from a
+/// point-in-time view while writes go on, then reported to Raft, which
+/// compacts the log up to it.
+async fn snapshot_loop(raft: Raft, sm: Arc<StateMachine>, snaps: Snapshots, threshold: u64) {
+    let mut tick = tokio::time::interval(SNAPSHOT_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let last = snaps.stats().index.max(raft.status().snapshot_index);
+        if sm.applied() < last.saturating_add(threshold) {
+            continue;
+        }
+        let t0 = std::time::Instant::now();
+        let tmp = snaps.temp_path();
+        let sm2 = sm.clone();
+        let t2 = tmp.clone();
+        let info = match tokio::task::spawn_blocking(move || sm2.write_snapshot(&t2)).await {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "taking a snapshot failed");
+                continue;
+            }
+            Err(_) => return,
+        };
+        let h = info.header;
+        if let Err(e) = snaps.publish(&tmp, h.index, h.term) {
+            tracing::warn!(error = %e, "storing a snapshot failed");
+            continue;
+        }
+        match raft.snapshot_taken(h.index).await {
+            Ok(Some(meta)) if meta.last.term == h.term || h.term == 0 => {}
+            Ok(Some(meta)) => {
+                tracing::error!(file = ?(h.index, h.term), raft = ?meta.last, "snapshot term disagrees with the log");
+            }
+            Ok(None) => {}
+            Err(_) => return,
+        }
+        let ms = t0.elapsed().as_millis() as u64;
+        tracing::info!(
+            index = h.index,
+            keys = h.keys,
+            bytes = info.bytes,
+            ms,
+            "snapshot taken"
+        );
+        snaps.record(SnapshotStats {
+            index: h.index,
+            bytes: info.bytes,
+            keys: h.keys,
+            last_duration_ms: ms,
+        });
+        snaps.prune();
+    }
+}
+
+/// Opens the state machine; one that cannot be opened (damaged) is moved
+/// aside and replaced by an empty one, which the log or the leader's
+/// snapshot fills again.
+fn open_or_set_aside(path: &Path) -> Result<StateMachine, StartError> {
+    match StateMachine::open(path) {
+        Ok(sm) => Ok(sm),
+        Err(e) => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let aside = path.with_extension(format!("damaged-{stamp}"));
+            tracing::error!(error = %e, aside = %aside.display(), "the state machine cannot be opened; setting it aside and rebuilding it");
+            std::fs::rename(path, &aside)
+                .map_err(|e2| StartError::Store(format!("{e}; moving it aside failed: {e2}")))?;
+            StateMachine::open(path).map_err(|e| StartError::Store(e.to_string()))
+        }
+    }
+}
+
+/// A state machine behind the log's compaction point (its files were lost
+/// or damaged) is rebuilt from this node's snapshot when it holds the one
+/// the log names; otherwise the log's entries are dropped (the term and
+/// vote stay) and the leader rebuilds this node with its snapshot.
+async fn recover_lost_state(
+    store: &mut impl LogStore,
+    sm: &StateMachine,
+    snaps: &Snapshots,
+    rc: &RaftConfig,
+) -> Result<(), StartError> {
+    let state = store
+        .load()
+        .await
+        .map_err(|e| StartError::Store(e.to_string()))?;
+    if sm.applied() >= state.purged.index {
+        return Ok(());
+    }
+    if let Some(m) = &state.snapshot {
+        if m.last.index >= state.purged.index && snaps.path(m.last.index, m.last.term).is_file() {
+            tracing::warn!(
+                applied = sm.applied(),
+                snapshot = m.last.index,
+                "the state machine is behind the log's compaction point; loading the local snapshot"
+            );
+            return Ok(());
+        }
+    }
+    tracing::warn!(
+        applied = sm.applied(),
+        purged = state.purged.index,
+        "the state machine is behind the log's compaction point and no snapshot covers it; dropping the log (keeping term and vote) to be rebuilt from the leader's snapshot"
+    );
+    let membership = state
+        .membership
+        .clone()
+        .unwrap_or_else(|| raft_core::Membership::new(rc.members()));
+    store
+        .save(LogBatch {
+            install: Some(SnapshotMeta {
+                last: LogId::default(),
+                membership,
+            }),
+            ..LogBatch::default()
+        })
+        .await
+        .map_err(|e| StartError::Store(e.to_string()))
 }

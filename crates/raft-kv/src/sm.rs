@@ -7,28 +7,47 @@
 //! [`ReadView`]: a sled batch is atomic on disk, but a reader doing one `get`
 //! per key could otherwise see some keys before a batch and others after it.
 //! A read-write gate makes each applied batch and each view exclusive.
+//!
+//! Snapshots. sled has no point-in-time read view, so the state machine
+//! makes one: while a snapshot is being written, the applier saves the old
+//! value of every key a batch is about to change (the first time only),
+//! and the snapshot writer, scanning the live tree, takes a saved value over
+//! the live one (and adds saved keys the scan missed because they were
+//! deleted meanwhile). Writes keep flowing; the cost is one extra read per
+//! written key, and memory for the keys written during the scan. Loading a
+//! snapshot builds a new database in a new directory and switches to it
+//! with one atomic rename, so a crash leaves the old state or the new one.
 
 use crate::command::{ReadCmd, SetCond, Value, WriteCmd};
 use crate::error::{KvError, Reply};
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{PoisonError, RwLock};
+use crate::snapfile;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock};
 use tokio::sync::watch;
 
 const APPLIED: &[u8] = b"m:applied";
+const APPLIED_TERM: &[u8] = b"m:applied_term";
 const COUNT: &[u8] = b"m:count";
 const DATA: &[u8] = b"d:";
+/// Names the database directory in use.
+const CURRENT: &str = "CURRENT";
 
 /// The key-value state machine.
 #[derive(Debug)]
 pub struct StateMachine {
-    db: ClosedElsewhere,
+    dir: PathBuf,
+    /// The database, behind the gate: held for writing while a batch goes
+    /// into sled and its index is published (and while a snapshot replaces
+    /// the database), for reading by a [`ReadView`]: a view sees every
+    /// batch entirely or not at all. A poisoned gate (a panic elsewhere) is
+    /// simply taken over.
+    db: RwLock<ClosedElsewhere>,
     applied_tx: watch::Sender<u64>,
-    /// Held for writing while a batch goes into sled and its index is
-    /// published, for reading by a [`ReadView`]: a view sees every batch
-    /// entirely or not at all. It guards no data of its own, so a poisoned
-    /// gate (a panic elsewhere) is simply taken over.
-    gate: RwLock<()>,
+    applied_term: AtomicU64,
+    /// While a snapshot is being written: the old values of keys changed since.
+    capture: Mutex<Option<HashMap<Vec<u8>, Option<Vec<u8>>>>>,
 }
 
 /// The database handle, closed on a thread of its own when dropped: sled
@@ -118,45 +137,112 @@ fn u64_of(v: Option<sled::IVec>) -> u64 {
         .map_or(0, u64::from_be_bytes)
 }
 
+fn storage(path: &Path, what: &str, e: impl std::fmt::Display) -> KvError {
+    KvError::Storage(format!("{}: {what}: {e}", path.display()))
+}
+
+/// Opens a sled database with the state machine's settings.
+fn open_db(path: &Path) -> Result<sled::Db, KvError> {
+    // No periodic fsync: the Raft log is the durable record, and the applied
+    // index travels with the data, so after a crash the log re-delivers
+    // whatever the state machine lost. Skipping it keeps the disk free for
+    // the log's own flushes. Shutdown flushes explicitly.
+    // A handle closed just before (on its own thread, see
+    // `ClosedElsewhere`) may still hold sled's file lock for a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::Config::new().path(path).flush_every_ms(None).open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => return Err(storage(path, "cannot open the state machine", e)),
+        }
+    }
+}
+
+/// Writes `data` to `path` durably and atomically (temporary file, fsync,
+/// rename, fsync of the directory).
+pub(crate) fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// What writing a snapshot produced.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotInfo {
+    /// The file's header.
+    pub header: snapfile::Header,
+    /// The file's size in bytes.
+    pub bytes: u64,
+}
+
 impl StateMachine {
-    /// Opens (or creates) the state machine in `path`.
-    pub fn open(path: &Path) -> Result<Self, KvError> {
-        // No periodic fsync: the Raft log is the durable record, and the applied
-        // index travels with the data, so after a crash the log re-delivers
-        // whatever the state machine lost. Skipping it keeps the disk free for
-        // the log's own flushes. Shutdown flushes explicitly.
-        // A handle closed just before (on its own thread, see
-        // `ClosedElsewhere`) may still hold sled's file lock for a moment.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        let db = loop {
-            match sled::Config::new().path(path).flush_every_ms(None).open() {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                Err(e) => {
-                    return Err(KvError::Storage(format!(
-                        "{}: cannot open the state machine: {e}",
-                        path.display()
-                    )))
+    /// Opens (or creates) the state machine in directory `dir`: the
+    /// database named by `dir/CURRENT`. Leftovers of a snapshot load that
+    /// did not finish are removed.
+    pub fn open(dir: &Path) -> Result<Self, KvError> {
+        std::fs::create_dir_all(dir).map_err(|e| storage(dir, "cannot create", e))?;
+        let current = dir.join(CURRENT);
+        let gen = match std::fs::read_to_string(&current) {
+            Ok(s) => s.trim().to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                replace_file(&current, b"gen-0").map_err(|e| storage(dir, "cannot write", e))?;
+                "gen-0".to_string()
+            }
+            Err(e) => return Err(storage(&current, "cannot read", e)),
+        };
+        if !gen.starts_with("gen-") || gen.contains(['/', '\\']) || gen.contains("..") {
+            return Err(KvError::Storage(format!(
+                "{}: names {gen:?}, not a state machine database",
+                current.display()
+            )));
+        }
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with("gen-") && name != gen {
+                    let _ = std::fs::remove_dir_all(e.path());
                 }
             }
-        };
+        }
+        let db = open_db(&dir.join(&gen))?;
         let applied = u64_of(db.get(APPLIED)?);
+        let term = u64_of(db.get(APPLIED_TERM)?);
         let (applied_tx, _) = watch::channel(applied);
         Ok(StateMachine {
-            db: ClosedElsewhere(Some(db)),
+            dir: dir.to_path_buf(),
+            db: RwLock::new(ClosedElsewhere(Some(db))),
             applied_tx,
-            gate: RwLock::new(()),
+            applied_term: AtomicU64::new(term),
+            capture: Mutex::new(None),
         })
+    }
+
+    fn db(&self) -> sled::Db {
+        (**self.db.read().unwrap_or_else(PoisonError::into_inner)).clone()
     }
 
     /// The index of the last applied entry.
     pub fn applied(&self) -> u64 {
         *self.applied_tx.borrow()
+    }
+
+    /// The term of the last applied entry (0 when unknown).
+    pub fn applied_term(&self) -> u64 {
+        self.applied_term.load(Ordering::Acquire)
     }
 
     /// A receiver of the applied index (to wait for a read index).
@@ -170,17 +256,27 @@ impl StateMachine {
         Ok(out.pop().unwrap_or(Ok(Value::Ok)))
     }
 
-    /// Applies consecutive entries as one atomic sled batch that also records
-    /// the last index. Entries at or below the applied index are skipped
-    /// (never applied twice) and answered with an error outcome. There is one
-    /// applier (the node's apply loop); read views see the batch entirely or
-    /// not at all.
+    /// [`StateMachine::apply_many`] without knowing the entries' term.
     pub fn apply_many(&self, entries: &[(u64, Option<&WriteCmd>)]) -> Result<Vec<Reply>, KvError> {
+        self.apply_many_in_term(entries, None)
+    }
+
+    /// Applies consecutive entries as one atomic sled batch that also records
+    /// the last index (and `last_term`, the last entry's term). Entries at or
+    /// below the applied index are skipped (never applied twice) and answered
+    /// with an error outcome. There is one applier (the node's apply loop);
+    /// read views see the batch entirely or not at all.
+    pub fn apply_many_in_term(
+        &self,
+        entries: &[(u64, Option<&WriteCmd>)],
+        last_term: Option<u64>,
+    ) -> Result<Vec<Reply>, KvError> {
         let applied = self.applied();
+        let db = self.db();
         let mut st = Staged {
-            db: &self.db,
+            db: &db,
             writes: HashMap::new(),
-            count: u64_of(self.db.get(COUNT)?),
+            count: u64_of(db.get(COUNT)?),
         };
         let count_before = st.count;
         let mut last = applied;
@@ -200,20 +296,36 @@ impl StateMachine {
             return Ok(outcomes);
         }
         let mut b = sled::Batch::default();
+        if st.count != count_before {
+            b.insert(COUNT, &st.count.to_be_bytes());
+        }
+        b.insert(APPLIED, &last.to_be_bytes());
+        if let Some(t) = last_term {
+            b.insert(APPLIED_TERM, &t.to_be_bytes());
+        }
+        // Staging above only read: the one applier is the only writer. The
+        // gate covers what readers could see change.
+        let gate = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        {
+            let mut cap = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(saved) = cap.as_mut() {
+                for k in st.writes.keys() {
+                    if !saved.contains_key(k) {
+                        saved.insert(k.clone(), gate.get(k)?.map(|v| v.to_vec()));
+                    }
+                }
+            }
+        }
         for (k, v) in st.writes {
             match v {
                 Some(v) => b.insert(k, v),
                 None => b.remove(k),
             }
         }
-        if st.count != count_before {
-            b.insert(COUNT, &st.count.to_be_bytes());
+        gate.apply_batch(b)?;
+        if let Some(t) = last_term {
+            self.applied_term.store(t, Ordering::Release);
         }
-        b.insert(APPLIED, &last.to_be_bytes());
-        // Staging above only read: the one applier is the only writer. The
-        // gate covers what readers could see change.
-        let _gate = self.gate.write().unwrap_or_else(PoisonError::into_inner);
-        self.db.apply_batch(b)?;
         self.applied_tx.send_replace(last);
         Ok(outcomes)
     }
@@ -222,20 +334,20 @@ impl StateMachine {
     /// (MGET, multi-key EXISTS, DBSIZE) come from the same batches. Batches
     /// wait until `f` returns, so keep it short and never block in it.
     pub fn read_view<T>(&self, f: impl FnOnce(&ReadView<'_>) -> T) -> T {
-        let _gate = self.gate.read().unwrap_or_else(PoisonError::into_inner);
-        f(&ReadView { db: &self.db })
+        let gate = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        f(&ReadView { db: &gate })
     }
 
     /// [`StateMachine::read_view`] if no batch is being applied right now;
     /// `None` otherwise (async callers wait without blocking their thread,
     /// which a stalled batch could hold forever).
     pub fn try_read_view<T>(&self, f: impl FnOnce(&ReadView<'_>) -> T) -> Option<T> {
-        let _gate = match self.gate.try_read() {
+        let gate = match self.db.try_read() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
-        Some(f(&ReadView { db: &self.db }))
+        Some(f(&ReadView { db: &gate }))
     }
 
     /// The value of a key.
@@ -250,8 +362,149 @@ impl StateMachine {
 
     /// Makes applied state durable (on shutdown).
     pub fn flush(&self) -> Result<(), KvError> {
-        self.db.flush()?;
+        self.db().flush()?;
         Ok(())
+    }
+
+    /// Writes a snapshot of the state as it is now (the applied index when
+    /// this is called) to `out`, durably, while batches keep being applied
+    /// (blocking: call it off the async threads). Only one at a time.
+    pub fn write_snapshot(&self, out: &Path) -> Result<SnapshotInfo, KvError> {
+        let (db, header) = {
+            let gate = self.db.write().unwrap_or_else(PoisonError::into_inner);
+            let mut cap = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
+            if cap.is_some() {
+                return Err(KvError::Internal(
+                    "a snapshot is already being written".into(),
+                ));
+            }
+            *cap = Some(HashMap::new());
+            let header = snapfile::Header {
+                index: self.applied(),
+                term: self.applied_term(),
+                keys: u64_of(gate.get(COUNT)?),
+            };
+            ((**gate).clone(), header)
+        };
+        let res = self.scan_into(&db, header, out);
+        *self.capture.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        if res.is_err() {
+            let _ = std::fs::remove_file(out);
+        }
+        res
+    }
+
+    fn scan_into(
+        &self,
+        db: &sled::Db,
+        header: snapfile::Header,
+        out: &Path,
+    ) -> Result<SnapshotInfo, KvError> {
+        let io = |e: std::io::Error| storage(out, "cannot write the snapshot", e);
+        let f = std::fs::File::create(out).map_err(io)?;
+        let mut w = snapfile::Writer::new(std::io::BufWriter::with_capacity(1 << 20, f), header)
+            .map_err(io)?;
+        // Saved keys the scan passed: the rest were deleted before it got there.
+        let mut passed: HashSet<Vec<u8>> = HashSet::new();
+        let mut written = 0u64;
+        for kv in db.scan_prefix(DATA) {
+            let (k, v) = kv?;
+            let value = {
+                let cap = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
+                match cap.as_ref().and_then(|c| c.get(k.as_ref())) {
+                    Some(old) => {
+                        passed.insert(k.to_vec());
+                        old.clone()
+                    }
+                    None => Some(v.to_vec()),
+                }
+            };
+            if let Some(value) = value {
+                w.record(&k[DATA.len()..], &value).map_err(io)?;
+                written += 1;
+            }
+        }
+        let missed: Vec<(Vec<u8>, Vec<u8>)> = {
+            let cap = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
+            cap.iter()
+                .flatten()
+                .filter(|(k, _)| !passed.contains(*k))
+                .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
+                .collect()
+        };
+        for (k, v) in missed {
+            w.record(&k[DATA.len()..], &v).map_err(io)?;
+            written += 1;
+        }
+        if written != header.keys {
+            return Err(KvError::Internal(format!(
+                "snapshot at {} holds {written} keys, the state {}",
+                header.index, header.keys
+            )));
+        }
+        let (bw, bytes) = w.finish().map_err(io)?;
+        let f = bw.into_inner().map_err(|e| io(e.into_error()))?;
+        f.sync_all().map_err(io)?;
+        Ok(SnapshotInfo { header, bytes })
+    }
+
+    /// Replaces the whole state with the snapshot in `file` (blocking). The
+    /// file is checked as it is read; the new database is built beside the
+    /// current one and takes its place with one atomic rename of `CURRENT`.
+    pub fn load_snapshot(&self, file: &Path) -> Result<snapfile::Header, KvError> {
+        let bad = |e: snapfile::SnapError| storage(file, "cannot load the snapshot", e);
+        let f = std::fs::File::open(file).map_err(|e| bad(e.into()))?;
+        let mut r =
+            snapfile::Reader::new(std::io::BufReader::with_capacity(1 << 20, f)).map_err(bad)?;
+        let n = std::fs::read_to_string(self.dir.join(CURRENT))
+            .ok()
+            .and_then(|s| {
+                s.trim()
+                    .strip_prefix("gen-")
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        let gen = format!("gen-{}", n + 1);
+        let path = self.dir.join(&gen);
+        let _ = std::fs::remove_dir_all(&path);
+        let built = (|| -> Result<(sled::Db, snapfile::Header), KvError> {
+            let db = open_db(&path)?;
+            let mut b = sled::Batch::default();
+            let mut in_batch = 0usize;
+            while let Some((k, v)) = r.next_record().map_err(bad)? {
+                b.insert(dkey(&k), v);
+                in_batch += 1;
+                if in_batch == 4096 {
+                    db.apply_batch(std::mem::take(&mut b))?;
+                    in_batch = 0;
+                }
+            }
+            let h = r.header();
+            b.insert(COUNT, &h.keys.to_be_bytes());
+            b.insert(APPLIED, &h.index.to_be_bytes());
+            b.insert(APPLIED_TERM, &h.term.to_be_bytes());
+            db.apply_batch(b)?;
+            db.flush()?;
+            Ok((db, h))
+        })();
+        let (db, h) = match built {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&path);
+                return Err(e);
+            }
+        };
+        replace_file(&self.dir.join(CURRENT), gen.as_bytes())
+            .map_err(|e| storage(&self.dir, "cannot switch to the loaded snapshot", e))?;
+        let old = {
+            let mut gate = self.db.write().unwrap_or_else(PoisonError::into_inner);
+            let old = std::mem::replace(&mut *gate, ClosedElsewhere(Some(db)));
+            self.applied_term.store(h.term, Ordering::Release);
+            self.applied_tx.send_replace(h.index);
+            old
+        };
+        drop(old);
+        Ok(h)
     }
 }
 

@@ -29,8 +29,8 @@ async fn cluster(max_entry_bytes: usize) -> Cluster {
             rc.add_peer(*p).unwrap();
         }
         rc.max_entry_bytes = max_entry_bytes;
-        let sm = dir.path().join(format!("sm-{id}"));
-        let node = KvNode::start_with(rc, &sm, MemLogStore::new(), net.join(id))
+        let node_dir = dir.path().join(format!("node-{id}"));
+        let node = KvNode::start_with(rc, &node_dir, 0, MemLogStore::new(), net.join(id))
             .await
             .unwrap();
         nodes.insert(id, node);
@@ -209,4 +209,135 @@ async fn the_redis_edge_spells_each_error_once() {
     assert_eq!(ask(&mut s, "PING\r\n").await, "+PONG\r\n");
     server.abort();
     c.shutdown().await;
+}
+
+/// Starts node `id` of a three-node cluster that snapshots every 100
+/// applied entries, in `dir`, on `log`.
+async fn snapshotting_node(
+    net: &ChannelNetwork,
+    id: NodeId,
+    dir: &std::path::Path,
+    log: &MemLogStore,
+) -> Arc<KvNode> {
+    let mut rc = Config::new(id);
+    for p in [1, 2, 3].iter().filter(|&&p| p != id) {
+        rc.add_peer(*p).unwrap();
+    }
+    rc.compact_threshold = 10;
+    rc.trailing_entries = 10;
+    rc.snapshot_chunk_bytes = 4096;
+    KvNode::start_with(rc, dir, 100, log.reopen(), net.join(id))
+        .await
+        .unwrap()
+}
+
+fn info_field(n: &KvNode, name: &str) -> u64 {
+    let info = n.info();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {info}"))
+}
+
+/// A follower down while the others snapshot and compact past it comes
+/// back through the leader's snapshot; one whose whole directory was lost
+/// is rebuilt the same way; one that lost only its state machine files
+/// reloads its own snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_behind_the_compaction_point_are_caught_up_by_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = ChannelNetwork::new();
+    let logs: BTreeMap<NodeId, MemLogStore> = [1, 2, 3].map(|i| (i, MemLogStore::new())).into();
+    let node_dir = |id: NodeId| dir.path().join(format!("node-{id}"));
+    let mut nodes = BTreeMap::new();
+    for id in [1, 2, 3] {
+        nodes.insert(
+            id,
+            snapshotting_node(&net, id, &node_dir(id), &logs[&id]).await,
+        );
+    }
+    let c = Cluster {
+        net: net.clone(),
+        nodes,
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let leader = c.leader(&[1, 2, 3]).await;
+    let f = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    let mut nodes = c.nodes;
+    nodes.remove(&f).unwrap().shutdown().await;
+    let write_range = |nodes: &BTreeMap<NodeId, Arc<KvNode>>, from: usize, to: usize| {
+        let n = nodes[&leader].clone();
+        async move {
+            for i in from..to {
+                let r = n.write(vec![set(&format!("k{i}"), &format!("v{i}"))]).await;
+                assert_eq!(r, vec![Ok(Value::Ok)]);
+            }
+        }
+    };
+    write_range(&nodes, 0, 400).await;
+    let l = nodes[&leader].clone();
+    for _ in 0..300 {
+        if info_field(&l, "snapshot_index") >= 300 && info_field(&l, "purged_index") > 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(info_field(&l, "snapshot_index") >= 300, "{}", l.info());
+    assert!(info_field(&l, "snapshot_bytes") > 0, "{}", l.info());
+    assert!(info_field(&l, "purged_index") > 100, "{}", l.info());
+
+    let caught_up = |n: Arc<KvNode>, l: Arc<KvNode>| async move {
+        for _ in 0..500 {
+            if n.state_machine().applied() >= l.state_machine().applied()
+                && n.state_machine().dbsize().unwrap() == 400
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for i in (0..400).step_by(37).chain([399]) {
+            assert_eq!(
+                n.state_machine().get(format!("k{i}").as_bytes()).unwrap(),
+                Some(format!("v{i}").into_bytes()),
+                "key k{i} on the caught-up node: {}",
+                n.info()
+            );
+        }
+        assert_eq!(n.state_machine().dbsize().unwrap(), 400);
+    };
+
+    // 1. Back with its old log and state: the leader compacted past it.
+    let back = snapshotting_node(&net, f, &node_dir(f), &logs[&f]).await;
+    caught_up(back.clone(), l.clone()).await;
+    assert!(
+        info_field(&back, "snapshot_index") >= 300,
+        "{}",
+        back.info()
+    );
+    back.shutdown().await;
+
+    // 2. Only its state machine files lost: its own snapshot reloads them.
+    std::fs::remove_dir_all(node_dir(f).join("sm")).unwrap();
+    let back = snapshotting_node(&net, f, &node_dir(f), &logs[&f]).await;
+    caught_up(back.clone(), l.clone()).await;
+    back.shutdown().await;
+
+    // 3. Its whole directory and log lost: rebuilt by the leader's snapshot.
+    std::fs::remove_dir_all(node_dir(f)).unwrap();
+    let fresh = MemLogStore::new();
+    let back = snapshotting_node(&net, f, &node_dir(f), &fresh).await;
+    caught_up(back.clone(), l.clone()).await;
+
+    // 4. State machine and snapshots lost, log kept: the log is dropped
+    // (term and vote kept) and the leader's snapshot rebuilds it.
+    write_range(&nodes, 0, 200).await;
+    back.shutdown().await;
+    std::fs::remove_dir_all(node_dir(f).join("sm")).unwrap();
+    std::fs::remove_dir_all(node_dir(f).join("snapshots")).unwrap();
+    let back = snapshotting_node(&net, f, &node_dir(f), &fresh).await;
+    caught_up(back.clone(), l.clone()).await;
+    back.shutdown().await;
+    for n in nodes.values() {
+        n.shutdown().await;
+    }
 }
