@@ -130,6 +130,11 @@ pub(crate) struct SimStats {
     pub(crate) messages_delivered: usize,
     /// Restarts whose application had to load a snapshot first.
     pub(crate) restarts_from_snapshot: usize,
+    /// Restarts whose application had lost its state and snapshots, and
+    /// waited for the leader's snapshot.
+    pub(crate) restarts_awaiting_snapshot: usize,
+    /// Crashes that also lost the application's state and snapshots.
+    pub(crate) app_state_lost: usize,
     /// Snapshots the applications took.
     pub(crate) snapshots_taken: usize,
     /// Snapshots that arrived at a follower (duplicates included).
@@ -222,6 +227,8 @@ struct SimNode {
     snaps: BTreeMap<LogIndex, (SnapshotMeta, u64)>,
     /// The latest snapshot the log store recorded.
     log_snapshot: Option<SnapshotMeta>,
+    /// The application's files were lost and it has not recovered yet.
+    state_lost: bool,
 }
 
 fn entry_hash(e: &Entry) -> u64 {
@@ -344,6 +351,7 @@ impl Sim {
                     flushed_hash: 0,
                     snaps: BTreeMap::new(),
                     log_snapshot: None,
+                    state_lost: false,
                 },
             );
             if sim.cfg.lease {
@@ -415,6 +423,11 @@ impl Sim {
         if node.flushed < node.purged.index {
             self.stats.restarts_from_snapshot += 1;
         }
+        let awaiting_before = node.flushed < node.purged.index
+            && !node
+                .log_snapshot
+                .as_ref()
+                .is_some_and(|m| node.snaps.contains_key(&m.last.index));
         let init = InitialState {
             hard_state: node.hard_state,
             purged: node.purged,
@@ -426,13 +439,34 @@ impl Sim {
                 .collect(),
             membership,
             applied: node.flushed,
-            snapshot: node.log_snapshot.clone(),
+            // As the driver does: a recorded snapshot the application no
+            // longer holds is not used.
+            snapshot: node
+                .log_snapshot
+                .clone()
+                .filter(|m| node.snaps.contains_key(&m.last.index)),
+            await_snapshot: self.cfg.snapshots,
         };
         // The application restarts from what it flushed.
         node.applied = node.flushed;
         node.app_hash = node.flushed_hash;
         match Engine::new(cfg, init, seed, now) {
             Ok(e) => {
+                if e.awaiting_snapshot() != awaiting_before {
+                    let what = format!(
+                        "node {id}: awaiting a snapshot is {} but the application lost its state: {awaiting_before}",
+                        e.awaiting_snapshot()
+                    );
+                    self.fail(what);
+                    return;
+                }
+                let node = self.nodes.get_mut(&id).expect("known node");
+                if awaiting_before {
+                    self.stats.restarts_awaiting_snapshot += 1;
+                } else {
+                    // Rebuilt from the log alone.
+                    node.state_lost = false;
+                }
                 node.checked_commit = e.commit_index();
                 node.engine = Some(e);
             }
@@ -752,8 +786,13 @@ impl Sim {
                 engine.release(flushed);
             }
         }
-        // Or it takes a snapshot of what it applied.
-        if self.cfg.snapshots && self.chance(40) {
+        // Or it takes a snapshot of what it applied (at once when a
+        // follower needs one).
+        let wanted = self.nodes[&id]
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.snapshot_wanted());
+        if self.cfg.snapshots && (wanted || self.chance(40)) {
             let node = self.nodes.get_mut(&id).expect("known node");
             let (applied, hash) = (node.applied, node.app_hash);
             if let Some(meta) = node.engine.as_mut().and_then(|e| e.snapshot_taken(applied)) {
@@ -855,6 +894,12 @@ impl Sim {
         hash: u64,
     ) {
         let now = self.local(to, self.now);
+        if self.nodes[&to].engine.is_none() {
+            // Nobody answers: the leader's transfer times out.
+            let timeout = Duration::from_millis(self.rng.range(300, 2000));
+            self.schedule(self.now + timeout, Event::SnapshotFailed(to, from));
+            return;
+        }
         let node = self.nodes.get_mut(&to).expect("known node");
         let Some(e) = node.engine.as_mut() else {
             return;
@@ -911,6 +956,7 @@ impl Sim {
         }
         node.applied = s;
         node.app_hash = hash;
+        node.state_lost = false;
         node.flushed = s;
         node.flushed_hash = hash;
         self.stats.snapshots_loaded += 1;
@@ -945,7 +991,9 @@ impl Sim {
             let Some(e) = node.engine.as_ref() else {
                 continue;
             };
-            if e.below_compaction > 0 {
+            // With snapshots, a follower below the compaction point gets
+            // one (or the application is asked for one).
+            if e.below_compaction > 0 && !self.cfg.snapshots {
                 problems.push(format!(
                     "node {id} needed entries below its compaction point for a follower"
                 ));
@@ -1127,6 +1175,21 @@ impl Sim {
             }
         }
         self.pending_reads.retain(|_, (n, _)| *n != id);
+        // One member at a time, as a disk failure would: a lost state
+        // needs another member's snapshot.
+        let another_lost = self.nodes.iter().any(|(&o, n)| o != id && n.state_lost);
+        if self.cfg.snapshots && !another_lost && self.chance(100) {
+            // The application's files are lost: state and snapshots; the
+            // log survives.
+            let node = self.nodes.get_mut(&id).expect("known node");
+            node.flushed = 0;
+            node.flushed_hash = 0;
+            node.applied = 0;
+            node.app_hash = 0;
+            node.snaps.clear();
+            node.state_lost = true;
+            self.stats.app_state_lost += 1;
+        }
         if self.rng.range(0, 2) == 0 {
             // A quick restart, as a supervisor would do.
             let at = self.now + Duration::from_millis(self.rng.range(1, 100));

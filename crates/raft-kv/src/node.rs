@@ -14,8 +14,8 @@ use crate::forward::{Forward, ForwardReply};
 use crate::sm::StateMachine;
 use crate::snapshots::{SnapshotStats, Snapshots};
 use raft_core::{
-    ApplyMsg, Config as RaftConfig, Error as RaftError, InboundRpc, LogBatch, LogId, LogStore,
-    NodeId, PeerRpc, Proposal, Raft, Responder, Role, RpcError, SnapshotMeta, Transport,
+    ApplyMsg, Config as RaftConfig, Error as RaftError, InboundRpc, LogStore, NodeId, PeerRpc,
+    Proposal, Raft, Responder, Role, RpcError, SnapshotMeta, Transport,
 };
 use raft_log::SledLogStore;
 use raft_net_quic::{QuicConfig, QuicTransport, TlsMaterial};
@@ -213,7 +213,7 @@ impl KvNode {
         );
         let snaps = Snapshots::open(&dir.join("snapshots"))
             .map_err(|e| StartError::Store(e.to_string()))?;
-        recover_lost_state(&mut store, &sm, &snaps, &rc).await?;
+        report_lost_state(&mut store, &sm, &snaps).await?;
         let frame_limit = endpoint.client.max_request_bytes().unwrap_or(64 << 20);
         let (apply_tx, apply_rx) = mpsc::channel::<ApplyMsg>(4096);
         let raft = Raft::with_snapshots(rc, store, snaps.clone(), transport, apply_tx)?;
@@ -227,15 +227,13 @@ impl KvNode {
             raft.clone(),
         ));
         let releaser = tokio::spawn(release_loop(raft.clone(), sm.clone()));
-        let mut tasks = vec![applier, releaser];
-        if snapshot_threshold > 0 {
-            tasks.push(tokio::spawn(snapshot_loop(
-                raft.clone(),
-                sm.clone(),
-                snaps.clone(),
-                snapshot_threshold,
-            )));
-        }
+        let snapshotter = tokio::spawn(snapshot_loop(
+            raft.clone(),
+            sm.clone(),
+            snaps.clone(),
+            snapshot_threshold,
+        ));
+        let tasks = vec![applier, releaser, snapshotter];
         let node = Arc::new(KvNode {
             id: raft.config().id,
             raft,
@@ -839,16 +837,19 @@ async fn load_snapshot(
     Ok(())
 }
 
-/// Takes a snapshot every `threshold` applied entries: written from a
-/// point-in-time view while writes go on, then reported to Raft, which
-/// compacts the log up to it.
+/// Takes a snapshot every `threshold` applied entries (0: never), and
+/// whenever Raft has a follower to send one to and none to send: written
+/// from a point-in-time view while writes go on, then reported to Raft,
+/// which compacts the log up to it.
 async fn snapshot_loop(raft: Raft, sm: Arc<StateMachine>, snaps: Snapshots, threshold: u64) {
     let mut tick = tokio::time::interval(SNAPSHOT_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let last = snaps.stats().index.max(raft.status().snapshot_index);
-        if sm.applied() < last.saturating_add(threshold) {
+        let st = raft.status();
+        let last = snaps.stats().index.max(st.snapshot_index);
+        let due = threshold > 0 && sm.applied() >= last.saturating_add(threshold);
+        if !(due || (st.snapshot_wanted && sm.applied() > last)) {
             continue;
         }
         let t0 = std::time::Instant::now();
@@ -915,13 +916,12 @@ fn open_or_set_aside(path: &Path) -> Result<StateMachine, StartError> {
 
 /// A state machine behind the log's compaction point (its files were lost
 /// or damaged) is rebuilt from this node's snapshot when it holds the one
-/// the log names; otherwise the log's entries are dropped (the term and
-/// vote stay) and the leader rebuilds this node with its snapshot.
-async fn recover_lost_state(
+/// the log names; otherwise Raft keeps the log (and replicates and votes
+/// with it) while it waits for the leader's snapshot. Either way, say so.
+async fn report_lost_state(
     store: &mut impl LogStore,
     sm: &StateMachine,
     snaps: &Snapshots,
-    rc: &RaftConfig,
 ) -> Result<(), StartError> {
     let state = store
         .load()
@@ -930,33 +930,22 @@ async fn recover_lost_state(
     if sm.applied() >= state.purged.index {
         return Ok(());
     }
-    if let Some(m) = &state.snapshot {
-        if m.last.index >= state.purged.index && snaps.path(m.last.index, m.last.term).is_file() {
+    match &state.snapshot {
+        Some(m)
+            if m.last.index >= state.purged.index
+                && snaps.path(m.last.index, m.last.term).is_file() =>
+        {
             tracing::warn!(
                 applied = sm.applied(),
                 snapshot = m.last.index,
                 "the state machine is behind the log's compaction point; loading the local snapshot"
             );
-            return Ok(());
         }
+        _ => tracing::warn!(
+            applied = sm.applied(),
+            purged = state.purged.index,
+            "the state machine is behind the log's compaction point and no local snapshot covers it; waiting for the leader's snapshot"
+        ),
     }
-    tracing::warn!(
-        applied = sm.applied(),
-        purged = state.purged.index,
-        "the state machine is behind the log's compaction point and no snapshot covers it; dropping the log (keeping term and vote) to be rebuilt from the leader's snapshot"
-    );
-    let membership = state
-        .membership
-        .clone()
-        .unwrap_or_else(|| raft_core::Membership::new(rc.members()));
-    store
-        .save(LogBatch {
-            install: Some(SnapshotMeta {
-                last: LogId::default(),
-                membership,
-            }),
-            ..LogBatch::default()
-        })
-        .await
-        .map_err(|e| StartError::Store(e.to_string()))
+    Ok(())
 }

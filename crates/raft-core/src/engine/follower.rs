@@ -177,6 +177,9 @@ impl Engine {
         if !self.accept_leader(from) {
             return;
         }
+        if self.awaiting_snapshot {
+            self.ask_for_snapshot(from, leader_commit);
+        }
         // The leader caps leader_commit at our match index, so these entries
         // are ours; a log shorter than that lost what it acknowledged (a
         // wiped disk): say so, so the leader starts over.
@@ -211,5 +214,24 @@ impl Engine {
         self.peer_safe = self.peer_safe.max(purge_to_index);
         self.maybe_compact();
         self.send(from, MessageBody::HeartbeatResponse { round });
+    }
+
+    /// This node's state is lost (its log is not: it keeps replicating):
+    /// at each heartbeat it answers as a node with an empty log would, which
+    /// sends the leader below its compaction point and so to its snapshot.
+    fn ask_for_snapshot(&mut self, from: NodeId, index: LogIndex) {
+        let term = self.term;
+        self.send_persisted(
+            from,
+            term,
+            MessageBody::AppendResponse {
+                success: false,
+                index,
+                hint: Some(RejectHint {
+                    conflict_term: None,
+                    first_index: 1,
+                }),
+            },
+        );
     }
 }

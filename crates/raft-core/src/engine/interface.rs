@@ -27,6 +27,13 @@ pub struct InitialState {
     /// lost), the node hands it to the application first
     /// (`Ready::apply_snapshot`).
     pub snapshot: Option<SnapshotMeta>,
+    /// When `applied` is below the compaction point and no snapshot here
+    /// covers it: instead of refusing to start, keep the log (and vote with
+    /// it) but apply nothing and campaign for nothing until the leader's
+    /// snapshot arrives (a node whose state files were lost). Only for a
+    /// node that can receive snapshots and has other members to get one
+    /// from.
+    pub await_snapshot: bool,
 }
 
 /// Why durable state could not be restored.

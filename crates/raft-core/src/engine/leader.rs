@@ -252,6 +252,7 @@ impl Engine {
             if self.start_snapshot(to) {
                 return false;
             }
+            self.snapshot_wanted = true;
             #[cfg(test)]
             {
                 self.below_compaction += 1;
@@ -331,6 +332,18 @@ impl Engine {
         let peers: Vec<NodeId> = self.progress.keys().copied().collect();
         for p in peers {
             self.send_append(p, true);
+        }
+        if self.awaiting_snapshot {
+            // Elected without its state (no other member could win): its
+            // log now reached a majority; it steps aside so one that can
+            // serve, and send it a snapshot, takes over.
+            tracing::info!(
+                node = self.id,
+                term = self.term,
+                "stepping down: this node's state is still to come from a snapshot"
+            );
+            self.become_follower(self.term, None);
+            return;
         }
         if self.log.term(n) == Some(self.term) && self.reads.leader_committed(n) {
             self.check_reads();

@@ -94,8 +94,14 @@ pub struct Engine {
     pending_install: Option<SnapshotMeta>,
     /// A snapshot the application must load next.
     pending_apply_snapshot: Option<SnapshotMeta>,
+    /// The application lost its state: nothing is applied, and this node
+    /// does not campaign, until the leader's snapshot arrives.
+    awaiting_snapshot: bool,
     /// Followers to stream a snapshot to.
     snapshot_sends: Vec<(NodeId, SnapshotMeta)>,
+    /// A follower needs a snapshot and there is none: the application
+    /// should take one.
+    snapshot_wanted: bool,
     /// How often a follower needed entries that were compacted away (tests:
     /// must stay 0, there are no snapshots to send instead).
     #[cfg(test)]
@@ -122,6 +128,7 @@ impl Engine {
             membership: base_membership,
             applied,
             snapshot,
+            await_snapshot,
         } = init;
         let mut expect = purged.index + 1;
         let mut prev_term = purged.term;
@@ -155,11 +162,22 @@ impl Engine {
         // loading it, or lost state files).
         let mut apply_snapshot = None;
         let mut applied = applied;
+        let mut awaiting_snapshot = false;
         if applied < purged.index {
             match &snapshot {
                 Some(m) if m.last.index >= purged.index => {
                     applied = m.last.index;
                     apply_snapshot = Some(m.clone());
+                }
+                _ if await_snapshot
+                    && MembershipLog::restore(base_membership.clone(), &entries)
+                        .current()
+                        .voters
+                        .iter()
+                        .any(|&v| v != cfg.id) =>
+                {
+                    awaiting_snapshot = true;
+                    applied = purged.index;
                 }
                 _ => {
                     return Err(EngineError::InvalidState(format!(
@@ -216,7 +234,9 @@ impl Engine {
             pending_snapshot: None,
             pending_install: None,
             pending_apply_snapshot: apply_snapshot,
+            awaiting_snapshot,
             snapshot_sends: Vec::new(),
+            snapshot_wanted: false,
             #[cfg(test)]
             below_compaction: 0,
             #[cfg(test)]
@@ -281,6 +301,17 @@ impl Engine {
     /// The membership in force.
     pub fn membership(&self) -> &Membership {
         self.members.current()
+    }
+    /// True while the application's state is lost and the leader's
+    /// snapshot has not arrived (see `InitialState::await_snapshot`).
+    pub fn awaiting_snapshot(&self) -> bool {
+        self.awaiting_snapshot
+    }
+    /// True when a follower needs entries below the compaction point and
+    /// there is no snapshot to send: the application should take one
+    /// ([`Engine::snapshot_taken`]).
+    pub fn snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted
     }
     /// The latest snapshot the application holds, as far as the engine knows.
     pub fn snapshot(&self) -> Option<&SnapshotMeta> {
@@ -620,7 +651,8 @@ impl Engine {
             || !self.messages.is_empty()
             || !self.persisted_messages.is_empty()
             || self.reads.has_results()
-            || self.log.committed().min(self.log.durable) > self.log.applied
+            || (self.log.committed().min(self.log.durable) > self.log.applied
+                && !self.awaiting_snapshot)
             || self.log.has_storage_ops()
             || self.pending_purge.is_some()
             || self.pending_snapshot.is_some()
@@ -680,7 +712,11 @@ impl Engine {
             // Every message may depend on the new term or vote.
             persisted_messages.append(&mut messages);
         }
-        let committed = self.log.take_committed(self.cfg.max_committed_per_ready);
+        let committed = if self.awaiting_snapshot {
+            Vec::new()
+        } else {
+            self.log.take_committed(self.cfg.max_committed_per_ready)
+        };
         Ready {
             hard_state,
             truncate_from,
@@ -708,6 +744,10 @@ impl Engine {
         let max = self.cfg.election_timeout_max.as_micros() as u64;
         self.election_deadline =
             self.now + Duration::from_micros(self.rng.u64(min..max.max(min + 1)));
+        if self.awaiting_snapshot {
+            // A node without its state campaigns last: it cannot serve.
+            self.election_deadline += self.cfg.election_timeout_max * 2;
+        }
     }
 
     pub(super) fn in_lease(&self) -> bool {

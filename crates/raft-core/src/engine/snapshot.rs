@@ -36,6 +36,7 @@ impl Engine {
             membership: self.members.at(index).clone(),
         };
         tracing::debug!(node = self.id, index, "snapshot taken");
+        self.snapshot_wanted = false;
         self.snapshot = Some(meta.clone());
         self.pending_snapshot = Some(meta.clone());
         self.released = self.released.max(index);
@@ -103,6 +104,53 @@ impl Engine {
         true
     }
 
+    /// The leader's snapshot for a node whose state was lost: one that
+    /// ends below the compaction point cannot restore it (the entries in
+    /// between are gone); otherwise it is loaded, and the log after it kept
+    /// when it matches.
+    fn on_snapshot_while_awaiting(&mut self, from: NodeId, meta: SnapshotMeta) {
+        let last = meta.last;
+        let purged = self.log.purged().index;
+        if last.index < purged {
+            tracing::info!(
+                node = self.id,
+                index = last.index,
+                purged,
+                "the leader's snapshot ends below this log's compaction point; waiting for a newer one"
+            );
+            return;
+        }
+        self.awaiting_snapshot = false;
+        if self.log.term(last.index) != Some(last.term) {
+            // The log does not hold it: replaced as for any follower.
+            return self.on_install_snapshot(from, meta);
+        }
+        tracing::info!(
+            node = self.id,
+            term = self.term,
+            index = last.index,
+            "loading the leader's snapshot; the log after it stays"
+        );
+        self.log.commit_to(last.index);
+        self.log.applied = last.index;
+        self.log.deliver(last.index);
+        self.log.check();
+        self.released = self.released.max(last.index);
+        self.snapshot = Some(meta.clone());
+        self.pending_snapshot = Some(meta.clone());
+        self.pending_apply_snapshot = Some(meta);
+        let term = self.term;
+        self.send_persisted(
+            from,
+            term,
+            MessageBody::AppendResponse {
+                success: true,
+                index: last.index,
+                hint: None,
+            },
+        );
+    }
+
     /// A snapshot from the leader is stored with the application (§7,
     /// Figure 13). One the commit index already covers changes nothing; if
     /// the log holds its last entry, the entries after it are kept and the
@@ -114,6 +162,9 @@ impl Engine {
         let term = self.term;
         let last = meta.last;
         let committed = self.log.committed();
+        if self.awaiting_snapshot {
+            return self.on_snapshot_while_awaiting(from, meta);
+        }
         if last.index <= committed && !broken(Mutation::InstallOlderThanCommit) {
             tracing::debug!(
                 node = self.id,

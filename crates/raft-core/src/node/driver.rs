@@ -765,6 +765,7 @@ impl Driver {
                 last_log_index: e.last_log_id().index,
                 purged_index: e.purged().index,
                 snapshot_index: e.snapshot().map_or(0, |m| m.last.index),
+                snapshot_wanted: e.snapshot_wanted(),
                 members: e.membership().voters.iter().copied().collect(),
                 unapplied_bytes: e.unapplied_bytes(),
                 stopped: stopped.clone().or_else(|| s.stopped.clone()),

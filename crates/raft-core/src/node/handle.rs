@@ -39,6 +39,9 @@ pub struct Status {
     pub purged_index: LogIndex,
     /// The last index of the latest snapshot (0 for none).
     pub snapshot_index: LogIndex,
+    /// A follower needs a snapshot and this node has none to send: the
+    /// application should take one ([`Raft::snapshot_taken`]).
+    pub snapshot_wanted: bool,
     /// The voting members.
     pub members: Vec<NodeId>,
     /// Bytes of entries held that the application has not taken yet
@@ -197,6 +200,7 @@ impl Raft {
             last_log_index: 0,
             purged_index: 0,
             snapshot_index: 0,
+            snapshot_wanted: false,
             members: config.members().into_iter().collect(),
             unapplied_bytes: 0,
             stopped: None,
@@ -238,7 +242,13 @@ impl Raft {
         };
         // Everything that can fail happens before the parts are taken: a
         // refused start leaves the node startable with the same store.
-        let engine = Self::restore(&self.inner.config, &mut parts.store, applied_index).await?;
+        let engine = Self::restore(
+            &self.inner.config,
+            &mut parts.store,
+            parts.snapshots.as_deref(),
+            applied_index,
+        )
+        .await?;
         let Lifecycle::NotStarted(parts) = std::mem::replace(&mut *lc, Lifecycle::Stopped) else {
             return Err(Error::AlreadyStarted);
         };
@@ -301,9 +311,17 @@ impl Raft {
     async fn restore(
         cfg: &Config,
         store: &mut Box<dyn LogStore>,
+        snapshots: Option<&dyn SnapshotStore>,
         applied_index: LogIndex,
     ) -> Result<Engine, Error> {
-        let state = store.load().await?;
+        let mut state = store.load().await?;
+        // A recorded snapshot whose bytes are gone cannot be loaded or sent.
+        if let (Some(m), Some(snaps)) = (&state.snapshot, snapshots) {
+            if let Err(e) = snaps.open(m).await {
+                tracing::warn!(node = cfg.id, index = m.last.index, error = %e, "the recorded snapshot cannot be read; this node will not use it");
+                state.snapshot = None;
+            }
+        }
         let configured = Membership::new(cfg.members());
         let base = match state.membership.clone() {
             Some(m) => m,
@@ -349,6 +367,7 @@ impl Raft {
             membership: base,
             applied: applied_index,
             snapshot: state.snapshot,
+            await_snapshot: snapshots.is_some(),
         };
         let seed = seed_for(cfg.id);
         Ok(Engine::new(

@@ -29,6 +29,7 @@ fn safety_and_liveness_across_seeds() {
     let mut restarts_compacted = 0usize;
     let (mut lease_reads, mut lease_seeds) = (0u64, 0u64);
     let (mut snaps_taken, mut snaps_delivered, mut snaps_loaded, mut snap_restarts) = (0, 0, 0, 0);
+    let (mut lost, mut awaited) = (0usize, 0usize);
     for seed in first..first + seeds {
         let cfg = SimConfig::new(seed, nodes_for(seed), steps);
         lease_seeds += u64::from(cfg.lease);
@@ -45,6 +46,8 @@ fn safety_and_liveness_across_seeds() {
                 snaps_delivered += stats.snapshots_delivered;
                 snaps_loaded += stats.snapshots_loaded;
                 snap_restarts += stats.restarts_from_snapshot;
+                lost += stats.app_state_lost;
+                awaited += stats.restarts_awaiting_snapshot;
             }
             Err(v) => panic!("{v}"),
         }
@@ -68,9 +71,14 @@ fn safety_and_liveness_across_seeds() {
     println!(
         "snapshots: {snaps_taken} taken, {snaps_delivered} delivered to followers, {snaps_loaded} loaded, {snap_restarts} restarts that had to load one first"
     );
+    println!("{lost} crashes lost the application's files; {awaited} restarts then waited for the leader's snapshot");
     assert!(
         snaps_taken > 0 && snaps_delivered > 0 && snaps_loaded > 0 && snap_restarts > 0,
         "the snapshot seeds should take, send, load and restart from snapshots"
+    );
+    assert!(
+        awaited > 0,
+        "some restarts should have lost their state and waited for a snapshot"
     );
 }
 

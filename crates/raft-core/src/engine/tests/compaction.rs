@@ -16,6 +16,7 @@ fn log_may_start_above_index_one() {
             membership: Membership::new(voters),
             applied: 100,
             snapshot: None,
+            await_snapshot: false,
         };
         Engine::new(cfg(id), init, id, Duration::ZERO).unwrap()
     };
@@ -104,6 +105,7 @@ fn compaction_never_drops_unapplied_entries_and_a_restart_resumes_after_the_poin
         membership: Membership::new([1]),
         applied: 6,
         snapshot: None,
+        await_snapshot: false,
     };
     let mut e = Engine::new(cfg(1), init, 7, Duration::ZERO).unwrap();
     assert_eq!(e.last_log_id(), LogId::new(1, 6));

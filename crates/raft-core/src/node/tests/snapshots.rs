@@ -227,3 +227,29 @@ async fn a_transfer_into_a_failing_store_is_retried_once_the_store_recovers() {
     c.caught_up(down, l).await;
     assert_eq!(c.apps[&down].lock().unwrap().snapshots_loaded, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_member_that_lost_its_state_and_snapshots_keeps_its_log_and_gets_the_leaders_snapshot() {
+    let mut c = SnapCluster::new(3).await;
+    c.write_many(80).await;
+    let l = c.leader().await;
+    let lost = c.ids.iter().copied().find(|&i| i != l).unwrap();
+    c.caught_up(lost, l).await;
+    sleep(Duration::from_millis(500)).await;
+    let before = c.nodes[&lost].raft.status();
+    assert!(before.purged_index > 0, "{before:?}");
+    c.stop(lost).await;
+    // The application's files are gone; the log is not.
+    c.snaps.insert(lost, MemSnapshotStore::new());
+    c.apps.insert(lost, Arc::default());
+    c.start(lost).await;
+    c.caught_up(lost, l).await;
+    assert_eq!(c.apps[&lost].lock().unwrap().snapshots_loaded, 1);
+    let after = c.nodes[&lost].raft.status();
+    assert!(
+        after.last_log_index >= before.last_log_index,
+        "the log was kept: {before:?} -> {after:?}"
+    );
+    c.write_many(3).await;
+    c.caught_up(lost, l).await;
+}
