@@ -57,6 +57,7 @@ async fn full_disk() {
         client_addr,
         peers: BTreeMap::new(),
         data_dir: data.clone(),
+        snapshot_threshold: 0,
         tls_dir: dir.path().join("certs"),
         password: None,
         cluster_id: 0,

@@ -792,7 +792,7 @@ mod tests {
             let (sm, keys) = (sm.clone(), keys.clone());
             std::thread::spawn(move || {
                 for i in 1..=BATCHES {
-                    let cmd = if i % 5 == 0 {
+                    let cmd = if i.is_multiple_of(5) {
                         WriteCmd::Del(keys.clone())
                     } else {
                         let v = i.to_string().into_bytes();
@@ -842,7 +842,7 @@ mod tests {
             .collect();
         let ks = keys.clone();
         let batch = move |i: u64| -> WriteCmd {
-            if i % 5 == 0 {
+            if i.is_multiple_of(5) {
                 WriteCmd::Del(ks[100..].to_vec())
             } else {
                 let v = i.to_string().into_bytes();
@@ -875,7 +875,7 @@ mod tests {
             assert_eq!(h.index, at);
             assert_eq!(other.applied(), at);
             // What batch `at` left (batch at-1 when `at` deleted half).
-            let (live, val) = if at % 5 == 0 {
+            let (live, val) = if at.is_multiple_of(5) {
                 (100, (at - 1).to_string().into_bytes())
             } else {
                 (200, at.to_string().into_bytes())

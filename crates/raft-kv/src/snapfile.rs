@@ -19,6 +19,9 @@ use std::path::Path;
 pub const MAGIC: &[u8; 8] = b"RKVSNAP\0";
 /// The format this build writes and reads.
 pub const VERSION: u32 = 1;
+/// One key and its value.
+pub type Record = (Vec<u8>, Vec<u8>);
+
 /// Bytes before the first record.
 pub const HEADER_LEN: u64 = 8 + 4 + 8 + 8 + 8;
 /// The longest key or value a reader accepts (larger lengths mean damage).
@@ -189,7 +192,7 @@ impl<R: Read> Reader<R> {
 
     /// The next key and value; `None` after the last one, once the trailer
     /// checked out.
-    pub fn next_record(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>, SnapError> {
+    pub fn next_record(&mut self) -> Result<Option<Record>, SnapError> {
         if self.done {
             return Ok(None);
         }
@@ -252,7 +255,7 @@ mod tests {
         w.finish().unwrap().0
     }
 
-    fn read_all(b: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, SnapError> {
+    fn read_all(b: &[u8]) -> Result<Vec<Record>, SnapError> {
         let mut r = Reader::new(b)?;
         let mut out = vec![];
         while let Some(kv) = r.next_record()? {

@@ -36,7 +36,6 @@ fn decode(mut b: &[u8]) -> Vec<Vec<u8>> {
 
 struct SnapNode {
     raft: Raft,
-    app: Arc<StdMutex<App>>,
     task: JoinHandle<()>,
 }
 
@@ -88,7 +87,7 @@ impl SnapCluster {
         let applied = app.lock().unwrap().applied;
         raft.start_with_applied(applied).await.unwrap();
         let handle = raft.clone();
-        let app2 = app.clone();
+        let app2 = app;
         let task = tokio::spawn(async move {
             while let Some(m) = rx.recv().await {
                 let snapshot_at = {
@@ -101,7 +100,7 @@ impl SnapCluster {
                         a.state.push(m.command.clone());
                     }
                     a.applied = m.command_index;
-                    (m.snapshot.is_none() && a.applied % 25 == 0)
+                    (m.snapshot.is_none() && a.applied.is_multiple_of(25))
                         .then(|| (LogId::new(m.command_term, a.applied), encode(&a.state)))
                 };
                 if let Some((last, bytes)) = snapshot_at {
@@ -110,7 +109,7 @@ impl SnapCluster {
                 }
             }
         });
-        self.nodes.insert(id, SnapNode { raft, app, task });
+        self.nodes.insert(id, SnapNode { raft, task });
     }
 
     async fn stop(&mut self, id: NodeId) {
