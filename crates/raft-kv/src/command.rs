@@ -95,6 +95,9 @@ pub enum Command {
     CommandList,
     /// INFO [section].
     Info,
+    /// RAFTKV.BACKUP: a consistent snapshot of the whole store, as one bulk
+    /// reply in the snapshot file format (what `raft-kv backup` saves).
+    Backup,
     /// A replicated write.
     Write(WriteCmd),
     /// A linearizable read.
@@ -132,6 +135,7 @@ impl Command {
             }
             ("COMMAND", _) => Command::CommandList,
             ("INFO", 1 | 2) => Command::Info,
+            ("RAFTKV.BACKUP", 1) => Command::Backup,
             ("SET", 3..) => {
                 let (key, value) = (next(), next());
                 let opts: Vec<String> = rest

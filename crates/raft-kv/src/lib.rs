@@ -27,5 +27,6 @@ pub mod snapshots;
 pub mod resp;
 pub mod server;
 // The binary: command line and load generator.
+pub mod backup;
 pub mod bench;
 pub mod cli;

@@ -254,16 +254,23 @@ impl KvNode {
         &self.snaps
     }
 
-    /// Writes a snapshot of this node's state as it is now into `out`
-    /// (for a backup: call it after a read barrier). Returns its header.
-    pub async fn write_snapshot_to(
-        &self,
-        out: PathBuf,
-    ) -> Result<crate::sm::SnapshotInfo, KvError> {
+    /// A backup: after a read barrier (so it holds every write
+    /// acknowledged before the call), a snapshot of this node's state,
+    /// written to a new file in the snapshot directory. The caller removes
+    /// the file once it has sent it.
+    pub async fn backup(&self) -> Result<(PathBuf, crate::sm::SnapshotInfo), KvError> {
+        self.read_barrier().await?;
+        let out = self.snaps.dir().join(format!(
+            "backup-{}-{}.tmp",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
         let sm = self.sm.clone();
-        tokio::task::spawn_blocking(move || sm.write_snapshot(&out))
+        let o2 = out.clone();
+        let info = tokio::task::spawn_blocking(move || sm.write_snapshot(&o2))
             .await
-            .map_err(|e| KvError::Internal(format!("snapshot task failed: {e}")))?
+            .map_err(|e| KvError::Internal(format!("snapshot task failed: {e}")))??;
+        Ok((out, info))
     }
 
     /// This node's id.

@@ -68,6 +68,8 @@ struct Session<'a> {
     node: &'a KvNode,
     password: &'a Option<String>,
     authed: bool,
+    /// A backup file to stream as the next reply, then remove.
+    stream: Option<std::path::PathBuf>,
 }
 
 impl Session<'_> {
@@ -110,6 +112,16 @@ impl Session<'_> {
             Command::Ping(Some(m)) | Command::Echo(m) => Ok(Value::Bulk(m)),
             Command::CommandList => Ok(Value::Array(Vec::new())),
             Command::Info => Ok(Value::Bulk(self.node.info().into_bytes())),
+            Command::Backup => {
+                flush_pending(self.node, pending, out).await;
+                match self.node.backup().await {
+                    Ok((path, _)) => {
+                        self.stream = Some(path);
+                        return;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             Command::Write(w) => return pending.push(Pending::Write(w)),
             Command::Read(r) => {
                 // Reads observe every earlier command of this connection.
@@ -133,14 +145,20 @@ async fn connection(
         node: &node,
         password,
         authed: password.is_none(),
+        stream: None,
     };
     let mut chunk = vec![0u8; 64 * 1024];
+    // After a backup reply, requests already buffered run before reading more.
+    let mut buffered = false;
     loop {
-        let n = sock.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
+        if !buffered {
+            let n = sock.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
         }
-        buf.extend_from_slice(&chunk[..n]);
+        buffered = false;
         let mut out = Vec::new();
         let mut pending: Vec<Pending> = Vec::new();
         let mut consumed = 0;
@@ -153,6 +171,9 @@ async fn connection(
                         continue;
                     }
                     session.execute(args, &mut pending, &mut out).await;
+                    if session.stream.is_some() {
+                        break;
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -166,8 +187,27 @@ async fn connection(
         buf.drain(..consumed);
         flush_pending(&node, &mut pending, &mut out).await;
         sock.write_all(&out).await?;
+        if let Some(path) = session.stream.take() {
+            let sent = send_file(&mut sock, &path).await;
+            let _ = tokio::fs::remove_file(&path).await;
+            sent?;
+            buffered = !buf.is_empty();
+        }
         if close {
             return Ok(());
         }
     }
+}
+
+/// Sends a file as one bulk reply, streamed (a backup can be larger than
+/// memory).
+async fn send_file(sock: &mut TcpStream, path: &std::path::Path) -> std::io::Result<()> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let len = f.metadata().await?.len();
+    sock.write_all(format!("${len}\r\n").as_bytes()).await?;
+    let copied = tokio::io::copy(&mut f, sock).await?;
+    if copied != len {
+        return Err(std::io::Error::other("the backup file changed while it was sent"));
+    }
+    sock.write_all(b"\r\n").await
 }
