@@ -58,7 +58,10 @@ pub async fn backup(addr: &str, out: &Path, password: Option<&str>) -> anyhow::R
     let head = line(&mut rd).await?;
     let len: u64 = match head.strip_prefix('$') {
         Some(n) => n.parse().with_context(|| format!("bad reply {head:?}"))?,
-        None => bail!("the node refused the backup: {}", head.trim_start_matches('-')),
+        None => bail!(
+            "the node refused the backup: {}",
+            head.trim_start_matches('-')
+        ),
     };
     let tmp = out.with_extension("partial");
     {

@@ -207,7 +207,9 @@ async fn send_file(sock: &mut TcpStream, path: &std::path::Path) -> std::io::Res
     sock.write_all(format!("${len}\r\n").as_bytes()).await?;
     let copied = tokio::io::copy(&mut f, sock).await?;
     if copied != len {
-        return Err(std::io::Error::other("the backup file changed while it was sent"));
+        return Err(std::io::Error::other(
+            "the backup file changed while it was sent",
+        ));
     }
     sock.write_all(b"\r\n").await
 }

@@ -12,6 +12,7 @@
 
 mod clients;
 mod cluster;
+mod snapshots;
 
 use clients::*;
 use cluster::*;

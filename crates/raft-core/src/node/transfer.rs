@@ -54,6 +54,11 @@ pub(super) async fn send(
     // After going back to a byte, further answers naming it are echoes of
     // chunks already in flight, not new requests.
     let mut went_back_to: Option<u64> = None;
+    // Silence for a while: the chunks or their answers were lost (or the
+    // follower restarted); send again from the last acknowledged byte,
+    // which a restarted follower answers with what it kept.
+    let resend_after = (limits.timeout / 8).max(Duration::from_millis(200));
+    let mut progress_at = tokio::time::Instant::now();
     loop {
         while (sent < size && sent - acked < window.max(1)) || !sent_any {
             let data = reader
@@ -81,8 +86,15 @@ pub(super) async fn send(
             sent += len;
             sent_any = true;
         }
-        let next = match tokio::time::timeout(limits.timeout, acks.recv()).await {
-            Err(_) => return Err(format!("no answer for {:?}", limits.timeout)),
+        let next = match tokio::time::timeout(resend_after, acks.recv()).await {
+            Err(_) if progress_at.elapsed() >= limits.timeout => {
+                return Err(format!("no progress for {:?}", limits.timeout));
+            }
+            Err(_) => {
+                sent = acked;
+                went_back_to = None;
+                continue;
+            }
             Ok(None) => return Err("cancelled".into()),
             Ok(Some(next)) => next.min(size),
         };
@@ -93,6 +105,7 @@ pub(super) async fn send(
             acked = next;
             sent = sent.max(next);
             went_back_to = None;
+            progress_at = tokio::time::Instant::now();
         } else if next < sent && went_back_to != Some(next) {
             // A chunk went missing: send again from what the follower needs.
             acked = next;
