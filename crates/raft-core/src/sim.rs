@@ -173,7 +173,7 @@ enum Event {
     /// covers, the state's hash).
     SnapshotArrives(NodeId, NodeId, Term, SnapshotMeta, u64),
     /// The leader's transfer to a follower gave up (to, from).
-    SnapshotFailed(NodeId, NodeId),
+    SnapshotFailed(NodeId, NodeId, LogIndex),
     /// The leader's transfer ended: (leader, follower, snapshot index).
     SnapshotSent(NodeId, NodeId, LogIndex),
 }
@@ -862,7 +862,10 @@ impl Sim {
         }
         let timeout = Duration::from_millis(self.rng.range(300, 2000));
         if self.blocked.contains(&(from, to)) || self.chance(self.drop_per_mille * 2) {
-            self.schedule(self.now + timeout, Event::SnapshotFailed(to, from));
+            self.schedule(
+                self.now + timeout,
+                Event::SnapshotFailed(to, from, meta.last.index),
+            );
             return;
         }
         let copies = if self.chance(self.dup_per_mille * 3) {
@@ -897,7 +900,10 @@ impl Sim {
         if self.nodes[&to].engine.is_none() {
             // Nobody answers: the leader's transfer times out.
             let timeout = Duration::from_millis(self.rng.range(300, 2000));
-            self.schedule(self.now + timeout, Event::SnapshotFailed(to, from));
+            self.schedule(
+                self.now + timeout,
+                Event::SnapshotFailed(to, from, meta.last.index),
+            );
             return;
         }
         let node = self.nodes.get_mut(&to).expect("known node");
@@ -925,7 +931,7 @@ impl Sim {
             self.schedule(self.now + delay, Event::SnapshotSent(from, to, index));
         } else {
             let timeout = Duration::from_millis(self.rng.range(300, 2000));
-            self.schedule(self.now + timeout, Event::SnapshotFailed(to, from));
+            self.schedule(self.now + timeout, Event::SnapshotFailed(to, from, index));
         }
     }
 
@@ -1447,9 +1453,9 @@ impl Sim {
                     }
                     self.pump(from);
                 }
-                Event::SnapshotFailed(to, from) => {
+                Event::SnapshotFailed(to, from, index) => {
                     if let Some(e) = self.nodes.get_mut(&from).and_then(|n| n.engine.as_mut()) {
-                        e.snapshot_failed(to);
+                        e.snapshot_failed(to, index);
                     }
                     self.pump(from);
                 }

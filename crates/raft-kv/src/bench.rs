@@ -29,7 +29,8 @@ pub struct BenchArgs {
     /// Number of distinct keys.
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
-    /// Operation: set or get.
+    /// Operation: set, get, or fill (SET every key 0..keys once, as fast
+    /// as the window allows; --secs is ignored).
     #[arg(long, default_value = "set")]
     op: String,
     /// Password, if the servers require AUTH.
@@ -65,6 +66,7 @@ async fn bench_conn(
     a: Arc<BenchArgs>,
     seed: u64,
     until: Instant,
+    fill: Arc<std::sync::atomic::AtomicU64>,
 ) -> anyhow::Result<ConnStats> {
     let mut sock = tokio::net::TcpStream::connect(&addr)
         .await
@@ -93,7 +95,21 @@ async fn bench_conn(
     let value = vec![b'x'; a.value_size];
     let mut rng = fastrand::Rng::with_seed(seed);
     let keys = a.keys.max(1);
-    let mut next_key = move || format!("key:{}", rng.u64(0..keys)).into_bytes();
+    let filling = a.op == "fill";
+    // The next key, or None once a fill has handed out every key.
+    let mut next_key = move || {
+        let k = if filling {
+            let k = fill.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if k >= keys {
+                return None;
+            }
+            k
+        } else {
+            rng.u64(0..keys)
+        };
+        Some(format!("key:{k}").into_bytes())
+    };
+    let op = if filling { "set" } else { a.op.as_str() };
     let mut inflight: VecDeque<Instant> = VecDeque::new();
     let mut stats = ConnStats {
         latencies_us: Vec::new(),
@@ -102,7 +118,8 @@ async fn bench_conn(
     };
     let mut out = Vec::new();
     for _ in 0..window {
-        out.extend(request(&a.op, &next_key(), &value));
+        let Some(k) = next_key() else { break };
+        out.extend(request(op, &k, &value));
         inflight.push_back(Instant::now());
     }
     sock.write_all(&out).await?;
@@ -132,9 +149,11 @@ async fn bench_conn(
                 }
             }
             consumed += l;
-            if Instant::now() < until {
-                out.extend(request(&a.op, &next_key(), &value));
-                inflight.push_back(Instant::now());
+            if filling || Instant::now() < until {
+                if let Some(k) = next_key() {
+                    out.extend(request(op, &k, &value));
+                    inflight.push_back(Instant::now());
+                }
             }
         }
         buf.drain(..consumed);
@@ -147,8 +166,8 @@ async fn bench_conn(
 
 /// Runs the load generator and prints its result line.
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
-    if a.op != "set" && a.op != "get" {
-        bail!("--op must be set or get");
+    if !["set", "get", "fill"].contains(&a.op.as_str()) {
+        bail!("--op must be set, get or fill");
     }
     if a.conns == 0 || a.clients < a.conns {
         bail!("need --conns >= 1 and --clients >= --conns");
@@ -157,6 +176,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let until = start + Duration::from_secs(a.secs);
     let mut tasks = Vec::new();
+    let fill = Arc::new(std::sync::atomic::AtomicU64::new(0));
     for c in 0..a.conns {
         let window = a.clients / a.conns + usize::from(c < a.clients % a.conns);
         let addr = a.addr[c % a.addr.len()].clone();
@@ -166,6 +186,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             a.clone(),
             0x9E37_79B9 + c as u64 * 7919,
             until,
+            fill.clone(),
         )));
     }
     let mut lat: Vec<u32> = Vec::new();

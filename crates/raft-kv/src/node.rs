@@ -817,6 +817,7 @@ async fn load_snapshot(
     snaps: &Snapshots,
     meta: &SnapshotMeta,
 ) -> Result<(), String> {
+    let keep = meta.last.index;
     let path = snaps.path(meta.last.index, meta.last.term);
     let t0 = std::time::Instant::now();
     let sm2 = sm.clone();
@@ -840,7 +841,7 @@ async fn load_snapshot(
         keys: h.keys,
         last_duration_ms: ms,
     });
-    snaps.prune();
+    snaps.prune(keep);
     Ok(())
 }
 
@@ -872,12 +873,18 @@ async fn snapshot_loop(raft: Raft, sm: Arc<StateMachine>, snaps: Snapshots, thre
             Err(_) => return,
         };
         let h = info.header;
+        if h.term == 0 {
+            // A state machine from before terms were recorded, with nothing
+            // applied since it opened: its file could not be named.
+            let _ = std::fs::remove_file(&tmp);
+            continue;
+        }
         if let Err(e) = snaps.publish(&tmp, h.index, h.term) {
             tracing::warn!(error = %e, "storing a snapshot failed");
             continue;
         }
         match raft.snapshot_taken(h.index).await {
-            Ok(Some(meta)) if meta.last.term == h.term || h.term == 0 => {}
+            Ok(Some(meta)) if meta.last.term == h.term => {}
             Ok(Some(meta)) => {
                 tracing::error!(file = ?(h.index, h.term), raft = ?meta.last, "snapshot term disagrees with the log");
             }
@@ -898,7 +905,7 @@ async fn snapshot_loop(raft: Raft, sm: Arc<StateMachine>, snaps: Snapshots, thre
             keys: h.keys,
             last_duration_ms: ms,
         });
-        snaps.prune();
+        snaps.prune(raft.status().snapshot_index);
     }
 }
 
@@ -942,11 +949,28 @@ async fn report_lost_state(
             if m.last.index >= state.purged.index
                 && snaps.path(m.last.index, m.last.term).is_file() =>
         {
-            tracing::warn!(
-                applied = sm.applied(),
-                snapshot = m.last.index,
-                "the state machine is behind the log's compaction point; loading the local snapshot"
-            );
+            // Checked before it is relied on: a damaged one is set aside,
+            // and the leader's snapshot is waited for instead.
+            let path = snaps.path(m.last.index, m.last.term);
+            let p2 = path.clone();
+            match tokio::task::spawn_blocking(move || crate::snapfile::verify(&p2)).await {
+                Ok(Ok(_)) => tracing::warn!(
+                    applied = sm.applied(),
+                    snapshot = m.last.index,
+                    "the state machine is behind the log's compaction point; loading the local snapshot"
+                ),
+                res => {
+                    let why = match res {
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                        Ok(Ok(_)) => String::new(),
+                    };
+                    let aside = path.with_extension("damaged");
+                    tracing::error!(file = %path.display(), error = %why, "the local snapshot is damaged; setting it aside and waiting for the leader's snapshot");
+                    std::fs::rename(&path, &aside)
+                        .map_err(|e| StartError::Store(format!("{}: {e}", path.display())))?;
+                }
+            }
         }
         _ => tracing::warn!(
             applied = sm.applied(),

@@ -54,6 +54,9 @@ pub struct StateMachine {
 /// The point-in-time view a snapshot scan reads through.
 #[derive(Debug, Default)]
 struct Capture {
+    /// A snapshot from the leader replaced the database during the scan:
+    /// what the scan saw is no longer one state.
+    broken: bool,
     /// The last key the scan reached: changes at or before it come too
     /// late to matter (the scan already wrote those keys, or they did not
     /// exist then).
@@ -67,8 +70,9 @@ struct Capture {
 /// flushes on close, and on a full or hung disk that flush never returns;
 /// it must not block an async runtime thread (nor what that thread was
 /// about to run). Every write is already durable or re-delivered by the log.
+/// A database a snapshot replaced also has its directory removed then.
 #[derive(Debug)]
-struct ClosedElsewhere(Option<sled::Db>);
+struct ClosedElsewhere(Option<sled::Db>, Option<PathBuf>);
 
 impl std::ops::Deref for ClosedElsewhere {
     type Target = sled::Db;
@@ -81,9 +85,15 @@ impl std::ops::Deref for ClosedElsewhere {
 impl Drop for ClosedElsewhere {
     fn drop(&mut self) {
         if let Some(db) = self.0.take() {
+            let remove = self.1.take();
             let _ = std::thread::Builder::new()
                 .name("sm-close".into())
-                .spawn(move || drop(db));
+                .spawn(move || {
+                    drop(db);
+                    if let Some(dir) = remove {
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
+                });
         }
     }
 }
@@ -237,7 +247,7 @@ impl StateMachine {
         let (applied_tx, _) = watch::channel(applied);
         Ok(StateMachine {
             dir: dir.to_path_buf(),
-            db: RwLock::new(ClosedElsewhere(Some(db))),
+            db: RwLock::new(ClosedElsewhere(Some(db), None)),
             applied_tx,
             applied_term: AtomicU64::new(term),
             capture: Mutex::new(None),
@@ -399,8 +409,17 @@ impl StateMachine {
             };
             ((**gate).clone(), header)
         };
-        let res = self.scan_into(&db, header, out);
-        *self.capture.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        let mut res = self.scan_into(&db, header, out);
+        let cap = self
+            .capture
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if res.is_ok() && cap.is_none_or(|c| c.broken) {
+            res = Err(KvError::Internal(
+                "a snapshot from the leader replaced the state while this one was written".into(),
+            ));
+        }
         if res.is_err() {
             let _ = std::fs::remove_file(out);
         }
@@ -515,7 +534,16 @@ impl StateMachine {
             .map_err(|e| storage(&self.dir, "cannot switch to the loaded snapshot", e))?;
         let old = {
             let mut gate = self.db.write().unwrap_or_else(PoisonError::into_inner);
-            let old = std::mem::replace(&mut *gate, ClosedElsewhere(Some(db)));
+            if let Some(c) = self
+                .capture
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_mut()
+            {
+                c.broken = true;
+            }
+            let mut old = std::mem::replace(&mut *gate, ClosedElsewhere(Some(db), None));
+            old.1 = Some(self.dir.join(format!("gen-{n}")));
             self.applied_term.store(h.term, Ordering::Release);
             self.applied_tx.send_replace(h.index);
             old

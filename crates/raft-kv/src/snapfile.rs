@@ -24,8 +24,9 @@ pub type Record = (Vec<u8>, Vec<u8>);
 
 /// Bytes before the first record.
 pub const HEADER_LEN: u64 = 8 + 4 + 8 + 8 + 8;
-/// The longest key or value a reader accepts (larger lengths mean damage).
-const MAX_FIELD: u32 = 256 << 20;
+/// The longest key or value a reader accepts (larger lengths mean damage):
+/// the largest frame a command can arrive in.
+const MAX_FIELD: u32 = 64 << 20;
 const END: u32 = u32::MAX;
 
 /// What a snapshot file covers.

@@ -136,11 +136,14 @@ impl Snapshots {
     }
 
     /// Keeps the two newest finished snapshots (a follower may be reading
-    /// the older one; an open file stays readable after its removal).
-    pub fn prune(&self) {
+    /// the older one; an open file stays readable after its removal), and
+    /// the one ending at `keep` (the one Raft recorded).
+    pub fn prune(&self, keep: u64) {
         let all = self.finished();
-        for (_, _, p) in all.iter().take(all.len().saturating_sub(2)) {
-            let _ = std::fs::remove_file(p);
+        for (i, _, p) in all.iter().take(all.len().saturating_sub(2)) {
+            if *i != keep {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
 

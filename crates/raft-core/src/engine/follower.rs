@@ -178,7 +178,7 @@ impl Engine {
             return;
         }
         if self.awaiting_snapshot {
-            self.ask_for_snapshot(from, leader_commit);
+            self.ask_for_snapshot(from);
         }
         // The leader caps leader_commit at our match index, so these entries
         // are ours; a log shorter than that lost what it acknowledged (a
@@ -216,20 +216,21 @@ impl Engine {
         self.send(from, MessageBody::HeartbeatResponse { round });
     }
 
-    /// This node's state is lost (its log is not: it keeps replicating):
-    /// at each heartbeat it answers as a node with an empty log would, which
-    /// sends the leader below its compaction point and so to its snapshot.
-    fn ask_for_snapshot(&mut self, from: NodeId, index: LogIndex) {
-        let term = self.term;
-        self.send_persisted(
+    /// This node's state is lost (its log is not: it keeps replicating
+    /// and acknowledging): at each heartbeat it asks the leader for a
+    /// snapshot that reaches at least its compaction point, with a rejection
+    /// whose hint names first index 0 (no log starts there) and whose index
+    /// is that point.
+    pub(super) fn ask_for_snapshot(&mut self, from: NodeId) {
+        let index = self.log.purged().index;
+        self.send(
             from,
-            term,
             MessageBody::AppendResponse {
                 success: false,
                 index,
                 hint: Some(RejectHint {
                     conflict_term: None,
-                    first_index: 1,
+                    first_index: 0,
                 }),
             },
         );

@@ -86,6 +86,14 @@ impl Engine {
             }
             self.fill_pipeline(from);
         } else {
+            if let Some(RejectHint {
+                conflict_term: None,
+                first_index: 0,
+            }) = hint
+            {
+                self.on_snapshot_request(from, index);
+                return;
+            }
             // A follower with an empty log that had acknowledged entries
             // lost its disk (a wiped member rejoining; it says so when a
             // heartbeat's commit index is past its log): start over with
@@ -98,7 +106,7 @@ impl Engine {
                 first_index: 1,
             }) = hint
             {
-                if pr.match_index > 0 && self.snapshot.is_some() {
+                if pr.match_index > 0 && self.can_snapshot {
                     tracing::warn!(
                         node = self.id,
                         term = self.term,

@@ -102,6 +102,8 @@ pub struct Engine {
     /// A follower needs a snapshot and there is none: the application
     /// should take one.
     snapshot_wanted: bool,
+    /// The driver can send and receive snapshots (`InitialState::await_snapshot`).
+    can_snapshot: bool,
     /// How often a follower needed entries that were compacted away (tests:
     /// must stay 0, there are no snapshots to send instead).
     #[cfg(test)]
@@ -237,6 +239,7 @@ impl Engine {
             awaiting_snapshot,
             snapshot_sends: Vec::new(),
             snapshot_wanted: false,
+            can_snapshot: await_snapshot,
             #[cfg(test)]
             below_compaction: 0,
             #[cfg(test)]

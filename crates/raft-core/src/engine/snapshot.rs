@@ -47,12 +47,12 @@ impl Engine {
     /// The snapshot transfer to `to` failed: go back to probing, so the next
     /// heartbeat answer starts it again (resuming where the follower
     /// stopped, when it kept what it received).
-    pub fn snapshot_failed(&mut self, to: NodeId) {
+    pub fn snapshot_failed(&mut self, to: NodeId, index: LogIndex) {
         if self.role != Role::Leader {
             return;
         }
         if let Some(pr) = self.progress.get_mut(&to) {
-            if matches!(pr.state, ReplState::Snapshot(_)) {
+            if pr.state == ReplState::Snapshot(index) {
                 tracing::debug!(
                     node = self.id,
                     term = self.term,
@@ -78,6 +78,35 @@ impl Engine {
                 pr.next_index = pr.next_index.max(index + 1);
                 self.send_append(to, false);
             }
+        }
+    }
+
+    /// A follower whose state was lost asks for a snapshot reaching at
+    /// least `at_least` (its compaction point): send the latest if it does,
+    /// else ask the application for a newer one. Its log is intact, so what
+    /// it acknowledged still counts.
+    pub(super) fn on_snapshot_request(&mut self, from: NodeId, at_least: LogIndex) {
+        let Some(pr) = self.progress.get(&from) else {
+            return;
+        };
+        if matches!(pr.state, ReplState::Snapshot(_)) {
+            return;
+        }
+        if self
+            .snapshot
+            .as_ref()
+            .is_some_and(|m| m.last.index >= at_least && m.last.index >= self.log.purged().index)
+        {
+            self.start_snapshot(from);
+        } else if self.can_snapshot {
+            tracing::info!(
+                node = self.id,
+                term = self.term,
+                from,
+                at_least,
+                "a follower needs a newer snapshot than this node holds"
+            );
+            self.snapshot_wanted = true;
         }
     }
 
@@ -116,8 +145,9 @@ impl Engine {
                 node = self.id,
                 index = last.index,
                 purged,
-                "the leader's snapshot ends below this log's compaction point; waiting for a newer one"
+                "the leader's snapshot ends below this log's compaction point; asking for a newer one"
             );
+            self.ask_for_snapshot(from);
             return;
         }
         self.awaiting_snapshot = false;

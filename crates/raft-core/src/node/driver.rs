@@ -45,7 +45,10 @@ struct AfterSave {
 /// A snapshot being streamed to a follower.
 struct Outgoing {
     index: LogIndex,
+    /// The term the chunks carry.
+    term: Term,
     acks: mpsc::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// A snapshot arriving from the leader.
@@ -54,6 +57,7 @@ struct Incoming {
     term: Term,
     meta: SnapshotMeta,
     chunks: mpsc::Sender<(u64, Vec<u8>)>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// Snapshot transfers in both directions.
@@ -64,13 +68,16 @@ struct Transfers {
     /// Chunks the sending tasks produced, for the transport.
     chunk_tx: mpsc::Sender<Message>,
     chunk_rx: mpsc::Receiver<Message>,
-    /// Sending tasks that ended: (follower, snapshot index, result).
-    done_tx: mpsc::UnboundedSender<(NodeId, LogIndex, Result<(), String>)>,
-    done_rx: mpsc::UnboundedReceiver<(NodeId, LogIndex, Result<(), String>)>,
+    /// Sending tasks that ended: (follower, snapshot index, term, result).
+    done_tx: mpsc::UnboundedSender<SendDone>,
+    done_rx: mpsc::UnboundedReceiver<SendDone>,
     incoming: Option<Incoming>,
     events_tx: mpsc::UnboundedSender<Received>,
     events_rx: mpsc::UnboundedReceiver<Received>,
 }
+
+/// A sending task's end: (follower, snapshot index, term, result).
+type SendDone = (NodeId, LogIndex, Term, Result<(), String>);
 
 /// A log write in progress: it gives the store back with its result and the
 /// number of jobs it carried.
@@ -157,7 +164,7 @@ enum Wake {
     TransportClosed,
     Timer,
     Chunk(Message),
-    SendDone(NodeId, LogIndex, Result<(), String>),
+    SendDone(SendDone),
     Received(Received),
 }
 
@@ -250,7 +257,7 @@ impl Driver {
                 _ = tokio::time::sleep_until(deadline) => Wake::Timer,
                 _ = stalled => Wake::WriteStalled,
                 Some(ev) = self.transfers.events_rx.recv() => Wake::Received(ev),
-                Some((to, index, res)) = self.transfers.done_rx.recv() => Wake::SendDone(to, index, res),
+                Some(done) = self.transfers.done_rx.recv() => Wake::SendDone(done),
                 Some(m) = self.transfers.chunk_rx.recv() => Wake::Chunk(m),
             };
             // The engine's clock must be current before it sees the event: it
@@ -286,7 +293,7 @@ impl Driver {
                 Wake::Message(m) => self.on_message(m),
                 Wake::Timer => {}
                 Wake::Chunk(m) => self.transport.send(m),
-                Wake::SendDone(to, index, res) => self.on_send_done(to, index, res),
+                Wake::SendDone(done) => self.on_send_done(done),
                 Wake::Received(ev) => self.on_received(ev),
             }
             // Take everything else already waiting: one turn, one durable write.
@@ -532,7 +539,7 @@ impl Driver {
             } => self.on_chunk(m.from, m.term, meta, size, offset, data),
             MessageBody::SnapshotAck { index, next } => {
                 if let Some(o) = self.transfers.outgoing.get(&m.from) {
-                    if o.index == index {
+                    if o.index == index && o.term == m.term {
                         let _ = o.acks.try_send(next);
                     }
                 }
@@ -554,49 +561,61 @@ impl Driver {
                 to,
                 "a follower needs a snapshot, but this node has no snapshot store"
             );
-            self.engine.snapshot_failed(to);
+            self.engine.snapshot_failed(to, meta.last.index);
             return;
         };
         let index = meta.last.index;
+        let term = self.engine.term();
         if self
             .transfers
             .outgoing
             .get(&to)
-            .is_some_and(|o| o.index == index && !o.acks.is_closed())
+            .is_some_and(|o| o.index == index && o.term == term && !o.task.is_finished())
         {
             return;
         }
         let (acks_tx, acks_rx) = mpsc::channel(self.transfers.limits.in_flight * 2 + 4);
-        self.transfers.outgoing.insert(
-            to,
-            Outgoing {
-                index,
-                acks: acks_tx,
-            },
-        );
         let route = Route {
             from: self.engine.id(),
             to,
-            term: self.engine.term(),
+            term,
         };
         let limits = self.transfers.limits;
         let out = self.transfers.chunk_tx.clone();
         let done = self.transfers.done_tx.clone();
         tracing::info!(to, index, "sending a snapshot");
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let res = transfer::send(store, meta, route, limits, out, acks_rx).await;
-            let _ = done.send((to, index, res));
+            let _ = done.send((to, index, term, res));
         });
+        // A transfer of an older snapshot, or from an older term, stops.
+        if let Some(old) = self.transfers.outgoing.insert(
+            to,
+            Outgoing {
+                index,
+                term,
+                acks: acks_tx,
+                task,
+            },
+        ) {
+            old.task.abort();
+        }
     }
 
-    fn on_send_done(&mut self, to: NodeId, index: LogIndex, res: Result<(), String>) {
+    fn on_send_done(&mut self, (to, index, term, res): SendDone) {
         if self
             .transfers
             .outgoing
             .get(&to)
-            .is_some_and(|o| o.index == index)
+            .is_some_and(|o| o.index == index && o.term == term)
         {
             self.transfers.outgoing.remove(&to);
+        } else {
+            // Replaced by a newer transfer: its outcome is that one's.
+            return;
+        }
+        if term != self.engine.term() {
+            return;
         }
         match res {
             Ok(()) => {
@@ -605,7 +624,7 @@ impl Driver {
             }
             Err(e) => {
                 tracing::warn!(to, index, error = %e, "snapshot transfer failed");
-                self.engine.snapshot_failed(to);
+                self.engine.snapshot_failed(to, index);
             }
         }
     }
@@ -621,7 +640,10 @@ impl Driver {
         offset: u64,
         data: Vec<u8>,
     ) {
-        if term < self.engine.term() || self.engine.is_leader() {
+        // Only the leader of this node's term streams to it; chunks of a
+        // newer term wait until its heartbeat raised the term here (the
+        // leader resends), older ones are stale.
+        if term != self.engine.term() || self.engine.leader() != Some(from) {
             return;
         }
         let Some(store) = self.transfers.store.clone() else {
@@ -635,11 +657,15 @@ impl Driver {
             i.meta == meta && i.leader == from && i.term == term && !i.chunks.is_closed()
         });
         if !same {
+            if let Some(old) = self.transfers.incoming.take() {
+                // Its writes must not mix with the new task's in one file.
+                old.task.abort();
+            }
             let cap = self.transfers.limits.in_flight * 2 + 4;
             let (tx, rx) = mpsc::channel(cap);
             let events = self.transfers.events_tx.clone();
             tracing::info!(from, index = meta.last.index, size, "receiving a snapshot");
-            tokio::spawn(transfer::receive(
+            let task = tokio::spawn(transfer::receive(
                 store,
                 meta.clone(),
                 size,
@@ -653,6 +679,7 @@ impl Driver {
                 term,
                 meta,
                 chunks: tx,
+                task,
             });
         }
         // The task answers chunks that do not follow on; a full queue only
@@ -685,7 +712,7 @@ impl Driver {
                     .transfers
                     .incoming
                     .as_ref()
-                    .is_some_and(|i| i.meta == meta && i.leader == leader)
+                    .is_some_and(|i| i.meta == meta && i.leader == leader && i.term == term)
                 {
                     self.transfers.incoming = None;
                 }
@@ -708,14 +735,16 @@ impl Driver {
                     },
                 );
             }
-            Received::Failed { index, error } => {
+            Received::Failed {
+                leader,
+                term,
+                index,
+                error,
+            } => {
                 tracing::warn!(index, error = %error, "storing a snapshot failed");
-                if self
-                    .transfers
-                    .incoming
-                    .as_ref()
-                    .is_some_and(|i| i.meta.last.index == index)
-                {
+                if self.transfers.incoming.as_ref().is_some_and(|i| {
+                    i.meta.last.index == index && i.leader == leader && i.term == term
+                }) {
                     self.transfers.incoming = None;
                 }
             }

@@ -133,7 +133,12 @@ pub(super) enum Received {
         size: u64,
     },
     /// The store failed; the transfer is dropped (the leader starts again).
-    Failed { index: LogIndex, error: String },
+    Failed {
+        leader: NodeId,
+        term: Term,
+        index: LogIndex,
+        error: String,
+    },
 }
 
 /// Stores the chunks of one snapshot as they come, in order.
@@ -148,7 +153,12 @@ pub(super) async fn receive(
 ) {
     let index = meta.last.index;
     let fail = |error: String| {
-        let _ = events.send(Received::Failed { index, error });
+        let _ = events.send(Received::Failed {
+            leader,
+            term,
+            index,
+            error,
+        });
     };
     let mut writer: Box<dyn SnapshotWriter> = match store.receive(&meta, size).await {
         Ok(w) => w,

@@ -223,7 +223,7 @@ fn a_lost_transfer_is_started_again() {
     heartbeat_round(&mut c, 1);
     heartbeat_round(&mut c, 1);
     assert!(c.snapshot_sends.is_empty(), "one transfer at a time");
-    c.node(1).snapshot_failed(3);
+    c.node(1).snapshot_failed(3, 11);
     assert!(rounds_until_sent(&mut c), "sent again after the failure");
     assert_eq!(c.snapshot_sends.len(), 1);
     deliver_snapshots(&mut c);
