@@ -52,17 +52,21 @@ t1=$(date +%s.%N)
 echo "-- filled $keys keys in $(echo "$t1 - $t0" | bc) s"
 # Every member holds the whole log: compaction (without snapshots) proceeds.
 sleep 3
-echo "-- steady: $($bin bench --addr "$addr" --clients 16 --conns 4 --secs 5 --value-size 256 --keys 10000 --op set)"
+# Leader write latency in one-second slices: steady, then while the wiped
+# follower is rebuilt (snapshot taken, sent, loaded, log caught up).
+slices() { $bin bench --addr "$addr" --clients 16 --conns 4 --secs 1 --value-size 256 --keys 10000 --op set | sed 's/.*p99 \([0-9.]*\) ms.*/\1/'; }
+steady=$(for _ in 1 2 3 4 5; do slices; done | sort -n | tr '\n' ' ')
+echo "-- steady SET p99 per second (ms, sorted): $steady"
 
 kill -9 "${pids[$follower]}"; wait "${pids[$follower]}" 2>/dev/null || true
 rm -rf "$dir/node-$follower"
 lead_base=$(rss_kb "${pids[$leader]}")
 commit=$(field "$leader" commit_index)
+t_restart=$(date +%s.%N)
 start_node "$follower"
 sleep 0.3
 fol_base=$(rss_kb "${pids[$follower]}")
-# Load on the leader during the rebuild, RSS sampled until the follower caught up.
-$bin bench --addr "$addr" --clients 16 --conns 4 --secs 30 --value-size 256 --keys 10000 --op set >"$dir/during.txt" &
+( while :; do slices; done >"$dir/during.txt" ) &
 bench_pid=$!
 lead_peak=$lead_base; fol_peak=$fol_base
 for _ in $(seq 1 6000); do
@@ -73,8 +77,12 @@ for _ in $(seq 1 6000); do
   [ -n "$a" ] && (( a >= commit )) && break
   sleep 0.1
 done
-wait "$bench_pid"
-echo "-- during the rebuild: $(cat "$dir/during.txt")"
+caught=$(date +%s.%N)
+# Steady state after the rebuild: the same load, five more seconds.
+sleep 5
+fol_after=$(rss_kb "${pids[$follower]}"); lead_after=$(rss_kb "${pids[$leader]}")
+kill "$bench_pid" 2>/dev/null; wait "$bench_pid" 2>/dev/null || true
+echo "-- during the rebuild and 5 s after, SET p99 per second (ms, in order): $(tr '\n' ' ' <"$dir/during.txt")"
 strip() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
 ts() { date -d "$(awk '{print $1}' <<<"$1")" +%s.%N; }
 taken=$(strip "$dir/node-$leader.log" | grep 'snapshot taken' | tail -1)
@@ -86,4 +94,6 @@ secs=$(echo "$(ts "$received") - $(ts "$sending")" | bc)
 echo "-- snapshot: $size bytes; taken in $(sed 's/.* ms=\([0-9]*\).*/\1/' <<<"$taken") ms on the leader"
 echo "-- transfer: $secs s = $(echo "$size / $secs / 1000000" | bc) MB/s (leader sends -> follower holds it, checked)"
 echo "-- load on the follower: $(sed 's/.* ms=\([0-9]*\).*/\1/' <<<"$loaded") ms"
-echo "-- peak RSS growth: leader $(( (lead_peak - lead_base) / 1024 )) MiB (from $(( lead_base / 1024 )) MiB), follower $(( (fol_peak - fol_base) / 1024 )) MiB (from $(( fol_base / 1024 )) MiB)"
+echo "-- leader RSS: $(( lead_base / 1024 )) MiB before, peak $(( lead_peak / 1024 )) MiB during, $(( lead_after / 1024 )) MiB after: peak growth $(( (lead_peak - lead_base) / 1024 )) MiB"
+echo "-- follower RSS: $(( fol_base / 1024 )) MiB at start, peak $(( fol_peak / 1024 )) MiB during, $(( fol_after / 1024 )) MiB after: peak above the state after $(( (fol_peak - fol_after) / 1024 )) MiB"
+echo "-- rebuild (restart -> caught up): $(echo "$caught - $t_restart" | bc) s"

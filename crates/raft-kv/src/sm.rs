@@ -31,6 +31,10 @@ const APPLIED: &[u8] = b"m:applied";
 const APPLIED_TERM: &[u8] = b"m:applied_term";
 const COUNT: &[u8] = b"m:count";
 const DATA: &[u8] = b"d:";
+/// Bytes loaded from a snapshot between flushes.
+const LOAD_FLUSH_BYTES: usize = 16 << 20;
+/// The state machine database's page cache.
+const SLED_CACHE: u64 = 64 << 20;
 /// Names the database directory in use.
 const CURRENT: &str = "CURRENT";
 
@@ -174,7 +178,14 @@ fn open_db(path: &Path) -> Result<sled::Db, KvError> {
     // `ClosedElsewhere`) may still hold sled's file lock for a moment.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        match sled::Config::new().path(path).flush_every_ms(None).open() {
+        // A bounded cache: scanning the whole state for a snapshot (or
+        // loading one) must not pull all of it into memory.
+        match sled::Config::new()
+            .path(path)
+            .flush_every_ms(None)
+            .cache_capacity(SLED_CACHE)
+            .open()
+        {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
@@ -507,12 +518,22 @@ impl StateMachine {
             let db = open_db(&path)?;
             let mut b = sled::Batch::default();
             let mut in_batch = 0usize;
+            let mut unflushed = 0usize;
             while let Some((k, v)) = r.next_record().map_err(bad)? {
+                unflushed += k.len() + v.len();
                 b.insert(dkey(&k), v);
                 in_batch += 1;
                 if in_batch == 4096 {
                     db.apply_batch(std::mem::take(&mut b))?;
                     in_batch = 0;
+                }
+                // sled holds what it has not flushed in memory: flush as
+                // the load goes, so memory stays bounded whatever the size.
+                if unflushed >= LOAD_FLUSH_BYTES {
+                    db.apply_batch(std::mem::take(&mut b))?;
+                    in_batch = 0;
+                    db.flush()?;
+                    unflushed = 0;
                 }
             }
             let h = r.header();
