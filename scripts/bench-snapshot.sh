@@ -58,42 +58,60 @@ slices() { $bin bench --addr "$addr" --clients 16 --conns 4 --secs 1 --value-siz
 steady=$(for _ in 1 2 3 4 5; do slices; done | sort -n | tr '\n' ' ')
 echo "-- steady SET p99 per second (ms, sorted): $steady"
 
-kill -9 "${pids[$follower]}"; wait "${pids[$follower]}" 2>/dev/null || true
-rm -rf "$dir/node-$follower"
-lead_base=$(rss_kb "${pids[$leader]}")
-commit=$(field "$leader" commit_index)
-t_restart=$(date +%s.%N)
-start_node "$follower"
-sleep 0.3
-fol_base=$(rss_kb "${pids[$follower]}")
-( while :; do slices; done >"$dir/during.txt" ) &
-bench_pid=$!
-lead_peak=$lead_base; fol_peak=$fol_base
-for _ in $(seq 1 6000); do
-  l=$(rss_kb "${pids[$leader]}"); f=$(rss_kb "${pids[$follower]}")
-  (( l > lead_peak )) && lead_peak=$l
-  (( f > fol_peak )) && fol_peak=$f
-  a=$(field "$follower" applied_index)
-  [ -n "$a" ] && (( a >= commit )) && break
-  sleep 0.1
-done
-caught=$(date +%s.%N)
-# Steady state after the rebuild: the same load, five more seconds.
+# One rebuild of the follower: wipe it, restart it, sample RSS until it has
+# caught up, then five more seconds. With LOAD=1, 16 clients write to the
+# leader throughout and their p99 is recorded per second.
+rebuild() {
+  local load=$1
+  kill -9 "${pids[$follower]}"; wait "${pids[$follower]}" 2>/dev/null || true
+  rm -rf "$dir/node-$follower"
+  : >"$dir/node-$follower.log"
+  lead_base=$(rss_kb "${pids[$leader]}")
+  commit=$(field "$leader" commit_index)
+  t_restart=$(date +%s.%N)
+  start_node "$follower"
+  sleep 0.3
+  fol_base=$(rss_kb "${pids[$follower]}")
+  bench_pid=""
+  if [ "$load" = 1 ]; then
+    ( while :; do slices; done >"$dir/during.txt" ) &
+    bench_pid=$!
+  fi
+  lead_peak=$lead_base; fol_peak=$fol_base
+  for _ in $(seq 1 6000); do
+    l=$(rss_kb "${pids[$leader]}"); f=$(rss_kb "${pids[$follower]}")
+    (( l > lead_peak )) && lead_peak=$l
+    (( f > fol_peak )) && fol_peak=$f
+    a=$(field "$follower" applied_index)
+    [ -n "$a" ] && (( a >= commit )) && break
+    sleep 0.1
+  done
+  caught=$(date +%s.%N)
+  sleep 5
+  fol_after=$(rss_kb "${pids[$follower]}"); lead_after=$(rss_kb "${pids[$leader]}")
+  if [ -n "$bench_pid" ]; then kill "$bench_pid" 2>/dev/null; wait "$bench_pid" 2>/dev/null || true; fi
+  strip() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
+  ts() { date -d "$(awk '{print $1}' <<<"$1")" +%s.%N; }
+  taken=$(strip "$dir/node-$leader.log" | grep 'snapshot taken' | tail -1)
+  sending=$(strip "$dir/node-$leader.log" | grep 'sending a snapshot' | tail -1)
+  received=$(strip "$dir/node-$follower.log" | grep 'snapshot received' | tail -1)
+  loaded=$(strip "$dir/node-$follower.log" | grep 'snapshot loaded' | tail -1)
+  size=$(strip "$dir/node-$follower.log" | grep 'receiving a snapshot' | tail -1 | sed 's/.*size=\([0-9]*\).*/\1/')
+  secs=$(echo "$(ts "$received") - $(ts "$sending")" | bc)
+  echo "-- snapshot: $size bytes; taken in $(sed 's/.* ms=\([0-9]*\).*/\1/' <<<"$taken") ms on the leader"
+  echo "-- transfer: $secs s = $(echo "$size / $secs / 1000000" | bc) MB/s (leader sends -> follower holds it, checked)"
+  echo "-- load on the follower: $(sed 's/.* ms=\([0-9]*\).*/\1/' <<<"$loaded") ms"
+  echo "-- leader RSS: $(( lead_base / 1024 )) MiB before, peak $(( lead_peak / 1024 )) MiB during, $(( lead_after / 1024 )) MiB after: peak growth $(( (lead_peak - lead_base) / 1024 )) MiB"
+  echo "-- follower RSS: $(( fol_base / 1024 )) MiB at start, peak $(( fol_peak / 1024 )) MiB during, $(( fol_after / 1024 )) MiB after: peak above the state after $(( (fol_peak - fol_after) / 1024 )) MiB"
+  echo "-- rebuild (restart -> caught up): $(echo "$caught - $t_restart" | bc) s"
+  if [ "$load" = 1 ]; then
+    echo "-- during the rebuild and 5 s after, SET p99 per second (ms, in order): $(tr '\n' ' ' <"$dir/during.txt")"
+  fi
+}
+
+echo "== rebuild under load"
+rebuild 1
+# The log settles (every member holds it again and it is compacted).
 sleep 5
-fol_after=$(rss_kb "${pids[$follower]}"); lead_after=$(rss_kb "${pids[$leader]}")
-kill "$bench_pid" 2>/dev/null; wait "$bench_pid" 2>/dev/null || true
-echo "-- during the rebuild and 5 s after, SET p99 per second (ms, in order): $(tr '\n' ' ' <"$dir/during.txt")"
-strip() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
-ts() { date -d "$(awk '{print $1}' <<<"$1")" +%s.%N; }
-taken=$(strip "$dir/node-$leader.log" | grep 'snapshot taken' | tail -1)
-sending=$(strip "$dir/node-$leader.log" | grep 'sending a snapshot' | tail -1)
-received=$(strip "$dir/node-$follower.log" | grep 'snapshot received' | tail -1)
-loaded=$(strip "$dir/node-$follower.log" | grep 'snapshot loaded' | tail -1)
-size=$(strip "$dir/node-$follower.log" | grep 'receiving a snapshot' | tail -1 | sed 's/.*size=\([0-9]*\).*/\1/')
-secs=$(echo "$(ts "$received") - $(ts "$sending")" | bc)
-echo "-- snapshot: $size bytes; taken in $(sed 's/.* ms=\([0-9]*\).*/\1/' <<<"$taken") ms on the leader"
-echo "-- transfer: $secs s = $(echo "$size / $secs / 1000000" | bc) MB/s (leader sends -> follower holds it, checked)"
-echo "-- load on the follower: $(sed 's/.* ms=\([0-9]*\).*/\1/' <<<"$loaded") ms"
-echo "-- leader RSS: $(( lead_base / 1024 )) MiB before, peak $(( lead_peak / 1024 )) MiB during, $(( lead_after / 1024 )) MiB after: peak growth $(( (lead_peak - lead_base) / 1024 )) MiB"
-echo "-- follower RSS: $(( fol_base / 1024 )) MiB at start, peak $(( fol_peak / 1024 )) MiB during, $(( fol_after / 1024 )) MiB after: peak above the state after $(( (fol_peak - fol_after) / 1024 )) MiB"
-echo "-- rebuild (restart -> caught up): $(echo "$caught - $t_restart" | bc) s"
+echo "== rebuild without load (memory of the transfer alone)"
+rebuild 0
