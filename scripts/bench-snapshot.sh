@@ -17,7 +17,7 @@ cargo build --release -q -p raft-net-quic --example quic_bulk
 bin=target/release/raft-kv
 dir=$(mktemp -d /tmp/raft-kv-snapbench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$dir"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$dir"; }
 trap cleanup EXIT
 
 echo "-- anchor: $(target/release/examples/quic_bulk 1024)"
