@@ -186,6 +186,15 @@ impl Engine {
     /// the log holds its last entry, the entries after it are kept and the
     /// log applies as usual; otherwise it replaces the log and the state.
     pub(super) fn on_install_snapshot(&mut self, from: NodeId, meta: SnapshotMeta) {
+        // Malformed: no log can continue after it, an entry from a term
+        // not reached yet, or nobody to run the cluster.
+        if meta.last.index == LogIndex::MAX
+            || meta.last.term > self.term
+            || meta.membership.voters.is_empty()
+        {
+            tracing::warn!(node = self.id, from, last = ?meta.last, "dropping a malformed snapshot");
+            return;
+        }
         if !self.accept_leader(from) {
             return;
         }

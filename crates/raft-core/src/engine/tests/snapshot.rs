@@ -230,3 +230,22 @@ fn a_lost_transfer_is_started_again() {
     assert_eq!(c.node(3).commit_index(), 11);
     assert_eq!(c.loaded[&3].len(), 1);
 }
+
+#[test]
+fn a_malformed_snapshot_changes_nothing() {
+    let mut f = engine_with(cfg(2), &[1, 2, 3], 2, log_of(&[1, 2]));
+    for (last, voters) in [
+        (LogId::new(1, LogIndex::MAX), vec![1, 2, 3]),
+        (LogId::new(9, 5), vec![1, 2, 3]),
+        (LogId::new(2, 5), vec![]),
+    ] {
+        let meta = SnapshotMeta {
+            last,
+            membership: Membership::new(voters),
+        };
+        f.handle_message(ms(0), msg(1, 2, 2, MessageBody::InstallSnapshot { meta }));
+        let rd = f.take_ready();
+        assert!(rd.install.is_none() && rd.apply_snapshot.is_none());
+        assert_eq!(f.last_log_id(), LogId::new(2, 2));
+    }
+}
