@@ -3,7 +3,7 @@
 //! either, whatever the message claims.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use raft_core::{Engine, EngineConfig, InitialState, Membership};
+use raft_core::{Config, Engine, InitialState, Membership};
 use std::time::Duration;
 
 fn engine(id: u64) -> Engine {
@@ -11,7 +11,7 @@ fn engine(id: u64) -> Engine {
         membership: Membership::new([1, 2, 3]),
         ..Default::default()
     };
-    Engine::new(EngineConfig::new(id), init, 7, Duration::ZERO).expect("valid")
+    Engine::new(Config::new(id), init, 7, Duration::ZERO).expect("valid")
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
             now += Duration::from_millis(1);
             for e in [&mut follower, &mut campaigner] {
                 e.tick(now);
-                e.handle_message(msg.clone());
+                e.handle_message(now, msg.clone());
                 if let Some(last) = e.take_ready().last_entry() {
                     e.persisted(last);
                 }
