@@ -423,11 +423,12 @@ impl Sim {
         if node.flushed < node.purged.index {
             self.stats.restarts_from_snapshot += 1;
         }
+        // The application must wait for the leader's snapshot when it is
+        // behind the compaction point and holds no snapshot that reaches it.
         let awaiting_before = node.flushed < node.purged.index
-            && !node
-                .log_snapshot
-                .as_ref()
-                .is_some_and(|m| node.snaps.contains_key(&m.last.index));
+            && !node.log_snapshot.as_ref().is_some_and(|m| {
+                node.snaps.contains_key(&m.last.index) && m.last.index >= node.purged.index
+            });
         let init = InitialState {
             hard_state: node.hard_state,
             purged: node.purged,

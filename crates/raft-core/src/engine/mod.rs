@@ -567,7 +567,14 @@ impl Engine {
                         return;
                     }
                     if !pre_vote {
+                        // A follower's timer runs on unless it grants the
+                        // vote (Figure 2): a candidate that cannot win must
+                        // not hold back, term after term, one that can.
+                        let kept = (self.role == Role::Follower).then_some(self.election_deadline);
                         self.become_follower(msg.term, None);
+                        if let Some(d) = kept {
+                            self.election_deadline = d;
+                        }
                     }
                 }
                 MessageBody::VoteResponse {
@@ -666,6 +673,17 @@ impl Engine {
 
     /// Collects everything the outside world must now do. See the module docs.
     pub fn take_ready(&mut self) -> Ready {
+        if self.role == Role::Leader && self.awaiting_snapshot && self.snapshot_wanted {
+            // Elected without its state, it cannot send a follower the
+            // snapshot it needs: it steps aside for one that can.
+            tracing::info!(
+                node = self.id,
+                term = self.term,
+                "stepping down: a follower needs a snapshot this node does not have"
+            );
+            self.snapshot_wanted = false;
+            self.become_follower(self.term, None);
+        }
         if self.role == Role::Leader {
             if self.need_broadcast {
                 self.need_broadcast = false;

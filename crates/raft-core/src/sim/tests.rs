@@ -88,7 +88,17 @@ fn replay_seed() {
     let seed = env_u64("RAFT_SIM_SEED", 42);
     let nodes = env_u64("RAFT_SIM_NODES", nodes_for(seed) as u64) as usize;
     let steps = env_u64("RAFT_SIM_STEPS", 3000) as usize;
-    match Sim::new(SimConfig::new(seed, nodes, steps)).run() {
+    let cfg = SimConfig::new(seed, nodes, steps);
+    if std::env::var_os("RAFT_SIM_DEBUG").is_some() {
+        eprintln!("{cfg:?}");
+    }
+    if std::env::var_os("RAFT_SIM_TRACE").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .without_time()
+            .try_init();
+    }
+    match Sim::new(cfg).run() {
         Ok(stats) => {
             println!("seed {seed}: {stats:?}");
             assert!(stats.committed > 0);
