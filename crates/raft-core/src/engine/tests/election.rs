@@ -216,3 +216,49 @@ fn single_node_cluster_elects_itself_commits_and_reads() {
 }
 
 // ----- data model: compaction point and membership -------------------------------------
+
+/// Figure 2: a follower converts to candidate when its election timeout
+/// elapses without hearing from a leader or granting a vote. Refusing a
+/// vote (even at a higher term, which it adopts) does not restart the
+/// timer, so a candidate whose log cannot win does not hold back, term
+/// after term, a node whose log can.
+#[test]
+fn figure_2_refusing_a_vote_leaves_the_election_timer_running() {
+    let mut f = engine_with(cfg(2), &[1, 2, 3], 3, log_of(&[1, 3]));
+    let deadline = f.next_deadline();
+    f.handle_message(
+        ms(10),
+        msg(
+            3,
+            2,
+            4,
+            MessageBody::VoteRequest {
+                pre_vote: false,
+                last_log_index: 9,
+                last_log_term: 1,
+            },
+        ),
+    );
+    assert_eq!(f.term(), 4, "the newer term is adopted");
+    assert_eq!(f.vote(), None, "the stale log gets no vote");
+    assert_eq!(f.next_deadline(), deadline, "the timer runs on");
+    // Granting one restarts it.
+    f.handle_message(
+        ms(20),
+        msg(
+            1,
+            2,
+            5,
+            MessageBody::VoteRequest {
+                pre_vote: false,
+                last_log_index: 2,
+                last_log_term: 3,
+            },
+        ),
+    );
+    assert_eq!(f.vote(), Some(1));
+    assert!(
+        f.next_deadline() >= ms(20) + cfg(2).election_timeout_min,
+        "restarted from the grant"
+    );
+}
