@@ -835,13 +835,15 @@ async fn load_snapshot(
     let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let ms = t0.elapsed().as_millis() as u64;
     tracing::info!(index = h.index, keys = h.keys, bytes, ms, "snapshot loaded");
-    snaps.record(SnapshotStats {
-        index: h.index,
-        bytes,
-        keys: h.keys,
-        last_duration_ms: ms,
-    });
-    snaps.prune(keep);
+    snaps.record(
+        SnapshotStats {
+            index: h.index,
+            bytes,
+            keys: h.keys,
+            last_duration_ms: ms,
+        },
+        keep,
+    );
     Ok(())
 }
 
@@ -899,13 +901,15 @@ async fn snapshot_loop(raft: Raft, sm: Arc<StateMachine>, snaps: Snapshots, thre
             ms,
             "snapshot taken"
         );
-        snaps.record(SnapshotStats {
-            index: h.index,
-            bytes: info.bytes,
-            keys: h.keys,
-            last_duration_ms: ms,
-        });
-        snaps.prune(raft.status().snapshot_index);
+        snaps.record(
+            SnapshotStats {
+                index: h.index,
+                bytes: info.bytes,
+                keys: h.keys,
+                last_duration_ms: ms,
+            },
+            raft.status().snapshot_index,
+        );
     }
 }
 

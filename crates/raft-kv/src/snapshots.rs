@@ -87,9 +87,11 @@ impl Snapshots {
         self.lock().clone()
     }
 
-    /// Records the newest snapshot.
-    pub fn record(&self, stats: SnapshotStats) {
+    /// Records the newest snapshot, and prunes the older ones (the one
+    /// ending at `keep`, which Raft recorded, stays).
+    pub fn record(&self, stats: SnapshotStats, keep: u64) {
         *self.lock() = stats;
+        self.prune(keep);
     }
 
     /// The directory.
@@ -138,7 +140,7 @@ impl Snapshots {
     /// Keeps the two newest finished snapshots (a follower may be reading
     /// the older one; an open file stays readable after its removal), and
     /// the one ending at `keep` (the one Raft recorded).
-    pub fn prune(&self, keep: u64) {
+    fn prune(&self, keep: u64) {
         let all = self.finished();
         for (i, _, p) in all.iter().take(all.len().saturating_sub(2)) {
             if *i != keep {

@@ -169,16 +169,7 @@ impl Engine {
         self.snapshot = Some(meta.clone());
         self.pending_snapshot = Some(meta.clone());
         self.pending_apply_snapshot = Some(meta);
-        let term = self.term;
-        self.send_persisted(
-            from,
-            term,
-            MessageBody::AppendResponse {
-                success: true,
-                index: last.index,
-                hint: None,
-            },
-        );
+        self.ack_snapshot(from, last.index);
     }
 
     /// A snapshot from the leader is stored with the application (§7,
@@ -212,15 +203,7 @@ impl Engine {
                 committed,
                 "snapshot already covered by the commit index"
             );
-            self.send_persisted(
-                from,
-                term,
-                MessageBody::AppendResponse {
-                    success: true,
-                    index: committed,
-                    hint: None,
-                },
-            );
+            self.ack_snapshot(from, committed);
             return;
         }
         if last.index > committed
@@ -230,15 +213,7 @@ impl Engine {
             // The log matches the leader's up to the snapshot's end, and
             // the snapshot only holds committed entries.
             self.log.commit_to(last.index);
-            self.send_persisted(
-                from,
-                term,
-                MessageBody::AppendResponse {
-                    success: true,
-                    index: last.index,
-                    hint: None,
-                },
-            );
+            self.ack_snapshot(from, last.index);
             return;
         }
         tracing::info!(
@@ -256,12 +231,19 @@ impl Engine {
         self.pending_snapshot = None;
         self.pending_install = Some(meta.clone());
         self.pending_apply_snapshot = Some(meta);
+        self.ack_snapshot(from, last.index);
+    }
+
+    /// Answers the leader's snapshot: the log matches its own up to `index`
+    /// (sent once this node's writes before it are durable).
+    fn ack_snapshot(&mut self, to: NodeId, index: LogIndex) {
+        let term = self.term;
         self.send_persisted(
-            from,
+            to,
             term,
             MessageBody::AppendResponse {
                 success: true,
-                index: last.index,
+                index,
                 hint: None,
             },
         );
