@@ -52,9 +52,16 @@ pub enum SnapError {
     /// The file is cut short or its contents do not match its checksum.
     #[error("damaged snapshot file: {0}")]
     Damaged(String),
-    /// Reading or writing failed.
+    /// Reading or writing failed. (Not a `source`: the message already
+    /// holds it, and error chains would print it twice.)
     #[error("snapshot file I/O: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for SnapError {
+    fn from(e: std::io::Error) -> Self {
+        SnapError::Io(e)
+    }
 }
 
 /// Writes a snapshot file record by record.
