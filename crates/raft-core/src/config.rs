@@ -30,8 +30,10 @@ use std::time::Duration;
 /// | `lease_drift_margin` | 30 ms | with `Lease`: the lease is `election_timeout_min` minus this; safe while clock rates differ by less than `margin / (2 * election_timeout_min)` (10% with the defaults) |
 ///
 /// `peers` holds ids only: how to reach a peer is the transport's business
-/// (`raft-net-quic` takes addresses in its own config). The peers only
-/// bootstrap a new cluster; once the log holds a membership, that counts.
+/// (`raft-net-quic` takes addresses in its own config, and learns those of
+/// members added later from the configuration entries). The peers only
+/// bootstrap a new cluster; once the log holds a membership, that counts
+/// (a node started with `join` waits to be added instead).
 ///
 /// ```
 /// use raft_core::Config;
@@ -98,6 +100,11 @@ pub struct Config {
     /// A snapshot transfer that makes no progress for this long is dropped
     /// (and started again, resuming where the follower stopped).
     pub snapshot_timeout: Duration,
+    /// Start outside any cluster: a node with empty storage stores no
+    /// membership and waits until a leader adds it
+    /// (`Raft::change_membership`). `peers` is then not used. Ignored once
+    /// the node's log holds a membership.
+    pub join: bool,
 }
 
 /// Room for a snapshot chunk's own fields (the snapshot's metadata with a
@@ -209,6 +216,7 @@ impl Default for Config {
             snapshot_chunk_bytes: 1 << 20,
             snapshot_chunks_in_flight: 4,
             snapshot_timeout: Duration::from_secs(10),
+            join: false,
         }
     }
 }

@@ -33,7 +33,10 @@ pub mod types;
 mod sim;
 
 pub use config::{Config, ConfigError, ReadPolicy};
-pub use engine::{Engine, EngineError, InitialState, NotLeader, ProposeError, ReadResult, Ready};
+pub use engine::{
+    ChangeError, ChangeStep, Engine, EngineError, InitialState, NotLeader, ProposeError,
+    ReadResult, Ready, TransferError,
+};
 pub use message::{Message, MessageBody, RejectHint, MESSAGE_OVERHEAD};
 pub use node::{ApplyMsg, Error, Proposal, Raft, Responder, Status};
 pub use snapshot::{MemSnapshotStore, SnapshotReader, SnapshotStore, SnapshotWriter};
@@ -42,6 +45,6 @@ pub use transport::{
     ChannelNetwork, ChannelTransport, InboundRpc, PeerRpc, RpcEndpoint, RpcError, Transport,
 };
 pub use types::{
-    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, SnapshotMeta, Term,
-    ENTRY_OVERHEAD,
+    Entry, EntryPayload, HardState, LogId, LogIndex, Member, Membership, NodeId, Role,
+    SnapshotMeta, Term, ENTRY_OVERHEAD,
 };

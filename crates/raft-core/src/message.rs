@@ -19,6 +19,10 @@ pub struct Message {
     pub to: NodeId,
     /// The sender's term (for a pre-vote request, the term it would campaign in).
     pub term: Term,
+    /// The identity of the sender's storage (`LogState::incarnation`; 0:
+    /// not given). A member whose recorded identity differs lost its disk
+    /// and is refused (`MessageBody::Refused`).
+    pub incarnation: u64,
     /// What the message says.
     pub body: MessageBody,
 }
@@ -34,6 +38,9 @@ pub enum MessageBody {
         last_log_index: LogIndex,
         /// Term of the candidate's last entry (§5.4.1).
         last_log_term: Term,
+        /// The leader handed leadership to this candidate (`TimeoutNow`):
+        /// voters answer even while they hear from that leader.
+        transfer: bool,
     },
     /// The answer to a `VoteRequest`.
     VoteResponse {
@@ -79,6 +86,16 @@ pub enum MessageBody {
     HeartbeatResponse {
         /// The round being answered.
         round: u64,
+    },
+    /// Leadership transfer (thesis §3.10): the leader tells an up-to-date
+    /// follower to start an election at once.
+    TimeoutNow,
+    /// The receiver's storage is not the one the configuration records for
+    /// its id (its disk was lost or replaced): it must not act as that
+    /// member; it can be added back as a new one.
+    Refused {
+        /// The storage identity the configuration records for the receiver.
+        recorded: u64,
     },
     /// A snapshot has arrived whole from the leader and is stored with the
     /// application. The receiving node's driver makes this message itself
@@ -139,6 +156,8 @@ impl MessageBody {
             MessageBody::Heartbeat { .. } => "Heartbeat",
             MessageBody::HeartbeatResponse { .. } => "HeartbeatResponse",
             MessageBody::InstallSnapshot { .. } => "InstallSnapshot",
+            MessageBody::TimeoutNow => "TimeoutNow",
+            MessageBody::Refused { .. } => "Refused",
             MessageBody::SnapshotChunk { .. } => "SnapshotChunk",
             MessageBody::SnapshotAck { .. } => "SnapshotAck",
         }

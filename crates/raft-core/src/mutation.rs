@@ -57,12 +57,23 @@ pub(crate) enum Mutation {
     /// the whole log with the snapshot, dropping entries after it that
     /// it had acknowledged.
     DiscardMatchingSuffix,
+    /// During joint consensus a commit or an election needs only the
+    /// incoming voters' majority.
+    JointCommitNewOnly,
+    /// During joint consensus a commit or an election needs only the
+    /// outgoing voters' majority.
+    JointCommitOldOnly,
+    /// A leader accepts a membership change while another is still in
+    /// flight (a joint configuration, or one not yet committed).
+    TwoChangesInFlight,
+    /// Learners count toward commits and elections as if they were voters.
+    LearnerCountsInQuorum,
 }
 
 impl Mutation {
     /// Every mutation the simulator must catch (the driver's is caught by node tests).
     #[cfg(test)]
-    pub(crate) const ENGINE: [Mutation; 18] = [
+    pub(crate) const ENGINE: [Mutation; 22] = [
         Mutation::VoteBeforeDurable,
         Mutation::LeaderCountsUnsynced,
         Mutation::AnyHeartbeatConfirmsRead,
@@ -81,6 +92,10 @@ impl Mutation {
         Mutation::LeaseFromAnswer,
         Mutation::InstallOlderThanCommit,
         Mutation::DiscardMatchingSuffix,
+        Mutation::JointCommitNewOnly,
+        Mutation::JointCommitOldOnly,
+        Mutation::TwoChangesInFlight,
+        Mutation::LearnerCountsInQuorum,
     ];
 
     #[cfg(test)]

@@ -30,7 +30,9 @@ use crate::config::Config;
 use crate::engine::{Engine, InitialState};
 use crate::message::{Message, MessageBody};
 use crate::mutation::Mutation;
-use crate::types::{Entry, HardState, LogId, LogIndex, Membership, NodeId, SnapshotMeta, Term};
+use crate::types::{
+    Entry, HardState, LogId, LogIndex, Member, Membership, NodeId, SnapshotMeta, Term,
+};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -70,6 +72,9 @@ pub(crate) struct SimConfig {
     /// Applications take snapshots at random; the log is compacted up to
     /// them and lagging followers get them.
     pub(crate) snapshots: bool,
+    /// Leaders change the membership at random (add learners, promote,
+    /// demote, remove, replace) and hand leadership over, among up to 7 nodes.
+    pub(crate) membership_changes: bool,
 }
 
 impl SimConfig {
@@ -101,6 +106,8 @@ impl SimConfig {
             lease: !(mix >> 8).is_multiple_of(3) && (mix >> 32).is_multiple_of(2),
             drift_ppm: 200_000,
             snapshots: (mix >> 40).is_multiple_of(2),
+            // A member added after compaction needs a snapshot to catch up.
+            membership_changes: (mix >> 40).is_multiple_of(2) && !(mix >> 48).is_multiple_of(3),
         }
     }
 }
@@ -142,6 +149,10 @@ pub(crate) struct SimStats {
     /// Snapshots a follower's application loaded (after a leader's
     /// transfer, or at a restart).
     pub(crate) snapshots_loaded: usize,
+    /// Membership changes proposed and accepted by a leader.
+    pub(crate) changes: usize,
+    /// Leadership transfers started.
+    pub(crate) transfers: usize,
     pub(crate) virtual_time: Duration,
 }
 
@@ -229,6 +240,9 @@ struct SimNode {
     log_snapshot: Option<SnapshotMeta>,
     /// The application's files were lost and it has not recovered yet.
     state_lost: bool,
+    /// The membership it starts with on an empty disk (none: it waits to
+    /// be added).
+    boot: Membership,
 }
 
 fn entry_hash(e: &Entry) -> u64 {
@@ -296,8 +310,15 @@ pub(crate) struct Sim {
 impl Sim {
     pub(crate) fn new(cfg: SimConfig) -> Self {
         let mut rng = fastrand::Rng::with_seed(cfg.seed);
-        let ids: Vec<NodeId> = (1..=cfg.nodes as NodeId).collect();
-        let membership = Membership::new(ids.iter().copied());
+        let voters: Vec<NodeId> = (1..=cfg.nodes as NodeId).collect();
+        let membership = Membership::new(voters.iter().copied());
+        // Spare nodes to add, up to 7 in all.
+        let spares = if cfg.membership_changes {
+            7usize.saturating_sub(cfg.nodes).clamp(1, 2)
+        } else {
+            0
+        };
+        let ids: Vec<NodeId> = (1..=(cfg.nodes + spares) as NodeId).collect();
         let (drop_per_mille, dup_per_mille, max_delay_ms) = if cfg.faults {
             (rng.range(0, 100), rng.range(0, 50), rng.range(2, 60))
         } else {
@@ -352,6 +373,11 @@ impl Sim {
                     snaps: BTreeMap::new(),
                     log_snapshot: None,
                     state_lost: false,
+                    boot: if voters.contains(&id) {
+                        sim.membership.clone()
+                    } else {
+                        Membership::default()
+                    },
                 },
             );
             if sim.cfg.lease {
@@ -415,8 +441,26 @@ impl Sim {
         let cfg = self.engine_config(id);
         let seed = self.rng.u64(..);
         let now = self.local(id, self.now);
-        let membership = self.membership.clone();
+        let initial = self.membership.clone();
         let node = self.nodes.get_mut(&id).expect("known node");
+        // The membership at the compaction point: the latest membership
+        // entry up to it (the sim keeps every entry, or the committed
+        // prefix a snapshot replaced), else the cluster's initial one (a
+        // spare that never received anything: none).
+        let membership = node.log[..node.purged.index as usize]
+            .iter()
+            .rev()
+            .find_map(|(e, _)| match &e.payload {
+                crate::types::EntryPayload::Membership(m) => Some(m.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| {
+                if node.purged.index > 0 {
+                    initial
+                } else {
+                    node.boot.clone()
+                }
+            });
         if node.purged.index > 0 {
             self.stats.restarts_compacted += 1;
         }
@@ -447,6 +491,7 @@ impl Sim {
                 .clone()
                 .filter(|m| node.snaps.contains_key(&m.last.index)),
             await_snapshot: self.cfg.snapshots,
+            incarnation: 0,
         };
         // The application restarts from what it flushed.
         node.applied = node.flushed;
@@ -921,6 +966,7 @@ impl Sim {
                 from,
                 to,
                 term,
+                incarnation: 0,
                 body: MessageBody::InstallSnapshot { meta },
             },
         );
@@ -1018,7 +1064,7 @@ impl Sim {
                         self.stats.leaders_elected += 1;
                         // Votes are durable before they are sent: a majority
                         // holds this vote on disk (or has moved to a later term).
-                        let durable_votes = self
+                        let durable_votes: BTreeSet<NodeId> = self
                             .nodes
                             .iter()
                             .filter(|(&nid, n)| {
@@ -1026,10 +1072,12 @@ impl Sim {
                                     || n.hard_state.term > term
                                     || (n.hard_state.term == term && n.hard_state.vote == Some(id))
                             })
-                            .count();
-                        if durable_votes < self.membership.quorum() {
+                            .map(|(&nid, _)| nid)
+                            .collect();
+                        if !holds_quorum(e.membership(), &durable_votes) {
                             problems.push(format!(
-                                "Vote durability: node {id} leads term {term} but only {durable_votes} nodes hold a vote for it on disk"
+                                "Vote durability: node {id} leads term {term} ({}) but only {durable_votes:?} hold a vote for it on disk",
+                                e.membership()
                             ));
                         }
                         // Leader Completeness: the new leader holds every committed
@@ -1105,16 +1153,17 @@ impl Sim {
                 }
             } else if pos == self.committed.len() {
                 // Committed means durable on a majority: count the durable copies.
-                let copies = self
+                let copies: BTreeSet<NodeId> = self
                     .nodes
-                    .values()
-                    .filter(|n| n.log.get(pos).is_some_and(|(le2, _)| le2.term == le.term))
-                    .count();
-                if copies < self.membership.quorum() {
+                    .iter()
+                    .filter(|(_, n)| n.log.get(pos).is_some_and(|(le2, _)| le2.term == le.term))
+                    .map(|(&nid, _)| nid)
+                    .collect();
+                if !holds_quorum(e.membership(), &copies) {
                     problems.push(format!(
-                        "Commit durability: node {id} committed ({idx}, {}) while only {copies} of {} nodes hold it durably",
+                        "Commit durability: node {id} committed ({idx}, {}) while only {copies:?} hold it durably ({})",
                         le.term,
-                        self.nodes.len()
+                        e.membership()
                     ));
                 }
                 // Leader Completeness, also for leaders elected before this
@@ -1336,7 +1385,94 @@ impl Sim {
         Some(leaders[self.rng.range(0, leaders.len() as u64) as usize])
     }
 
+    /// A leader changes the membership or hands leadership over, at random.
+    fn random_change(&mut self) {
+        let Some(l) = self.any_leader() else {
+            return;
+        };
+        let all: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let roll = self.rng.range(0, 100);
+        let pick = |rng: &mut fastrand::Rng, v: &[NodeId]| -> Option<NodeId> {
+            (!v.is_empty()).then(|| v[rng.range(0, v.len() as u64) as usize])
+        };
+        let e = self.nodes[&l].engine.as_ref().expect("leader is live");
+        let m = e.membership().clone();
+        let voters: Vec<NodeId> = m.voters.iter().copied().collect();
+        let learners: Vec<NodeId> = m.learners.iter().copied().collect();
+        let outsiders: Vec<NodeId> = all.iter().copied().filter(|id| !m.is_member(*id)).collect();
+        use crate::engine::ChangeStep;
+        let steps: Vec<ChangeStep> = if roll < 15 {
+            let to = if self.rng.bool() {
+                None
+            } else {
+                pick(&mut self.rng, &voters)
+            };
+            let e = self
+                .nodes
+                .get_mut(&l)
+                .and_then(|n| n.engine.as_mut())
+                .expect("live");
+            if e.transfer_leadership(to).is_ok() {
+                self.stats.transfers += 1;
+            }
+            self.pump(l);
+            return;
+        } else if roll < 40 {
+            match pick(&mut self.rng, &outsiders) {
+                Some(id) => vec![ChangeStep::AddLearner {
+                    id,
+                    member: Member::default(),
+                }],
+                None => return,
+            }
+        } else if roll < 65 && voters.len() < 7 {
+            match pick(&mut self.rng, &learners) {
+                Some(id) => vec![ChangeStep::Promote(id)],
+                None => return,
+            }
+        } else if roll < 75 && voters.len() > 3 {
+            match pick(&mut self.rng, &voters) {
+                Some(id) => vec![ChangeStep::Demote(id)],
+                None => return,
+            }
+        } else if roll < 85 && voters.len() > 3 {
+            match pick(&mut self.rng, &voters) {
+                Some(id) => vec![ChangeStep::Remove(id)],
+                None => return,
+            }
+        } else if roll < 92 {
+            match pick(&mut self.rng, &learners) {
+                Some(id) => vec![ChangeStep::Remove(id)],
+                None => return,
+            }
+        } else {
+            // Replace a voter by a learner in one change.
+            match (pick(&mut self.rng, &voters), pick(&mut self.rng, &learners)) {
+                (Some(out), Some(inn)) => vec![ChangeStep::Remove(out), ChangeStep::Promote(inn)],
+                _ => return,
+            }
+        };
+        let e = self
+            .nodes
+            .get_mut(&l)
+            .and_then(|n| n.engine.as_mut())
+            .expect("live");
+        let before = e.change_in_flight();
+        if e.change_membership(&steps).is_ok() {
+            self.stats.changes += 1;
+            if let Some(index) = before {
+                self.fail(format!(
+                    "Configuration change: leader {l} accepted {steps:?} while the change at {index} was in flight"
+                ));
+            }
+        }
+        self.pump(l);
+    }
+
     fn random_client(&mut self) {
+        if self.cfg.membership_changes && self.rng.range(0, 1000) < 8 {
+            self.random_change();
+        }
         let roll = self.rng.range(0, 1000);
         if roll < 150 {
             if let Some(l) = self.any_leader() {
@@ -1573,8 +1709,17 @@ impl Sim {
                     && n.log
                         .get(idx as usize - 1)
                         .is_some_and(|(e, _)| e.term == t);
-                // Every node catches up, and every read is answered.
-                let all_caught_up = self.nodes.values().all(|n| n.applied >= idx);
+                // Every member catches up, and every read is answered.
+                let members = self.nodes[&l]
+                    .engine
+                    .as_ref()
+                    .map(|e| e.membership().all_members())
+                    .unwrap_or_default();
+                let all_caught_up = self
+                    .nodes
+                    .iter()
+                    .filter(|(id, _)| members.contains(id))
+                    .all(|(_, n)| n.applied >= idx);
                 if done && all_caught_up && self.pending_reads.is_empty() {
                     break;
                 }
@@ -1589,6 +1734,16 @@ impl Sim {
         self.stats.virtual_time = self.now;
         Ok(self.stats)
     }
+}
+
+/// The simulator's own quorum rule, kept apart from the engine's (which the
+/// mutations break): a majority of the voters and, during a joint
+/// configuration, a majority of the outgoing voters too. Learners never count.
+fn holds_quorum(m: &Membership, holders: &BTreeSet<NodeId>) -> bool {
+    let majority = |set: &BTreeSet<NodeId>| {
+        set.iter().filter(|id| holders.contains(id)).count() * 2 > set.len()
+    };
+    !m.voters.is_empty() && majority(&m.voters) && (m.outgoing.is_empty() || majority(&m.outgoing))
 }
 
 /// `[lo, hi)`, or `lo` when empty: the one shape the simulator draws with.

@@ -23,6 +23,10 @@ pub struct LogState {
     /// The latest snapshot the application holds, as recorded by
     /// `LogBatch::snapshot` or `LogBatch::install`.
     pub snapshot: Option<SnapshotMeta>,
+    /// The storage's identity, made once when it was created
+    /// (`LogBatch::incarnation`); 0 until then. A member that lost its
+    /// disk comes back with another one and is recognised by it.
+    pub incarnation: u64,
 }
 
 /// One durable write: applied in the order install, hard state,
@@ -44,6 +48,8 @@ pub struct LogBatch {
     pub install: Option<SnapshotMeta>,
     /// The application took a snapshot: record it as the latest.
     pub snapshot: Option<SnapshotMeta>,
+    /// The storage's identity, written once by the node that creates it.
+    pub incarnation: Option<u64>,
 }
 
 impl LogBatch {
@@ -55,6 +61,7 @@ impl LogBatch {
             && self.membership.is_none()
             && self.install.is_none()
             && self.snapshot.is_none()
+            && self.incarnation.is_none()
     }
 }
 
@@ -150,6 +157,9 @@ pub fn apply_batch(state: &mut LogState, batch: LogBatch) -> Result<(), StorageE
     }
     if let Some(m) = batch.membership {
         state.membership = Some(m);
+    }
+    if let Some(i) = batch.incarnation {
+        state.incarnation = i;
     }
     let keep = (end - state.purged.index) as usize;
     state.entries.truncate(keep);

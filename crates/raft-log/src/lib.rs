@@ -6,6 +6,7 @@
 //! * `m:magic` — identifies the directory as a raft-log store, with a format version;
 //! * `m:hard` — the hard state (term, vote);
 //! * `m:snap` — the compaction point (index, term);
+//! * `m:identity` — the storage's identity (a random number made at creation);
 //! * `m:members` — the membership at the compaction point (the bootstrap
 //!   membership until compaction passes a membership entry);
 //! * `e:` + big-endian index — a run of up to 64 consecutive entries starting
@@ -46,8 +47,11 @@ const HARD_KEY: &[u8] = b"m:hard";
 const SNAP_KEY: &[u8] = b"m:snap";
 const MEMBERS_KEY: &[u8] = b"m:members";
 const LATEST_SNAPSHOT_KEY: &[u8] = b"m:snapshot";
+const IDENTITY_KEY: &[u8] = b"m:identity";
 const ENTRY_PREFIX: &[u8] = b"e:";
-const MAGIC: &[u8] = b"raft-log store, format 2";
+const MAGIC: &[u8] = b"raft-log store, format 3";
+/// The previous format: memberships without learners or addresses.
+const MAGIC_V2: &[u8] = b"raft-log store, format 2";
 /// Entries stored under one key: a batch of appends costs one sled insert per
 /// run instead of one per entry, and runs stay small enough to stay inline.
 const RUN_LEN: usize = 64;
@@ -272,6 +276,10 @@ impl Core {
         let guard = |r: sled::Result<Option<sled::IVec>>| r.map_err(|e| io_err(&self.path, e));
         match guard(self.db.get(MAGIC_KEY))? {
             Some(m) if m.as_ref() == MAGIC => Ok(()),
+            Some(m) if m.as_ref() == MAGIC_V2 => Err(StorageError::Corrupt(format!(
+                "{}: written by an older raft-log (format 2, memberships without learners and addresses); restore the node from a backup or a peer's snapshot into a new directory",
+                self.path.display()
+            ))),
             Some(m) => Err(StorageError::Corrupt(format!(
                 "{}: unknown format marker {:?}",
                 self.path.display(),
@@ -347,6 +355,10 @@ impl Core {
             Some(v) => Some(decode(&v, "snapshot record", path)?),
             None => None,
         };
+        let incarnation: u64 = match get(IDENTITY_KEY)? {
+            Some(v) => decode(&v, "storage identity", path)?,
+            None => 0,
+        };
         let mut entries: Vec<Entry> = Vec::new();
         let mut expect = purged.index + 1;
         // Runs wholly below the compaction point may linger (a purge deletes
@@ -395,6 +407,7 @@ impl Core {
             entries,
             membership,
             snapshot,
+            incarnation,
         })
     }
 
@@ -498,6 +511,9 @@ impl Core {
         }
         if let Some(m) = &batch.membership {
             b.insert(MEMBERS_KEY, encode(m)?);
+        }
+        if let Some(i) = &batch.incarnation {
+            b.insert(IDENTITY_KEY, encode(i)?);
         }
         for run in batch.entries.chunks(RUN_LEN) {
             b.insert(&entry_key(run[0].index)[..], encode(&run)?);

@@ -35,6 +35,7 @@ fn append_msg() -> Message {
         from: 1,
         to: 2,
         term: 1,
+        incarnation: 0,
         body: MessageBody::AppendEntries {
             prev_log_index: 0,
             prev_log_term: 0,
@@ -49,6 +50,7 @@ fn ping(round: u64) -> Message {
         from: 1,
         to: 2,
         term: 1,
+        incarnation: 0,
         body: MessageBody::Heartbeat {
             leader_commit: 0,
             round,
@@ -64,6 +66,7 @@ async fn round_trip(a: &mut QuicTransport, b: &mut QuicTransport, round: u64) {
         from: 2,
         to: 1,
         term: 1,
+        incarnation: 0,
         body: MessageBody::HeartbeatResponse { round: m.term },
     });
     a.recv().await.unwrap();

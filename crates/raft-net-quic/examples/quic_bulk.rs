@@ -53,6 +53,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 from: 1,
                 to: 2,
                 term: 1,
+                incarnation: 0,
                 body: MessageBody::SnapshotChunk {
                     meta: meta.clone(),
                     size: total,

@@ -175,6 +175,7 @@ mod tests {
             from: 1,
             to: 2,
             term: 3,
+            incarnation: 0,
             body: MessageBody::HeartbeatResponse { round: 9 },
         };
         let frame = encode_frame(&msg).unwrap();

@@ -55,6 +55,7 @@ fn hb(from: NodeId, to: NodeId, term: u64) -> Message {
         from,
         to,
         term,
+        incarnation: 0,
         body: MessageBody::Heartbeat {
             leader_commit: 0,
             round: term,

@@ -9,6 +9,7 @@ impl Engine {
         from: NodeId,
         msg_term: Term,
         pre_vote: bool,
+        transfer: bool,
         cand_last: LogId,
     ) {
         let up_to_date =
@@ -18,6 +19,7 @@ impl Engine {
         // gave is not new).
         let leased = self.cfg.read_policy == crate::config::ReadPolicy::Lease
             && self.in_lease()
+            && !transfer
             && self.vote != Some(from);
         let granted = if leased {
             false

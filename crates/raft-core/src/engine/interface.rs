@@ -34,6 +34,9 @@ pub struct InitialState {
     /// node that can receive snapshots and has other members to get one
     /// from.
     pub await_snapshot: bool,
+    /// This node's storage identity (`LogState::incarnation`), sent with
+    /// every message; 0 when the store keeps none.
+    pub incarnation: u64,
 }
 
 /// Why durable state could not be restored.
@@ -71,6 +74,12 @@ pub enum ProposeError {
         pending: u64,
         /// The limit.
         max: u64,
+    },
+    /// Leadership is being handed to another member; retry there.
+    #[error("leadership is being transferred to node {to}; retry on the new leader")]
+    Transferring {
+        /// The member taking over.
+        to: NodeId,
     },
 }
 

@@ -85,6 +85,7 @@ impl Engine {
                 self.maybe_commit();
             }
             self.fill_pipeline(from);
+            self.maybe_send_timeout_now();
         } else {
             if let Some(RejectHint {
                 conflict_term: None,
@@ -205,6 +206,7 @@ impl Engine {
         self.reads.next_round(self.now);
         self.broadcast_heartbeat();
         self.maybe_compact();
+        self.record_identities();
     }
 
     pub(super) fn broadcast_heartbeat(&mut self) {
@@ -341,6 +343,10 @@ impl Engine {
         for p in peers {
             self.send_append(p, true);
         }
+        self.after_commit();
+        if self.role != Role::Leader {
+            return;
+        }
         if self.awaiting_snapshot {
             // Elected without its state (no other member could win): its
             // log now reached a majority; it steps aside so one that can
@@ -386,7 +392,7 @@ impl Engine {
     /// no other leader can exist before T + election_timeout_min on their
     /// clocks; this leader trusts T + election_timeout_min - margin on its own.
     pub(super) fn extend_lease(&mut self) {
-        if self.cfg.read_policy != crate::config::ReadPolicy::Lease {
+        if self.cfg.read_policy != crate::config::ReadPolicy::Lease || self.transfer.is_some() {
             return;
         }
         let confirmed = self.confirmed_round();
@@ -424,6 +430,7 @@ impl Engine {
             }
         });
         let single = (self.members.current().voters.len() == 1
+            && !self.members.current().is_joint()
             && self.members.current().contains(id))
             || broken(Mutation::ReadWithoutQuorum);
         self.reads.confirm(confirmed, single);

@@ -38,6 +38,12 @@ impl MembershipLog {
         &self.current
     }
 
+    /// The index of the latest membership entry in the log (0 when the one
+    /// in force is the base, which is committed).
+    pub(super) fn latest_index(&self) -> LogIndex {
+        self.entries.last().map_or(0, |(i, _)| *i)
+    }
+
     /// The membership in force at `index` (at or above the purge point).
     pub(super) fn at(&self, index: LogIndex) -> &Membership {
         self.entries

@@ -16,6 +16,7 @@
 //!
 //! Readies must be processed one at a time, in order.
 
+mod changes;
 mod compaction;
 mod election;
 mod follower;
@@ -34,8 +35,10 @@ use crate::config::Config;
 use crate::message::{Message, MessageBody, RejectHint};
 use crate::mutation::{broken, Mutation};
 use crate::types::{
-    Entry, EntryPayload, HardState, LogId, LogIndex, Membership, NodeId, Role, SnapshotMeta, Term,
+    Entry, EntryPayload, HardState, LogId, LogIndex, Member, Membership, NodeId, Role,
+    SnapshotMeta, Term,
 };
+pub use changes::{ChangeError, ChangeStep, TransferError};
 pub use interface::{EngineError, InitialState, NotLeader, ProposeError, ReadResult, Ready};
 use log::RaftLog;
 use membership::MembershipLog;
@@ -104,6 +107,16 @@ pub struct Engine {
     snapshot_wanted: bool,
     /// The driver can send and receive snapshots (`InitialState::await_snapshot`).
     can_snapshot: bool,
+    /// This node's storage identity (`InitialState::incarnation`).
+    incarnation: u64,
+    /// A leadership transfer under way.
+    transfer: Option<changes::Transfer>,
+    /// Leader: storage identities members reported that the configuration
+    /// does not record yet.
+    learned: BTreeMap<NodeId, u64>,
+    /// The leader refused this node: the configuration records another
+    /// storage identity for its id (this one).
+    refused: Option<u64>,
     /// How often a follower needed entries that were compacted away (tests:
     /// must stay 0, there are no snapshots to send instead).
     #[cfg(test)]
@@ -131,6 +144,7 @@ impl Engine {
             applied,
             snapshot,
             await_snapshot,
+            incarnation,
         } = init;
         let mut expect = purged.index + 1;
         let mut prev_term = purged.term;
@@ -174,7 +188,7 @@ impl Engine {
                 _ if await_snapshot
                     && MembershipLog::restore(base_membership.clone(), &entries)
                         .current()
-                        .voters
+                        .all_members()
                         .iter()
                         .any(|&v| v != cfg.id) =>
                 {
@@ -240,6 +254,10 @@ impl Engine {
             snapshot_sends: Vec::new(),
             snapshot_wanted: false,
             can_snapshot: await_snapshot,
+            incarnation,
+            transfer: None,
+            learned: BTreeMap::new(),
+            refused: None,
             #[cfg(test)]
             below_compaction: 0,
             #[cfg(test)]
@@ -305,6 +323,16 @@ impl Engine {
     pub fn membership(&self) -> &Membership {
         self.members.current()
     }
+    /// This node's storage identity.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+    /// When the leader refused this node because the configuration records
+    /// another storage identity for its id: that identity. The node must
+    /// stop; it can be added back as a new member.
+    pub fn refused(&self) -> Option<u64> {
+        self.refused
+    }
     /// True while the application's state is lost and the leader's
     /// snapshot has not arrived (see `InitialState::await_snapshot`).
     pub fn awaiting_snapshot(&self) -> bool {
@@ -364,6 +392,7 @@ impl Engine {
                 self.heartbeat_deadline = now + self.cfg.heartbeat_interval;
                 self.on_heartbeat_timer();
             }
+            self.check_transfer();
             if self.cfg.check_quorum && now >= self.quorum_deadline {
                 self.quorum_deadline = now + self.cfg.election_timeout_min;
                 let mut active: BTreeSet<NodeId> = self
@@ -416,6 +445,9 @@ impl Engine {
             }
             .into());
         }
+        if let Some(t) = self.transfer {
+            return Err(ProposeError::Transferring { to: t.to });
+        }
         let mut total = 0u64;
         for c in &commands {
             if c.len() > self.cfg.max_entry_bytes {
@@ -454,6 +486,9 @@ impl Engine {
                 leader: self.leader,
             }
             .into());
+        }
+        if let Some(t) = self.transfer {
+            return Err(ProposeError::Transferring { to: t.to });
         }
         let pending = self.log.unapplied_bytes();
         let size = (payload.size_hint() + crate::types::ENTRY_OVERHEAD) as u64;
@@ -545,19 +580,36 @@ impl Engine {
             );
             return;
         }
-        if !self.members.current().contains(msg.from) {
-            tracing::warn!(
+        // Leaders and their traffic are accepted from anyone (a member
+        // added by a configuration this node has not seen yet leads); vote
+        // requests only from voters of the configuration in force, so a
+        // removed member that keeps running cannot disturb the cluster.
+        if matches!(msg.body, MessageBody::VoteRequest { .. })
+            && !self.members.current().contains(msg.from)
+        {
+            tracing::debug!(
                 node = self.id,
                 from = msg.from,
-                "dropping message from a non-member"
+                "ignoring a vote request from a non-voter"
             );
+            return;
+        }
+        if let MessageBody::Refused { recorded } = msg.body {
+            if msg.term >= self.term {
+                self.on_refused(msg.from, recorded);
+            }
+            return;
+        }
+        if self.check_identity(&msg) {
             return;
         }
         let from = msg.from;
         if msg.term > self.term {
             match &msg.body {
-                MessageBody::VoteRequest { pre_vote, .. } => {
-                    if self.in_lease() {
+                MessageBody::VoteRequest {
+                    pre_vote, transfer, ..
+                } => {
+                    if self.in_lease() && !transfer {
                         tracing::debug!(
                             node = self.id,
                             term = self.term,
@@ -583,7 +635,8 @@ impl Engine {
                 } => {}
                 MessageBody::AppendEntries { .. }
                 | MessageBody::Heartbeat { .. }
-                | MessageBody::InstallSnapshot { .. } => {
+                | MessageBody::InstallSnapshot { .. }
+                | MessageBody::TimeoutNow => {
                     self.become_follower(msg.term, Some(from));
                 }
                 _ => self.become_follower(msg.term, None),
@@ -622,10 +675,12 @@ impl Engine {
                 pre_vote,
                 last_log_index,
                 last_log_term,
+                transfer,
             } => self.on_vote_request(
                 from,
                 msg.term,
                 pre_vote,
+                transfer,
                 LogId::new(last_log_term, last_log_index),
             ),
             MessageBody::VoteResponse { pre_vote, granted } => {
@@ -649,7 +704,10 @@ impl Engine {
             } => self.on_heartbeat(from, leader_commit, round, purge_to_index),
             MessageBody::HeartbeatResponse { round } => self.on_heartbeat_response(from, round),
             MessageBody::InstallSnapshot { meta } => self.on_install_snapshot(from, meta),
-            MessageBody::SnapshotChunk { .. } | MessageBody::SnapshotAck { .. } => {}
+            MessageBody::TimeoutNow => self.on_timeout_now(from),
+            MessageBody::SnapshotChunk { .. }
+            | MessageBody::SnapshotAck { .. }
+            | MessageBody::Refused { .. } => {}
         }
     }
 
@@ -803,7 +861,9 @@ impl Engine {
             self.lease_until = Duration::ZERO;
             self.reads.fail_all();
             self.progress.clear();
+            self.learned.clear();
         }
+        self.transfer = None;
         if self.role != Role::Follower || self.leader != leader {
             tracing::debug!(
                 node = self.id,
@@ -819,6 +879,12 @@ impl Engine {
     }
 
     fn campaign(&mut self, pre_vote: bool) {
+        self.campaign_with(pre_vote, false)
+    }
+
+    /// Starts an election (or a pre-vote); `transfer` when the leader
+    /// handed over (`TimeoutNow`).
+    fn campaign_with(&mut self, pre_vote: bool, transfer: bool) {
         self.votes.clear();
         self.leader = None;
         self.reset_election_timer();
@@ -841,6 +907,8 @@ impl Engine {
             if self.role == Role::Leader {
                 self.reads.fail_all();
                 self.progress.clear();
+                self.learned.clear();
+                self.transfer = None;
             }
             self.role = Role::Candidate;
             debug_assert!(t > self.term, "terms never decrease");
@@ -863,10 +931,12 @@ impl Engine {
                 from: self.id,
                 to: p,
                 term: campaign_term,
+                incarnation: self.incarnation,
                 body: MessageBody::VoteRequest {
                     pre_vote,
                     last_log_index: last.index,
                     last_log_term: last.term,
+                    transfer,
                 },
             });
         }
@@ -909,10 +979,10 @@ impl Engine {
         self.progress = self
             .members
             .current()
-            .voters
-            .iter()
-            .filter(|&&id| id != self.id)
-            .map(|&id| (id, Progress::new(next, now)))
+            .all_members()
+            .into_iter()
+            .filter(|&id| id != self.id)
+            .map(|id| (id, Progress::new(next, now)))
             .collect();
         self.heartbeat_deadline = now + self.cfg.heartbeat_interval;
         self.quorum_deadline = now + self.cfg.election_timeout_min;
@@ -926,9 +996,8 @@ impl Engine {
     fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.members
             .current()
-            .voters
-            .iter()
-            .copied()
+            .all_voters()
+            .into_iter()
             .filter(move |&id| id != self.id)
     }
 
@@ -962,6 +1031,7 @@ impl Engine {
             from: self.id,
             to,
             term: self.term,
+            incarnation: self.incarnation,
             body,
         });
     }
@@ -971,6 +1041,7 @@ impl Engine {
             from: self.id,
             to,
             term,
+            incarnation: self.incarnation,
             body,
         });
     }

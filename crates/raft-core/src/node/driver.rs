@@ -141,6 +141,8 @@ pub(super) struct Driver {
     reads_after_apply: BTreeMap<LogIndex, Vec<Reply<LogIndex>>>,
     next_ctx: u64,
     transfers: Transfers,
+    /// The configuration the transport was last told about.
+    known_members: crate::types::Membership,
 }
 
 /// Waits for the write in progress; never resolves when there is none.
@@ -202,7 +204,10 @@ impl Driver {
             events_tx,
             events_rx,
         };
-        Driver {
+        let known_members = engine.membership().clone();
+        transport.update_members(&known_members);
+        let d = Driver {
+            known_members,
             transfers,
             engine,
             store: Some(store),
@@ -219,7 +224,9 @@ impl Driver {
             read_waiters: HashMap::new(),
             reads_after_apply: BTreeMap::new(),
             next_ctx: 1,
-        }
+        };
+        d.publish_status(None);
+        d
     }
 
     fn now(&self) -> std::time::Duration {
@@ -311,6 +318,17 @@ impl Driver {
                 tracing::error!(error = %e, "stopping node");
                 break Err(e);
             }
+            if let Some(recorded) = self.engine.refused() {
+                break Err(Error::Refused {
+                    id: self.engine.id(),
+                    recorded,
+                    mine: self.engine.incarnation(),
+                });
+            }
+            if self.engine.membership() != &self.known_members {
+                self.known_members = self.engine.membership().clone();
+                self.transport.update_members(&self.known_members);
+            }
             self.publish_status(None);
         };
         let why = match &result {
@@ -325,6 +343,12 @@ impl Driver {
 
     fn handle_request(&mut self, r: Request) {
         match r {
+            Request::ChangeMembership(steps, reply) => {
+                let _ = reply.send(self.engine.change_membership(&steps).map_err(Error::from));
+            }
+            Request::TransferLeadership(to, reply) => {
+                let _ = reply.send(self.engine.transfer_leadership(to).map_err(Error::from));
+            }
             Request::Submit(cmds, reply) => {
                 let _ = reply.send(self.engine.propose_batch(cmds).map_err(Error::from));
             }
@@ -383,6 +407,7 @@ impl Driver {
                 membership: rd.membership.take(),
                 install: rd.install.take(),
                 snapshot: rd.snapshot.take(),
+                incarnation: None,
             };
             let has_job = !batch.is_empty() || rd.purge_to.is_some();
             let after = AfterSave {
@@ -700,6 +725,7 @@ impl Driver {
                 from: self.engine.id(),
                 to: leader,
                 term,
+                incarnation: 0,
                 body: MessageBody::SnapshotAck { index, next },
             }),
             Received::Done {
@@ -721,6 +747,7 @@ impl Driver {
                     from: self.engine.id(),
                     to: leader,
                     term,
+                    incarnation: 0,
                     body: MessageBody::SnapshotAck { index, next: size },
                 });
                 tracing::info!(from = leader, index, "snapshot received");
@@ -731,6 +758,7 @@ impl Driver {
                         from: leader,
                         to: self.engine.id(),
                         term,
+                        incarnation: 0,
                         body: MessageBody::InstallSnapshot { meta },
                     },
                 );
@@ -795,7 +823,11 @@ impl Driver {
                 purged_index: e.purged().index,
                 snapshot_index: e.snapshot().map_or(0, |m| m.last.index),
                 snapshot_wanted: e.snapshot_wanted(),
-                members: e.membership().voters.iter().copied().collect(),
+                members: e.membership().all_voters().into_iter().collect(),
+                membership: e.membership().clone(),
+                change_in_flight: e.change_in_flight(),
+                transferring_to: e.transferring_to(),
+                incarnation: e.incarnation(),
                 unapplied_bytes: e.unapplied_bytes(),
                 stopped: stopped.clone().or_else(|| s.stopped.clone()),
             };

@@ -1,7 +1,7 @@
 //! The node's one error type.
 
 use crate::config::ConfigError;
-use crate::engine::{EngineError, ProposeError};
+use crate::engine::{ChangeError, EngineError, ProposeError, TransferError};
 use crate::storage::StorageError;
 use crate::types::{LogIndex, NodeId, Term};
 
@@ -65,14 +65,53 @@ pub enum Error {
         /// The limit (`Config::max_unapplied_bytes`).
         max: u64,
     },
-    /// The configured members disagree with the membership stored in the log.
-    #[error("the configured members {configured:?} disagree with the membership stored in the log {stored:?}; the stored membership counts: start with the peers it names")]
-    MembershipMismatch {
-        /// The members the configuration names (this node and its peers).
-        configured: Vec<NodeId>,
-        /// The members in force according to the durable log.
-        stored: Vec<NodeId>,
+    /// A membership change was refused.
+    #[error(transparent)]
+    Change(ChangeError),
+    /// A leadership transfer was refused.
+    #[error(transparent)]
+    Transfer(TransferError),
+    /// Leadership is being handed to another member; retry there.
+    #[error("leadership is being transferred to node {to}; retry on the new leader")]
+    Transferring {
+        /// The member taking over.
+        to: NodeId,
     },
+    /// The transfer to this member did not complete within an election
+    /// timeout; the old leader leads on (or another member won).
+    #[error("leadership transfer to node {0} did not complete")]
+    TransferFailed(NodeId),
+    /// The cluster refused this node: the configuration records another
+    /// storage identity for its id, so this node's disk is not the one the
+    /// member had (it was wiped or replaced).
+    #[error("the cluster refuses node {id}: its storage (identity {mine:x}) is not the one the cluster recorded for it ({recorded:x}); its data was lost or replaced. Start it again empty, as a new member: remove node {id} from the cluster and add it back (raft-kv: start it with --join)")]
+    Refused {
+        /// This node's id.
+        id: NodeId,
+        /// The identity the configuration records.
+        recorded: u64,
+        /// This node's storage identity.
+        mine: u64,
+    },
+}
+
+impl From<ChangeError> for Error {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::NotLeader(n) => n.into(),
+            ChangeError::Transferring { to } => Error::Transferring { to },
+            e => Error::Change(e),
+        }
+    }
+}
+
+impl From<TransferError> for Error {
+    fn from(e: TransferError) -> Self {
+        match e {
+            TransferError::NotLeader(n) => n.into(),
+            e => Error::Transfer(e),
+        }
+    }
 }
 
 impl From<ProposeError> for Error {
@@ -81,6 +120,7 @@ impl From<ProposeError> for Error {
             ProposeError::NotLeader(n) => n.into(),
             ProposeError::TooLarge { size, max } => Error::TooLarge { size, max },
             ProposeError::Busy { pending, max } => Error::Busy { pending, max },
+            ProposeError::Transferring { to } => Error::Transferring { to },
         }
     }
 }

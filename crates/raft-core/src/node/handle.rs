@@ -6,6 +6,7 @@ use super::apply::{applier, ApplyMsg, ApplyQueue, Proposal};
 use super::driver::Driver;
 use super::Error;
 use crate::config::Config;
+use crate::engine::ChangeStep;
 use crate::engine::{Engine, InitialState};
 use crate::snapshot::SnapshotStore;
 use crate::storage::{LogBatch, LogStore};
@@ -42,8 +43,17 @@ pub struct Status {
     /// A follower needs a snapshot and this node has none to send: the
     /// application should take one ([`Raft::snapshot_taken`]).
     pub snapshot_wanted: bool,
-    /// The voting members.
+    /// The voting members (both sides during a change).
     pub members: Vec<NodeId>,
+    /// The configuration in force: voters, learners, addresses.
+    pub membership: Membership,
+    /// The latest membership entry while a change is in flight (joint or
+    /// not committed yet).
+    pub change_in_flight: Option<LogIndex>,
+    /// A leadership transfer under way: its target.
+    pub transferring_to: Option<NodeId>,
+    /// This node's storage identity.
+    pub incarnation: u64,
     /// Bytes of entries held that the application has not taken yet
     /// (bounded by `Config::max_unapplied_bytes`).
     pub unapplied_bytes: u64,
@@ -63,6 +73,8 @@ pub(super) enum Request {
     ReadIndex(Reply<LogIndex>),
     Release(LogIndex),
     SnapshotTaken(LogIndex, Reply<Option<SnapshotMeta>>),
+    ChangeMembership(Vec<ChangeStep>, Reply<LogId>),
+    TransferLeadership(Option<NodeId>, Reply<NodeId>),
 }
 
 struct Parts {
@@ -202,6 +214,10 @@ impl Raft {
             snapshot_index: 0,
             snapshot_wanted: false,
             members: config.members().into_iter().collect(),
+            membership: Membership::new(config.members()),
+            change_in_flight: None,
+            transferring_to: None,
+            incarnation: 0,
             unapplied_bytes: 0,
             stopped: None,
         };
@@ -322,20 +338,30 @@ impl Raft {
                 state.snapshot = None;
             }
         }
+        // The storage's identity is made once, when it is created.
+        let mut incarnation = state.incarnation;
+        if incarnation == 0 {
+            incarnation = loop {
+                let x = fastrand::u64(..);
+                if x != 0 {
+                    break x;
+                }
+            };
+            store
+                .save(LogBatch {
+                    incarnation: Some(incarnation),
+                    ..LogBatch::default()
+                })
+                .await?;
+        }
         let configured = Membership::new(cfg.members());
+        let fresh = state.entries.is_empty()
+            && state.purged == LogId::default()
+            && state.hard_state == crate::types::HardState::default();
         let base = match state.membership.clone() {
             Some(m) => m,
-            None => {
-                let fresh = state.entries.is_empty()
-                    && state.purged == LogId::default()
-                    && state.hard_state == crate::types::HardState::default();
-                if !fresh {
-                    tracing::warn!(
-                        node = cfg.id,
-                        members = ?configured.voters,
-                        "the log stores no membership (written by an older version); storing the configured one"
-                    );
-                }
+            // A new cluster's member: bootstrap from the configuration.
+            None if fresh && !cfg.join => {
                 store
                     .save(LogBatch {
                         membership: Some(configured.clone()),
@@ -344,6 +370,9 @@ impl Raft {
                     .await?;
                 configured.clone()
             }
+            // A node waiting to be added (or added, before its first
+            // compaction): the leader's entries bring the membership.
+            None => Membership::default(),
         };
         let in_force = state
             .entries
@@ -354,11 +383,14 @@ impl Raft {
                 _ => None,
             })
             .unwrap_or_else(|| base.clone());
-        if in_force != configured {
-            return Err(Error::MembershipMismatch {
-                configured: configured.voters.into_iter().collect(),
-                stored: in_force.voters.into_iter().collect(),
-            });
+        if !cfg.join && !in_force.voters.is_empty() && in_force.all_voters() != configured.voters {
+            // The peers given at start only bootstrap; the log counts.
+            tracing::warn!(
+                node = cfg.id,
+                configured = ?configured.voters,
+                stored = %in_force,
+                "the configured peers differ from the membership in the log; the log's counts"
+            );
         }
         let init = InitialState {
             hard_state: state.hard_state,
@@ -368,6 +400,7 @@ impl Raft {
             applied: applied_index,
             snapshot: state.snapshot,
             await_snapshot: snapshots.is_some(),
+            incarnation,
         };
         let seed = seed_for(cfg.id);
         Ok(Engine::new(
@@ -550,6 +583,83 @@ impl Raft {
     /// one or `index` was not applied here.
     pub async fn snapshot_taken(&self, index: LogIndex) -> Result<Option<SnapshotMeta>, Error> {
         self.request(|tx| Request::SnapshotTaken(index, tx)).await
+    }
+
+    /// Changes the membership (leader only): `steps` together make one
+    /// change, through a joint configuration when the voters change.
+    /// Returns once the final configuration is committed, with it; a
+    /// second change while one is in flight is refused
+    /// (`ChangeError::InProgress`). Callers add their own timeout.
+    pub async fn change_membership(&self, steps: Vec<ChangeStep>) -> Result<Membership, Error> {
+        let id = self
+            .request(|r| Request::ChangeMembership(steps, r))
+            .await?;
+        let mut rx = self.inner.status_rx.clone();
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                if let Some(why) = &s.stopped {
+                    return Err(Error::Stopped(why.clone()));
+                }
+                if s.term != id.term || s.role != Role::Leader {
+                    // Whether the change survives is the next leader's log's business.
+                    return Err(Error::Unknown(id.index));
+                }
+                if s.commit_index >= id.index && s.change_in_flight.is_none() {
+                    return Ok(s.membership.clone());
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(Error::Stopped("the node has stopped".into()));
+            }
+        }
+    }
+
+    /// Adds a learner: a member that receives the log and snapshots and
+    /// does not vote. `addr` is where peers reach it; `incarnation` its
+    /// storage identity (from its `Status::incarnation`; 0 if unknown).
+    pub async fn add_learner(
+        &self,
+        id: NodeId,
+        addr: String,
+        incarnation: u64,
+    ) -> Result<Membership, Error> {
+        self.change_membership(vec![ChangeStep::AddLearner {
+            id,
+            member: crate::types::Member { addr, incarnation },
+        }])
+        .await
+    }
+
+    /// Hands leadership to `to` (or to the most up-to-date voter) and waits
+    /// until that member leads or the attempt was given up (an election
+    /// timeout). Proposals are refused meanwhile.
+    pub async fn transfer_leadership(&self, to: Option<NodeId>) -> Result<NodeId, Error> {
+        let target = self.request(|r| Request::TransferLeadership(to, r)).await?;
+        let mut rx = self.inner.status_rx.clone();
+        let limit = self.inner.config.election_timeout_max * 3;
+        let wait = async {
+            loop {
+                {
+                    let s = rx.borrow_and_update();
+                    if let Some(why) = &s.stopped {
+                        return Err(Error::Stopped(why.clone()));
+                    }
+                    if s.leader == Some(target) {
+                        return Ok(target);
+                    }
+                    if s.role == Role::Leader && s.transferring_to.is_none() {
+                        return Err(Error::TransferFailed(target));
+                    }
+                }
+                if rx.changed().await.is_err() {
+                    return Err(Error::Stopped("the node has stopped".into()));
+                }
+            }
+        };
+        tokio::time::timeout(limit, wait)
+            .await
+            .unwrap_or(Err(Error::TransferFailed(target)))
     }
 
     /// A linearizable read barrier (leader only). The leader confirms with a

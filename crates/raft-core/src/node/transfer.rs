@@ -73,6 +73,7 @@ pub(super) async fn send(
                 from: route.from,
                 to: route.to,
                 term: route.term,
+                incarnation: 0,
                 body: MessageBody::SnapshotChunk {
                     meta: meta.clone(),
                     size,

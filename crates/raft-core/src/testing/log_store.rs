@@ -307,7 +307,18 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
         Some(boot),
         "membership kept across appends and purges"
     );
-    let grown = Membership::new([1, 2, 3, 4]);
+    // A membership with learners, a joint configuration and addresses
+    // keeps all of them.
+    let mut grown = Membership::new([1, 2, 3, 4]);
+    grown.outgoing = [1, 2, 3].into_iter().collect();
+    grown.learners.insert(5);
+    grown.nodes.insert(
+        5,
+        crate::types::Member {
+            addr: "10.0.0.5:7000".into(),
+            incarnation: 0xfeed,
+        },
+    );
     save(
         &mut s3,
         LogBatch {
@@ -324,6 +335,31 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
         "a newer membership replaces the old"
     );
     assert_eq!(st.entries, entries(1, 4, 6));
+
+    // The storage identity is written once and survives reopening and
+    // later batches.
+    assert_eq!(st.incarnation, 0, "a new store has no identity yet");
+    save(
+        &mut s3,
+        LogBatch {
+            incarnation: Some(0x5eed_1234),
+            ..LogBatch::default()
+        },
+    )
+    .await;
+    save(
+        &mut s3,
+        LogBatch {
+            hard_state: Some(HardState {
+                term: 1,
+                vote: Some(2),
+            }),
+            ..LogBatch::default()
+        },
+    )
+    .await;
+    let mut s3 = f.reopen(s3).await;
+    assert_eq!(load(&mut s3).await.incarnation, 0x5eed_1234);
 
     // A snapshot record survives reopening and later batches.
     let taken = SnapshotMeta {

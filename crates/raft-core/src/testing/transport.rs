@@ -33,6 +33,7 @@ fn heartbeat(from: NodeId, to: NodeId, round: u64) -> Message {
         from,
         to,
         term: 7,
+        incarnation: 0,
         body: MessageBody::Heartbeat {
             leader_commit: 3,
             round,
@@ -128,6 +129,7 @@ pub async fn transport_conformance<F: NetworkFactory>(mut f: F) {
         from: 1,
         to: 3,
         term: 7,
+        incarnation: 0,
         body: MessageBody::AppendEntries {
             prev_log_index: 0,
             prev_log_term: 0,

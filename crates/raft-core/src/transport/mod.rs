@@ -8,7 +8,7 @@ mod channel;
 pub use channel::{ChannelNetwork, ChannelTransport};
 
 use crate::message::Message;
-use crate::types::NodeId;
+use crate::types::{Membership, NodeId};
 use async_trait::async_trait;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -46,6 +46,12 @@ pub trait Transport: Send + 'static {
     fn rpc_endpoint(&mut self) -> Option<RpcEndpoint> {
         None
     }
+
+    /// The configuration in force changed (a member added or removed, an
+    /// address recorded): a transport that needs addresses takes them from
+    /// `Membership::nodes` and drops links to nodes that are no longer
+    /// members. Called once at start and after every change.
+    fn update_members(&self, _members: &Membership) {}
 }
 
 /// Sends application requests to other members and waits for their replies.

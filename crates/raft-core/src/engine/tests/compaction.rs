@@ -17,6 +17,7 @@ fn log_may_start_above_index_one() {
             applied: 100,
             snapshot: None,
             await_snapshot: false,
+            incarnation: 0,
         };
         Engine::new(cfg(id), init, id, Duration::ZERO).unwrap()
     };
@@ -106,6 +107,7 @@ fn compaction_never_drops_unapplied_entries_and_a_restart_resumes_after_the_poin
         applied: 6,
         snapshot: None,
         await_snapshot: false,
+        incarnation: 0,
     };
     let mut e = Engine::new(cfg(1), init, 7, Duration::ZERO).unwrap();
     assert_eq!(e.last_log_id(), LogId::new(1, 6));

@@ -145,6 +145,7 @@ fn s5_2_at_most_one_vote_per_term() {
                 pre_vote: false,
                 last_log_index: 0,
                 last_log_term: 0,
+                transfer: false,
             },
         )
     };
@@ -176,6 +177,7 @@ fn s5_2_vote_is_durable_before_it_is_sent() {
                 pre_vote: false,
                 last_log_index: 0,
                 last_log_term: 0,
+                transfer: false,
             },
         ),
     );
@@ -236,6 +238,7 @@ fn figure_2_refusing_a_vote_leaves_the_election_timer_running() {
                 pre_vote: false,
                 last_log_index: 9,
                 last_log_term: 1,
+                transfer: false,
             },
         ),
     );
@@ -253,6 +256,7 @@ fn figure_2_refusing_a_vote_leaves_the_election_timer_running() {
                 pre_vote: false,
                 last_log_index: 2,
                 last_log_term: 3,
+                transfer: false,
             },
         ),
     );

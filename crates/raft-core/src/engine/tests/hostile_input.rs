@@ -3,21 +3,26 @@
 use super::*;
 
 #[test]
-fn messages_from_unknown_or_misaddressed_nodes_are_dropped() {
+fn vote_requests_from_non_voters_and_misaddressed_messages_are_dropped() {
     let mut e = engine_with(cfg(1), &[1, 2, 3], 1, vec![]);
-    e.handle_message(
-        Duration::ZERO,
-        msg(
-            99,
-            1,
-            50,
-            MessageBody::Heartbeat {
-                leader_commit: 0,
-                round: 0,
-                purge_to_index: 0,
-            },
-        ),
-    );
+    // Thesis §4.2.3: a removed member that keeps running must not raise
+    // the cluster's term.
+    for pre_vote in [true, false] {
+        e.handle_message(
+            Duration::ZERO,
+            msg(
+                99,
+                1,
+                50,
+                MessageBody::VoteRequest {
+                    pre_vote,
+                    last_log_index: 100,
+                    last_log_term: 49,
+                    transfer: false,
+                },
+            ),
+        );
+    }
     e.handle_message(
         Duration::ZERO,
         msg(

@@ -68,6 +68,7 @@ fn check_quorum_followers_in_lease_ignore_disruptive_candidates() {
                 pre_vote: false,
                 last_log_index: 99,
                 last_log_term: term,
+                transfer: false,
             },
         ),
     );

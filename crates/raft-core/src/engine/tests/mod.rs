@@ -203,6 +203,7 @@ fn msg(from: NodeId, to: NodeId, term: Term, body: MessageBody) -> Message {
         from,
         to,
         term,
+        incarnation: 0,
         body,
     }
 }

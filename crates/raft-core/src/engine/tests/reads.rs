@@ -152,6 +152,7 @@ fn lease_a_restarted_member_ignores_candidates_for_one_election_timeout() {
                 pre_vote: false,
                 last_log_index: 0,
                 last_log_term: 0,
+                transfer: false,
             },
         )
     };
@@ -199,6 +200,7 @@ fn lease_a_stray_higher_term_does_not_free_a_member_to_vote() {
                 pre_vote,
                 last_log_index: 10,
                 last_log_term: 10,
+                transfer: false,
             },
         )
     };

@@ -24,6 +24,7 @@ fn s5_4_1_vote_denied_to_candidate_with_less_up_to_date_log() {
                     pre_vote: false,
                     last_log_index: last_index,
                     last_log_term: last_term,
+                    transfer: false,
                 },
             ),
         );

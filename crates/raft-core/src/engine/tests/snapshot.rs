@@ -181,6 +181,7 @@ fn a_restart_between_storing_and_loading_a_snapshot_loads_it_first() {
         applied: 3,
         snapshot: Some(meta.clone()),
         await_snapshot: false,
+        incarnation: 0,
     };
     let mut e = Engine::new(cfg(2), init, 1, Duration::ZERO).expect("restorable");
     let rd = e.take_ready();
@@ -198,6 +199,7 @@ fn a_restart_between_storing_and_loading_a_snapshot_loads_it_first() {
         applied: 3,
         snapshot: None,
         await_snapshot: false,
+        incarnation: 0,
     };
     let err = Engine::new(cfg(2), init, 1, Duration::ZERO).unwrap_err();
     assert!(err.to_string().contains("no snapshot covers it"), "{err}");
