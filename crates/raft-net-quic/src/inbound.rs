@@ -4,7 +4,6 @@
 
 use crate::{tls, wire};
 use raft_core::{InboundRpc, Message, NodeId};
-use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -13,7 +12,6 @@ use tokio::sync::{mpsc, oneshot};
 pub(crate) struct Inbound {
     pub(crate) id: NodeId,
     pub(crate) cluster_id: u64,
-    pub(crate) members: BTreeSet<NodeId>,
     pub(crate) max_frame: usize,
     pub(crate) tx: mpsc::Sender<Message>,
     /// Where requests from peers go, once the application took its endpoint.
@@ -56,8 +54,6 @@ fn admit(conn: &quinn::Connection, header: &wire::Header, inbound: &Inbound) -> 
         format!("cluster id {} is not ours", header.cluster_id)
     } else if header.to != inbound.id {
         format!("stream is addressed to node {}", header.to)
-    } else if !inbound.members.contains(&header.from) {
-        format!("node {} is not a member", header.from)
     } else if !tls::peer_is(conn, header.from) {
         format!("certificate does not name node {}", header.from)
     } else {

@@ -36,7 +36,7 @@ pub use tls::{generate_cluster_certs, ClusterCa, TlsMaterial};
 use async_trait::async_trait;
 use inbound::{accept_loop, Inbound};
 use peer::{lock, writer, Backoff, Class, PeerLink, PeerQueues, WarnLimiter};
-use raft_core::{Message, MessageBody, NodeId, RpcEndpoint, Transport};
+use raft_core::{Membership, Message, MessageBody, NodeId, RpcEndpoint, Transport};
 use rpc::RpcClient;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -59,10 +59,18 @@ pub struct QuicTransport {
     rpc_taken: bool,
     handler_slot: Arc<Inbound>,
     addrs: Arc<RwLock<BTreeMap<NodeId, SocketAddr>>>,
-    peers: BTreeMap<NodeId, PeerQueues>,
+    /// One set of queues (and writer tasks) per peer; members added at
+    /// runtime get theirs from `update_members`.
+    peers: RwLock<BTreeMap<NodeId, PeerQueues>>,
+    links: Links,
+    cluster_id: u64,
+    queue_len: usize,
     inbound: mpsc::Receiver<Message>,
     tasks: Vec<JoinHandle<()>>,
 }
+
+/// The links to peers, shared with the RPC client.
+pub(crate) type Links = Arc<RwLock<BTreeMap<NodeId, Arc<PeerLink>>>>;
 
 impl std::fmt::Debug for QuicTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,58 +117,95 @@ impl QuicTransport {
         let inbound = Arc::new(Inbound {
             id: cfg.id,
             cluster_id: cfg.cluster_id,
-            members: cfg.peers.keys().copied().collect(),
             max_frame: cfg.max_frame_bytes,
             tx: in_tx,
             rpc: RwLock::new(None),
         });
-        let mut tasks = vec![tokio::spawn(accept_loop(endpoint.clone(), inbound.clone()))];
-        let mut peers = BTreeMap::new();
-        let mut links = BTreeMap::new();
-        for &peer in cfg.peers.keys() {
-            let link = Arc::new(PeerLink {
-                id: peer,
-                endpoint: endpoint.clone(),
-                addrs: addrs.clone(),
-                conn: tokio::sync::Mutex::new(None),
-                backoff: Mutex::new(Backoff::new(cfg.id.wrapping_mul(31).wrapping_add(peer))),
-                warn: Mutex::new(WarnLimiter::new()),
-                header: wire::header(cfg.cluster_id, cfg.id, peer),
-                local: cfg.id,
-            });
-            let (ctx, crx) = mpsc::channel(cfg.queue_len);
-            let (btx, brx) = mpsc::channel(cfg.queue_len);
-            // A snapshot sender keeps a few chunks in flight; a short queue
-            // bounds the memory a stuck peer can hold.
-            let (stx, srx) = mpsc::channel(SNAPSHOT_QUEUE);
-            links.insert(peer, link.clone());
-            tasks.push(tokio::spawn(writer(link.clone(), Class::Control, crx)));
-            tasks.push(tokio::spawn(writer(link.clone(), Class::Bulk, brx)));
-            tasks.push(tokio::spawn(writer(link, Class::Snapshot, srx)));
-            peers.insert(
-                peer,
-                PeerQueues {
-                    control: ctx,
-                    bulk: btx,
-                    snapshot: stx,
-                    warn: Mutex::new(WarnLimiter::new()),
-                },
-            );
-        }
-        Ok(QuicTransport {
+        let tasks = vec![tokio::spawn(accept_loop(endpoint.clone(), inbound.clone()))];
+        let links: Links = Arc::default();
+        let t = QuicTransport {
             id: cfg.id,
             endpoint,
             rpc: RpcClient {
-                links: Arc::new(links),
+                links: links.clone(),
                 max_frame: cfg.max_frame_bytes,
             },
             rpc_taken: false,
             handler_slot: inbound,
             addrs,
-            peers,
+            peers: RwLock::default(),
+            links,
+            cluster_id: cfg.cluster_id,
+            queue_len: cfg.queue_len,
             inbound: in_rx,
             tasks,
-        })
+        };
+        for &peer in cfg.peers.keys() {
+            t.add_peer(peer);
+        }
+        Ok(t)
+    }
+
+    /// Starts the link, queues and writer tasks for a new peer.
+    fn add_peer(&self, peer: NodeId) {
+        let mut peers = write_lock(&self.peers);
+        if peers.contains_key(&peer) || peer == self.id {
+            return;
+        }
+        let link = Arc::new(PeerLink {
+            id: peer,
+            endpoint: self.endpoint.clone(),
+            addrs: self.addrs.clone(),
+            conn: tokio::sync::Mutex::new(None),
+            backoff: Mutex::new(Backoff::new(self.id.wrapping_mul(31).wrapping_add(peer))),
+            warn: Mutex::new(WarnLimiter::new()),
+            header: wire::header(self.cluster_id, self.id, peer),
+            local: self.id,
+        });
+        let (ctx, crx) = mpsc::channel(self.queue_len);
+        let (btx, brx) = mpsc::channel(self.queue_len);
+        // A snapshot sender keeps a few chunks in flight; a short queue
+        // bounds the memory a stuck peer can hold.
+        let (stx, srx) = mpsc::channel(SNAPSHOT_QUEUE);
+        write_lock(&self.links).insert(peer, link.clone());
+        let tasks = vec![
+            tokio::spawn(writer(link.clone(), Class::Control, crx)),
+            tokio::spawn(writer(link.clone(), Class::Bulk, brx)),
+            tokio::spawn(writer(link, Class::Snapshot, srx)),
+        ];
+        peers.insert(
+            peer,
+            PeerQueues {
+                control: ctx,
+                bulk: btx,
+                snapshot: stx,
+                warn: Mutex::new(WarnLimiter::new()),
+                tasks,
+            },
+        );
+    }
+
+    /// Stops a removed peer's writers and closes its connection.
+    fn remove_peer(&self, peer: NodeId) {
+        let Some(q) = write_lock(&self.peers).remove(&peer) else {
+            return;
+        };
+        for t in &q.tasks {
+            t.abort();
+        }
+        if let Some(link) = write_lock(&self.links).remove(&peer) {
+            tokio::spawn(async move {
+                if let Some(conn) = link.conn.lock().await.take() {
+                    conn.close(quinn::VarInt::from_u32(0), b"removed from the cluster");
+                }
+            });
+        }
+        tracing::info!(node = self.id, peer, "peer removed; connection closed");
+    }
+
+    /// The peers this transport keeps links to.
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        read_lock(&self.peers).keys().copied().collect()
     }
 
     /// The address the endpoint listens on.
@@ -174,7 +219,7 @@ impl QuicTransport {
     /// Sets or changes a peer's address (for example once it is known after
     /// binding to port 0). The id must be one of the configured peers.
     pub fn set_peer_addr(&self, id: NodeId, addr: SocketAddr) -> Result<(), NetError> {
-        if !self.peers.contains_key(&id) {
+        if !read_lock(&self.peers).contains_key(&id) {
             return Err(NetError::Config(format!(
                 "node {id} is not a configured peer"
             )));
@@ -192,9 +237,31 @@ impl Drop for QuicTransport {
         for t in &self.tasks {
             t.abort();
         }
+        for q in read_lock(&self.peers).values() {
+            for t in &q.tasks {
+                t.abort();
+            }
+        }
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"shutting down");
     }
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `host:port` to a socket address (an IP literal, or a name resolved now).
+fn resolve(addr: &str) -> Option<SocketAddr> {
+    if let Ok(a) = addr.parse() {
+        return Some(a);
+    }
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs().ok()?.next()
 }
 
 /// Votes, heartbeats and answers go on the control stream; appends with entries on the bulk stream.
@@ -213,7 +280,8 @@ impl Transport for QuicTransport {
             );
             return;
         }
-        let Some(q) = self.peers.get(&msg.to) else {
+        let peers = read_lock(&self.peers);
+        let Some(q) = peers.get(&msg.to) else {
             tracing::debug!(node = self.id, to = msg.to, "no such peer");
             return;
         };
@@ -243,6 +311,39 @@ impl Transport for QuicTransport {
 
     fn max_message_bytes(&self) -> Option<usize> {
         Some(self.handler_slot.max_frame)
+    }
+
+    fn update_members(&self, members: &Membership) {
+        // Addresses recorded in the configuration (those given at start
+        // stay until the configuration records others).
+        for (&id, m) in &members.nodes {
+            if id == self.id || m.addr.is_empty() {
+                continue;
+            }
+            match resolve(&m.addr) {
+                Some(a) => {
+                    write_lock(&self.addrs).insert(id, a);
+                }
+                None => {
+                    tracing::warn!(node = self.id, peer = id, addr = %m.addr, "cannot resolve a member's address")
+                }
+            }
+        }
+        let wanted = members.all_members();
+        for &id in &wanted {
+            self.add_peer(id);
+        }
+        // A node not yet added anywhere (no voters) keeps what it has.
+        if !members.voters.is_empty() {
+            let gone: Vec<NodeId> = read_lock(&self.peers)
+                .keys()
+                .copied()
+                .filter(|id| !wanted.contains(id))
+                .collect();
+            for id in gone {
+                self.remove_peer(id);
+            }
+        }
     }
 
     fn rpc_endpoint(&mut self) -> Option<RpcEndpoint> {

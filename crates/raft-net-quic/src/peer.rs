@@ -230,4 +230,6 @@ pub(crate) struct PeerQueues {
     pub(crate) bulk: mpsc::Sender<Message>,
     pub(crate) snapshot: mpsc::Sender<Message>,
     pub(crate) warn: Mutex<WarnLimiter>,
+    /// Its writer tasks, stopped when the peer is removed.
+    pub(crate) tasks: Vec<tokio::task::JoinHandle<()>>,
 }

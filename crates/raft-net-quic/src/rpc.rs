@@ -1,18 +1,15 @@
 //! Application requests to peers ([`raft_core::PeerRpc`]) on the cluster's
 //! authenticated connections: one bidirectional stream per request.
 
-use crate::peer::PeerLink;
 use crate::wire;
 use async_trait::async_trait;
 use raft_core::{NodeId, PeerRpc, RpcError};
-use std::collections::BTreeMap;
-use std::sync::Arc;
 
 /// Sends application requests to peers over the cluster's authenticated
 /// connections. Cheap to clone; usable after the transport moved into a node.
 #[derive(Clone)]
 pub(crate) struct RpcClient {
-    pub(crate) links: Arc<BTreeMap<NodeId, Arc<PeerLink>>>,
+    pub(crate) links: crate::Links,
     pub(crate) max_frame: usize,
 }
 
@@ -25,7 +22,13 @@ impl std::fmt::Debug for RpcClient {
 #[async_trait]
 impl PeerRpc for RpcClient {
     async fn call(&self, to: NodeId, request: Vec<u8>) -> Result<Vec<u8>, RpcError> {
-        let link = self.links.get(&to).ok_or(RpcError::UnknownPeer(to))?;
+        let link = self
+            .links
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&to)
+            .cloned()
+            .ok_or(RpcError::UnknownPeer(to))?;
         let conn = link.connection().await.ok_or(RpcError::Unreachable(to))?;
         let broken = |e: &dyn std::fmt::Display| RpcError::Broken(to, e.to_string());
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broken(&e))?;

@@ -5,7 +5,7 @@
 use raft_core::node::{ApplyMsg, Error, Raft};
 use raft_core::testing::{transport_conformance, NetworkFactory};
 use raft_core::Config;
-use raft_core::{MemLogStore, Message, MessageBody, NodeId, Transport};
+use raft_core::{MemLogStore, Member, Membership, Message, MessageBody, NodeId, Transport};
 use raft_net_quic::{wire, ClusterCa, QuicConfig, QuicTransport, TlsMaterial};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -395,4 +395,55 @@ impl NetworkFactory for QuicMeshes {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_transport_conforms() {
     transport_conformance(QuicMeshes { cas: Vec::new() }).await;
+}
+
+/// Members added at runtime are reached at the address the configuration
+/// records; a removed member's link is closed and nothing more goes to it.
+#[tokio::test]
+async fn peers_follow_the_membership_added_and_removed_at_runtime() {
+    let ca = ClusterCa::generate().unwrap();
+    let (mut ts, _) = mesh(&ca, &[1, 2]);
+    let mut t2 = ts.pop().unwrap();
+    let t1 = ts.pop().unwrap();
+    // Node 3 joins later: nobody was started knowing it.
+    let mut t3 = bind(3, any_port(), &[], &ca.material(3).unwrap());
+    assert_eq!(t1.peer_ids(), vec![2]);
+    let mut m = Membership::new([1, 2]);
+    m.learners.insert(3);
+    m.nodes.insert(
+        3,
+        Member {
+            addr: t3.local_addr().unwrap().to_string(),
+            incarnation: 7,
+        },
+    );
+    t1.update_members(&m);
+    assert_eq!(t1.peer_ids(), vec![2, 3]);
+    assert!(
+        deliver(&t1, &mut t3, hb(1, 3, 1)).await,
+        "reached the new member"
+    );
+    // And node 3 answers although it started with no peers: it learns them
+    // from the configuration too (here: node 1's address).
+    let mut m3 = m.clone();
+    m3.nodes.insert(
+        1,
+        Member {
+            addr: t1.local_addr().unwrap().to_string(),
+            incarnation: 1,
+        },
+    );
+    t3.update_members(&m3);
+    let mut t1 = t1;
+    assert!(
+        deliver(&t3, &mut t1, hb(3, 1, 2)).await,
+        "the new member answers"
+    );
+    // Node 2 is removed: its link goes, and messages to it are dropped.
+    let mut gone = Membership::new([1]);
+    gone.learners.insert(3);
+    t1.update_members(&gone);
+    assert_eq!(t1.peer_ids(), vec![3]);
+    t1.send(hb(1, 2, 3));
+    assert_eq!(recv_within(&mut t2, Duration::from_millis(500)).await, None);
 }
