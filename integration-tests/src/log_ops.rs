@@ -7,6 +7,7 @@ use raft_core::{Entry, EntryPayload, HardState, LogId, Membership, SnapshotMeta}
 
 /// One operation on a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // test ops, built one at a time
 pub enum Op {
     /// A `save`.
     Save(LogBatch),

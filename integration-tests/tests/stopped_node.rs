@@ -61,6 +61,7 @@ async fn full_disk() {
         tls_dir: dir.path().join("certs"),
         password: None,
         cluster_id: 0,
+        join: None,
         raft: raft_core::Config::new(1),
     };
     let (node, server) = raft_kv::cli::run_node(cfg).await.unwrap();

@@ -139,3 +139,114 @@ pub async fn restore(from: &Path, cfg: &NodeConfig) -> anyhow::Result<Header> {
     drop(log);
     Ok(header)
 }
+
+/// Sends one command to a node's client port and returns its reply as
+/// text (an error reply becomes an error).
+pub async fn call(addr: &str, password: Option<&str>, args: &[String]) -> anyhow::Result<String> {
+    let sock = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    let (rd, mut wr) = sock.into_split();
+    let mut rd = BufReader::new(rd);
+    if let Some(pw) = password {
+        wr.write_all(&command(&[b"AUTH", pw.as_bytes()])).await?;
+        let l = line(&mut rd).await?;
+        if l != "+OK" {
+            bail!("AUTH refused: {l}");
+        }
+    }
+    let parts: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+    wr.write_all(&command(&parts)).await?;
+    read_reply(&mut rd).await
+}
+
+async fn read_bulk<R: AsyncBufReadExt + Unpin>(rd: &mut R, len: &str) -> anyhow::Result<String> {
+    let n: i64 = len.parse().with_context(|| format!("bad length {len:?}"))?;
+    let Ok(n) = usize::try_from(n) else {
+        return Ok("(nil)".into());
+    };
+    if n > 1 << 20 {
+        bail!("reply of {n} bytes is too large");
+    }
+    let mut b = vec![0u8; n + 2];
+    rd.read_exact(&mut b).await?;
+    b.truncate(n);
+    Ok(String::from_utf8_lossy(&b).into_owned())
+}
+
+async fn read_reply<R: AsyncBufReadExt + Unpin>(rd: &mut R) -> anyhow::Result<String> {
+    let head = line(rd).await?;
+    let (kind, rest) = head.split_at(head.len().min(1));
+    match kind {
+        "+" | ":" => Ok(rest.to_string()),
+        "-" => bail!("{rest}"),
+        "$" => read_bulk(rd, rest).await,
+        "*" => {
+            let n: usize = rest
+                .parse()
+                .with_context(|| format!("bad reply {head:?}"))?;
+            let mut out = Vec::new();
+            for _ in 0..n.min(10_000) {
+                let h = line(rd).await?;
+                match h.strip_prefix('$') {
+                    Some(len) => out.push(read_bulk(rd, len).await?),
+                    None => out.push(h),
+                }
+            }
+            Ok(out.join("\n"))
+        }
+        _ => bail!("unexpected reply {head:?}"),
+    }
+}
+
+/// Asks the cluster at `at` (any member's client address) to add this
+/// node as a learner, then to promote it once it has caught up.
+pub async fn join(
+    at: &str,
+    node: &crate::node::KvNode,
+    raft_addr: std::net::SocketAddr,
+    password: Option<&str>,
+) -> anyhow::Result<()> {
+    let id = node.id().to_string();
+    let add = [
+        "RAFT.MEMBER".to_string(),
+        "ADD".into(),
+        id.clone(),
+        raft_addr.to_string(),
+        format!("{:x}", node.identity()),
+    ];
+    let mut added = false;
+    for attempt in 0..600u32 {
+        if !added {
+            match call(at, password, &add).await {
+                Ok(m) => {
+                    tracing::info!(membership = %m, "added to the cluster as a learner");
+                    added = true;
+                }
+                Err(e) if e.to_string().contains("member already") => added = true,
+                Err(e) => {
+                    if attempt % 10 == 0 {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot join yet; retrying");
+                    }
+                }
+            }
+        }
+        if added {
+            let promote = ["RAFT.MEMBER".to_string(), "PROMOTE".into(), id.clone()];
+            match call(at, password, &promote).await {
+                Ok(m) => {
+                    tracing::info!(membership = %m, "promoted to voter");
+                    return Ok(());
+                }
+                Err(e) if e.to_string().contains("not a learner") => return Ok(()),
+                Err(e) => {
+                    if attempt % 10 == 0 {
+                        tracing::info!(error = %format!("{e:#}"), "waiting to be promoted");
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    bail!("not added and promoted within 5 minutes")
+}

@@ -72,6 +72,32 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Changes or lists the cluster's members through any node's client
+    /// port: `list`, `add ID RAFT-ADDR [IDENTITY]`, `promote ID`, `demote ID`,
+    /// `remove ID` (sent as RAFT.MEMBER; the node forwards it to the leader).
+    Member {
+        /// A member's client address (host:port).
+        #[arg(long)]
+        addr: String,
+        /// The cluster's client password, if it has one.
+        #[arg(long)]
+        password: Option<String>,
+        /// The subcommand and its arguments.
+        #[arg(required = true, num_args = 1..=4)]
+        args: Vec<String>,
+    },
+    /// Hands leadership to node `--to` (or to the most up-to-date voter).
+    Transfer {
+        /// A member's client address (host:port).
+        #[arg(long)]
+        addr: String,
+        /// The cluster's client password, if it has one.
+        #[arg(long)]
+        password: Option<String>,
+        /// The voter to hand over to.
+        #[arg(long)]
+        to: Option<u64>,
+    },
 }
 
 #[derive(Debug, clap::Args, Default)]
@@ -135,6 +161,11 @@ struct NodeArgs {
     /// nodes' clock rates differ by less than 10%).
     #[arg(long)]
     read_policy: Option<String>,
+    /// Start empty and ask the cluster at this client address (any
+    /// member's) to add this node: as a learner, promoted to voter once it
+    /// caught up. `--peer` is then not needed.
+    #[arg(long)]
+    join: Option<String>,
 }
 
 /// The TOML file form of the node options.
@@ -257,6 +288,7 @@ fn node_config(a: NodeArgs) -> anyhow::Result<NodeConfig> {
         tls_dir: a.tls_dir.or(f.tls_dir).ok_or_else(|| need("tls-dir"))?,
         password: a.password.or(f.password),
         cluster_id: a.cluster_id.or(f.cluster_id).unwrap_or(0),
+        join: a.join,
         raft,
     };
     // The Raft layer validates the timing rules with precise messages.
@@ -333,7 +365,21 @@ pub fn main() -> anyhow::Result<()> {
             }
             Command::Node(args) => {
                 let cfg = node_config(args)?;
+                let join = cfg
+                    .join
+                    .clone()
+                    .map(|a| (a, cfg.raft_addr, cfg.password.clone()));
                 let (node, server) = run_node(cfg).await?;
+                if let Some((at, raft_addr, pw)) = join {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            crate::backup::join(&at, &node, raft_addr, pw.as_deref()).await
+                        {
+                            tracing::error!(error = %format!("{e:#}"), "joining the cluster failed");
+                        }
+                    });
+                }
                 // A node whose Raft stopped (a failed disk, a failed state
                 // machine) must not linger looking healthy: it exits with
                 // the reason, for its supervisor to see.
@@ -341,6 +387,13 @@ pub fn main() -> anyhow::Result<()> {
                     _ = wait_for_stop() => None,
                     why = node.wait_stopped() => Some(why),
                 };
+                if failed.is_none() {
+                    // A leader hands over first: writes pause for an
+                    // election's round trips, not an election timeout.
+                    if let Some(pause) = node.hand_over().await {
+                        eprintln!("raft-kv: leadership handed over in {} ms", pause.as_millis());
+                    }
+                }
                 if let Some(why) = &failed {
                     tracing::error!(reason = %why, "raft stopped; shutting the node down");
                 }
@@ -377,6 +430,24 @@ pub fn main() -> anyhow::Result<()> {
                     h.term,
                     out.display()
                 );
+                Ok(())
+            }
+            Command::Member {
+                addr,
+                password,
+                args,
+            } => {
+                let mut cmd = vec!["RAFT.MEMBER".to_string()];
+                cmd.extend(args);
+                let r = crate::backup::call(&addr, password.as_deref(), &cmd).await?;
+                println!("{r}");
+                Ok(())
+            }
+            Command::Transfer { addr, password, to } => {
+                let mut cmd = vec!["RAFT.TRANSFER".to_string()];
+                cmd.extend(to.map(|t| t.to_string()));
+                let r = crate::backup::call(&addr, password.as_deref(), &cmd).await?;
+                println!("leader: node {r}");
                 Ok(())
             }
             Command::Restore { from, node } => {
@@ -425,6 +496,7 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             tls_dir: certs.clone(),
             password: None,
             cluster_id: 0,
+            join: None,
             raft: raft_core::Config::new(id),
         };
         running.push(run_node(cfg).await?);

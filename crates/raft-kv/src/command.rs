@@ -82,6 +82,30 @@ pub enum ReadCmd {
     DbSize,
 }
 
+/// A cluster administration request (`RAFT.MEMBER ...`, `RAFT.TRANSFER`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminCmd {
+    /// RAFT.MEMBER LIST: the configuration in force.
+    List,
+    /// RAFT.MEMBER ADD id raft-addr [identity]: a new learner.
+    Add {
+        /// Its id.
+        id: u64,
+        /// Where peers reach it (its `--raft-addr`).
+        addr: String,
+        /// Its storage identity (INFO `raft_identity`); 0 if unknown.
+        incarnation: u64,
+    },
+    /// RAFT.MEMBER PROMOTE id: a caught-up learner becomes a voter.
+    Promote(u64),
+    /// RAFT.MEMBER DEMOTE id: a voter becomes a learner.
+    Demote(u64),
+    /// RAFT.MEMBER REMOVE id.
+    Remove(u64),
+    /// RAFT.TRANSFER [id]: hand leadership over.
+    Transfer(Option<u64>),
+}
+
 /// A client request, parsed once from its RESP arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -98,6 +122,8 @@ pub enum Command {
     /// RAFTKV.BACKUP: a consistent snapshot of the whole store, as one bulk
     /// reply in the snapshot file format (what `raft-kv backup` saves).
     Backup,
+    /// Cluster administration (runs on the leader).
+    Admin(AdminCmd),
     /// A replicated write.
     Write(WriteCmd),
     /// A linearizable read.
@@ -136,6 +162,39 @@ impl Command {
             ("COMMAND", _) => Command::CommandList,
             ("INFO", 1 | 2) => Command::Info,
             ("RAFTKV.BACKUP", 1) => Command::Backup,
+            ("RAFT.MEMBER", 2..=5) => {
+                let sub = String::from_utf8_lossy(&next()).to_ascii_uppercase();
+                let id = |b: Vec<u8>| -> Result<u64, KvError> {
+                    u64::try_from(int_arg(&b)?).map_err(|_| KvError::NotAnInteger)
+                };
+                Command::Admin(match (sub.as_str(), n) {
+                    ("LIST", 2) => AdminCmd::List,
+                    ("ADD", 4 | 5) => {
+                        let i = id(next())?;
+                        let addr = String::from_utf8(next()).map_err(|_| KvError::Syntax)?;
+                        let incarnation = match rest.next() {
+                            Some(b) => std::str::from_utf8(&b)
+                                .ok()
+                                .and_then(|t| u64::from_str_radix(t, 16).ok())
+                                .ok_or(KvError::Syntax)?,
+                            None => 0,
+                        };
+                        AdminCmd::Add {
+                            id: i,
+                            addr,
+                            incarnation,
+                        }
+                    }
+                    ("PROMOTE", 3) => AdminCmd::Promote(id(next())?),
+                    ("DEMOTE", 3) => AdminCmd::Demote(id(next())?),
+                    ("REMOVE", 3) => AdminCmd::Remove(id(next())?),
+                    _ => return Err(KvError::Syntax),
+                })
+            }
+            ("RAFT.TRANSFER", 1) => Command::Admin(AdminCmd::Transfer(None)),
+            ("RAFT.TRANSFER", 2) => Command::Admin(AdminCmd::Transfer(Some(
+                u64::try_from(int_arg(&next())?).map_err(|_| KvError::NotAnInteger)?,
+            ))),
             ("SET", 3..) => {
                 let (key, value) = (next(), next());
                 let opts: Vec<String> = rest
@@ -182,7 +241,8 @@ impl Command {
             ("DBSIZE", 1) => Command::Read(ReadCmd::DbSize),
             (
                 "PING" | "ECHO" | "AUTH" | "SET" | "DEL" | "MSET" | "INCR" | "DECR" | "INCRBY"
-                | "DECRBY" | "CAS" | "GET" | "MGET" | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO",
+                | "DECRBY" | "CAS" | "GET" | "MGET" | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO"
+                | "RAFT.MEMBER" | "RAFT.TRANSFER",
                 _,
             ) => return Err(arity()),
             _ => {

@@ -65,6 +65,9 @@ pub enum KvError {
     /// The state machine's storage failed.
     #[error("storage: {0}")]
     Storage(String),
+    /// This node does not lead (internal: the caller retries on the leader).
+    #[error("not the leader (leader hint: {0:?})")]
+    NotLeaderHint(Option<u64>),
     /// Raft refused the proposal for another reason.
     #[error("{0}")]
     Raft(String),

@@ -2,7 +2,7 @@
 //! [`PeerRpc`](raft_core::PeerRpc) channel: writes forwarded to the leader,
 //! and read-index requests.
 
-use crate::command::{config, WriteCmd, MAX_DECODE};
+use crate::command::{config, AdminCmd, WriteCmd, MAX_DECODE};
 use crate::error::Reply;
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +13,8 @@ pub enum Forward {
     Writes(Vec<WriteCmd>),
     /// Confirm leadership and return a linearizable read index.
     ReadIndex,
+    /// Run a cluster administration request as leader.
+    Admin(AdminCmd),
 }
 
 /// Replies to [`Forward`].
@@ -24,6 +26,8 @@ pub enum ForwardReply {
     ReadIndex(u64),
     /// The node asked is not the leader; it names the one it knows.
     NotLeader(Option<u64>),
+    /// An administration request's result.
+    Admin(Reply),
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {

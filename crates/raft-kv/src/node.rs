@@ -8,7 +8,7 @@
 //! answers the entry's responder with the state machine's result, and that
 //! result is the client's reply.
 
-use crate::command::{ReadCmd, WriteCmd};
+use crate::command::{AdminCmd, ReadCmd, Value, WriteCmd};
 use crate::error::{KvError, Reply};
 use crate::forward::{Forward, ForwardReply};
 use crate::sm::StateMachine;
@@ -51,6 +51,9 @@ pub struct NodeConfig {
     pub password: Option<String>,
     /// Nodes of different clusters refuse each other.
     pub cluster_id: u64,
+    /// Start empty and ask the cluster whose client address this is to add
+    /// this node (as a learner, then promoted once caught up).
+    pub join: Option<String>,
     /// The Raft settings; `raft.id` is this node's id. `raft.peers` is
     /// filled from `peers`.
     pub raft: RaftConfig,
@@ -84,6 +87,7 @@ impl NodeConfig {
     pub fn raft_config(&self) -> Result<RaftConfig, StartError> {
         let mut rc = self.raft.clone();
         rc.peers = self.peers.keys().copied().collect();
+        rc.join = self.join.is_some();
         // Enough room for several of the largest entries.
         rc.max_unapplied_bytes = rc
             .max_unapplied_bytes
@@ -152,6 +156,10 @@ pub struct KvNode {
     /// Why the state machine stopped applying, if it did.
     failure: Arc<Mutex<Option<String>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Raft addresses this node knows (its own and its configured peers'):
+    /// recorded in the configuration when a member is added, so members
+    /// that join later learn them from the log.
+    addrs: Mutex<BTreeMap<NodeId, String>>,
 }
 
 impl std::fmt::Debug for KvNode {
@@ -184,6 +192,13 @@ impl KvNode {
         let transport = QuicTransport::bind(qc, &tls)?;
         let node =
             Self::start_with(rc, &cfg.data_dir, cfg.snapshot_threshold, log, transport).await?;
+        {
+            let mut a = lock(&node.addrs);
+            a.insert(node.id, cfg.raft_addr.to_string());
+            for (&id, addr) in &cfg.peers {
+                a.insert(id, addr.to_string());
+            }
+        }
         tracing::info!(node = node.id, raft = %cfg.raft_addr, client = %cfg.client_addr, "node started");
         Ok(node)
     }
@@ -243,6 +258,7 @@ impl KvNode {
             frame_limit,
             failure,
             tasks: Mutex::new(tasks),
+            addrs: Mutex::new(BTreeMap::new()),
         });
         let server = tokio::spawn(serve_peers(Arc::downgrade(&node), endpoint.inbound));
         lock(&node.tasks).push(server);
@@ -520,6 +536,10 @@ impl KvNode {
                     Err(hint) => ForwardReply::NotLeader(hint),
                 }
             }
+            Forward::Admin(cmd) => match self.admin_local(&cmd).await {
+                Err(KvError::NotLeaderHint(h)) => ForwardReply::NotLeader(h),
+                r => ForwardReply::Admin(r),
+            },
             Forward::ReadIndex => match self.raft.read_index().await {
                 Ok(i) => ForwardReply::ReadIndex(i),
                 Err(RaftError::NotLeader { leader }) => ForwardReply::NotLeader(leader),
@@ -605,6 +625,169 @@ impl KvNode {
         }
     }
 
+    /// Runs a cluster administration request: LIST here, the others on the
+    /// leader (forwarded to it when this node does not lead).
+    pub async fn admin(&self, cmd: AdminCmd) -> Reply {
+        if cmd == AdminCmd::List {
+            return Ok(self.member_list());
+        }
+        let mut hint = self.raft.leader();
+        for _ in 0..4 {
+            let leader = match hint {
+                Some(l) => l,
+                None => self
+                    .leader_within(LEADER_WAIT)
+                    .await
+                    .ok_or(KvError::NoLeader)?,
+            };
+            if leader == self.id {
+                match self.admin_local(&cmd).await {
+                    Err(KvError::NotLeaderHint(h)) => hint = h,
+                    r => return r,
+                }
+                continue;
+            }
+            match self.forward(leader, &Forward::Admin(cmd.clone())).await {
+                Ok(ForwardReply::Admin(r)) => return r,
+                Ok(ForwardReply::NotLeader(h)) => hint = h.filter(|&h| h != leader),
+                _ => hint = None,
+            }
+        }
+        Err(KvError::NoLeader)
+    }
+
+    /// An administration request on this node, which must lead.
+    async fn admin_local(&self, cmd: &AdminCmd) -> Reply {
+        use raft_core::{ChangeError, ChangeStep, Member};
+        let steps = match cmd {
+            AdminCmd::List => return Ok(self.member_list()),
+            AdminCmd::Transfer(to) => {
+                let to = timeout(
+                    self.raft.config().election_timeout_max * 4,
+                    self.raft.transfer_leadership(*to),
+                )
+                .await
+                .map_err(|_| KvError::Raft("the transfer did not complete".into()))?;
+                return match to {
+                    Ok(id) => Ok(Value::Int(id as i64)),
+                    Err(RaftError::NotLeader { leader }) => Err(KvError::NotLeaderHint(leader)),
+                    Err(e) => Err(KvError::Raft(e.to_string())),
+                };
+            }
+            AdminCmd::Add {
+                id,
+                addr,
+                incarnation,
+            } => {
+                let mut steps = vec![ChangeStep::AddLearner {
+                    id: *id,
+                    member: Member {
+                        addr: addr.clone(),
+                        incarnation: *incarnation,
+                    },
+                }];
+                // Record the addresses this node knows that the
+                // configuration does not hold yet: the new member learns
+                // where everyone is from the log.
+                let m = self.raft.status().membership;
+                for (&mid, a) in lock(&self.addrs).iter() {
+                    if m.is_member(mid) && m.addr(mid).is_none() {
+                        steps.push(ChangeStep::SetAddr {
+                            id: mid,
+                            addr: a.clone(),
+                        });
+                    }
+                }
+                steps
+            }
+            AdminCmd::Promote(id) => vec![ChangeStep::Promote(*id)],
+            AdminCmd::Demote(id) => vec![ChangeStep::Demote(*id)],
+            AdminCmd::Remove(id) => vec![ChangeStep::Remove(*id)],
+        };
+        // A change in flight (the leader recording identities, say)
+        // finishes within a few round trips: retry a little.
+        for _ in 0..50 {
+            let r = timeout(COMMIT_WAIT, self.raft.change_membership(steps.clone())).await;
+            match r {
+                Err(_) => return Err(KvError::Unknown("the change did not commit in time".into())),
+                Ok(Ok(m)) => return Ok(Value::Bulk(m.to_string().into_bytes())),
+                Ok(Err(RaftError::NotLeader { leader })) => {
+                    return Err(KvError::NotLeaderHint(leader))
+                }
+                Ok(Err(RaftError::Change(ChangeError::InProgress { .. }))) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Ok(Err(e)) => return Err(KvError::Raft(e.to_string())),
+            }
+        }
+        Err(KvError::Raft(
+            "another membership change is in flight; retry".into(),
+        ))
+    }
+
+    /// RAFT.MEMBER LIST: one line per member.
+    fn member_list(&self) -> Value {
+        let s = self.raft.status();
+        let m = &s.membership;
+        let mut lines = Vec::new();
+        for id in m.all_members() {
+            let role = if m.voters.contains(&id) {
+                "voter"
+            } else if m.outgoing.contains(&id) {
+                "outgoing"
+            } else {
+                "learner"
+            };
+            let leader = if s.leader == Some(id) { " leader" } else { "" };
+            lines.push(Some(
+                format!(
+                    "{id} {role}{leader} addr={} identity={:x}",
+                    m.addr(id).unwrap_or("-"),
+                    m.incarnation(id)
+                )
+                .into_bytes(),
+            ));
+        }
+        Value::Array(lines)
+    }
+
+    /// Hands leadership to another voter before this node stops (a no-op
+    /// when it does not lead); returns how long writes were paused.
+    pub async fn hand_over(&self) -> Option<Duration> {
+        if !self.raft.is_leader() {
+            return None;
+        }
+        let t0 = std::time::Instant::now();
+        let r = timeout(
+            self.raft.config().election_timeout_max * 4,
+            self.raft.transfer_leadership(None),
+        )
+        .await;
+        match r {
+            Ok(Ok(to)) => {
+                tracing::info!(
+                    node = self.id,
+                    to,
+                    pause_ms = t0.elapsed().as_millis() as u64,
+                    "leadership handed over"
+                );
+                Some(t0.elapsed())
+            }
+            _ => {
+                tracing::warn!(
+                    node = self.id,
+                    "leadership hand-over failed; stopping anyway"
+                );
+                None
+            }
+        }
+    }
+
+    /// The storage identity of this node (for `RAFT.MEMBER ADD`).
+    pub fn identity(&self) -> u64 {
+        self.raft.status().incarnation
+    }
+
     /// The `# Raft` section of INFO.
     pub fn info(&self) -> String {
         let s = self.raft.status();
@@ -619,6 +802,20 @@ impl KvNode {
             None => String::new(),
         };
         let members: Vec<String> = s.members.iter().map(|m| m.to_string()).collect();
+        let learners: Vec<String> = s
+            .membership
+            .learners
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        let membership_line = format!(
+            "raft_voters:{}\r\nraft_learners:{}\r\nraft_joint:{}\r\nraft_change_in_flight:{}\r\nraft_identity:{:x}\r\n",
+            s.membership.voters.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(","),
+            learners.join(","),
+            u8::from(s.membership.is_joint()),
+            s.change_in_flight.unwrap_or(0),
+            s.incarnation,
+        );
         let SnapshotStats {
             bytes,
             keys,
@@ -626,7 +823,7 @@ impl KvNode {
             ..
         } = self.snaps.stats();
         format!(
-            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\npurged_index:{}\r\nsnapshot_index:{}\r\nsnapshot_bytes:{bytes}\r\nsnapshot_keys:{keys}\r\nsnapshot_last_duration_ms:{last_duration_ms}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nread_policy:{}\r\nmembers:{}\r\n",
+            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\npurged_index:{}\r\nsnapshot_index:{}\r\nsnapshot_bytes:{bytes}\r\nsnapshot_keys:{keys}\r\nsnapshot_last_duration_ms:{last_duration_ms}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nread_policy:{}\r\nmembers:{}\r\n{membership_line}",
             s.id,
             s.term,
             s.leader.map_or_else(|| "none".to_string(), |l| l.to_string()),

@@ -122,6 +122,10 @@ impl Session<'_> {
                     Err(e) => Err(e),
                 }
             }
+            Command::Admin(a) => {
+                flush_pending(self.node, pending, out).await;
+                self.node.admin(a).await
+            }
             Command::Write(w) => return pending.push(Pending::Write(w)),
             Command::Read(r) => {
                 // Reads observe every earlier command of this connection.

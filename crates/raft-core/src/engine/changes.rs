@@ -36,6 +36,13 @@ pub enum ChangeStep {
     Demote(NodeId),
     /// A member leaves.
     Remove(NodeId),
+    /// Records (or changes) where a member listens.
+    SetAddr {
+        /// The member.
+        id: NodeId,
+        /// Its address.
+        addr: String,
+    },
 }
 
 /// Why a membership change was refused. Nothing was appended.
@@ -191,6 +198,12 @@ impl Engine {
                         return Err(ChangeError::Invalid(format!("node {id} is not a voter")));
                     }
                     next.learners.insert(*id);
+                }
+                ChangeStep::SetAddr { id, addr } => {
+                    if !next.is_member(*id) {
+                        return Err(ChangeError::Invalid(format!("node {id} is not a member")));
+                    }
+                    next.nodes.entry(*id).or_default().addr = addr.clone();
                 }
                 ChangeStep::Remove(id) => {
                     if !next.is_member(*id) {
