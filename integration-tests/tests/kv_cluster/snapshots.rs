@@ -124,10 +124,12 @@ fn a_follower_down_through_100k_writes_comes_back_by_snapshot() {
     assert_linearizable(&recorded);
 }
 
-/// A follower whose data directory was wiped comes back empty and is
-/// rebuilt by the leader's snapshot.
+/// A follower whose data directory was wiped and that restarts under its
+/// old id is refused (its storage identity is not the recorded one) and
+/// exits saying how to recover; removed and started again with `--join`,
+/// it is added as a learner, rebuilt by the leader's snapshot and promoted.
 #[test]
-fn a_wiped_follower_is_rebuilt_by_a_snapshot() {
+fn a_wiped_follower_is_refused_then_rejoins_and_is_rebuilt_by_a_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let ids = [1u64, 2, 3];
     let mut c = Cluster::new(tmp.path(), &ids);
@@ -143,10 +145,46 @@ fn a_wiped_follower_is_rebuilt_by_a_snapshot() {
     });
     let wiped = ids.iter().copied().find(|&id| id != leader).unwrap();
     c.kill(wiped);
-    std::fs::remove_dir_all(tmp.path().join(format!("node-{wiped}"))).unwrap();
+    let dir = tmp.path().join(format!("node-{wiped}"));
+    std::fs::remove_dir_all(&dir).unwrap();
     c.start(wiped);
+    let log_path = tmp.path().join(format!("node-{wiped}.log"));
+    eventually("the wiped node is refused", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("refuses node"))
+    });
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("--join"),
+        "the error says how to recover: {log}"
+    );
+    assert!(
+        info_num(&c, leader, "commit_index") >= 20_000,
+        "the cluster kept serving"
+    );
+    c.kill(wiped);
+    let removed: String = redis::cmd("RAFT.MEMBER")
+        .arg("REMOVE")
+        .arg(wiped)
+        .query(&mut c.conn(leader))
+        .unwrap();
+    assert!(!removed.contains(&wiped.to_string()), "{removed}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    let n = c.extra.len();
+    c.extra.push("--join".into());
+    c.extra.push(c.client[&leader].to_string());
+    c.start(wiped);
+    c.extra.truncate(n);
+    eventually(
+        "the node rejoined as a voter",
+        Duration::from_secs(60),
+        || {
+            c.info(leader)
+                .get("raft_voters")
+                .is_some_and(|v| v.split(',').any(|x| x == wiped.to_string()))
+        },
+    );
     let commit = info_num(&c, leader, "commit_index");
-    eventually("the wiped node is rebuilt", Duration::from_secs(60), || {
+    eventually("the new member is rebuilt", Duration::from_secs(60), || {
         c.info(wiped)
             .get("applied_index")
             .and_then(|v| v.parse::<u64>().ok())

@@ -351,3 +351,18 @@ fn a_member_whose_storage_identity_changed_is_refused() {
     assert_eq!(c.node(3).refused(), Some(33), "told it is not member 3");
     assert_eq!(c.node(3).applied_index(), 0);
 }
+
+#[test]
+fn leadership_can_be_handed_to_a_promoted_member() {
+    let mut c = cluster_with_spares(3, 1);
+    c.elect(1);
+    c.node(1).change_membership(&[learner(4)]).unwrap();
+    c.settle();
+    c.node(1)
+        .change_membership(&[ChangeStep::Promote(4)])
+        .unwrap();
+    c.settle();
+    assert_eq!(c.node(1).transfer_leadership(Some(4)), Ok(4));
+    c.settle();
+    assert!(c.node(4).is_leader(), "node 4 took over");
+}
