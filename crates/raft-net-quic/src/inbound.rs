@@ -4,6 +4,8 @@
 
 use crate::{tls, wire};
 use raft_core::{InboundRpc, Message, NodeId};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -14,6 +16,10 @@ pub(crate) struct Inbound {
     pub(crate) cluster_id: u64,
     pub(crate) max_frame: usize,
     pub(crate) tx: mpsc::Sender<Message>,
+    /// Peer addresses (shared with the outbound links): a peer this node
+    /// knows no address for is reached where its authenticated connection
+    /// came from (a QUIC endpoint dials from the port it listens on).
+    pub(crate) addrs: Arc<RwLock<BTreeMap<NodeId, SocketAddr>>>,
     /// Where requests from peers go, once the application took its endpoint.
     pub(crate) rpc: RwLock<Option<mpsc::Sender<InboundRpc>>>,
 }
@@ -57,6 +63,10 @@ fn admit(conn: &quinn::Connection, header: &wire::Header, inbound: &Inbound) -> 
     } else if !tls::peer_is(conn, header.from) {
         format!("certificate does not name node {}", header.from)
     } else {
+        let mut addrs = inbound.addrs.write().unwrap_or_else(|p| p.into_inner());
+        addrs
+            .entry(header.from)
+            .or_insert_with(|| conn.remote_address());
         return Some(header.from);
     };
     tracing::warn!(node = inbound.id, remote = %conn.remote_address(), claimed = header.from, "refused peer: {why}");

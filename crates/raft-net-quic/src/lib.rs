@@ -119,6 +119,7 @@ impl QuicTransport {
             cluster_id: cfg.cluster_id,
             max_frame: cfg.max_frame_bytes,
             tx: in_tx,
+            addrs: addrs.clone(),
             rpc: RwLock::new(None),
         });
         let tasks = vec![tokio::spawn(accept_loop(endpoint.clone(), inbound.clone()))];

@@ -447,3 +447,28 @@ async fn peers_follow_the_membership_added_and_removed_at_runtime() {
     t1.send(hb(1, 2, 3));
     assert_eq!(recv_within(&mut t2, Duration::from_millis(500)).await, None);
 }
+
+/// A member that knows no address for a peer (restarted without `--peer`,
+/// or one whose configuration records none) answers it at the address its
+/// authenticated connection came from.
+#[tokio::test]
+async fn a_peer_without_an_address_is_answered_where_it_connected_from() {
+    let ca = ClusterCa::generate().unwrap();
+    let t1 = bind(1, any_port(), &[2], &ca.material(1).unwrap());
+    let mut t2 = bind(2, any_port(), &[], &ca.material(2).unwrap());
+    t1.set_peer_addr(2, t2.local_addr().unwrap()).unwrap();
+    // Node 2 has node 1 as a member, with no address.
+    t2.update_members(&Membership::new([1, 2]));
+    t2.send(hb(2, 1, 1));
+    let mut t1 = t1;
+    assert_eq!(
+        recv_within(&mut t1, Duration::from_millis(300)).await,
+        None,
+        "no address yet: nothing can be sent"
+    );
+    assert!(deliver(&t1, &mut t2, hb(1, 2, 2)).await);
+    assert!(
+        deliver(&t2, &mut t1, hb(2, 1, 3)).await,
+        "answered where 1 came from"
+    );
+}
