@@ -632,6 +632,7 @@ impl KvNode {
             return Ok(self.member_list());
         }
         let mut hint = self.raft.leader();
+        let first = hint;
         for _ in 0..4 {
             let leader = match hint {
                 Some(l) => l,
@@ -640,6 +641,14 @@ impl KvNode {
                     .await
                     .ok_or(KvError::NoLeader)?,
             };
+            if let AdminCmd::Transfer(to) = cmd {
+                // Done already (the forwarded request is cut off when its
+                // leader steps down, which is what it asked for): never
+                // move leadership twice.
+                if to == Some(leader) || (to.is_none() && first.is_some_and(|f| f != leader)) {
+                    return Ok(Value::Int(leader as i64));
+                }
+            }
             if leader == self.id {
                 match self.admin_local(&cmd).await {
                     Err(KvError::NotLeaderHint(h)) => hint = h,

@@ -194,6 +194,7 @@ impl QuicTransport {
         for t in &q.tasks {
             t.abort();
         }
+        write_lock(&self.addrs).remove(&peer);
         if let Some(link) = write_lock(&self.links).remove(&peer) {
             tokio::spawn(async move {
                 if let Some(conn) = link.conn.lock().await.take() {
@@ -280,6 +281,14 @@ impl Transport for QuicTransport {
                 "refusing to send a message under another id"
             );
             return;
+        }
+        // A node this one has no link to but has heard from (a member
+        // whose configuration entry has not arrived here yet; a joining
+        // node's leader) gets one: its address came with its connection.
+        if !read_lock(&self.peers).contains_key(&msg.to)
+            && read_lock(&self.addrs).contains_key(&msg.to)
+        {
+            self.add_peer(msg.to);
         }
         let peers = read_lock(&self.peers);
         let Some(q) = peers.get(&msg.to) else {

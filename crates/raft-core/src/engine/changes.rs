@@ -183,7 +183,9 @@ impl Engine {
                         let matched = self.progress.get(id).map_or(0, |p| p.match_index);
                         let committed = self.log.committed();
                         let margin = self.cfg.max_entries_per_msg as u64;
-                        if matched.saturating_add(margin) < committed {
+                        // It must have answered at least once (a log of a
+                        // few entries is within any margin of an empty one).
+                        if matched == 0 || matched.saturating_add(margin) < committed {
                             return Err(ChangeError::NotCaughtUp {
                                 id: *id,
                                 matched,

@@ -343,11 +343,17 @@ impl Driver {
 
     fn handle_request(&mut self, r: Request) {
         match r {
+            // The status shows the change or the transfer before the caller
+            // hears back: callers wait on the status for them to finish.
             Request::ChangeMembership(steps, reply) => {
-                let _ = reply.send(self.engine.change_membership(&steps).map_err(Error::from));
+                let r = self.engine.change_membership(&steps).map_err(Error::from);
+                self.publish_status(None);
+                let _ = reply.send(r);
             }
             Request::TransferLeadership(to, reply) => {
-                let _ = reply.send(self.engine.transfer_leadership(to).map_err(Error::from));
+                let r = self.engine.transfer_leadership(to).map_err(Error::from);
+                self.publish_status(None);
+                let _ = reply.send(r);
             }
             Request::Submit(cmds, reply) => {
                 let _ = reply.send(self.engine.propose_batch(cmds).map_err(Error::from));

@@ -648,6 +648,7 @@ impl Raft {
                     if s.leader == Some(target) {
                         return Ok(target);
                     }
+                    // The driver published the transfer before replying.
                     if s.role == Role::Leader && s.transferring_to.is_none() {
                         return Err(Error::TransferFailed(target));
                     }

@@ -23,6 +23,7 @@ use tokio::time::{sleep, timeout};
 mod durability;
 mod lifecycle;
 mod limits;
+mod membership;
 mod seed_scenarios;
 mod snapshots;
 
