@@ -309,6 +309,20 @@ pub async fn run_node(
     Ok((node, server))
 }
 
+/// Sends one administration command to a member and prints its answer.
+async fn admin(
+    addr: &str,
+    password: Option<String>,
+    name: &str,
+    args: impl IntoIterator<Item = String>,
+    prefix: &str,
+) -> anyhow::Result<()> {
+    let cmd: Vec<String> = std::iter::once(name.to_string()).chain(args).collect();
+    let reply = crate::backup::call(addr, password.as_deref(), &cmd).await?;
+    println!("{prefix}{reply}");
+    Ok(())
+}
+
 async fn wait_for_stop() {
     #[cfg(unix)]
     {
@@ -436,19 +450,10 @@ pub fn main() -> anyhow::Result<()> {
                 addr,
                 password,
                 args,
-            } => {
-                let mut cmd = vec!["RAFT.MEMBER".to_string()];
-                cmd.extend(args);
-                let r = crate::backup::call(&addr, password.as_deref(), &cmd).await?;
-                println!("{r}");
-                Ok(())
-            }
+            } => admin(&addr, password, "RAFT.MEMBER", args, "").await,
             Command::Transfer { addr, password, to } => {
-                let mut cmd = vec!["RAFT.TRANSFER".to_string()];
-                cmd.extend(to.map(|t| t.to_string()));
-                let r = crate::backup::call(&addr, password.as_deref(), &cmd).await?;
-                println!("leader: node {r}");
-                Ok(())
+                let to = to.map(|t| t.to_string());
+                admin(&addr, password, "RAFT.TRANSFER", to, "leader: node ").await
             }
             Command::Restore { from, node } => {
                 let cfg = node_config(node)?;

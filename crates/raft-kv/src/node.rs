@@ -442,17 +442,21 @@ impl KvNode {
         done
     }
 
+    /// `hint`, or the leader that appears within `LEADER_WAIT`.
+    async fn leader_or_wait(&self, hint: Option<NodeId>) -> Option<NodeId> {
+        match hint {
+            Some(l) => Some(l),
+            None => self.leader_within(LEADER_WAIT).await,
+        }
+    }
+
     async fn write_chunk(&self, cmds: Vec<WriteCmd>) -> Vec<Reply> {
         let n = cmds.len();
         let mut hint = self.raft.leader();
         let mut request = None;
         for _ in 0..4 {
-            let leader = match hint {
-                Some(l) => l,
-                None => match self.leader_within(LEADER_WAIT).await {
-                    Some(l) => l,
-                    None => return vec![Err(KvError::NoLeader); n],
-                },
+            let Some(leader) = self.leader_or_wait(hint).await else {
+                return vec![Err(KvError::NoLeader); n];
             };
             if leader == self.id {
                 match self.propose_local(&cmds).await {
@@ -553,13 +557,7 @@ impl KvNode {
     async fn read_barrier(&self) -> Result<(), KvError> {
         let mut hint = self.raft.leader();
         for _ in 0..4 {
-            let leader = match hint {
-                Some(l) => l,
-                None => self
-                    .leader_within(LEADER_WAIT)
-                    .await
-                    .ok_or(KvError::NoLeader)?,
-            };
+            let leader = self.leader_or_wait(hint).await.ok_or(KvError::NoLeader)?;
             let index = if leader == self.id {
                 match timeout(COMMIT_WAIT, self.raft.read_index()).await {
                     Ok(Ok(i)) => i,
@@ -634,13 +632,7 @@ impl KvNode {
         let mut hint = self.raft.leader();
         let first = hint;
         for _ in 0..4 {
-            let leader = match hint {
-                Some(l) => l,
-                None => self
-                    .leader_within(LEADER_WAIT)
-                    .await
-                    .ok_or(KvError::NoLeader)?,
-            };
+            let leader = self.leader_or_wait(hint).await.ok_or(KvError::NoLeader)?;
             if let AdminCmd::Transfer(to) = cmd {
                 // Done already (the forwarded request is cut off when its
                 // leader steps down, which is what it asked for): never

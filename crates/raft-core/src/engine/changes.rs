@@ -136,7 +136,7 @@ impl Engine {
         }
         // A new leader commits an entry of its own term before it changes
         // the configuration (thesis §4.1, the single-server bug's fix).
-        let settled = self.log.term(self.log.committed()) == Some(self.term);
+        let settled = self.committed_own_term();
         if let Some(index) = self.change_in_flight() {
             if !broken(Mutation::TwoChangesInFlight) {
                 return Err(ChangeError::InProgress { index });
@@ -270,7 +270,7 @@ impl Engine {
     /// committed configuration hands over and steps down; identities
     /// learned from members are recorded.
     pub(super) fn after_commit(&mut self) {
-        if self.role != Role::Leader || self.change_in_flight_uncommitted() {
+        if self.role != Role::Leader || self.members.latest_index() > self.log.committed() {
             return;
         }
         let current = self.members.current().clone();
@@ -291,11 +291,8 @@ impl Engine {
             // voter, then step down (thesis §4.2.2).
             let last = self.log.last_index();
             let best = self
-                .progress
-                .iter()
-                .filter(|(id, p)| current.voters.contains(id) && p.match_index == last)
-                .map(|(&id, _)| id)
-                .next();
+                .best_successor()
+                .filter(|id| self.progress.get(id).is_some_and(|p| p.match_index == last));
             tracing::info!(node = self.id, term = self.term, successor = ?best, "no longer a voter; stepping down");
             if let Some(to) = best {
                 self.send(to, MessageBody::TimeoutNow);
@@ -306,10 +303,6 @@ impl Engine {
         self.record_identities();
     }
 
-    fn change_in_flight_uncommitted(&self) -> bool {
-        self.members.latest_index() > self.log.committed()
-    }
-
     /// Records the storage identities members told this leader about and
     /// the configuration does not hold yet (bootstrap members), as one
     /// configuration entry.
@@ -318,7 +311,7 @@ impl Engine {
             || self.learned.is_empty()
             || self.change_in_flight().is_some()
             || self.transfer.is_some()
-            || self.log.term(self.log.committed()) != Some(self.term)
+            || !self.committed_own_term()
         {
             return;
         }
@@ -368,11 +361,7 @@ impl Engine {
             }
             Some(id) => id,
             None => self
-                .progress
-                .iter()
-                .filter(|(id, _)| voters.contains(id))
-                .max_by_key(|(&id, p)| (p.match_index, std::cmp::Reverse(id)))
-                .map(|(&id, _)| id)
+                .best_successor()
                 .ok_or_else(|| TransferError::Invalid("no other voter".into()))?,
         };
         if let Some(t) = self.transfer {
@@ -400,6 +389,17 @@ impl Engine {
             self.fill_pipeline(target);
         }
         Ok(target)
+    }
+
+    /// The voter (other than this leader) holding the most of the log;
+    /// the lowest id among equals.
+    fn best_successor(&self) -> Option<NodeId> {
+        let voters = &self.members.current().voters;
+        self.progress
+            .iter()
+            .filter(|(id, _)| voters.contains(id))
+            .max_by_key(|(&id, p)| (p.match_index, std::cmp::Reverse(id)))
+            .map(|(&id, _)| id)
     }
 
     /// Sends `TimeoutNow` once the transfer's target holds the whole log.

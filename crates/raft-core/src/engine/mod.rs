@@ -515,7 +515,7 @@ impl Engine {
         }
         // A new leader does not know the commit index until its no-op commits.
         let committed = self.log.committed();
-        let known = (self.log.term(committed) == Some(self.term)).then_some(committed);
+        let known = self.committed_own_term().then_some(committed);
         if let Some(index) = known {
             if self.cfg.read_policy == crate::config::ReadPolicy::Lease
                 && self.now < self.lease_until
@@ -827,6 +827,12 @@ impl Engine {
             // A node without its state campaigns last: it cannot serve.
             self.election_deadline += self.cfg.election_timeout_max * 2;
         }
+    }
+
+    /// The commit index is at an entry of this term: a new leader knows
+    /// what is committed only from then on (its no-op committed).
+    fn committed_own_term(&self) -> bool {
+        self.log.term(self.log.committed()) == Some(self.term)
     }
 
     pub(super) fn in_lease(&self) -> bool {
