@@ -4,7 +4,7 @@
 //! leader, and the Redis edge over a real socket.
 
 use raft_core::{ChannelNetwork, Config, MemLogStore, NodeId};
-use raft_kv::command::{ReadCmd, SetCond, Value, WriteCmd};
+use raft_kv::command::{AdminCmd, ReadCmd, SetCond, Value, WriteCmd};
 use raft_kv::error::KvError;
 use raft_kv::node::KvNode;
 use std::collections::BTreeMap;
@@ -219,7 +219,19 @@ async fn snapshotting_node(
     dir: &std::path::Path,
     log: &MemLogStore,
 ) -> Arc<KvNode> {
+    snapshotting_node_with(net, id, dir, log, false).await
+}
+
+/// With `join`: an empty node that waits to be added.
+async fn snapshotting_node_with(
+    net: &ChannelNetwork,
+    id: NodeId,
+    dir: &std::path::Path,
+    log: &MemLogStore,
+    join: bool,
+) -> Arc<KvNode> {
     let mut rc = Config::new(id);
+    rc.join = join;
     for p in [1, 2, 3].iter().filter(|&&p| p != id) {
         rc.add_peer(*p).unwrap();
     }
@@ -322,11 +334,41 @@ async fn followers_behind_the_compaction_point_are_caught_up_by_snapshots() {
     caught_up(back.clone(), l.clone()).await;
     back.shutdown().await;
 
-    // 3. Its whole directory and log lost: rebuilt by the leader's snapshot.
+    // 3. Its whole directory and log lost: under its old id it is refused
+    // (another storage identity); removed and added back as a new member,
+    // it is rebuilt by the leader's snapshot.
+    std::fs::remove_dir_all(node_dir(f)).unwrap();
+    let back = snapshotting_node(&net, f, &node_dir(f), &MemLogStore::new()).await;
+    for _ in 0..250 {
+        if back.stopped().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let why = back.stopped().expect("the wiped node is refused");
+    assert!(why.contains("refuses node"), "{why}");
+    back.shutdown().await;
+    l.admin(AdminCmd::Remove(f)).await.unwrap();
     std::fs::remove_dir_all(node_dir(f)).unwrap();
     let fresh = MemLogStore::new();
-    let back = snapshotting_node(&net, f, &node_dir(f), &fresh).await;
+    let back = snapshotting_node_with(&net, f, &node_dir(f), &fresh, true).await;
+    l.admin(AdminCmd::Add {
+        id: f,
+        addr: String::new(),
+        incarnation: back.identity(),
+    })
+    .await
+    .unwrap();
     caught_up(back.clone(), l.clone()).await;
+    let mut promoted = l.admin(AdminCmd::Promote(f)).await;
+    for _ in 0..100 {
+        if promoted.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        promoted = l.admin(AdminCmd::Promote(f)).await;
+    }
+    promoted.unwrap();
 
     // 4. State machine and snapshots lost, log kept: the log is dropped
     // (term and vote kept) and the leader's snapshot rebuilds it.
