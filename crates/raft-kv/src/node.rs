@@ -631,30 +631,76 @@ impl KvNode {
         }
         let mut hint = self.raft.leader();
         let first = hint;
+        // A forwarded request cut off (its leader stepped down, as a
+        // transfer or the leader's own removal makes it do) may have been
+        // carried out: never carry it out twice.
+        let mut cut_off = false;
         for _ in 0..4 {
             let leader = self.leader_or_wait(hint).await.ok_or(KvError::NoLeader)?;
-            if let AdminCmd::Transfer(to) = cmd {
-                // Done already (the forwarded request is cut off when its
-                // leader steps down, which is what it asked for): never
-                // move leadership twice.
-                if to == Some(leader) || (to.is_none() && first.is_some_and(|f| f != leader)) {
-                    return Ok(Value::Int(leader as i64));
+            // (A transfer to the member that leads is done before it starts.)
+            if cut_off || matches!(cmd, AdminCmd::Transfer(Some(_))) {
+                if let Some(done) = self.admin_done(&cmd, first, leader).await {
+                    return Ok(done);
                 }
             }
-            if leader == self.id {
+            let r = if leader == self.id {
                 match self.admin_local(&cmd).await {
-                    Err(KvError::NotLeaderHint(h)) => hint = h,
-                    r => return r,
+                    Err(KvError::NotLeaderHint(h)) => {
+                        hint = h;
+                        continue;
+                    }
+                    r => r,
                 }
-                continue;
-            }
-            match self.forward(leader, &Forward::Admin(cmd.clone())).await {
-                Ok(ForwardReply::Admin(r)) => return r,
-                Ok(ForwardReply::NotLeader(h)) => hint = h.filter(|&h| h != leader),
-                _ => hint = None,
-            }
+            } else {
+                match self.forward(leader, &Forward::Admin(cmd.clone())).await {
+                    Ok(ForwardReply::Admin(r)) => r,
+                    Ok(ForwardReply::NotLeader(h)) => {
+                        hint = h.filter(|&h| h != leader);
+                        continue;
+                    }
+                    _ => {
+                        hint = None;
+                        cut_off = true;
+                        continue;
+                    }
+                }
+            };
+            return r;
         }
         Err(KvError::NoLeader)
+    }
+
+    /// After a cut-off attempt: `Some` when what `cmd` asks for holds
+    /// already (this node's view of the configuration may lag the
+    /// leader's by a heartbeat: it is given a moment to catch up).
+    async fn admin_done(
+        &self,
+        cmd: &AdminCmd,
+        first: Option<NodeId>,
+        leader: NodeId,
+    ) -> Option<Value> {
+        if let AdminCmd::Transfer(to) = *cmd {
+            let moved = to == Some(leader) || (to.is_none() && first.is_some_and(|f| f != leader));
+            return moved.then_some(Value::Int(leader as i64));
+        }
+        let holds = |m: &raft_core::Membership| match *cmd {
+            AdminCmd::Add { id, .. } => m.is_member(id),
+            AdminCmd::Promote(id) => m.voters.contains(&id) && !m.is_joint(),
+            AdminCmd::Demote(id) => m.learners.contains(&id) && !m.is_joint(),
+            AdminCmd::Remove(id) => !m.is_member(id),
+            AdminCmd::List | AdminCmd::Transfer(_) => false,
+        };
+        let mut status = self.raft.watch_status();
+        let done = timeout(
+            self.raft.config().election_timeout_max,
+            status.wait_for(|s| holds(&s.membership)),
+        )
+        .await
+        .ok()?
+        .ok()?
+        .membership
+        .to_string();
+        Some(Value::Bulk(done.into_bytes()))
     }
 
     /// An administration request on this node, which must lead.

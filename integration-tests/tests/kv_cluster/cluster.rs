@@ -162,6 +162,23 @@ impl Cluster {
         self.procs.insert(id, cmd.spawn().unwrap());
     }
 
+    /// Starts node `id` knowing only `peers` (a cluster smaller than the
+    /// certificates made for it), with `args` added to its command line.
+    pub(crate) fn start_among(&mut self, id: u64, peers: &[u64], args: &[String]) {
+        let peers: Vec<(u64, SocketAddr)> = peers
+            .iter()
+            .filter(|&&p| p != id)
+            .map(|&p| (p, self.raft[&p]))
+            .collect();
+        let mut cmd = self.node_command(id, &peers);
+        cmd.args(args);
+        let log = std::fs::File::create(self.dir.join(format!("node-{id}.log"))).unwrap();
+        cmd.stdout(Stdio::null())
+            .stderr(log)
+            .env("RUST_LOG", "info");
+        self.procs.insert(id, cmd.spawn().unwrap());
+    }
+
     /// The command line of node `id` with the given peers.
     pub(crate) fn node_command(&self, id: u64, peers: &[(u64, SocketAddr)]) -> Command {
         let mut cmd = Command::new(BIN);

@@ -12,6 +12,7 @@
 
 mod clients;
 mod cluster;
+mod membership;
 mod snapshots;
 
 use clients::*;
