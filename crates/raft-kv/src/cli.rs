@@ -28,14 +28,24 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Write a cluster CA and one certificate per node into a directory.
+    /// Write a cluster CA (`ca.pem`, and its key `ca.key`, 0600) and one
+    /// certificate per node into a new directory; or, with `--add`, sign
+    /// certificates for new members with the CA kept there.
     Certs {
         /// Output directory.
         #[arg(long)]
         dir: PathBuf,
-        /// Node ids, comma separated (e.g. 1,2,3).
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Node ids of a new cluster, comma separated (e.g. 1,2,3).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "add",
+            conflicts_with = "add"
+        )]
         nodes: Vec<u64>,
+        /// Ids of new members to sign with the existing CA (e.g. 4 or 4,5).
+        #[arg(long, value_delimiter = ',')]
+        add: Vec<u64>,
     },
     /// Run one node of a cluster.
     Node(NodeArgs),
@@ -369,12 +379,20 @@ pub fn main() -> anyhow::Result<()> {
         .build()?;
     let res = rt.block_on(async move {
         match cli.command {
-            Command::Certs { dir, nodes } => {
-                raft_net_quic::generate_cluster_certs(&dir, &nodes)?;
-                println!(
-                    "wrote ca.pem and certificates for nodes {nodes:?} to {}",
-                    dir.display()
-                );
+            Command::Certs { dir, nodes, add } => {
+                if add.is_empty() {
+                    raft_net_quic::generate_cluster_certs(&dir, &nodes)?;
+                    println!(
+                        "wrote ca.pem, ca.key (keep it private) and certificates for nodes {nodes:?} to {}",
+                        dir.display()
+                    );
+                } else {
+                    raft_net_quic::add_node_certs(&dir, &add)?;
+                    println!(
+                        "signed certificates for nodes {add:?} with the CA in {}",
+                        dir.display()
+                    );
+                }
                 Ok(())
             }
             Command::Node(args) => {
@@ -483,7 +501,10 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     });
     let ids: Vec<u64> = (1..=n).collect();
     let certs = dir.join("certs");
-    raft_net_quic::generate_cluster_certs(&certs, &ids)?;
+    // A demo run again in its directory keeps its CA.
+    if !certs.join("ca.pem").exists() {
+        raft_net_quic::generate_cluster_certs(&certs, &ids)?;
+    }
     let raft_addr = |id: u64| SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16));
     let client_addr = |id: u64| SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16));
     let mut running = Vec::new();

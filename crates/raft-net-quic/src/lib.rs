@@ -31,7 +31,7 @@ pub mod wire;
 
 pub use config::QuicConfig;
 pub use error::NetError;
-pub use tls::{generate_cluster_certs, ClusterCa, TlsMaterial};
+pub use tls::{add_node_certs, generate_cluster_certs, ClusterCa, TlsMaterial};
 
 use async_trait::async_trait;
 use inbound::{accept_loop, Inbound};

@@ -87,6 +87,19 @@ impl ClusterCa {
     /// A new self-signed CA.
     pub fn generate() -> Result<Self, NetError> {
         let key = rcgen::KeyPair::generate().map_err(gen_err)?;
+        Self::with_key(key)
+    }
+
+    /// The CA whose private key this is (`ca.key`): its certificate is made
+    /// again from the key and the fixed name, so it is the one in `ca.pem`
+    /// (same subject, same public key and key identifier) and what it
+    /// issues chains to it.
+    pub fn from_key_pem(key_pem: &str) -> Result<Self, NetError> {
+        let key = rcgen::KeyPair::from_pem(key_pem).map_err(gen_err)?;
+        Self::with_key(key)
+    }
+
+    fn with_key(key: rcgen::KeyPair) -> Result<Self, NetError> {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params
@@ -98,6 +111,11 @@ impl ClusterCa {
         ];
         let cert = params.self_signed(&key).map_err(gen_err)?;
         Ok(ClusterCa { cert, key })
+    }
+
+    /// The CA's private key in PEM (keep it private: it signs members).
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
     }
 
     /// The CA certificate in PEM.
@@ -135,32 +153,94 @@ impl ClusterCa {
 }
 
 /// Writes a new CA and a certificate per node into `dir`: `ca.pem`,
-/// `node-<id>.pem`, `node-<id>.key` (keys readable by the owner only). The
-/// CA's private key is not kept: issue all certificates at once.
+/// `ca.key`, `node-<id>.pem`, `node-<id>.key` (private keys created readable
+/// by the owner only). Refuses a directory that holds a CA already: that
+/// would cut every existing member off (use [`add_node_certs`]).
 pub fn generate_cluster_certs(dir: impl AsRef<Path>, ids: &[u64]) -> Result<(), NetError> {
     let dir = dir.as_ref();
     std::fs::create_dir_all(dir).map_err(|e| NetError::Tls(format!("{}: {e}", dir.display())))?;
-    let ca = ClusterCa::generate()?;
-    let write = |name: String, data: &str, private: bool| -> Result<(), NetError> {
-        let p = dir.join(name);
-        let err = |e: std::io::Error| NetError::Tls(format!("{}: {e}", p.display()));
-        std::fs::write(&p, data).map_err(err)?;
-        #[cfg(unix)]
-        if private {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    for name in ["ca.pem", "ca.key"] {
+        if dir.join(name).exists() {
+            return Err(NetError::Tls(format!(
+                "{} holds a CA already; sign new members' certificates with it (raft-kv certs --add), or use another directory",
+                dir.display()
+            )));
         }
-        #[cfg(not(unix))]
-        let _ = private;
-        Ok(())
-    };
-    write("ca.pem".into(), &ca.cert_pem(), false)?;
+    }
+    let ca = ClusterCa::generate()?;
+    write_new(dir, "ca.key", &ca.key_pem(), true)?;
+    write_new(dir, "ca.pem", &ca.cert_pem(), false)?;
+    issue_into(&ca, dir, ids)
+}
+
+/// Signs certificates for new members `ids` with the CA kept in `dir`
+/// (`ca.key`), next to the existing ones; refuses ids that have one.
+pub fn add_node_certs(dir: impl AsRef<Path>, ids: &[u64]) -> Result<(), NetError> {
+    let dir = dir.as_ref();
+    let key_path = dir.join("ca.key");
+    let key = std::fs::read_to_string(&key_path).map_err(|e| {
+        NetError::Tls(format!(
+            "{}: {e} (the CA's key is needed to sign new members; directories made before it was kept cannot add members)",
+            key_path.display()
+        ))
+    })?;
+    let ca = ClusterCa::from_key_pem(&key)?;
+    let on_disk = std::fs::read_to_string(dir.join("ca.pem"))
+        .map_err(|e| NetError::Tls(format!("{}: {e}", dir.join("ca.pem").display())))?;
+    // The key must be the one `ca.pem` certifies: the certificate holds
+    // the public key's encoding verbatim.
+    let on_disk = CertificateDer::from_pem_slice(on_disk.as_bytes())
+        .map_err(|e| NetError::Tls(format!("{}: {e}", dir.join("ca.pem").display())))?;
+    let public = ca.key.public_key_der();
+    if !on_disk
+        .as_ref()
+        .windows(public.len())
+        .any(|w| w == public.as_slice())
+    {
+        return Err(NetError::Tls(format!(
+            "{} does not belong to {}",
+            key_path.display(),
+            dir.join("ca.pem").display()
+        )));
+    }
+    for &id in ids {
+        if dir.join(format!("node-{id}.pem")).exists() {
+            return Err(NetError::Tls(format!(
+                "node {id} has a certificate in {} already",
+                dir.display()
+            )));
+        }
+    }
+    issue_into(&ca, dir, ids)
+}
+
+fn issue_into(ca: &ClusterCa, dir: &Path, ids: &[u64]) -> Result<(), NetError> {
     for &id in ids {
         let (cert, key) = ca.issue(id)?;
-        write(format!("node-{id}.pem"), &cert, false)?;
-        write(format!("node-{id}.key"), &key, true)?;
+        write_new(dir, &format!("node-{id}.key"), &key, true)?;
+        write_new(dir, &format!("node-{id}.pem"), &cert, false)?;
     }
     Ok(())
+}
+
+/// Creates `dir/name` (never overwriting); a private file is created with
+/// mode 0600, so it is never readable by others, not even for a moment.
+fn write_new(dir: &Path, name: &str, data: &str, private: bool) -> Result<(), NetError> {
+    use std::io::Write;
+    let p = dir.join(name);
+    let err = |e: std::io::Error| NetError::Tls(format!("{}: {e}", p.display()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(if private { 0o600 } else { 0o644 });
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut f = opts.open(&p).map_err(err)?;
+    f.write_all(data.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

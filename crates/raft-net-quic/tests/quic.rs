@@ -472,3 +472,42 @@ async fn a_peer_without_an_address_is_answered_where_it_connected_from() {
         "answered where 1 came from"
     );
 }
+
+/// A member added later gets a certificate signed by the CA kept in the
+/// certificate directory, and talks to the members made before it. The CA
+/// is never replaced by accident, a key that is not the CA's is refused,
+/// and private keys are the owner's alone.
+#[tokio::test]
+async fn certificates_added_with_the_kept_ca_connect_to_the_old_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    raft_net_quic::generate_cluster_certs(d, &[1]).unwrap();
+    let again = raft_net_quic::generate_cluster_certs(d, &[1, 2]).unwrap_err();
+    assert!(again.to_string().contains("holds a CA already"), "{again}");
+    raft_net_quic::add_node_certs(d, &[2]).unwrap();
+    let twice = raft_net_quic::add_node_certs(d, &[2]).unwrap_err();
+    assert!(twice.to_string().contains("already"), "{twice}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca.key", "node-1.key", "node-2.key"] {
+            let mode = std::fs::metadata(d.join(key)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{key} is private");
+        }
+    }
+    let m1 = TlsMaterial::load_dir(d, 1).unwrap();
+    let m2 = TlsMaterial::load_dir(d, 2).unwrap();
+    let mut t1 = bind(1, any_port(), &[2], &m1);
+    let mut t2 = bind(2, any_port(), &[1], &m2);
+    t1.set_peer_addr(2, t2.local_addr().unwrap()).unwrap();
+    t2.set_peer_addr(1, t1.local_addr().unwrap()).unwrap();
+    assert!(deliver(&t1, &mut t2, hb(1, 2, 1)).await);
+    assert!(deliver(&t2, &mut t1, hb(2, 1, 2)).await);
+    // Another CA's key next to this ca.pem signs nothing.
+    let other = tempfile::tempdir().unwrap();
+    raft_net_quic::generate_cluster_certs(other.path(), &[]).unwrap();
+    std::fs::remove_file(d.join("ca.key")).unwrap();
+    std::fs::copy(other.path().join("ca.key"), d.join("ca.key")).unwrap();
+    let wrong = raft_net_quic::add_node_certs(d, &[3]).unwrap_err();
+    assert!(wrong.to_string().contains("does not belong"), "{wrong}");
+}
