@@ -56,6 +56,8 @@ fn request(op: &str, key: &[u8], value: &[u8]) -> Vec<u8> {
 
 struct ConnStats {
     latencies_us: Vec<u32>,
+    /// When each acknowledged (non-error) reply arrived, in µs since the start.
+    acked_at_us: Vec<u32>,
     errors: u64,
     first_error: Option<String>,
 }
@@ -67,6 +69,7 @@ async fn bench_conn(
     seed: u64,
     until: Instant,
     fill: Arc<std::sync::atomic::AtomicU64>,
+    start: Instant,
 ) -> anyhow::Result<ConnStats> {
     let mut sock = tokio::net::TcpStream::connect(&addr)
         .await
@@ -113,6 +116,7 @@ async fn bench_conn(
     let mut inflight: VecDeque<Instant> = VecDeque::new();
     let mut stats = ConnStats {
         latencies_us: Vec::new(),
+        acked_at_us: Vec::new(),
         errors: 0,
         first_error: None,
     };
@@ -138,7 +142,10 @@ async fn bench_conn(
             stats
                 .latencies_us
                 .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
-            if buf[consumed] == b'-' {
+            if buf[consumed] != b'-' {
+                let at = start.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                stats.acked_at_us.push(at);
+            } else {
                 stats.errors += 1;
                 if stats.first_error.is_none() {
                     stats.first_error = Some(
@@ -187,14 +194,17 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             0x9E37_79B9 + c as u64 * 7919,
             until,
             fill.clone(),
+            start,
         )));
     }
     let mut lat: Vec<u32> = Vec::new();
+    let mut acked: Vec<u32> = Vec::new();
     let mut errors = 0;
     let mut first_error = None;
     for t in tasks {
         let s = t.await??;
         lat.extend(s.latencies_us);
+        acked.extend(s.acked_at_us);
         errors += s.errors;
         first_error = first_error.or(s.first_error);
     }
@@ -219,6 +229,23 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         a.clients,
         a.conns,
         a.value_size
+    );
+    // The longest time no request was acknowledged (from the start, between
+    // acknowledgements, and until the end): a failover's write pause.
+    acked.sort_unstable();
+    let end = (elapsed * 1e6) as u32;
+    let stall = std::iter::once(0)
+        .chain(acked.iter().copied())
+        .chain(std::iter::once(end))
+        .collect::<Vec<u32>>()
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]))
+        .max()
+        .unwrap_or(0);
+    println!(
+        "max latency {:.2} ms, longest stall without an acknowledgement {:.2} ms",
+        lat.last().copied().unwrap_or(0) as f64 / 1000.0,
+        stall as f64 / 1000.0
     );
     if let Some(e) = first_error {
         println!("first error: {e}");

@@ -174,6 +174,54 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Finding the leader for a request: follows the hints the nodes asked
+/// give, waits for a leader when there is none, and gives up once
+/// `LEADER_WAIT` has passed. The first retry follows a hint at once; later
+/// ones are paced (elections and hand-overs take a few round trips to
+/// settle, and answers bounce meanwhile).
+struct Route {
+    hint: Option<NodeId>,
+    tries: u32,
+    deadline: tokio::time::Instant,
+}
+
+impl Route {
+    fn new(hint: Option<NodeId>) -> Self {
+        Route {
+            hint,
+            tries: 0,
+            deadline: tokio::time::Instant::now() + LEADER_WAIT,
+        }
+    }
+
+    /// The node to try next; `None` when time is up.
+    async fn next(&mut self, node: &KvNode) -> Option<NodeId> {
+        self.tries += 1;
+        if self.tries > 2 {
+            let pause = Duration::from_millis(u64::from(5 * self.tries).min(50));
+            if tokio::time::Instant::now() + pause >= self.deadline {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+        }
+        match self.hint {
+            Some(l) => Some(l),
+            None => {
+                let left = self
+                    .deadline
+                    .saturating_duration_since(tokio::time::Instant::now());
+                node.leader_within(left).await
+            }
+        }
+    }
+
+    /// `tried` does not lead (or could not be reached); `hint` is who it
+    /// says does.
+    fn redirect(&mut self, tried: NodeId, hint: Option<NodeId>) {
+        self.hint = hint.filter(|&h| h != tried);
+    }
+}
+
 impl KvNode {
     /// Opens the sled log and the state machine in `cfg.data_dir`, binds the
     /// QUIC transport and starts Raft: the `raft-kv` binary's node.
@@ -442,40 +490,31 @@ impl KvNode {
         done
     }
 
-    /// `hint`, or the leader that appears within `LEADER_WAIT`.
-    async fn leader_or_wait(&self, hint: Option<NodeId>) -> Option<NodeId> {
-        match hint {
-            Some(l) => Some(l),
-            None => self.leader_within(LEADER_WAIT).await,
-        }
-    }
-
     async fn write_chunk(&self, cmds: Vec<WriteCmd>) -> Vec<Reply> {
         let n = cmds.len();
-        let mut hint = self.raft.leader();
         let mut request = None;
-        for _ in 0..4 {
-            let Some(leader) = self.leader_or_wait(hint).await else {
-                return vec![Err(KvError::NoLeader); n];
-            };
+        let mut route = Route::new(self.raft.leader());
+        while let Some(leader) = route.next(self).await {
             if leader == self.id {
                 match self.propose_local(&cmds).await {
                     Ok(replies) => return replies,
-                    Err(h) => hint = h.filter(|&h| h != leader),
+                    Err(h) => route.redirect(leader, h),
                 }
                 continue;
             }
             let req = request.get_or_insert_with(|| Forward::Writes(cmds.clone()));
             match self.forward(leader, req).await {
                 Ok(ForwardReply::Replies(v)) if v.len() == n => return v,
-                Ok(ForwardReply::NotLeader(h)) => hint = h.filter(|&h| h != leader),
+                Ok(ForwardReply::NotLeader(h)) => route.redirect(leader, h),
                 Ok(_) => {
                     return vec![
                         Err(KvError::Internal("unexpected reply from the leader".into()));
                         n
                     ]
                 }
-                Err(RpcError::Unreachable(_)) | Err(RpcError::UnknownPeer(_)) => hint = None,
+                Err(RpcError::Unreachable(_)) | Err(RpcError::UnknownPeer(_)) => {
+                    route.redirect(leader, None)
+                }
                 Err(RpcError::Broken(_, why)) => return vec![Err(KvError::Unknown(why)); n],
             }
         }
@@ -487,8 +526,14 @@ impl KvNode {
     /// for the transport to notice a dead peer would take seconds.
     async fn forward(&self, to: NodeId, f: &Forward) -> Result<ForwardReply, RpcError> {
         let mut status = self.raft.watch_status();
+        // A leader that steps down may still answer: its entries commit
+        // under the next leader (a hand-over waits until the next one holds
+        // them). Give it an election timeout before calling the outcome
+        // unknown; a dead one is not waited for longer than that.
+        let grace = self.raft.config().election_timeout_max;
         let deposed = async move {
             let _ = status.wait_for(|s| s.leader != Some(to)).await;
+            tokio::time::sleep(grace).await;
         };
         let bytes = f.encode();
         tokio::select! {
@@ -511,6 +556,18 @@ impl KvNode {
         let proposals = match self.raft.propose(encoded).await {
             Ok(p) => p,
             Err(RaftError::NotLeader { leader }) => return Err(leader),
+            Err(RaftError::Transferring { to }) => {
+                // Handing leadership over: wait (at most an election
+                // timeout or two) for it to move, then the caller retries
+                // on the new leader. Nothing was proposed.
+                let mut status = self.raft.watch_status();
+                let _ = timeout(
+                    self.raft.config().election_timeout_max * 2,
+                    status.wait_for(|s| s.transferring_to.is_none()),
+                )
+                .await;
+                return Err(Some(to));
+            }
             Err(e) => return Ok(vec![Err(refused(&e)); cmds.len()]),
         };
         // One deadline for the batch: a slow entry does not multiply the wait.
@@ -555,42 +612,43 @@ impl KvNode {
     /// Waits until reading local state is linearizable: a read index from the
     /// leader (confirmed by a heartbeat round), then local apply up to it.
     async fn read_barrier(&self) -> Result<(), KvError> {
-        let mut hint = self.raft.leader();
-        for _ in 0..4 {
-            let leader = self.leader_or_wait(hint).await.ok_or(KvError::NoLeader)?;
-            let index = if leader == self.id {
+        let mut route = Route::new(self.raft.leader());
+        let mut index = None;
+        while let Some(leader) = route.next(self).await {
+            if leader == self.id {
                 match timeout(COMMIT_WAIT, self.raft.read_index()).await {
-                    Ok(Ok(i)) => i,
-                    Ok(Err(RaftError::NotLeader { leader })) => {
-                        hint = leader;
+                    Ok(Ok(i)) => index = Some(i),
+                    Ok(Err(RaftError::NotLeader { leader: h })) => {
+                        route.redirect(leader, h);
                         continue;
                     }
                     _ => return Err(KvError::NoLeader),
                 }
             } else {
                 match self.forward(leader, &Forward::ReadIndex).await {
-                    Ok(ForwardReply::ReadIndex(i)) => i,
+                    Ok(ForwardReply::ReadIndex(i)) => index = Some(i),
                     Ok(ForwardReply::NotLeader(h)) => {
-                        hint = h.filter(|&h| h != leader);
+                        route.redirect(leader, h);
                         continue;
                     }
                     _ => {
-                        hint = None;
+                        route.redirect(leader, None);
                         continue;
                     }
                 }
-            };
-            let mut applied = self.sm.watch_applied();
-            let reached = timeout(COMMIT_WAIT, applied.wait_for(|&a| a >= index))
-                .await
-                .is_ok_and(|r| r.is_ok());
-            return if reached {
-                Ok(())
-            } else {
-                Err(KvError::NoLeader)
-            };
+            }
+            break;
         }
-        Err(KvError::NoLeader)
+        let index = index.ok_or(KvError::NoLeader)?;
+        let mut applied = self.sm.watch_applied();
+        let reached = timeout(COMMIT_WAIT, applied.wait_for(|&a| a >= index))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if reached {
+            Ok(())
+        } else {
+            Err(KvError::NoLeader)
+        }
     }
 
     /// Runs a read linearizably: a read barrier, then one view of the
@@ -629,43 +687,34 @@ impl KvNode {
         if cmd == AdminCmd::List {
             return Ok(self.member_list());
         }
-        let mut hint = self.raft.leader();
-        let first = hint;
+        let first = self.raft.leader();
         // A forwarded request cut off (its leader stepped down, as a
         // transfer or the leader's own removal makes it do) may have been
         // carried out: never carry it out twice.
         let mut cut_off = false;
-        for _ in 0..4 {
-            let leader = self.leader_or_wait(hint).await.ok_or(KvError::NoLeader)?;
+        let mut route = Route::new(first);
+        while let Some(leader) = route.next(self).await {
             // (A transfer to the member that leads is done before it starts.)
             if cut_off || matches!(cmd, AdminCmd::Transfer(Some(_))) {
                 if let Some(done) = self.admin_done(&cmd, first, leader).await {
                     return Ok(done);
                 }
             }
-            let r = if leader == self.id {
+            if leader == self.id {
                 match self.admin_local(&cmd).await {
-                    Err(KvError::NotLeaderHint(h)) => {
-                        hint = h;
-                        continue;
-                    }
-                    r => r,
+                    Err(KvError::NotLeaderHint(h)) => route.redirect(leader, h),
+                    r => return r,
                 }
-            } else {
-                match self.forward(leader, &Forward::Admin(cmd.clone())).await {
-                    Ok(ForwardReply::Admin(r)) => r,
-                    Ok(ForwardReply::NotLeader(h)) => {
-                        hint = h.filter(|&h| h != leader);
-                        continue;
-                    }
-                    _ => {
-                        hint = None;
-                        cut_off = true;
-                        continue;
-                    }
+                continue;
+            }
+            match self.forward(leader, &Forward::Admin(cmd.clone())).await {
+                Ok(ForwardReply::Admin(r)) => return r,
+                Ok(ForwardReply::NotLeader(h)) => route.redirect(leader, h),
+                _ => {
+                    cut_off = true;
+                    route.redirect(leader, None);
                 }
-            };
-            return r;
+            }
         }
         Err(KvError::NoLeader)
     }

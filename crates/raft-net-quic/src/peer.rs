@@ -205,21 +205,35 @@ pub(crate) async fn writer(link: Arc<PeerLink>, class: Class, mut rx: mpsc::Rece
                 continue;
             }
         };
-        if stream.is_none() {
-            stream = link.open_stream(class).await;
-        }
-        // A message that cannot be written now is dropped: Raft sends again.
-        tracing::trace!(
-            node = link.local,
-            peer = link.id,
-            kind = msg.body.kind(),
-            connected = stream.is_some(),
-            "sending"
-        );
-        if let Some(s) = stream.as_mut() {
-            if let Err(e) = s.write_all(&frame).await {
-                link.warn("write to peer failed", &e);
-                stream = None;
+        // A stream kept from before can belong to a connection that died
+        // meanwhile (the peer restarted; nothing went to it for a while):
+        // the first write finds out. That message is written once more on a
+        // new stream, reconnecting if need be, rather than lost (a vote
+        // answer lost this way costs an election timeout). A message that
+        // cannot be written then is dropped: Raft sends again.
+        for attempt in 0..2 {
+            if stream.is_none() {
+                stream = link.open_stream(class).await;
+            }
+            tracing::trace!(
+                node = link.local,
+                peer = link.id,
+                kind = msg.body.kind(),
+                connected = stream.is_some(),
+                attempt,
+                "sending"
+            );
+            let Some(s) = stream.as_mut() else {
+                break;
+            };
+            match s.write_all(&frame).await {
+                Ok(()) => break,
+                Err(e) => {
+                    if attempt > 0 {
+                        link.warn("write to peer failed", &e);
+                    }
+                    stream = None;
+                }
             }
         }
     }

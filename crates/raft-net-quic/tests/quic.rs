@@ -511,3 +511,25 @@ async fn certificates_added_with_the_kept_ca_connect_to_the_old_members() {
     let wrong = raft_net_quic::add_node_certs(d, &[3]).unwrap_err();
     assert!(wrong.to_string().contains("does not belong"), "{wrong}");
 }
+
+/// A peer that restarted is sent the very first message after its restart:
+/// the stream kept from before fails, and the message goes again on a new
+/// connection instead of being lost (a lost vote answer costs an election).
+#[tokio::test]
+async fn the_first_message_to_a_restarted_peer_is_not_lost() {
+    let ca = ClusterCa::generate().unwrap();
+    let (mut ts, addrs) = mesh(&ca, &[1, 2]);
+    let mut t2 = ts.pop().unwrap();
+    let t1 = ts.pop().unwrap();
+    assert!(deliver(&t1, &mut t2, hb(1, 2, 1)).await);
+    drop(t2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut t2 = bind(2, addrs[&2], &[1], &ca.material(2).unwrap());
+    t2.set_peer_addr(1, addrs[&1]).unwrap();
+    t1.send(hb(1, 2, 2));
+    assert_eq!(
+        recv_within(&mut t2, Duration::from_secs(3)).await,
+        Some(hb(1, 2, 2)),
+        "sent once, received"
+    );
+}
