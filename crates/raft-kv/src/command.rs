@@ -377,4 +377,62 @@ mod tests {
             Err(KvError::UnknownCommand { name, args }) if name == "FLUSHALL" && args == "'now' "
         ));
     }
+
+    #[test]
+    fn cluster_administration_commands_parse_and_bad_ones_are_refused() {
+        assert_eq!(
+            Command::parse(args("raft.member list")),
+            Ok(Command::Admin(AdminCmd::List))
+        );
+        assert_eq!(
+            Command::parse(args("RAFT.MEMBER ADD 4 10.0.0.4:7000 ff01")),
+            Ok(Command::Admin(AdminCmd::Add {
+                id: 4,
+                addr: "10.0.0.4:7000".into(),
+                incarnation: 0xff01
+            }))
+        );
+        assert_eq!(
+            Command::parse(args("RAFT.MEMBER ADD 4 10.0.0.4:7000")),
+            Ok(Command::Admin(AdminCmd::Add {
+                id: 4,
+                addr: "10.0.0.4:7000".into(),
+                incarnation: 0
+            }))
+        );
+        assert_eq!(
+            Command::parse(args("RAFT.MEMBER REMOVE 3")),
+            Ok(Command::Admin(AdminCmd::Remove(3)))
+        );
+        assert_eq!(
+            Command::parse(args("RAFT.TRANSFER")),
+            Ok(Command::Admin(AdminCmd::Transfer(None)))
+        );
+        assert_eq!(
+            Command::parse(args("RAFT.TRANSFER 2")),
+            Ok(Command::Admin(AdminCmd::Transfer(Some(2))))
+        );
+        for bad in [
+            "RAFT.MEMBER ADD x 10.0.0.4:7000",
+            "RAFT.MEMBER PROMOTE -1",
+            "RAFT.TRANSFER 99999999999999999999",
+        ] {
+            assert_eq!(
+                Command::parse(args(bad)),
+                Err(KvError::NotAnInteger),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "RAFT.MEMBER FROB 1",
+            "RAFT.MEMBER LIST 1",
+            "RAFT.MEMBER ADD 4 10.0.0.4:7000 not-hex",
+        ] {
+            assert_eq!(Command::parse(args(bad)), Err(KvError::Syntax), "{bad}");
+        }
+        assert_eq!(
+            Command::parse(args("RAFT.MEMBER")),
+            Err(KvError::WrongArity("raft.member".into()))
+        );
+    }
 }
