@@ -1,6 +1,7 @@
 //! The `raft-kv` command line: `certs`, `node`, `demo` and `bench`.
 
 use crate::node::{KvNode, NodeConfig};
+use crate::server::ClientConfig;
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use serde::Deserialize;
@@ -22,6 +23,17 @@ pub const DEFAULT_SNAPSHOT_THRESHOLD: u64 = 100_000;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: `text` (colours only on a terminal) or `json`
+    /// (one object per line).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 // Parsed once per process: the size of the largest variant does not matter.
@@ -68,8 +80,9 @@ enum Command {
         /// Where to write the backup.
         #[arg(long)]
         out: PathBuf,
-        /// The cluster's client password, if it has one.
-        #[arg(long)]
+        /// The cluster's client password, if it has one (or set
+        /// RAFT_KV_PASSWORD, which `ps` does not show).
+        #[arg(long, env = "RAFT_KV_PASSWORD", hide_env_values = true)]
         password: Option<String>,
     },
     /// Seed one node of a new cluster from a backup (run it for every
@@ -89,8 +102,9 @@ enum Command {
         /// A member's client address (host:port).
         #[arg(long)]
         addr: String,
-        /// The cluster's client password, if it has one.
-        #[arg(long)]
+        /// The cluster's client password, if it has one (or set
+        /// RAFT_KV_PASSWORD, which `ps` does not show).
+        #[arg(long, env = "RAFT_KV_PASSWORD", hide_env_values = true)]
         password: Option<String>,
         /// The subcommand and its arguments.
         #[arg(required = true, num_args = 1..=4)]
@@ -101,8 +115,9 @@ enum Command {
         /// A member's client address (host:port).
         #[arg(long)]
         addr: String,
-        /// The cluster's client password, if it has one.
-        #[arg(long)]
+        /// The cluster's client password, if it has one (or set
+        /// RAFT_KV_PASSWORD, which `ps` does not show).
+        #[arg(long, env = "RAFT_KV_PASSWORD", hide_env_values = true)]
         password: Option<String>,
         /// The voter to hand over to.
         #[arg(long)]
@@ -142,9 +157,48 @@ struct NodeArgs {
     /// Election timeout upper bound in milliseconds (default 300).
     #[arg(long)]
     election_max_ms: Option<u64>,
-    /// Require clients to AUTH with this password.
-    #[arg(long)]
+    /// Require clients to AUTH with this password. Prefer
+    /// `--password-file` or the RAFT_KV_PASSWORD environment variable: a
+    /// command line is visible to every user through `ps`.
+    #[arg(long, env = "RAFT_KV_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// Read the client password from this file (its first line); the file
+    /// must not be readable by group or others.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Refuse to start with a client address other than loopback and no
+    /// password: `yes` (default) or `no`.
+    #[arg(long)]
+    protected_mode: Option<String>,
+    /// Most clients connected at once; more get `-ERR max number of
+    /// clients reached` (default 10000).
+    #[arg(long)]
+    maxclients: Option<usize>,
+    /// Close a client idle for this many seconds (default 0: never).
+    #[arg(long)]
+    client_timeout: Option<u64>,
+    /// Largest reply in bytes; a client whose reply would pass it gets an
+    /// error and is disconnected (default 67108864 = 64 MiB).
+    #[arg(long)]
+    client_output_limit: Option<usize>,
+    /// Serve clients over TLS with this certificate chain (PEM).
+    #[arg(long, requires = "client_tls_key")]
+    client_tls_cert: Option<PathBuf>,
+    /// The private key of `--client-tls-cert` (PEM).
+    #[arg(long, requires = "client_tls_cert")]
+    client_tls_key: Option<PathBuf>,
+    /// Require clients to present a certificate signed by a CA in this file
+    /// (PEM; needs `--client-tls-cert`).
+    #[arg(long, requires = "client_tls_cert")]
+    client_tls_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics (`/metrics`), `/health` and `/ready` over
+    /// HTTP on this address.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// On SIGTERM or SIGINT, exit within this many seconds whatever the
+    /// disk does (default 10).
+    #[arg(long)]
+    shutdown_timeout_secs: Option<u64>,
     /// Cluster id; nodes of different clusters refuse each other (default 0).
     #[arg(long)]
     cluster_id: Option<u64>,
@@ -193,12 +247,71 @@ struct FileConfig {
     election_min_ms: Option<u64>,
     election_max_ms: Option<u64>,
     password: Option<String>,
+    password_file: Option<PathBuf>,
+    protected_mode: Option<String>,
+    maxclients: Option<usize>,
+    client_timeout: Option<u64>,
+    client_output_limit: Option<usize>,
+    client_tls_cert: Option<PathBuf>,
+    client_tls_key: Option<PathBuf>,
+    client_tls_ca: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
+    shutdown_timeout_secs: Option<u64>,
     cluster_id: Option<u64>,
     compact_threshold: Option<u64>,
     snapshot_threshold: Option<u64>,
     snapshot_chunk_bytes: Option<usize>,
     max_entry_bytes: Option<usize>,
     read_policy: Option<String>,
+}
+
+/// A node's whole setup: the node, its client port, its metrics address and
+/// its shutdown bound.
+#[derive(Debug)]
+pub struct Setup {
+    /// The node.
+    pub node: NodeConfig,
+    /// The client port (its password is `node.password`).
+    pub client: ClientConfig,
+    /// Where `/metrics`, `/health` and `/ready` are served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// How long a shutdown may take.
+    pub shutdown_timeout: Duration,
+}
+
+/// Refuses a file holding a secret that group or others can read.
+fn check_private(path: &std::path::Path, what: &str) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            bail!(
+                "{} holds {what} and is readable by other users (mode {:o}); run `chmod 600 {}`",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, what);
+    Ok(())
+}
+
+/// The password from a file: its first line, without the line end.
+fn read_password_file(path: &std::path::Path) -> anyhow::Result<String> {
+    check_private(path, "a password")?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let pw = text.lines().next().unwrap_or("").to_string();
+    if pw.is_empty() {
+        bail!("{}: the password file is empty", path.display());
+    }
+    Ok(pw)
 }
 
 fn parse_peer(s: &str) -> anyhow::Result<(u64, SocketAddr)> {
@@ -218,12 +331,22 @@ fn parse_peer(s: &str) -> anyhow::Result<(u64, SocketAddr)> {
 
 /// Merges file and command-line options into a validated node configuration.
 fn node_config(a: NodeArgs) -> anyhow::Result<NodeConfig> {
+    Ok(node_setup(a, false)?.node)
+}
+
+/// Merges file and command-line options into a validated node setup;
+/// `serving`: the node is about to serve clients (protected mode applies).
+fn node_setup(a: NodeArgs, serving: bool) -> anyhow::Result<Setup> {
     let f: FileConfig = match &a.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read {}", p.display()))?;
-            toml::from_str(&text)
-                .with_context(|| format!("{}: invalid configuration", p.display()))?
+            let f: FileConfig = toml::from_str(&text)
+                .with_context(|| format!("{}: invalid configuration", p.display()))?;
+            if f.password.is_some() {
+                check_private(p, "a password")?;
+            }
+            f
         }
         None => FileConfig::default(),
     };
@@ -296,27 +419,135 @@ fn node_config(a: NodeArgs) -> anyhow::Result<NodeConfig> {
             .or(f.snapshot_threshold)
             .unwrap_or(DEFAULT_SNAPSHOT_THRESHOLD),
         tls_dir: a.tls_dir.or(f.tls_dir).ok_or_else(|| need("tls-dir"))?,
-        password: a.password.or(f.password),
+        password: match (a.password, a.password_file.or(f.password_file), f.password) {
+            (Some(p), _, _) => Some(p),
+            (None, Some(file), _) => Some(read_password_file(&file)?),
+            (None, None, p) => p,
+        },
         cluster_id: a.cluster_id.or(f.cluster_id).unwrap_or(0),
         join: a.join,
         raft,
     };
     // The Raft layer validates the timing rules with precise messages.
     cfg.raft_config()?;
-    Ok(cfg)
+    let protected = match a.protected_mode.or(f.protected_mode).as_deref() {
+        None | Some("yes") => true,
+        Some("no") => false,
+        Some(other) => bail!("--protected-mode {other:?}: expected `yes` or `no`"),
+    };
+    if serving && protected && cfg.password.is_none() && !cfg.client_addr.ip().is_loopback() {
+        bail!(
+            "refusing to serve clients on {} without a password (protected mode): set one with \
+             --password-file or RAFT_KV_PASSWORD, or listen on a loopback address, or pass \
+             --protected-mode no if every client that can reach this address is trusted",
+            cfg.client_addr
+        );
+    }
+    let mut client = ClientConfig {
+        password: cfg.password.clone(),
+        ..ClientConfig::default()
+    };
+    if let Some(n) = a.maxclients.or(f.maxclients) {
+        if n == 0 {
+            bail!("--maxclients must be at least 1");
+        }
+        client.max_clients = n;
+    }
+    client.idle_timeout = a
+        .client_timeout
+        .or(f.client_timeout)
+        .filter(|&s| s > 0)
+        .map(Duration::from_secs);
+    if let Some(n) = a.client_output_limit.or(f.client_output_limit) {
+        if n < 1024 {
+            bail!("--client-output-limit must be at least 1024 bytes");
+        }
+        client.output_limit = n;
+    }
+    let tls_cert = a.client_tls_cert.or(f.client_tls_cert);
+    let tls_key = a.client_tls_key.or(f.client_tls_key);
+    let tls_ca = a.client_tls_ca.or(f.client_tls_ca);
+    client.tls = match (tls_cert, tls_key) {
+        (Some(c), Some(k)) => Some(
+            crate::server::tls_config(&c, &k, tls_ca.as_deref())
+                .map_err(|e| anyhow!("client TLS: {e}"))?,
+        ),
+        (None, None) if tls_ca.is_none() => None,
+        _ => bail!("client TLS needs both --client-tls-cert and --client-tls-key"),
+    };
+    let shutdown_timeout = Duration::from_secs(
+        a.shutdown_timeout_secs
+            .or(f.shutdown_timeout_secs)
+            .unwrap_or(EXIT_GRACE.as_secs())
+            .max(1),
+    );
+    Ok(Setup {
+        node: cfg,
+        client,
+        metrics_addr: a.metrics_addr.or(f.metrics_addr),
+        shutdown_timeout,
+    })
 }
 
-/// Starts a node and its client listener.
-pub async fn run_node(
+/// A running client port (and metrics endpoint).
+#[derive(Debug)]
+pub struct Serving {
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Serving {
+    /// Stops at once: no more clients; open connections live on until they
+    /// close.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+
+    /// Stops accepting clients, lets connections answer what they have read
+    /// (idle ones close at once), and waits up to `within` for them.
+    /// Returns whether every connection closed in time.
+    pub async fn drain(self, within: Duration) -> bool {
+        let _ = self.stop.send(true);
+        let done = tokio::time::timeout(within, self.task).await.is_ok();
+        done
+    }
+}
+
+/// Starts a node and its client listener, with the client port's defaults.
+pub async fn run_node(cfg: NodeConfig) -> anyhow::Result<(Arc<KvNode>, Serving)> {
+    run_node_with(cfg, ClientConfig::default(), None).await
+}
+
+/// Starts a node, its client listener (`client`, whose password is taken
+/// from `cfg.password`) and, with an address, its metrics endpoint.
+pub async fn run_node_with(
     cfg: NodeConfig,
-) -> anyhow::Result<(Arc<KvNode>, tokio::task::JoinHandle<()>)> {
+    mut client: ClientConfig,
+    metrics_addr: Option<SocketAddr>,
+) -> anyhow::Result<(Arc<KvNode>, Serving)> {
     let listener = tokio::net::TcpListener::bind(cfg.client_addr)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.client_addr))?;
-    let password = cfg.password.clone();
+    let metrics = match metrics_addr {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (--metrics-addr)"))?,
+        ),
+        None => None,
+    };
+    client.password = cfg.password.clone();
     let node = KvNode::start(cfg).await?;
-    let server = tokio::spawn(crate::server::serve(listener, node.clone(), password));
-    Ok((node, server))
+    let (n, m) = (node.clone(), node.metrics().clone());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let http = metrics.map(|l| tokio::spawn(crate::metrics::serve_http(l, n.clone())));
+        crate::server::serve(listener, n, client, m, stop_rx).await;
+        if let Some(h) = http {
+            h.abort();
+        }
+    });
+    Ok((node, Serving { task, stop }))
 }
 
 /// Sends one administration command to a member and prints its answer.
@@ -353,13 +584,32 @@ async fn wait_for_stop() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Runs the command line and turns an error into a message and exit status 1.
+/// Exit status: the node stopped itself because Raft stopped (a failed
+/// disk or state machine, or its storage refused by the cluster).
+pub const EXIT_RAFT_STOPPED: u8 = 3;
+/// Exit status: a shutdown did not finish within its bound.
+pub const EXIT_SHUTDOWN_TIMEOUT: u8 = 4;
+
+/// An error that exits with a status of its own (not 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct ExitWith {
+    code: u8,
+    message: String,
+}
+
+/// Runs the command line and turns an error into a message and an exit
+/// status: 1 for errors, 2 for command-line usage errors (clap's),
+/// [`EXIT_RAFT_STOPPED`] and [`EXIT_SHUTDOWN_TIMEOUT`].
 pub fn run() -> std::process::ExitCode {
     match main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("raft-kv: error: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<ExitWith>() {
+                Some(x) => std::process::ExitCode::from(x.code),
+                None => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -367,13 +617,20 @@ pub fn run() -> std::process::ExitCode {
 /// Entry point of the `raft-kv` binary.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        // Colour codes only where a terminal shows them, never in a file or
+        // a journal.
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            logs.with_ansi(std::io::stderr().is_terminal()).init()
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -396,12 +653,17 @@ pub fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Node(args) => {
-                let cfg = node_config(args)?;
+                let Setup {
+                    node: cfg,
+                    client,
+                    metrics_addr,
+                    shutdown_timeout,
+                } = node_setup(args, true)?;
                 let join = cfg
                     .join
                     .clone()
                     .map(|a| (a, cfg.raft_addr, cfg.password.clone()));
-                let (node, server) = run_node(cfg).await?;
+                let (node, serving) = run_node_with(cfg, client, metrics_addr).await?;
                 if let Some((at, raft_addr, pw)) = join {
                     let node = node.clone();
                     tokio::spawn(async move {
@@ -419,31 +681,44 @@ pub fn main() -> anyhow::Result<()> {
                     _ = wait_for_stop() => None,
                     why = node.wait_stopped() => Some(why),
                 };
+                // From here on the process exits within the bound, whatever
+                // the disk does: a plain thread, so it fires even if every
+                // runtime thread is stuck in a storage call.
+                std::thread::spawn(move || {
+                    std::thread::sleep(shutdown_timeout);
+                    eprintln!(
+                        "raft-kv: error: shutdown did not finish within {shutdown_timeout:?} (storage hung?); exiting"
+                    );
+                    std::process::exit(i32::from(EXIT_SHUTDOWN_TIMEOUT));
+                });
                 if failed.is_none() {
+                    tracing::info!("stopping: no new clients; answering requests in flight");
                     // A leader hands over first: writes pause for an
-                    // election's round trips, not an election timeout.
-                    if let Some(pause) = node.hand_over().await {
+                    // election's round trips, not an election timeout. The
+                    // requests in flight are answered meanwhile (forwarded
+                    // to the new leader).
+                    let drained = serving.drain(shutdown_timeout / 2);
+                    let (handed, drained) = tokio::join!(node.hand_over(), drained);
+                    if let Some(pause) = handed {
                         eprintln!("raft-kv: leadership handed over in {} ms", pause.as_millis());
                     }
+                    if !drained {
+                        tracing::warn!("some clients were still being answered at shutdown");
+                    }
+                } else {
+                    serving.abort();
                 }
                 if let Some(why) = &failed {
                     tracing::error!(reason = %why, "raft stopped; shutting the node down");
                 }
-                // From here on the process exits within EXIT_GRACE, whatever
-                // the disk does: a plain thread, so it fires even if every
-                // runtime thread is stuck in a storage call.
-                std::thread::spawn(move || {
-                    std::thread::sleep(EXIT_GRACE);
-                    eprintln!(
-                        "raft-kv: error: shutdown did not finish within {EXIT_GRACE:?} (storage hung); exiting"
-                    );
-                    std::process::exit(1);
-                });
-                server.abort();
                 node.shutdown().await;
                 drop(node);
                 match failed {
-                    Some(why) => bail!("the node stopped: {why}"),
+                    Some(why) => Err(ExitWith {
+                        code: EXIT_RAFT_STOPPED,
+                        message: format!("the node stopped: {why}"),
+                    }
+                    .into()),
                     None => Ok(()),
                 }
             }

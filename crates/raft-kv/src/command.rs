@@ -114,7 +114,7 @@ pub enum Command {
     /// ECHO message.
     Echo(Vec<u8>),
     /// AUTH [user] password.
-    Auth(Vec<u8>),
+    Auth(Option<Vec<u8>>, Vec<u8>),
     /// COMMAND (an empty list: clients only probe it).
     CommandList,
     /// INFO [section].
@@ -154,10 +154,10 @@ impl Command {
             ("PING", 1) => Command::Ping(None),
             ("PING", 2) => Command::Ping(Some(next())),
             ("ECHO", 2) => Command::Echo(next()),
-            ("AUTH", 2) => Command::Auth(next()),
+            ("AUTH", 2) => Command::Auth(None, next()),
             ("AUTH", 3) => {
-                let _user = next();
-                Command::Auth(next())
+                let user = next();
+                Command::Auth(Some(user), next())
             }
             ("COMMAND", _) => Command::CommandList,
             ("INFO", 1 | 2) => Command::Info,
@@ -246,12 +246,22 @@ impl Command {
                 _,
             ) => return Err(arity()),
             _ => {
-                let shown: String = rest
-                    .take(8)
-                    .map(|a| format!("'{}' ", String::from_utf8_lossy(&a)))
-                    .collect();
+                // As Redis: the name and the arguments shown are cut to 128
+                // characters, so a huge argument makes a short error.
+                let mut shown = String::new();
+                for a in rest {
+                    if shown.len() >= 128 {
+                        break;
+                    }
+                    let room = 128 - shown.len();
+                    let text = String::from_utf8_lossy(&a[..a.len().min(room)]).into_owned();
+                    shown.push('\'');
+                    shown.push_str(&text);
+                    shown.push_str("' ");
+                }
+                let name = &args[0][..args[0].len().min(128)];
                 return Err(KvError::UnknownCommand {
-                    name: String::from_utf8_lossy(&args[0]).into_owned(),
+                    name: String::from_utf8_lossy(name).into_owned(),
                     args: shown,
                 });
             }

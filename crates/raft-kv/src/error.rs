@@ -47,6 +47,15 @@ pub enum KvError {
         /// `max_entry_bytes`.
         max: usize,
     },
+    /// A reply would pass the client output limit; the client is
+    /// disconnected after this answer.
+    #[error(
+        "reply too large: more than {limit} bytes (client-output-limit); closing the connection"
+    )]
+    ReplyTooLarge {
+        /// The limit.
+        limit: usize,
+    },
     /// This node stopped (a failed disk or state machine).
     #[error("this node has stopped ({0}); it serves nothing until it is restarted")]
     Stopped(String),

@@ -24,6 +24,7 @@ pub mod forward;
 pub mod node;
 pub mod snapshots;
 // The Redis edge: RESP frames and client connections.
+pub mod metrics;
 pub mod resp;
 pub mod server;
 // The binary: command line and load generator.

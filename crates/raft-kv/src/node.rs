@@ -160,6 +160,7 @@ pub struct KvNode {
     /// recorded in the configuration when a member is added, so members
     /// that join later learn them from the log.
     addrs: Mutex<BTreeMap<NodeId, String>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for KvNode {
@@ -277,6 +278,8 @@ impl KvNode {
         let snaps = Snapshots::open(&dir.join("snapshots"))
             .map_err(|e| StartError::Store(e.to_string()))?;
         report_lost_state(&mut store, &sm, &snaps).await?;
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let store = crate::metrics::TimedLog::new(store, metrics.clone());
         let frame_limit = endpoint.client.max_request_bytes().unwrap_or(64 << 20);
         let (apply_tx, apply_rx) = mpsc::channel::<ApplyMsg>(4096);
         let raft = Raft::with_snapshots(rc, store, snaps.clone(), transport, apply_tx)?;
@@ -307,10 +310,28 @@ impl KvNode {
             failure,
             tasks: Mutex::new(tasks),
             addrs: Mutex::new(BTreeMap::new()),
+            metrics,
         });
+        let watcher = node.metrics.watch_leader(&node);
+        lock(&node.tasks).push(watcher);
         let server = tokio::spawn(serve_peers(Arc::downgrade(&node), endpoint.inbound));
         lock(&node.tasks).push(server);
         Ok(node)
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// The Raft node underneath.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The last entry applied to the state machine.
+    pub fn applied_index(&self) -> u64 {
+        self.sm.applied()
     }
 
     /// The node's snapshot files.
@@ -496,8 +517,15 @@ impl KvNode {
         let mut route = Route::new(self.raft.leader());
         while let Some(leader) = route.next(self).await {
             if leader == self.id {
+                let t = std::time::Instant::now();
                 match self.propose_local(&cmds).await {
-                    Ok(replies) => return replies,
+                    Ok(replies) => {
+                        self.metrics.proposals.inc_by(n as u64);
+                        self.metrics
+                            .commit_latency
+                            .observe(t.elapsed().as_secs_f64());
+                        return replies;
+                    }
                     Err(h) => route.redirect(leader, h),
                 }
                 continue;
@@ -657,6 +685,12 @@ impl KvNode {
     /// holding its thread; a batch that never finishes (a hung disk) gets
     /// a retry answer after `READ_WAIT`.
     pub async fn read(&self, cmd: &ReadCmd) -> Reply {
+        self.read_limited(cmd, usize::MAX).await
+    }
+
+    /// [`KvNode::read`] with a cap on the reply's size (the client output
+    /// limit): a larger reply is `ReplyTooLarge`, found before it is built.
+    pub async fn read_limited(&self, cmd: &ReadCmd, limit: usize) -> Reply {
         if let Some(why) = self.stopped() {
             return Err(KvError::Stopped(why));
         }
@@ -664,7 +698,7 @@ impl KvNode {
         let deadline = tokio::time::Instant::now() + READ_WAIT;
         let mut tries = 0u32;
         loop {
-            if let Some(r) = self.sm.try_read_view(|v| v.read(cmd)) {
+            if let Some(r) = self.sm.try_read_view(|v| v.read_limited(cmd, limit)) {
                 return r;
             }
             if tokio::time::Instant::now() >= deadline {

@@ -32,6 +32,23 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The limits before AUTH on a server with a password, as Redis has
+    /// had since CVE-2021-32675: at most 10 elements of 16 KiB each.
+    pub fn unauthenticated() -> Self {
+        Limits {
+            max_bulk: 16 << 10,
+            max_args: 10,
+            max_request: 10 * ((16 << 10) + 32) + 32,
+        }
+    }
+}
+
+/// Longest inline command (`PING\r\n` typed into telnet).
+const MAX_INLINE: usize = 64 * 1024;
+/// Longest length line (`*N` or `$N`), CRLF included.
+const MAX_LENGTH_LINE: usize = 32;
+
 /// A malformed or oversized request. The connection is answered with
 /// `-ERR Protocol error: ...` and closed, as Redis does.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,9 +63,10 @@ fn perr<T>(s: impl Into<String>) -> Result<T, ProtocolError> {
 /// the command's arguments and the number of bytes it took.
 pub type Parsed = Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolError>;
 
-/// Finds `\r\n` from `from`; returns the index of `\r`.
-fn line_end(buf: &[u8], from: usize) -> Option<usize> {
-    buf.get(from..)?
+/// Finds `\r\n` in `buf[from..to]`; returns the index of `\r`.
+fn line_end(buf: &[u8], from: usize, to: usize) -> Option<usize> {
+    let to = to.min(buf.len());
+    buf.get(from..to)?
         .windows(2)
         .position(|w| w == b"\r\n")
         .map(|p| from + p)
@@ -61,98 +79,213 @@ fn parse_len(line: &[u8]) -> Result<i64, ProtocolError> {
         .map_or_else(|| perr("invalid length"), Ok)
 }
 
-/// Parses one command from the front of `buf`. `Ok(None)`: more bytes needed.
-/// `Ok(Some((args, used)))`: a command and the bytes it took.
-pub fn parse_command(buf: &[u8], limits: &Limits) -> Parsed {
-    if buf.is_empty() {
-        return Ok(None);
-    }
-    if buf[0] != b'*' {
-        // Inline command.
-        let Some(end) = line_end(buf, 0) else {
-            if buf.len() > 64 * 1024 {
-                return perr("too big inline request");
-            }
-            return Ok(None);
-        };
-        let args: Vec<Vec<u8>> = buf[..end]
-            .split(|b| b.is_ascii_whitespace())
-            .filter(|a| !a.is_empty())
-            .map(|a| a.to_vec())
-            .collect();
-        // The same limits as the multibulk form.
-        if args.len() > limits.max_args {
-            return perr("invalid multibulk length");
-        }
-        if args.iter().any(|a| a.len() > limits.max_bulk) {
-            return perr("invalid bulk length");
-        }
-        return Ok(Some((args, end + 2)));
-    }
-    let Some(end) = line_end(buf, 1) else {
-        if buf.len() > 64 {
-            return perr("invalid multibulk length");
-        }
-        return Ok(None);
-    };
-    let n = parse_len(&buf[1..end])?;
-    if n > limits.max_args as i64 {
-        return perr("invalid multibulk length");
-    }
-    let mut pos = end + 2;
-    if n <= 0 {
-        return Ok(Some((Vec::new(), pos)));
-    }
-    let mut args = Vec::with_capacity((n as usize).min(1024));
-    for _ in 0..n {
-        if pos >= buf.len() {
-            return need_more(buf, limits);
-        }
-        if buf[pos] != b'$' {
-            return perr(format!("expected '$', got '{}'", buf[pos] as char));
-        }
-        let Some(end) = line_end(buf, pos + 1) else {
-            if buf.len() - pos > 64 {
-                return perr("invalid bulk length");
-            }
-            return need_more(buf, limits);
-        };
-        let len = parse_len(&buf[pos + 1..end])?;
-        if len < 0 || len > limits.max_bulk as i64 {
-            return perr("invalid bulk length");
-        }
-        let start = end + 2;
-        let stop = start + len as usize;
-        if stop + 2 > buf.len() {
-            if stop + 2 > limits.max_request {
-                return perr("request too large");
-            }
-            return need_more(buf, limits);
-        }
-        if &buf[stop..stop + 2] != b"\r\n" {
-            return perr("bulk string not terminated by CRLF");
-        }
-        args.push(buf[start..stop].to_vec());
-        pos = stop + 2;
-    }
-    Ok(Some((args, pos)))
+/// Where a request being read stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Between requests.
+    Idle,
+    /// An inline command whose first `scanned` bytes hold no line end.
+    Inline { scanned: usize },
+    /// `left` more elements of a multibulk request, next is a `$len` line.
+    Element { left: usize },
+    /// The body of the last argument: `len` bytes, then CRLF.
+    Body { left: usize, len: usize },
+    /// The CRLF after a body.
+    Crlf { left: usize },
 }
 
-fn need_more(buf: &[u8], limits: &Limits) -> Parsed {
-    if buf.len() > limits.max_request {
-        return perr("request too large");
+/// An incremental RESP request parser: each byte a client sends is looked
+/// at a bounded number of times, whatever the pieces it arrives in, so the
+/// CPU a request costs is linear in its size. Argument bodies are copied
+/// out as they arrive and grow with the bytes received, never allocated
+/// from a declared length.
+#[derive(Debug)]
+pub struct RequestParser {
+    state: State,
+    args: Vec<Vec<u8>>,
+    /// Bytes of the current request consumed so far.
+    request_bytes: usize,
+}
+
+impl Default for RequestParser {
+    fn default() -> Self {
+        RequestParser {
+            state: State::Idle,
+            args: Vec::new(),
+            request_bytes: 0,
+        }
     }
-    Ok(None)
+}
+
+impl RequestParser {
+    /// A parser between requests.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// True when no request is partly read.
+    pub fn is_idle(&self) -> bool {
+        self.state == State::Idle
+    }
+
+    /// Reads from `buf[*pos..]`, advancing `*pos` past what it consumed.
+    /// `Ok(Some(args))`: a whole request (possibly empty: skip it).
+    /// `Ok(None)`: every byte given was consumed, or the rest is an
+    /// unfinished line the caller must keep and extend.
+    pub fn next(
+        &mut self,
+        buf: &[u8],
+        pos: &mut usize,
+        limits: &Limits,
+    ) -> Result<Option<Vec<Vec<u8>>>, ProtocolError> {
+        loop {
+            let avail = buf.len() - *pos;
+            if avail == 0 {
+                return Ok(None);
+            }
+            match self.state {
+                State::Idle => {
+                    self.request_bytes = 0;
+                    if buf[*pos] != b'*' {
+                        self.state = State::Inline { scanned: 0 };
+                        continue;
+                    }
+                    let Some(end) = line_end(buf, *pos + 1, *pos + MAX_LENGTH_LINE) else {
+                        if avail >= MAX_LENGTH_LINE {
+                            return perr("invalid multibulk length");
+                        }
+                        return Ok(None);
+                    };
+                    let n = parse_len(&buf[*pos + 1..end])?;
+                    if n > limits.max_args as i64 {
+                        return perr("invalid multibulk length");
+                    }
+                    self.consume(pos, end + 2, limits)?;
+                    if n <= 0 {
+                        return Ok(Some(Vec::new()));
+                    }
+                    self.args = Vec::with_capacity((n as usize).min(16));
+                    self.state = State::Element { left: n as usize };
+                }
+                State::Inline { scanned } => {
+                    // Resume the search one byte back: a CR may end the
+                    // part already scanned.
+                    let from = *pos + scanned.saturating_sub(1);
+                    let Some(end) = line_end(buf, from, buf.len()) else {
+                        if avail > MAX_INLINE {
+                            return perr("too big inline request");
+                        }
+                        self.state = State::Inline { scanned: avail };
+                        return Ok(None);
+                    };
+                    let args: Vec<Vec<u8>> = buf[*pos..end]
+                        .split(|b| b.is_ascii_whitespace())
+                        .filter(|a| !a.is_empty())
+                        .map(|a| a.to_vec())
+                        .collect();
+                    // The same limits as the multibulk form.
+                    if end - *pos > MAX_INLINE {
+                        return perr("too big inline request");
+                    }
+                    if args.len() > limits.max_args {
+                        return perr("invalid multibulk length");
+                    }
+                    if args.iter().any(|a| a.len() > limits.max_bulk) {
+                        return perr("invalid bulk length");
+                    }
+                    *pos = end + 2;
+                    self.state = State::Idle;
+                    return Ok(Some(args));
+                }
+                State::Element { left } => {
+                    if buf[*pos] != b'$' {
+                        return perr(format!("expected '$', got '{}'", buf[*pos] as char));
+                    }
+                    let Some(end) = line_end(buf, *pos + 1, *pos + MAX_LENGTH_LINE) else {
+                        if avail >= MAX_LENGTH_LINE {
+                            return perr("invalid bulk length");
+                        }
+                        return Ok(None);
+                    };
+                    let len = parse_len(&buf[*pos + 1..end])?;
+                    if len < 0 || len > limits.max_bulk as i64 {
+                        return perr("invalid bulk length");
+                    }
+                    let len = len as usize;
+                    self.consume(pos, end + 2, limits)?;
+                    if self.request_bytes + len + 2 > limits.max_request {
+                        return perr("request too large");
+                    }
+                    // Grows as the bytes arrive: a declared length costs
+                    // nothing until it is sent.
+                    self.args.push(Vec::with_capacity(len.min(16 * 1024)));
+                    self.state = State::Body { left, len };
+                }
+                State::Body { left, len } => {
+                    let arg = self.args.last_mut().expect("a body follows its header");
+                    let take = (len - arg.len()).min(avail);
+                    arg.extend_from_slice(&buf[*pos..*pos + take]);
+                    let done = arg.len() == len;
+                    self.consume(pos, *pos + take, limits)?;
+                    if done {
+                        self.state = State::Crlf { left };
+                    }
+                }
+                State::Crlf { left } => {
+                    if avail < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[*pos..*pos + 2] != b"\r\n" {
+                        return perr("bulk string not terminated by CRLF");
+                    }
+                    self.consume(pos, *pos + 2, limits)?;
+                    if left == 1 {
+                        self.state = State::Idle;
+                        return Ok(Some(std::mem::take(&mut self.args)));
+                    }
+                    self.state = State::Element { left: left - 1 };
+                }
+            }
+        }
+    }
+
+    fn consume(
+        &mut self,
+        pos: &mut usize,
+        to: usize,
+        limits: &Limits,
+    ) -> Result<(), ProtocolError> {
+        self.request_bytes += to - *pos;
+        *pos = to;
+        if self.request_bytes > limits.max_request {
+            return perr("request too large");
+        }
+        Ok(())
+    }
+}
+
+/// Parses one command from the front of `buf`, all of it at once.
+/// `Ok(None)`: more bytes needed. `Ok(Some((args, used)))`: a command and
+/// the bytes it took. (The server uses [`RequestParser`], which keeps its
+/// place between reads.)
+pub fn parse_command(buf: &[u8], limits: &Limits) -> Parsed {
+    let mut parser = RequestParser::new();
+    let mut pos = 0;
+    match parser.next(buf, &mut pos, limits)? {
+        Some(args) => Ok(Some((args, pos))),
+        None => Ok(None),
+    }
 }
 
 /// The Redis reply code for an error: clients and tools key on it
 /// (`TRYAGAIN` and `UNKNOWN` tell a retrying client what it may assume).
-fn error_code(e: &KvError) -> &'static str {
+pub fn error_code(e: &KvError) -> &'static str {
     match e {
         KvError::NoLeader | KvError::NotApplied(_) => "TRYAGAIN",
         KvError::Unknown(_) => "UNKNOWN",
         KvError::WrongPassword => "WRONGPASS",
         KvError::AuthRequired => "NOAUTH",
+        KvError::Stopped(_) => "ERR",
         _ => "ERR",
     }
 }

@@ -1,35 +1,193 @@
 //! The Redis-protocol server: one task per client connection, pipelined
 //! requests answered in order. Each request is parsed once into a
 //! [`Command`]; consecutive writes go to the node together.
+//!
+//! The client port is built to survive hostile clients: requests are parsed
+//! incrementally (linear CPU in their size), unauthenticated clients get
+//! Redis's small pre-AUTH limits, replies are written as they are produced
+//! and one reply may not exceed the output limit, the number of clients is
+//! capped, idle clients may be closed, and an idle connection holds no
+//! buffers.
 
 use crate::command::{Command, Value, WriteCmd};
 use crate::error::{KvError, Reply};
+use crate::metrics::Metrics;
 use crate::node::KvNode;
-use crate::resp::{encode_reply, error_line, parse_command, Limits};
+use crate::resp::{encode_reply, error_line, Limits, RequestParser};
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Accepts clients until the task is aborted. With a `password`, clients
-/// must AUTH first.
-pub async fn serve(listener: TcpListener, node: Arc<KvNode>, password: Option<String>) {
-    let password: Arc<Option<String>> = Arc::new(password);
+/// Limits and settings of the client port.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Clients must AUTH with this password when set.
+    pub password: Option<String>,
+    /// Most clients connected at once (Redis's `maxclients`).
+    pub max_clients: usize,
+    /// Close a client idle this long (Redis's `timeout`; `None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Largest single reply; a client whose reply would pass it gets an
+    /// error and is disconnected.
+    pub output_limit: usize,
+    /// TLS on the client port.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            password: None,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            idle_timeout: None,
+            output_limit: DEFAULT_OUTPUT_LIMIT,
+            tls: None,
+        }
+    }
+}
+
+/// Default `--maxclients`, as Redis.
+pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
+/// Default `--client-output-limit`: 64 MiB.
+pub const DEFAULT_OUTPUT_LIMIT: usize = 64 << 20;
+/// Replies are written to the socket once this many bytes are queued.
+const WRITE_CHUNK: usize = 64 * 1024;
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A client connection's byte stream: plain TCP or TLS.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Waits for bytes and appends them to `buf`; 0 at end of stream. An
+    /// idle plain connection holds no buffer while it waits.
+    fn fill(&mut self, buf: &mut Vec<u8>) -> impl Future<Output = std::io::Result<usize>> + Send;
+}
+
+impl ClientIo for TcpStream {
+    async fn fill(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+        loop {
+            self.readable().await?;
+            buf.reserve(READ_CHUNK);
+            match self.try_read_buf(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
+    async fn fill(&mut self, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+        buf.reserve(READ_CHUNK);
+        self.read_buf(buf).await
+    }
+}
+
+/// Accepts clients until `stop` turns true (or the task is aborted); then
+/// stops accepting, lets every connection finish the requests it has read
+/// (idle ones close at once), and returns when all have closed.
+pub async fn serve(
+    listener: TcpListener,
+    node: Arc<KvNode>,
+    cfg: ClientConfig,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let cfg = Arc::new(cfg);
+    let tls = cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let connected = Arc::new(AtomicUsize::new(0));
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        match listener.accept().await {
-            Ok((sock, peer)) => {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        match accepted {
+            Ok((mut sock, peer)) => {
                 let _ = sock.set_nodelay(true);
-                let (node, password) = (node.clone(), password.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = connection(sock, node, &password).await {
+                if connected.load(Ordering::Relaxed) >= cfg.max_clients {
+                    metrics.client_rejected("maxclients");
+                    // Answered without waiting on the client.
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            sock.write_all(b"-ERR max number of clients reached\r\n"),
+                        )
+                        .await;
+                    });
+                    continue;
+                }
+                let guard = ClientGuard::new(&connected, &metrics);
+                let (node, cfg, metrics, tls, stop) = (
+                    node.clone(),
+                    cfg.clone(),
+                    metrics.clone(),
+                    tls.clone(),
+                    stop.clone(),
+                );
+                conns.spawn(async move {
+                    let _guard = guard;
+                    let res = match tls {
+                        None => connection(sock, &node, &cfg, &metrics, stop).await,
+                        Some(acceptor) => {
+                            match tokio::time::timeout(
+                                Duration::from_secs(10),
+                                acceptor.accept(sock),
+                            )
+                            .await
+                            {
+                                Ok(Ok(s)) => connection(s, &node, &cfg, &metrics, stop).await,
+                                Ok(Err(e)) => {
+                                    metrics.client_rejected("tls");
+                                    Err(e)
+                                }
+                                Err(_) => {
+                                    metrics.client_rejected("tls");
+                                    Err(std::io::Error::other("TLS handshake timed out"))
+                                }
+                            }
+                        }
+                    };
+                    if let Err(e) = res {
                         tracing::debug!(%peer, error = %e, "client connection ended");
                     }
                 });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
+}
+
+/// Counts a connected client while it lives.
+struct ClientGuard {
+    connected: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl ClientGuard {
+    fn new(connected: &Arc<AtomicUsize>, metrics: &Arc<Metrics>) -> Self {
+        connected.fetch_add(1, Ordering::Relaxed);
+        metrics.client_connections.inc();
+        ClientGuard {
+            connected: connected.clone(),
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.connected.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.client_connections.dec();
     }
 }
 
@@ -39,40 +197,61 @@ enum Pending {
     Write(WriteCmd),
 }
 
-/// Sends the pipeline's queued writes as one batch and encodes every
-/// queued reply, in order.
-async fn flush_pending(node: &KvNode, pending: &mut Vec<Pending>, out: &mut Vec<u8>) {
-    let writes: Vec<WriteCmd> = pending
-        .iter_mut()
-        .filter_map(|r| match r {
-            Pending::Write(c) => Some(std::mem::replace(c, WriteCmd::Del(Vec::new()))),
-            Pending::Now(_) => None,
-        })
-        .collect();
-    let mut replies = node.write(writes).await.into_iter();
-    for r in pending.drain(..) {
-        match r {
-            Pending::Now(r) => encode_reply(out, &r),
-            Pending::Write(_) => encode_reply(
-                out,
-                &replies
-                    .next()
-                    .unwrap_or_else(|| Err(KvError::Internal("lost a reply".into()))),
-            ),
-        }
-    }
+/// Compares two passwords in time independent of where they differ (and of
+/// their lengths: both are hashed first).
+fn password_matches(expected: &str, given: &[u8]) -> bool {
+    use ring::digest::{digest, SHA256};
+    use subtle::ConstantTimeEq;
+    let a = digest(&SHA256, expected.as_bytes());
+    let b = digest(&SHA256, given);
+    a.as_ref().ct_eq(b.as_ref()).into()
 }
 
 /// Per-connection state.
 struct Session<'a> {
     node: &'a KvNode,
-    password: &'a Option<String>,
+    cfg: &'a ClientConfig,
+    metrics: &'a Metrics,
     authed: bool,
     /// A backup file to stream as the next reply, then remove.
     stream: Option<std::path::PathBuf>,
+    /// A reply passed the output limit: close after sending the error.
+    close: bool,
 }
 
 impl Session<'_> {
+    /// Sends the pipeline's queued writes as one batch and encodes every
+    /// queued reply, in order.
+    async fn flush_pending(&self, pending: &mut Vec<Pending>, out: &mut Vec<u8>) {
+        if pending.is_empty() {
+            return;
+        }
+        let writes: Vec<WriteCmd> = pending
+            .iter_mut()
+            .filter_map(|r| match r {
+                Pending::Write(c) => Some(std::mem::replace(c, WriteCmd::Del(Vec::new()))),
+                Pending::Now(_) => None,
+            })
+            .collect();
+        let mut replies = if writes.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            self.node.write(writes).await.into_iter()
+        };
+        for r in pending.drain(..) {
+            let r = match r {
+                Pending::Now(r) => r,
+                Pending::Write(_) => replies
+                    .next()
+                    .unwrap_or_else(|| Err(KvError::Internal("lost a reply".into()))),
+            };
+            if let Err(e) = &r {
+                self.metrics.command_error(e);
+            }
+            encode_reply(out, &r);
+        }
+    }
+
     /// Runs one request; writes are queued in `pending`, anything that must
     /// observe them (a read) sends them first.
     async fn execute(&mut self, args: Vec<Vec<u8>>, pending: &mut Vec<Pending>, out: &mut Vec<u8>) {
@@ -87,6 +266,7 @@ impl Session<'_> {
         if !is_auth && !self.authed {
             return pending.push(Pending::Now(Err(KvError::AuthRequired)));
         }
+        self.metrics.command(&name);
         if !is_auth && name != b"INFO" {
             if let Some(why) = self.node.stopped() {
                 return pending.push(Pending::Now(Err(KvError::Stopped(why))));
@@ -96,10 +276,14 @@ impl Session<'_> {
             Ok(c) => c,
             Err(e) => return pending.push(Pending::Now(Err(e))),
         };
-        if let Command::Auth(pw) = &cmd {
-            let r = match self.password {
+        if let Command::Auth(user, pw) = &cmd {
+            let r = match &self.cfg.password {
                 None => Err(KvError::NoPasswordSet),
-                Some(p) if p.as_bytes() == pw.as_slice() => {
+                // The one user there is: `default`, as in Redis.
+                Some(p)
+                    if password_matches(p, pw)
+                        && user.as_deref().is_none_or(|u| u == b"default") =>
+                {
                     self.authed = true;
                     Ok(Value::Ok)
                 }
@@ -113,7 +297,7 @@ impl Session<'_> {
             Command::CommandList => Ok(Value::Array(Vec::new())),
             Command::Info => Ok(Value::Bulk(self.node.info().into_bytes())),
             Command::Backup => {
-                flush_pending(self.node, pending, out).await;
+                self.flush_pending(pending, out).await;
                 match self.node.backup().await {
                     Ok((path, _)) => {
                         self.stream = Some(path);
@@ -123,89 +307,133 @@ impl Session<'_> {
                 }
             }
             Command::Admin(a) => {
-                flush_pending(self.node, pending, out).await;
+                self.flush_pending(pending, out).await;
                 self.node.admin(a).await
             }
             Command::Write(w) => return pending.push(Pending::Write(w)),
             Command::Read(r) => {
                 // Reads observe every earlier command of this connection.
-                flush_pending(self.node, pending, out).await;
-                self.node.read(&r).await
+                self.flush_pending(pending, out).await;
+                let r = self.node.read_limited(&r, self.cfg.output_limit).await;
+                if matches!(r, Err(KvError::ReplyTooLarge { .. })) {
+                    self.close = true;
+                }
+                r
             }
-            Command::Auth(_) => Err(KvError::Internal("AUTH handled above".into())),
+            Command::Auth(..) => Err(KvError::Internal("AUTH handled above".into())),
         };
         pending.push(Pending::Now(r));
     }
 }
 
-async fn connection(
-    mut sock: TcpStream,
-    node: Arc<KvNode>,
-    password: &Option<String>,
+async fn connection<S: ClientIo>(
+    mut sock: S,
+    node: &KvNode,
+    cfg: &ClientConfig,
+    metrics: &Metrics,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let limits = Limits::default();
-    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut session = Session {
-        node: &node,
-        password,
-        authed: password.is_none(),
+        node,
+        cfg,
+        metrics,
+        authed: cfg.password.is_none(),
         stream: None,
+        close: false,
     };
-    let mut chunk = vec![0u8; 64 * 1024];
-    // After a backup reply, requests already buffered run before reading more.
-    let mut buffered = false;
+    let mut parser = RequestParser::new();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut pos = 0;
+    // After a streamed reply, requests already buffered run before reading.
+    let mut resume = false;
     loop {
-        if !buffered {
-            let n = sock.read(&mut chunk).await?;
+        if !resume {
+            if pos == buf.len() {
+                // Nothing left over: an idle client holds no buffer.
+                buf = Vec::new();
+            } else {
+                // The front of a line the parser needs whole: keep it.
+                buf.drain(..pos);
+            }
+            pos = 0;
+            if *stop.borrow() {
+                return Ok(());
+            }
+            let n = tokio::select! {
+                r = within(cfg.idle_timeout, sock.fill(&mut buf)) => match r {
+                    Some(r) => r?,
+                    None => return Ok(()),
+                },
+                // Shutting down: a client between requests is closed.
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            };
             if n == 0 {
                 return Ok(());
             }
-            buf.extend_from_slice(&chunk[..n]);
         }
-        buffered = false;
+        resume = false;
         let mut out = Vec::new();
         let mut pending: Vec<Pending> = Vec::new();
-        let mut consumed = 0;
         let mut close = false;
         loop {
-            match parse_command(&buf[consumed..], &limits) {
-                Ok(Some((args, used))) => {
-                    consumed += used;
+            let limits = if session.authed {
+                Limits::default()
+            } else {
+                Limits::unauthenticated()
+            };
+            match parser.next(&buf, &mut pos, &limits) {
+                Ok(Some(args)) => {
                     if args.is_empty() {
                         continue;
                     }
                     session.execute(args, &mut pending, &mut out).await;
-                    if session.stream.is_some() {
+                    if session.stream.is_some() || session.close {
                         break;
+                    }
+                    if out.len() >= WRITE_CHUNK {
+                        sock.write_all(&out).await?;
+                        out.clear();
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    flush_pending(&node, &mut pending, &mut out).await;
+                    session.flush_pending(&mut pending, &mut out).await;
                     error_line(&mut out, &format!("ERR {e}"));
+                    metrics.command_error_code("ERR");
                     close = true;
                     break;
                 }
             }
         }
-        buf.drain(..consumed);
-        flush_pending(&node, &mut pending, &mut out).await;
+        session.flush_pending(&mut pending, &mut out).await;
         sock.write_all(&out).await?;
         if let Some(path) = session.stream.take() {
             let sent = send_file(&mut sock, &path).await;
             let _ = tokio::fs::remove_file(&path).await;
             sent?;
-            buffered = !buf.is_empty();
+            resume = pos < buf.len();
         }
-        if close {
+        if close || session.close {
+            let _ = sock.shutdown().await;
             return Ok(());
         }
     }
 }
 
+/// `f`, unless `limit` passes first (`None`).
+async fn within<F: Future>(limit: Option<Duration>, f: F) -> Option<F::Output> {
+    match limit {
+        Some(t) => tokio::time::timeout(t, f).await.ok(),
+        None => Some(f.await),
+    }
+}
+
 /// Sends a file as one bulk reply, streamed (a backup can be larger than
 /// memory).
-async fn send_file(sock: &mut TcpStream, path: &std::path::Path) -> std::io::Result<()> {
+async fn send_file<S: AsyncWrite + Unpin>(
+    sock: &mut S,
+    path: &std::path::Path,
+) -> std::io::Result<()> {
     let mut f = tokio::fs::File::open(path).await?;
     let len = f.metadata().await?.len();
     sock.write_all(format!("${len}\r\n").as_bytes()).await?;
@@ -216,4 +444,53 @@ async fn send_file(sock: &mut TcpStream, path: &std::path::Path) -> std::io::Res
         ));
     }
     sock.write_all(b"\r\n").await
+}
+
+/// TLS for the client port from PEM files: the server's certificate chain
+/// and key, and optionally a CA whose certificates clients must present.
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let bad = |p: &std::path::Path, e: String| format!("{}: {e}", p.display());
+    let chain = CertificateDer::pem_slice_iter(&read(cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad(cert, "no certificate in file".into()));
+    }
+    let key_der =
+        PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| bad(key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&read(ca)?) {
+                let c = c.map_err(|e| bad(ca, e.to_string()))?;
+                roots.add(c).map_err(|e| bad(ca, e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(bad(ca, "no certificate in file".into()));
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| bad(ca, e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let cfg = builder
+        .with_single_cert(chain, key_der)
+        .map_err(|e| format!("{} / {}: {e}", cert.display(), key.display()))?;
+    Ok(Arc::new(cfg))
 }

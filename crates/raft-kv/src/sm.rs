@@ -127,10 +127,32 @@ impl ReadView<'_> {
 
     /// Answers a read from this view.
     pub fn read(&self, cmd: &ReadCmd) -> Reply {
+        self.read_limited(cmd, usize::MAX)
+    }
+
+    /// Answers a read whose reply may hold at most `limit` bytes of values:
+    /// past it, `ReplyTooLarge`, found before the values are gathered.
+    pub fn read_limited(&self, cmd: &ReadCmd, limit: usize) -> Reply {
+        let too_large = || KvError::ReplyTooLarge { limit };
         Ok(match cmd {
-            ReadCmd::Get(k) => self.get(k)?.map_or(Value::Nil, Value::Bulk),
+            ReadCmd::Get(k) => match self.get(k)? {
+                Some(v) if v.len() > limit => return Err(too_large()),
+                v => v.map_or(Value::Nil, Value::Bulk),
+            },
             ReadCmd::MGet(keys) => {
-                Value::Array(keys.iter().map(|k| self.get(k)).collect::<Result<_, _>>()?)
+                // Sizes first (sled hands out shared buffers): the reply's
+                // memory is never spent on a reply that would be refused.
+                let mut values = Vec::with_capacity(keys.len());
+                let mut total = 0usize;
+                for k in keys {
+                    let v = self.db.get(dkey(k))?;
+                    total = total.saturating_add(v.as_ref().map_or(5, |v| v.len() + 16));
+                    if total > limit {
+                        return Err(too_large());
+                    }
+                    values.push(v);
+                }
+                Value::Array(values.into_iter().map(|v| v.map(|v| v.to_vec())).collect())
             }
             ReadCmd::Exists(keys) => {
                 let mut n = 0;

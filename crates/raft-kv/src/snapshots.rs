@@ -35,6 +35,8 @@ pub struct SnapshotStats {
 pub struct Snapshots {
     dir: PathBuf,
     stats: Arc<Mutex<SnapshotStats>>,
+    /// Snapshots taken or loaded since the start.
+    recorded: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn io(path: &Path, e: impl std::fmt::Display) -> StorageError {
@@ -62,6 +64,7 @@ impl Snapshots {
         let s = Snapshots {
             dir: dir.to_path_buf(),
             stats: Arc::default(),
+            recorded: Arc::default(),
         };
         if let Some((index, _, path)) = s.latest() {
             let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -82,6 +85,11 @@ impl Snapshots {
         self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Snapshots taken or loaded since the start.
+    pub fn recorded(&self) -> u64 {
+        self.recorded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// What INFO shows.
     pub fn stats(&self) -> SnapshotStats {
         self.lock().clone()
@@ -91,6 +99,8 @@ impl Snapshots {
     /// ending at `keep`, which Raft recorded, stays).
     pub fn record(&self, stats: SnapshotStats, keep: u64) {
         *self.lock() = stats;
+        self.recorded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.prune(keep);
     }
 

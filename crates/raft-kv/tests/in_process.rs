@@ -180,10 +180,17 @@ async fn the_redis_edge_spells_each_error_once() {
     let leader = c.leader(&[1, 2, 3]).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let node = c.nodes[&leader].clone();
     let server = tokio::spawn(raft_kv::server::serve(
         listener,
-        c.nodes[&leader].clone(),
-        Some("pw".into()),
+        node.clone(),
+        raft_kv::server::ClientConfig {
+            password: Some("pw".into()),
+            ..Default::default()
+        },
+        node.metrics().clone(),
+        stop_rx,
     ));
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     assert_eq!(

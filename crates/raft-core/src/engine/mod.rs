@@ -298,6 +298,18 @@ impl Engine {
     pub fn leader(&self) -> Option<NodeId> {
         self.leader
     }
+    /// On a leader, the last index known replicated on each other member
+    /// (voters and learners); empty otherwise.
+    pub fn peer_progress(&self) -> Vec<(NodeId, LogIndex)> {
+        if self.role != Role::Leader {
+            return Vec::new();
+        }
+        self.progress
+            .iter()
+            .filter(|(&id, _)| id != self.id)
+            .map(|(&id, p)| (id, p.match_index))
+            .collect()
+    }
     /// The commit index.
     pub fn commit_index(&self) -> LogIndex {
         self.log.committed()

@@ -119,6 +119,8 @@ async fn write(
 
 pub(super) struct Driver {
     engine: Engine,
+    /// Where the leader's per-peer progress is published (for metrics).
+    progress: Arc<std::sync::Mutex<Vec<(NodeId, LogIndex)>>>,
     /// The log store, while no write holds it.
     store: Option<Box<dyn LogStore>>,
     /// The write in progress: the driver keeps turning while it runs, and
@@ -182,6 +184,7 @@ impl Driver {
         req_rx: mpsc::Receiver<Request>,
         status_tx: watch::Sender<Status>,
         apply: ApplyQueue,
+        progress: Arc<std::sync::Mutex<Vec<(NodeId, LogIndex)>>>,
     ) -> Driver {
         let cfg = engine.config();
         let limits = Limits {
@@ -224,6 +227,7 @@ impl Driver {
             read_waiters: HashMap::new(),
             reads_after_apply: BTreeMap::new(),
             next_ctx: 1,
+            progress,
         };
         d.publish_status(None);
         d
@@ -817,6 +821,13 @@ impl Driver {
     fn publish_status(&self, stopped: Option<String>) {
         let e = &self.engine;
         let applied = self.apply.applied();
+        {
+            let now = e.peer_progress();
+            let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+            if *p != now {
+                *p = now;
+            }
+        }
         self.status_tx.send_if_modified(|s| {
             let new = Status {
                 id: e.id(),

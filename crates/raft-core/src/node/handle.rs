@@ -103,6 +103,8 @@ struct Inner {
     req_tx: mpsc::Sender<Request>,
     status_rx: watch::Receiver<Status>,
     applied: Arc<AtomicU64>,
+    /// The leader's replication progress per peer, as last published.
+    progress: Arc<std::sync::Mutex<Vec<(NodeId, LogIndex)>>>,
     started: std::sync::atomic::AtomicBool,
     lifecycle: Mutex<Lifecycle>,
 }
@@ -236,6 +238,7 @@ impl Raft {
                 req_tx,
                 status_rx,
                 applied: Arc::new(AtomicU64::new(0)),
+                progress: Arc::default(),
                 started: std::sync::atomic::AtomicBool::new(false),
                 lifecycle: Mutex::new(Lifecycle::NotStarted(Box::new(parts))),
             }),
@@ -309,6 +312,7 @@ impl Raft {
             req_rx,
             status_tx,
             apply,
+            self.inner.progress.clone(),
         );
         let driver = tokio::spawn(driver.run(shutdown_rx, apply_fail_rx).instrument(span));
         self.inner.started.store(true, Ordering::Release);
@@ -461,6 +465,16 @@ impl Raft {
         let mut s = self.inner.status_rx.borrow().clone();
         s.applied_index = self.inner.applied.load(Ordering::Acquire);
         s
+    }
+
+    /// On a leader, the last index known replicated on each other member
+    /// (for metrics); empty on other nodes.
+    pub fn peer_progress(&self) -> Vec<(NodeId, LogIndex)> {
+        self.inner
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// A receiver that sees every status change (for waiting on a condition).
