@@ -771,9 +771,27 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     if !(1..=9).contains(&n) {
         bail!("--nodes must be between 1 and 9");
     }
-    let dir = data_dir.unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("raft-kv-demo-{}", std::process::id()))
-    });
+    let dir = match data_dir {
+        Some(d) => d,
+        None => {
+            // A new directory only its owner can enter: never one that
+            // someone else created in the shared temporary directory.
+            let d = std::env::temp_dir().join(format!(
+                "raft-kv-demo-{}-{:08x}",
+                std::process::id(),
+                fastrand::u32(..)
+            ));
+            let mut b = std::fs::DirBuilder::new();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                b.mode(0o700);
+            }
+            b.create(&d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
+            d
+        }
+    };
     let ids: Vec<u64> = (1..=n).collect();
     let certs = dir.join("certs");
     // A demo run again in its directory keeps its CA.

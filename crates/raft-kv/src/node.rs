@@ -228,7 +228,8 @@ impl KvNode {
     /// QUIC transport and starts Raft: the `raft-kv` binary's node.
     pub async fn start(cfg: NodeConfig) -> Result<Arc<KvNode>, StartError> {
         let rc = cfg.raft_config()?;
-        std::fs::create_dir_all(&cfg.data_dir)
+        // Created readable by the owner only: it holds every value.
+        raft_net_quic::tls::create_private_dir(&cfg.data_dir)
             .map_err(|e| StartError::Store(format!("{}: {e}", cfg.data_dir.display())))?;
         // Opening reads and checks whole databases: off the async threads.
         let log = SledLogStore::open_async(cfg.data_dir.join("log"))

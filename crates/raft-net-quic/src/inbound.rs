@@ -2,20 +2,41 @@
 //! and certificate agree, and handing Raft messages and application
 //! requests to the node.
 
+use crate::peer::{lock, WarnLimiter};
 use crate::{tls, wire};
 use raft_core::{InboundRpc, Message, NodeId};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+/// Connections one peer may hold open to this node at once (a restart
+/// leaves the old one until its idle timeout).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 4;
+/// Bytes of received messages waiting for the node, all peers together.
+pub const INBOUND_QUEUE_BYTES: usize = 64 << 20;
+/// How long a peer may take to send one request's body.
+pub const RPC_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A received message and its share of the inbound byte budget, given back
+/// when the node takes the message.
+pub(crate) type Queued = (Message, Option<OwnedSemaphorePermit>);
 
 /// What inbound tasks need to check and deliver messages.
 pub(crate) struct Inbound {
     pub(crate) id: NodeId,
     pub(crate) cluster_id: u64,
     pub(crate) max_frame: usize,
-    pub(crate) tx: mpsc::Sender<Message>,
+    pub(crate) tx: mpsc::Sender<Queued>,
+    /// Bytes of queued messages ([`INBOUND_QUEUE_BYTES`]).
+    pub(crate) budget: Arc<Semaphore>,
+    /// Open connections per authenticated peer.
+    pub(crate) connections: Mutex<HashMap<NodeId, usize>>,
+    /// Streams refused at admission since the start.
+    pub(crate) refused: std::sync::atomic::AtomicU64,
+    /// Refusal warnings, at most one per interval per claimed id.
+    pub(crate) refusals: Mutex<HashMap<NodeId, WarnLimiter>>,
     /// Peer addresses (shared with the outbound links): a peer this node
     /// knows no address for is reached where its authenticated connection
     /// came from (a QUIC endpoint dials from the port it listens on).
@@ -39,29 +60,67 @@ async fn handle_connection(incoming: quinn::Incoming, inbound: Arc<Inbound>) {
             return;
         }
     };
+    // The peer this connection speaks for, once a stream header proved it.
+    let slot: Arc<OnceLock<NodeId>> = Arc::default();
     let bi = {
-        let (conn, inbound) = (conn.clone(), inbound.clone());
+        let (conn, inbound, slot) = (conn.clone(), inbound.clone(), slot.clone());
         tokio::spawn(async move {
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(handle_rpc(conn.clone(), send, recv, inbound.clone()));
+                tokio::spawn(handle_rpc(
+                    conn.clone(),
+                    slot.clone(),
+                    send,
+                    recv,
+                    inbound.clone(),
+                ));
             }
         })
     };
     while let Ok(recv) = conn.accept_uni().await {
-        tokio::spawn(handle_stream(conn.clone(), recv, inbound.clone()));
+        tokio::spawn(handle_stream(
+            conn.clone(),
+            slot.clone(),
+            recv,
+            inbound.clone(),
+        ));
     }
     bi.abort();
+    if let Some(id) = slot.get() {
+        let mut c = lock(&inbound.connections);
+        if let Some(n) = c.get_mut(id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.remove(id);
+            }
+        }
+    }
 }
 
 /// Checks a stream header against the connection's certificate; on failure
-/// closes the connection and returns None.
-fn admit(conn: &quinn::Connection, header: &wire::Header, inbound: &Inbound) -> Option<NodeId> {
+/// closes the connection and returns None. The first admitted stream counts
+/// the connection against its peer's [`MAX_CONNECTIONS_PER_PEER`].
+fn admit(
+    conn: &quinn::Connection,
+    slot: &OnceLock<NodeId>,
+    header: &wire::Header,
+    inbound: &Inbound,
+) -> Option<NodeId> {
     let why = if header.cluster_id != inbound.cluster_id {
         format!("cluster id {} is not ours", header.cluster_id)
     } else if header.to != inbound.id {
         format!("stream is addressed to node {}", header.to)
     } else if !tls::peer_is(conn, header.from) {
         format!("certificate does not name node {}", header.from)
+    } else if slot.get().is_some_and(|&id| id != header.from) {
+        format!(
+            "connection already speaks for node {}",
+            slot.get().copied().unwrap_or(0)
+        )
+    } else if slot.get().is_none() && !count_connection(slot, header.from, inbound) {
+        format!(
+            "node {} already has {MAX_CONNECTIONS_PER_PEER} connections open",
+            header.from
+        )
     } else {
         let mut addrs = inbound.addrs.write().unwrap_or_else(|p| p.into_inner());
         addrs
@@ -69,13 +128,41 @@ fn admit(conn: &quinn::Connection, header: &wire::Header, inbound: &Inbound) -> 
             .or_insert_with(|| conn.remote_address());
         return Some(header.from);
     };
-    tracing::warn!(node = inbound.id, remote = %conn.remote_address(), claimed = header.from, "refused peer: {why}");
+    inbound
+        .refused
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let allowed = {
+        let mut r = lock(&inbound.refusals);
+        if r.len() > 1024 {
+            r.clear();
+        }
+        r.entry(header.from)
+            .or_insert_with(WarnLimiter::new)
+            .allow()
+    };
+    if let Some(suppressed) = allowed {
+        tracing::warn!(node = inbound.id, remote = %conn.remote_address(), claimed = header.from, suppressed, "refused peer: {why}");
+    }
     conn.close(wire::ERR_REFUSED, why.as_bytes());
     None
 }
 
+/// Counts a connection for `from`; false when it has too many.
+fn count_connection(slot: &OnceLock<NodeId>, from: NodeId, inbound: &Inbound) -> bool {
+    let mut c = lock(&inbound.connections);
+    let n = c.entry(from).or_insert(0);
+    if *n >= MAX_CONNECTIONS_PER_PEER {
+        return false;
+    }
+    if slot.set(from).is_ok() {
+        *n += 1;
+    }
+    true
+}
+
 async fn handle_rpc(
     conn: quinn::Connection,
+    slot: Arc<OnceLock<NodeId>>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     inbound: Arc<Inbound>,
@@ -86,10 +173,16 @@ async fn handle_rpc(
         let _ = recv.stop(wire::ERR_PROTOCOL);
         return;
     };
-    let Some(from) = admit(&conn, &header, &inbound) else {
+    let Some(from) = admit(&conn, &slot, &header, &inbound) else {
         return;
     };
-    let request = match wire::read_raw_frame(&mut recv, inbound.max_frame).await {
+    let body = tokio::time::timeout(
+        RPC_BODY_TIMEOUT,
+        wire::read_raw_frame(&mut recv, inbound.max_frame),
+    )
+    .await
+    .unwrap_or_else(|_| Err(wire::FrameError::Read("the request body timed out".into())));
+    let request = match body {
         Ok(Some(r)) => r,
         Ok(None) => return,
         Err(e) => {
@@ -135,6 +228,7 @@ async fn handle_rpc(
 
 async fn handle_stream(
     conn: quinn::Connection,
+    slot: Arc<OnceLock<NodeId>>,
     mut recv: quinn::RecvStream,
     inbound: Arc<Inbound>,
 ) {
@@ -153,12 +247,17 @@ async fn handle_stream(
             return;
         }
     };
-    let Some(from) = admit(&conn, &header, &inbound) else {
+    let Some(from) = admit(&conn, &slot, &header, &inbound) else {
         return;
     };
     loop {
-        match wire::read_frame(&mut recv, inbound.max_frame).await {
-            Ok(Some(msg)) => {
+        match wire::read_raw_frame(&mut recv, inbound.max_frame)
+            .await
+            .and_then(|b| match b {
+                Some(body) => wire::decode_body(&body).map(|m| Some((m, body.len()))),
+                None => Ok(None),
+            }) {
+            Ok(Some((msg, size))) => {
                 tracing::trace!(
                     node = inbound.id,
                     peer = from,
@@ -174,7 +273,14 @@ async fn handle_stream(
                     let _ = recv.stop(wire::ERR_PROTOCOL);
                     return;
                 }
-                if inbound.tx.send(msg).await.is_err() {
+                // Queued messages are bounded in bytes as well as in number:
+                // a full queue holds this stream (and QUIC's flow control
+                // holds the peer) until the node catches up.
+                let want = u32::try_from(size.clamp(1, INBOUND_QUEUE_BYTES)).unwrap_or(u32::MAX);
+                let Ok(permit) = inbound.budget.clone().acquire_many_owned(want).await else {
+                    return;
+                };
+                if inbound.tx.send((msg, Some(permit))).await.is_err() {
                     return;
                 }
             }

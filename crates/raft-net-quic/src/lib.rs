@@ -31,6 +31,7 @@ pub mod wire;
 
 pub use config::QuicConfig;
 pub use error::NetError;
+pub use inbound::{INBOUND_QUEUE_BYTES, MAX_CONNECTIONS_PER_PEER, RPC_BODY_TIMEOUT};
 pub use tls::{add_node_certs, generate_cluster_certs, ClusterCa, TlsMaterial};
 
 use async_trait::async_trait;
@@ -65,7 +66,7 @@ pub struct QuicTransport {
     links: Links,
     cluster_id: u64,
     queue_len: usize,
-    inbound: mpsc::Receiver<Message>,
+    inbound: mpsc::Receiver<inbound::Queued>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -119,6 +120,10 @@ impl QuicTransport {
             cluster_id: cfg.cluster_id,
             max_frame: cfg.max_frame_bytes,
             tx: in_tx,
+            budget: Arc::new(tokio::sync::Semaphore::new(inbound::INBOUND_QUEUE_BYTES)),
+            connections: Default::default(),
+            refusals: Default::default(),
+            refused: Default::default(),
             addrs: addrs.clone(),
             rpc: RwLock::new(None),
         });
@@ -145,6 +150,14 @@ impl QuicTransport {
             t.add_peer(peer);
         }
         Ok(t)
+    }
+
+    /// Streams from other nodes refused since the start (another cluster,
+    /// a certificate that does not match, too many connections).
+    pub fn refused_count(&self) -> u64 {
+        self.handler_slot
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Starts the link, queues and writer tasks for a new peer.
@@ -316,7 +329,8 @@ impl Transport for QuicTransport {
     }
 
     async fn recv(&mut self) -> Option<Message> {
-        self.inbound.recv().await
+        // The message's share of the byte budget is given back here.
+        self.inbound.recv().await.map(|(m, _permit)| m)
     }
 
     fn max_message_bytes(&self) -> Option<usize> {

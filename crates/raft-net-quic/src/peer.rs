@@ -58,6 +58,7 @@ pub(crate) struct Backoff {
 impl Backoff {
     const MIN: Duration = Duration::from_millis(50);
     const MAX: Duration = Duration::from_secs(2);
+    const MAX_REFUSED: Duration = Duration::from_secs(10);
 
     pub(crate) fn new(seed: u64) -> Self {
         Backoff {
@@ -88,6 +89,19 @@ impl Backoff {
         self.failed = false;
         self.next = Self::MIN;
     }
+
+    /// The peer refused us (a configuration error, not a network one):
+    /// back off further, up to `MAX_REFUSED`.
+    fn refused(&mut self) {
+        self.next = (self.next * 2).min(Self::MAX_REFUSED);
+        self.failed = true;
+    }
+
+    /// A handshake succeeded: the next attempt (if this connection is
+    /// refused) waits the current step, and a first one is no longer free.
+    fn connected(&mut self) {
+        self.failed = true;
+    }
 }
 
 /// The connection to one peer, shared by its two writer tasks.
@@ -116,8 +130,26 @@ impl PeerLink {
     pub(crate) async fn connection(&self) -> Option<quinn::Connection> {
         let mut g = self.conn.lock().await;
         if let Some(c) = g.as_ref() {
-            if c.close_reason().is_none() {
-                return Some(c.clone());
+            match c.close_reason() {
+                None => {
+                    // Still open when used again: the peer took our stream
+                    // headers. Only now does the back-off start over, so a
+                    // peer that accepts the handshake and then refuses us
+                    // (another cluster, a wrong id) is retried at the
+                    // back-off's pace, not at once.
+                    lock(&self.backoff).success();
+                    return Some(c.clone());
+                }
+                Some(quinn::ConnectionError::ApplicationClosed(close))
+                    if close.error_code == wire::ERR_REFUSED =>
+                {
+                    lock(&self.backoff).refused();
+                    self.warn(
+                        "peer refused this node",
+                        &String::from_utf8_lossy(&close.reason),
+                    );
+                }
+                Some(_) => {}
             }
         }
         *g = None;
@@ -141,7 +173,9 @@ impl PeerLink {
         };
         match res {
             Ok(c) => {
-                lock(&self.backoff).success();
+                // The back-off is left as it is until the connection proves
+                // usable (see above).
+                lock(&self.backoff).connected();
                 lock(&self.warn).reset();
                 tracing::debug!(node = self.local, peer = self.id, %addr, "connected");
                 *g = Some(c.clone());

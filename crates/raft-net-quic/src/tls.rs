@@ -22,8 +22,9 @@ pub fn node_name(id: u64) -> String {
 /// One node's TLS material: the cluster CA and its own certificate and key.
 #[derive(Debug)]
 pub struct TlsMaterial {
-    /// The cluster CA certificate (DER).
-    pub ca: CertificateDer<'static>,
+    /// The cluster CA certificates (DER): usually one; two while the CA is
+    /// being rotated. A peer whose certificate any of them signed is trusted.
+    pub cas: Vec<CertificateDer<'static>>,
     /// This node's certificate chain (DER), leaf first.
     pub chain: Vec<CertificateDer<'static>>,
     /// This node's private key.
@@ -33,7 +34,7 @@ pub struct TlsMaterial {
 impl Clone for TlsMaterial {
     fn clone(&self) -> Self {
         TlsMaterial {
-            ca: self.ca.clone(),
+            cas: self.cas.clone(),
             chain: self.chain.clone(),
             key: self.key.clone_key(),
         }
@@ -51,8 +52,13 @@ impl TlsMaterial {
         let bad =
             |name: String, e: String| NetError::Tls(format!("{}: {e}", dir.join(name).display()));
         let ca_name = "ca.pem".to_string();
-        let ca = CertificateDer::from_pem_slice(&read(ca_name.clone())?)
-            .map_err(|e| bad(ca_name, e.to_string()))?;
+        // Several CA certificates may follow each other (CA rotation).
+        let cas = CertificateDer::pem_slice_iter(&read(ca_name.clone())?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(ca_name.clone(), e.to_string()))?;
+        if cas.is_empty() {
+            return Err(bad(ca_name, "no certificate in file".into()));
+        }
         let cert_name = format!("node-{id}.pem");
         let chain = CertificateDer::pem_slice_iter(&read(cert_name.clone())?)
             .collect::<Result<Vec<_>, _>>()
@@ -63,7 +69,7 @@ impl TlsMaterial {
         let key_name = format!("node-{id}.key");
         let key = PrivateKeyDer::from_pem_slice(&read(key_name.clone())?)
             .map_err(|e| bad(key_name, e.to_string()))?;
-        Ok(TlsMaterial { ca, chain, key })
+        Ok(TlsMaterial { cas, chain, key })
     }
 }
 
@@ -77,6 +83,21 @@ impl std::fmt::Debug for ClusterCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClusterCa").finish_non_exhaustive()
     }
+}
+
+/// How long a generated CA certificate is valid: 10 years.
+pub const CA_VALID_DAYS: i64 = 3650;
+/// How long a node certificate is valid: 2 years (renew with
+/// `raft-kv certs --add` after moving the old one aside).
+pub const NODE_VALID_DAYS: i64 = 730;
+
+/// From an hour ago (clocks differ a little) to `days` from now.
+fn validity(days: i64) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    (
+        now - time::Duration::hours(1),
+        now + time::Duration::days(days),
+    )
 }
 
 fn gen_err(e: rcgen::Error) -> NetError {
@@ -109,6 +130,7 @@ impl ClusterCa {
             rcgen::KeyUsagePurpose::KeyCertSign,
             rcgen::KeyUsagePurpose::CrlSign,
         ];
+        (params.not_before, params.not_after) = validity(CA_VALID_DAYS);
         let cert = params.self_signed(&key).map_err(gen_err)?;
         Ok(ClusterCa { cert, key })
     }
@@ -134,6 +156,7 @@ impl ClusterCa {
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        (params.not_before, params.not_after) = validity(NODE_VALID_DAYS);
         let cert = params
             .signed_by(&key, &self.cert, &self.key)
             .map_err(gen_err)?;
@@ -145,7 +168,7 @@ impl ClusterCa {
         let (cert, key) = self.issue(id)?;
         let parse = |e: rustls::pki_types::pem::Error| NetError::Tls(e.to_string());
         Ok(TlsMaterial {
-            ca: CertificateDer::from_pem_slice(self.cert_pem().as_bytes()).map_err(parse)?,
+            cas: vec![CertificateDer::from_pem_slice(self.cert_pem().as_bytes()).map_err(parse)?],
             chain: vec![CertificateDer::from_pem_slice(cert.as_bytes()).map_err(parse)?],
             key: PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(parse)?,
         })
@@ -158,7 +181,7 @@ impl ClusterCa {
 /// would cut every existing member off (use [`add_node_certs`]).
 pub fn generate_cluster_certs(dir: impl AsRef<Path>, ids: &[u64]) -> Result<(), NetError> {
     let dir = dir.as_ref();
-    std::fs::create_dir_all(dir).map_err(|e| NetError::Tls(format!("{}: {e}", dir.display())))?;
+    create_private_dir(dir).map_err(|e| NetError::Tls(format!("{}: {e}", dir.display())))?;
     for name in ["ca.pem", "ca.key"] {
         if dir.join(name).exists() {
             return Err(NetError::Tls(format!(
@@ -187,16 +210,18 @@ pub fn add_node_certs(dir: impl AsRef<Path>, ids: &[u64]) -> Result<(), NetError
     let ca = ClusterCa::from_key_pem(&key)?;
     let on_disk = std::fs::read_to_string(dir.join("ca.pem"))
         .map_err(|e| NetError::Tls(format!("{}: {e}", dir.join("ca.pem").display())))?;
-    // The key must be the one `ca.pem` certifies: the certificate holds
-    // the public key's encoding verbatim.
-    let on_disk = CertificateDer::from_pem_slice(on_disk.as_bytes())
+    // The key must be one that `ca.pem` certifies (it may hold several
+    // CAs while they are rotated): a certificate holds its public key's
+    // encoding verbatim.
+    let on_disk = CertificateDer::pem_slice_iter(on_disk.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| NetError::Tls(format!("{}: {e}", dir.join("ca.pem").display())))?;
     let public = ca.key.public_key_der();
-    if !on_disk
-        .as_ref()
-        .windows(public.len())
-        .any(|w| w == public.as_slice())
-    {
+    if !on_disk.iter().any(|c| {
+        c.as_ref()
+            .windows(public.len())
+            .any(|w| w == public.as_slice())
+    }) {
         return Err(NetError::Tls(format!(
             "{} does not belong to {}",
             key_path.display(),
@@ -221,6 +246,19 @@ fn issue_into(ca: &ClusterCa, dir: &Path, ids: &[u64]) -> Result<(), NetError> {
         write_new(dir, &format!("node-{id}.pem"), &cert, false)?;
     }
     Ok(())
+}
+
+/// Creates `dir` and its missing parents; the directories it creates are
+/// readable by the owner only (0700).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
 }
 
 /// Creates `dir/name` (never overwriting); a private file is created with
@@ -249,9 +287,11 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 
 fn roots(m: &TlsMaterial) -> Result<Arc<RootCertStore>, NetError> {
     let mut roots = RootCertStore::empty();
-    roots
-        .add(m.ca.clone())
-        .map_err(|e| NetError::Tls(format!("bad CA certificate: {e}")))?;
+    for ca in &m.cas {
+        roots
+            .add(ca.clone())
+            .map_err(|e| NetError::Tls(format!("bad CA certificate: {e}")))?;
+    }
     Ok(Arc::new(roots))
 }
 
@@ -275,6 +315,11 @@ pub fn server_config(m: &TlsMaterial) -> Result<quinn::ServerConfig, NetError> {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(tls_err)?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     sc.transport_config(Arc::new(transport_config()));
+    // Handshakes waiting at once, and what they may buffer: a cluster has
+    // a handful of members; a flood of strangers is cut off here.
+    sc.max_incoming(MAX_INCOMING);
+    sc.incoming_buffer_size(64 * 1024);
+    sc.incoming_buffer_size_total(4 << 20);
     Ok(sc)
 }
 
@@ -300,8 +345,28 @@ fn transport_config() -> quinn::TransportConfig {
     if let Ok(idle) = quinn::IdleTimeout::try_from(std::time::Duration::from_secs(5)) {
         t.max_idle_timeout(Some(idle));
     }
+    // Explicit limits, whatever quinn's defaults become: a peer uses three
+    // long-lived unidirectional streams (control, bulk, snapshot; a few more
+    // while reconnecting) and one bidirectional stream per request.
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(MAX_UNI_STREAMS));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_BIDI_STREAMS));
+    // Bytes a peer may have in flight: per stream, and per connection.
+    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW));
+    t.send_window(u64::from(CONNECTION_WINDOW));
     t
 }
+
+/// Connection attempts being handled at once.
+pub const MAX_INCOMING: usize = 64;
+/// Unidirectional streams a peer may have open on one connection.
+pub const MAX_UNI_STREAMS: u32 = 16;
+/// Requests (bidirectional streams) a peer may have open on one connection.
+pub const MAX_BIDI_STREAMS: u32 = 64;
+/// Unread bytes a peer may send on one stream.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+/// Unread bytes a peer may send on one connection, all streams together.
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
 
 /// True when the connection's client certificate names node `id`. The chain
 /// itself was already verified against the cluster CA during the handshake.

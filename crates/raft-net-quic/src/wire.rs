@@ -155,11 +155,15 @@ pub async fn read_raw_frame(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len];
-    match recv.read_exact(&mut body).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(FrameError::Truncated),
-        Err(e) => return Err(FrameError::Read(e.to_string())),
+    // The buffer grows with the bytes that arrive: a length field alone
+    // (16 MiB claimed, nothing sent) costs nothing.
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(FrameError::Truncated),
+            Err(e) => return Err(FrameError::Read(e.to_string())),
+        }
     }
     Ok(Some(body))
 }

@@ -157,9 +157,9 @@ async fn three_raft_nodes_over_quic_replicate_refuse_strangers_and_survive_a_res
 
     // Strangers: a certificate from another CA, and a valid certificate claiming another id.
     let rogue_ca = ClusterCa::generate().unwrap();
-    let real_ca_pem = ca.material(9).unwrap().ca;
+    let real_ca_pem = ca.material(9).unwrap().cas;
     let mut foreign = rogue_ca.material(3).unwrap();
-    foreign.ca = real_ca_pem.clone(); // trusts the cluster, so only the server side can refuse it
+    foreign.cas = real_ca_pem.clone(); // trusts the cluster, so only the server side can refuse it
     let impostor = ca.material(3).unwrap(); // valid for node 3, will claim to be node 2
     let stranger = bind(3, any_port(), &[1, 2], &foreign);
     let liar = bind(2, any_port(), &[1, 3], &impostor);
@@ -532,4 +532,189 @@ async fn the_first_message_to_a_restarted_peer_is_not_lost() {
         Some(hb(1, 2, 2)),
         "sent once, received"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_peer_retries_at_the_back_off_pace_not_per_message() {
+    let ca = ClusterCa::generate().unwrap();
+    let (mut ts, addrs) = mesh(&ca, &[1, 2]);
+    let mut t1 = ts.remove(0);
+    let mut cfg = QuicConfig::new(2, any_port());
+    cfg.cluster_id = 77;
+    cfg.peers = [(1u64, addrs[&1])].into_iter().collect();
+    let other = QuicTransport::bind(cfg, &ca.material(2).unwrap()).unwrap();
+    // A message every 50 ms for 6 s, as heartbeats would be: were the
+    // back-off reset by each successful handshake, every message would
+    // cost a handshake and a refusal (about 120).
+    let end = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < end {
+        other.send(hb(2, 1, 3));
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(recv_within(&mut t1, Duration::from_millis(200)).await, None);
+    let refused = t1.refused_count();
+    // Back-off steps of 50 ms doubling (with jitter of +-50%) give about 8
+    // attempts in 6 s.
+    assert!((1..=12).contains(&refused), "{refused} refusals in 6 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_may_hold_only_a_few_connections() {
+    let ca = ClusterCa::generate().unwrap();
+    let (mut ts, addrs) = mesh(&ca, &[1, 2]);
+    let mut t1 = ts.remove(0);
+    let mut held = Vec::new();
+    // Each raw connection speaks for node 2 with one valid heartbeat.
+    for i in 0..raft_net_quic::MAX_CONNECTIONS_PER_PEER as u64 {
+        let (ep, conn) = raw_stream(&ca, 2, addrs[&1]).await;
+        let mut s = conn.open_uni().await.unwrap();
+        let frame = wire::encode_frame(&hb(2, 1, 10 + i)).unwrap();
+        s.write_all(&[&wire::header(0, 2, 1)[..], &frame[..]].concat())
+            .await
+            .unwrap();
+        assert_eq!(
+            recv_within(&mut t1, Duration::from_secs(5)).await,
+            Some(hb(2, 1, 10 + i)),
+            "connection {i} refused"
+        );
+        held.push((ep, conn, s));
+    }
+    let before = t1.refused_count();
+    let (_ep, extra) = raw_stream(&ca, 2, addrs[&1]).await;
+    let mut s = extra.open_uni().await.unwrap();
+    let frame = wire::encode_frame(&hb(2, 1, 99)).unwrap();
+    let _ = s
+        .write_all(&[&wire::header(0, 2, 1)[..], &frame[..]].concat())
+        .await;
+    assert_eq!(recv_within(&mut t1, Duration::from_millis(500)).await, None);
+    let closed = tokio::time::timeout(Duration::from_secs(5), extra.closed())
+        .await
+        .expect("the extra connection stays open");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == wire::ERR_REFUSED),
+        "{closed:?}"
+    );
+    assert_eq!(t1.refused_count(), before + 1);
+    // Closing one frees its place.
+    let (_, conn, _) = held.remove(0);
+    conn.close(0u32.into(), b"bye");
+    let mut admitted = false;
+    for attempt in 0..50u64 {
+        sleep(Duration::from_millis(50)).await;
+        let (_ep, c) = raw_stream(&ca, 2, addrs[&1]).await;
+        let mut s = c.open_uni().await.unwrap();
+        let frame = wire::encode_frame(&hb(2, 1, 200 + attempt)).unwrap();
+        let _ = s
+            .write_all(&[&wire::header(0, 2, 1)[..], &frame[..]].concat())
+            .await;
+        if let Some(m) = recv_within(&mut t1, Duration::from_millis(300)).await {
+            assert_eq!(m, hb(2, 1, 200 + attempt));
+            admitted = true;
+            break;
+        }
+    }
+    assert!(admitted, "a closed connection's place was never freed");
+}
+
+/// Material for `id` signed by `signer`, trusting the CAs `trusted`.
+fn material_trusting(signer: &ClusterCa, id: NodeId, trusted: &[&ClusterCa]) -> TlsMaterial {
+    use rustls::pki_types::pem::PemObject;
+    let mut m = signer.material(id).unwrap();
+    m.cas = trusted
+        .iter()
+        .map(|c| {
+            rustls::pki_types::CertificateDer::from_pem_slice(c.cert_pem().as_bytes()).unwrap()
+        })
+        .collect();
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cas_in_ca_pem_let_the_ca_be_rotated_member_by_member() {
+    let (old, new) = (
+        ClusterCa::generate().unwrap(),
+        ClusterCa::generate().unwrap(),
+    );
+    // Node 1 still has its old certificate, node 2 a new one; both trust both.
+    let mut t1 = bind(
+        1,
+        any_port(),
+        &[],
+        &material_trusting(&old, 1, &[&old, &new]),
+    );
+    let a1 = t1.local_addr().unwrap();
+    let t2 = {
+        let mut cfg = QuicConfig::new(2, any_port());
+        cfg.peers = [(1u64, a1)].into_iter().collect();
+        QuicTransport::bind(cfg, &material_trusting(&new, 2, &[&old, &new])).unwrap()
+    };
+    assert!(deliver(&t2, &mut t1, hb(2, 1, 1)).await, "rotation pair");
+    // A node that trusts only the old CA refuses the new certificate.
+    let mut t3 = bind(3, any_port(), &[], &material_trusting(&old, 3, &[&old]));
+    let a3 = t3.local_addr().unwrap();
+    let t4 = {
+        let mut cfg = QuicConfig::new(4, any_port());
+        cfg.peers = [(3u64, a3)].into_iter().collect();
+        QuicTransport::bind(cfg, &material_trusting(&new, 4, &[&old, &new])).unwrap()
+    };
+    for _ in 0..10 {
+        t4.send(hb(4, 3, 1));
+        sleep(Duration::from_millis(30)).await;
+    }
+    assert_eq!(recv_within(&mut t3, Duration::from_millis(500)).await, None);
+    // The files: a ca.pem holding both loads both; a CA key that signs new
+    // members is accepted when either certificate is its own.
+    let dir = tempfile::tempdir().unwrap();
+    raft_net_quic::generate_cluster_certs(dir.path(), &[1]).unwrap();
+    let first = std::fs::read_to_string(dir.path().join("ca.pem")).unwrap();
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        format!("{}{first}", old.cert_pem()),
+    )
+    .unwrap();
+    let m = TlsMaterial::load_dir(dir.path(), 1).unwrap();
+    assert_eq!(m.cas.len(), 2);
+    raft_net_quic::add_node_certs(dir.path(), &[5]).unwrap();
+    TlsMaterial::load_dir(dir.path(), 5).unwrap();
+}
+
+#[test]
+fn generated_certificates_have_a_sane_validity_and_private_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("a/b");
+    raft_net_quic::generate_cluster_certs(&certs, &[1]).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&certs), 0o700);
+        assert_eq!(mode(&certs.join("ca.key")), 0o600);
+        assert_eq!(mode(&certs.join("node-1.key")), 0o600);
+    }
+    // The certificates' validity, read with openssl when it is there, else
+    // from the DER: both dates are UTCTime (YYMMDDHHMMSSZ) before 2050.
+    for (name, days) in [
+        ("ca.pem", raft_net_quic::tls::CA_VALID_DAYS),
+        ("node-1.pem", raft_net_quic::tls::NODE_VALID_DAYS),
+    ] {
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_file(certs.join(name)).unwrap();
+        // UTCTime values: tag 0x17, length 13.
+        let times: Vec<String> = der
+            .as_ref()
+            .windows(15)
+            .filter(|w| w[0] == 0x17 && w[1] == 13 && w[14] == b'Z')
+            .map(|w| String::from_utf8_lossy(&w[2..14]).into_owned())
+            .collect();
+        assert_eq!(times.len(), 2, "{name}: {times:?}");
+        let year = |t: &str| 2000 + t[..2].parse::<i64>().unwrap();
+        let span = year(&times[1]) - year(&times[0]);
+        let want = days / 365;
+        assert!(
+            (want..=want + 1).contains(&span),
+            "{name}: valid {} to {} ({span} years, want {want})",
+            times[0],
+            times[1]
+        );
+    }
 }
