@@ -70,6 +70,10 @@ const COMMANDS: &[&str] = &[
     "RAFTKV.BACKUP",
     "RAFT.MEMBER",
     "RAFT.TRANSFER",
+    "CLIENT",
+    "HELLO",
+    "SELECT",
+    "QUIT",
 ];
 
 const ROLES: &[&str] = &["follower", "candidate", "leader", "learner", "stopped"];

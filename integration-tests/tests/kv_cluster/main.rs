@@ -13,6 +13,7 @@
 mod clients;
 mod cluster;
 mod membership;
+mod operations;
 mod snapshots;
 
 use clients::*;
@@ -861,7 +862,11 @@ fn a_node_whose_disk_fills_exits_nonzero_with_the_reason() {
         let _: RedisResult<String> = conn.set(format!("fill-{}", i % 64), &value);
     };
     c.procs.remove(&3);
-    assert!(!status.success(), "exit status {status:?}");
+    assert_eq!(
+        status.code(),
+        Some(raft_kv::cli::EXIT_RAFT_STOPPED.into()),
+        "exit status {status:?}"
+    );
     let log = std::fs::read_to_string(dir.path().join("node-3.log")).unwrap();
     assert!(
         log.contains("the node stopped")

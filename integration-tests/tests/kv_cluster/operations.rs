@@ -1,0 +1,317 @@
+//! What an operator meets: unsafe settings refused at start with a message
+//! that says what to do, the password from a file or the environment, the
+//! metrics and health endpoints, logs without colour codes (or as JSON),
+//! and a SIGTERM that exits 0.
+
+use crate::cluster::*;
+use redis::{Commands, RedisResult};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs a node command that must fail at start: its exit code and stderr.
+/// `client` replaces the node's client address.
+fn refused(
+    c: &Cluster,
+    id: u64,
+    client: Option<&str>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Option<i32>, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("node")
+        .args(["--id", &id.to_string()])
+        .args(["--raft-addr", &c.raft[&id].to_string()])
+        .args([
+            "--client-addr",
+            client.unwrap_or(&c.client[&id].to_string()),
+        ])
+        .arg("--data-dir")
+        .arg(c.dir.join(format!("node-{id}")))
+        .arg("--tls-dir")
+        .arg(c.dir.join("certs"));
+    cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (st.code(), err);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("the node started although it should have refused: {args:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(unix)]
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn unsafe_settings_are_refused_at_start_and_the_password_comes_from_a_file_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), &[1]);
+    // Protected mode: clients on every address, no password.
+    let everywhere = format!("0.0.0.0:{}", free_tcp().port());
+    let (code, err) = refused(&c, 1, Some(&everywhere), &[], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("protected mode") && err.contains("--password-file"),
+        "{err}"
+    );
+    // A config file holding a password, readable by others.
+    let conf = dir.path().join("node.toml");
+    std::fs::write(&conf, "password = \"from-file\"\n").unwrap();
+    chmod(&conf, 0o644);
+    let (code, err) = refused(&c, 1, None, &["--config", conf.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+    // A password file readable by others.
+    let pwfile = dir.path().join("pw");
+    std::fs::write(&pwfile, "hunter2\n").unwrap();
+    chmod(&pwfile, 0o640);
+    let (code, err) = refused(
+        &c,
+        1,
+        None,
+        &["--password-file", pwfile.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("chmod 600"), "{err}");
+    // A usage error is 2 (clap's).
+    let (code, _) = refused(&c, 1, None, &["--protected-mode"], &[]);
+    assert_eq!(code, Some(2));
+    let (code, err) = refused(&c, 1, None, &["--protected-mode", "maybe"], &[]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("expected `yes` or `no`"), "{err}");
+
+    // The password from a private file: clients must AUTH with it, and it
+    // is not on the command line.
+    chmod(&pwfile, 0o600);
+    c.start_among(
+        1,
+        &[],
+        &["--password-file".into(), pwfile.to_str().unwrap().into()],
+    );
+    let pid = c.procs[&1].id();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("hunter2"));
+    let mut conn = c.conn(1);
+    let denied: RedisResult<Option<String>> = conn.get("k");
+    assert!(denied
+        .unwrap_err()
+        .to_string()
+        .contains("Authentication required"));
+    let ok: String = redis::cmd("AUTH").arg("hunter2").query(&mut conn).unwrap();
+    assert_eq!(ok, "OK");
+    eventually("a write", Duration::from_secs(20), || {
+        conn.set::<_, _, String>("k", "v").is_ok()
+    });
+    c.kill(1);
+
+    // The password from the environment.
+    let mut cmd = c.node_command(1, &[]);
+    let log = std::fs::File::create(dir.path().join("node-1.log")).unwrap();
+    cmd.env("RAFT_KV_PASSWORD", "from-env")
+        .stdout(Stdio::null())
+        .stderr(log);
+    c.procs.insert(1, cmd.spawn().unwrap());
+    let mut conn = c.conn(1);
+    let ok: String = redis::cmd("AUTH")
+        .arg("default")
+        .arg("from-env")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(ok, "OK");
+    c.kill(1);
+}
+
+/// One HTTP GET: the status code and the body.
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).unwrap();
+    let code = got
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = got.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+/// The value of the first sample line that starts with `name`.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn metrics_health_and_ready_are_served_and_sigterm_exits_zero_with_plain_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), &[1, 2, 3]);
+    let metrics: std::collections::BTreeMap<u64, SocketAddr> =
+        [1, 2, 3].into_iter().map(|i| (i, free_tcp())).collect();
+    for id in [1, 2, 3] {
+        let mut args = vec!["--metrics-addr".to_string(), metrics[&id].to_string()];
+        if id == 3 {
+            args.extend(["--log-format".into(), "json".into()]);
+        }
+        c.start_among(id, &[1, 2, 3], &args);
+    }
+    let leader = c.wait_leader(&[1, 2, 3]);
+    let follower = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    let mut conn = c.conn(leader);
+    for i in 0..50 {
+        let _: () = conn.set(format!("m{i}"), i).unwrap();
+    }
+    let _: Option<String> = conn.get("m1").unwrap();
+    let (_, before) = http_get(metrics[&leader], "/metrics");
+    let _: RedisResult<String> = redis::cmd("NOSUCH").query(&mut conn);
+    let (code, text) = http_get(metrics[&leader], "/metrics");
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(
+        sample(&text, "raftkv_raft_role{role=\"leader\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "raftkv_raft_role{role=\"follower\"}"),
+        Some(0.0)
+    );
+    assert!(sample(&text, "raftkv_raft_term").unwrap() >= 1.0);
+    assert!(sample(&text, "raftkv_raft_commit_index").unwrap() >= 50.0);
+    assert!(sample(&text, "raftkv_raft_applied_index").unwrap() >= 50.0);
+    assert!(sample(&text, "raftkv_raft_proposals_total").unwrap() >= 50.0);
+    assert!(sample(&text, "raftkv_raft_commit_latency_seconds_count").unwrap() >= 50.0);
+    assert!(sample(&text, "raftkv_log_save_seconds_count").unwrap() >= 1.0);
+    assert!(sample(&text, "raftkv_raft_leader_changes_total").unwrap() >= 1.0);
+    assert_eq!(
+        sample(&text, "raftkv_commands_total{command=\"SET\"}"),
+        Some(50.0)
+    );
+    // One unknown command, one error more (the client library sends
+    // commands of its own when it connects).
+    for name in [
+        "raftkv_commands_total{command=\"other\"}",
+        "raftkv_command_errors_total{code=\"ERR\"}",
+    ] {
+        let was = sample(&before, name).unwrap_or(0.0);
+        assert_eq!(sample(&text, name), Some(was + 1.0), "{name}");
+    }
+    assert_eq!(sample(&text, "raftkv_client_connections"), Some(1.0));
+    for peer in [1, 2, 3].into_iter().filter(|&p| p != leader) {
+        let name = format!("raftkv_raft_peer_match_index{{peer=\"{peer}\"}}");
+        assert!(sample(&text, &name).unwrap() >= 1.0, "{name} in {text}");
+    }
+    assert!(text.contains("# TYPE raftkv_log_save_seconds histogram"));
+    let (code, text) = http_get(metrics[&follower], "/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(
+        sample(&text, "raftkv_raft_role{role=\"follower\"}"),
+        Some(1.0)
+    );
+    assert!(!text.contains("raftkv_raft_peer_match_index{"), "{text}");
+    for id in [leader, follower] {
+        assert_eq!(http_get(metrics[&id], "/health"), (200, "ok\n".into()));
+        let (code, _) = http_get(metrics[&id], "/ready");
+        assert_eq!(code, 200);
+    }
+    assert_eq!(http_get(metrics[&leader], "/nope").0, 404);
+    // Garbage on the metrics port gets a 400, and the port goes on serving.
+    let mut s = TcpStream::connect(metrics[&leader]).unwrap();
+    s.write_all(b"\x00\x01\x02 nonsense\r\n\r\n").unwrap();
+    let mut got = String::new();
+    let _ = s.read_to_string(&mut got);
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+    assert_eq!(http_get(metrics[&leader], "/health").0, 200);
+
+    // With only one of three left, the survivor is alive but not ready.
+    let survivor = 3;
+    for id in [1, 2] {
+        signal(&c, id, "-TERM");
+        let mut p = c.procs.remove(&id).unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        let st = loop {
+            if let Some(st) = p.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < end, "node {id} did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(st.code(), Some(0), "node {id}: {st:?}");
+    }
+    let end = Instant::now() + Duration::from_secs(20);
+    while http_get(metrics[&survivor], "/ready").0 != 503 {
+        assert!(Instant::now() < end, "a node without a leader stays ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(http_get(metrics[&survivor], "/health").0, 200);
+    signal(&c, survivor, "-INT");
+    let mut p = c.procs.remove(&survivor).unwrap();
+    assert_eq!(p.wait().unwrap().code(), Some(0));
+    // Logs: plain text without colour codes when stderr is a file; JSON
+    // lines with `--log-format json`.
+    for id in [1, 2] {
+        let log = std::fs::read_to_string(dir.path().join(format!("node-{id}.log"))).unwrap();
+        assert!(log.contains("node started"), "{log}");
+        assert!(!log.contains('\u{1b}'), "colour codes in a file: {log}");
+    }
+    let json = std::fs::read_to_string(dir.path().join("node-3.log")).unwrap();
+    let lines: Vec<&str> = json.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for l in &lines {
+        // (A plain line from the process itself, outside the logger, starts
+        // with "raft-kv:".)
+        assert!(
+            l.starts_with('{') && l.ends_with('}') || l.starts_with("raft-kv:"),
+            "not a JSON log line: {l}"
+        );
+    }
+    assert!(json.contains("\"message\":\"node started\""), "{json}");
+}
+
+#[test]
+fn keys_and_values_never_reach_the_logs_at_debug() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), &[1]);
+    let mut cmd = c.node_command(1, &[]);
+    let log = std::fs::File::create(dir.path().join("node-1.log")).unwrap();
+    cmd.env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(log);
+    c.procs.insert(1, cmd.spawn().unwrap());
+    c.wait_leader(&[1]);
+    let mut conn = c.conn(1);
+    let _: () = conn.set("secret-key-4242", "secret-value-4242").unwrap();
+    let _: Option<String> = conn.get("secret-key-4242").unwrap();
+    let _: RedisResult<String> = redis::cmd("SET").arg("secret-key-4242").query(&mut conn);
+    let _: RedisResult<String> = redis::cmd("NOSUCH").arg("secret-arg-4242").query(&mut conn);
+    signal(&c, 1, "-TERM");
+    let mut p = c.procs.remove(&1).unwrap();
+    assert_eq!(p.wait().unwrap().code(), Some(0));
+    let log = std::fs::read_to_string(dir.path().join("node-1.log")).unwrap();
+    assert!(log.lines().count() > 5, "debug logging is on: {log}");
+    assert!(!log.contains("4242"), "a key or value was logged: {log}");
+}
