@@ -315,3 +315,97 @@ fn keys_and_values_never_reach_the_logs_at_debug() {
     assert!(log.lines().count() > 5, "debug logging is on: {log}");
     assert!(!log.contains("4242"), "a key or value was logged: {log}");
 }
+
+/// Runs redis-cli (Debian's redis-tools; `.ci/run` installs it) with
+/// `args`; its stdout and stderr together.
+fn redis_cli(args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(args)
+        .output()
+        .expect("redis-cli is needed for this test (apt-get install redis-tools)");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn redis_cli_speaks_tls_to_the_client_port_with_and_without_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), &[1, 2]);
+    let certs = dir.path().join("certs");
+    let p = |n: &str| certs.join(n).to_str().unwrap().to_string();
+    let port = c.client[&1].port().to_string();
+    c.start_among(
+        1,
+        &[],
+        &[
+            "--client-tls-cert".into(),
+            p("node-1.pem"),
+            "--client-tls-key".into(),
+            p("node-1.key"),
+        ],
+    );
+    let tls = |extra: &[String]| {
+        let mut args: Vec<String> = vec![
+            "--tls".into(),
+            "--cacert".into(),
+            p("ca.pem"),
+            "-h".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.clone(),
+        ];
+        args.extend_from_slice(extra);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        redis_cli(&a)
+    };
+    let mut pong = String::new();
+    eventually("a TLS PING", Duration::from_secs(20), || {
+        pong = tls(&["PING".into()]);
+        pong.trim() == "PONG"
+    });
+    eventually("a TLS SET", Duration::from_secs(20), || {
+        tls(&["SET".into(), "t".into(), "1".into()]).trim() == "OK"
+    });
+    assert_eq!(tls(&["GET".into(), "t".into()]).trim(), "1");
+    // Plain text to a TLS port gets no answer.
+    let plain = redis_cli(&["-h", "127.0.0.1", "-p", &port, "PING"]);
+    assert!(!plain.contains("PONG"), "{plain}");
+    c.kill(1);
+    // Client certificates required.
+    c.start_among(
+        1,
+        &[],
+        &[
+            "--client-tls-cert".into(),
+            p("node-1.pem"),
+            "--client-tls-key".into(),
+            p("node-1.key"),
+            "--client-tls-ca".into(),
+            p("ca.pem"),
+        ],
+    );
+    let with_cert = [
+        "--cert".to_string(),
+        p("node-2.pem"),
+        "--key".into(),
+        p("node-2.key"),
+    ];
+    eventually(
+        "a PING with a client certificate",
+        Duration::from_secs(20),
+        || {
+            let mut a = with_cert.to_vec();
+            a.push("PING".into());
+            tls(&a).trim() == "PONG"
+        },
+    );
+    let without = tls(&["PING".into()]);
+    assert!(
+        !without.contains("PONG"),
+        "served without a certificate: {without}"
+    );
+    c.kill(1);
+}
