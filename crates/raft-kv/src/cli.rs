@@ -847,6 +847,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_config_file_is_valid() {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/node.toml.example"
+        );
+        let text = std::fs::read_to_string(p).unwrap();
+        let f: FileConfig = toml::from_str(&text).unwrap();
+        assert_eq!(f.id, Some(1));
+        assert!(f.password_file.is_some() && f.metrics_addr.is_some());
+    }
+
+    #[test]
     fn config_file_and_flags_merge_with_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("node.toml");
