@@ -18,7 +18,124 @@ use crate::snapshots::Snapshots;
 use anyhow::{anyhow, bail, Context};
 use raft_core::{HardState, LogBatch, LogId, LogStore, Membership, SnapshotMeta};
 use std::path::Path;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+/// How the command-line tools (`backup`, `member`, `transfer`, `node
+/// --join`) reach a node's client port: its password, and TLS when the
+/// port serves it.
+#[derive(Debug, Clone, Default)]
+pub struct Dial {
+    /// Sent with `AUTH` first.
+    pub password: Option<String>,
+    /// TLS settings; `None` for plain TCP.
+    pub tls: Option<DialTls>,
+}
+
+/// TLS for the tools.
+#[derive(Debug, Clone)]
+pub struct DialTls {
+    config: Arc<rustls::ClientConfig>,
+    /// The name the node's certificate must carry (default: the host part
+    /// of the address).
+    server_name: Option<String>,
+}
+
+impl DialTls {
+    /// Trusts the CA certificates in `ca` (PEM); presents `cert`/`key` when
+    /// given (a port that checks client certificates); expects the server's
+    /// certificate to name `server_name` (else the address's host).
+    pub fn new(
+        ca: &Path,
+        cert_key: Option<(&Path, &Path)>,
+        server_name: Option<String>,
+    ) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("cannot read {}", ca.display()))?
+        {
+            roots
+                .add(c.with_context(|| format!("{}", ca.display()))?)
+                .with_context(|| format!("{}", ca.display()))?;
+        }
+        if roots.is_empty() {
+            bail!("{}: no certificate in file", ca.display());
+        }
+        let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+        let config = match cert_key {
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .with_context(|| format!("cannot read {}", cert.display()))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .with_context(|| format!("{}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .with_context(|| format!("cannot read {}", key.display()))?;
+                b.with_client_auth_cert(chain, key)?
+            }
+            None => b.with_no_client_auth(),
+        };
+        Ok(DialTls {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+}
+
+/// Both halves of a connection to a client port.
+type Halves = (
+    BufReader<Box<dyn AsyncRead + Unpin + Send>>,
+    Box<dyn AsyncWrite + Unpin + Send>,
+);
+
+/// Connects to `addr` and authenticates; `buffer` bytes of read buffer.
+async fn dial(addr: &str, how: &Dial, buffer: usize) -> anyhow::Result<Halves> {
+    let sock = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    let (rd, wr): (
+        Box<dyn AsyncRead + Unpin + Send>,
+        Box<dyn AsyncWrite + Unpin + Send>,
+    ) = match &how.tls {
+        None => {
+            let (r, w) = sock.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        Some(t) => {
+            let host = match &t.server_name {
+                Some(n) => n.clone(),
+                None => addr
+                    .rsplit_once(':')
+                    .map_or(addr, |(h, _)| h)
+                    .trim_matches(['[', ']'])
+                    .to_string(),
+            };
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .with_context(|| format!("bad TLS server name {host:?}"))?;
+            let s = tokio_rustls::TlsConnector::from(t.config.clone())
+                .connect(name, sock)
+                .await
+                .with_context(|| format!("TLS with {addr} failed"))?;
+            let (r, w) = tokio::io::split(s);
+            (Box::new(r), Box::new(w))
+        }
+    };
+    let mut rd = BufReader::with_capacity(buffer, rd);
+    let mut wr = wr;
+    if let Some(pw) = &how.password {
+        wr.write_all(&command(&[b"AUTH", pw.as_bytes()])).await?;
+        let l = line(&mut rd).await?;
+        if l != "+OK" {
+            bail!("AUTH refused: {l}");
+        }
+    }
+    Ok((rd, wr))
+}
 
 fn command(args: &[&[u8]]) -> Vec<u8> {
     let mut out = format!("*{}\r\n", args.len()).into_bytes();
@@ -41,19 +158,8 @@ async fn line<R: AsyncBufReadExt + Unpin>(r: &mut R) -> anyhow::Result<String> {
 
 /// Saves a consistent snapshot of the cluster that `addr` belongs to into
 /// `out`; returns what it covers.
-pub async fn backup(addr: &str, out: &Path, password: Option<&str>) -> anyhow::Result<Header> {
-    let sock = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    let (rd, mut wr) = sock.into_split();
-    let mut rd = BufReader::with_capacity(1 << 20, rd);
-    if let Some(pw) = password {
-        wr.write_all(&command(&[b"AUTH", pw.as_bytes()])).await?;
-        let l = line(&mut rd).await?;
-        if l != "+OK" {
-            bail!("AUTH refused: {l}");
-        }
-    }
+pub async fn backup(addr: &str, out: &Path, how: &Dial) -> anyhow::Result<Header> {
+    let (mut rd, mut wr) = dial(addr, how, 1 << 20).await?;
     wr.write_all(&command(&[b"RAFTKV.BACKUP"])).await?;
     let head = line(&mut rd).await?;
     let len: u64 = match head.strip_prefix('$') {
@@ -142,19 +248,8 @@ pub async fn restore(from: &Path, cfg: &NodeConfig) -> anyhow::Result<Header> {
 
 /// Sends one command to a node's client port and returns its reply as
 /// text (an error reply becomes an error).
-pub async fn call(addr: &str, password: Option<&str>, args: &[String]) -> anyhow::Result<String> {
-    let sock = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    let (rd, mut wr) = sock.into_split();
-    let mut rd = BufReader::new(rd);
-    if let Some(pw) = password {
-        wr.write_all(&command(&[b"AUTH", pw.as_bytes()])).await?;
-        let l = line(&mut rd).await?;
-        if l != "+OK" {
-            bail!("AUTH refused: {l}");
-        }
-    }
+pub async fn call(addr: &str, how: &Dial, args: &[String]) -> anyhow::Result<String> {
+    let (mut rd, mut wr) = dial(addr, how, 8192).await?;
     let parts: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
     wr.write_all(&command(&parts)).await?;
     read_reply(&mut rd).await
@@ -205,7 +300,7 @@ pub async fn join(
     at: &str,
     node: &crate::node::KvNode,
     raft_addr: std::net::SocketAddr,
-    password: Option<&str>,
+    how: &Dial,
 ) -> anyhow::Result<()> {
     let id = node.id().to_string();
     let add = [
@@ -218,7 +313,7 @@ pub async fn join(
     let mut added = false;
     for attempt in 0..600u32 {
         if !added {
-            match call(at, password, &add).await {
+            match call(at, how, &add).await {
                 Ok(m) => {
                     tracing::info!(membership = %m, "added to the cluster as a learner");
                     added = true;
@@ -233,7 +328,7 @@ pub async fn join(
         }
         if added {
             let promote = ["RAFT.MEMBER".to_string(), "PROMOTE".into(), id.clone()];
-            match call(at, password, &promote).await {
+            match call(at, how, &promote).await {
                 Ok(m) => {
                     tracing::info!(membership = %m, "promoted to voter");
                     return Ok(());

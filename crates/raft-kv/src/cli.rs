@@ -74,16 +74,11 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Save a consistent snapshot of a running cluster into a file.
     Backup {
-        /// Any node's client address (HOST:PORT).
-        #[arg(long)]
-        addr: String,
         /// Where to write the backup.
         #[arg(long)]
         out: PathBuf,
-        /// The cluster's client password, if it has one (or set
-        /// RAFT_KV_PASSWORD, which `ps` does not show).
-        #[arg(long, env = "RAFT_KV_PASSWORD", hide_env_values = true)]
-        password: Option<String>,
+        #[command(flatten)]
+        dial: DialArgs,
     },
     /// Seed one node of a new cluster from a backup (run it for every
     /// member, with the options that member's `node` command will get,
@@ -99,30 +94,64 @@ enum Command {
     /// port: `list`, `add ID RAFT-ADDR [IDENTITY]`, `promote ID`, `demote ID`,
     /// `remove ID` (sent as RAFT.MEMBER; the node forwards it to the leader).
     Member {
-        /// A member's client address (host:port).
-        #[arg(long)]
-        addr: String,
-        /// The cluster's client password, if it has one (or set
-        /// RAFT_KV_PASSWORD, which `ps` does not show).
-        #[arg(long, env = "RAFT_KV_PASSWORD", hide_env_values = true)]
-        password: Option<String>,
+        #[command(flatten)]
+        dial: DialArgs,
         /// The subcommand and its arguments.
         #[arg(required = true, num_args = 1..=4)]
         args: Vec<String>,
     },
     /// Hands leadership to node `--to` (or to the most up-to-date voter).
     Transfer {
-        /// A member's client address (host:port).
-        #[arg(long)]
-        addr: String,
-        /// The cluster's client password, if it has one (or set
-        /// RAFT_KV_PASSWORD, which `ps` does not show).
-        #[arg(long, env = "RAFT_KV_PASSWORD", hide_env_values = true)]
-        password: Option<String>,
+        #[command(flatten)]
+        dial: DialArgs,
         /// The voter to hand over to.
         #[arg(long)]
         to: Option<u64>,
     },
+}
+
+/// How a tool reaches a node's client port.
+#[derive(Debug, clap::Args)]
+struct DialArgs {
+    /// A member's client address (HOST:PORT).
+    #[arg(long)]
+    addr: String,
+    /// The cluster's client password, if it has one (or set
+    /// RAFT_KV_PASSWORD, which `ps` does not show).
+    #[arg(long, env = "RAFT_KV_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// The client port serves TLS: trust the CA certificates in this file.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// With `--tls-ca`: a client certificate to present (the port checks them).
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name the node's certificate carries (default: the host in `--addr`).
+    #[arg(long, requires = "tls_ca")]
+    tls_server_name: Option<String>,
+}
+
+impl DialArgs {
+    fn dial(self) -> anyhow::Result<(String, crate::backup::Dial)> {
+        let tls = match &self.tls_ca {
+            Some(ca) => Some(crate::backup::DialTls::new(
+                ca,
+                self.tls_cert.as_deref().zip(self.tls_key.as_deref()),
+                self.tls_server_name,
+            )?),
+            None => None,
+        };
+        Ok((
+            self.addr,
+            crate::backup::Dial {
+                password: self.password,
+                tls,
+            },
+        ))
+    }
 }
 
 #[derive(Debug, clap::Args, Default)]
@@ -160,7 +189,7 @@ struct NodeArgs {
     /// Require clients to AUTH with this password. Prefer
     /// `--password-file` or the RAFT_KV_PASSWORD environment variable: a
     /// command line is visible to every user through `ps`.
-    #[arg(long, env = "RAFT_KV_PASSWORD", hide_env_values = true)]
+    #[arg(long, conflicts_with = "password_file")]
     password: Option<String>,
     /// Read the client password from this file (its first line); the file
     /// must not be readable by group or others.
@@ -230,6 +259,15 @@ struct NodeArgs {
     /// caught up. `--peer` is then not needed.
     #[arg(long)]
     join: Option<String>,
+    /// With `--join`, when the cluster's client ports serve TLS: trust the
+    /// CA certificates in this file (this node's `--client-tls-cert` and
+    /// key are presented as a client certificate).
+    #[arg(long, requires = "join")]
+    join_tls_ca: Option<PathBuf>,
+    /// With `--join-tls-ca`: the name the member's certificate carries
+    /// (default: the host in `--join`).
+    #[arg(long, requires = "join_tls_ca")]
+    join_tls_server_name: Option<String>,
 }
 
 /// The TOML file form of the node options.
@@ -277,6 +315,8 @@ pub struct Setup {
     pub metrics_addr: Option<SocketAddr>,
     /// How long a shutdown may take.
     pub shutdown_timeout: Duration,
+    /// How `--join` reaches the member it asks.
+    pub join_dial: crate::backup::Dial,
 }
 
 /// Refuses a file holding a secret that group or others can read.
@@ -300,6 +340,34 @@ fn check_private(path: &std::path::Path, what: &str) -> anyhow::Result<()> {
     #[cfg(not(unix))]
     let _ = (path, what);
     Ok(())
+}
+
+/// The client password, from the first source given in this order: the
+/// command line (`--password`, `--password-file`), the environment
+/// (`RAFT_KV_PASSWORD`), the config file (`password_file`, `password`; not
+/// both). An empty password is refused: it would pass protected mode and
+/// let `AUTH ""` in.
+fn choose_password(
+    flag: Option<String>,
+    flag_file: Option<PathBuf>,
+    env: Option<String>,
+    conf_file: Option<PathBuf>,
+    conf: Option<String>,
+) -> anyhow::Result<Option<String>> {
+    if conf_file.is_some() && conf.is_some() {
+        bail!("the config file gives both `password` and `password_file`; keep one");
+    }
+    let pw = match (flag, flag_file, env, conf_file, conf) {
+        (Some(p), ..) => Some(p),
+        (None, Some(file), ..) => Some(read_password_file(&file)?),
+        (None, None, Some(p), ..) => Some(p),
+        (None, None, None, Some(file), _) => Some(read_password_file(&file)?),
+        (None, None, None, None, p) => p,
+    };
+    if pw.as_deref() == Some("") {
+        bail!("the client password is empty; give a password or none at all");
+    }
+    Ok(pw)
 }
 
 /// The password from a file: its first line, without the line end.
@@ -419,11 +487,13 @@ fn node_setup(a: NodeArgs, serving: bool) -> anyhow::Result<Setup> {
             .or(f.snapshot_threshold)
             .unwrap_or(DEFAULT_SNAPSHOT_THRESHOLD),
         tls_dir: a.tls_dir.or(f.tls_dir).ok_or_else(|| need("tls-dir"))?,
-        password: match (a.password, a.password_file.or(f.password_file), f.password) {
-            (Some(p), _, _) => Some(p),
-            (None, Some(file), _) => Some(read_password_file(&file)?),
-            (None, None, p) => p,
-        },
+        password: choose_password(
+            a.password,
+            a.password_file,
+            std::env::var("RAFT_KV_PASSWORD").ok(),
+            f.password_file,
+            f.password,
+        )?,
         cluster_id: a.cluster_id.or(f.cluster_id).unwrap_or(0),
         join: a.join,
         raft,
@@ -467,6 +537,17 @@ fn node_setup(a: NodeArgs, serving: bool) -> anyhow::Result<Setup> {
     let tls_cert = a.client_tls_cert.or(f.client_tls_cert);
     let tls_key = a.client_tls_key.or(f.client_tls_key);
     let tls_ca = a.client_tls_ca.or(f.client_tls_ca);
+    let join_dial = crate::backup::Dial {
+        password: cfg.password.clone(),
+        tls: match &a.join_tls_ca {
+            Some(ca) => Some(crate::backup::DialTls::new(
+                ca,
+                tls_cert.as_deref().zip(tls_key.as_deref()),
+                a.join_tls_server_name.clone(),
+            )?),
+            None => None,
+        },
+    };
     client.tls = match (tls_cert, tls_key) {
         (Some(c), Some(k)) => Some(
             crate::server::tls_config(&c, &k, tls_ca.as_deref())
@@ -486,19 +567,31 @@ fn node_setup(a: NodeArgs, serving: bool) -> anyhow::Result<Setup> {
         client,
         metrics_addr: a.metrics_addr.or(f.metrics_addr),
         shutdown_timeout,
+        join_dial,
     })
 }
 
-/// A running client port (and metrics endpoint).
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A running client port (and metrics endpoint). Dropping it leaves them
+/// running; [`Serving::abort`] or [`Serving::drain`] stops them.
 #[derive(Debug)]
+#[must_use = "dropping it leaves the client port running with no way to stop it"]
 pub struct Serving {
     task: tokio::task::JoinHandle<()>,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Serving {
-    /// Stops at once: no more clients; open connections live on until they
-    /// close.
+    /// Stops at once: no more clients, open connections closed, the
+    /// metrics endpoint stopped.
     pub fn abort(&self) {
         self.task.abort();
     }
@@ -506,10 +599,16 @@ impl Serving {
     /// Stops accepting clients, lets connections answer what they have read
     /// (idle ones close at once), and waits up to `within` for them.
     /// Returns whether every connection closed in time.
-    pub async fn drain(self, within: Duration) -> bool {
+    pub async fn drain(mut self, within: Duration) -> bool {
         let _ = self.stop.send(true);
-        let done = tokio::time::timeout(within, self.task).await.is_ok();
-        done
+        match tokio::time::timeout(within, &mut self.task).await {
+            Ok(_) => true,
+            Err(_) => {
+                // What is left is closed: the node is about to stop.
+                self.task.abort();
+                false
+            }
+        }
     }
 }
 
@@ -541,11 +640,10 @@ pub async fn run_node_with(
     let (n, m) = (node.clone(), node.metrics().clone());
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(async move {
-        let http = metrics.map(|l| tokio::spawn(crate::metrics::serve_http(l, n.clone())));
+        // Stopped with the client port, however that ends (aborted too).
+        let _http =
+            metrics.map(|l| AbortOnDrop(tokio::spawn(crate::metrics::serve_http(l, n.clone()))));
         crate::server::serve(listener, n, client, m, stop_rx).await;
-        if let Some(h) = http {
-            h.abort();
-        }
     });
     Ok((node, Serving { task, stop }))
 }
@@ -553,13 +651,13 @@ pub async fn run_node_with(
 /// Sends one administration command to a member and prints its answer.
 async fn admin(
     addr: &str,
-    password: Option<String>,
+    how: &crate::backup::Dial,
     name: &str,
     args: impl IntoIterator<Item = String>,
     prefix: &str,
 ) -> anyhow::Result<()> {
     let cmd: Vec<String> = std::iter::once(name.to_string()).chain(args).collect();
-    let reply = crate::backup::call(addr, password.as_deref(), &cmd).await?;
+    let reply = crate::backup::call(addr, how, &cmd).await?;
     println!("{prefix}{reply}");
     Ok(())
 }
@@ -587,6 +685,9 @@ async fn wait_for_stop() {
 /// Exit status: the node stopped itself because Raft stopped (a failed
 /// disk or state machine, or its storage refused by the cluster).
 pub const EXIT_RAFT_STOPPED: u8 = 3;
+/// Set once a node's shutdown finished: the exit timer stands down.
+static SHUT_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Exit status: a shutdown did not finish within its bound.
 pub const EXIT_SHUTDOWN_TIMEOUT: u8 = 4;
 
@@ -658,17 +759,14 @@ pub fn main() -> anyhow::Result<()> {
                     client,
                     metrics_addr,
                     shutdown_timeout,
+                    join_dial,
                 } = node_setup(args, true)?;
-                let join = cfg
-                    .join
-                    .clone()
-                    .map(|a| (a, cfg.raft_addr, cfg.password.clone()));
+                let join = cfg.join.clone().map(|a| (a, cfg.raft_addr, join_dial));
                 let (node, serving) = run_node_with(cfg, client, metrics_addr).await?;
-                if let Some((at, raft_addr, pw)) = join {
+                if let Some((at, raft_addr, how)) = join {
                     let node = node.clone();
                     tokio::spawn(async move {
-                        if let Err(e) =
-                            crate::backup::join(&at, &node, raft_addr, pw.as_deref()).await
+                        if let Err(e) = crate::backup::join(&at, &node, raft_addr, &how).await
                         {
                             tracing::error!(error = %format!("{e:#}"), "joining the cluster failed");
                         }
@@ -684,12 +782,20 @@ pub fn main() -> anyhow::Result<()> {
                 // From here on the process exits within the bound, whatever
                 // the disk does: a plain thread, so it fires even if every
                 // runtime thread is stuck in a storage call.
+                let code = if failed.is_some() {
+                    EXIT_RAFT_STOPPED
+                } else {
+                    EXIT_SHUTDOWN_TIMEOUT
+                };
                 std::thread::spawn(move || {
                     std::thread::sleep(shutdown_timeout);
+                    if SHUT_DOWN.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
                     eprintln!(
                         "raft-kv: error: shutdown did not finish within {shutdown_timeout:?} (storage hung?); exiting"
                     );
-                    std::process::exit(i32::from(EXIT_SHUTDOWN_TIMEOUT));
+                    std::process::exit(i32::from(code));
                 });
                 if failed.is_none() {
                     tracing::info!("stopping: no new clients; answering requests in flight");
@@ -713,6 +819,7 @@ pub fn main() -> anyhow::Result<()> {
                 }
                 node.shutdown().await;
                 drop(node);
+                SHUT_DOWN.store(true, std::sync::atomic::Ordering::Release);
                 match failed {
                     Some(why) => Err(ExitWith {
                         code: EXIT_RAFT_STOPPED,
@@ -724,12 +831,9 @@ pub fn main() -> anyhow::Result<()> {
             }
             Command::Demo { nodes, data_dir } => demo(nodes, data_dir).await,
             Command::Bench(b) => crate::bench::run(b).await,
-            Command::Backup {
-                addr,
-                out,
-                password,
-            } => {
-                let h = crate::backup::backup(&addr, &out, password.as_deref()).await?;
+            Command::Backup { out, dial } => {
+                let (addr, how) = dial.dial()?;
+                let h = crate::backup::backup(&addr, &out, &how).await?;
                 println!(
                     "backup of {} keys at log index {} (term {}) written to {}",
                     h.keys,
@@ -739,14 +843,14 @@ pub fn main() -> anyhow::Result<()> {
                 );
                 Ok(())
             }
-            Command::Member {
-                addr,
-                password,
-                args,
-            } => admin(&addr, password, "RAFT.MEMBER", args, "").await,
-            Command::Transfer { addr, password, to } => {
+            Command::Member { dial, args } => {
+                let (addr, how) = dial.dial()?;
+                admin(&addr, &how, "RAFT.MEMBER", args, "").await
+            }
+            Command::Transfer { dial, to } => {
+                let (addr, how) = dial.dial()?;
                 let to = to.map(|t| t.to_string());
-                admin(&addr, password, "RAFT.TRANSFER", to, "leader: node ").await
+                admin(&addr, &how, "RAFT.TRANSFER", to, "leader: node ").await
             }
             Command::Restore { from, node } => {
                 let cfg = node_config(node)?;
@@ -845,6 +949,46 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_password_comes_from_one_source_in_a_fixed_order_and_is_never_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\nignored\n").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let s = |x: &str| Some(x.to_string());
+        let f = || Some(file.clone());
+        let pick = |a, b, c, d, e| choose_password(a, b, c, d, e);
+        assert_eq!(
+            pick(s("flag"), None, s("env"), f(), None).unwrap(),
+            s("flag")
+        );
+        assert_eq!(
+            pick(None, f(), s("env"), None, s("conf")).unwrap(),
+            s("from-file")
+        );
+        assert_eq!(pick(None, None, s("env"), f(), None).unwrap(), s("env"));
+        assert_eq!(pick(None, None, None, f(), None).unwrap(), s("from-file"));
+        assert_eq!(pick(None, None, None, None, s("conf")).unwrap(), s("conf"));
+        assert_eq!(pick(None, None, None, None, None).unwrap(), None);
+        assert!(pick(None, None, None, f(), s("conf"))
+            .unwrap_err()
+            .to_string()
+            .contains("keep one"));
+        for empty in [
+            pick(s(""), None, None, None, None),
+            pick(None, None, s(""), None, None),
+            pick(None, None, None, None, s("")),
+        ] {
+            assert!(empty.unwrap_err().to_string().contains("empty"));
+        }
+        std::fs::write(&file, "\n").unwrap();
+        assert!(pick(None, f(), None, None, None).is_err());
+    }
 
     #[test]
     fn the_example_config_file_is_valid() {

@@ -81,6 +81,8 @@ const ROLES: &[&str] = &["follower", "candidate", "leader", "learner", "stopped"
 /// One node's metrics.
 pub struct Metrics {
     registry: Registry,
+    /// One scrape at a time: the gauges are set, then read.
+    rendering: std::sync::Mutex<()>,
     /// Clients connected now.
     pub client_connections: Gauge,
     rejected: Family<ReasonLabel, Counter>,
@@ -154,6 +156,7 @@ impl Metrics {
             snapshot_bytes: Gauge::default(),
             snapshot_duration: Gauge::default(),
             registry: Registry::default(),
+            rendering: std::sync::Mutex::new(()),
         };
         r.register(
             "client_connections",
@@ -286,6 +289,7 @@ impl Metrics {
 
     /// Reads Raft's state into the gauges and renders everything.
     pub fn render(&self, node: &KvNode) -> String {
+        let _one = self.rendering.lock().unwrap_or_else(|p| p.into_inner());
         let s = node.raft().status();
         let role = match s.role {
             _ if s.stopped.is_some() => "stopped",
@@ -387,16 +391,30 @@ pub fn healthy(node: &KvNode) -> bool {
     node.stopped().is_none()
 }
 
-/// Whether the node can serve: it knows a leader and has applied up to
-/// the commit index it knows.
-pub fn ready(node: &KvNode) -> bool {
+/// Whether the node can serve: it knows a leader and applies up to the
+/// commit index it knows now within [`READY_APPLY_WAIT`] (under steady
+/// writes the applied index always trails the commit index a little; a
+/// node catching up trails it for longer).
+pub async fn ready(node: &KvNode) -> bool {
     let s = node.raft().status();
-    s.stopped.is_none() && s.leader.is_some() && node.applied_index() >= s.commit_index
+    s.stopped.is_none()
+        && s.leader.is_some()
+        && node.wait_applied(s.commit_index, READY_APPLY_WAIT).await
 }
 
-/// Serves `/metrics`, `/health` and `/ready` until the task is aborted.
+/// How long `/ready` waits for the applied index to reach the commit index.
+pub const READY_APPLY_WAIT: Duration = Duration::from_secs(1);
+/// Metrics connections served at once; more wait for the accept loop.
+const HTTP_CONNECTIONS: usize = 16;
+
+/// Serves `/metrics`, `/health` and `/ready` until the task is aborted:
+/// at most [`HTTP_CONNECTIONS`] at once, each given 5 seconds.
 pub async fn serve_http(listener: TcpListener, node: Arc<KvNode>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(HTTP_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (mut sock, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -407,7 +425,8 @@ pub async fn serve_http(listener: TcpListener, node: Arc<KvNode>) {
         };
         let node = node.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(&mut sock, &node)).await;
+            let _slot = slot;
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer(&mut sock, &node)).await;
         });
     }
 }
@@ -426,18 +445,20 @@ async fn answer(sock: &mut tokio::net::TcpStream, node: &KvNode) -> std::io::Res
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf) {
             Ok(httparse::Status::Complete(_)) => {
-                break (req.method == Some("GET") || req.method == Some("HEAD"))
-                    .then(|| req.path.unwrap_or("").to_string());
+                let head = req.method == Some("HEAD");
+                break (req.method == Some("GET") || head)
+                    .then(|| (req.path.unwrap_or("").to_string(), head));
             }
             Ok(httparse::Status::Partial) if buf.len() < 8192 => continue,
             _ => {
-                return respond(sock, 400, "text/plain", "bad request\n").await;
+                return respond(sock, 400, "text/plain", "bad request\n", false).await;
             }
         }
     };
-    let Some(path) = path else {
-        return respond(sock, 405, "text/plain", "only GET\n").await;
+    let Some((path, head)) = path else {
+        return respond(sock, 405, "text/plain", "only GET\n", false).await;
     };
+    let respond = |sock, code, ctype, body| respond(sock, code, ctype, body, head);
     match path.split('?').next().unwrap_or("") {
         "/metrics" => {
             let body = node.metrics().render(node);
@@ -454,7 +475,7 @@ async fn answer(sock: &mut tokio::net::TcpStream, node: &KvNode) -> std::io::Res
             Some(why) => respond(sock, 503, "text/plain", &format!("stopped: {why}\n")).await,
         },
         "/ready" => {
-            if ready(node) {
+            if ready(node).await {
                 respond(sock, 200, "text/plain", "ready\n").await
             } else {
                 respond(sock, 503, "text/plain", "not ready\n").await
@@ -464,11 +485,13 @@ async fn answer(sock: &mut tokio::net::TcpStream, node: &KvNode) -> std::io::Res
     }
 }
 
+/// Answers with `body` (its length only, for HEAD) and closes.
 async fn respond(
     sock: &mut tokio::net::TcpStream,
     code: u16,
     ctype: &str,
     body: &str,
+    head_only: bool,
 ) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
@@ -482,6 +505,8 @@ async fn respond(
         body.len()
     );
     sock.write_all(head.as_bytes()).await?;
-    sock.write_all(body.as_bytes()).await?;
+    if !head_only {
+        sock.write_all(body.as_bytes()).await?;
+    }
     sock.shutdown().await
 }

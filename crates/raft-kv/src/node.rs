@@ -335,6 +335,14 @@ impl KvNode {
         self.sm.applied()
     }
 
+    /// Waits up to `within` until entry `index` is applied; whether it was.
+    pub async fn wait_applied(&self, index: u64, within: Duration) -> bool {
+        let mut applied = self.sm.watch_applied();
+        timeout(within, applied.wait_for(|&a| a >= index))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// The node's snapshot files.
     pub fn snapshots(&self) -> &Snapshots {
         &self.snaps

@@ -168,32 +168,36 @@ impl RequestParser {
                     self.state = State::Element { left: n as usize };
                 }
                 State::Inline { scanned } => {
-                    // Resume the search one byte back: a CR may end the
-                    // part already scanned.
-                    let from = *pos + scanned.saturating_sub(1);
-                    let Some(end) = line_end(buf, from, buf.len()) else {
+                    // A line ends at LF (telnet and `nc` may send a bare
+                    // LF, which Redis takes too); a CR before it is dropped.
+                    let from = *pos + scanned;
+                    let Some(nl) = buf[from..].iter().position(|&b| b == b'\n') else {
                         if avail > MAX_INLINE {
                             return perr("too big inline request");
                         }
                         self.state = State::Inline { scanned: avail };
                         return Ok(None);
                     };
-                    let args: Vec<Vec<u8>> = buf[*pos..end]
-                        .split(|b| b.is_ascii_whitespace())
-                        .filter(|a| !a.is_empty())
-                        .map(|a| a.to_vec())
-                        .collect();
-                    // The same limits as the multibulk form.
+                    let end = from + nl;
                     if end - *pos > MAX_INLINE {
                         return perr("too big inline request");
                     }
-                    if args.len() > limits.max_args {
+                    let line = &buf[*pos..end];
+                    let line = line.strip_suffix(b"\r").unwrap_or(line);
+                    let words = || {
+                        line.split(|b| b.is_ascii_whitespace())
+                            .filter(|a| !a.is_empty())
+                    };
+                    // The same limits as the multibulk form, checked before
+                    // anything is copied.
+                    if words().count() > limits.max_args {
                         return perr("invalid multibulk length");
                     }
-                    if args.iter().any(|a| a.len() > limits.max_bulk) {
+                    if words().any(|a| a.len() > limits.max_bulk) {
                         return perr("invalid bulk length");
                     }
-                    *pos = end + 2;
+                    let args: Vec<Vec<u8>> = words().map(<[u8]>::to_vec).collect();
+                    *pos = end + 1;
                     self.state = State::Idle;
                     return Ok(Some(args));
                 }
@@ -218,7 +222,7 @@ impl RequestParser {
                     }
                     // Grows as the bytes arrive: a declared length costs
                     // nothing until it is sent.
-                    self.args.push(Vec::with_capacity(len.min(16 * 1024)));
+                    self.args.push(Vec::new());
                     self.state = State::Body { left, len };
                 }
                 State::Body { left, len } => {
@@ -446,6 +450,65 @@ mod tests {
         assert!(parse(b"a b c d e f g h i j\r\n").is_ok());
         let long = [b"GET ".as_slice(), &[b'k'; 101], b"\r\n"].concat();
         assert!(parse(&long).is_err(), "inline argument over max_bulk");
+    }
+
+    /// Feeds `input` to one parser in pieces cut at `cuts`, keeping unparsed
+    /// bytes as the server does; returns the requests (or the error).
+    fn in_pieces(input: &[u8], cuts: &[usize]) -> Result<Vec<Vec<Vec<u8>>>, ProtocolError> {
+        let limits = Limits {
+            max_bulk: 100,
+            max_args: 10,
+            max_request: 1000,
+        };
+        let mut p = RequestParser::new();
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for &cut in cuts.iter().chain(std::iter::once(&input.len())) {
+            buf.extend_from_slice(&input[last..cut]);
+            last = cut;
+            let mut pos = 0;
+            while let Some(args) = p.next(&buf, &mut pos, &limits)? {
+                out.push(args);
+            }
+            buf.drain(..pos);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn one_parser_fed_in_pieces_gives_what_the_whole_input_gives() {
+        let input: &[u8] = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhe\r\no\r\nPING\r\n*0\r\n\
+            *2\r\n$4\r\nECHO\r\n$0\r\n\r\nGET  key\nINFO\r\n*1\r\n$4\r\nPING\r\n";
+        let whole = in_pieces(input, &[]).unwrap();
+        assert_eq!(whole.len(), 7, "{whole:?}");
+        assert!(whole[2].is_empty(), "*0 is an empty request");
+        assert_eq!(whole[0][2], b"he\r\no".to_vec());
+        assert_eq!(
+            whole[4],
+            vec![b"GET".to_vec(), b"key".to_vec()],
+            "bare LF ends an inline command"
+        );
+        // Every single cut, and every pair of cuts.
+        for a in 0..input.len() {
+            assert_eq!(in_pieces(input, &[a]).unwrap(), whole, "cut at {a}");
+            for b in a..input.len() {
+                assert_eq!(
+                    in_pieces(input, &[a, b]).unwrap(),
+                    whole,
+                    "cuts at {a}, {b}"
+                );
+            }
+        }
+        // One byte at a time.
+        let all: Vec<usize> = (1..input.len()).collect();
+        assert_eq!(in_pieces(input, &all).unwrap(), whole);
+        // Errors come out the same, whatever the pieces.
+        let bad = b"*2\r\n$3\r\nGET\r\n$101\r\n";
+        assert!(in_pieces(bad, &[]).is_err());
+        for a in 0..bad.len() {
+            assert!(in_pieces(bad, &[a]).is_err(), "cut at {a}");
+        }
     }
 
     #[test]

@@ -35,6 +35,12 @@ pub struct ClientConfig {
     pub output_limit: usize,
     /// TLS on the client port.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// A client that does not take its replies (or a backup's next piece)
+    /// for this long is disconnected.
+    pub write_timeout: Duration,
+    /// With a password: a client that has not authenticated this long
+    /// after connecting is disconnected.
+    pub auth_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -45,6 +51,8 @@ impl Default for ClientConfig {
             idle_timeout: None,
             output_limit: DEFAULT_OUTPUT_LIMIT,
             tls: None,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            auth_timeout: DEFAULT_AUTH_TIMEOUT,
         }
     }
 }
@@ -53,6 +61,13 @@ impl Default for ClientConfig {
 pub const DEFAULT_MAX_CLIENTS: usize = 10_000;
 /// Default `--client-output-limit`: 64 MiB.
 pub const DEFAULT_OUTPUT_LIMIT: usize = 64 << 20;
+/// Default [`ClientConfig::write_timeout`].
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`ClientConfig::auth_timeout`].
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Once the server is stopping, how long a connection may still take to
+/// write what it owes.
+const STOP_WRITE_GRACE: Duration = Duration::from_secs(2);
 /// Replies are written to the socket once this many bytes are queued.
 const WRITE_CHUNK: usize = 64 * 1024;
 /// Bytes asked of the socket per read.
@@ -86,6 +101,14 @@ impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
+/// Resolves once `stop` turns true; never, if its sender is gone (a
+/// dropped handle does not stop the server).
+async fn stopping(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Accepts clients until `stop` turns true (or the task is aborted); then
 /// stops accepting, lets every connection finish the requests it has read
 /// (idle ones close at once), and returns when all have closed.
@@ -104,21 +127,21 @@ pub async fn serve(
         let accepted = tokio::select! {
             a = listener.accept() => a,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stopping(&mut stop) => break,
         };
         match accepted {
-            Ok((mut sock, peer)) => {
+            Ok((sock, peer)) => {
                 let _ = sock.set_nodelay(true);
+                // Dead peers (a host that vanished) are found and their
+                // places freed.
+                let _ = socket2::SockRef::from(&sock).set_keepalive(true);
                 if connected.load(Ordering::Relaxed) >= cfg.max_clients {
                     metrics.client_rejected("maxclients");
-                    // Answered without waiting on the client.
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(1),
-                            sock.write_all(b"-ERR max number of clients reached\r\n"),
-                        )
-                        .await;
-                    });
+                    // One try, without waiting on the client (a TLS client
+                    // cannot read it and just sees the close).
+                    if tls.is_none() {
+                        let _ = sock.try_write(b"-ERR max number of clients reached\r\n");
+                    }
                     continue;
                 }
                 let guard = ClientGuard::new(&connected, &metrics);
@@ -341,6 +364,7 @@ async fn connection<S: ClientIo>(
         stream: None,
         close: false,
     };
+    let auth_deadline = tokio::time::Instant::now() + cfg.auth_timeout;
     let mut parser = RequestParser::new();
     let mut buf: Vec<u8> = Vec::new();
     let mut pos = 0;
@@ -359,13 +383,21 @@ async fn connection<S: ClientIo>(
             if *stop.borrow() {
                 return Ok(());
             }
+            // An unauthenticated client gets a short deadline, whatever
+            // the idle timeout: it cannot hold a place for long.
+            let limit = if session.authed {
+                cfg.idle_timeout
+            } else {
+                let left = auth_deadline.saturating_duration_since(tokio::time::Instant::now());
+                Some(cfg.idle_timeout.map_or(left, |t| t.min(left)))
+            };
             let n = tokio::select! {
-                r = within(cfg.idle_timeout, sock.fill(&mut buf)) => match r {
+                r = within(limit, sock.fill(&mut buf)) => match r {
                     Some(r) => r?,
                     None => return Ok(()),
                 },
                 // Shutting down: a client between requests is closed.
-                _ = stop.wait_for(|s| *s) => return Ok(()),
+                _ = stopping(&mut stop) => return Ok(()),
             };
             if n == 0 {
                 return Ok(());
@@ -391,7 +423,7 @@ async fn connection<S: ClientIo>(
                         break;
                     }
                     if out.len() >= WRITE_CHUNK {
-                        sock.write_all(&out).await?;
+                        write_bounded(&mut sock, &out, cfg.write_timeout, &mut stop).await?;
                         out.clear();
                     }
                 }
@@ -406,9 +438,10 @@ async fn connection<S: ClientIo>(
             }
         }
         session.flush_pending(&mut pending, &mut out).await;
-        sock.write_all(&out).await?;
+        write_bounded(&mut sock, &out, cfg.write_timeout, &mut stop).await?;
+        drop(out);
         if let Some(path) = session.stream.take() {
-            let sent = send_file(&mut sock, &path).await;
+            let sent = send_file(&mut sock, &path, cfg.write_timeout, &mut stop).await;
             let _ = tokio::fs::remove_file(&path).await;
             sent?;
             resume = pos < buf.len();
@@ -428,22 +461,62 @@ async fn within<F: Future>(limit: Option<Duration>, f: F) -> Option<F::Output> {
     }
 }
 
+/// Writes `data`, unless the client takes none of it for `timeout`, or the
+/// server is stopping and [`STOP_WRITE_GRACE`] has passed: then the
+/// connection ends (a client that does not read cannot pin memory, a file,
+/// or the shutdown).
+async fn write_bounded<S: AsyncWrite + Unpin>(
+    sock: &mut S,
+    data: &[u8],
+    timeout: Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + WRITE_CHUNK).min(data.len());
+        let write = tokio::time::timeout(timeout, sock.write_all(&data[at..end]));
+        let give_up = async {
+            stopping(stop).await;
+            tokio::time::sleep(STOP_WRITE_GRACE).await;
+        };
+        tokio::select! {
+            r = write => r.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "the client does not read its replies")
+            })??,
+            _ = give_up => return Err(std::io::Error::other("shutting down")),
+        }
+        at = end;
+    }
+    Ok(())
+}
+
 /// Sends a file as one bulk reply, streamed (a backup can be larger than
-/// memory).
+/// memory), each piece bounded as [`write_bounded`].
 async fn send_file<S: AsyncWrite + Unpin>(
     sock: &mut S,
     path: &std::path::Path,
+    timeout: Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut f = tokio::fs::File::open(path).await?;
     let len = f.metadata().await?.len();
-    sock.write_all(format!("${len}\r\n").as_bytes()).await?;
-    let copied = tokio::io::copy(&mut f, sock).await?;
+    write_bounded(sock, format!("${len}\r\n").as_bytes(), timeout, stop).await?;
+    let mut piece = vec![0u8; WRITE_CHUNK];
+    let mut copied = 0u64;
+    loop {
+        let n = f.read(&mut piece).await?;
+        if n == 0 {
+            break;
+        }
+        write_bounded(sock, &piece[..n], timeout, stop).await?;
+        copied += n as u64;
+    }
     if copied != len {
         return Err(std::io::Error::other(
             "the backup file changed while it was sent",
         ));
     }
-    sock.write_all(b"\r\n").await
+    write_bounded(sock, b"\r\n", timeout, stop).await
 }
 
 /// TLS for the client port from PEM files: the server's certificate chain

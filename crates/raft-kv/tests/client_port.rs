@@ -443,3 +443,65 @@ async fn tls_on_the_client_port_with_and_without_client_certificates() {
         .unwrap_err();
     assert!(e.contains("no certificate"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_its_replies_is_disconnected() {
+    let p = port(ClientConfig {
+        write_timeout: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(p.addr).await.unwrap();
+    let v = vec![b'x'; 1 << 20];
+    assert_eq!(
+        ask(&mut s, &bulk_request(&[b"SET", b"k", &v])).await,
+        "+OK\r\n"
+    );
+    // 64 MiB of replies asked for, none read: the socket buffers fill and
+    // the server's writes stall.
+    let mut pipeline = Vec::new();
+    for _ in 0..64 {
+        pipeline.extend_from_slice(b"GET k\r\n");
+    }
+    s.write_all(&pipeline).await.unwrap();
+    let gauge = |p: &Port| {
+        let text = p.node.metrics().render(&p.node);
+        text.lines()
+            .find(|l| l.starts_with("raftkv_client_connections "))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    assert_eq!(gauge(&p), Some(1));
+    let end = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gauge(&p) != Some(0) {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "a client that reads nothing kept its connection"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = p.stop.send(true);
+    p.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_client_gets_a_short_deadline() {
+    let p = port(ClientConfig {
+        password: Some("pw".into()),
+        auth_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let mut lurker = TcpStream::connect(p.addr).await.unwrap();
+    assert!(ask(&mut lurker, b"PING\r\n").await.starts_with("-NOAUTH"));
+    let mut user = TcpStream::connect(p.addr).await.unwrap();
+    assert_eq!(ask(&mut user, b"AUTH pw\r\n").await, "+OK\r\n");
+    assert!(
+        closed(&mut lurker).await,
+        "the unauthenticated client stayed"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ask(&mut user, b"PING\r\n").await, "+PONG\r\n");
+    let _ = p.stop.send(true);
+    p.node.shutdown().await;
+}

@@ -7,7 +7,7 @@ use crate::{tls, wire};
 use raft_core::{InboundRpc, Message, NodeId};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -61,7 +61,7 @@ async fn handle_connection(incoming: quinn::Incoming, inbound: Arc<Inbound>) {
         }
     };
     // The peer this connection speaks for, once a stream header proved it.
-    let slot: Arc<OnceLock<NodeId>> = Arc::default();
+    let slot: Arc<Mutex<Slot>> = Arc::default();
     let bi = {
         let (conn, inbound, slot) = (conn.clone(), inbound.clone(), slot.clone());
         tokio::spawn(async move {
@@ -85,15 +85,26 @@ async fn handle_connection(incoming: quinn::Incoming, inbound: Arc<Inbound>) {
         ));
     }
     bi.abort();
-    if let Some(id) = slot.get() {
-        let mut c = lock(&inbound.connections);
-        if let Some(n) = c.get_mut(id) {
+    // Closed: no stream admitted from now on counts it again. (Locks are
+    // always taken in this order: connections, then the slot.)
+    let mut c = lock(&inbound.connections);
+    let mut sl = lock(&slot);
+    sl.closed = true;
+    if let Some(id) = sl.peer.take() {
+        if let Some(n) = c.get_mut(&id) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                c.remove(id);
+                c.remove(&id);
             }
         }
     }
+}
+
+/// Which peer a connection speaks for, and whether it has ended.
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    peer: Option<NodeId>,
+    closed: bool,
 }
 
 /// Checks a stream header against the connection's certificate; on failure
@@ -101,7 +112,7 @@ async fn handle_connection(incoming: quinn::Incoming, inbound: Arc<Inbound>) {
 /// the connection against its peer's [`MAX_CONNECTIONS_PER_PEER`].
 fn admit(
     conn: &quinn::Connection,
-    slot: &OnceLock<NodeId>,
+    slot: &Mutex<Slot>,
     header: &wire::Header,
     inbound: &Inbound,
 ) -> Option<NodeId> {
@@ -111,16 +122,8 @@ fn admit(
         format!("stream is addressed to node {}", header.to)
     } else if !tls::peer_is(conn, header.from) {
         format!("certificate does not name node {}", header.from)
-    } else if slot.get().is_some_and(|&id| id != header.from) {
-        format!(
-            "connection already speaks for node {}",
-            slot.get().copied().unwrap_or(0)
-        )
-    } else if slot.get().is_none() && !count_connection(slot, header.from, inbound) {
-        format!(
-            "node {} already has {MAX_CONNECTIONS_PER_PEER} connections open",
-            header.from
-        )
+    } else if let Err(why) = count_connection(slot, header.from, inbound) {
+        why
     } else {
         let mut addrs = inbound.addrs.write().unwrap_or_else(|p| p.into_inner());
         addrs
@@ -147,22 +150,34 @@ fn admit(
     None
 }
 
-/// Counts a connection for `from`; false when it has too many.
-fn count_connection(slot: &OnceLock<NodeId>, from: NodeId, inbound: &Inbound) -> bool {
+/// Counts the connection for `from` at its first admitted stream; later
+/// streams of the same connection pass. Refused: another peer's streams on
+/// it, too many connections for `from`, or a connection already ended.
+fn count_connection(slot: &Mutex<Slot>, from: NodeId, inbound: &Inbound) -> Result<(), String> {
     let mut c = lock(&inbound.connections);
+    let mut sl = lock(slot);
+    if sl.closed {
+        return Err("the connection has ended".into());
+    }
+    match sl.peer {
+        Some(id) if id == from => return Ok(()),
+        Some(id) => return Err(format!("connection already speaks for node {id}")),
+        None => {}
+    }
     let n = c.entry(from).or_insert(0);
     if *n >= MAX_CONNECTIONS_PER_PEER {
-        return false;
+        return Err(format!(
+            "node {from} already has {MAX_CONNECTIONS_PER_PEER} connections open"
+        ));
     }
-    if slot.set(from).is_ok() {
-        *n += 1;
-    }
-    true
+    *n += 1;
+    sl.peer = Some(from);
+    Ok(())
 }
 
 async fn handle_rpc(
     conn: quinn::Connection,
-    slot: Arc<OnceLock<NodeId>>,
+    slot: Arc<Mutex<Slot>>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     inbound: Arc<Inbound>,
@@ -228,7 +243,7 @@ async fn handle_rpc(
 
 async fn handle_stream(
     conn: quinn::Connection,
-    slot: Arc<OnceLock<NodeId>>,
+    slot: Arc<Mutex<Slot>>,
     mut recv: quinn::RecvStream,
     inbound: Arc<Inbound>,
 ) {

@@ -53,18 +53,23 @@ pub(crate) struct Backoff {
     next: Duration,
     failed: bool,
     rng: fastrand::Rng,
+    /// When the current connection was made, until it proved usable.
+    connected_at: Option<Instant>,
 }
 
 impl Backoff {
     const MIN: Duration = Duration::from_millis(50);
     const MAX: Duration = Duration::from_secs(2);
     const MAX_REFUSED: Duration = Duration::from_secs(10);
+    /// A connection still open this long after it was made was accepted.
+    const PROVEN: Duration = Duration::from_secs(1);
 
     pub(crate) fn new(seed: u64) -> Self {
         Backoff {
             next: Self::MIN,
             failed: false,
             rng: fastrand::Rng::with_seed(seed),
+            connected_at: None,
         }
     }
 
@@ -88,6 +93,20 @@ impl Backoff {
     fn success(&mut self) {
         self.failed = false;
         self.next = Self::MIN;
+        self.connected_at = None;
+    }
+
+    /// The current connection is in use again: once it has been open for
+    /// [`Backoff::PROVEN`], the back-off starts over. True at that moment.
+    fn proven_now(&mut self) -> bool {
+        if self
+            .connected_at
+            .is_some_and(|t| t.elapsed() >= Self::PROVEN)
+        {
+            self.success();
+            return true;
+        }
+        false
     }
 
     /// The peer refused us (a configuration error, not a network one):
@@ -101,6 +120,7 @@ impl Backoff {
     /// refused) waits the current step, and a first one is no longer free.
     fn connected(&mut self) {
         self.failed = true;
+        self.connected_at = Some(Instant::now());
     }
 }
 
@@ -132,12 +152,16 @@ impl PeerLink {
         if let Some(c) = g.as_ref() {
             match c.close_reason() {
                 None => {
-                    // Still open when used again: the peer took our stream
-                    // headers. Only now does the back-off start over, so a
-                    // peer that accepts the handshake and then refuses us
-                    // (another cluster, a wrong id) is retried at the
-                    // back-off's pace, not at once.
-                    lock(&self.backoff).success();
+                    // Still open a while after it was made: the peer took
+                    // our stream headers. Only then does the back-off start
+                    // over, so a peer that accepts the handshake and then
+                    // refuses us (another cluster, a wrong id) is retried at
+                    // the back-off's pace, not at once, however many writers
+                    // use the connection before the refusal arrives.
+                    let proven = lock(&self.backoff).proven_now();
+                    if proven {
+                        lock(&self.warn).reset();
+                    }
                     return Some(c.clone());
                 }
                 Some(quinn::ConnectionError::ApplicationClosed(close))
@@ -173,10 +197,9 @@ impl PeerLink {
         };
         match res {
             Ok(c) => {
-                // The back-off is left as it is until the connection proves
-                // usable (see above).
+                // The back-off (and the warning limiter) are left as they
+                // are until the connection proves usable (see above).
                 lock(&self.backoff).connected();
-                lock(&self.warn).reset();
                 tracing::debug!(node = self.local, peer = self.id, %addr, "connected");
                 *g = Some(c.clone());
                 Some(c)

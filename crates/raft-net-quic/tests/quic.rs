@@ -542,13 +542,18 @@ async fn a_refused_peer_retries_at_the_back_off_pace_not_per_message() {
     let mut cfg = QuicConfig::new(2, any_port());
     cfg.cluster_id = 77;
     cfg.peers = [(1u64, addrs[&1])].into_iter().collect();
-    let other = QuicTransport::bind(cfg, &ca.material(2).unwrap()).unwrap();
-    // A message every 50 ms for 6 s, as heartbeats would be: were the
-    // back-off reset by each successful handshake, every message would
-    // cost a handshake and a refusal (about 120).
+    let mut other = QuicTransport::bind(cfg, &ca.material(2).unwrap()).unwrap();
+    let rpc = other.rpc_endpoint().unwrap().client;
+    // A message every 50 ms for 6 s, as heartbeats would be, and a request
+    // on the same connection at the same time (two users of one link, as
+    // the control and bulk writers are): were the back-off reset by each
+    // successful handshake, or by a second user finding the connection
+    // still open before the refusal arrives, every message would cost a
+    // handshake and a refusal (about 120).
     let end = tokio::time::Instant::now() + Duration::from_secs(6);
     while tokio::time::Instant::now() < end {
         other.send(hb(2, 1, 3));
+        let _ = timeout(Duration::from_millis(50), rpc.call(1, vec![1, 2, 3])).await;
         sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(recv_within(&mut t1, Duration::from_millis(200)).await, None);

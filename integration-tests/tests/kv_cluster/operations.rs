@@ -373,6 +373,46 @@ fn redis_cli_speaks_tls_to_the_client_port_with_and_without_client_certificates(
     // Plain text to a TLS port gets no answer.
     let plain = redis_cli(&["-h", "127.0.0.1", "-p", &port, "PING"]);
     assert!(!plain.contains("PONG"), "{plain}");
+    // The tools speak TLS too.
+    let addr = c.client[&1].to_string();
+    let tool = |args: &[&str]| {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let ca = p("ca.pem");
+    let tls_args = ["--tls-ca", ca.as_str(), "--tls-server-name", "node-1.raft"];
+    let member = [
+        &["member", "--addr", addr.as_str()][..],
+        &tls_args[..],
+        &["list"],
+    ]
+    .concat();
+    let (ok, out) = tool(&member);
+    assert!(ok && out.contains('1'), "{out}");
+    let file = dir.path().join("tls.rks");
+    let backup = [
+        &[
+            "backup",
+            "--addr",
+            addr.as_str(),
+            "--out",
+            file.to_str().unwrap(),
+        ][..],
+        &tls_args[..],
+    ]
+    .concat();
+    let (ok, out) = tool(&backup);
+    assert!(ok && out.contains("written"), "{out}");
+    // Without TLS, the tool fails with an error, not a hang.
+    let (ok, out) = tool(&["member", "--addr", &addr, "list"]);
+    assert!(!ok, "{out}");
     c.kill(1);
     // Client certificates required.
     c.start_among(
@@ -407,5 +447,68 @@ fn redis_cli_speaks_tls_to_the_client_port_with_and_without_client_certificates(
         !without.contains("PONG"),
         "served without a certificate: {without}"
     );
+    let (ok, out) = tool(&member);
+    assert!(!ok, "a tool without a certificate was served: {out}");
+    let (cert, key) = (p("node-2.pem"), p("node-2.key"));
+    let with = [
+        &member[..member.len() - 1],
+        &["--tls-cert", &cert, "--tls-key", &key, "list"],
+    ]
+    .concat();
+    let (ok, out) = tool(&with);
+    assert!(ok && out.contains('1'), "{out}");
     c.kill(1);
+}
+
+#[test]
+fn a_node_joins_a_cluster_whose_client_ports_serve_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), &[1, 2]);
+    let certs = dir.path().join("certs");
+    let p = |n: &str| certs.join(n).to_str().unwrap().to_string();
+    let tls_for = |id: u64| -> Vec<String> {
+        vec![
+            "--client-tls-cert".into(),
+            p(&format!("node-{id}.pem")),
+            "--client-tls-key".into(),
+            p(&format!("node-{id}.key")),
+            "--client-tls-ca".into(),
+            p("ca.pem"),
+        ]
+    };
+    c.start_among(1, &[], &tls_for(1));
+    let mut joiner = tls_for(2);
+    joiner.extend([
+        "--join".into(),
+        c.client[&1].to_string(),
+        "--join-tls-ca".into(),
+        p("ca.pem"),
+        "--join-tls-server-name".into(),
+        "node-1.raft".into(),
+    ]);
+    c.start_among(2, &[], &joiner);
+    // Node 2 presents its own certificate to node 1's port (which checks
+    // client certificates), is added, caught up and promoted.
+    let addr = c.client[&1].to_string();
+    let (ca, cert, key) = (p("ca.pem"), p("node-2.pem"), p("node-2.key"));
+    let list = || {
+        let out = Command::new(BIN)
+            .args(["member", "--addr", &addr, "--tls-ca", &ca])
+            .args(["--tls-server-name", "node-1.raft", "--tls-cert", &cert])
+            .args(["--tls-key", &key, "list"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut last = String::new();
+    let end = Instant::now() + Duration::from_secs(60);
+    while last.lines().filter(|l| l.contains(" voter")).count() < 2 {
+        assert!(
+            Instant::now() < end,
+            "node 2 never became a voter: {last}\n{}",
+            std::fs::read_to_string(dir.path().join("node-2.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        last = list();
+    }
 }
