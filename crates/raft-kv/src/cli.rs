@@ -782,10 +782,12 @@ pub fn main() -> anyhow::Result<()> {
                 // From here on the process exits within the bound, whatever
                 // the disk does: a plain thread, so it fires even if every
                 // runtime thread is stuck in a storage call.
-                let code = if failed.is_some() {
-                    EXIT_RAFT_STOPPED
-                } else {
-                    EXIT_SHUTDOWN_TIMEOUT
+                // (A node that stopped because its disk failed may hang in
+                // that disk while closing its stores: it still exits with
+                // the reason and status 3.)
+                let (code, why) = match &failed {
+                    Some(why) => (EXIT_RAFT_STOPPED, format!("the node stopped: {why}; ")),
+                    None => (EXIT_SHUTDOWN_TIMEOUT, String::new()),
                 };
                 std::thread::spawn(move || {
                     std::thread::sleep(shutdown_timeout);
@@ -793,7 +795,7 @@ pub fn main() -> anyhow::Result<()> {
                         return;
                     }
                     eprintln!(
-                        "raft-kv: error: shutdown did not finish within {shutdown_timeout:?} (storage hung?); exiting"
+                        "raft-kv: error: {why}shutdown did not finish within {shutdown_timeout:?} (storage hung?); exiting"
                     );
                     std::process::exit(i32::from(code));
                 });
