@@ -288,8 +288,10 @@ def main():
     results = []
     node = Node(a.bin, "probe-pw")
     try:
-        for p in (probe_big_requests, probe_slow_loris, probe_pre_auth, probe_big_mget,
-                  probe_unknown, probe_idle):
+        # The idle probe first, on a fresh node: later probes leave freed
+        # memory that would blur its RSS baseline.
+        for p in (probe_idle, probe_big_requests, probe_slow_loris, probe_pre_auth,
+                  probe_big_mget, probe_unknown):
             try:
                 p(node, results)
             except Exception as e:  # a probe that kills the node says so
