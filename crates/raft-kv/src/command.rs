@@ -65,6 +65,74 @@ pub enum Value {
     Bulk(Vec<u8>),
     /// An array of optional bulk strings.
     Array(Vec<Option<Vec<u8>>>),
+    /// An array of any values.
+    List(Vec<Value>),
+    /// A map (RESP3; a flat array of keys and values in RESP2).
+    Map(Vec<(Value, Value)>),
+    /// A set (RESP3; an array in RESP2).
+    Set(Vec<Value>),
+    /// Text for people (RESP3's verbatim string; a bulk string in RESP2).
+    Verbatim(String),
+}
+
+impl Value {
+    /// A bulk string from text.
+    pub fn text(s: impl Into<String>) -> Value {
+        Value::Bulk(s.into().into_bytes())
+    }
+}
+
+/// A `CLIENT` subcommand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCmd {
+    /// CLIENT SETNAME name.
+    SetName(Vec<u8>),
+    /// CLIENT GETNAME.
+    GetName,
+    /// CLIENT ID.
+    Id,
+    /// CLIENT SETINFO LIB-NAME|LIB-VER value.
+    SetInfo {
+        /// `true`: LIB-NAME; `false`: LIB-VER.
+        lib_name: bool,
+        /// The value.
+        value: Vec<u8>,
+    },
+    /// CLIENT INFO.
+    Info,
+    /// CLIENT LIST [ID id ...].
+    List(Vec<u64>),
+    /// CLIENT KILL addr (old form: `Ok` or an error), or with filters
+    /// (`ID id`, `ADDR addr`, `LADDR addr`, `SKIPME yes|no`: a count).
+    Kill {
+        /// The old one-argument form.
+        old_form: bool,
+        /// ID filter.
+        id: Option<u64>,
+        /// ADDR filter.
+        addr: Option<String>,
+        /// LADDR filter.
+        laddr: Option<String>,
+        /// SKIPME (default yes).
+        skip_me: bool,
+    },
+    /// CLIENT NO-EVICT / NO-TOUCH / REPLY ON: accepted, nothing to do.
+    NoOp,
+}
+
+/// A `COMMAND` query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandQuery {
+    /// COMMAND: every command's description.
+    All,
+    /// COMMAND COUNT.
+    Count,
+    /// COMMAND INFO [name ...].
+    Info(Vec<Vec<u8>>),
+    /// COMMAND DOCS [name ...].
+    Docs(Vec<Vec<u8>>),
+    /// COMMAND LIST.
+    List,
 }
 
 /// A read, answered from one applied state after a read barrier.
@@ -115,8 +183,27 @@ pub enum Command {
     Echo(Vec<u8>),
     /// AUTH [user] password.
     Auth(Option<Vec<u8>>, Vec<u8>),
-    /// COMMAND (an empty list: clients only probe it).
-    CommandList,
+    /// HELLO [protover [AUTH user pass] [SETNAME name]].
+    Hello {
+        /// The protocol asked for (2 or 3).
+        proto: Option<i64>,
+        /// AUTH user pass.
+        auth: Option<(Vec<u8>, Vec<u8>)>,
+        /// SETNAME name.
+        setname: Option<Vec<u8>>,
+    },
+    /// CLIENT ...
+    Client(ClientCmd),
+    /// SELECT db (only 0 exists).
+    Select(i64),
+    /// QUIT.
+    Quit,
+    /// RESET.
+    Reset,
+    /// TIME.
+    Time,
+    /// COMMAND ...
+    CommandInfo(CommandQuery),
     /// INFO [section].
     Info,
     /// RAFTKV.BACKUP: a consistent snapshot of the whole store, as one bulk
@@ -159,7 +246,28 @@ impl Command {
                 let user = next();
                 Command::Auth(Some(user), next())
             }
-            ("COMMAND", _) => Command::CommandList,
+            ("HELLO", _) => parse_hello(rest.collect())?,
+            ("CLIENT", 2..) => Command::Client(parse_client(rest.collect())?),
+            ("SELECT", 2) => Command::Select(int_arg(&next())?),
+            ("QUIT", _) => Command::Quit,
+            ("RESET", 1) => Command::Reset,
+            ("TIME", 1) => Command::Time,
+            ("COMMAND", 1) => Command::CommandInfo(CommandQuery::All),
+            ("COMMAND", _) => {
+                let sub = String::from_utf8_lossy(&next()).to_ascii_uppercase();
+                Command::CommandInfo(match sub.as_str() {
+                    "COUNT" if n == 2 => CommandQuery::Count,
+                    "LIST" if n == 2 => CommandQuery::List,
+                    "INFO" => CommandQuery::Info(rest.collect()),
+                    "DOCS" => CommandQuery::Docs(rest.collect()),
+                    _ => {
+                        return Err(KvError::UnknownSubcommand {
+                            sub,
+                            command: "COMMAND".into(),
+                        })
+                    }
+                })
+            }
             ("INFO", 1 | 2) => Command::Info,
             ("RAFTKV.BACKUP", 1) => Command::Backup,
             ("RAFT.MEMBER", 2..=5) => {
@@ -240,9 +348,9 @@ impl Command {
             ("STRLEN", 2) => Command::Read(ReadCmd::StrLen(next())),
             ("DBSIZE", 1) => Command::Read(ReadCmd::DbSize),
             (
-                "PING" | "ECHO" | "AUTH" | "SET" | "DEL" | "MSET" | "INCR" | "DECR" | "INCRBY"
-                | "DECRBY" | "CAS" | "GET" | "MGET" | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO"
-                | "RAFT.MEMBER" | "RAFT.TRANSFER",
+                "PING" | "ECHO" | "AUTH" | "CLIENT" | "SELECT" | "RESET" | "TIME" | "SET" | "DEL"
+                | "MSET" | "INCR" | "DECR" | "INCRBY" | "DECRBY" | "CAS" | "GET" | "MGET"
+                | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO" | "RAFT.MEMBER" | "RAFT.TRANSFER",
                 _,
             ) => return Err(arity()),
             _ => {
@@ -266,6 +374,255 @@ impl Command {
                 });
             }
         })
+    }
+}
+
+fn parse_hello(args: Vec<Vec<u8>>) -> Result<Command, KvError> {
+    let mut it = args.into_iter();
+    let Some(v) = it.next() else {
+        return Ok(Command::Hello {
+            proto: None,
+            auth: None,
+            setname: None,
+        });
+    };
+    let proto = int_arg(&v).map_err(|_| KvError::ProtoNotInteger)?;
+    let (mut auth, mut setname) = (None, None);
+    while let Some(opt) = it.next() {
+        let name = String::from_utf8_lossy(&opt).into_owned();
+        match name.to_ascii_uppercase().as_str() {
+            "AUTH" => match (it.next(), it.next()) {
+                (Some(u), Some(p)) => auth = Some((u, p)),
+                _ => return Err(KvError::HelloSyntax(name)),
+            },
+            "SETNAME" => match it.next() {
+                Some(n) => setname = Some(n),
+                None => return Err(KvError::HelloSyntax(name)),
+            },
+            _ => return Err(KvError::HelloSyntax(name)),
+        }
+    }
+    Ok(Command::Hello {
+        proto: Some(proto),
+        auth,
+        setname,
+    })
+}
+
+fn parse_client(args: Vec<Vec<u8>>) -> Result<ClientCmd, KvError> {
+    let sub = String::from_utf8_lossy(&args[0]).to_ascii_uppercase();
+    let n = args.len();
+    let arity = || KvError::WrongArity(format!("client|{}", sub.to_ascii_lowercase()));
+    let mut rest = args.into_iter().skip(1);
+    let id = |b: &[u8]| -> Result<u64, KvError> {
+        u64::try_from(int_arg(b)?).map_err(|_| KvError::NotAnInteger)
+    };
+    Ok(match sub.as_str() {
+        "SETNAME" if n == 2 => ClientCmd::SetName(rest.next().unwrap_or_default()),
+        "GETNAME" if n == 1 => ClientCmd::GetName,
+        "ID" if n == 1 => ClientCmd::Id,
+        "INFO" if n == 1 => ClientCmd::Info,
+        "SETINFO" if n == 3 => {
+            let attr =
+                String::from_utf8_lossy(&rest.next().unwrap_or_default()).to_ascii_uppercase();
+            let value = rest.next().unwrap_or_default();
+            match attr.as_str() {
+                "LIB-NAME" => ClientCmd::SetInfo {
+                    lib_name: true,
+                    value,
+                },
+                "LIB-VER" => ClientCmd::SetInfo {
+                    lib_name: false,
+                    value,
+                },
+                _ => return Err(KvError::Other(format!("Unrecognized option '{attr}'"))),
+            }
+        }
+        "LIST" => {
+            let mut ids = Vec::new();
+            let mut r = rest.peekable();
+            while let Some(opt) = r.next() {
+                match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
+                    "ID" => {
+                        for i in r.by_ref() {
+                            ids.push(
+                                id(&i).map_err(|_| KvError::Other("Invalid client ID".into()))?,
+                            );
+                        }
+                    }
+                    "TYPE" => {
+                        let _ = r.next();
+                    }
+                    _ => return Err(KvError::Syntax),
+                }
+            }
+            ClientCmd::List(ids)
+        }
+        "KILL" if n == 2 => ClientCmd::Kill {
+            old_form: true,
+            id: None,
+            addr: Some(String::from_utf8_lossy(&rest.next().unwrap_or_default()).into_owned()),
+            laddr: None,
+            skip_me: false,
+        },
+        "KILL" if n >= 3 && n % 2 == 1 => {
+            let (mut fid, mut addr, mut laddr, mut skip_me) = (None, None, None, true);
+            while let (Some(k), Some(v)) = (rest.next(), rest.next()) {
+                let text = String::from_utf8_lossy(&v).into_owned();
+                match String::from_utf8_lossy(&k).to_ascii_uppercase().as_str() {
+                    "ID" => {
+                        fid = Some(id(&v).map_err(|_| {
+                            KvError::Other("client-id should be greater than 0".into())
+                        })?)
+                    }
+                    "ADDR" => addr = Some(text),
+                    "LADDR" => laddr = Some(text),
+                    "SKIPME" => match text.to_ascii_lowercase().as_str() {
+                        "yes" => skip_me = true,
+                        "no" => skip_me = false,
+                        _ => return Err(KvError::Syntax),
+                    },
+                    // Filters this store has no notion of match nobody.
+                    "TYPE" | "USER" | "MAXAGE" => fid = Some(0),
+                    _ => return Err(KvError::Syntax),
+                }
+            }
+            ClientCmd::Kill {
+                old_form: false,
+                id: fid,
+                addr,
+                laddr,
+                skip_me,
+            }
+        }
+        "NO-EVICT" | "NO-TOUCH" if n == 2 => ClientCmd::NoOp,
+        "REPLY" if n == 2 => ClientCmd::NoOp,
+        "SETNAME" | "GETNAME" | "ID" | "INFO" | "SETINFO" | "KILL" | "NO-EVICT" | "NO-TOUCH"
+        | "REPLY" => return Err(arity()),
+        _ => {
+            return Err(KvError::UnknownSubcommand {
+                sub,
+                command: "CLIENT".into(),
+            })
+        }
+    })
+}
+
+/// The Redis version `HELLO` reports: the command set and replies follow
+/// Redis 7.2 (client libraries gate features on it).
+pub const REDIS_VERSION: &str = "7.2.0";
+
+/// The commands this store serves, for `COMMAND`: name, arity (negative:
+/// at least that many), flags, first key, last key, key step.
+/// One `COMMAND` entry: name, arity, flags, first key, last key, step.
+type CommandDesc = (&'static str, i64, &'static [&'static str], i64, i64, i64);
+
+const TABLE: &[CommandDesc] = &[
+    ("get", 2, &["readonly", "fast"], 1, 1, 1),
+    ("set", -3, &["write", "denyoom"], 1, 1, 1),
+    ("del", -2, &["write"], 1, -1, 1),
+    ("exists", -2, &["readonly", "fast"], 1, -1, 1),
+    ("mget", -2, &["readonly", "fast"], 1, -1, 1),
+    ("mset", -3, &["write", "denyoom"], 1, -1, 2),
+    ("incr", 2, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("decr", 2, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("incrby", 3, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("decrby", 3, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("strlen", 2, &["readonly", "fast"], 1, 1, 1),
+    ("dbsize", 1, &["readonly", "fast"], 0, 0, 0),
+    ("cas", 4, &["write", "denyoom"], 1, 1, 1),
+    ("ping", -1, &["fast"], 0, 0, 0),
+    ("echo", 2, &["fast"], 0, 0, 0),
+    (
+        "auth",
+        -2,
+        &["noscript", "loading", "stale", "fast", "no_auth"],
+        0,
+        0,
+        0,
+    ),
+    (
+        "hello",
+        -1,
+        &["noscript", "loading", "stale", "fast", "no_auth"],
+        0,
+        0,
+        0,
+    ),
+    ("client", -2, &["loading", "stale"], 0, 0, 0),
+    ("select", 2, &["loading", "stale", "fast"], 0, 0, 0),
+    (
+        "quit",
+        -1,
+        &["loading", "stale", "fast", "no_auth"],
+        0,
+        0,
+        0,
+    ),
+    (
+        "reset",
+        1,
+        &["noscript", "loading", "stale", "fast", "no_auth"],
+        0,
+        0,
+        0,
+    ),
+    ("time", 1, &["loading", "stale", "fast"], 0, 0, 0),
+    ("command", -1, &["loading", "stale"], 0, 0, 0),
+    ("info", -1, &["loading", "stale"], 0, 0, 0),
+    ("raftkv.backup", 1, &["admin"], 0, 0, 0),
+    ("raft.member", -2, &["admin"], 0, 0, 0),
+    ("raft.transfer", -1, &["admin"], 0, 0, 0),
+];
+
+fn command_entry(e: &CommandDesc) -> Value {
+    let (name, arity, flags, first, last, step) = *e;
+    Value::List(vec![
+        Value::text(name),
+        Value::Int(arity),
+        Value::Set(flags.iter().map(|f| Value::Status((*f).into())).collect()),
+        Value::Int(first),
+        Value::Int(last),
+        Value::Int(step),
+        Value::Set(Vec::new()),
+        Value::Set(Vec::new()),
+        Value::List(Vec::new()),
+        Value::List(Vec::new()),
+    ])
+}
+
+fn find_command(name: &[u8]) -> Option<&'static CommandDesc> {
+    let lower = String::from_utf8_lossy(name).to_ascii_lowercase();
+    TABLE.iter().find(|e| e.0 == lower)
+}
+
+/// The answer to a `COMMAND` query.
+pub fn describe(q: &CommandQuery) -> Value {
+    match q {
+        CommandQuery::All => Value::List(TABLE.iter().map(command_entry).collect()),
+        CommandQuery::Count => Value::Int(TABLE.len() as i64),
+        CommandQuery::List => Value::List(TABLE.iter().map(|e| Value::text(e.0)).collect()),
+        CommandQuery::Info(names) if names.is_empty() => {
+            Value::List(TABLE.iter().map(command_entry).collect())
+        }
+        CommandQuery::Info(names) => Value::List(
+            names
+                .iter()
+                .map(|n| find_command(n).map_or(Value::Nil, command_entry))
+                .collect(),
+        ),
+        CommandQuery::Docs(names) => {
+            let pick: Vec<_> = if names.is_empty() {
+                TABLE.iter().collect()
+            } else {
+                names.iter().filter_map(|n| find_command(n)).collect()
+            };
+            Value::Map(
+                pick.into_iter()
+                    .map(|e| (Value::text(e.0), Value::Map(Vec::new())))
+                    .collect(),
+            )
+        }
     }
 }
 
@@ -444,5 +801,71 @@ mod tests {
             Command::parse(args("RAFT.MEMBER")),
             Err(KvError::WrongArity("raft.member".into()))
         );
+    }
+
+    #[test]
+    fn connection_commands_parse_as_redis_does() {
+        let p =
+            |args: &[&str]| Command::parse(args.iter().map(|a| a.as_bytes().to_vec()).collect());
+        assert_eq!(
+            p(&["hello", "3", "auth", "default", "pw", "setname", "app"]),
+            Ok(Command::Hello {
+                proto: Some(3),
+                auth: Some((b"default".to_vec(), b"pw".to_vec())),
+                setname: Some(b"app".to_vec()),
+            })
+        );
+        assert_eq!(
+            p(&["HELLO"]),
+            Ok(Command::Hello {
+                proto: None,
+                auth: None,
+                setname: None
+            })
+        );
+        assert_eq!(p(&["HELLO", "x"]), Err(KvError::ProtoNotInteger));
+        assert_eq!(
+            p(&["HELLO", "3", "AUTH", "u"]),
+            Err(KvError::HelloSyntax("AUTH".into()))
+        );
+        assert_eq!(
+            p(&["HELLO", "3", "BOGUS"]),
+            Err(KvError::HelloSyntax("BOGUS".into()))
+        );
+        assert_eq!(
+            p(&["client", "setinfo", "lib-name", "x"]),
+            Ok(Command::Client(ClientCmd::SetInfo {
+                lib_name: true,
+                value: b"x".to_vec()
+            }))
+        );
+        assert_eq!(
+            p(&["client", "kill", "id", "7", "skipme", "no"]),
+            Ok(Command::Client(ClientCmd::Kill {
+                old_form: false,
+                id: Some(7),
+                addr: None,
+                laddr: None,
+                skip_me: false
+            }))
+        );
+        assert!(matches!(
+            p(&["client", "nope"]),
+            Err(KvError::UnknownSubcommand { .. })
+        ));
+        assert_eq!(
+            p(&["client", "getname", "x"]),
+            Err(KvError::WrongArity("client|getname".into()))
+        );
+        assert_eq!(p(&["select", "x"]), Err(KvError::NotAnInteger));
+        assert_eq!(
+            p(&["command", "count"]),
+            Ok(Command::CommandInfo(CommandQuery::Count))
+        );
+        assert!(matches!(describe(&CommandQuery::Count), Value::Int(n) if n > 20));
+        assert!(matches!(
+            describe(&CommandQuery::Info(vec![b"GET".to_vec(), b"nope".to_vec()])),
+            Value::List(v) if v.len() == 2 && v[1] == Value::Nil
+        ));
     }
 }

@@ -30,6 +30,38 @@ pub enum KvError {
         /// The first arguments, quoted.
         args: String,
     },
+    /// A subcommand that does not exist.
+    #[error("unknown subcommand '{sub}'. Try {command} HELP.")]
+    UnknownSubcommand {
+        /// The subcommand as sent (upper case).
+        sub: String,
+        /// The command.
+        command: String,
+    },
+    /// HELLO with a protocol version that is not a number.
+    #[error("Protocol version is not an integer or out of range")]
+    ProtoNotInteger,
+    /// HELLO with a protocol version other than 2 or 3.
+    #[error("unsupported protocol version")]
+    NoProto,
+    /// HELLO with an unknown option.
+    #[error("Syntax error in HELLO option '{0}'")]
+    HelloSyntax(String),
+    /// HELLO without AUTH on a connection that must authenticate.
+    #[error("HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time")]
+    HelloAuthRequired,
+    /// SELECT of a database other than 0.
+    #[error("DB index is out of range")]
+    DbOutOfRange,
+    /// CLIENT KILL of a client that does not exist.
+    #[error("No such client")]
+    NoSuchClient,
+    /// A client name with spaces or special characters.
+    #[error("Client names cannot contain spaces, newlines or special characters.")]
+    BadClientName,
+    /// Any other error, spelled as Redis spells it.
+    #[error("{0}")]
+    Other(String),
     /// AUTH while no password is configured.
     #[error("AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?")]
     NoPasswordSet,

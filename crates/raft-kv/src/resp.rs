@@ -288,7 +288,8 @@ pub fn error_code(e: &KvError) -> &'static str {
         KvError::NoLeader | KvError::NotApplied(_) => "TRYAGAIN",
         KvError::Unknown(_) => "UNKNOWN",
         KvError::WrongPassword => "WRONGPASS",
-        KvError::AuthRequired => "NOAUTH",
+        KvError::AuthRequired | KvError::HelloAuthRequired => "NOAUTH",
+        KvError::NoProto => "NOPROTO",
         KvError::Stopped(_) => "ERR",
         _ => "ERR",
     }
@@ -311,22 +312,77 @@ pub fn error_line(out: &mut Vec<u8>, text: &str) {
 
 /// Appends a RESP2 encoding of a command's reply to `out`.
 pub fn encode_reply(out: &mut Vec<u8>, r: &Reply) {
+    encode_reply_as(out, r, false)
+}
+
+/// Appends a command's reply to `out`, in RESP3 when `resp3` (maps, sets,
+/// nulls and verbatim strings as RESP3 has them), else in RESP2.
+pub fn encode_reply_as(out: &mut Vec<u8>, r: &Reply, resp3: bool) {
     match r {
-        Ok(Value::Ok) => out.extend_from_slice(b"+OK\r\n"),
-        Ok(Value::Status(s)) => simple(out, s),
-        Ok(Value::Nil) => out.extend_from_slice(b"$-1\r\n"),
-        Ok(Value::Int(n)) => out.extend_from_slice(format!(":{n}\r\n").as_bytes()),
-        Ok(Value::Bulk(b)) => bulk(out, b),
-        Ok(Value::Array(items)) => {
-            out.extend_from_slice(format!("*{}\r\n", items.len()).as_bytes());
+        Ok(v) => encode_value(out, v, resp3),
+        Err(e) => error_line(out, &error_reply(e)),
+    }
+}
+
+fn null(out: &mut Vec<u8>, resp3: bool) {
+    out.extend_from_slice(if resp3 { b"_\r\n" } else { b"$-1\r\n" });
+}
+
+fn header(out: &mut Vec<u8>, kind: u8, n: usize) {
+    out.push(kind);
+    out.extend_from_slice(n.to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn encode_value(out: &mut Vec<u8>, v: &Value, resp3: bool) {
+    match v {
+        Value::Ok => out.extend_from_slice(b"+OK\r\n"),
+        Value::Status(s) => simple(out, s),
+        Value::Nil => null(out, resp3),
+        Value::Int(n) => out.extend_from_slice(format!(":{n}\r\n").as_bytes()),
+        Value::Bulk(b) => bulk(out, b),
+        Value::Array(items) => {
+            header(out, b'*', items.len());
             for i in items {
                 match i {
                     Some(b) => bulk(out, b),
-                    None => out.extend_from_slice(b"$-1\r\n"),
+                    None => null(out, resp3),
                 }
             }
         }
-        Err(e) => error_line(out, &error_reply(e)),
+        Value::List(items) => {
+            header(out, b'*', items.len());
+            for i in items {
+                encode_value(out, i, resp3);
+            }
+        }
+        Value::Set(items) => {
+            header(out, if resp3 { b'~' } else { b'*' }, items.len());
+            for i in items {
+                encode_value(out, i, resp3);
+            }
+        }
+        Value::Map(pairs) => {
+            if resp3 {
+                header(out, b'%', pairs.len());
+            } else {
+                header(out, b'*', pairs.len() * 2);
+            }
+            for (k, v) in pairs {
+                encode_value(out, k, resp3);
+                encode_value(out, v, resp3);
+            }
+        }
+        Value::Verbatim(text) => {
+            if resp3 {
+                header(out, b'=', text.len() + 4);
+                out.extend_from_slice(b"txt:");
+                out.extend_from_slice(text.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            } else {
+                bulk(out, text.as_bytes());
+            }
+        }
     }
 }
 
@@ -354,8 +410,8 @@ pub fn reply_len(buf: &[u8]) -> Option<usize> {
     fn one(buf: &[u8], at: usize) -> Option<usize> {
         let end = line(buf, at)?;
         match *buf.get(at)? {
-            b'+' | b'-' | b':' => Some(end + 2),
-            b'$' => {
+            b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => Some(end + 2),
+            b'$' | b'=' | b'!' => {
                 let n: i64 = std::str::from_utf8(&buf[at + 1..end]).ok()?.parse().ok()?;
                 if n < 0 {
                     return Some(end + 2);
@@ -363,8 +419,13 @@ pub fn reply_len(buf: &[u8]) -> Option<usize> {
                 let stop = end + 2 + n as usize + 2;
                 (stop <= buf.len()).then_some(stop)
             }
-            b'*' => {
+            b'*' | b'~' | b'>' | b'%' | b'|' => {
                 let n: i64 = std::str::from_utf8(&buf[at + 1..end]).ok()?.parse().ok()?;
+                let n = if matches!(buf[at], b'%' | b'|') {
+                    n * 2
+                } else {
+                    n
+                };
                 let mut pos = end + 2;
                 for _ in 0..n.max(0) {
                     pos = one(buf, pos)?;
@@ -518,6 +579,36 @@ mod tests {
         assert_eq!(reply_len(b"$3\r\nab"), None);
         assert_eq!(reply_len(b"*2\r\n$1\r\na\r\n$-1\r\n"), Some(16));
         assert_eq!(reply_len(b"$-1\r\n"), Some(5));
+    }
+
+    #[test]
+    fn replies_encode_as_resp3_and_fall_back_to_resp2() {
+        let v = Value::Map(vec![
+            (Value::text("proto"), Value::Int(3)),
+            (
+                Value::text("flags"),
+                Value::Set(vec![Value::Status("fast".into())]),
+            ),
+            (Value::text("none"), Value::Nil),
+            (Value::text("info"), Value::Verbatim("a:1\r\n".into())),
+            (Value::text("mget"), Value::Array(vec![None])),
+        ]);
+        let mut three = Vec::new();
+        encode_reply_as(&mut three, &Ok(v.clone()), true);
+        assert_eq!(
+            String::from_utf8(three.clone()).unwrap(),
+            "%5\r\n$5\r\nproto\r\n:3\r\n$5\r\nflags\r\n~1\r\n+fast\r\n$4\r\nnone\r\n_\r\n\
+             $4\r\ninfo\r\n=9\r\ntxt:a:1\r\n\r\n$4\r\nmget\r\n*1\r\n_\r\n"
+        );
+        assert_eq!(reply_len(&three), Some(three.len()));
+        let mut two = Vec::new();
+        encode_reply_as(&mut two, &Ok(v), false);
+        assert_eq!(
+            String::from_utf8(two.clone()).unwrap(),
+            "*10\r\n$5\r\nproto\r\n:3\r\n$5\r\nflags\r\n*1\r\n+fast\r\n$4\r\nnone\r\n$-1\r\n\
+             $4\r\ninfo\r\n$5\r\na:1\r\n\r\n$4\r\nmget\r\n*1\r\n$-1\r\n"
+        );
+        assert_eq!(reply_len(&two), Some(two.len()));
     }
 
     #[test]

