@@ -48,6 +48,61 @@ pub enum WriteCmd {
         #[serde(with = "serde_bytes")]
         new: Vec<u8>,
     },
+    // Variants are only ever added at the end: the log holds their index.
+    /// GETSET key value: set, answer the old value.
+    GetSet(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
+    /// GETDEL key.
+    GetDel(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// SETNX key value: 1 if set.
+    SetNx(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
+    /// APPEND key value: the new length.
+    Append(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
+    /// INCRBYFLOAT key increment (the increment as sent, parsed at apply).
+    IncrByFloat(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
+    /// SETRANGE key offset value: the new length.
+    SetRange(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        u64,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
+    /// MSETNX key value ...: 1 if all were set (none existed).
+    MSetNx(Vec<(Vec<u8>, Vec<u8>)>),
+    /// RENAME key newkey (`nx`: RENAMENX).
+    Rename {
+        /// Key.
+        #[serde(with = "serde_bytes")]
+        from: Vec<u8>,
+        /// New name.
+        #[serde(with = "serde_bytes")]
+        to: Vec<u8>,
+        /// Only if the new name is free.
+        nx: bool,
+    },
+    /// COPY source destination [REPLACE].
+    Copy {
+        /// Source.
+        #[serde(with = "serde_bytes")]
+        from: Vec<u8>,
+        /// Destination.
+        #[serde(with = "serde_bytes")]
+        to: Vec<u8>,
+        /// Overwrite an existing destination.
+        replace: bool,
+    },
+    /// FLUSHDB / FLUSHALL.
+    FlushAll,
 }
 
 /// A command's value (the domain's result; errors are [`KvError`]s).
@@ -148,6 +203,14 @@ pub enum ReadCmd {
     StrLen(Vec<u8>),
     /// DBSIZE.
     DbSize,
+    /// GETRANGE key start end.
+    GetRange(Vec<u8>, i64, i64),
+    /// TYPE key.
+    Type(Vec<u8>),
+    /// KEYS pattern.
+    Keys(Vec<u8>),
+    /// RANDOMKEY.
+    RandomKey,
 }
 
 /// A cluster administration request (`RAFT.MEMBER ...`, `RAFT.TRANSFER`).
@@ -218,10 +281,20 @@ pub enum Command {
 }
 
 fn int_arg(b: &[u8]) -> Result<i64, KvError> {
-    std::str::from_utf8(b)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .ok_or(KvError::NotAnInteger)
+    parse_int(b).ok_or(KvError::NotAnInteger)
+}
+
+/// An integer as Redis reads one (its `string2ll`): an optional `-`, then
+/// digits without a leading zero (except `0` itself); no `+`, no spaces.
+pub fn parse_int(b: &[u8]) -> Option<i64> {
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    if digits.is_empty()
+        || !digits.iter().all(u8::is_ascii_digit)
+        || (digits[0] == b'0' && (digits.len() > 1 || b.len() > 1))
+    {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
 }
 
 impl Command {
@@ -342,15 +415,91 @@ impl Command {
                 expected: next(),
                 new: next(),
             }),
+            ("GETSET", 3) => {
+                let k = next();
+                Command::Write(WriteCmd::GetSet(k, next()))
+            }
+            ("GETDEL", 2) => Command::Write(WriteCmd::GetDel(next())),
+            ("SETNX", 3) => {
+                let k = next();
+                Command::Write(WriteCmd::SetNx(k, next()))
+            }
+            ("APPEND", 3) => {
+                let k = next();
+                Command::Write(WriteCmd::Append(k, next()))
+            }
+            ("INCRBYFLOAT", 3) => {
+                let k = next();
+                let by = next();
+                parse_float(&by)?;
+                Command::Write(WriteCmd::IncrByFloat(k, by))
+            }
+            ("SETRANGE", 4) => {
+                let k = next();
+                let off = int_arg(&next())?;
+                if off < 0 {
+                    return Err(KvError::Other("offset is out of range".into()));
+                }
+                Command::Write(WriteCmd::SetRange(k, off as u64, next()))
+            }
+            ("MSETNX", _) if n >= 3 && n % 2 == 1 => {
+                let mut pairs = Vec::with_capacity(n / 2);
+                while let (Some(k), Some(v)) = (rest.next(), rest.next()) {
+                    pairs.push((k, v));
+                }
+                Command::Write(WriteCmd::MSetNx(pairs))
+            }
+            ("UNLINK", 2..) => Command::Write(WriteCmd::Del(rest.collect())),
+            ("RENAME" | "RENAMENX", 3) => {
+                let from = next();
+                Command::Write(WriteCmd::Rename {
+                    from,
+                    to: next(),
+                    nx: name == "RENAMENX",
+                })
+            }
+            ("COPY", 3..) => {
+                let (from, to) = (next(), next());
+                let mut replace = false;
+                for opt in rest {
+                    match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
+                        "REPLACE" => replace = true,
+                        // One database: DB 0 is the only one there is.
+                        "DB" => return Err(KvError::Other("DB index is out of range".into())),
+                        _ => return Err(KvError::Syntax),
+                    }
+                }
+                Command::Write(WriteCmd::Copy { from, to, replace })
+            }
+            ("FLUSHDB" | "FLUSHALL", 1 | 2) => {
+                if let Some(mode) = rest.next() {
+                    let m = String::from_utf8_lossy(&mode).to_ascii_uppercase();
+                    if m != "SYNC" && m != "ASYNC" {
+                        return Err(KvError::Syntax);
+                    }
+                }
+                Command::Write(WriteCmd::FlushAll)
+            }
+            ("GETRANGE", 4) => {
+                let k = next();
+                let (a, b) = (int_arg(&next())?, int_arg(&next())?);
+                Command::Read(ReadCmd::GetRange(k, a, b))
+            }
+            ("TYPE", 2) => Command::Read(ReadCmd::Type(next())),
+            ("KEYS", 2) => Command::Read(ReadCmd::Keys(next())),
+            ("RANDOMKEY", 1) => Command::Read(ReadCmd::RandomKey),
             ("GET", 2) => Command::Read(ReadCmd::Get(next())),
             ("MGET", 2..) => Command::Read(ReadCmd::MGet(rest.collect())),
             ("EXISTS", 2..) => Command::Read(ReadCmd::Exists(rest.collect())),
             ("STRLEN", 2) => Command::Read(ReadCmd::StrLen(next())),
             ("DBSIZE", 1) => Command::Read(ReadCmd::DbSize),
             (
-                "PING" | "ECHO" | "AUTH" | "CLIENT" | "SELECT" | "RESET" | "TIME" | "SET" | "DEL"
-                | "MSET" | "INCR" | "DECR" | "INCRBY" | "DECRBY" | "CAS" | "GET" | "MGET"
-                | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO" | "RAFT.MEMBER" | "RAFT.TRANSFER",
+                "GETSET" | "GETDEL" | "SETNX" | "APPEND" | "INCRBYFLOAT" | "SETRANGE" | "MSETNX"
+                | "UNLINK" | "RENAME" | "RENAMENX" | "COPY" | "FLUSHDB" | "FLUSHALL" | "GETRANGE"
+                | "TYPE" | "KEYS" | "RANDOMKEY" | "PING" | "ECHO" | "AUTH" | "CLIENT" | "SELECT"
+                | "RESET" | "TIME" | "SET" | "DEL" | "MSET" | "INCR" | "DECR" | "INCRBY" | "DECRBY"
+                | "CAS" | "GET" | "MGET" | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO" | "RAFT.MEMBER"
+                | "RAFT.TRANSFER",
                 _,
             ) => return Err(arity()),
             _ => {
@@ -362,18 +511,45 @@ impl Command {
                         break;
                     }
                     let room = 128 - shown.len();
+                    // Redis prints C strings: an argument ends at a NUL.
+                    let a = a.split(|&b| b == 0).next().unwrap_or_default();
                     let text = String::from_utf8_lossy(&a[..a.len().min(room)]).into_owned();
                     shown.push('\'');
                     shown.push_str(&text);
                     shown.push_str("' ");
                 }
-                let name = &args[0][..args[0].len().min(128)];
+                let name = args[0].split(|&b| b == 0).next().unwrap_or_default();
+                let name = &name[..name.len().min(128)];
                 return Err(KvError::UnknownCommand {
                     name: String::from_utf8_lossy(name).into_owned(),
                     args: shown,
                 });
             }
         })
+    }
+}
+
+/// A float argument as Redis takes one (`inf` is one, `nan` is not).
+pub fn parse_float(b: &[u8]) -> Result<f64, KvError> {
+    std::str::from_utf8(b)
+        .ok()
+        .filter(|s| !s.is_empty() && !s.starts_with(|c: char| c.is_whitespace()))
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|f| !f.is_nan())
+        .ok_or(KvError::NotAFloat)
+}
+
+/// Formats a float as Redis's INCRBYFLOAT does: plain decimal, no exponent,
+/// no trailing zeros. Redis computes in 80-bit long doubles; rounding to 16
+/// significant digits first hides the f64 noise that would otherwise show
+/// (0.1 + 0.2 reads "0.3", as in Redis).
+pub fn format_float(f: f64) -> String {
+    let rounded: f64 = format!("{f:.15e}").parse().unwrap_or(f);
+    let s = format!("{rounded}");
+    if s == "-0" {
+        "0".into()
+    } else {
+        s
     }
 }
 
@@ -531,6 +707,23 @@ const TABLE: &[CommandDesc] = &[
     ("strlen", 2, &["readonly", "fast"], 1, 1, 1),
     ("dbsize", 1, &["readonly", "fast"], 0, 0, 0),
     ("cas", 4, &["write", "denyoom"], 1, 1, 1),
+    ("getset", 3, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("getdel", 2, &["write", "fast"], 1, 1, 1),
+    ("setnx", 3, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("append", 3, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("incrbyfloat", 3, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("setrange", 4, &["write", "denyoom"], 1, 1, 1),
+    ("getrange", 4, &["readonly"], 1, 1, 1),
+    ("msetnx", -3, &["write", "denyoom"], 1, -1, 2),
+    ("unlink", -2, &["write", "fast"], 1, -1, 1),
+    ("rename", 3, &["write"], 1, 2, 1),
+    ("renamenx", 3, &["write", "fast"], 1, 2, 1),
+    ("copy", -3, &["write", "denyoom"], 1, 2, 1),
+    ("flushdb", -1, &["write"], 0, 0, 0),
+    ("flushall", -1, &["write"], 0, 0, 0),
+    ("type", 2, &["readonly", "fast"], 1, 1, 1),
+    ("keys", 2, &["readonly"], 0, 0, 0),
+    ("randomkey", 1, &["readonly"], 0, 0, 0),
     ("ping", -1, &["fast"], 0, 0, 0),
     ("echo", 2, &["fast"], 0, 0, 0),
     (

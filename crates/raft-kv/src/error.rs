@@ -10,6 +10,18 @@ pub enum KvError {
     /// A value that must be an integer is not one.
     #[error("value is not an integer or out of range")]
     NotAnInteger,
+    /// A value that must be a float is not one.
+    #[error("value is not a valid float")]
+    NotAFloat,
+    /// INCRBYFLOAT would make an infinity or NaN.
+    #[error("increment would produce NaN or Infinity")]
+    FloatOverflow,
+    /// RENAME of a key that does not exist.
+    #[error("no such key")]
+    NoSuchKey,
+    /// SETRANGE past the largest string.
+    #[error("string exceeds maximum allowed size (proto-max-bulk-len)")]
+    StringTooLong,
     /// INCR/INCRBY/DECR would leave the i64 range.
     #[error("increment or decrement would overflow")]
     Overflow,

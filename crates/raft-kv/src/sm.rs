@@ -165,6 +165,44 @@ impl ReadView<'_> {
             }
             ReadCmd::StrLen(k) => Value::Int(self.get(k)?.map_or(0, |v| v.len() as i64)),
             ReadCmd::DbSize => Value::Int(self.dbsize()? as i64),
+            ReadCmd::GetRange(k, start, end) => {
+                let v = self.get(k)?.unwrap_or_default();
+                let len = v.len() as i64;
+                let fix = |i: i64| if i < 0 { (len + i).max(0) } else { i };
+                let (a, b) = (fix(*start), fix(*end).min(len - 1));
+                if len == 0 || a > b || (*start < 0 && *end < 0 && *start > *end) {
+                    Value::Bulk(Vec::new())
+                } else {
+                    Value::Bulk(v[a as usize..=b as usize].to_vec())
+                }
+            }
+            ReadCmd::Type(k) => {
+                Value::Status(if self.exists(k)? { "string" } else { "none" }.into())
+            }
+            ReadCmd::Keys(pattern) => {
+                let mut out = Vec::new();
+                let mut total = 0usize;
+                for kv in self.db.scan_prefix(DATA) {
+                    let (k, _) = kv?;
+                    let key = &k[DATA.len()..];
+                    if glob_match(pattern, key) {
+                        total = total.saturating_add(key.len() + 16);
+                        if total > limit {
+                            return Err(too_large());
+                        }
+                        out.push(Value::Bulk(key.to_vec()));
+                    }
+                }
+                Value::List(out)
+            }
+            ReadCmd::RandomKey => {
+                let start = dkey(&fastrand::u64(..).to_be_bytes());
+                let pick = match self.db.range(start..).next() {
+                    Some(kv) if kv.as_ref().is_ok_and(|(k, _)| k.starts_with(DATA)) => Some(kv?),
+                    _ => self.db.scan_prefix(DATA).next().transpose()?,
+                };
+                pick.map_or(Value::Nil, |(k, _)| Value::Bulk(k[DATA.len()..].to_vec()))
+            }
         })
     }
 
@@ -679,7 +717,7 @@ impl Staged<'_> {
             WriteCmd::IncrBy(key, delta) => {
                 let n: i64 = match self.get(key)? {
                     None => 0,
-                    Some(v) => match std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()) {
+                    Some(v) => match crate::command::parse_int(&v) {
                         Some(n) => n,
                         None => return Ok(Err(KvError::NotAnInteger)),
                     },
@@ -698,8 +736,239 @@ impl Staged<'_> {
                     Value::Int(0)
                 }
             }
+            WriteCmd::GetSet(key, value) => {
+                let old = self.get(key)?;
+                self.put_known(key, value.clone(), old.is_some());
+                old.map_or(Value::Nil, Value::Bulk)
+            }
+            WriteCmd::GetDel(key) => {
+                let old = self.get(key)?;
+                if old.is_some() {
+                    self.delete(key)?;
+                }
+                old.map_or(Value::Nil, Value::Bulk)
+            }
+            WriteCmd::SetNx(key, value) => {
+                if self.exists(key)? {
+                    Value::Int(0)
+                } else {
+                    self.put_known(key, value.clone(), false);
+                    Value::Int(1)
+                }
+            }
+            WriteCmd::Append(key, value) => {
+                let old = self.get(key)?;
+                let existed = old.is_some();
+                let mut v = old.unwrap_or_default();
+                if v.len() + value.len() > MAX_STRING {
+                    return Ok(Err(KvError::StringTooLong));
+                }
+                v.extend_from_slice(value);
+                let n = v.len() as i64;
+                self.put_known(key, v, existed);
+                Value::Int(n)
+            }
+            WriteCmd::IncrByFloat(key, by_text) => {
+                let Ok(by) = crate::command::parse_float(by_text) else {
+                    return Ok(Err(KvError::NotAFloat));
+                };
+                let old_text = self.get(key)?;
+                let existed = old_text.is_some();
+                let n = match &old_text {
+                    None => 0.0,
+                    Some(v) => match crate::command::parse_float(v) {
+                        Ok(n) => n,
+                        Err(e) => return Ok(Err(e)),
+                    },
+                };
+                let new = n + by;
+                if !new.is_finite() {
+                    return Ok(Err(KvError::FloatOverflow));
+                }
+                // Whole numbers add exactly, as in Redis's 80-bit long
+                // doubles (f64 would round past 2^53).
+                let int = |b: &[u8]| crate::command::parse_int(b).map(i128::from);
+                let exact = match (&old_text, int(by_text)) {
+                    (None, Some(b)) => Some(b),
+                    (Some(a), Some(b)) => int(a).map(|a| a + b),
+                    _ => None,
+                }
+                .filter(|s| s.unsigned_abs() <= 1u128 << 64);
+                let text = match exact {
+                    Some(s) => s.to_string(),
+                    None => crate::command::format_float(new),
+                };
+                self.put_known(key, text.clone().into_bytes(), existed);
+                Value::Bulk(text.into_bytes())
+            }
+            WriteCmd::SetRange(key, offset, value) => {
+                let old = self.get(key)?;
+                let existed = old.is_some();
+                let mut v = old.unwrap_or_default();
+                if value.is_empty() {
+                    return Ok(Ok(Value::Int(v.len() as i64)));
+                }
+                let Some(end) = usize::try_from(*offset)
+                    .ok()
+                    .and_then(|o| o.checked_add(value.len()))
+                    .filter(|&e| e <= MAX_STRING)
+                else {
+                    return Ok(Err(KvError::StringTooLong));
+                };
+                if v.len() < end {
+                    v.resize(end, 0);
+                }
+                v[end - value.len()..end].copy_from_slice(value);
+                let n = v.len() as i64;
+                self.put_known(key, v, existed);
+                Value::Int(n)
+            }
+            WriteCmd::MSetNx(pairs) => {
+                for (k, _) in pairs {
+                    if self.exists(k)? {
+                        return Ok(Ok(Value::Int(0)));
+                    }
+                }
+                for (k, v) in pairs {
+                    self.put(k, v.clone())?;
+                }
+                Value::Int(1)
+            }
+            WriteCmd::Rename { from, to, nx } => {
+                let Some(v) = self.get(from)? else {
+                    return Ok(Err(KvError::NoSuchKey));
+                };
+                if from == to {
+                    return Ok(Ok(if *nx { Value::Int(0) } else { Value::Ok }));
+                }
+                if *nx && self.exists(to)? {
+                    return Ok(Ok(Value::Int(0)));
+                }
+                self.delete(from)?;
+                self.put(to, v)?;
+                if *nx {
+                    Value::Int(1)
+                } else {
+                    Value::Ok
+                }
+            }
+            WriteCmd::Copy { from, to, replace } => {
+                if from == to {
+                    return Ok(Err(KvError::Other(
+                        "source and destination objects are the same".into(),
+                    )));
+                }
+                let Some(v) = self.get(from)? else {
+                    return Ok(Ok(Value::Int(0)));
+                };
+                let exists = self.exists(to)?;
+                if exists && !replace {
+                    return Ok(Ok(Value::Int(0)));
+                }
+                self.put_known(to, v, exists);
+                Value::Int(1)
+            }
+            WriteCmd::FlushAll => {
+                let mut keys: Vec<Vec<u8>> = Vec::new();
+                for kv in self.db.scan_prefix(DATA) {
+                    let (k, _) = kv?;
+                    keys.push(k[DATA.len()..].to_vec());
+                }
+                let staged: Vec<Vec<u8>> = self
+                    .writes
+                    .iter()
+                    .filter(|(_, v)| v.is_some())
+                    .map(|(k, _)| k[DATA.len()..].to_vec())
+                    .collect();
+                keys.extend(staged);
+                for k in keys {
+                    self.delete(&k)?;
+                }
+                Value::Ok
+            }
         }))
     }
+}
+
+/// The longest string value (Redis's `proto-max-bulk-len` default).
+const MAX_STRING: usize = 512 << 20;
+
+/// Whether `s` matches the glob `p` as Redis matches key patterns: `*`,
+/// `?`, `[abc]`, `[^a-z]` and `\` escapes. (Written here because Redis's
+/// rules, byte-wise on binary keys, differ from path-glob crates.)
+pub fn glob_match(p: &[u8], s: &[u8]) -> bool {
+    fn go(p: &[u8], s: &[u8], depth: u32) -> bool {
+        if depth > 1000 {
+            return false;
+        }
+        let (mut pi, mut si) = (0, 0);
+        while pi < p.len() {
+            match p[pi] {
+                b'*' => {
+                    while pi + 1 < p.len() && p[pi + 1] == b'*' {
+                        pi += 1;
+                    }
+                    if pi + 1 == p.len() {
+                        return true;
+                    }
+                    return (si..=s.len()).any(|i| go(&p[pi + 1..], &s[i..], depth + 1));
+                }
+                b'?' => {
+                    if si >= s.len() {
+                        return false;
+                    }
+                    si += 1;
+                }
+                b'[' => {
+                    if si >= s.len() {
+                        return false;
+                    }
+                    pi += 1;
+                    let not = p.get(pi) == Some(&b'^');
+                    if not {
+                        pi += 1;
+                    }
+                    let mut hit = false;
+                    while pi < p.len() && p[pi] != b']' {
+                        if p[pi] == b'\\' && pi + 1 < p.len() {
+                            pi += 1;
+                            hit |= p[pi] == s[si];
+                        } else if pi + 2 < p.len() && p[pi + 1] == b'-' {
+                            let (mut a, mut b) = (p[pi], p[pi + 2]);
+                            if a > b {
+                                std::mem::swap(&mut a, &mut b);
+                            }
+                            hit |= (a..=b).contains(&s[si]);
+                            pi += 2;
+                        } else {
+                            hit |= p[pi] == s[si];
+                        }
+                        pi += 1;
+                    }
+                    if hit == not {
+                        return false;
+                    }
+                    si += 1;
+                }
+                b'\\' if pi + 1 < p.len() => {
+                    pi += 1;
+                    if si >= s.len() || p[pi] != s[si] {
+                        return false;
+                    }
+                    si += 1;
+                }
+                c => {
+                    if si >= s.len() || c != s[si] {
+                        return false;
+                    }
+                    si += 1;
+                }
+            }
+            pi += 1;
+        }
+        si == s.len()
+    }
+    go(p, s, 0)
 }
 
 #[cfg(test)]

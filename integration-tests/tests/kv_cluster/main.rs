@@ -12,6 +12,7 @@
 
 mod clients;
 mod cluster;
+mod differential;
 mod membership;
 mod operations;
 mod redis_clients;

@@ -1,0 +1,303 @@
+//! Redis is the oracle: the same random command sequences go to a real
+//! `redis-server` (Debian's package; `.ci/run` installs it) and to a
+//! 3-node raft-kv cluster (each command to a random node), and every
+//! reply must be the same bytes, in RESP2 and in RESP3.
+//!
+//! Commands covered: the strings and keys commands raft-kv serves, with
+//! their errors and edge cases (empty and binary values, negative and huge
+//! numbers, overflow, wrong arity, unknown commands). Bounded in CI by
+//! `RAFT_KV_DIFF_OPS` (default 3000 per protocol); a longer run:
+//! `RAFT_KV_DIFF_OPS=200000 RAFT_KV_DIFF_SEED=7 cargo test -p
+//! integration-tests --test kv_cluster differential -- --nocapture`.
+
+use crate::cluster::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct RedisServer(Child);
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn redis_server(dir: &std::path::Path) -> (RedisServer, SocketAddr) {
+    let addr = free_tcp();
+    let child = Command::new("redis-server")
+        .args(["--port", &addr.port().to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server is needed for this test (apt-get install redis-server)");
+    let end = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < end, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (RedisServer(child), addr)
+}
+
+/// A raw RESP connection: one command, one whole reply (its bytes).
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw { s, buf: Vec::new() }
+    }
+
+    fn call(&mut self, args: &[Vec<u8>]) -> Vec<u8> {
+        let mut req = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            req.extend_from_slice(a);
+            req.extend_from_slice(b"\r\n");
+        }
+        self.s.write_all(&req).unwrap();
+        let mut chunk = [0u8; 65536];
+        loop {
+            if let Some(n) = raft_kv::resp::reply_len(&self.buf) {
+                let reply = self.buf[..n].to_vec();
+                self.buf.drain(..n);
+                return reply;
+            }
+            let n = self.s.read(&mut chunk).expect("a reply");
+            assert!(n > 0, "connection closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// A small deterministic generator (splitmix64).
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn pick<'a>(&mut self, xs: &[&'a str]) -> &'a str {
+        xs[self.below(xs.len())]
+    }
+}
+
+const VALUES: &[&str] = &[
+    "",
+    "0",
+    "1",
+    "-1",
+    "10",
+    "42",
+    "abc",
+    "3.5",
+    "-2.25",
+    "0.1",
+    "1e3",
+    "9223372036854775807",
+    "-9223372036854775808",
+    "9223372036854775808",
+    " 1",
+    "hello world",
+];
+const NUMBERS: &[&str] = &[
+    "0",
+    "1",
+    "-1",
+    "7",
+    "-100",
+    "9223372036854775807",
+    "-9223372036854775808",
+    "x",
+    "1.5",
+    "",
+];
+/// Increments that binary floats hold exactly: with others (0.1) Redis's
+/// 80-bit long doubles print their own rounding noise ("1001.54999999999999999"
+/// where raft-kv's f64 prints "1001.55"), a documented difference.
+const FLOATS: &[&str] = &[
+    "0.5", "1", "-2.25", "0.125", "1e3", "abc", "", "inf", "-0", "1.5e2",
+];
+const OFFSETS: &[&str] = &["0", "1", "3", "7", "-1", "x"];
+const RANGES: &[&str] = &["0", "1", "2", "-1", "-2", "-10", "10", "100", "x"];
+
+fn key(g: &mut Gen, binary: bool) -> Vec<u8> {
+    match g.below(8) {
+        0 if binary => vec![0, 0xff, b'k'],
+        1 => b"".to_vec(),
+        n => format!("k{}", n % 5).into_bytes(),
+    }
+}
+
+fn value(g: &mut Gen) -> Vec<u8> {
+    if g.below(20) == 0 {
+        return vec![0, 1, 0xfe, b'\r', b'\n'];
+    }
+    g.pick(VALUES).as_bytes().to_vec()
+}
+
+/// One random command: its arguments, and whether replies are compared as
+/// sets of elements (KEYS: the order is the server's own).
+fn command(g: &mut Gen) -> (Vec<Vec<u8>>, bool) {
+    let b = |s: &str| s.as_bytes().to_vec();
+    let k = key(g, true);
+    let c: Vec<Vec<u8>> = match g.below(34) {
+        0 => vec![b("SET"), k, value(g)],
+        1 => vec![
+            b("SET"),
+            k,
+            value(g),
+            b(g.pick(&["NX", "XX", "nx", "BOGUS"])),
+        ],
+        2 | 3 => vec![b("GET"), k],
+        4 => vec![b("MGET"), k, key(g, true), key(g, false)],
+        5 => vec![b("MSET"), k, value(g), key(g, true), value(g)],
+        6 => vec![b("DEL"), k, key(g, false)],
+        7 => vec![b("UNLINK"), k],
+        8 => vec![b("EXISTS"), k, key(g, true), k_again(g)],
+        9 => vec![b("INCR"), k],
+        10 => vec![b("DECR"), k],
+        11 => vec![b("INCRBY"), k, b(g.pick(NUMBERS))],
+        12 => vec![b("DECRBY"), k, b(g.pick(NUMBERS))],
+        13 => vec![b("STRLEN"), k],
+        14 => vec![b("APPEND"), k, value(g)],
+        15 => vec![b("GETSET"), k, value(g)],
+        16 => vec![b("GETDEL"), k],
+        17 => vec![b("SETNX"), k, value(g)],
+        18 => vec![b("SETRANGE"), k, b(g.pick(OFFSETS)), value(g)],
+        19 => vec![b("GETRANGE"), k, b(g.pick(RANGES)), b(g.pick(RANGES))],
+        20 => vec![b("MSETNX"), k, value(g), key(g, false), value(g)],
+        21 => vec![b("RENAME"), k, key(g, true)],
+        22 => vec![b("RENAMENX"), k, key(g, true)],
+        23 => {
+            let mut c = vec![b("COPY"), k, key(g, true)];
+            if g.below(2) == 0 {
+                c.push(b("REPLACE"));
+            }
+            c
+        }
+        24 => vec![b("TYPE"), k],
+        25 => vec![b("DBSIZE")],
+        // On a key of its own, with increments binary floats hold exactly:
+        // raft-kv adds in f64, Redis in 80-bit long doubles printed with 17
+        // decimals, and for other values (text left by APPEND, 0.1) the last
+        // digits differ (a documented difference).
+        26 => vec![b("INCRBYFLOAT"), b("kf"), b(g.pick(FLOATS))],
+        27 => vec![b("ECHO"), value(g)],
+        28 => vec![b("PING")],
+        29 => vec![b(g.pick(&[
+            "GET", "SET", "INCRBY", "GETRANGE", "APPEND", "MSET", "RENAME",
+        ]))],
+        30 => vec![b("NOSUCHCMD"), k],
+        31 => {
+            return (
+                vec![
+                    b("KEYS"),
+                    b(g.pick(&["*", "k?", "k[0-2]", "k[^1]*", "\\*", "*k*"])),
+                ],
+                true,
+            )
+        }
+        32 => vec![b("SELECT"), b("0")],
+        _ => vec![b("INCRBY"), k, b(g.pick(NUMBERS)), b("extra")],
+    };
+    (c, false)
+}
+
+fn k_again(g: &mut Gen) -> Vec<u8> {
+    key(g, false)
+}
+
+/// The elements of a flat array reply, sorted (for KEYS).
+fn sorted_elements(reply: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let end = reply.windows(2).position(|w| w == b"\r\n").unwrap_or(0);
+    let mut pos = end + 2;
+    while pos < reply.len() {
+        let n = raft_kv::resp::reply_len(&reply[pos..]).unwrap_or(reply.len() - pos);
+        out.push(reply[pos..pos + n].to_vec());
+        pos += n;
+    }
+    out.sort();
+    out
+}
+
+fn run(resp3: bool, seed: u64, ops: usize, redis: SocketAddr, c: &Cluster) {
+    let mut oracle = Raw::connect(redis);
+    let mut nodes: Vec<Raw> = c.client.values().map(|&a| Raw::connect(a)).collect();
+    if resp3 {
+        let hello = vec![b"HELLO".to_vec(), b"3".to_vec()];
+        oracle.call(&hello);
+        for n in nodes.iter_mut() {
+            n.call(&hello);
+        }
+    }
+    // The same start on both sides.
+    oracle.call(&[b"FLUSHALL".to_vec()]);
+    nodes[0].call(&[b"FLUSHALL".to_vec()]);
+    let mut g = Gen(seed);
+    let mut history: Vec<String> = Vec::new();
+    for i in 0..ops {
+        let (cmd, as_set) = command(&mut g);
+        let node = g.below(nodes.len());
+        let want = oracle.call(&cmd);
+        let got = nodes[node].call(&cmd);
+        let shown: Vec<String> = cmd
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        history.push(format!("{shown:?}"));
+        let same = if as_set {
+            sorted_elements(&want) == sorted_elements(&got)
+        } else {
+            want == got
+        };
+        assert!(
+            same,
+            "RESP{} seed {seed}, command {i} {shown:?} (through node {}):\nredis:   {:?}\nraft-kv: {:?}\nlast commands: {:#?}",
+            if resp3 { 3 } else { 2 },
+            node,
+            String::from_utf8_lossy(&want),
+            String::from_utf8_lossy(&got),
+            &history[history.len().saturating_sub(12)..]
+        );
+    }
+}
+
+#[test]
+fn every_reply_matches_redis_in_resp2_and_resp3() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_redis, raddr) = redis_server(dir.path());
+    let mut c = Cluster::new(dir.path(), &[1, 2, 3]);
+    for id in [1, 2, 3] {
+        c.start(id);
+    }
+    c.wait_leader(&[1, 2, 3]);
+    let ops = std::env::var("RAFT_KV_DIFF_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    let seed = std::env::var("RAFT_KV_DIFF_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    run(false, seed, ops, raddr, &c);
+    run(true, seed + 1, ops, raddr, &c);
+}
