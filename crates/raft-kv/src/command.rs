@@ -933,9 +933,31 @@ mod tests {
             ])))
         );
         assert!(matches!(
-            Command::parse(args("FLUSHALL now")),
-            Err(KvError::UnknownCommand { name, args }) if name == "FLUSHALL" && args == "'now' "
+            Command::parse(args("FLUSHNEVER now")),
+            Err(KvError::UnknownCommand { name, args }) if name == "FLUSHNEVER" && args == "'now' "
         ));
+        assert_eq!(Command::parse(args("FLUSHALL now")), Err(KvError::Syntax));
+        assert_eq!(
+            Command::parse(args("INCRBY a +5")),
+            Err(KvError::NotAnInteger),
+            "Redis takes no '+'"
+        );
+        assert_eq!(
+            Command::parse(args("INCRBY a 05")),
+            Err(KvError::NotAnInteger)
+        );
+        assert_eq!(parse_int(b"-0"), None);
+        assert_eq!(parse_int(b"0"), Some(0));
+        assert_eq!(parse_int(b"-9223372036854775808"), Some(i64::MIN));
+        assert!(crate::sm::glob_match(b"k[^1]*", b"k2x"));
+        assert!(!crate::sm::glob_match(b"k[^1]*", b"k1"));
+        assert!(crate::sm::glob_match(b"\\*", b"*"));
+        assert!(!crate::sm::glob_match(b"\\*", b"a"));
+        assert!(crate::sm::glob_match(b"h?llo", b"hello"));
+        assert!(crate::sm::glob_match(b"h[a-e]llo", b"hello"));
+        assert_eq!(format_float(0.1 + 0.2), "0.3");
+        assert_eq!(format_float(1e20), "100000000000000000000");
+        assert_eq!(format_float(-0.0), "0");
     }
 
     #[test]
