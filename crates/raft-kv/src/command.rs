@@ -103,6 +103,63 @@ pub enum WriteCmd {
     },
     /// FLUSHDB / FLUSHALL.
     FlushAll,
+    /// MULTI ... EXEC: the queued commands, applied together in one entry.
+    Exec(Vec<TxCmd>),
+}
+
+/// A command queued in a transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TxCmd {
+    /// A write.
+    Write(WriteCmd),
+    /// A read, answered from the state the transaction's earlier commands
+    /// left.
+    Read(ReadTx),
+    /// PING [message].
+    Ping(Option<Vec<u8>>),
+    /// ECHO message.
+    Echo(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A command whose answer was known when it was queued (SELECT 0).
+    Reply(Value),
+}
+
+/// The reads a transaction may queue (those answered from single keys).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadTx {
+    /// GET key.
+    Get(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// MGET key...
+    MGet(Vec<Vec<u8>>),
+    /// EXISTS key...
+    Exists(Vec<Vec<u8>>),
+    /// STRLEN key.
+    StrLen(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// GETRANGE key start end.
+    GetRange(#[serde(with = "serde_bytes")] Vec<u8>, i64, i64),
+    /// TYPE key.
+    Type(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// DBSIZE.
+    DbSize,
+    /// KEYS pattern.
+    Keys(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+impl ReadTx {
+    /// The transaction form of a read, if it has one.
+    pub fn from_read(r: ReadCmd) -> Option<ReadTx> {
+        Some(match r {
+            ReadCmd::Get(k) => ReadTx::Get(k),
+            ReadCmd::MGet(k) => ReadTx::MGet(k),
+            ReadCmd::Exists(k) => ReadTx::Exists(k),
+            ReadCmd::StrLen(k) => ReadTx::StrLen(k),
+            ReadCmd::GetRange(k, a, b) => ReadTx::GetRange(k, a, b),
+            ReadCmd::Type(k) => ReadTx::Type(k),
+            ReadCmd::DbSize => ReadTx::DbSize,
+            ReadCmd::Keys(p) => ReadTx::Keys(p),
+            // Random: replicas would disagree.
+            ReadCmd::RandomKey => return None,
+        })
+    }
 }
 
 /// A command's value (the domain's result; errors are [`KvError`]s).
@@ -128,6 +185,10 @@ pub enum Value {
     Set(Vec<Value>),
     /// Text for people (RESP3's verbatim string; a bulk string in RESP2).
     Verbatim(String),
+    /// An error inside an array (EXEC's replies): its whole text, code first.
+    Error(String),
+    /// A null array (EXEC that did not run; `*-1` in RESP2).
+    NilArray,
 }
 
 impl Value {
@@ -267,6 +328,16 @@ pub enum Command {
     Time,
     /// COMMAND ...
     CommandInfo(CommandQuery),
+    /// MULTI.
+    Multi,
+    /// EXEC.
+    Exec,
+    /// DISCARD.
+    Discard,
+    /// WATCH key... (not served yet: refused with a clear error).
+    Watch,
+    /// UNWATCH.
+    Unwatch,
     /// INFO [section].
     Info,
     /// RAFTKV.BACKUP: a consistent snapshot of the whole store, as one bulk
@@ -325,6 +396,11 @@ impl Command {
             ("QUIT", _) => Command::Quit,
             ("RESET", 1) => Command::Reset,
             ("TIME", 1) => Command::Time,
+            ("MULTI", 1) => Command::Multi,
+            ("EXEC", 1) => Command::Exec,
+            ("DISCARD", 1) => Command::Discard,
+            ("WATCH", 2..) => Command::Watch,
+            ("UNWATCH", 1) => Command::Unwatch,
             ("COMMAND", 1) => Command::CommandInfo(CommandQuery::All),
             ("COMMAND", _) => {
                 let sub = String::from_utf8_lossy(&next()).to_ascii_uppercase();
@@ -496,9 +572,10 @@ impl Command {
             (
                 "GETSET" | "GETDEL" | "SETNX" | "APPEND" | "INCRBYFLOAT" | "SETRANGE" | "MSETNX"
                 | "UNLINK" | "RENAME" | "RENAMENX" | "COPY" | "FLUSHDB" | "FLUSHALL" | "GETRANGE"
-                | "TYPE" | "KEYS" | "RANDOMKEY" | "PING" | "ECHO" | "AUTH" | "CLIENT" | "SELECT"
-                | "RESET" | "TIME" | "SET" | "DEL" | "MSET" | "INCR" | "DECR" | "INCRBY" | "DECRBY"
-                | "CAS" | "GET" | "MGET" | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO" | "RAFT.MEMBER"
+                | "TYPE" | "KEYS" | "RANDOMKEY" | "MULTI" | "EXEC" | "DISCARD" | "WATCH"
+                | "UNWATCH" | "PING" | "ECHO" | "AUTH" | "CLIENT" | "SELECT" | "RESET" | "TIME"
+                | "SET" | "DEL" | "MSET" | "INCR" | "DECR" | "INCRBY" | "DECRBY" | "CAS" | "GET"
+                | "MGET" | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO" | "RAFT.MEMBER"
                 | "RAFT.TRANSFER",
                 _,
             ) => return Err(arity()),
@@ -724,6 +801,30 @@ const TABLE: &[CommandDesc] = &[
     ("type", 2, &["readonly", "fast"], 1, 1, 1),
     ("keys", 2, &["readonly"], 0, 0, 0),
     ("randomkey", 1, &["readonly"], 0, 0, 0),
+    (
+        "multi",
+        1,
+        &["noscript", "loading", "stale", "fast", "allow_busy"],
+        0,
+        0,
+        0,
+    ),
+    (
+        "exec",
+        1,
+        &["noscript", "loading", "stale", "skip_slowlog"],
+        0,
+        0,
+        0,
+    ),
+    (
+        "discard",
+        1,
+        &["noscript", "loading", "stale", "fast", "allow_busy"],
+        0,
+        0,
+        0,
+    ),
     ("ping", -1, &["fast"], 0, 0, 0),
     ("echo", 2, &["fast"], 0, 0, 0),
     (

@@ -10,6 +10,18 @@ pub enum KvError {
     /// A value that must be an integer is not one.
     #[error("value is not an integer or out of range")]
     NotAnInteger,
+    /// EXEC after a queued command was refused.
+    #[error("Transaction discarded because of previous errors.")]
+    ExecAbort,
+    /// MULTI inside MULTI, EXEC or DISCARD outside, a command a
+    /// transaction cannot hold: Redis's text.
+    #[error("{0}")]
+    Tx(String),
+    /// WATCH: not served yet.
+    #[error(
+        "WATCH is not supported by raft-kv yet; MULTI/EXEC transactions run atomically without it"
+    )]
+    WatchUnsupported,
     /// A value that must be a float is not one.
     #[error("value is not a valid float")]
     NotAFloat,

@@ -91,6 +91,11 @@ const COMMANDS: &[&str] = &[
     "RANDOMKEY",
     "RESET",
     "TIME",
+    "MULTI",
+    "EXEC",
+    "DISCARD",
+    "WATCH",
+    "UNWATCH",
     "SELECT",
     "QUIT",
 ];

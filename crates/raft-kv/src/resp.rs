@@ -290,6 +290,7 @@ pub fn error_code(e: &KvError) -> &'static str {
         KvError::WrongPassword => "WRONGPASS",
         KvError::AuthRequired | KvError::HelloAuthRequired => "NOAUTH",
         KvError::NoProto => "NOPROTO",
+        KvError::ExecAbort => "EXECABORT",
         KvError::Stopped(_) => "ERR",
         _ => "ERR",
     }
@@ -373,6 +374,8 @@ fn encode_value(out: &mut Vec<u8>, v: &Value, resp3: bool) {
                 encode_value(out, v, resp3);
             }
         }
+        Value::Error(text) => error_line(out, text),
+        Value::NilArray => out.extend_from_slice(if resp3 { b"_\r\n" } else { b"*-1\r\n" }),
         Value::Verbatim(text) => {
             if resp3 {
                 header(out, b'=', text.len() + 4);

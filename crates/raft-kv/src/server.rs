@@ -9,7 +9,7 @@
 //! capped, idle clients may be closed, and an idle connection holds no
 //! buffers.
 
-use crate::command::{ClientCmd, Command, Value, WriteCmd};
+use crate::command::{ClientCmd, Command, ReadTx, TxCmd, Value, WriteCmd};
 use crate::error::{KvError, Reply};
 use crate::metrics::Metrics;
 use crate::node::KvNode;
@@ -320,6 +320,36 @@ impl Clients {
     }
 }
 
+/// What MULTI does with a command.
+enum Queued {
+    Tx(TxCmd),
+    Nested,
+    Watch,
+    NotAllowed,
+    PassThrough,
+}
+
+/// How a parsed command behaves inside MULTI.
+fn cmd_ref(c: &Command) -> Queued {
+    match c {
+        Command::Write(w) => Queued::Tx(TxCmd::Write(w.clone())),
+        Command::Read(r) => match ReadTx::from_read(r.clone()) {
+            Some(r) => Queued::Tx(TxCmd::Read(r)),
+            None => Queued::NotAllowed,
+        },
+        Command::Ping(m) => Queued::Tx(TxCmd::Ping(m.clone())),
+        Command::Echo(m) => Queued::Tx(TxCmd::Echo(m.clone())),
+        Command::Multi => Queued::Nested,
+        Command::Watch => Queued::Watch,
+        Command::Unwatch | Command::Select(0) => Queued::Tx(TxCmd::Reply(Value::Ok)),
+        Command::Select(_) => Queued::Tx(TxCmd::Reply(Value::Error(crate::resp::error_reply(
+            &KvError::DbOutOfRange,
+        )))),
+        Command::Exec | Command::Discard | Command::Quit | Command::Reset => Queued::PassThrough,
+        _ => Queued::NotAllowed,
+    }
+}
+
 /// A client name Redis would take: printable ASCII without spaces.
 fn valid_client_name(n: &[u8]) -> bool {
     n.iter().all(|&c| (b'!'..=b'~').contains(&c))
@@ -350,6 +380,10 @@ struct Session<'a> {
     /// This connection's id.
     id: u64,
     clients: &'a Clients,
+    /// Inside MULTI: the queued commands.
+    multi: Option<Vec<TxCmd>>,
+    /// A command queued in MULTI was refused: EXEC answers EXECABORT.
+    multi_failed: bool,
 }
 
 impl Session<'_> {
@@ -423,8 +457,31 @@ impl Session<'_> {
         }
         let cmd = match Command::parse(args) {
             Ok(c) => c,
-            Err(e) => return pending.push(now(Err(e))),
+            Err(e) => {
+                if let Some(q) = self.multi.as_mut() {
+                    // As in Redis: an unknown command or a wrong number of
+                    // arguments dooms the transaction; a bad argument is
+                    // found only when it runs, so its error is queued.
+                    if matches!(
+                        e,
+                        KvError::WrongArity(_)
+                            | KvError::UnknownCommand { .. }
+                            | KvError::UnknownSubcommand { .. }
+                    ) {
+                        self.multi_failed = true;
+                    } else {
+                        q.push(TxCmd::Reply(Value::Error(crate::resp::error_reply(&e))));
+                        return pending.push(now(Ok(Value::Status("QUEUED".into()))));
+                    }
+                }
+                return pending.push(now(Err(e)));
+            }
         };
+        if self.multi.is_some() {
+            if let Some(r) = self.queue(cmd_ref(&cmd)) {
+                return pending.push(now(r));
+            }
+        }
         if let Command::Auth(user, pw) = &cmd {
             let r = match &self.cfg.password {
                 None => Err(KvError::NoPasswordSet),
@@ -450,6 +507,30 @@ impl Session<'_> {
             // The answer comes in the protocol it chose.
             return pending.push(Pending::Now(r, self.resp3));
         }
+        if let Some(queued) = self.multi.take() {
+            let failed = std::mem::take(&mut self.multi_failed);
+            match cmd {
+                Command::Discard => return pending.push(now(Ok(Value::Ok))),
+                Command::Exec if failed => return pending.push(now(Err(KvError::ExecAbort))),
+                Command::Exec => {
+                    // One log entry: applied on every node at once, after
+                    // the writes this connection sent before it.
+                    self.flush_pending(pending, out).await;
+                    let r = if queued.is_empty() {
+                        Ok(Value::List(Vec::new()))
+                    } else {
+                        self.node
+                            .write(vec![WriteCmd::Exec(queued)])
+                            .await
+                            .pop()
+                            .unwrap_or_else(|| Err(KvError::Internal("lost a reply".into())))
+                    };
+                    return pending.push(now(r));
+                }
+                // QUIT and RESET end the transaction.
+                _ => {}
+            }
+        }
         let r = match cmd {
             Command::Ping(None) => Ok(Value::Status("PONG".into())),
             Command::Ping(Some(m)) | Command::Echo(m) => Ok(Value::Bulk(m)),
@@ -462,6 +543,8 @@ impl Session<'_> {
                 Ok(Value::Ok)
             }
             Command::Reset => {
+                self.multi = None;
+                self.multi_failed = false;
                 self.resp3 = false;
                 self.authed = self.cfg.password.is_none();
                 self.clients.with(self.id, |c| {
@@ -480,6 +563,15 @@ impl Session<'_> {
                 ]))
             }
             Command::CommandInfo(q) => Ok(crate::command::describe(&q)),
+            Command::Multi => {
+                self.multi = Some(Vec::new());
+                self.multi_failed = false;
+                Ok(Value::Ok)
+            }
+            Command::Discard => Err(KvError::Tx("DISCARD without MULTI".into())),
+            Command::Exec => Err(KvError::Tx("EXEC without MULTI".into())),
+            Command::Watch => Err(KvError::WatchUnsupported),
+            Command::Unwatch => Ok(Value::Ok),
             Command::Hello { .. } => Err(KvError::Internal("HELLO handled above".into())),
             Command::Backup => {
                 self.flush_pending(pending, out).await;
@@ -508,6 +600,28 @@ impl Session<'_> {
             Command::Auth(..) => Err(KvError::Internal("AUTH handled above".into())),
         };
         pending.push(now(r));
+    }
+
+    /// Inside MULTI: queues the command (`+QUEUED`), or answers it now
+    /// (a nested MULTI, WATCH, a command a transaction cannot hold);
+    /// `None`: run it below (EXEC, DISCARD, QUIT, RESET).
+    fn queue(&mut self, cmd: Queued) -> Option<Reply> {
+        let q = self.multi.as_mut()?;
+        match cmd {
+            Queued::Tx(c) => {
+                q.push(c);
+                Some(Ok(Value::Status("QUEUED".into())))
+            }
+            Queued::PassThrough => None,
+            Queued::Nested => Some(Err(KvError::Tx("MULTI calls can not be nested".into()))),
+            Queued::Watch => Some(Err(KvError::Tx("WATCH inside MULTI is not allowed".into()))),
+            Queued::NotAllowed => {
+                self.multi_failed = true;
+                Some(Err(KvError::Tx(
+                    "Command not allowed inside a transaction".into(),
+                )))
+            }
+        }
     }
 
     /// HELLO: authenticates (with AUTH), switches protocol, names the
@@ -661,6 +775,8 @@ async fn connection<S: ClientIo>(
         resp3: false,
         id: me.id,
         clients: &me.clients,
+        multi: None,
+        multi_failed: false,
     };
     let auth_deadline = tokio::time::Instant::now() + cfg.auth_timeout;
     let mut parser = RequestParser::new();

@@ -18,7 +18,7 @@
 //! snapshot builds a new database in a new directory and switches to it
 //! with one atomic rename, so a crash leaves the old state or the new one.
 
-use crate::command::{ReadCmd, SetCond, Value, WriteCmd};
+use crate::command::{ReadCmd, ReadTx, SetCond, TxCmd, Value, WriteCmd};
 use crate::error::{KvError, Reply};
 use crate::snapfile;
 use std::collections::{HashMap, HashSet};
@@ -166,19 +166,9 @@ impl ReadView<'_> {
             ReadCmd::StrLen(k) => Value::Int(self.get(k)?.map_or(0, |v| v.len() as i64)),
             ReadCmd::DbSize => Value::Int(self.dbsize()? as i64),
             ReadCmd::GetRange(k, start, end) => {
-                let v = self.get(k)?.unwrap_or_default();
-                let len = v.len() as i64;
-                let fix = |i: i64| if i < 0 { (len + i).max(0) } else { i };
-                let (a, b) = (fix(*start), fix(*end).min(len - 1));
-                if len == 0 || a > b || (*start < 0 && *end < 0 && *start > *end) {
-                    Value::Bulk(Vec::new())
-                } else {
-                    Value::Bulk(v[a as usize..=b as usize].to_vec())
-                }
+                Value::Bulk(get_range(&self.get(k)?.unwrap_or_default(), *start, *end))
             }
-            ReadCmd::Type(k) => {
-                Value::Status(if self.exists(k)? { "string" } else { "none" }.into())
-            }
+            ReadCmd::Type(k) => type_of(self.exists(k)?),
             ReadCmd::Keys(pattern) => {
                 let mut out = Vec::new();
                 let mut total = 0usize;
@@ -868,6 +858,28 @@ impl Staged<'_> {
                 self.put_known(to, v, exists);
                 Value::Int(1)
             }
+            WriteCmd::Exec(cmds) => {
+                let mut replies = Vec::with_capacity(cmds.len());
+                for c in cmds {
+                    let r = match c {
+                        TxCmd::Write(WriteCmd::Exec(_)) => {
+                            Err(KvError::Tx("EXEC inside a transaction".into()))
+                        }
+                        TxCmd::Write(w) => self.stage(w)?,
+                        TxCmd::Read(r) => self.read_tx(r)?,
+                        TxCmd::Ping(None) => Ok(Value::Status("PONG".into())),
+                        TxCmd::Ping(Some(m)) | TxCmd::Echo(m) => Ok(Value::Bulk(m.clone())),
+                        TxCmd::Reply(v) => Ok(v.clone()),
+                    };
+                    // Like Redis: a command that fails does not stop the
+                    // others (and nothing is rolled back).
+                    replies.push(match r {
+                        Ok(v) => v,
+                        Err(e) => Value::Error(crate::resp::error_reply(&e)),
+                    });
+                }
+                Value::List(replies)
+            }
             WriteCmd::FlushAll => {
                 let mut keys: Vec<Vec<u8>> = Vec::new();
                 for kv in self.db.scan_prefix(DATA) {
@@ -888,6 +900,72 @@ impl Staged<'_> {
             }
         }))
     }
+}
+
+impl Staged<'_> {
+    /// A read inside a transaction: what the commands before it left.
+    fn read_tx(&self, r: &ReadTx) -> Result<Reply, KvError> {
+        Ok(Ok(match r {
+            ReadTx::Get(k) => self.get(k)?.map_or(Value::Nil, Value::Bulk),
+            ReadTx::MGet(keys) => {
+                let mut out = Vec::with_capacity(keys.len());
+                for k in keys {
+                    out.push(self.get(k)?);
+                }
+                Value::Array(out)
+            }
+            ReadTx::Exists(keys) => {
+                let mut n = 0;
+                for k in keys {
+                    if self.exists(k)? {
+                        n += 1;
+                    }
+                }
+                Value::Int(n)
+            }
+            ReadTx::StrLen(k) => Value::Int(self.get(k)?.map_or(0, |v| v.len() as i64)),
+            ReadTx::GetRange(k, a, b) => {
+                Value::Bulk(get_range(&self.get(k)?.unwrap_or_default(), *a, *b))
+            }
+            ReadTx::Type(k) => type_of(self.exists(k)?),
+            ReadTx::DbSize => Value::Int(self.count as i64),
+            ReadTx::Keys(pattern) => {
+                let mut keys = Vec::new();
+                for kv in self.db.scan_prefix(DATA) {
+                    let (k, _) = kv?;
+                    if !self.writes.contains_key(k.as_ref()) {
+                        keys.push(k[DATA.len()..].to_vec());
+                    }
+                }
+                keys.extend(
+                    self.writes
+                        .iter()
+                        .filter(|(k, v)| v.is_some() && k.starts_with(DATA))
+                        .map(|(k, _)| k[DATA.len()..].to_vec()),
+                );
+                keys.retain(|k| glob_match(pattern, k));
+                keys.sort();
+                Value::List(keys.into_iter().map(Value::Bulk).collect())
+            }
+        }))
+    }
+}
+
+/// GETRANGE's slice of `v`, with Redis's rules for negative and
+/// out-of-range indexes.
+fn get_range(v: &[u8], start: i64, end: i64) -> Vec<u8> {
+    let len = v.len() as i64;
+    let fix = |i: i64| if i < 0 { (len + i).max(0) } else { i };
+    let (a, b) = (fix(start), fix(end).min(len - 1));
+    if len == 0 || a > b || (start < 0 && end < 0 && start > end) {
+        Vec::new()
+    } else {
+        v[a as usize..=b as usize].to_vec()
+    }
+}
+
+fn type_of(exists: bool) -> Value {
+    Value::Status(if exists { "string" } else { "none" }.into())
 }
 
 /// The longest string value (Redis's `proto-max-bulk-len` default).

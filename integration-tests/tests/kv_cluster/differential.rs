@@ -158,7 +158,10 @@ fn value(g: &mut Gen) -> Vec<u8> {
 fn command(g: &mut Gen) -> (Vec<Vec<u8>>, bool) {
     let b = |s: &str| s.as_bytes().to_vec();
     let k = key(g, true);
-    let c: Vec<Vec<u8>> = match g.below(34) {
+    let c: Vec<Vec<u8>> = match g.below(40) {
+        34 | 35 => vec![b("MULTI")],
+        36..=38 => vec![b("EXEC")],
+        39 => vec![b("DISCARD")],
         0 => vec![b("SET"), k, value(g)],
         1 => vec![
             b("SET"),
@@ -254,9 +257,21 @@ fn run(resp3: bool, seed: u64, ops: usize, redis: SocketAddr, c: &Cluster) {
     nodes[0].call(&[b"FLUSHALL".to_vec()]);
     let mut g = Gen(seed);
     let mut history: Vec<String> = Vec::new();
+    // A transaction belongs to its connection: MULTI ... EXEC go to one node.
+    let mut in_multi: Option<usize> = None;
     for i in 0..ops {
-        let (cmd, as_set) = command(&mut g);
-        let node = g.below(nodes.len());
+        let (mut cmd, mut as_set) = command(&mut g);
+        // KEYS inside a transaction: its order is the server's own, and
+        // inside EXEC's reply it cannot be compared as a set.
+        while in_multi.is_some() && as_set {
+            (cmd, as_set) = command(&mut g);
+        }
+        let node = in_multi.unwrap_or_else(|| g.below(nodes.len()));
+        match cmd[0].as_slice() {
+            b"MULTI" => in_multi = Some(node),
+            b"EXEC" | b"DISCARD" => in_multi = None,
+            _ => {}
+        }
         let want = oracle.call(&cmd);
         let got = nodes[node].call(&cmd);
         let shown: Vec<String> = cmd
