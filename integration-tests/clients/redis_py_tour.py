@@ -117,6 +117,19 @@ def main():
     check("type", text(r.type(key + ":t9")), "string")
     check("keys", sorted(r.keys(key + ":t*")), [(key + ":t2").encode(), (key + ":t3").encode(), (key + ":t9").encode()])
     check("getdel", r.getdel(key + ":t9"), b"zQz")
+    # SCAN through one node, with the cursor carried on through another.
+    scanned = set()
+    cursor = 0
+    turn = 0
+    while True:
+        node = clients[turn % len(clients)]
+        turn += 1
+        cursor, batch = node.scan(cursor=cursor, match=key + ":*", count=3)
+        scanned.update(batch)
+        if cursor == 0:
+            break
+    check("scan", sorted(scanned), sorted(r.keys(key + ":*")))
+    check("scan_iter", sorted(r.scan_iter(match=key + ":*", count=2)), sorted(scanned))
     # RESET returns the connection to RESP2 and forgets its name.
     conn = r.connection_pool.get_connection()
     conn.send_command("CLIENT", "SETNAME", "before-reset")

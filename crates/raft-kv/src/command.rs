@@ -156,8 +156,8 @@ impl ReadTx {
             ReadCmd::Type(k) => ReadTx::Type(k),
             ReadCmd::DbSize => ReadTx::DbSize,
             ReadCmd::Keys(p) => ReadTx::Keys(p),
-            // Random: replicas would disagree.
-            ReadCmd::RandomKey => return None,
+            // Random, or a cursor: replicas would disagree / no use.
+            ReadCmd::RandomKey | ReadCmd::Scan { .. } => return None,
         })
     }
 }
@@ -272,6 +272,17 @@ pub enum ReadCmd {
     Keys(Vec<u8>),
     /// RANDOMKEY.
     RandomKey,
+    /// SCAN cursor [MATCH pattern] [COUNT n] [TYPE type].
+    Scan {
+        /// Where to go on (0: from the start).
+        cursor: u64,
+        /// MATCH.
+        pattern: Option<Vec<u8>>,
+        /// COUNT (default 10).
+        count: usize,
+        /// TYPE is `string` (or absent): keys of other types there are none.
+        strings_only: bool,
+    },
 }
 
 /// A cluster administration request (`RAFT.MEMBER ...`, `RAFT.TRANSFER`).
@@ -564,6 +575,34 @@ impl Command {
             ("TYPE", 2) => Command::Read(ReadCmd::Type(next())),
             ("KEYS", 2) => Command::Read(ReadCmd::Keys(next())),
             ("RANDOMKEY", 1) => Command::Read(ReadCmd::RandomKey),
+            ("SCAN", 2..) => {
+                let cursor = std::str::from_utf8(&next())
+                    .ok()
+                    .and_then(|c| c.parse::<u64>().ok())
+                    .ok_or(KvError::Other("invalid cursor".into()))?;
+                let (mut pattern, mut count, mut strings_only) = (None, 10usize, true);
+                while let Some(opt) = rest.next() {
+                    let arg = rest.next().ok_or(KvError::Syntax)?;
+                    match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
+                        "MATCH" => pattern = Some(arg),
+                        "COUNT" => {
+                            count = usize::try_from(int_arg(&arg)?)
+                                .ok()
+                                .filter(|&c| c >= 1)
+                                .ok_or(KvError::Syntax)?
+                                .min(100_000)
+                        }
+                        "TYPE" => strings_only = arg.eq_ignore_ascii_case(b"string"),
+                        _ => return Err(KvError::Syntax),
+                    }
+                }
+                Command::Read(ReadCmd::Scan {
+                    cursor,
+                    pattern,
+                    count,
+                    strings_only,
+                })
+            }
             ("GET", 2) => Command::Read(ReadCmd::Get(next())),
             ("MGET", 2..) => Command::Read(ReadCmd::MGet(rest.collect())),
             ("EXISTS", 2..) => Command::Read(ReadCmd::Exists(rest.collect())),
@@ -572,7 +611,7 @@ impl Command {
             (
                 "GETSET" | "GETDEL" | "SETNX" | "APPEND" | "INCRBYFLOAT" | "SETRANGE" | "MSETNX"
                 | "UNLINK" | "RENAME" | "RENAMENX" | "COPY" | "FLUSHDB" | "FLUSHALL" | "GETRANGE"
-                | "TYPE" | "KEYS" | "RANDOMKEY" | "MULTI" | "EXEC" | "DISCARD" | "WATCH"
+                | "TYPE" | "KEYS" | "RANDOMKEY" | "SCAN" | "MULTI" | "EXEC" | "DISCARD" | "WATCH"
                 | "UNWATCH" | "PING" | "ECHO" | "AUTH" | "CLIENT" | "SELECT" | "RESET" | "TIME"
                 | "SET" | "DEL" | "MSET" | "INCR" | "DECR" | "INCRBY" | "DECRBY" | "CAS" | "GET"
                 | "MGET" | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO" | "RAFT.MEMBER"
@@ -801,6 +840,7 @@ const TABLE: &[CommandDesc] = &[
     ("type", 2, &["readonly", "fast"], 1, 1, 1),
     ("keys", 2, &["readonly"], 0, 0, 0),
     ("randomkey", 1, &["readonly"], 0, 0, 0),
+    ("scan", -2, &["readonly"], 0, 0, 0),
     (
         "multi",
         1,

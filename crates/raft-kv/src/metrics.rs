@@ -89,6 +89,7 @@ const COMMANDS: &[&str] = &[
     "TYPE",
     "KEYS",
     "RANDOMKEY",
+    "SCAN",
     "RESET",
     "TIME",
     "MULTI",

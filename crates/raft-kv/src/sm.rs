@@ -31,6 +31,13 @@ const APPLIED: &[u8] = b"m:applied";
 const APPLIED_TERM: &[u8] = b"m:applied_term";
 const COUNT: &[u8] = b"m:count";
 const DATA: &[u8] = b"d:";
+/// The SCAN index: `h:` + the key's scan hash (8 bytes, big-endian) + the
+/// key. Derived from the data (rebuilt when a snapshot is loaded, and once
+/// for a state machine made before it existed), identical on every node,
+/// so a SCAN cursor means the same on all of them.
+const HASHED: &[u8] = b"h:";
+/// Present once the SCAN index covers every key.
+const INDEXED: &[u8] = b"m:scan_index";
 /// Bytes loaded from a snapshot between flushes.
 const LOAD_FLUSH_BYTES: usize = 16 << 20;
 /// The state machine database's page cache.
@@ -185,6 +192,39 @@ impl ReadView<'_> {
                 }
                 Value::List(out)
             }
+            ReadCmd::Scan {
+                cursor,
+                pattern,
+                count,
+                strings_only,
+            } => {
+                let mut start = HASHED.to_vec();
+                start.extend_from_slice(&cursor.to_be_bytes());
+                let mut keys = Vec::new();
+                let mut last_hash = None;
+                let mut next = 0u64;
+                for (seen, kv) in self.db.range(start..).enumerate() {
+                    let (k, _) = kv?;
+                    if !k.starts_with(HASHED) || k.len() < HASHED.len() + 8 {
+                        break;
+                    }
+                    let mut hb = [0u8; 8];
+                    hb.copy_from_slice(&k[HASHED.len()..HASHED.len() + 8]);
+                    let h = u64::from_be_bytes(hb);
+                    // Keys of one hash go out together: the cursor cannot
+                    // point between them.
+                    if seen >= *count && last_hash != Some(h) {
+                        next = h;
+                        break;
+                    }
+                    last_hash = Some(h);
+                    let key = &k[HASHED.len() + 8..];
+                    if *strings_only && pattern.as_ref().is_none_or(|p| glob_match(p, key)) {
+                        keys.push(Value::Bulk(key.to_vec()));
+                    }
+                }
+                Value::List(vec![Value::text(next.to_string()), Value::List(keys)])
+            }
             ReadCmd::RandomKey => {
                 let start = dkey(&fastrand::u64(..).to_be_bytes());
                 let pick = match self.db.range(start..).next() {
@@ -248,6 +288,43 @@ fn open_db(path: &Path) -> Result<sled::Db, KvError> {
     }
 }
 
+/// The hash that orders keys for SCAN: FNV-1a (64 bits; fixed, so every
+/// node and every version orders keys alike), never 0 (cursor 0 means
+/// "start" and "done").
+pub fn scan_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h | 1
+}
+
+fn hkey(key: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(HASHED.len() + 8 + key.len());
+    v.extend_from_slice(HASHED);
+    v.extend_from_slice(&scan_hash(key).to_be_bytes());
+    v.extend_from_slice(key);
+    v
+}
+
+/// Indexes every key of a database made before the SCAN index existed.
+fn build_scan_index(db: &sled::Db) -> Result<(), KvError> {
+    let mut b = sled::Batch::default();
+    let mut n = 0;
+    for kv in db.scan_prefix(DATA) {
+        let (k, _) = kv?;
+        b.insert(hkey(&k[DATA.len()..]), &[]);
+        n += 1;
+        if n % 4096 == 0 {
+            db.apply_batch(std::mem::take(&mut b))?;
+        }
+    }
+    b.insert(INDEXED, &[1]);
+    db.apply_batch(b)?;
+    Ok(())
+}
+
 /// Writes `data` to `path` durably and atomically (temporary file, fsync,
 /// rename, fsync of the directory).
 pub(crate) fn replace_file(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -303,6 +380,9 @@ impl StateMachine {
             }
         }
         let db = open_db(&dir.join(&gen))?;
+        if db.get(INDEXED)?.is_none() {
+            build_scan_index(&db)?;
+        }
         let applied = u64_of(db.get(APPLIED)?);
         let term = u64_of(db.get(APPLIED_TERM)?);
         let (applied_tx, _) = watch::channel(applied);
@@ -361,6 +441,7 @@ impl StateMachine {
             db: &db,
             writes: HashMap::new(),
             count: u64_of(db.get(COUNT)?),
+            index: Vec::new(),
         };
         let count_before = st.count;
         let mut last = applied;
@@ -404,6 +485,13 @@ impl StateMachine {
             match v {
                 Some(v) => b.insert(k, v),
                 None => b.remove(k),
+            }
+        }
+        for (k, added) in st.index {
+            if added {
+                b.insert(k, &[]);
+            } else {
+                b.remove(k);
             }
         }
         gate.apply_batch(b)?;
@@ -525,7 +613,7 @@ impl StateMachine {
             let cap = self.capture.lock().unwrap_or_else(PoisonError::into_inner);
             cap.iter()
                 .flat_map(|c| c.saved.iter())
-                .filter(|(k, _)| !passed.contains(*k))
+                .filter(|(k, _)| k.starts_with(DATA) && !passed.contains(*k))
                 .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
                 .collect()
         };
@@ -571,6 +659,7 @@ impl StateMachine {
             let mut unflushed = 0usize;
             while let Some((k, v)) = r.next_record().map_err(bad)? {
                 unflushed += k.len() + v.len();
+                b.insert(hkey(&k), &[]);
                 b.insert(dkey(&k), v);
                 in_batch += 1;
                 if in_batch == 4096 {
@@ -587,6 +676,7 @@ impl StateMachine {
                 }
             }
             let h = r.header();
+            b.insert(INDEXED, &[1]);
             b.insert(COUNT, &h.keys.to_be_bytes());
             b.insert(APPLIED, &h.index.to_be_bytes());
             b.insert(APPLIED_TERM, &h.term.to_be_bytes());
@@ -630,6 +720,8 @@ struct Staged<'a> {
     /// Data key -> new value, or `None` for deleted.
     writes: HashMap<Vec<u8>, Option<Vec<u8>>>,
     count: u64,
+    /// SCAN index changes, in order: (index key, added).
+    index: Vec<(Vec<u8>, bool)>,
 }
 
 impl Staged<'_> {
@@ -659,6 +751,7 @@ impl Staged<'_> {
     fn put_known(&mut self, key: &[u8], value: Vec<u8>, existed: bool) {
         if !existed {
             self.count += 1;
+            self.index.push((hkey(key), true));
         }
         self.writes.insert(dkey(key), Some(value));
     }
@@ -669,6 +762,7 @@ impl Staged<'_> {
         }
         self.count -= 1;
         self.writes.insert(dkey(key), None);
+        self.index.push((hkey(key), false));
         Ok(true)
     }
 
@@ -1052,6 +1146,165 @@ pub fn glob_match(p: &[u8], s: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs a whole SCAN (COUNT `count`), applying `between` after each
+    /// call; every key it returned.
+    fn full_scan(
+        sm: &StateMachine,
+        count: usize,
+        mut between: impl FnMut(&StateMachine, usize),
+    ) -> Vec<Vec<u8>> {
+        let mut cursor = 0u64;
+        let mut out = Vec::new();
+        for call in 0.. {
+            let r = sm
+                .read_view(|v| {
+                    v.read(&ReadCmd::Scan {
+                        cursor,
+                        pattern: None,
+                        count,
+                        strings_only: true,
+                    })
+                })
+                .unwrap();
+            let Value::List(parts) = r else {
+                panic!("{r:?}")
+            };
+            let (Value::Bulk(c), Value::List(keys)) = (&parts[0], &parts[1]) else {
+                panic!("{parts:?}")
+            };
+            for k in keys {
+                let Value::Bulk(k) = k else { panic!() };
+                out.push(k.clone());
+            }
+            cursor = String::from_utf8_lossy(c).parse().unwrap();
+            if cursor == 0 {
+                break;
+            }
+            between(sm, call);
+        }
+        out
+    }
+
+    #[test]
+    fn scan_returns_every_key_present_throughout_while_writes_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(&dir.path().join("sm")).unwrap();
+        let mut index = 0;
+        let mut apply = |sm: &StateMachine, cmd: WriteCmd| {
+            index += 1;
+            sm.apply(index, Some(&cmd)).unwrap().unwrap();
+        };
+        let stable: Vec<Vec<u8>> = (0..500)
+            .map(|i| format!("stable-{i}").into_bytes())
+            .collect();
+        for k in &stable {
+            apply(
+                &sm,
+                WriteCmd::Set {
+                    key: k.clone(),
+                    value: b"v".to_vec(),
+                    cond: SetCond::Always,
+                },
+            );
+        }
+        for i in 0..200 {
+            apply(
+                &sm,
+                WriteCmd::Set {
+                    key: format!("gone-{i}").into_bytes(),
+                    value: b"v".to_vec(),
+                    cond: SetCond::Always,
+                },
+            );
+        }
+        // Between the calls: keys come and go, stable ones are rewritten.
+        let mut n = 0;
+        let got = full_scan(&sm, 7, |sm, call| {
+            for _ in 0..5 {
+                n += 1;
+                let cmd = match n % 3 {
+                    0 => WriteCmd::Set {
+                        key: format!("new-{n}").into_bytes(),
+                        value: b"x".to_vec(),
+                        cond: SetCond::Always,
+                    },
+                    1 => WriteCmd::Del(vec![format!("gone-{}", n % 200).into_bytes()]),
+                    _ => WriteCmd::Set {
+                        key: stable[(call * 7 + n) % 500].clone(),
+                        value: b"w".to_vec(),
+                        cond: SetCond::Always,
+                    },
+                };
+                index += 1;
+                sm.apply(index, Some(&cmd)).unwrap().unwrap();
+            }
+        });
+        let got: std::collections::HashSet<Vec<u8>> = got.into_iter().collect();
+        for k in &stable {
+            assert!(got.contains(k), "{} missing", String::from_utf8_lossy(k));
+        }
+        // A quiet full scan returns exactly the keys there are.
+        let all = full_scan(&sm, 1000, |_, _| {});
+        assert_eq!(all.len() as u64, sm.dbsize().unwrap());
+        let unique: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(unique.len(), all.len(), "no key twice in a quiet scan");
+        // MATCH filters what COUNT scanned.
+        let r = sm
+            .read_view(|v| {
+                v.read(&ReadCmd::Scan {
+                    cursor: 0,
+                    pattern: Some(b"stable-1?".to_vec()),
+                    count: 100_000,
+                    strings_only: true,
+                })
+            })
+            .unwrap();
+        let Value::List(parts) = r else { panic!() };
+        assert_eq!(parts[0], Value::text("0"));
+        assert!(matches!(&parts[1], Value::List(k) if k.len() == 10));
+    }
+
+    #[test]
+    fn the_scan_index_is_rebuilt_by_a_snapshot_load_and_for_old_databases() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(&dir.path().join("a")).unwrap();
+        for i in 0..300u64 {
+            sm.apply(
+                i + 1,
+                Some(&WriteCmd::Set {
+                    key: format!("k{i}").into_bytes(),
+                    value: b"v".to_vec(),
+                    cond: SetCond::Always,
+                }),
+            )
+            .unwrap()
+            .unwrap();
+        }
+        let file = dir.path().join("snap");
+        sm.write_snapshot(&file).unwrap();
+        let other = StateMachine::open(&dir.path().join("b")).unwrap();
+        other.load_snapshot(&file).unwrap();
+        assert_eq!(full_scan(&other, 10, |_, _| {}).len(), 300);
+        // A database from before the index: reopened, it is indexed.
+        {
+            let db = sm.db();
+            let idx: Vec<_> = db
+                .scan_prefix(HASHED)
+                .keys()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            for k in idx {
+                db.remove(k).unwrap();
+            }
+            db.remove(INDEXED).unwrap();
+            db.flush().unwrap();
+        }
+        assert_eq!(full_scan(&sm, 10, |_, _| {}).len(), 0, "the index is gone");
+        drop(sm);
+        let reopened = StateMachine::open(&dir.path().join("a")).unwrap();
+        assert_eq!(full_scan(&reopened, 10, |_, _| {}).len(), 300);
+    }
 
     fn set(k: &str, v: &str, cond: SetCond) -> WriteCmd {
         WriteCmd::Set {
