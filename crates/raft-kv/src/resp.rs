@@ -1,4 +1,4 @@
-//! The Redis edge: a RESP2 request parser with hard limits, reply
+//! The Redis edge: an incremental request parser with hard limits, reply
 //! encoding, and the one place that spells Redis error replies
 //! ([`error_reply`]).
 //!
