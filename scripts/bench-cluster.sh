@@ -56,7 +56,7 @@ for _ in 1 2 3; do
   c0=$(cpu)
   out=$($bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set)
   c1=$(cpu)
-  ops=$(awk '{print $1}' <<<"$out")
+  ops=$(head -1 <<<"$out" | awk '{print $1}')
   echo "$out; cluster CPU per op: $(( (c1 - c0) * 1000000000 / tck / ops )) ns"
 done
 $bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op get

@@ -112,6 +112,10 @@ pub struct Metrics {
     pub client_connections: Gauge,
     rejected: Family<ReasonLabel, Counter>,
     commands: Family<CommandLabel, Counter>,
+    /// `commands`' counters by the index of their name in `COMMANDS`, made
+    /// once: counting a command takes no lock.
+    command_counters: Vec<Counter>,
+    other_commands: Counter,
     errors: Family<CodeLabel, Counter>,
     /// Writes proposed on this node (as leader).
     pub proposals: Counter,
@@ -162,6 +166,8 @@ impl Metrics {
             client_connections: Gauge::default(),
             rejected: Family::default(),
             commands: Family::default(),
+            command_counters: Vec::new(),
+            other_commands: Counter::default(),
             errors: Family::default(),
             proposals: Counter::default(),
             commit_latency: latency_buckets(),
@@ -284,17 +290,35 @@ impl Metrics {
             "How long the latest snapshot took to take or load",
             m.snapshot_duration.clone(),
         );
-        Metrics { registry: r, ..m }
+        let command_counters = COMMANDS
+            .iter()
+            .map(|&command| m.commands.get_or_create(&CommandLabel { command }).clone())
+            .collect();
+        let other_commands = m
+            .commands
+            .get_or_create(&CommandLabel { command: "other" })
+            .clone();
+        Metrics {
+            registry: r,
+            command_counters,
+            other_commands,
+            ..m
+        }
     }
 
-    /// Counts a client command by its (uppercase) name.
-    pub fn command(&self, upper_name: &[u8]) {
-        let command = COMMANDS
-            .iter()
-            .find(|c| c.as_bytes() == upper_name)
-            .copied()
-            .unwrap_or("other");
-        self.commands.get_or_create(&CommandLabel { command }).inc();
+    /// Counts a client command by its (uppercase) name; returns the name
+    /// it was counted under (`other` for names not served).
+    pub fn command(&self, upper_name: &[u8]) -> &'static str {
+        match COMMANDS.iter().position(|c| c.as_bytes() == upper_name) {
+            Some(i) => {
+                self.command_counters[i].inc();
+                COMMANDS[i]
+            }
+            None => {
+                self.other_commands.inc();
+                "other"
+            }
+        }
     }
 
     /// Counts an error reply.

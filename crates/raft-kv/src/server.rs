@@ -147,9 +147,10 @@ pub async fn serve(
                 }
                 let guard = ClientGuard::new(&connected, &metrics);
                 let laddr = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                let (id, kill) = clients.add(peer.to_string(), laddr);
+                let (id, entry, kill) = clients.add(peer.to_string(), laddr);
                 let me = Me {
                     id,
+                    entry,
                     kill,
                     clients: clients.clone(),
                 };
@@ -195,12 +196,18 @@ pub async fn serve(
         }
     }
     drop(listener);
+    // Connections between requests close now; the others after answering
+    // what they have read.
+    for (_, c) in clients.all() {
+        entry_lock(&c).kill.notify_one();
+    }
     while conns.join_next().await.is_some() {}
 }
 
 /// A connection's entry in [`Clients`], removed when it ends.
 struct Me {
     id: u64,
+    entry: Arc<std::sync::Mutex<ClientEntry>>,
     kill: Arc<tokio::sync::Notify>,
     clients: Arc<Clients>,
 }
@@ -247,7 +254,9 @@ enum Pending {
 #[derive(Debug, Default)]
 pub struct Clients {
     next_id: std::sync::atomic::AtomicU64,
-    map: std::sync::Mutex<std::collections::BTreeMap<u64, ClientEntry>>,
+    /// Each entry has a lock of its own: a connection updates its entry
+    /// on every command without touching the others'.
+    map: std::sync::Mutex<std::collections::BTreeMap<u64, Arc<std::sync::Mutex<ClientEntry>>>>,
 }
 
 /// One connected client.
@@ -261,7 +270,7 @@ struct ClientEntry {
     resp: u8,
     since: std::time::Instant,
     last: std::time::Instant,
-    cmd: String,
+    cmd: &'static str,
     kill: Arc<tokio::sync::Notify>,
 }
 
@@ -284,39 +293,62 @@ impl ClientEntry {
 }
 
 impl Clients {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u64, ClientEntry>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::BTreeMap<u64, Arc<std::sync::Mutex<ClientEntry>>>,
+    > {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a connection; its id and the signal that kills it.
-    fn add(&self, addr: String, laddr: String) -> (u64, Arc<tokio::sync::Notify>) {
+    /// Registers a connection; its id, its entry and the signal that kills it.
+    fn add(
+        &self,
+        addr: String,
+        laddr: String,
+    ) -> (
+        u64,
+        Arc<std::sync::Mutex<ClientEntry>>,
+        Arc<tokio::sync::Notify>,
+    ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let kill = Arc::new(tokio::sync::Notify::new());
         let now = std::time::Instant::now();
-        self.lock().insert(
-            id,
-            ClientEntry {
-                addr,
-                laddr,
-                name: Vec::new(),
-                lib_name: Vec::new(),
-                lib_ver: Vec::new(),
-                resp: 2,
-                since: now,
-                last: now,
-                cmd: "NULL".into(),
-                kill: kill.clone(),
-            },
-        );
-        (id, kill)
+        let entry = Arc::new(std::sync::Mutex::new(ClientEntry {
+            addr,
+            laddr,
+            name: Vec::new(),
+            lib_name: Vec::new(),
+            lib_ver: Vec::new(),
+            resp: 2,
+            since: now,
+            last: now,
+            cmd: "NULL",
+            kill: kill.clone(),
+        }));
+        self.lock().insert(id, entry.clone());
+        (id, entry, kill)
     }
 
     fn remove(&self, id: u64) {
         self.lock().remove(&id);
     }
 
-    fn with<T>(&self, id: u64, f: impl FnOnce(&mut ClientEntry) -> T) -> Option<T> {
-        self.lock().get_mut(&id).map(f)
+    /// Every entry, in id order.
+    fn all(&self) -> Vec<(u64, Arc<std::sync::Mutex<ClientEntry>>)> {
+        self.lock().iter().map(|(&i, e)| (i, e.clone())).collect()
+    }
+}
+
+fn entry_lock(e: &std::sync::Mutex<ClientEntry>) -> std::sync::MutexGuard<'_, ClientEntry> {
+    e.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Session<'_> {
+    /// Runs `f` on this connection's entry.
+    fn with<T>(&self, f: impl FnOnce(&mut ClientEntry) -> T) -> T {
+        f(&mut entry_lock(&self.me.entry))
     }
 }
 
@@ -379,7 +411,7 @@ struct Session<'a> {
     resp3: bool,
     /// This connection's id.
     id: u64,
-    clients: &'a Clients,
+    me: &'a Me,
     /// Inside MULTI: the queued commands.
     multi: Option<Vec<TxCmd>>,
     /// A command queued in MULTI was refused: EXEC answers EXECABORT.
@@ -445,10 +477,10 @@ impl Session<'_> {
             }
             return pending.push(now(Err(KvError::AuthRequired)));
         }
-        self.metrics.command(&name);
-        self.clients.with(self.id, |c| {
+        let label = self.metrics.command(&name);
+        self.with(|c| {
             c.last = std::time::Instant::now();
-            c.cmd = String::from_utf8_lossy(&name[..name.len().min(32)]).to_ascii_lowercase();
+            c.cmd = label;
         });
         if !connection && name != b"INFO" {
             if let Some(why) = self.node.stopped() {
@@ -547,7 +579,7 @@ impl Session<'_> {
                 self.multi_failed = false;
                 self.resp3 = false;
                 self.authed = self.cfg.password.is_none();
-                self.clients.with(self.id, |c| {
+                self.with(|c| {
                     c.name.clear();
                     c.resp = 2;
                 });
@@ -658,7 +690,7 @@ impl Session<'_> {
             self.resp3 = p == 3;
         }
         let resp = if self.resp3 { 3 } else { 2 };
-        self.clients.with(self.id, |c| {
+        self.with(|c| {
             c.resp = resp;
             if let Some(n) = setname {
                 c.name = n;
@@ -685,14 +717,17 @@ impl Session<'_> {
                 if !valid_client_name(&n) {
                     return Err(KvError::BadClientName);
                 }
-                self.clients.with(id, |c| c.name = n);
+                self.with(|c| c.name = n);
                 Ok(Value::Ok)
             }
-            ClientCmd::GetName => Ok(self
-                .clients
-                .with(id, |c| c.name.clone())
-                .filter(|n| !n.is_empty())
-                .map_or(Value::Nil, Value::Bulk)),
+            ClientCmd::GetName => {
+                let n = self.with(|c| c.name.clone());
+                Ok(if n.is_empty() {
+                    Value::Nil
+                } else {
+                    Value::Bulk(n)
+                })
+            }
             ClientCmd::Id => Ok(Value::Int(id as i64)),
             ClientCmd::SetInfo { lib_name, value } => {
                 if !valid_client_name(&value) {
@@ -701,7 +736,7 @@ impl Session<'_> {
                             .into(),
                     ));
                 }
-                self.clients.with(id, |c| {
+                self.with(|c| {
                     if lib_name {
                         c.lib_name = value;
                     } else {
@@ -710,15 +745,15 @@ impl Session<'_> {
                 });
                 Ok(Value::Ok)
             }
-            ClientCmd::Info => Ok(Value::Verbatim(
-                self.clients.with(id, |c| c.line(id)).unwrap_or_default(),
-            )),
+            ClientCmd::Info => Ok(Value::Verbatim(self.with(|c| c.line(id)))),
             ClientCmd::List(ids) => {
-                let all = self.clients.lock();
-                let text: String = all
-                    .iter()
+                let text: String = self
+                    .me
+                    .clients
+                    .all()
+                    .into_iter()
                     .filter(|(i, _)| ids.is_empty() || ids.contains(i))
-                    .map(|(&i, c)| c.line(i))
+                    .map(|(i, c)| entry_lock(&c).line(i))
                     .collect();
                 Ok(Value::Verbatim(text))
             }
@@ -729,9 +764,9 @@ impl Session<'_> {
                 laddr,
                 skip_me,
             } => {
-                let all = self.clients.lock();
                 let mut killed = 0;
-                for (&i, c) in all.iter() {
+                for (i, c) in self.me.clients.all() {
+                    let c = entry_lock(&c);
                     if (skip_me && i == id)
                         || fid.is_some_and(|f| f != i)
                         || addr.as_ref().is_some_and(|a| *a != c.addr)
@@ -774,7 +809,7 @@ async fn connection<S: ClientIo>(
         close: false,
         resp3: false,
         id: me.id,
-        clients: &me.clients,
+        me,
         multi: None,
         multi_failed: false,
     };
@@ -797,6 +832,7 @@ async fn connection<S: ClientIo>(
             if *stop.borrow() {
                 return Ok(());
             }
+            let _ = &mut stop;
             // An unauthenticated client gets a short deadline, whatever
             // the idle timeout: it cannot hold a place for long.
             let limit = if session.authed {
@@ -806,13 +842,14 @@ async fn connection<S: ClientIo>(
                 Some(cfg.idle_timeout.map_or(left, |t| t.min(left)))
             };
             let n = tokio::select! {
+                biased;
                 r = within(limit, sock.fill(&mut buf)) => match r {
                     Some(r) => r?,
                     None => return Ok(()),
                 },
-                // Shutting down: a client between requests is closed.
-                _ = stopping(&mut stop) => return Ok(()),
-                // CLIENT KILL.
+                // CLIENT KILL, or the server stopping (which signals every
+                // connection this way: one shared signal would make every
+                // connection's every read take a shared lock).
                 _ = me.kill.notified() => return Ok(()),
             };
             if n == 0 {
@@ -896,6 +933,7 @@ async fn write_bounded<S: AsyncWrite + Unpin>(
             tokio::time::sleep(STOP_WRITE_GRACE).await;
         };
         tokio::select! {
+            biased;
             r = write => r.map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "the client does not read its replies")
             })??,

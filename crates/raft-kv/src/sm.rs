@@ -30,14 +30,14 @@ use tokio::sync::watch;
 const APPLIED: &[u8] = b"m:applied";
 const APPLIED_TERM: &[u8] = b"m:applied_term";
 const COUNT: &[u8] = b"m:count";
-const DATA: &[u8] = b"d:";
-/// The SCAN index: `h:` + the key's scan hash (8 bytes, big-endian) + the
-/// key. Derived from the data (rebuilt when a snapshot is loaded, and once
-/// for a state machine made before it existed), identical on every node,
-/// so a SCAN cursor means the same on all of them.
-const HASHED: &[u8] = b"h:";
-/// Present once the SCAN index covers every key.
-const INDEXED: &[u8] = b"m:scan_index";
+/// Data: `k:` + the key's scan hash (8 bytes, big-endian) + the key. Keys
+/// are stored in the order SCAN walks them, so a cursor (a hash) means the
+/// same on every node, and SCAN costs no index of its own.
+const DATA: &[u8] = b"k:";
+/// Bytes before the key in a data key.
+const DATA_HEAD: usize = 2 + 8;
+/// The layout before SCAN: `d:` + the key (moved to `k:` when opened).
+const OLD_DATA: &[u8] = b"d:";
 /// Bytes loaded from a snapshot between flushes.
 const LOAD_FLUSH_BYTES: usize = 16 << 20;
 /// The state machine database's page cache.
@@ -181,7 +181,7 @@ impl ReadView<'_> {
                 let mut total = 0usize;
                 for kv in self.db.scan_prefix(DATA) {
                     let (k, _) = kv?;
-                    let key = &k[DATA.len()..];
+                    let key = user_key(&k);
                     if glob_match(pattern, key) {
                         total = total.saturating_add(key.len() + 16);
                         if total > limit {
@@ -198,18 +198,18 @@ impl ReadView<'_> {
                 count,
                 strings_only,
             } => {
-                let mut start = HASHED.to_vec();
+                let mut start = DATA.to_vec();
                 start.extend_from_slice(&cursor.to_be_bytes());
                 let mut keys = Vec::new();
                 let mut last_hash = None;
                 let mut next = 0u64;
                 for (seen, kv) in self.db.range(start..).enumerate() {
                     let (k, _) = kv?;
-                    if !k.starts_with(HASHED) || k.len() < HASHED.len() + 8 {
+                    if !k.starts_with(DATA) || k.len() < DATA_HEAD {
                         break;
                     }
                     let mut hb = [0u8; 8];
-                    hb.copy_from_slice(&k[HASHED.len()..HASHED.len() + 8]);
+                    hb.copy_from_slice(&k[DATA.len()..DATA_HEAD]);
                     let h = u64::from_be_bytes(hb);
                     // Keys of one hash go out together: the cursor cannot
                     // point between them.
@@ -218,7 +218,7 @@ impl ReadView<'_> {
                         break;
                     }
                     last_hash = Some(h);
-                    let key = &k[HASHED.len() + 8..];
+                    let key = user_key(&k);
                     if *strings_only && pattern.as_ref().is_none_or(|p| glob_match(p, key)) {
                         keys.push(Value::Bulk(key.to_vec()));
                     }
@@ -226,12 +226,13 @@ impl ReadView<'_> {
                 Value::List(vec![Value::text(next.to_string()), Value::List(keys)])
             }
             ReadCmd::RandomKey => {
-                let start = dkey(&fastrand::u64(..).to_be_bytes());
+                let mut start = DATA.to_vec();
+                start.extend_from_slice(&fastrand::u64(..).to_be_bytes());
                 let pick = match self.db.range(start..).next() {
                     Some(kv) if kv.as_ref().is_ok_and(|(k, _)| k.starts_with(DATA)) => Some(kv?),
                     _ => self.db.scan_prefix(DATA).next().transpose()?,
                 };
-                pick.map_or(Value::Nil, |(k, _)| Value::Bulk(k[DATA.len()..].to_vec()))
+                pick.map_or(Value::Nil, |(k, _)| Value::Bulk(user_key(&k).to_vec()))
             }
         })
     }
@@ -242,9 +243,15 @@ impl ReadView<'_> {
     }
 }
 
+/// The user key inside a data key.
+fn user_key(dk: &[u8]) -> &[u8] {
+    &dk[DATA_HEAD.min(dk.len())..]
+}
+
 fn dkey(k: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(k.len() + 2);
+    let mut v = Vec::with_capacity(DATA_HEAD + k.len());
     v.extend_from_slice(DATA);
+    v.extend_from_slice(&scan_hash(k).to_be_bytes());
     v.extend_from_slice(k);
     v
 }
@@ -300,29 +307,24 @@ pub fn scan_hash(key: &[u8]) -> u64 {
     h | 1
 }
 
-fn hkey(key: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(HASHED.len() + 8 + key.len());
-    v.extend_from_slice(HASHED);
-    v.extend_from_slice(&scan_hash(key).to_be_bytes());
-    v.extend_from_slice(key);
-    v
-}
-
-/// Indexes every key of a database made before the SCAN index existed.
-fn build_scan_index(db: &sled::Db) -> Result<(), KvError> {
-    let mut b = sled::Batch::default();
-    let mut n = 0;
-    for kv in db.scan_prefix(DATA) {
-        let (k, _) = kv?;
-        b.insert(hkey(&k[DATA.len()..]), &[]);
-        n += 1;
-        if n % 4096 == 0 {
-            db.apply_batch(std::mem::take(&mut b))?;
+/// Moves the keys of a database made before SCAN (`d:` + key) to the
+/// current layout, a batch at a time (a crash in between leaves keys in
+/// both layouts; the next open moves the rest).
+fn migrate_layout(db: &sled::Db) -> Result<(), KvError> {
+    loop {
+        let mut b = sled::Batch::default();
+        let mut n = 0;
+        for kv in db.scan_prefix(OLD_DATA).take(4096) {
+            let (k, v) = kv?;
+            b.insert(dkey(&k[OLD_DATA.len()..]), v);
+            b.remove(k);
+            n += 1;
         }
+        if n == 0 {
+            return Ok(());
+        }
+        db.apply_batch(b)?;
     }
-    b.insert(INDEXED, &[1]);
-    db.apply_batch(b)?;
-    Ok(())
 }
 
 /// Writes `data` to `path` durably and atomically (temporary file, fsync,
@@ -380,9 +382,7 @@ impl StateMachine {
             }
         }
         let db = open_db(&dir.join(&gen))?;
-        if db.get(INDEXED)?.is_none() {
-            build_scan_index(&db)?;
-        }
+        migrate_layout(&db)?;
         let applied = u64_of(db.get(APPLIED)?);
         let term = u64_of(db.get(APPLIED_TERM)?);
         let (applied_tx, _) = watch::channel(applied);
@@ -441,7 +441,6 @@ impl StateMachine {
             db: &db,
             writes: HashMap::new(),
             count: u64_of(db.get(COUNT)?),
-            index: Vec::new(),
         };
         let count_before = st.count;
         let mut last = applied;
@@ -487,13 +486,7 @@ impl StateMachine {
                 None => b.remove(k),
             }
         }
-        for (k, added) in st.index {
-            if added {
-                b.insert(k, &[]);
-            } else {
-                b.remove(k);
-            }
-        }
+
         gate.apply_batch(b)?;
         if let Some(t) = last_term {
             self.applied_term.store(t, Ordering::Release);
@@ -605,7 +598,7 @@ impl StateMachine {
                 }
             };
             if let Some(value) = value {
-                w.record(&k[DATA.len()..], &value).map_err(io)?;
+                w.record(user_key(&k), &value).map_err(io)?;
                 written += 1;
             }
         }
@@ -618,7 +611,7 @@ impl StateMachine {
                 .collect()
         };
         for (k, v) in missed {
-            w.record(&k[DATA.len()..], &v).map_err(io)?;
+            w.record(user_key(&k), &v).map_err(io)?;
             written += 1;
         }
         if written != header.keys {
@@ -659,7 +652,6 @@ impl StateMachine {
             let mut unflushed = 0usize;
             while let Some((k, v)) = r.next_record().map_err(bad)? {
                 unflushed += k.len() + v.len();
-                b.insert(hkey(&k), &[]);
                 b.insert(dkey(&k), v);
                 in_batch += 1;
                 if in_batch == 4096 {
@@ -676,7 +668,6 @@ impl StateMachine {
                 }
             }
             let h = r.header();
-            b.insert(INDEXED, &[1]);
             b.insert(COUNT, &h.keys.to_be_bytes());
             b.insert(APPLIED, &h.index.to_be_bytes());
             b.insert(APPLIED_TERM, &h.term.to_be_bytes());
@@ -720,8 +711,6 @@ struct Staged<'a> {
     /// Data key -> new value, or `None` for deleted.
     writes: HashMap<Vec<u8>, Option<Vec<u8>>>,
     count: u64,
-    /// SCAN index changes, in order: (index key, added).
-    index: Vec<(Vec<u8>, bool)>,
 }
 
 impl Staged<'_> {
@@ -751,7 +740,6 @@ impl Staged<'_> {
     fn put_known(&mut self, key: &[u8], value: Vec<u8>, existed: bool) {
         if !existed {
             self.count += 1;
-            self.index.push((hkey(key), true));
         }
         self.writes.insert(dkey(key), Some(value));
     }
@@ -762,7 +750,6 @@ impl Staged<'_> {
         }
         self.count -= 1;
         self.writes.insert(dkey(key), None);
-        self.index.push((hkey(key), false));
         Ok(true)
     }
 
@@ -978,13 +965,13 @@ impl Staged<'_> {
                 let mut keys: Vec<Vec<u8>> = Vec::new();
                 for kv in self.db.scan_prefix(DATA) {
                     let (k, _) = kv?;
-                    keys.push(k[DATA.len()..].to_vec());
+                    keys.push(user_key(&k).to_vec());
                 }
                 let staged: Vec<Vec<u8>> = self
                     .writes
                     .iter()
                     .filter(|(_, v)| v.is_some())
-                    .map(|(k, _)| k[DATA.len()..].to_vec())
+                    .map(|(k, _)| user_key(&k).to_vec())
                     .collect();
                 keys.extend(staged);
                 for k in keys {
@@ -1028,14 +1015,14 @@ impl Staged<'_> {
                 for kv in self.db.scan_prefix(DATA) {
                     let (k, _) = kv?;
                     if !self.writes.contains_key(k.as_ref()) {
-                        keys.push(k[DATA.len()..].to_vec());
+                        keys.push(user_key(&k).to_vec());
                     }
                 }
                 keys.extend(
                     self.writes
                         .iter()
                         .filter(|(k, v)| v.is_some() && k.starts_with(DATA))
-                        .map(|(k, _)| k[DATA.len()..].to_vec()),
+                        .map(|(k, _)| user_key(&k).to_vec()),
                 );
                 keys.retain(|k| glob_match(pattern, k));
                 keys.sort();
@@ -1266,7 +1253,7 @@ mod tests {
     }
 
     #[test]
-    fn the_scan_index_is_rebuilt_by_a_snapshot_load_and_for_old_databases() {
+    fn scan_order_survives_a_snapshot_load_and_old_databases_are_moved_to_it() {
         let dir = tempfile::tempdir().unwrap();
         let sm = StateMachine::open(&dir.path().join("a")).unwrap();
         for i in 0..300u64 {
@@ -1286,23 +1273,28 @@ mod tests {
         let other = StateMachine::open(&dir.path().join("b")).unwrap();
         other.load_snapshot(&file).unwrap();
         assert_eq!(full_scan(&other, 10, |_, _| {}).len(), 300);
-        // A database from before the index: reopened, it is indexed.
+        // A database in the layout from before SCAN (`d:` + key): reopened,
+        // its keys are moved, values and count intact.
         {
             let db = sm.db();
-            let idx: Vec<_> = db
-                .scan_prefix(HASHED)
+            let keys: Vec<_> = db
+                .scan_prefix(DATA)
                 .keys()
                 .collect::<Result<_, _>>()
                 .unwrap();
-            for k in idx {
-                db.remove(k).unwrap();
+            for k in keys {
+                let v = db.remove(&k).unwrap().unwrap();
+                let mut old = OLD_DATA.to_vec();
+                old.extend_from_slice(user_key(&k));
+                db.insert(old, v).unwrap();
             }
-            db.remove(INDEXED).unwrap();
             db.flush().unwrap();
         }
-        assert_eq!(full_scan(&sm, 10, |_, _| {}).len(), 0, "the index is gone");
+        assert_eq!(full_scan(&sm, 10, |_, _| {}).len(), 0, "old layout");
         drop(sm);
         let reopened = StateMachine::open(&dir.path().join("a")).unwrap();
+        assert_eq!(reopened.dbsize().unwrap(), 300);
+        assert_eq!(reopened.get(b"k7").unwrap(), Some(b"v".to_vec()));
         assert_eq!(full_scan(&reopened, 10, |_, _| {}).len(), 300);
     }
 

@@ -121,6 +121,9 @@ pub(super) struct Driver {
     engine: Engine,
     /// Where the leader's per-peer progress is published (for metrics).
     progress: Arc<std::sync::Mutex<Vec<(NodeId, LogIndex)>>>,
+    /// When it was last published, and whether it was empty.
+    progress_at: std::cell::Cell<Option<std::time::Instant>>,
+    progress_empty: std::cell::Cell<bool>,
     /// The log store, while no write holds it.
     store: Option<Box<dyn LogStore>>,
     /// The write in progress: the driver keeps turning while it runs, and
@@ -228,6 +231,8 @@ impl Driver {
             reads_after_apply: BTreeMap::new(),
             next_ctx: 1,
             progress,
+            progress_at: std::cell::Cell::new(None),
+            progress_empty: std::cell::Cell::new(true),
         };
         d.publish_status(None);
         d
@@ -821,8 +826,17 @@ impl Driver {
     fn publish_status(&self, stopped: Option<String>) {
         let e = &self.engine;
         let applied = self.apply.applied();
-        {
+        // Per-peer progress is for metrics: refreshed at most every 100 ms
+        // (and whenever the role changes), not on every turn of the loop.
+        let due = self
+            .progress_at
+            .get()
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100))
+            || (e.role() != crate::types::Role::Leader) != self.progress_empty.get();
+        if due {
             let now = e.peer_progress();
+            self.progress_empty.set(now.is_empty());
+            self.progress_at.set(Some(std::time::Instant::now()));
             let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
             if *p != now {
                 *p = now;
