@@ -971,7 +971,7 @@ impl Staged<'_> {
                     .writes
                     .iter()
                     .filter(|(_, v)| v.is_some())
-                    .map(|(k, _)| user_key(&k).to_vec())
+                    .map(|(k, _)| user_key(k).to_vec())
                     .collect();
                 keys.extend(staged);
                 for k in keys {
@@ -1022,7 +1022,7 @@ impl Staged<'_> {
                     self.writes
                         .iter()
                         .filter(|(k, v)| v.is_some() && k.starts_with(DATA))
-                        .map(|(k, _)| user_key(&k).to_vec()),
+                        .map(|(k, _)| user_key(k).to_vec()),
                 );
                 keys.retain(|k| glob_match(pattern, k));
                 keys.sort();
