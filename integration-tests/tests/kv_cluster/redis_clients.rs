@@ -1,8 +1,8 @@
 //! Real Redis client libraries against a 3-node cluster: redis-py (the
 //! most used Python client) with its defaults (RESP3 and HELLO) and in
-//! RESP2, and through `HELLO 3 AUTH` on a cluster with a password. The tour
-//! itself is `integration-tests/clients/redis_py_tour.py`; `.ci/run`
-//! installs redis-py.
+//! RESP2, and through `HELLO 3 AUTH` on a cluster with a password; ioredis
+//! (Node.js) with its defaults. The tours are in `integration-tests/clients/`;
+//! `.ci/run` installs redis-py and ioredis.
 
 use crate::cluster::*;
 use std::process::Command;
@@ -82,4 +82,35 @@ fn redis_py_authenticates_with_hello() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid username-password pair"), "{err}");
+}
+
+#[test]
+fn ioredis_with_its_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(dir.path(), &[1, 2, 3]);
+    for id in [1, 2, 3] {
+        c.start(id);
+    }
+    c.wait_leader(&[1, 2, 3]);
+    let clients = concat!(env!("CARGO_MANIFEST_DIR"), "/clients");
+    assert!(
+        std::path::Path::new(clients)
+            .join("node_modules/ioredis")
+            .exists(),
+        "ioredis is needed for this test: (cd integration-tests/clients && npm install)"
+    );
+    let addrs: Vec<String> = c.client.values().map(|a| a.to_string()).collect();
+    let out = Command::new("node")
+        .current_dir(clients)
+        .arg("ioredis_tour.js")
+        .args(&addrs)
+        .output()
+        .expect("node is needed for this test");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "ioredis tour: {text}");
+    assert!(text.contains("tour passed through 3 node(s)"), "{text}");
 }
