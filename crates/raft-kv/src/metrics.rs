@@ -336,8 +336,19 @@ impl Metrics {
         self.rejected.get_or_create(&ReasonLabel { reason }).inc();
     }
 
-    /// Reads Raft's state into the gauges and renders everything.
+    /// Reads Raft's state into the gauges and renders everything (the
+    /// leader's per-peer progress asked of Raft now).
+    pub async fn scrape(&self, node: &KvNode) -> String {
+        let progress = node.raft().peer_progress().await;
+        self.render_with(node, &progress)
+    }
+
+    /// Renders without per-peer progress (for callers that cannot wait).
     pub fn render(&self, node: &KvNode) -> String {
+        self.render_with(node, &[])
+    }
+
+    fn render_with(&self, node: &KvNode, progress: &[(u64, u64)]) -> String {
         let _one = self.rendering.lock().unwrap_or_else(|p| p.into_inner());
         let s = node.raft().status();
         let role = match s.role {
@@ -363,7 +374,7 @@ impl Metrics {
             .set(g(s.commit_index.saturating_sub(applied)));
         self.peer_match.clear();
         self.peer_lag.clear();
-        for (peer, matched) in node.raft().peer_progress() {
+        for &(peer, matched) in progress {
             let l = PeerLabel {
                 peer: peer.to_string(),
             };
@@ -510,7 +521,7 @@ async fn answer(sock: &mut tokio::net::TcpStream, node: &KvNode) -> std::io::Res
     let respond = |sock, code, ctype, body| respond(sock, code, ctype, body, head);
     match path.split('?').next().unwrap_or("") {
         "/metrics" => {
-            let body = node.metrics().render(node);
+            let body = node.metrics().scrape(node).await;
             respond(
                 sock,
                 200,

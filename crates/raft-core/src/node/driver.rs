@@ -119,11 +119,6 @@ async fn write(
 
 pub(super) struct Driver {
     engine: Engine,
-    /// Where the leader's per-peer progress is published (for metrics).
-    progress: Arc<std::sync::Mutex<Vec<(NodeId, LogIndex)>>>,
-    /// When it was last published, and whether it was empty.
-    progress_at: std::cell::Cell<Option<std::time::Instant>>,
-    progress_empty: std::cell::Cell<bool>,
     /// The log store, while no write holds it.
     store: Option<Box<dyn LogStore>>,
     /// The write in progress: the driver keeps turning while it runs, and
@@ -187,7 +182,6 @@ impl Driver {
         req_rx: mpsc::Receiver<Request>,
         status_tx: watch::Sender<Status>,
         apply: ApplyQueue,
-        progress: Arc<std::sync::Mutex<Vec<(NodeId, LogIndex)>>>,
     ) -> Driver {
         let cfg = engine.config();
         let limits = Limits {
@@ -230,9 +224,6 @@ impl Driver {
             read_waiters: HashMap::new(),
             reads_after_apply: BTreeMap::new(),
             next_ctx: 1,
-            progress,
-            progress_at: std::cell::Cell::new(None),
-            progress_empty: std::cell::Cell::new(true),
         };
         d.publish_status(None);
         d
@@ -376,6 +367,9 @@ impl Driver {
                 let _ = reply.send(res.map_err(Error::from));
             }
             Request::Release(index) => self.engine.release(index),
+            Request::Progress(reply) => {
+                let _ = reply.send(self.engine.peer_progress());
+            }
             Request::SnapshotTaken(index, reply) => {
                 let _ = reply.send(Ok(self.engine.snapshot_taken(index)));
             }
@@ -826,22 +820,6 @@ impl Driver {
     fn publish_status(&self, stopped: Option<String>) {
         let e = &self.engine;
         let applied = self.apply.applied();
-        // Per-peer progress is for metrics: refreshed at most every 100 ms
-        // (and whenever the role changes), not on every turn of the loop.
-        let due = self
-            .progress_at
-            .get()
-            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(100))
-            || (e.role() != crate::types::Role::Leader) != self.progress_empty.get();
-        if due {
-            let now = e.peer_progress();
-            self.progress_empty.set(now.is_empty());
-            self.progress_at.set(Some(std::time::Instant::now()));
-            let mut p = self.progress.lock().unwrap_or_else(|p| p.into_inner());
-            if *p != now {
-                *p = now;
-            }
-        }
         self.status_tx.send_if_modified(|s| {
             let new = Status {
                 id: e.id(),

@@ -75,6 +75,8 @@ pub(super) enum Request {
     SnapshotTaken(LogIndex, Reply<Option<SnapshotMeta>>),
     ChangeMembership(Vec<ChangeStep>, Reply<LogId>),
     TransferLeadership(Option<NodeId>, Reply<NodeId>),
+    /// The leader's per-peer progress (empty on other nodes).
+    Progress(oneshot::Sender<Vec<(NodeId, LogIndex)>>),
 }
 
 struct Parts {
@@ -103,8 +105,6 @@ struct Inner {
     req_tx: mpsc::Sender<Request>,
     status_rx: watch::Receiver<Status>,
     applied: Arc<AtomicU64>,
-    /// The leader's replication progress per peer, as last published.
-    progress: Arc<std::sync::Mutex<Vec<(NodeId, LogIndex)>>>,
     started: std::sync::atomic::AtomicBool,
     lifecycle: Mutex<Lifecycle>,
 }
@@ -238,7 +238,6 @@ impl Raft {
                 req_tx,
                 status_rx,
                 applied: Arc::new(AtomicU64::new(0)),
-                progress: Arc::default(),
                 started: std::sync::atomic::AtomicBool::new(false),
                 lifecycle: Mutex::new(Lifecycle::NotStarted(Box::new(parts))),
             }),
@@ -312,7 +311,6 @@ impl Raft {
             req_rx,
             status_tx,
             apply,
-            self.inner.progress.clone(),
         );
         let driver = tokio::spawn(driver.run(shutdown_rx, apply_fail_rx).instrument(span));
         self.inner.started.store(true, Ordering::Release);
@@ -469,12 +467,12 @@ impl Raft {
 
     /// On a leader, the last index known replicated on each other member
     /// (for metrics); empty on other nodes.
-    pub fn peer_progress(&self) -> Vec<(NodeId, LogIndex)> {
-        self.inner
-            .progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    pub async fn peer_progress(&self) -> Vec<(NodeId, LogIndex)> {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.req_tx.send(Request::Progress(tx)).await.is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// A receiver that sees every status change (for waiting on a condition).
