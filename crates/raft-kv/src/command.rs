@@ -865,6 +865,22 @@ const TABLE: &[CommandDesc] = &[
         0,
         0,
     ),
+    (
+        "watch",
+        -2,
+        &["noscript", "loading", "stale", "fast"],
+        1,
+        -1,
+        1,
+    ),
+    (
+        "unwatch",
+        1,
+        &["noscript", "loading", "stale", "fast"],
+        0,
+        0,
+        0,
+    ),
     ("ping", -1, &["fast"], 0, 0, 0),
     ("echo", 2, &["fast"], 0, 0, 0),
     (
@@ -908,6 +924,12 @@ const TABLE: &[CommandDesc] = &[
     ("raft.member", -2, &["admin"], 0, 0, 0),
     ("raft.transfer", -1, &["admin"], 0, 0, 0),
 ];
+
+/// The names of the commands this store serves, in lower case (what
+/// `COMMAND` lists; the metrics count commands by them).
+pub fn names() -> impl Iterator<Item = &'static str> {
+    TABLE.iter().map(|e| e.0)
+}
 
 fn command_entry(e: &CommandDesc) -> Value {
     let (name, arity, flags, first, last, step) = *e;

@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CommandLabel {
-    command: &'static str,
+    command: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,61 +46,6 @@ struct PeerLabel {
     peer: String,
 }
 
-/// Command names counted by name; anything else counts as `other`, so a
-/// client cannot grow the label set.
-const COMMANDS: &[&str] = &[
-    "PING",
-    "ECHO",
-    "AUTH",
-    "COMMAND",
-    "INFO",
-    "SET",
-    "GET",
-    "MGET",
-    "MSET",
-    "DEL",
-    "EXISTS",
-    "STRLEN",
-    "DBSIZE",
-    "INCR",
-    "DECR",
-    "INCRBY",
-    "DECRBY",
-    "CAS",
-    "RAFTKV.BACKUP",
-    "RAFT.MEMBER",
-    "RAFT.TRANSFER",
-    "CLIENT",
-    "HELLO",
-    "GETSET",
-    "GETDEL",
-    "SETNX",
-    "APPEND",
-    "INCRBYFLOAT",
-    "SETRANGE",
-    "GETRANGE",
-    "MSETNX",
-    "UNLINK",
-    "RENAME",
-    "RENAMENX",
-    "COPY",
-    "FLUSHDB",
-    "FLUSHALL",
-    "TYPE",
-    "KEYS",
-    "RANDOMKEY",
-    "SCAN",
-    "RESET",
-    "TIME",
-    "MULTI",
-    "EXEC",
-    "DISCARD",
-    "WATCH",
-    "UNWATCH",
-    "SELECT",
-    "QUIT",
-];
-
 const ROLES: &[&str] = &["follower", "candidate", "leader", "learner", "stopped"];
 
 /// One node's metrics.
@@ -112,8 +57,10 @@ pub struct Metrics {
     pub client_connections: Gauge,
     rejected: Family<ReasonLabel, Counter>,
     commands: Family<CommandLabel, Counter>,
-    /// `commands`' counters by the index of their name in `COMMANDS`, made
-    /// once: counting a command takes no lock.
+    /// `commands`' counters, one per command this store serves (in the
+    /// order of [`crate::command::names`]), made once: counting a command
+    /// takes no lock, and a client cannot grow the label set (anything else
+    /// counts as `other`).
     command_counters: Vec<Counter>,
     other_commands: Counter,
     errors: Family<CodeLabel, Counter>,
@@ -290,13 +237,17 @@ impl Metrics {
             "How long the latest snapshot took to take or load",
             m.snapshot_duration.clone(),
         );
-        let command_counters = COMMANDS
-            .iter()
-            .map(|&command| m.commands.get_or_create(&CommandLabel { command }).clone())
+        let command_counters = crate::command::names()
+            .map(|name| {
+                let command = name.to_ascii_uppercase();
+                m.commands.get_or_create(&CommandLabel { command }).clone()
+            })
             .collect();
         let other_commands = m
             .commands
-            .get_or_create(&CommandLabel { command: "other" })
+            .get_or_create(&CommandLabel {
+                command: "other".into(),
+            })
             .clone();
         Metrics {
             registry: r,
@@ -306,13 +257,13 @@ impl Metrics {
         }
     }
 
-    /// Counts a client command by its (uppercase) name; returns the name
-    /// it was counted under (`other` for names not served).
-    pub fn command(&self, upper_name: &[u8]) -> &'static str {
-        match COMMANDS.iter().position(|c| c.as_bytes() == upper_name) {
+    /// Counts a client command by its name (any case); returns the name
+    /// it was counted under, in lower case (`other` for names not served).
+    pub fn command(&self, name: &[u8]) -> &'static str {
+        match crate::command::names().position(|c| c.as_bytes().eq_ignore_ascii_case(name)) {
             Some(i) => {
                 self.command_counters[i].inc();
-                COMMANDS[i]
+                crate::command::names().nth(i).unwrap_or("other")
             }
             None => {
                 self.other_commands.inc();
@@ -444,11 +395,6 @@ impl<L: LogStore> LogStore for TimedLog<L> {
     async fn purge(&mut self, upto: LogId) -> Result<(), StorageError> {
         self.inner.purge(upto).await
     }
-}
-
-/// Whether the node is alive (Raft has not stopped).
-pub fn healthy(node: &KvNode) -> bool {
-    node.stopped().is_none()
 }
 
 /// Whether the node can serve: it knows a leader and applies up to the

@@ -677,11 +677,7 @@ impl KvNode {
             break;
         }
         let index = index.ok_or(KvError::NoLeader)?;
-        let mut applied = self.sm.watch_applied();
-        let reached = timeout(COMMIT_WAIT, applied.wait_for(|&a| a >= index))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        if reached {
+        if self.wait_applied(index, COMMIT_WAIT).await {
             Ok(())
         } else {
             Err(KvError::NoLeader)

@@ -832,7 +832,6 @@ async fn connection<S: ClientIo>(
             if *stop.borrow() {
                 return Ok(());
             }
-            let _ = &mut stop;
             // An unauthenticated client gets a short deadline, whatever
             // the idle timeout: it cannot hold a place for long.
             let limit = if session.authed {
