@@ -159,5 +159,25 @@ impl From<sled::Error> for KvError {
     }
 }
 
+/// redb's errors, one type per operation, all storage failures here.
+macro_rules! from_redb {
+    ($($t:ident),*) => {$(
+        impl From<redb::$t> for KvError {
+            fn from(e: redb::$t) -> Self {
+                KvError::Storage(redb::Error::from(e).to_string())
+            }
+        }
+    )*};
+}
+from_redb!(
+    Error,
+    StorageError,
+    TableError,
+    TransactionError,
+    CommitError,
+    SetDurabilityError,
+    DatabaseError
+);
+
 /// A command's result.
 pub type Reply = Result<crate::command::Value, KvError>;

@@ -1,7 +1,8 @@
 //! # raft-kv
 //!
 //! A replicated key-value store on raft-core, with the log on sled
-//! (raft-log), peers talking QUIC with mutual TLS (raft-net-quic), and clients
+//! (raft-log), the state machine on redb,
+//! peers talking QUIC with mutual TLS (raft-net-quic), and clients
 //! talking the Redis protocol (RESP2, and RESP3 after `HELLO 3`), so `redis-cli`, `redis-benchmark` and
 //! every Redis client library work with it.
 //!

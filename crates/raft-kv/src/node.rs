@@ -118,8 +118,6 @@ const RELEASE_EVERY: Duration = Duration::from_secs(1);
 const SNAPSHOT_CHECK: Duration = Duration::from_millis(200);
 /// How long shutdown waits for the state machine's final flush.
 const FLUSH_GRACE: Duration = Duration::from_secs(3);
-/// How long a read waits for a batch being applied.
-const READ_WAIT: Duration = Duration::from_secs(5);
 
 /// The reply for a proposal Raft refused; nothing was proposed.
 fn refused(e: &RaftError) -> KvError {
@@ -686,9 +684,7 @@ impl KvNode {
 
     /// Runs a read linearizably: a read barrier, then one view of the
     /// applied state (all the keys of MGET or EXISTS, and DBSIZE, from the
-    /// same batches). While a batch is being applied the task waits without
-    /// holding its thread; a batch that never finishes (a hung disk) gets
-    /// a retry answer after `READ_WAIT`.
+    /// same batches), which batches being applied meanwhile never hold up.
     pub async fn read(&self, cmd: &ReadCmd) -> Reply {
         self.read_limited(cmd, usize::MAX).await
     }
@@ -700,24 +696,9 @@ impl KvNode {
             return Err(KvError::Stopped(why));
         }
         self.read_barrier().await?;
-        let deadline = tokio::time::Instant::now() + READ_WAIT;
-        let mut tries = 0u32;
-        loop {
-            if let Some(r) = self.sm.try_read_view(|v| v.read_limited(cmd, limit)) {
-                return r;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(KvError::NotApplied(
-                    "the state machine is busy; try again".into(),
-                ));
-            }
-            tries += 1;
-            if tries < 16 {
-                tokio::task::yield_now().await;
-            } else {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        }
+        // A read view never waits for the applier (redb is MVCC); it may
+        // read pages from disk, as any read may.
+        self.sm.read_view(|v| v.read_limited(cmd, limit))
     }
 
     /// Runs a cluster administration request: LIST here, the others on the
@@ -1039,7 +1020,7 @@ async fn release_loop(raft: Raft, sm: Arc<StateMachine>) {
 /// Most committed entries applied in one state-machine batch.
 const APPLY_BATCH: usize = 512;
 
-/// Decodes and applies one batch of committed entries (blocking: sled).
+/// Decodes and applies one batch of committed entries (blocking).
 fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> Result<Vec<Reply>, KvError> {
     let cmds: Vec<Option<WriteCmd>> = batch
         .iter()
@@ -1092,7 +1073,7 @@ async fn apply_loop(
         }
         let mut batch: Vec<ApplyMsg> = Vec::with_capacity(APPLY_BATCH);
         batch.push(first);
-        // Everything already delivered goes into the same atomic sled batch
+        // Everything already delivered goes into the same transaction
         // (up to a snapshot, which waits for the next turn).
         while batch.len() < APPLY_BATCH {
             match rx.try_recv() {
@@ -1106,7 +1087,7 @@ async fn apply_loop(
         }
         let responders: Vec<Option<Responder>> =
             batch.iter_mut().map(|m| m.responder.take()).collect();
-        // sled reads and writes block: off the async threads.
+        // Database reads and writes block: off the async threads.
         let sm2 = sm.clone();
         let res = tokio::task::spawn_blocking(move || apply_batch(&sm2, &batch)).await;
         let why = match res {
