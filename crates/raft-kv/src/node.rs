@@ -1002,8 +1002,14 @@ async fn release_loop(raft: Raft, sm: Arc<StateMachine>) {
             continue;
         }
         let flushing = sm.clone();
+        let t0 = std::time::Instant::now();
         match tokio::task::spawn_blocking(move || flushing.flush()).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => {
+                tracing::debug!(
+                    ms = t0.elapsed().as_millis() as u64,
+                    "state machine flushed"
+                );
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "state machine flush failed; the log keeps its entries");
                 continue;

@@ -247,6 +247,56 @@ pub fn verify(path: &Path) -> Result<Header, SnapError> {
     Ok(r.header())
 }
 
+/// Bytes written to a big file between two syncs of it.
+pub const SYNC_EVERY: u64 = 8 << 20;
+
+/// A file written in bulk (a snapshot being written, received or loaded)
+/// that is synced every [`SYNC_EVERY`] bytes. The disk is shared with the
+/// Raft log, whose every save waits for an fsync: a file written whole and
+/// synced once at the end makes that one fsync carry hundreds of megabytes,
+/// and the log's saves queue behind it. Synced as it goes, the disk sees a
+/// steady trickle instead.
+#[derive(Debug)]
+pub struct SyncingFile {
+    file: std::fs::File,
+    unsynced: u64,
+}
+
+impl SyncingFile {
+    /// Wraps `file`.
+    pub fn new(file: std::fs::File) -> Self {
+        SyncingFile { file, unsynced: 0 }
+    }
+
+    /// Counts `n` bytes written to the file by other means, and syncs when
+    /// they reach [`SYNC_EVERY`].
+    pub fn wrote(file: &std::fs::File, unsynced: &mut u64, n: u64) -> std::io::Result<()> {
+        *unsynced += n;
+        if *unsynced >= SYNC_EVERY {
+            file.sync_data()?;
+            *unsynced = 0;
+        }
+        Ok(())
+    }
+
+    /// The file.
+    pub fn into_inner(self) -> std::fs::File {
+        self.file
+    }
+}
+
+impl Write for SyncingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        SyncingFile::wrote(&self.file, &mut self.unsynced, n as u64)?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

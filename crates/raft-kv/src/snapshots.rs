@@ -200,6 +200,8 @@ struct FileWriter {
     file: Option<std::fs::File>,
     size: u64,
     held: u64,
+    /// Bytes written since the file was last synced.
+    unsynced: u64,
 }
 
 #[async_trait]
@@ -220,12 +222,15 @@ impl SnapshotWriter for FileWriter {
         let n = data.len() as u64;
         let data = data.to_vec();
         let path = self.path.clone();
-        let f = blocking(move || {
+        let mut unsynced = self.unsynced;
+        let (f, unsynced) = blocking(move || {
             f.write_all(&data).map_err(|e| io(&path, e))?;
-            Ok(f)
+            snapfile::SyncingFile::wrote(&f, &mut unsynced, n).map_err(|e| io(&path, e))?;
+            Ok((f, unsynced))
         })
         .await?;
         self.file = Some(f);
+        self.unsynced = unsynced;
         self.held += n;
         Ok(())
     }
@@ -323,6 +328,7 @@ impl SnapshotStore for Snapshots {
             file: Some(file),
             size,
             held,
+            unsynced: 0,
         }))
     }
 }

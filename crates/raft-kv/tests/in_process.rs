@@ -341,6 +341,25 @@ async fn followers_behind_the_compaction_point_are_caught_up_by_snapshots() {
     caught_up(back.clone(), l.clone()).await;
     back.shutdown().await;
 
+    // 2b. Its state machine file damaged (the first pages flipped): it is
+    // set aside and rebuilt the same way, with no panic.
+    let sm_dir = node_dir(f).join("sm");
+    let gen = std::fs::read_to_string(sm_dir.join("CURRENT")).unwrap();
+    let file = sm_dir.join(gen.trim()).join("state.redb");
+    let mut bytes = std::fs::read(&file).unwrap();
+    for b in bytes.iter_mut().take(8192) {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&file, bytes).unwrap();
+    let back = snapshotting_node(&net, f, &node_dir(f), &logs[&f]).await;
+    caught_up(back.clone(), l.clone()).await;
+    back.shutdown().await;
+    let set_aside = std::fs::read_dir(node_dir(f))
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("sm.damaged-"));
+    assert!(set_aside, "the damaged state machine is kept aside");
+
     // 3. Its whole directory and log lost: under its old id it is refused
     // (another storage identity); removed and added back as a new member,
     // it is rebuilt by the leader's snapshot.
