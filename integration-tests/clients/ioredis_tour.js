@@ -67,6 +67,20 @@ async function main() {
     const res = await r.pipeline().set(`${key}:p`, "1").incr(`${key}:p`).get(`${key}:p`).exec();
     assert.deepEqual(res, [[null, "OK"], [null, 2], [null, "2"]]);
   });
+  await step("expiry", async () => {
+    const ek = `${key}:e`;
+    assert.equal(await r.set(ek, "x", "EX", 100), "OK");
+    for (const o of others) {
+      const t = await o.ttl(ek);
+      assert.ok(t >= 98 && t <= 100, `ttl ${t}`);
+    }
+    assert.equal(await r.expire(ek, 50, "GT"), 0);
+    assert.equal(await r.persist(ek), 1);
+    assert.equal(await r.ttl(ek), -1);
+    assert.equal(await r.pexpire(ek, 300), 1);
+    await new Promise((ok) => setTimeout(ok, 1500));
+    for (const c of clients) assert.equal(await c.get(ek), null);
+  });
   await step("scan", async () => {
     const seen = new Set();
     await new Promise((resolve, reject) => {

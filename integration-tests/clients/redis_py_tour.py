@@ -3,7 +3,7 @@ default settings (RESP3 in redis-py 8) or `--protocol 2`:
 
     python3 redis_py_tour.py --protocol 3 HOST:PORT [HOST:PORT ...]
 
-Connection commands, strings, errors and client bookkeeping, through every
+Connection commands, strings, expiry, errors and client bookkeeping, through every
 node given (writes through one node are read through the others). Exits
 non-zero with the failing step on any difference from what Redis answers.
 """
@@ -117,6 +117,25 @@ def main():
     check("type", text(r.type(key + ":t9")), "string")
     check("keys", sorted(r.keys(key + ":t*")), [(key + ":t2").encode(), (key + ":t3").encode(), (key + ":t9").encode()])
     check("getdel", r.getdel(key + ":t9"), b"zQz")
+    # Expiry: the leader's time, seen alike through every node.
+    ek = key + ":e"
+    check("set ex", r.set(ek, "x", ex=100), True)
+    for o in others:
+        check("ttl elsewhere", 98 <= o.ttl(ek) <= 100, True)
+    check("pttl", 95_000 <= r.pttl(ek) <= 100_000, True)
+    check("expire gt refused", r.expire(ek, 50, gt=True), False)
+    check("expire lt", r.expire(ek, 50, lt=True), True)
+    check("persist", r.persist(ek), True)
+    check("ttl none", r.ttl(ek), -1)
+    check("ttl missing", r.ttl(ek + ":missing"), -2)
+    check("getex px", r.getex(ek, px=300), b"x")
+    check("psetex", r.psetex(ek + ":2", 300, "y"), True)
+    check("set get keepttl", r.set(ek + ":2", "z", keepttl=True, get=True), b"y")
+    check("expireat past", r.set(ek + ":3", "q") and r.expireat(ek + ":3", 1), True)
+    check("gone at once", [o.exists(ek + ":3") for o in clients], [0] * len(clients))
+    time.sleep(1.5)
+    check("expired everywhere", [o.get(ek) for o in clients], [None] * len(clients))
+    check("expired too", [o.get(ek + ":2") for o in clients], [None] * len(clients))
     # SCAN through one node, with the cursor carried on through another.
     scanned = set()
     cursor = 0

@@ -16,6 +16,33 @@ pub enum SetCond {
     IfPresent,
 }
 
+/// What a write does to its key's expiry time. Relative times are turned
+/// into absolute ones when the entry is applied, with the entry's time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ttl {
+    /// The key has no expiry afterwards (plain SET).
+    Clear,
+    /// The key keeps its expiry (KEEPTTL).
+    Keep,
+    /// Expires this many milliseconds after the entry's time.
+    In(i64),
+    /// Expires at this time (milliseconds since the Unix epoch).
+    At(i64),
+}
+
+/// EXPIRE's conditions (XX may go with GT or LT).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpireCond {
+    /// NX: only when the key has no expiry.
+    pub nx: bool,
+    /// XX: only when it has one.
+    pub xx: bool,
+    /// GT: only when the new time is later (no expiry counts as never).
+    pub gt: bool,
+    /// LT: only when the new time is earlier.
+    pub lt: bool,
+}
+
 /// A write, as stored in the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WriteCmd {
@@ -105,6 +132,54 @@ pub enum WriteCmd {
     FlushAll,
     /// MULTI ... EXEC: the queued commands, applied together in one entry.
     Exec(Vec<TxCmd>),
+    /// SET with options beyond NX/XX: an expiry or KEEPTTL, and GET.
+    SetWith {
+        /// Key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// Value.
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        /// NX / XX.
+        cond: SetCond,
+        /// What happens to the key's expiry.
+        ttl: Ttl,
+        /// GET: answer the old value.
+        get: bool,
+        /// The command's name (set, setex, psetex), for its error message.
+        name: String,
+    },
+    /// EXPIRE, PEXPIRE, EXPIREAT, PEXPIREAT key time [NX|XX|GT|LT].
+    Expire {
+        /// Key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The new expiry (`In` or `At`).
+        at: Ttl,
+        /// The condition.
+        cond: ExpireCond,
+        /// The command's name, for its error message.
+        name: String,
+    },
+    /// PERSIST key: 1 if an expiry was removed.
+    Persist(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// GETEX key EX|PX|EXAT|PXAT|PERSIST: the value, and a new expiry. The
+    /// option and its time stay as sent: as in Redis, the time is checked
+    /// only once the key is found.
+    GetEx {
+        /// Key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// The option (upper case).
+        opt: String,
+        /// Its time (empty for PERSIST).
+        #[serde(with = "serde_bytes")]
+        time: Vec<u8>,
+    },
+    /// Removes those of the keys whose expiry time has passed at the
+    /// entry's time. The leader proposes it for keys it found expired; an
+    /// empty one only moves the clock on.
+    Reap(Vec<Vec<u8>>),
 }
 
 /// A command queued in a transaction.
@@ -142,6 +217,16 @@ pub enum ReadTx {
     DbSize,
     /// KEYS pattern.
     Keys(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// TTL, PTTL, EXPIRETIME, PEXPIRETIME key.
+    Ttl {
+        /// Key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// In milliseconds.
+        ms: bool,
+        /// The expiry time itself.
+        absolute: bool,
+    },
 }
 
 impl ReadTx {
@@ -156,6 +241,7 @@ impl ReadTx {
             ReadCmd::Type(k) => ReadTx::Type(k),
             ReadCmd::DbSize => ReadTx::DbSize,
             ReadCmd::Keys(p) => ReadTx::Keys(p),
+            ReadCmd::Ttl { key, ms, absolute } => ReadTx::Ttl { key, ms, absolute },
             // Random, or a cursor: replicas would disagree / no use.
             ReadCmd::RandomKey | ReadCmd::Scan { .. } => return None,
         })
@@ -272,6 +358,15 @@ pub enum ReadCmd {
     Keys(Vec<u8>),
     /// RANDOMKEY.
     RandomKey,
+    /// TTL, PTTL, EXPIRETIME, PEXPIRETIME key.
+    Ttl {
+        /// Key.
+        key: Vec<u8>,
+        /// In milliseconds (PTTL, PEXPIRETIME) rather than seconds.
+        ms: bool,
+        /// The expiry time itself (EXPIRETIME) rather than what is left.
+        absolute: bool,
+    },
     /// SCAN cursor [MATCH pattern] [COUNT n] [TYPE type].
     Scan {
         /// Where to go on (0: from the start).
@@ -465,17 +560,91 @@ impl Command {
             ))),
             ("SET", 3..) => {
                 let (key, value) = (next(), next());
-                let opts: Vec<String> = rest
-                    .map(|a| String::from_utf8_lossy(&a).to_ascii_uppercase())
-                    .collect();
-                let cond = match opts.as_slice() {
-                    [] => SetCond::Always,
-                    [x] if x == "NX" => SetCond::IfAbsent,
-                    [x] if x == "XX" => SetCond::IfPresent,
-                    _ => return Err(KvError::Syntax),
-                };
-                Command::Write(WriteCmd::Set { key, value, cond })
+                parse_set(key, value, rest.collect())?
             }
+            ("SETEX" | "PSETEX", 4) => {
+                let key = next();
+                let t = int_arg(&next())?;
+                let lower = name.to_ascii_lowercase();
+                let ms = if name == "SETEX" {
+                    t.checked_mul(1000)
+                } else {
+                    Some(t)
+                }
+                .filter(|&ms| t > 0 && ms > 0)
+                .ok_or_else(|| invalid_expire(&lower))?;
+                Command::Write(WriteCmd::SetWith {
+                    key,
+                    value: next(),
+                    cond: SetCond::Always,
+                    ttl: Ttl::In(ms),
+                    get: false,
+                    name: lower,
+                })
+            }
+            ("GETEX", 2..) => {
+                let key = next();
+                let opts: Vec<Vec<u8>> = rest.collect();
+                match parse_opts(&opts, true)?.2 {
+                    None => Command::Read(ReadCmd::Get(key)),
+                    Some((opt, time)) => Command::Write(WriteCmd::GetEx { key, opt, time }),
+                }
+            }
+            ("EXPIRE" | "PEXPIRE" | "EXPIREAT" | "PEXPIREAT", 3..) => {
+                let key = next();
+                let t = next();
+                // As Redis: the options are checked before the time.
+                let mut cond = ExpireCond::default();
+                for opt in rest {
+                    match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
+                        "NX" => cond.nx = true,
+                        "XX" => cond.xx = true,
+                        "GT" => cond.gt = true,
+                        "LT" => cond.lt = true,
+                        _ => {
+                            return Err(KvError::Other(format!(
+                                "Unsupported option {}",
+                                String::from_utf8_lossy(&opt)
+                            )))
+                        }
+                    }
+                }
+                if cond.nx && (cond.xx || cond.gt || cond.lt) {
+                    return Err(KvError::Other(
+                        "NX and XX, GT or LT options at the same time are not compatible".into(),
+                    ));
+                }
+                if cond.gt && cond.lt {
+                    return Err(KvError::Other(
+                        "GT and LT options at the same time are not compatible".into(),
+                    ));
+                }
+                let t = int_arg(&t)?;
+                let lower = name.to_ascii_lowercase();
+                let ms = if name.starts_with('P') {
+                    Some(t)
+                } else {
+                    t.checked_mul(1000)
+                }
+                .ok_or_else(|| invalid_expire(&lower))?;
+                let at = if name.ends_with("AT") {
+                    Ttl::At(ms)
+                } else {
+                    Ttl::In(ms)
+                };
+                Command::Write(WriteCmd::Expire {
+                    key,
+                    at,
+                    cond,
+                    name: lower,
+                })
+            }
+            ("PERSIST", 2) => Command::Write(WriteCmd::Persist(next())),
+            ("TTL" | "PTTL" | "EXPIRETIME" | "PEXPIRETIME", 2) => Command::Read(ReadCmd::Ttl {
+                key: next(),
+                ms: name.starts_with('P'),
+                absolute: name.ends_with("TIME"),
+            }),
             ("DEL", 2..) => Command::Write(WriteCmd::Del(rest.collect())),
             ("MSET", _) if n >= 3 && n % 2 == 1 => {
                 let mut pairs = Vec::with_capacity(n / 2);
@@ -615,7 +784,9 @@ impl Command {
                 | "UNWATCH" | "PING" | "ECHO" | "AUTH" | "CLIENT" | "SELECT" | "RESET" | "TIME"
                 | "SET" | "DEL" | "MSET" | "INCR" | "DECR" | "INCRBY" | "DECRBY" | "CAS" | "GET"
                 | "MGET" | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO" | "RAFT.MEMBER"
-                | "RAFT.TRANSFER",
+                | "RAFT.TRANSFER" | "SETEX" | "PSETEX" | "GETEX" | "EXPIRE" | "PEXPIRE"
+                | "EXPIREAT" | "PEXPIREAT" | "PERSIST" | "TTL" | "PTTL" | "EXPIRETIME"
+                | "PEXPIRETIME",
                 _,
             ) => return Err(arity()),
             _ => {
@@ -643,6 +814,88 @@ impl Command {
             }
         })
     }
+}
+
+fn invalid_expire(command: &str) -> KvError {
+    KvError::Other(format!("invalid expire time in '{command}' command"))
+}
+
+/// The options of SET (`NX`, `XX`, `GET`, `EX s`, `PX ms`, `EXAT s`,
+/// `PXAT ms`, `KEEPTTL`) or of GETEX (the timed ones and `PERSIST`), with
+/// Redis's rules: an option may repeat (the last time counts), two that
+/// conflict are a syntax error. The expiry option comes back as sent: see
+/// [`ttl_option`].
+#[allow(clippy::type_complexity)]
+fn parse_opts(
+    opts: &[Vec<u8>],
+    getex: bool,
+) -> Result<(SetCond, bool, Option<(String, Vec<u8>)>), KvError> {
+    let (mut cond, mut get) = (SetCond::Always, false);
+    // The expiry option seen (its name) and its argument.
+    let mut timed: Option<(String, Vec<u8>)> = None;
+    let mut i = 0;
+    while i < opts.len() {
+        let o = String::from_utf8_lossy(&opts[i]).to_ascii_uppercase();
+        let same_or_none = |t: &Option<(String, Vec<u8>)>| t.as_ref().is_none_or(|(n, _)| *n == o);
+        match o.as_str() {
+            "NX" if !getex && cond != SetCond::IfPresent => cond = SetCond::IfAbsent,
+            "XX" if !getex && cond != SetCond::IfAbsent => cond = SetCond::IfPresent,
+            "GET" if !getex => get = true,
+            "KEEPTTL" if !getex && same_or_none(&timed) => timed = Some((o, Vec::new())),
+            "PERSIST" if getex && same_or_none(&timed) => timed = Some((o, Vec::new())),
+            "EX" | "PX" | "EXAT" | "PXAT" if same_or_none(&timed) && i + 1 < opts.len() => {
+                timed = Some((o, opts[i + 1].clone()));
+                i += 1;
+            }
+            _ => return Err(KvError::Syntax),
+        }
+        i += 1;
+    }
+    Ok((cond, get, timed))
+}
+
+/// The expiry an option of SET or GETEX names (`EX 10`, `KEEPTTL` ...),
+/// or Redis's error for its time.
+pub fn ttl_option(opt: &str, arg: &[u8], command: &str) -> Result<Ttl, KvError> {
+    Ok(match opt {
+        "KEEPTTL" => Ttl::Keep,
+        "PERSIST" => Ttl::Clear,
+        n => {
+            let t = int_arg(arg)?;
+            let ms = if n.starts_with('P') {
+                Some(t)
+            } else {
+                t.checked_mul(1000)
+            }
+            .filter(|&ms| t > 0 && ms > 0)
+            .ok_or_else(|| invalid_expire(command))?;
+            if n.ends_with("AT") {
+                Ttl::At(ms)
+            } else {
+                Ttl::In(ms)
+            }
+        }
+    })
+}
+
+/// SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL].
+fn parse_set(key: Vec<u8>, value: Vec<u8>, opts: Vec<Vec<u8>>) -> Result<Command, KvError> {
+    let (cond, get, timed) = parse_opts(&opts, false)?;
+    let ttl = match timed {
+        Some((opt, arg)) => Some(ttl_option(&opt, &arg, "set")?),
+        None => None,
+    };
+    Ok(Command::Write(match (ttl, get) {
+        (None, false) => WriteCmd::Set { key, value, cond },
+        (ttl, get) => WriteCmd::SetWith {
+            key,
+            value,
+            cond,
+            ttl: ttl.unwrap_or(Ttl::Clear),
+            get,
+            name: "set".into(),
+        },
+    }))
 }
 
 /// A float argument as Redis takes one (`inf` is one, `nan` is not).
@@ -841,6 +1094,18 @@ const TABLE: &[CommandDesc] = &[
     ("keys", 2, &["readonly"], 0, 0, 0),
     ("randomkey", 1, &["readonly"], 0, 0, 0),
     ("scan", -2, &["readonly"], 0, 0, 0),
+    ("setex", 4, &["write", "denyoom"], 1, 1, 1),
+    ("psetex", 4, &["write", "denyoom"], 1, 1, 1),
+    ("getex", -2, &["write", "fast"], 1, 1, 1),
+    ("expire", -3, &["write", "fast"], 1, 1, 1),
+    ("pexpire", -3, &["write", "fast"], 1, 1, 1),
+    ("expireat", -3, &["write", "fast"], 1, 1, 1),
+    ("pexpireat", -3, &["write", "fast"], 1, 1, 1),
+    ("persist", 2, &["write", "fast"], 1, 1, 1),
+    ("ttl", 2, &["readonly", "fast"], 1, 1, 1),
+    ("pttl", 2, &["readonly", "fast"], 1, 1, 1),
+    ("expiretime", 2, &["readonly", "fast"], 1, 1, 1),
+    ("pexpiretime", 2, &["readonly", "fast"], 1, 1, 1),
     (
         "multi",
         1,
@@ -987,6 +1252,11 @@ pub fn describe(q: &CommandQuery) -> Value {
 /// time. A damaged length field costs at most this much memory, briefly.
 pub(crate) const MAX_DECODE: usize = 128 << 20;
 
+/// The first byte of an entry that carries the leader's time. A plain
+/// encoded command never starts with it: bincode writes the variant index
+/// as a varint, whose first byte is below 251 or a length marker up to 254.
+const STAMPED: u8 = 0xFF;
+
 pub(crate) fn config() -> bincode::config::Configuration {
     bincode::config::standard()
 }
@@ -1004,6 +1274,35 @@ impl WriteCmd {
         match bincode::serde::encode_into_writer(self, &mut w, config()) {
             Ok(()) => w.bytes_written,
             Err(_) => usize::MAX,
+        }
+    }
+
+    /// The size of [`WriteCmd::encode_at`]'s output: the entry in the log.
+    pub fn entry_len(&self) -> usize {
+        self.encoded_len().saturating_add(9)
+    }
+
+    /// Encodes for the log with the leader's time (milliseconds since the
+    /// Unix epoch): the clock every node applies the entry at.
+    pub fn encode_at(&self, at_ms: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9 + self.encoded_len());
+        out.push(STAMPED);
+        out.extend_from_slice(&at_ms.to_be_bytes());
+        // Encoding plain owned data into a Vec cannot fail.
+        let _ = bincode::serde::encode_into_std_write(self, &mut out, config());
+        out
+    }
+
+    /// Decodes a log entry and its time (`None` for entries written before
+    /// entries carried one); `None` when it is not a command of this store.
+    pub fn decode_entry(bytes: &[u8]) -> Option<(Option<u64>, Self)> {
+        match bytes.split_first() {
+            Some((&STAMPED, rest)) if rest.len() >= 8 => {
+                let (at, cmd) = rest.split_at(8);
+                let at = u64::from_be_bytes(at.try_into().ok()?);
+                Some((Some(at), Self::decode(cmd)?))
+            }
+            _ => Some((None, Self::decode(bytes)?)),
         }
     }
 

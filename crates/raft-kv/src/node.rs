@@ -315,6 +315,8 @@ impl KvNode {
         lock(&node.tasks).push(watcher);
         let server = tokio::spawn(serve_peers(Arc::downgrade(&node), endpoint.inbound));
         lock(&node.tasks).push(server);
+        let reaper = tokio::spawn(expiry_loop(Arc::downgrade(&node)));
+        lock(&node.tasks).push(reaper);
         Ok(node)
     }
 
@@ -452,7 +454,7 @@ impl KvNode {
                 early.push(Some(Err(KvError::Stopped(why.clone()))));
                 continue;
             }
-            let size = c.encoded_len();
+            let size = c.entry_len();
             if size > max {
                 early.push(Some(Err(KvError::TooLarge { size, max })));
             } else {
@@ -587,7 +589,10 @@ impl KvNode {
         if cmds.is_empty() {
             return Ok(Vec::new());
         }
-        let encoded = cmds.iter().map(WriteCmd::encode).collect();
+        // Every write carries this leader's time: expiry on every node is
+        // decided by it, never by a node's own clock.
+        let now = wall_clock_ms();
+        let encoded = cmds.iter().map(|c| c.encode_at(now)).collect();
         let proposals = match self.raft.propose(encoded).await {
             Ok(p) => p,
             Err(RaftError::NotLeader { leader }) => return Err(leader),
@@ -1023,16 +1028,65 @@ async fn release_loop(raft: Raft, sm: Arc<StateMachine>) {
     }
 }
 
+/// Milliseconds since the Unix epoch, by this node's clock.
+pub(crate) fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How often the leader looks for keys whose expiry time has come.
+const EXPIRY_TICK: Duration = Duration::from_millis(100);
+/// Most keys one reaping entry removes.
+const REAP_BATCH: usize = 1000;
+
+/// On the leader, while any key has an expiry time: every `EXPIRY_TICK`,
+/// proposes the removal of the keys whose time has come by its clock
+/// (`WriteCmd::Reap`, which removes only those still expired when it is
+/// applied). The entry also carries the leader's time like any write, so
+/// the state machines' clock moves on even when nothing else is written:
+/// a key becomes invisible to reads within about one tick of its expiry.
+async fn expiry_loop(node: std::sync::Weak<KvNode>) {
+    let mut tick = tokio::time::interval(EXPIRY_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(node) = node.upgrade() else {
+            return;
+        };
+        if node.stopped().is_some() {
+            return;
+        }
+        if !node.raft.is_leader() {
+            continue;
+        }
+        let now = wall_clock_ms();
+        let found = node.sm.read_view(|v| -> Result<_, KvError> {
+            if !v.has_expiring_keys()? || v.clock() >= now {
+                return Ok(None);
+            }
+            Ok(Some(v.expired_keys(now, REAP_BATCH)?))
+        });
+        match found {
+            Ok(Some(keys)) => {
+                let _ = node.write(vec![WriteCmd::Reap(keys)]).await;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot look for expired keys"),
+        }
+    }
+}
+
 /// Most committed entries applied in one state-machine batch.
 const APPLY_BATCH: usize = 512;
 
 /// Decodes and applies one batch of committed entries (blocking).
 fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> Result<Vec<Reply>, KvError> {
-    let cmds: Vec<Option<WriteCmd>> = batch
+    let cmds: Vec<Option<(Option<u64>, WriteCmd)>> = batch
         .iter()
         .map(|m| {
             let cmd = if m.command_valid {
-                WriteCmd::decode(&m.command)
+                WriteCmd::decode_entry(&m.command)
             } else {
                 None
             };
@@ -1045,12 +1099,15 @@ fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> Result<Vec<Reply>, KvEr
             cmd
         })
         .collect();
-    let items: Vec<(u64, Option<&WriteCmd>)> = batch
+    let items: Vec<(u64, Option<u64>, Option<&WriteCmd>)> = batch
         .iter()
         .zip(&cmds)
-        .map(|(m, c)| (m.command_index, c.as_ref()))
+        .map(|(m, c)| match c {
+            Some((at, cmd)) => (m.command_index, *at, Some(cmd)),
+            None => (m.command_index, None, None),
+        })
         .collect();
-    sm.apply_many_in_term(&items, batch.last().map(|m| m.command_term))
+    sm.apply_entries(&items, batch.last().map(|m| m.command_term))
 }
 
 /// Applies committed entries in batches and answers each proposer waiting

@@ -25,7 +25,7 @@
 //! to it with one atomic rename, so a crash leaves the old state or the new
 //! one.
 
-use crate::command::{ReadCmd, ReadTx, SetCond, TxCmd, Value, WriteCmd};
+use crate::command::{ReadCmd, ReadTx, SetCond, Ttl, TxCmd, Value, WriteCmd};
 use crate::error::{KvError, Reply};
 use crate::snapfile;
 use redb::{Durability, ReadableDatabase as _, ReadableTable, TableDefinition};
@@ -47,6 +47,88 @@ const DATA: &[u8] = b"k:";
 const DATA_END: &[u8] = b"k;";
 /// Bytes before the key in a data key.
 const DATA_HEAD: usize = 2 + 8;
+/// The expiry index: `e:` + expiry time (8 bytes, big-endian) + the data
+/// key after its `k:`; empty values. The reaper walks it in time order.
+const EXPIRES: &[u8] = b"e:";
+/// Just past every expiry index key.
+const EXPIRES_END: &[u8] = b"e;";
+/// The state machine's clock: the latest time an applied entry carried
+/// (milliseconds since the Unix epoch). Never goes back.
+const CLOCK: &[u8] = b"m:clock";
+/// The value format: absent in databases whose values were raw strings
+/// (moved to the tagged format when opened), `VALUE_FORMAT` after.
+const FORMAT: &[u8] = b"m:format";
+const VALUE_FORMAT: u64 = 2;
+/// A stored value starts with a tag: the type in the low bits, and
+/// `HAS_EXPIRY` when 8 bytes of expiry time (big-endian milliseconds) come
+/// before the data.
+const T_STRING: u8 = 0;
+const HAS_EXPIRY: u8 = 0x80;
+
+/// A stored value, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stored<'a> {
+    /// The expiry time, if the key has one.
+    expires: Option<u64>,
+    data: &'a [u8],
+}
+
+impl<'a> Stored<'a> {
+    fn decode(v: &'a [u8]) -> Stored<'a> {
+        match v.split_first() {
+            Some((&tag, rest)) if tag & HAS_EXPIRY != 0 && rest.len() >= 8 => {
+                let (at, data) = rest.split_at(8);
+                Stored {
+                    expires: Some(u64::from_be_bytes(at.try_into().unwrap_or_default())),
+                    data,
+                }
+            }
+            Some((_, rest)) => Stored {
+                expires: None,
+                data: rest,
+            },
+            None => Stored {
+                expires: None,
+                data: &[],
+            },
+        }
+    }
+
+    /// Whether it is gone at time `now`.
+    fn expired(&self, now: u64) -> bool {
+        self.expires.is_some_and(|at| at <= now)
+    }
+}
+
+fn encode_value(expires: Option<u64>, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + data.len());
+    match expires {
+        Some(at) => {
+            v.push(T_STRING | HAS_EXPIRY);
+            v.extend_from_slice(&at.to_be_bytes());
+        }
+        None => v.push(T_STRING),
+    }
+    v.extend_from_slice(data);
+    v
+}
+
+/// The expiry index key of data key `dk` expiring at `at`.
+fn expiry_key(at: u64, dk: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(EXPIRES.len() + 8 + dk.len());
+    k.extend_from_slice(EXPIRES);
+    k.extend_from_slice(&at.to_be_bytes());
+    k.extend_from_slice(&dk[DATA.len().min(dk.len())..]);
+    k
+}
+
+/// The data key an expiry index key points at.
+fn data_key_of_expiry(ek: &[u8]) -> Vec<u8> {
+    let mut k = DATA.to_vec();
+    k.extend_from_slice(&ek[(EXPIRES.len() + 8).min(ek.len())..]);
+    k
+}
+
 /// The layout before SCAN, in sled databases: `d:` + the key.
 const OLD_DATA: &[u8] = b"d:";
 /// Bytes loaded from a snapshot (or moved from an old database) per
@@ -135,9 +217,12 @@ impl Drop for Gen {
 
 /// A view of one applied state: every read through it sees the same
 /// batches, while later batches go on committing. Get one with
-/// [`StateMachine::read_view`].
+/// [`StateMachine::read_view`]. Keys whose expiry time the state's clock
+/// has passed are invisible through it.
 pub struct ReadView {
     table: Result<ReadTable, String>,
+    /// The state's clock.
+    now: u64,
 }
 
 impl std::fmt::Debug for ReadView {
@@ -147,26 +232,46 @@ impl std::fmt::Debug for ReadView {
 }
 
 impl ReadView {
+    fn new(table: Result<ReadTable, String>) -> ReadView {
+        let now = match &table {
+            Ok(t) => meta(t, CLOCK).unwrap_or(0),
+            Err(_) => 0,
+        };
+        ReadView { table, now }
+    }
+
     fn t(&self) -> Result<&ReadTable, KvError> {
         self.table.as_ref().map_err(|e| KvError::Storage(e.clone()))
+    }
+
+    /// A live key's stored value, undecoded.
+    fn raw(&self, key: &[u8]) -> Result<Option<redb::AccessGuard<'_, &'static [u8]>>, KvError> {
+        Ok(self
+            .t()?
+            .get(dkey(key).as_slice())?
+            .filter(|v| !Stored::decode(v.value()).expired(self.now)))
     }
 
     /// The value of a key.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         Ok(self
-            .t()?
-            .get(dkey(key).as_slice())?
-            .map(|v| v.value().to_vec()))
+            .raw(key)?
+            .map(|v| Stored::decode(v.value()).data.to_vec()))
     }
 
     /// Whether a key exists.
     pub fn exists(&self, key: &[u8]) -> Result<bool, KvError> {
-        Ok(self.t()?.get(dkey(key).as_slice())?.is_some())
+        Ok(self.raw(key)?.is_some())
     }
 
-    /// The number of keys.
+    /// The number of keys (as in Redis, expired keys not yet removed count).
     pub fn dbsize(&self) -> Result<u64, KvError> {
         meta(self.t()?, COUNT)
+    }
+
+    /// The state's clock (milliseconds since the Unix epoch).
+    pub fn clock(&self) -> u64 {
+        self.now
     }
 
     /// Answers a read from this view.
@@ -179,10 +284,13 @@ impl ReadView {
     pub fn read_limited(&self, cmd: &ReadCmd, limit: usize) -> Reply {
         let too_large = || KvError::ReplyTooLarge { limit };
         let t = self.t()?;
+        let live = |v: &[u8]| !Stored::decode(v).expired(self.now);
         Ok(match cmd {
-            ReadCmd::Get(k) => match t.get(dkey(k).as_slice())? {
-                Some(v) if v.value().len() > limit => return Err(too_large()),
-                v => v.map_or(Value::Nil, |v| Value::Bulk(v.value().to_vec())),
+            ReadCmd::Get(k) => match self.raw(k)? {
+                Some(v) if Stored::decode(v.value()).data.len() > limit => return Err(too_large()),
+                v => v.map_or(Value::Nil, |v| {
+                    Value::Bulk(Stored::decode(v.value()).data.to_vec())
+                }),
             },
             ReadCmd::MGet(keys) => {
                 // Sizes first (the values stay in the page cache): the
@@ -191,7 +299,7 @@ impl ReadView {
                 let mut values = Vec::with_capacity(keys.len());
                 let mut total = 0usize;
                 for k in keys {
-                    let v = t.get(dkey(k).as_slice())?;
+                    let v = self.raw(k)?;
                     total = total.saturating_add(v.as_ref().map_or(5, |v| v.value().len() + 16));
                     if total > limit {
                         return Err(too_large());
@@ -201,7 +309,7 @@ impl ReadView {
                 Value::Array(
                     values
                         .into_iter()
-                        .map(|v| v.map(|v| v.value().to_vec()))
+                        .map(|v| v.map(|v| Stored::decode(v.value()).data.to_vec()))
                         .collect(),
                 )
             }
@@ -215,21 +323,27 @@ impl ReadView {
                 Value::Int(n)
             }
             ReadCmd::StrLen(k) => Value::Int(
-                t.get(dkey(k).as_slice())?
-                    .map_or(0, |v| v.value().len() as i64),
+                self.raw(k)?
+                    .map_or(0, |v| Stored::decode(v.value()).data.len() as i64),
             ),
             ReadCmd::DbSize => Value::Int(self.dbsize()? as i64),
             ReadCmd::GetRange(k, start, end) => {
                 Value::Bulk(get_range(&self.get(k)?.unwrap_or_default(), *start, *end))
             }
             ReadCmd::Type(k) => type_of(self.exists(k)?),
+            ReadCmd::Ttl { key, ms, absolute } => ttl_reply(
+                self.raw(key)?.map(|v| Stored::decode(v.value()).expires),
+                self.now,
+                *ms,
+                *absolute,
+            ),
             ReadCmd::Keys(pattern) => {
                 let mut out = Vec::new();
                 let mut total = 0usize;
                 for kv in t.range(DATA..DATA_END)? {
-                    let (k, _) = kv?;
+                    let (k, v) = kv?;
                     let key = user_key(k.value());
-                    if glob_match(pattern, key) {
+                    if glob_match(pattern, key) && live(v.value()) {
                         total = total.saturating_add(key.len() + 16);
                         if total > limit {
                             return Err(too_large());
@@ -251,7 +365,7 @@ impl ReadView {
                 let mut last_hash = None;
                 let mut next = 0u64;
                 for (seen, kv) in t.range(start.as_slice()..DATA_END)?.enumerate() {
-                    let (k, _) = kv?;
+                    let (k, v) = kv?;
                     let k = k.value();
                     if k.len() < DATA_HEAD {
                         continue;
@@ -267,22 +381,31 @@ impl ReadView {
                     }
                     last_hash = Some(h);
                     let key = user_key(k);
-                    if *strings_only && pattern.as_ref().is_none_or(|p| glob_match(p, key)) {
+                    if *strings_only
+                        && pattern.as_ref().is_none_or(|p| glob_match(p, key))
+                        && live(v.value())
+                    {
                         keys.push(Value::Bulk(key.to_vec()));
                     }
                 }
                 Value::List(vec![Value::text(next.to_string()), Value::List(keys)])
             }
             ReadCmd::RandomKey => {
+                // From a random point, the first live key (expired ones not
+                // yet removed are stepped over, a bounded number of them).
                 let mut start = DATA.to_vec();
                 start.extend_from_slice(&fastrand::u64(..).to_be_bytes());
-                let pick = match t.range(start.as_slice()..DATA_END)?.next() {
-                    Some(kv) => Some(kv?),
-                    None => t.range(DATA..DATA_END)?.next().transpose()?,
-                };
-                pick.map_or(Value::Nil, |(k, _)| {
-                    Value::Bulk(user_key(k.value()).to_vec())
-                })
+                let from_point = t.range(start.as_slice()..DATA_END)?;
+                let from_start = t.range(DATA..DATA_END)?;
+                let mut pick = None;
+                for kv in from_point.chain(from_start).take(10_000) {
+                    let (k, v) = kv?;
+                    if live(v.value()) {
+                        pick = Some(user_key(k.value()).to_vec());
+                        break;
+                    }
+                }
+                pick.map_or(Value::Nil, Value::Bulk)
             }
         })
     }
@@ -291,6 +414,47 @@ impl ReadView {
     pub fn applied(&self) -> Result<u64, KvError> {
         meta(self.t()?, APPLIED)
     }
+
+    /// Up to `max` keys whose expiry time is at or before `now` (the
+    /// reaper's candidates), oldest first.
+    pub fn expired_keys(&self, now: u64, max: usize) -> Result<Vec<Vec<u8>>, KvError> {
+        let mut end = EXPIRES.to_vec();
+        end.extend_from_slice(&now.saturating_add(1).to_be_bytes());
+        let mut out = Vec::new();
+        for kv in self.t()?.range(EXPIRES..end.as_slice())?.take(max) {
+            let (k, _) = kv?;
+            out.push(user_key(&data_key_of_expiry(k.value())).to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Whether any key has an expiry time.
+    pub fn has_expiring_keys(&self) -> Result<bool, KvError> {
+        Ok(self.t()?.range(EXPIRES..EXPIRES_END)?.next().is_some())
+    }
+}
+
+/// TTL, PTTL, EXPIRETIME or PEXPIRETIME of a key (`None`: absent;
+/// `Some(None)`: no expiry), as Redis answers them.
+fn ttl_reply(expires: Option<Option<u64>>, now: u64, ms: bool, absolute: bool) -> Value {
+    Value::Int(match expires {
+        None => -2,
+        Some(None) => -1,
+        Some(Some(at)) => {
+            let v = if absolute {
+                at as i64
+            } else {
+                at.saturating_sub(now) as i64
+            };
+            if ms {
+                v
+            } else if absolute {
+                v / 1000
+            } else {
+                (v + 500) / 1000
+            }
+        }
+    })
 }
 
 /// The user key inside a data key.
@@ -397,9 +561,9 @@ pub struct SnapshotInfo {
     pub bytes: u64,
 }
 
-/// Fills a new database from `(key, value)` records, a transaction per
-/// `LOAD_TXN_BYTES`, none of them durable (see [`finish_load`]); returns
-/// the number of keys.
+/// Fills a new database from `(data key, stored value)` records (adding
+/// the expiry index), a transaction per `LOAD_TXN_BYTES`, none of them
+/// durable (see [`finish_load`]); returns the number of keys.
 fn bulk_load(
     db: &redb::Database,
     file: &Path,
@@ -422,8 +586,18 @@ fn bulk_load(
                     break;
                 };
                 bytes += k.len() + v.len();
-                if t.insert(k.as_slice(), v.as_slice())?.is_none() {
-                    keys += 1;
+                let old = t
+                    .insert(k.as_slice(), v.as_slice())?
+                    .map(|o| Stored::decode(o.value()).expires);
+                match old {
+                    None => keys += 1,
+                    Some(Some(at)) => {
+                        t.remove(expiry_key(at, &k).as_slice())?;
+                    }
+                    Some(None) => {}
+                }
+                if let Some(at) = Stored::decode(&v).expires {
+                    t.insert(expiry_key(at, &k).as_slice(), [].as_slice())?;
                 }
             }
         }
@@ -446,6 +620,56 @@ fn finish_load(db: &redb::Database, meta: &[(&[u8], u64)]) -> Result<(), KvError
     }
     txn.commit()?;
     Ok(())
+}
+
+/// Moves a database whose values are plain strings (written before values
+/// carried a tag) to the tagged format, a batch at a time; a new one is
+/// just marked. A crash in between leaves the mark unset and the next open
+/// goes on: a value already tagged is never tagged twice, because the
+/// batches walk the keys in order and the last key done is recorded.
+fn tag_values(db: &redb::Database) -> Result<(), KvError> {
+    const PROGRESS: &[u8] = b"m:format_progress";
+    loop {
+        let txn = db.begin_write()?;
+        let done = {
+            let mut t = txn.open_table(KV)?;
+            if meta(&t, FORMAT)? >= VALUE_FORMAT {
+                return Ok(());
+            }
+            let from: Vec<u8> = t
+                .get(PROGRESS)?
+                .map_or_else(|| DATA.to_vec(), |v| v.value().to_vec());
+            let mut batch = Vec::new();
+            for kv in t.range(from.as_slice()..DATA_END)? {
+                let (k, v) = kv?;
+                if k.value() == from.as_slice() && from.as_slice() != DATA {
+                    continue;
+                }
+                batch.push((k.value().to_vec(), encode_value(None, v.value())));
+                if batch.len() == 4096 {
+                    break;
+                }
+            }
+            for (k, v) in &batch {
+                t.insert(k.as_slice(), v.as_slice())?;
+            }
+            match batch.last() {
+                Some((k, _)) => {
+                    t.insert(PROGRESS, k.as_slice())?;
+                    false
+                }
+                None => {
+                    t.remove(PROGRESS)?;
+                    t.insert(FORMAT, VALUE_FORMAT.to_be_bytes().as_slice())?;
+                    true
+                }
+            }
+        };
+        txn.commit()?;
+        if done {
+            return Ok(());
+        }
+    }
 }
 
 /// The generation number in a `gen-N` name.
@@ -486,14 +710,19 @@ fn migrate_from_sled(dir: &Path, old: &str) -> Result<String, KvError> {
             } else if k.as_ref() == APPLIED_TERM {
                 term = num();
             } else if let Some(user) = k.strip_prefix(OLD_DATA) {
-                return Ok(Some((dkey(user), v.to_vec())));
+                return Ok(Some((dkey(user), encode_value(None, &v))));
             } else if k.starts_with(DATA) {
-                return Ok(Some((k.to_vec(), v.to_vec())));
+                return Ok(Some((k.to_vec(), encode_value(None, &v))));
             }
         })?;
         finish_load(
             &db,
-            &[(COUNT, keys), (APPLIED, applied), (APPLIED_TERM, term)],
+            &[
+                (COUNT, keys),
+                (APPLIED, applied),
+                (APPLIED_TERM, term),
+                (FORMAT, VALUE_FORMAT),
+            ],
         )
     })();
     if let Err(e) = moved {
@@ -541,6 +770,7 @@ impl StateMachine {
             gen = migrate_from_sled(dir, &gen)?;
         }
         let db = open_db(&dir.join(&gen))?;
+        tag_values(&db)?;
         let (applied, term) = {
             let t = db.begin_read()?.open_table(KV)?;
             (meta(&t, APPLIED)?, meta(&t, APPLIED_TERM)?)
@@ -594,19 +824,36 @@ impl StateMachine {
         self.apply_many_in_term(entries, None)
     }
 
-    /// Applies consecutive entries as one transaction that also records
-    /// the last index (and `last_term`, the last entry's term). Entries at
-    /// or below the applied index are skipped (never applied twice) and
-    /// answered with an error outcome. There is one applier (the node's
-    /// apply loop); read views see the batch entirely or not at all.
+    /// [`StateMachine::apply_entries`] for entries that carry no time.
     pub fn apply_many_in_term(
         &self,
         entries: &[(u64, Option<&WriteCmd>)],
         last_term: Option<u64>,
     ) -> Result<Vec<Reply>, KvError> {
+        let timed: Vec<(u64, Option<u64>, Option<&WriteCmd>)> =
+            entries.iter().map(|&(i, c)| (i, None, c)).collect();
+        self.apply_entries(&timed, last_term)
+    }
+
+    /// Applies consecutive entries (index, the leader's time if the entry
+    /// carries one, the write or `None` for Raft's own entries) as one
+    /// transaction that also records the last index (and `last_term`, the
+    /// last entry's term) and the clock. Entries at or below the applied
+    /// index are skipped (never applied twice) and answered with an error
+    /// outcome. There is one applier (the node's apply loop); read views
+    /// see the batch entirely or not at all.
+    ///
+    /// The clock is the latest time any applied entry carried: each entry
+    /// runs at `max(clock, its time)`, so time never goes back, whatever the
+    /// clocks of successive leaders say.
+    pub fn apply_entries(
+        &self,
+        entries: &[(u64, Option<u64>, Option<&WriteCmd>)],
+        last_term: Option<u64>,
+    ) -> Result<Vec<Reply>, KvError> {
         let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
         let applied = self.applied();
-        if entries.iter().all(|&(i, _)| i <= applied) {
+        if entries.iter().all(|&(i, _, _)| i <= applied) {
             return Ok(entries
                 .iter()
                 .map(|_| Err(KvError::AlreadyApplied))
@@ -620,21 +867,30 @@ impl StateMachine {
         {
             let mut t = txn.open_table(KV)?;
             let count = meta(&t, COUNT)?;
-            let mut st = Staged { t: &mut t, count };
-            for &(index, cmd) in entries {
+            let clock = meta(&t, CLOCK)?;
+            let mut st = Staged {
+                t: &mut t,
+                count,
+                now: clock,
+            };
+            for &(index, at, cmd) in entries {
                 if index <= last {
                     outcomes.push(Err(KvError::AlreadyApplied));
                     continue;
                 }
                 last = index;
+                st.now = st.now.max(at.unwrap_or(0));
                 outcomes.push(match cmd {
                     None => Ok(Value::Ok),
                     Some(cmd) => st.stage(cmd)?,
                 });
             }
-            let count_now = st.count;
+            let (count_now, clock_now) = (st.count, st.now);
             if count_now != count {
                 t.insert(COUNT, count_now.to_be_bytes().as_slice())?;
+            }
+            if clock_now != clock {
+                t.insert(CLOCK, clock_now.to_be_bytes().as_slice())?;
             }
             t.insert(APPLIED, last.to_be_bytes().as_slice())?;
             if let Some(term) = last_term {
@@ -663,7 +919,7 @@ impl StateMachine {
                 txn.open_table(KV)
                     .map_err(|e| redb::Error::from(e).to_string())
             });
-        f(&ReadView { table })
+        f(&ReadView::new(table))
     }
 
     /// The value of a key.
@@ -719,6 +975,7 @@ impl StateMachine {
             index: meta(&t, APPLIED)?,
             term: meta(&t, APPLIED_TERM)?,
             keys: meta(&t, COUNT)?,
+            clock: meta(&t, CLOCK)?,
         };
         let mut res = scan_into(&t, header, out);
         drop(t);
@@ -749,8 +1006,13 @@ impl StateMachine {
         let _ = std::fs::remove_dir_all(&path);
         let built = (|| -> Result<(redb::Database, snapfile::Header), KvError> {
             let db = open_db(&path)?;
+            // Version 1 held plain strings; version 2 stored values.
+            let tagged = r.version() >= 2;
             let keys = bulk_load(&db, &path.join(DB_FILE), || {
-                Ok(r.next_record().map_err(bad)?.map(|(k, v)| (dkey(&k), v)))
+                Ok(r.next_record().map_err(bad)?.map(|(k, v)| {
+                    let v = if tagged { v } else { encode_value(None, &v) };
+                    (dkey(&k), v)
+                }))
             })?;
             let h = r.header();
             if keys != h.keys {
@@ -762,7 +1024,13 @@ impl StateMachine {
             }
             finish_load(
                 &db,
-                &[(COUNT, keys), (APPLIED, h.index), (APPLIED_TERM, h.term)],
+                &[
+                    (COUNT, keys),
+                    (APPLIED, h.index),
+                    (APPLIED_TERM, h.term),
+                    (CLOCK, h.clock),
+                    (FORMAT, VALUE_FORMAT),
+                ],
             )?;
             let h = r.header();
             Ok((db, h))
@@ -826,41 +1094,130 @@ fn scan_into(t: &ReadTable, header: snapfile::Header, out: &Path) -> Result<Snap
     Ok(SnapshotInfo { header, bytes })
 }
 
-/// The batch being applied: reads see its earlier writes.
+/// A live key: its expiry time (if any) and its value.
+type Live = (Option<u64>, Vec<u8>);
+
+/// The batch being applied: reads see its earlier writes. Keys whose
+/// expiry time `now` has passed count as absent (and are replaced or
+/// removed by whatever writes them).
 struct Staged<'a, 't> {
     t: &'a mut Table<'t>,
     count: u64,
+    /// The clock for the entry being applied.
+    now: u64,
 }
 
 impl Staged<'_, '_> {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-        Ok(self
-            .t
-            .get(dkey(key).as_slice())?
-            .map(|v| v.value().to_vec()))
+    /// A live key's expiry (`None`: none) and value. An expired key met
+    /// here is removed, as Redis removes one a command touches (every node
+    /// applies the same entries at the same clock, so all do alike).
+    fn entry(&mut self, key: &[u8]) -> Result<Option<Live>, KvError> {
+        let found = self.t.get(dkey(key).as_slice())?.map(|v| {
+            let st = Stored::decode(v.value());
+            (st.expired(self.now), st.expires, st.data.to_vec())
+        });
+        match found {
+            Some((true, ..)) => {
+                self.delete(key)?;
+                Ok(None)
+            }
+            Some((false, at, v)) => Ok(Some((at, v))),
+            None => Ok(None),
+        }
     }
 
-    fn exists(&self, key: &[u8]) -> Result<bool, KvError> {
-        Ok(self.t.get(dkey(key).as_slice())?.is_some())
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self.entry(key)?.map(|(_, v)| v))
     }
 
-    fn put(&mut self, key: &[u8], value: impl AsRef<[u8]>) -> Result<(), KvError> {
-        if self
+    fn exists(&mut self, key: &[u8]) -> Result<bool, KvError> {
+        Ok(self.entry(key)?.is_some())
+    }
+
+    /// Writes a key with an expiry time (`None`: none), keeping the count
+    /// and the expiry index right.
+    fn put_with(&mut self, key: &[u8], value: &[u8], expires: Option<u64>) -> Result<(), KvError> {
+        let dk = dkey(key);
+        let old = self
             .t
-            .insert(dkey(key).as_slice(), value.as_ref())?
-            .is_none()
-        {
-            self.count += 1;
+            .insert(dk.as_slice(), encode_value(expires, value).as_slice())?
+            .map(|v| Stored::decode(v.value()).expires);
+        match old {
+            None => self.count += 1,
+            Some(Some(at)) if Some(at) != expires => {
+                self.t.remove(expiry_key(at, &dk).as_slice())?;
+            }
+            Some(_) => {}
+        }
+        if let Some(at) = expires {
+            if old != Some(Some(at)) {
+                self.t
+                    .insert(expiry_key(at, &dk).as_slice(), [].as_slice())?;
+            }
         }
         Ok(())
     }
 
+    /// Writes a key as SET does: any expiry it had is gone.
+    fn put(&mut self, key: &[u8], value: impl AsRef<[u8]>) -> Result<(), KvError> {
+        self.put_with(key, value.as_ref(), None)
+    }
+
+    /// Writes a key's value and keeps its expiry (APPEND, INCR ...).
+    fn put_keep(&mut self, key: &[u8], value: impl AsRef<[u8]>) -> Result<(), KvError> {
+        let keep = self.entry(key)?.and_then(|(at, _)| at);
+        self.put_with(key, value.as_ref(), keep)
+    }
+
+    /// Removes a key, live or expired; true if it was live.
     fn delete(&mut self, key: &[u8]) -> Result<bool, KvError> {
-        if self.t.remove(dkey(key).as_slice())?.is_none() {
+        let dk = dkey(key);
+        let Some(old) = self
+            .t
+            .remove(dk.as_slice())?
+            .map(|v| Stored::decode(v.value()).expires)
+        else {
             return Ok(false);
-        }
+        };
         self.count = self.count.saturating_sub(1);
-        Ok(true)
+        if let Some(at) = old {
+            self.t.remove(expiry_key(at, &dk).as_slice())?;
+        }
+        Ok(old.is_none_or(|at| at > self.now))
+    }
+
+    /// An absolute expiry time for `ttl` (`Ok(None)`: none, `Keep`: the
+    /// key's own), or Redis's error when it does not fit.
+    fn expiry_of(
+        &self,
+        ttl: Ttl,
+        keep: Option<u64>,
+        command: &str,
+    ) -> Result<Option<u64>, KvError> {
+        let at = match ttl {
+            Ttl::Clear => return Ok(None),
+            Ttl::Keep => return Ok(keep),
+            Ttl::In(ms) => i64::try_from(self.now).ok().and_then(|n| n.checked_add(ms)),
+            Ttl::At(ms) => Some(ms),
+        };
+        match at {
+            // A time in the past (or before 1970) expires the key at once.
+            Some(at) => Ok(Some(u64::try_from(at).unwrap_or(0))),
+            None => Err(KvError::Other(format!(
+                "invalid expire time in '{command}' command"
+            ))),
+        }
+    }
+
+    /// Sets a key's value with an expiry; one already past removes it.
+    fn put_expiring(&mut self, key: &[u8], value: &[u8], at: Option<u64>) -> Result<(), KvError> {
+        match at {
+            Some(at) if at <= self.now => {
+                self.delete(key)?;
+                Ok(())
+            }
+            at => self.put_with(key, value, at),
+        }
     }
 
     /// Stages one write; the outer error is a storage failure, the inner
@@ -906,12 +1263,12 @@ impl Staged<'_, '_> {
                 let Some(new) = n.checked_add(*delta) else {
                     return Ok(Err(KvError::Overflow));
                 };
-                self.put(key, new.to_string().into_bytes())?;
+                self.put_keep(key, new.to_string().into_bytes())?;
                 Value::Int(new)
             }
             WriteCmd::Cas { key, expected, new } => {
                 if self.get(key)?.as_deref() == Some(expected.as_slice()) {
-                    self.put(key, new.clone())?;
+                    self.put_keep(key, new)?;
                     Value::Int(1)
                 } else {
                     Value::Int(0)
@@ -945,7 +1302,7 @@ impl Staged<'_, '_> {
                 }
                 v.extend_from_slice(value);
                 let n = v.len() as i64;
-                self.put(key, v)?;
+                self.put_keep(key, v)?;
                 Value::Int(n)
             }
             WriteCmd::IncrByFloat(key, by_text) => {
@@ -977,7 +1334,7 @@ impl Staged<'_, '_> {
                     Some(s) => s.to_string(),
                     None => crate::command::format_float(new),
                 };
-                self.put(key, text.clone().into_bytes())?;
+                self.put_keep(key, text.clone().into_bytes())?;
                 Value::Bulk(text.into_bytes())
             }
             WriteCmd::SetRange(key, offset, value) => {
@@ -998,7 +1355,7 @@ impl Staged<'_, '_> {
                 }
                 v[end - value.len()..end].copy_from_slice(value);
                 let n = v.len() as i64;
-                self.put(key, v)?;
+                self.put_keep(key, v)?;
                 Value::Int(n)
             }
             WriteCmd::MSetNx(pairs) => {
@@ -1013,7 +1370,7 @@ impl Staged<'_, '_> {
                 Value::Int(1)
             }
             WriteCmd::Rename { from, to, nx } => {
-                let Some(v) = self.get(from)? else {
+                let Some((at, v)) = self.entry(from)? else {
                     return Ok(Err(KvError::NoSuchKey));
                 };
                 if from == to {
@@ -1023,7 +1380,7 @@ impl Staged<'_, '_> {
                     return Ok(Ok(Value::Int(0)));
                 }
                 self.delete(from)?;
-                self.put(to, v)?;
+                self.put_with(to, &v, at)?;
                 if *nx {
                     Value::Int(1)
                 } else {
@@ -1036,14 +1393,14 @@ impl Staged<'_, '_> {
                         "source and destination objects are the same".into(),
                     )));
                 }
-                let Some(v) = self.get(from)? else {
+                let Some((at, v)) = self.entry(from)? else {
                     return Ok(Ok(Value::Int(0)));
                 };
                 let exists = self.exists(to)?;
                 if exists && !replace {
                     return Ok(Ok(Value::Int(0)));
                 }
-                self.put(to, v)?;
+                self.put_with(to, &v, at)?;
                 Value::Int(1)
             }
             WriteCmd::Exec(cmds) => {
@@ -1070,8 +1427,10 @@ impl Staged<'_, '_> {
             }
             WriteCmd::FlushAll => {
                 let mut keys = Vec::new();
-                for kv in self.t.range(DATA..DATA_END)? {
-                    keys.push(kv?.0.value().to_vec());
+                for range in [(DATA, DATA_END), (EXPIRES, EXPIRES_END)] {
+                    for kv in self.t.range(range.0..range.1)? {
+                        keys.push(kv?.0.value().to_vec());
+                    }
                 }
                 for k in keys {
                     self.t.remove(k.as_slice())?;
@@ -1079,13 +1438,108 @@ impl Staged<'_, '_> {
                 self.count = 0;
                 Value::Ok
             }
+            WriteCmd::SetWith {
+                key,
+                value,
+                cond,
+                ttl,
+                get,
+                name,
+            } => {
+                let old = self.entry(key)?;
+                let go = match cond {
+                    SetCond::Always => true,
+                    SetCond::IfAbsent => old.is_none(),
+                    SetCond::IfPresent => old.is_some(),
+                };
+                let keep = old.as_ref().and_then(|(at, _)| *at);
+                let at = match self.expiry_of(*ttl, keep, name) {
+                    Ok(at) => at,
+                    Err(e) => return Ok(Err(e)),
+                };
+                if go {
+                    // As Redis: a time already past still writes the key
+                    // (absent to everything, counted by DBSIZE until the
+                    // reaper removes it), where EXPIRE and GETEX remove it.
+                    self.put_with(key, value, at)?;
+                }
+                match (get, go) {
+                    (true, _) => old.map_or(Value::Nil, |(_, v)| Value::Bulk(v)),
+                    (false, true) => Value::Ok,
+                    (false, false) => Value::Nil,
+                }
+            }
+            WriteCmd::Expire {
+                key,
+                at,
+                cond,
+                name,
+            } => {
+                // As Redis: a time that does not fit fails before the key
+                // is looked at.
+                let new = match self.expiry_of(*at, None, name) {
+                    Ok(Some(t)) => t,
+                    Ok(None) => return Ok(Ok(Value::Int(0))),
+                    Err(e) => return Ok(Err(e)),
+                };
+                let Some((current, v)) = self.entry(key)? else {
+                    return Ok(Ok(Value::Int(0)));
+                };
+                let ok = !(cond.nx && current.is_some()
+                    || cond.xx && current.is_none()
+                    || cond.gt && current.is_none_or(|c| new <= c)
+                    || cond.lt && current.is_some_and(|c| new >= c));
+                if !ok {
+                    return Ok(Ok(Value::Int(0)));
+                }
+                self.put_expiring(key, &v, Some(new))?;
+                Value::Int(1)
+            }
+            WriteCmd::Persist(key) => match self.entry(key)? {
+                Some((Some(_), v)) => {
+                    self.put_with(key, &v, None)?;
+                    Value::Int(1)
+                }
+                _ => Value::Int(0),
+            },
+            WriteCmd::GetEx { key, opt, time } => {
+                let Some((current, v)) = self.entry(key)? else {
+                    return Ok(Ok(Value::Nil));
+                };
+                let ttl = match crate::command::ttl_option(opt, time, "getex") {
+                    Ok(t) => t,
+                    Err(e) => return Ok(Err(e)),
+                };
+                let at = match self.expiry_of(ttl, current, "getex") {
+                    Ok(at) => at,
+                    Err(e) => return Ok(Err(e)),
+                };
+                if at != current {
+                    self.put_expiring(key, &v, at)?;
+                }
+                Value::Bulk(v)
+            }
+            WriteCmd::Reap(keys) => {
+                let mut n = 0;
+                for k in keys {
+                    let expired = self
+                        .t
+                        .get(dkey(k).as_slice())?
+                        .is_some_and(|v| Stored::decode(v.value()).expired(self.now));
+                    if expired {
+                        self.delete(k)?;
+                        n += 1;
+                    }
+                }
+                Value::Int(n)
+            }
         }))
     }
 }
 
 impl Staged<'_, '_> {
     /// A read inside a transaction: what the commands before it left.
-    fn read_tx(&self, r: &ReadTx) -> Result<Reply, KvError> {
+    fn read_tx(&mut self, r: &ReadTx) -> Result<Reply, KvError> {
         Ok(Ok(match r {
             ReadTx::Get(k) => self.get(k)?.map_or(Value::Nil, Value::Bulk),
             ReadTx::MGet(keys) => {
@@ -1110,12 +1564,15 @@ impl Staged<'_, '_> {
             }
             ReadTx::Type(k) => type_of(self.exists(k)?),
             ReadTx::DbSize => Value::Int(self.count as i64),
+            ReadTx::Ttl { key, ms, absolute } => {
+                ttl_reply(self.entry(key)?.map(|(at, _)| at), self.now, *ms, *absolute)
+            }
             ReadTx::Keys(pattern) => {
                 let mut keys = Vec::new();
                 for kv in self.t.range(DATA..DATA_END)? {
-                    let (k, _) = kv?;
+                    let (k, v) = kv?;
                     let key = user_key(k.value());
-                    if glob_match(pattern, key) {
+                    if glob_match(pattern, key) && !Stored::decode(v.value()).expired(self.now) {
                         keys.push(key.to_vec());
                     }
                 }
@@ -1227,6 +1684,7 @@ pub fn glob_match(p: &[u8], s: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::command::ExpireCond;
 
     /// Runs a whole SCAN (COUNT `count`), applying `between` after each
     /// call; every key it returned.
@@ -1694,5 +2152,253 @@ mod tests {
             "after a restart too"
         );
         assert_eq!(b.get(b"x").unwrap(), None);
+    }
+
+    fn at(sm: &StateMachine, index: u64, time: u64, cmd: WriteCmd) -> Reply {
+        sm.apply_entries(&[(index, Some(time), Some(&cmd))], Some(1))
+            .unwrap()
+            .pop()
+            .unwrap()
+    }
+
+    fn ttl(sm: &StateMachine, key: &str, ms: bool) -> Value {
+        sm.read_view(|v| {
+            v.read(&ReadCmd::Ttl {
+                key: key.into(),
+                ms,
+                absolute: false,
+            })
+        })
+        .unwrap()
+    }
+
+    /// Expiry runs on the entries' clock: a key is visible until an entry
+    /// whose time reaches its expiry is applied, then invisible to every
+    /// read (while DBSIZE, as in Redis, still counts it), and a reaping
+    /// entry removes it and its index entry. The clock never goes back.
+    #[test]
+    fn keys_expire_on_the_entries_clock_and_reaping_removes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(&dir.path().join("sm")).unwrap();
+        let set_px = |k: &str, ms: i64| WriteCmd::SetWith {
+            key: k.into(),
+            value: b"v".to_vec(),
+            cond: SetCond::Always,
+            ttl: Ttl::In(ms),
+            get: false,
+            name: "set".into(),
+        };
+        assert_eq!(at(&sm, 1, 10_000, set_px("k", 1000)), Ok(Value::Ok));
+        at(&sm, 2, 10_000, set("plain", "p", SetCond::Always)).unwrap();
+        assert_eq!(ttl(&sm, "k", true), Value::Int(1000));
+        assert_eq!(ttl(&sm, "plain", false), Value::Int(-1));
+        assert_eq!(ttl(&sm, "none", false), Value::Int(-2));
+        // Half a second later by the clock (an empty reaping entry).
+        at(&sm, 3, 10_500, WriteCmd::Reap(vec![])).unwrap();
+        assert_eq!(ttl(&sm, "k", true), Value::Int(500));
+        assert_eq!(ttl(&sm, "k", false), Value::Int(1));
+        assert_eq!(sm.get(b"k").unwrap(), Some(b"v".to_vec()));
+        // An entry from a leader whose clock is behind: time holds.
+        at(&sm, 4, 9_000, WriteCmd::Reap(vec![])).unwrap();
+        assert_eq!(ttl(&sm, "k", true), Value::Int(500));
+        // The expiry time reached: gone for reads, still counted.
+        at(&sm, 5, 11_000, WriteCmd::Reap(vec![])).unwrap();
+        assert_eq!(sm.get(b"k").unwrap(), None);
+        assert_eq!(ttl(&sm, "k", false), Value::Int(-2));
+        let keys = sm
+            .read_view(|v| v.read(&ReadCmd::Keys(b"*".to_vec())))
+            .unwrap();
+        assert_eq!(keys, Value::List(vec![Value::Bulk(b"plain".to_vec())]));
+        assert_eq!(sm.dbsize().unwrap(), 2);
+        let found = sm.read_view(|v| v.expired_keys(11_000, 10)).unwrap();
+        assert_eq!(found, vec![b"k".to_vec()]);
+        // Writes see it as absent: SETNX succeeds.
+        assert_eq!(
+            at(&sm, 6, 11_000, WriteCmd::SetNx("k".into(), "new".into())),
+            Ok(Value::Int(1))
+        );
+        assert_eq!(ttl(&sm, "k", false), Value::Int(-1), "SETNX sets no expiry");
+        assert!(!sm.read_view(|v| v.has_expiring_keys()).unwrap());
+        // Reaping removes only what is still expired.
+        at(&sm, 7, 11_000, set_px("r", 10)).unwrap();
+        at(&sm, 8, 11_000, set_px("s", 10_000)).unwrap();
+        assert_eq!(
+            at(&sm, 9, 11_020, WriteCmd::Reap(vec!["r".into(), "s".into()])),
+            Ok(Value::Int(1))
+        );
+        assert_eq!(sm.dbsize().unwrap(), 3);
+        assert_eq!(sm.get(b"s").unwrap(), Some(b"v".to_vec()));
+        let left = sm.read_view(|v| v.expired_keys(u64::MAX - 1, 10)).unwrap();
+        assert_eq!(left, vec![b"s".to_vec()], "the index holds s alone");
+    }
+
+    /// Which writes keep, move or drop an expiry, and EXPIRE's conditions.
+    #[test]
+    fn writes_keep_move_or_drop_expiry_as_redis_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(&dir.path().join("sm")).unwrap();
+        let mut i = 0;
+        let mut run = |cmd: WriteCmd| {
+            i += 1;
+            at(&sm, i, 50_000, cmd)
+        };
+        let expire = |k: &str, secs: i64, cond: ExpireCond| WriteCmd::Expire {
+            key: k.into(),
+            at: Ttl::In(secs * 1000),
+            cond,
+            name: "expire".into(),
+        };
+        let none = ExpireCond::default();
+        run(set("a", "1", SetCond::Always)).unwrap();
+        assert_eq!(run(expire("a", 100, none)), Ok(Value::Int(1)));
+        run(WriteCmd::Append("a".into(), "2".into())).unwrap();
+        run(WriteCmd::IncrBy("a".into(), 1)).unwrap();
+        assert_eq!(
+            ttl(&sm, "a", false),
+            Value::Int(100),
+            "APPEND, INCR keep it"
+        );
+        run(WriteCmd::Rename {
+            from: "a".into(),
+            to: "b".into(),
+            nx: false,
+        })
+        .unwrap();
+        assert_eq!(ttl(&sm, "b", false), Value::Int(100), "RENAME moves it");
+        let nx = ExpireCond { nx: true, ..none };
+        let gt = ExpireCond { gt: true, ..none };
+        let lt = ExpireCond { lt: true, ..none };
+        let xx = ExpireCond { xx: true, ..none };
+        assert_eq!(run(expire("b", 50, nx)), Ok(Value::Int(0)));
+        assert_eq!(run(expire("b", 50, gt)), Ok(Value::Int(0)));
+        assert_eq!(run(expire("b", 50, lt)), Ok(Value::Int(1)));
+        assert_eq!(ttl(&sm, "b", false), Value::Int(50));
+        assert_eq!(run(WriteCmd::Persist("b".into())), Ok(Value::Int(1)));
+        assert_eq!(run(WriteCmd::Persist("b".into())), Ok(Value::Int(0)));
+        assert_eq!(run(expire("b", 50, xx)), Ok(Value::Int(0)));
+        assert_eq!(run(expire("b", 50, gt)), Ok(Value::Int(0)), "none is never");
+        assert_eq!(run(expire("b", 50, lt)), Ok(Value::Int(1)), "none is never");
+        run(set("b", "x", SetCond::Always)).unwrap();
+        assert_eq!(ttl(&sm, "b", false), Value::Int(-1), "SET drops it");
+        run(WriteCmd::SetWith {
+            key: "b".into(),
+            value: b"y".to_vec(),
+            cond: SetCond::Always,
+            ttl: Ttl::Keep,
+            get: false,
+            name: "set".into(),
+        })
+        .unwrap();
+        assert_eq!(ttl(&sm, "b", false), Value::Int(-1), "KEEPTTL of none");
+        // A time already past removes the key.
+        assert_eq!(run(expire("b", -1, none)), Ok(Value::Int(1)));
+        assert_eq!(sm.get(b"b").unwrap(), None);
+        assert_eq!(sm.dbsize().unwrap(), 0);
+        assert_eq!(run(expire("b", 10, none)), Ok(Value::Int(0)), "no key");
+        // Overflow is Redis's error.
+        let far = WriteCmd::Expire {
+            key: "c".into(),
+            at: Ttl::In(i64::MAX),
+            cond: none,
+            name: "pexpire".into(),
+        };
+        run(set("c", "1", SetCond::Always)).unwrap();
+        assert_eq!(
+            run(far),
+            Err(KvError::Other(
+                "invalid expire time in 'pexpire' command".into()
+            ))
+        );
+        // SET ... GET answers the old value; GETEX changes the expiry.
+        let r = run(WriteCmd::SetWith {
+            key: "c".into(),
+            value: b"2".to_vec(),
+            cond: SetCond::Always,
+            ttl: Ttl::In(5000),
+            get: true,
+            name: "set".into(),
+        });
+        assert_eq!(r, Ok(Value::Bulk(b"1".to_vec())));
+        assert_eq!(ttl(&sm, "c", true), Value::Int(5000));
+        let r = run(WriteCmd::GetEx {
+            key: "c".into(),
+            opt: "PERSIST".into(),
+            time: Vec::new(),
+        });
+        assert_eq!(r, Ok(Value::Bulk(b"2".to_vec())));
+        assert_eq!(ttl(&sm, "c", true), Value::Int(-1));
+    }
+
+    /// A snapshot carries expiry times and the clock; the loaded state
+    /// expires the same keys at the same entries, and its index is rebuilt.
+    /// Values stored before they carried a tag are tagged when opened.
+    #[test]
+    fn snapshots_carry_expiry_and_old_values_are_tagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = StateMachine::open(&dir.path().join("a")).unwrap();
+        at(
+            &a,
+            1,
+            7_000,
+            WriteCmd::SetWith {
+                key: "k".into(),
+                value: b"v".to_vec(),
+                cond: SetCond::Always,
+                ttl: Ttl::In(2_000),
+                get: false,
+                name: "set".into(),
+            },
+        )
+        .unwrap();
+        let file = dir.path().join("snap");
+        let info = a.write_snapshot(&file).unwrap();
+        assert_eq!(info.header.clock, 7_000);
+        let b = StateMachine::open(&dir.path().join("b")).unwrap();
+        b.load_snapshot(&file).unwrap();
+        assert_eq!(ttl(&b, "k", true), Value::Int(2_000));
+        assert_eq!(
+            b.read_view(|v| v.expired_keys(9_000, 10)).unwrap(),
+            vec![b"k".to_vec()]
+        );
+        at(&b, 2, 9_000, WriteCmd::Reap(vec!["k".into()])).unwrap();
+        assert_eq!(b.dbsize().unwrap(), 0);
+        // A database whose values are plain strings (the first redb layout).
+        drop(b);
+        {
+            let gen = std::fs::read_to_string(dir.path().join("b").join(CURRENT)).unwrap();
+            let path = dir.path().join("b").join(gen.trim()).join(DB_FILE);
+            // Closed on a thread of its own: wait for its lock to go.
+            let db = (0..400)
+                .find_map(|_| {
+                    redb::Database::create(&path).ok().or_else(|| {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                        None
+                    })
+                })
+                .expect("the database reopens");
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(KV).unwrap();
+                for i in 0..5000u64 {
+                    let k = dkey(format!("old{i}").as_bytes());
+                    t.insert(k.as_slice(), format!("raw{i}").as_bytes())
+                        .unwrap();
+                }
+                t.insert(COUNT, 5000u64.to_be_bytes().as_slice()).unwrap();
+                t.remove(FORMAT).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let b = StateMachine::open(&dir.path().join("b")).unwrap();
+        assert_eq!(b.get(b"old0").unwrap(), Some(b"raw0".to_vec()));
+        assert_eq!(b.get(b"old4999").unwrap(), Some(b"raw4999".to_vec()));
+        assert_eq!(b.dbsize().unwrap(), 5000);
+        drop(b);
+        let b = StateMachine::open(&dir.path().join("b")).unwrap();
+        assert_eq!(
+            b.get(b"old17").unwrap(),
+            Some(b"raw17".to_vec()),
+            "tagged once"
+        );
     }
 }

@@ -2,10 +2,15 @@
 //! leader streams it to a follower and as `raft-kv backup` saves it.
 //!
 //! ```text
-//! header   "RKVSNAP\0"  version u32  index u64  term u64  keys u64
+//! header   "RKVSNAP\0"  version u32  index u64  term u64  keys u64  clock u64
 //! records  key_len u32  key  value_len u32  value       (keys times)
 //! trailer  0xFFFF_FFFF  records u64  crc32 u32          (of every byte before it)
 //! ```
+//!
+//! Version 2 (this one) stores each value as the state machine does: a
+//! tag byte (type, and whether an expiry time follows), the expiry time,
+//! the data; and the state's clock in the header. Version 1 (no clock,
+//! plain string values) is still read.
 //!
 //! Integers are little-endian. A file with another magic is foreign, one
 //! with another version is refused by name, and one whose trailer does not
@@ -17,13 +22,15 @@ use std::path::Path;
 
 /// The first bytes of every snapshot file.
 pub const MAGIC: &[u8; 8] = b"RKVSNAP\0";
-/// The format this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The format this build writes.
+pub const VERSION: u32 = 2;
+/// The oldest format this build reads.
+pub const OLDEST_VERSION: u32 = 1;
 /// One key and its value.
 pub type Record = (Vec<u8>, Vec<u8>);
 
 /// Bytes before the first record.
-pub const HEADER_LEN: u64 = 8 + 4 + 8 + 8 + 8;
+pub const HEADER_LEN: u64 = 8 + 4 + 8 + 8 + 8 + 8;
 /// The longest key or value a reader accepts (larger lengths mean damage):
 /// the largest frame a command can arrive in.
 const MAX_FIELD: u32 = 64 << 20;
@@ -38,6 +45,8 @@ pub struct Header {
     pub term: u64,
     /// How many keys the state holds.
     pub keys: u64,
+    /// The state's clock (milliseconds since the Unix epoch; 0 in version 1).
+    pub clock: u64,
 }
 
 /// Why a snapshot file cannot be read.
@@ -47,7 +56,7 @@ pub enum SnapError {
     #[error("not a raft-kv snapshot file (bad magic)")]
     Foreign,
     /// Written by a version of raft-kv whose format this build does not read.
-    #[error("snapshot format version {0} is not supported (this build reads version {VERSION})")]
+    #[error("snapshot format version {0} is not supported (this build reads versions {OLDEST_VERSION} to {VERSION})")]
     Version(u32),
     /// The file is cut short or its contents do not match its checksum.
     #[error("damaged snapshot file: {0}")]
@@ -86,6 +95,7 @@ impl<W: Write> Writer<W> {
         wr.put(&h.index.to_le_bytes())?;
         wr.put(&h.term.to_le_bytes())?;
         wr.put(&h.keys.to_le_bytes())?;
+        wr.put(&h.clock.to_le_bytes())?;
         Ok(wr)
     }
 
@@ -126,6 +136,7 @@ impl<W: Write> Writer<W> {
 /// Reads a snapshot file record by record, checking it as it goes.
 pub struct Reader<R: Read> {
     r: R,
+    version: u32,
     crc: crc32fast::Hasher,
     header: Header,
     records: u64,
@@ -142,7 +153,9 @@ impl<R: Read> Reader<R> {
                 index: 0,
                 term: 0,
                 keys: 0,
+                clock: 0,
             },
+            version: 0,
             records: 0,
             done: false,
         };
@@ -152,15 +165,25 @@ impl<R: Read> Reader<R> {
             return Err(SnapError::Foreign);
         }
         let version = rd.u32()?;
-        if version != VERSION {
+        if !(OLDEST_VERSION..=VERSION).contains(&version) {
             return Err(SnapError::Version(version));
         }
+        rd.version = version;
         rd.header = Header {
             index: rd.u64()?,
             term: rd.u64()?,
             keys: rd.u64()?,
+            clock: 0,
         };
+        if version >= 2 {
+            rd.header.clock = rd.u64()?;
+        }
         Ok(rd)
+    }
+
+    /// The file's format version.
+    pub fn version(&self) -> u32 {
+        self.version
     }
 
     /// What the file says it covers (trusted only once `next` returned `None`).
@@ -306,6 +329,7 @@ mod tests {
             index: 7,
             term: 2,
             keys: 2,
+            clock: 1_700_000_000_000,
         };
         let mut w = Writer::new(Vec::new(), h).unwrap();
         w.record(b"a", b"1").unwrap();
@@ -320,6 +344,44 @@ mod tests {
             out.push(kv);
         }
         Ok(out)
+    }
+
+    /// A version-1 file (before values were tagged) still reads, with a
+    /// zero clock.
+    #[test]
+    fn a_version_1_file_reads_back() {
+        let mut b = Vec::new();
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&1u32.to_le_bytes());
+        for n in [9u64, 3, 1] {
+            b.extend_from_slice(&n.to_le_bytes());
+        }
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(b"k");
+        b.extend_from_slice(&2u32.to_le_bytes());
+        b.extend_from_slice(b"vv");
+        b.extend_from_slice(&END.to_le_bytes());
+        b.extend_from_slice(&1u64.to_le_bytes());
+        let crc = crc32fast::hash(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        let r = Reader::new(&b[..]).unwrap();
+        assert_eq!(r.version(), 1);
+        assert_eq!(
+            r.header(),
+            Header {
+                index: 9,
+                term: 3,
+                keys: 1,
+                clock: 0
+            }
+        );
+        assert_eq!(read_all(&b).unwrap(), vec![(b"k".to_vec(), b"vv".to_vec())]);
+        let mut future = b.clone();
+        future[8] = 3;
+        assert!(matches!(
+            Reader::new(&future[..]),
+            Err(SnapError::Version(3))
+        ));
     }
 
     #[test]

@@ -340,7 +340,8 @@ pub(crate) fn signal(c: &Cluster, id: u64, sig: &str) {
 }
 
 /// The largest value a `SET key value` may carry under a node's
-/// `max_entry_bytes` (the limit applies to the encoded command).
+/// `max_entry_bytes` (the limit applies to the log entry: the encoded
+/// command and the leader's time).
 pub(crate) fn value_limit(key: &str, max_entry: usize) -> usize {
     let probe = 1 << 20;
     let cmd = raft_kv::command::WriteCmd::Set {
@@ -348,7 +349,7 @@ pub(crate) fn value_limit(key: &str, max_entry: usize) -> usize {
         value: vec![0; probe],
         cond: raft_kv::command::SetCond::Always,
     };
-    max_entry - (cmd.encoded_len() - probe)
+    max_entry - (cmd.entry_len() - probe)
 }
 
 /// A SET retried while the answer says it was not applied (TRYAGAIN) or

@@ -3,7 +3,7 @@
 //! 3-node raft-kv cluster (each command to a random node), and every
 //! reply must be the same bytes, in RESP2 and in RESP3.
 //!
-//! Commands covered: the strings and keys commands raft-kv serves, with
+//! Commands covered: the strings, keys and expiry commands raft-kv serves, with
 //! their errors and edge cases (empty and binary values, negative and huge
 //! numbers, overflow, wrong arity, unknown commands). Bounded in CI by
 //! `RAFT_KV_DIFF_OPS` (default 3000 per protocol); a longer run:
@@ -153,12 +153,135 @@ fn value(g: &mut Gen) -> Vec<u8> {
     g.pick(VALUES).as_bytes().to_vec()
 }
 
-/// One random command: its arguments, and whether replies are compared as
-/// sets of elements (KEYS: the order is the server's own).
-fn command(g: &mut Gen) -> (Vec<Vec<u8>>, bool) {
+/// Expiry times: far enough that no key expires during a run (except
+/// times in the past, which expire a key at once on both sides), with
+/// invalid ones among them.
+const SECONDS: &[&str] = &["100", "1000", "5000", "0", "-5", "x", "9223372036854775807"];
+/// The same in milliseconds.
+const MILLIS: &[&str] = &[
+    "100000",
+    "1000000",
+    "5000000",
+    "0",
+    "-5",
+    "x",
+    "9223372036854775807",
+];
+
+/// A time for a command whose unit is `ms` (milliseconds) or seconds.
+fn time_arg(g: &mut Gen, name: &str) -> Vec<u8> {
+    let ms = name.to_ascii_uppercase().starts_with('P');
+    g.pick(if ms { MILLIS } else { SECONDS })
+        .as_bytes()
+        .to_vec()
+}
+/// Absolute times (the first one long past).
+const WHEN: &[&str] = &["1", "4102444800", "99999999999", "-1", "x", "0"];
+
+/// How the replies of a command are compared.
+#[derive(Clone, Copy, PartialEq)]
+enum Compare {
+    /// Byte for byte.
+    Exact,
+    /// As sets of elements (KEYS: the order is the server's own).
+    AsSet,
+    /// Integers within this much of each other when both are positive: a
+    /// time left or an expiry time, which raft-kv counts on the leader's
+    /// clock as stamped on the entries, Redis on its own (the two differ
+    /// by the milliseconds between them, and rounding to seconds can turn
+    /// that into one).
+    Near(i64),
+}
+
+/// SET's options, some of them invalid together or alone.
+fn set_options(g: &mut Gen) -> Vec<Vec<u8>> {
+    let b = |s: &str| s.as_bytes().to_vec();
+    let mut out = Vec::new();
+    for _ in 0..g.below(3) {
+        match g.below(10) {
+            0 => out.push(b("NX")),
+            1 => out.push(b("XX")),
+            2 => out.push(b("GET")),
+            3 => out.push(b("KEEPTTL")),
+            4 | 5 => {
+                let o = g.pick(&["EX", "PX", "ex"]);
+                out.push(b(o));
+                out.push(time_arg(g, o));
+            }
+            6 => {
+                // Not a time already past: SET keeps such a key (counted by
+                // DBSIZE) until it is reaped, at a moment of each server's
+                // own choosing.
+                let o = g.pick(&["EXAT", "PXAT"]);
+                out.push(b(o));
+                let future = if o == "EXAT" {
+                    ["4102444800", "99999999999"]
+                } else {
+                    ["4102444800000", "99999999999000"]
+                };
+                out.push(b(g.pick(&[future[0], future[1], "-1", "x", "0"])));
+            }
+            7 => out.push(b("EX")),
+            _ => out.push(b(g.pick(&["PERSIST", "BOGUS"]))),
+        }
+    }
+    out
+}
+
+/// One random command: its arguments, and how its replies are compared.
+fn command(g: &mut Gen) -> (Vec<Vec<u8>>, Compare) {
     let b = |s: &str| s.as_bytes().to_vec();
     let k = key(g, true);
-    let c: Vec<Vec<u8>> = match g.below(40) {
+    let c: Vec<Vec<u8>> = match g.below(52) {
+        40 | 41 => {
+            let mut c = vec![b("SET"), k, value(g)];
+            c.extend(set_options(g));
+            c
+        }
+        42 => {
+            let name = g.pick(&["SETEX", "PSETEX"]);
+            vec![b(name), k, time_arg(g, name), value(g)]
+        }
+        43 => {
+            let mut c = vec![b("GETEX"), k];
+            match g.below(4) {
+                0 => {}
+                1 => c.push(b("PERSIST")),
+                2 => {
+                    let o = g.pick(&["EX", "PX", "EXAT", "PXAT"]);
+                    c.push(b(o));
+                    c.push(if o.ends_with("AT") {
+                        b(g.pick(WHEN))
+                    } else {
+                        time_arg(g, o)
+                    });
+                }
+                _ => c.push(b(g.pick(&["NX", "KEEPTTL", "EX"]))),
+            }
+            c
+        }
+        44 | 45 => {
+            let name = g.pick(&["EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT"]);
+            let when = if name.ends_with("AT") {
+                b(g.pick(WHEN))
+            } else {
+                time_arg(g, name)
+            };
+            let mut c = vec![b(name), k, when];
+            for _ in 0..g.below(3) {
+                c.push(b(g.pick(&["NX", "XX", "GT", "LT", "gt", "ZZ"])));
+            }
+            c
+        }
+        46 => vec![b("PERSIST"), k],
+        47 | 48 => return (vec![b("TTL"), k], Compare::Near(1)),
+        49 => return (vec![b("PTTL"), k], Compare::Near(1500)),
+        50 => {
+            let name = g.pick(&["EXPIRETIME", "PEXPIRETIME"]);
+            let tol = if name == "EXPIRETIME" { 1 } else { 1500 };
+            return (vec![b(name), k], Compare::Near(tol));
+        }
+        51 => vec![b("TTL"), k, b("extra")],
         34 | 35 => vec![b("MULTI")],
         36..=38 => vec![b("EXEC")],
         39 => vec![b("DISCARD")],
@@ -215,13 +338,21 @@ fn command(g: &mut Gen) -> (Vec<Vec<u8>>, bool) {
                     b("KEYS"),
                     b(g.pick(&["*", "k?", "k[0-2]", "k[^1]*", "\\*", "*k*"])),
                 ],
-                true,
+                Compare::AsSet,
             )
         }
         32 => vec![b("SELECT"), b("0")],
         _ => vec![b("INCRBY"), k, b(g.pick(NUMBERS)), b("extra")],
     };
-    (c, false)
+    (c, Compare::Exact)
+}
+
+/// An integer reply's value.
+fn int_reply(reply: &[u8]) -> Option<i64> {
+    std::str::from_utf8(reply.strip_prefix(b":")?.strip_suffix(b"\r\n")?)
+        .ok()?
+        .parse()
+        .ok()
 }
 
 fn k_again(g: &mut Gen) -> Vec<u8> {
@@ -260,11 +391,11 @@ fn run(resp3: bool, seed: u64, ops: usize, redis: SocketAddr, c: &Cluster) {
     // A transaction belongs to its connection: MULTI ... EXEC go to one node.
     let mut in_multi: Option<usize> = None;
     for i in 0..ops {
-        let (mut cmd, mut as_set) = command(&mut g);
-        // KEYS inside a transaction: its order is the server's own, and
-        // inside EXEC's reply it cannot be compared as a set.
-        while in_multi.is_some() && as_set {
-            (cmd, as_set) = command(&mut g);
+        let (mut cmd, mut how) = command(&mut g);
+        // Inside EXEC's reply only exact comparison works: KEYS's order is
+        // the server's own, and times left may differ a little.
+        while in_multi.is_some() && how != Compare::Exact {
+            (cmd, how) = command(&mut g);
         }
         let node = in_multi.unwrap_or_else(|| g.below(nodes.len()));
         match cmd[0].as_slice() {
@@ -279,10 +410,13 @@ fn run(resp3: bool, seed: u64, ops: usize, redis: SocketAddr, c: &Cluster) {
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         history.push(format!("{shown:?}"));
-        let same = if as_set {
-            sorted_elements(&want) == sorted_elements(&got)
-        } else {
-            want == got
+        let same = match how {
+            Compare::Exact => want == got,
+            Compare::AsSet => sorted_elements(&want) == sorted_elements(&got),
+            Compare::Near(tol) => match (int_reply(&want), int_reply(&got)) {
+                (Some(w), Some(o)) if w >= 0 && o >= 0 => (w - o).abs() <= tol,
+                _ => want == got,
+            },
         };
         assert!(
             same,
