@@ -67,6 +67,20 @@ async function main() {
     const res = await r.pipeline().set(`${key}:p`, "1").incr(`${key}:p`).get(`${key}:p`).exec();
     assert.deepEqual(res, [[null, "OK"], [null, 2], [null, "2"]]);
   });
+  await step("watch", async () => {
+    const wk = `${key}:w`;
+    // A second connection to the first node: WATCH belongs to a connection.
+    const w = new Redis({ host: clients[0].options.host, port: clients[0].options.port });
+    await w.set(wk, "0");
+    await w.watch(wk);
+    await others[others.length - 1].set(wk, "other");
+    assert.equal(await w.multi().set(wk, "mine").exec(), null);
+    assert.equal(await r.get(wk), "other");
+    await w.watch(wk);
+    assert.deepEqual(await w.multi().set(wk, "mine").exec(), [[null, "OK"]]);
+    assert.equal(await others[0].get(wk), "mine");
+    w.disconnect();
+  });
   await step("expiry", async () => {
     const ek = `${key}:e`;
     assert.equal(await r.set(ek, "x", "EX", 100), "OK");

@@ -3,7 +3,7 @@ default settings (RESP3 in redis-py 8) or `--protocol 2`:
 
     python3 redis_py_tour.py --protocol 3 HOST:PORT [HOST:PORT ...]
 
-Connection commands, strings, expiry, errors and client bookkeeping, through every
+Connection commands, strings, transactions with WATCH, expiry, errors and client bookkeeping, through every
 node given (writes through one node are read through the others). Exits
 non-zero with the failing step on any difference from what Redis answers.
 """
@@ -117,6 +117,31 @@ def main():
     check("type", text(r.type(key + ":t9")), "string")
     check("keys", sorted(r.keys(key + ":t*")), [(key + ":t2").encode(), (key + ":t3").encode(), (key + ":t9").encode()])
     check("getdel", r.getdel(key + ":t9"), b"zQz")
+    # WATCH: a write through another node between WATCH and EXEC aborts the
+    # transaction (redis-py raises WatchError); without one it runs.
+    wk = key + ":w"
+    r.set(wk, "0")
+    with r.pipeline() as p:
+        p.watch(wk)
+        check("watched value", p.get(wk), b"0")
+        others[-1].set(wk, "other")
+        p.multi()
+        p.set(wk, "mine")
+        try:
+            p.execute()
+            check("watch conflict aborts", False, True)
+        except redis.WatchError:
+            pass
+    check("the other write stands", r.get(wk), b"other")
+    with r.pipeline() as p:
+        p.watch(wk, wk + ":absent")
+        p.multi()
+        p.incr(wk + ":n")
+        p.set(wk, "mine")
+        check("watch without conflict", p.execute(), [1, True])
+    for o in others:
+        check("seen elsewhere", o.get(wk), b"mine")
+    check("unwatch", r.execute_command("UNWATCH") in (True, b"OK", "OK"), True)
     # Expiry: the leader's time, seen alike through every node.
     ek = key + ":e"
     check("set ex", r.set(ek, "x", ex=100), True)

@@ -176,6 +176,17 @@ pub enum WriteCmd {
         #[serde(with = "serde_bytes")]
         time: Vec<u8>,
     },
+    /// EXEC after WATCH: the queued commands run only if no watched key
+    /// was written or removed after entry `since` (the applied index when
+    /// the client watched them); otherwise the reply is a null array.
+    ExecWatched {
+        /// The entry the watch started after.
+        since: u64,
+        /// The watched keys.
+        keys: Vec<Vec<u8>>,
+        /// The queued commands.
+        cmds: Vec<TxCmd>,
+    },
     /// Removes those of the keys whose expiry time has passed at the
     /// entry's time. The leader proposes it for keys it found expired; an
     /// empty one only moves the clock on.
@@ -440,8 +451,8 @@ pub enum Command {
     Exec,
     /// DISCARD.
     Discard,
-    /// WATCH key... (not served yet: refused with a clear error).
-    Watch,
+    /// WATCH key...
+    Watch(Vec<Vec<u8>>),
     /// UNWATCH.
     Unwatch,
     /// INFO [section].
@@ -505,7 +516,7 @@ impl Command {
             ("MULTI", 1) => Command::Multi,
             ("EXEC", 1) => Command::Exec,
             ("DISCARD", 1) => Command::Discard,
-            ("WATCH", 2..) => Command::Watch,
+            ("WATCH", 2..) => Command::Watch(rest.collect()),
             ("UNWATCH", 1) => Command::Unwatch,
             ("COMMAND", 1) => Command::CommandInfo(CommandQuery::All),
             ("COMMAND", _) => {

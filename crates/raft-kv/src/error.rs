@@ -17,11 +17,6 @@ pub enum KvError {
     /// transaction cannot hold: Redis's text.
     #[error("{0}")]
     Tx(String),
-    /// WATCH: not served yet.
-    #[error(
-        "WATCH is not supported by raft-kv yet; MULTI/EXEC transactions run atomically without it"
-    )]
-    WatchUnsupported,
     /// A value that must be a float is not one.
     #[error("value is not a valid float")]
     NotAFloat,

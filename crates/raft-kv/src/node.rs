@@ -687,6 +687,17 @@ impl KvNode {
         }
     }
 
+    /// For WATCH: an index such that every write applied after it is one
+    /// this connection may not have seen, and every write up to it is one
+    /// its reads will see (a read barrier, then the applied index here).
+    pub async fn watch_index(&self) -> Result<u64, KvError> {
+        if let Some(why) = self.stopped() {
+            return Err(KvError::Stopped(why));
+        }
+        self.read_barrier().await?;
+        Ok(self.sm.applied())
+    }
+
     /// Runs a read linearizably: a read barrier, then one view of the
     /// applied state (all the keys of MGET or EXISTS, and DBSIZE, from the
     /// same batches), which batches being applied meanwhile never hold up.

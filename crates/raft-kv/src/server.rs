@@ -372,7 +372,7 @@ fn cmd_ref(c: &Command) -> Queued {
         Command::Ping(m) => Queued::Tx(TxCmd::Ping(m.clone())),
         Command::Echo(m) => Queued::Tx(TxCmd::Echo(m.clone())),
         Command::Multi => Queued::Nested,
-        Command::Watch => Queued::Watch,
+        Command::Watch(_) => Queued::Watch,
         Command::Unwatch | Command::Select(0) => Queued::Tx(TxCmd::Reply(Value::Ok)),
         Command::Select(_) => Queued::Tx(TxCmd::Reply(Value::Error(crate::resp::error_reply(
             &KvError::DbOutOfRange,
@@ -416,6 +416,8 @@ struct Session<'a> {
     multi: Option<Vec<TxCmd>>,
     /// A command queued in MULTI was refused: EXEC answers EXECABORT.
     multi_failed: bool,
+    /// WATCH: the index the watch started after, and the keys.
+    watching: Option<(u64, Vec<Vec<u8>>)>,
 }
 
 impl Session<'_> {
@@ -542,20 +544,36 @@ impl Session<'_> {
         if let Some(queued) = self.multi.take() {
             let failed = std::mem::take(&mut self.multi_failed);
             match cmd {
-                Command::Discard => return pending.push(now(Ok(Value::Ok))),
-                Command::Exec if failed => return pending.push(now(Err(KvError::ExecAbort))),
+                Command::Discard => {
+                    self.watching = None;
+                    return pending.push(now(Ok(Value::Ok)));
+                }
+                Command::Exec if failed => {
+                    self.watching = None;
+                    return pending.push(now(Err(KvError::ExecAbort)));
+                }
                 Command::Exec => {
                     // One log entry: applied on every node at once, after
-                    // the writes this connection sent before it.
+                    // the writes this connection sent before it. Watched
+                    // keys are checked when it is applied.
                     self.flush_pending(pending, out).await;
-                    let r = if queued.is_empty() {
-                        Ok(Value::List(Vec::new()))
-                    } else {
-                        self.node
-                            .write(vec![WriteCmd::Exec(queued)])
+                    let exec = match self.watching.take() {
+                        Some((since, keys)) => Some(WriteCmd::ExecWatched {
+                            since,
+                            keys,
+                            cmds: queued,
+                        }),
+                        None if queued.is_empty() => None,
+                        None => Some(WriteCmd::Exec(queued)),
+                    };
+                    let r = match exec {
+                        None => Ok(Value::List(Vec::new())),
+                        Some(w) => self
+                            .node
+                            .write(vec![w])
                             .await
                             .pop()
-                            .unwrap_or_else(|| Err(KvError::Internal("lost a reply".into())))
+                            .unwrap_or_else(|| Err(KvError::Internal("lost a reply".into()))),
                     };
                     return pending.push(now(r));
                 }
@@ -577,6 +595,7 @@ impl Session<'_> {
             Command::Reset => {
                 self.multi = None;
                 self.multi_failed = false;
+                self.watching = None;
                 self.resp3 = false;
                 self.authed = self.cfg.password.is_none();
                 self.with(|c| {
@@ -602,8 +621,24 @@ impl Session<'_> {
             }
             Command::Discard => Err(KvError::Tx("DISCARD without MULTI".into())),
             Command::Exec => Err(KvError::Tx("EXEC without MULTI".into())),
-            Command::Watch => Err(KvError::WatchUnsupported),
-            Command::Unwatch => Ok(Value::Ok),
+            Command::Watch(keys) => {
+                // WATCH observes this connection's earlier writes.
+                self.flush_pending(pending, out).await;
+                match self.node.watch_index().await {
+                    Ok(i) => {
+                        let w = self.watching.get_or_insert((i, Vec::new()));
+                        // Keys watched earlier keep their earlier start.
+                        w.0 = w.0.min(i);
+                        w.1.extend(keys);
+                        Ok(Value::Ok)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Command::Unwatch => {
+                self.watching = None;
+                Ok(Value::Ok)
+            }
             Command::Hello { .. } => Err(KvError::Internal("HELLO handled above".into())),
             Command::Backup => {
                 self.flush_pending(pending, out).await;
@@ -812,6 +847,7 @@ async fn connection<S: ClientIo>(
         me,
         multi: None,
         multi_failed: false,
+        watching: None,
     };
     let auth_deadline = tokio::time::Instant::now() + cfg.auth_timeout;
     let mut parser = RequestParser::new();

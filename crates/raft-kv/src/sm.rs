@@ -59,38 +59,60 @@ const CLOCK: &[u8] = b"m:clock";
 /// (moved to the tagged format when opened), `VALUE_FORMAT` after.
 const FORMAT: &[u8] = b"m:format";
 const VALUE_FORMAT: u64 = 2;
-/// A stored value starts with a tag: the type in the low bits, and
-/// `HAS_EXPIRY` when 8 bytes of expiry time (big-endian milliseconds) come
-/// before the data.
+/// A stored value starts with a tag: the type in the low bits,
+/// `HAS_EXPIRY` when 8 bytes of expiry time (big-endian milliseconds)
+/// follow, then `HAS_VERSION` when 8 bytes of version follow (the index of
+/// the entry that last wrote the key, for WATCH), then the data.
 const T_STRING: u8 = 0;
 const HAS_EXPIRY: u8 = 0x80;
+const HAS_VERSION: u8 = 0x40;
+/// Deletion marks for WATCH: `t:` + bucket (2 bytes, big-endian) -> the
+/// index of the last entry that removed a key of that bucket. A watched key
+/// that is absent at EXEC was removed after the WATCH if its bucket's mark
+/// is later (or another key of the bucket was: a needless abort, never a
+/// missed one).
+const TOMBS: &[u8] = b"t:";
+const TOMBS_END: &[u8] = b"t;";
+const TOMB_BUCKETS: u64 = 1 << 14;
 
 /// A stored value, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stored<'a> {
     /// The expiry time, if the key has one.
     expires: Option<u64>,
+    /// The index of the entry that last wrote it (0: before versions).
+    version: u64,
     data: &'a [u8],
 }
 
 impl<'a> Stored<'a> {
     fn decode(v: &'a [u8]) -> Stored<'a> {
-        match v.split_first() {
-            Some((&tag, rest)) if tag & HAS_EXPIRY != 0 && rest.len() >= 8 => {
-                let (at, data) = rest.split_at(8);
-                Stored {
-                    expires: Some(u64::from_be_bytes(at.try_into().unwrap_or_default())),
-                    data,
-                }
-            }
-            Some((_, rest)) => Stored {
+        let Some((&tag, mut rest)) = v.split_first() else {
+            return Stored {
                 expires: None,
-                data: rest,
-            },
-            None => Stored {
-                expires: None,
+                version: 0,
                 data: &[],
-            },
+            };
+        };
+        let word = |rest: &mut &'a [u8]| -> Option<u64> {
+            let (w, r) = rest.split_at_checked(8)?;
+            *rest = r;
+            Some(u64::from_be_bytes(w.try_into().ok()?))
+        };
+        let expires = if tag & HAS_EXPIRY != 0 {
+            word(&mut rest)
+        } else {
+            None
+        };
+        let version = if tag & HAS_VERSION != 0 {
+            word(&mut rest).unwrap_or(0)
+        } else {
+            0
+        };
+        Stored {
+            expires,
+            version,
+            data: rest,
         }
     }
 
@@ -100,17 +122,31 @@ impl<'a> Stored<'a> {
     }
 }
 
-fn encode_value(expires: Option<u64>, data: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + data.len());
-    match expires {
-        Some(at) => {
-            v.push(T_STRING | HAS_EXPIRY);
-            v.extend_from_slice(&at.to_be_bytes());
-        }
-        None => v.push(T_STRING),
+fn encode_value(expires: Option<u64>, version: u64, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(17 + data.len());
+    let mut tag = T_STRING;
+    if expires.is_some() {
+        tag |= HAS_EXPIRY;
+    }
+    if version != 0 {
+        tag |= HAS_VERSION;
+    }
+    v.push(tag);
+    if let Some(at) = expires {
+        v.extend_from_slice(&at.to_be_bytes());
+    }
+    if version != 0 {
+        v.extend_from_slice(&version.to_be_bytes());
     }
     v.extend_from_slice(data);
     v
+}
+
+/// The deletion mark key of user key `key`.
+fn tomb_key(key: &[u8]) -> Vec<u8> {
+    let mut k = TOMBS.to_vec();
+    k.extend_from_slice(&((scan_hash(key) % TOMB_BUCKETS) as u16).to_be_bytes());
+    k
 }
 
 /// The expiry index key of data key `dk` expiring at `at`.
@@ -645,7 +681,7 @@ fn tag_values(db: &redb::Database) -> Result<(), KvError> {
                 if k.value() == from.as_slice() && from.as_slice() != DATA {
                     continue;
                 }
-                batch.push((k.value().to_vec(), encode_value(None, v.value())));
+                batch.push((k.value().to_vec(), encode_value(None, 0, v.value())));
                 if batch.len() == 4096 {
                     break;
                 }
@@ -710,9 +746,9 @@ fn migrate_from_sled(dir: &Path, old: &str) -> Result<String, KvError> {
             } else if k.as_ref() == APPLIED_TERM {
                 term = num();
             } else if let Some(user) = k.strip_prefix(OLD_DATA) {
-                return Ok(Some((dkey(user), encode_value(None, &v))));
+                return Ok(Some((dkey(user), encode_value(None, 0, &v))));
             } else if k.starts_with(DATA) {
-                return Ok(Some((k.to_vec(), encode_value(None, &v))));
+                return Ok(Some((k.to_vec(), encode_value(None, 0, &v))));
             }
         })?;
         finish_load(
@@ -872,6 +908,7 @@ impl StateMachine {
                 t: &mut t,
                 count,
                 now: clock,
+                index: applied,
             };
             for &(index, at, cmd) in entries {
                 if index <= last {
@@ -879,6 +916,7 @@ impl StateMachine {
                     continue;
                 }
                 last = index;
+                st.index = index;
                 st.now = st.now.max(at.unwrap_or(0));
                 outcomes.push(match cmd {
                     None => Ok(Value::Ok),
@@ -977,7 +1015,12 @@ impl StateMachine {
             keys: meta(&t, COUNT)?,
             clock: meta(&t, CLOCK)?,
         };
-        let mut res = scan_into(&t, header, out);
+        let mut meta = Vec::new();
+        for kv in t.range(TOMBS..TOMBS_END)? {
+            let (k, v) = kv?;
+            meta.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        let mut res = scan_into(&t, header, &meta, out);
         drop(t);
         if res.is_ok() && self.loads.load(Ordering::Acquire) != loads {
             res = Err(KvError::Internal(
@@ -1010,7 +1053,7 @@ impl StateMachine {
             let tagged = r.version() >= 2;
             let keys = bulk_load(&db, &path.join(DB_FILE), || {
                 Ok(r.next_record().map_err(bad)?.map(|(k, v)| {
-                    let v = if tagged { v } else { encode_value(None, &v) };
+                    let v = if tagged { v } else { encode_value(None, 0, &v) };
                     (dkey(&k), v)
                 }))
             })?;
@@ -1022,6 +1065,22 @@ impl StateMachine {
                     format!("it holds {keys} keys, its header says {}", h.keys),
                 ));
             }
+            // The deletion marks (checked: nothing else goes in this way).
+            let txn = db.begin_write()?;
+            {
+                let mut t = txn.open_table(KV)?;
+                for (k, v) in r.meta() {
+                    if !k.starts_with(TOMBS) || k.len() != TOMBS.len() + 2 || v.len() != 8 {
+                        return Err(storage(
+                            file,
+                            "cannot load the snapshot",
+                            "a bad meta record",
+                        ));
+                    }
+                    t.insert(k.as_slice(), v.as_slice())?;
+                }
+            }
+            txn.commit()?;
             finish_load(
                 &db,
                 &[
@@ -1068,11 +1127,17 @@ impl StateMachine {
 }
 
 /// Writes the data keys of one read transaction to a snapshot file.
-fn scan_into(t: &ReadTable, header: snapfile::Header, out: &Path) -> Result<SnapshotInfo, KvError> {
+fn scan_into(
+    t: &ReadTable,
+    header: snapfile::Header,
+    meta: &[snapfile::Record],
+    out: &Path,
+) -> Result<SnapshotInfo, KvError> {
     let io = |e: std::io::Error| storage(out, "cannot write the snapshot", e);
     let f = snapfile::SyncingFile::new(std::fs::File::create(out).map_err(io)?);
     let mut w =
-        snapfile::Writer::new(std::io::BufWriter::with_capacity(1 << 20, f), header).map_err(io)?;
+        snapfile::Writer::with_meta(std::io::BufWriter::with_capacity(1 << 20, f), header, meta)
+            .map_err(io)?;
     let mut written = 0u64;
     for kv in t.range(DATA..DATA_END)? {
         let (k, v) = kv?;
@@ -1105,6 +1170,8 @@ struct Staged<'a, 't> {
     count: u64,
     /// The clock for the entry being applied.
     now: u64,
+    /// The index of the entry being applied (a written key's version).
+    index: u64,
 }
 
 impl Staged<'_, '_> {
@@ -1140,7 +1207,10 @@ impl Staged<'_, '_> {
         let dk = dkey(key);
         let old = self
             .t
-            .insert(dk.as_slice(), encode_value(expires, value).as_slice())?
+            .insert(
+                dk.as_slice(),
+                encode_value(expires, self.index, value).as_slice(),
+            )?
             .map(|v| Stored::decode(v.value()).expires);
         match old {
             None => self.count += 1,
@@ -1183,6 +1253,10 @@ impl Staged<'_, '_> {
         if let Some(at) = old {
             self.t.remove(expiry_key(at, &dk).as_slice())?;
         }
+        self.t.insert(
+            tomb_key(key).as_slice(),
+            self.index.to_be_bytes().as_slice(),
+        )?;
         Ok(old.is_none_or(|at| at > self.now))
     }
 
@@ -1218,6 +1292,42 @@ impl Staged<'_, '_> {
             }
             at => self.put_with(key, value, at),
         }
+    }
+
+    /// Runs a transaction's commands in order.
+    fn exec(&mut self, cmds: &[TxCmd]) -> Result<Value, KvError> {
+        let mut replies = Vec::with_capacity(cmds.len());
+        for c in cmds {
+            let r = match c {
+                TxCmd::Write(WriteCmd::Exec(_) | WriteCmd::ExecWatched { .. }) => {
+                    Err(KvError::Tx("EXEC inside a transaction".into()))
+                }
+                TxCmd::Write(w) => self.stage(w)?,
+                TxCmd::Read(r) => self.read_tx(r)?,
+                TxCmd::Ping(None) => Ok(Value::Status("PONG".into())),
+                TxCmd::Ping(Some(m)) | TxCmd::Echo(m) => Ok(Value::Bulk(m.clone())),
+                TxCmd::Reply(v) => Ok(v.clone()),
+            };
+            // Like Redis: a command that fails does not stop the others
+            // (and nothing is rolled back).
+            replies.push(match r {
+                Ok(v) => v,
+                Err(e) => Value::Error(crate::resp::error_reply(&e)),
+            });
+        }
+        Ok(Value::List(replies))
+    }
+
+    /// Whether a watched key may have changed after entry `since`: written
+    /// since (its version), removed since (its bucket's deletion mark), or
+    /// expired (counted as a change even if it already was at WATCH time:
+    /// a needless abort, never a missed one).
+    fn touched_since(&self, key: &[u8], since: u64) -> Result<bool, KvError> {
+        if let Some(v) = self.t.get(dkey(key).as_slice())? {
+            let st = Stored::decode(v.value());
+            return Ok(st.expired(self.now) || st.version > since);
+        }
+        Ok(meta(&*self.t, &tomb_key(key))? > since)
     }
 
     /// Stages one write; the outer error is a storage failure, the inner
@@ -1403,27 +1513,15 @@ impl Staged<'_, '_> {
                 self.put_with(to, &v, at)?;
                 Value::Int(1)
             }
-            WriteCmd::Exec(cmds) => {
-                let mut replies = Vec::with_capacity(cmds.len());
-                for c in cmds {
-                    let r = match c {
-                        TxCmd::Write(WriteCmd::Exec(_)) => {
-                            Err(KvError::Tx("EXEC inside a transaction".into()))
-                        }
-                        TxCmd::Write(w) => self.stage(w)?,
-                        TxCmd::Read(r) => self.read_tx(r)?,
-                        TxCmd::Ping(None) => Ok(Value::Status("PONG".into())),
-                        TxCmd::Ping(Some(m)) | TxCmd::Echo(m) => Ok(Value::Bulk(m.clone())),
-                        TxCmd::Reply(v) => Ok(v.clone()),
-                    };
-                    // Like Redis: a command that fails does not stop the
-                    // others (and nothing is rolled back).
-                    replies.push(match r {
-                        Ok(v) => v,
-                        Err(e) => Value::Error(crate::resp::error_reply(&e)),
-                    });
+            WriteCmd::Exec(cmds) => self.exec(cmds)?,
+            WriteCmd::ExecWatched { since, keys, cmds } => {
+                for k in keys {
+                    if self.touched_since(k, *since)? {
+                        // As Redis: the transaction does not run.
+                        return Ok(Ok(Value::NilArray));
+                    }
                 }
-                Value::List(replies)
+                self.exec(cmds)?
             }
             WriteCmd::FlushAll => {
                 let mut keys = Vec::new();
@@ -1432,8 +1530,16 @@ impl Staged<'_, '_> {
                         keys.push(kv?.0.value().to_vec());
                     }
                 }
+                let mut tombs = std::collections::BTreeSet::new();
                 for k in keys {
                     self.t.remove(k.as_slice())?;
+                    if k.starts_with(DATA) {
+                        tombs.insert(tomb_key(user_key(&k)));
+                    }
+                }
+                for tk in tombs {
+                    self.t
+                        .insert(tk.as_slice(), self.index.to_be_bytes().as_slice())?;
                 }
                 self.count = 0;
                 Value::Ok
@@ -2400,5 +2506,69 @@ mod tests {
             Some(b"raw17".to_vec()),
             "tagged once"
         );
+    }
+
+    /// WATCH at apply time: a watched key written or removed after the
+    /// watch's index makes EXEC a null reply on every node; untouched keys
+    /// (present or absent) let it run. Versions and deletion marks survive
+    /// a snapshot, so a node that loaded one decides alike.
+    #[test]
+    fn exec_after_watch_runs_only_if_no_watched_key_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(&dir.path().join("a")).unwrap();
+        let watched = |since: u64, k: &str| WriteCmd::ExecWatched {
+            since,
+            keys: vec![k.into()],
+            cmds: vec![TxCmd::Write(set(
+                "c",
+                &format!("at{since}"),
+                SetCond::Always,
+            ))],
+        };
+        let ran = |r: Result<Reply, KvError>| match r.unwrap() {
+            Ok(Value::List(_)) => true,
+            Ok(Value::NilArray) => false,
+            other => panic!("{other:?}"),
+        };
+        sm.apply(1, Some(&set("a", "1", SetCond::Always)))
+            .unwrap()
+            .unwrap();
+        sm.apply(2, Some(&set("b", "1", SetCond::Always)))
+            .unwrap()
+            .unwrap();
+        assert!(ran(sm.apply(3, Some(&watched(2, "a")))), "untouched");
+        sm.apply(4, Some(&set("a", "2", SetCond::Always)))
+            .unwrap()
+            .unwrap();
+        assert!(!ran(sm.apply(5, Some(&watched(3, "a")))), "written after");
+        assert_eq!(sm.get(b"c").unwrap(), Some(b"at2".to_vec()), "did not run");
+        assert!(
+            ran(sm.apply(6, Some(&watched(4, "a")))),
+            "written at, not after"
+        );
+        assert!(
+            ran(sm.apply(7, Some(&watched(6, "m")))),
+            "absent throughout"
+        );
+        sm.apply(8, Some(&set("m", "1", SetCond::Always)))
+            .unwrap()
+            .unwrap();
+        sm.apply(9, Some(&WriteCmd::Del(vec!["m".into()])))
+            .unwrap()
+            .unwrap();
+        assert!(
+            !ran(sm.apply(10, Some(&watched(7, "m")))),
+            "created and removed"
+        );
+        assert!(ran(sm.apply(11, Some(&watched(9, "m")))), "removed before");
+        // The same decisions on a node that loaded a snapshot.
+        let file = dir.path().join("snap");
+        sm.write_snapshot(&file).unwrap();
+        let b = StateMachine::open(&dir.path().join("b")).unwrap();
+        b.load_snapshot(&file).unwrap();
+        assert!(!ran(b.apply(12, Some(&watched(3, "a")))));
+        assert!(ran(b.apply(13, Some(&watched(4, "a")))));
+        assert!(!ran(b.apply(14, Some(&watched(7, "m")))));
+        assert!(ran(b.apply(15, Some(&watched(9, "m")))));
     }
 }

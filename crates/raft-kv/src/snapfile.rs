@@ -3,13 +3,16 @@
 //!
 //! ```text
 //! header   "RKVSNAP\0"  version u32  index u64  term u64  keys u64  clock u64
+//!          meta_count u32, then meta_count times: key_len u32 key value_len u32 value
 //! records  key_len u32  key  value_len u32  value       (keys times)
 //! trailer  0xFFFF_FFFF  records u64  crc32 u32          (of every byte before it)
 //! ```
 //!
 //! Version 2 (this one) stores each value as the state machine does: a
 //! tag byte (type, and whether an expiry time follows), the expiry time,
-//! the data; and the state's clock in the header. Version 1 (no clock,
+//! the data; and in the header the state's clock and the state machine's
+//! own records (deletion marks for WATCH), which every replica must hold
+//! alike. Version 1 (no clock,
 //! plain string values) is still read.
 //!
 //! Integers are little-endian. A file with another magic is foreign, one
@@ -29,12 +32,16 @@ pub const OLDEST_VERSION: u32 = 1;
 /// One key and its value.
 pub type Record = (Vec<u8>, Vec<u8>);
 
-/// Bytes before the first record.
-pub const HEADER_LEN: u64 = 8 + 4 + 8 + 8 + 8 + 8;
+/// Bytes before the first record when there are no meta records.
+pub const HEADER_LEN: u64 = 8 + 4 + 8 + 8 + 8 + 8 + 4;
 /// The longest key or value a reader accepts (larger lengths mean damage):
 /// the largest frame a command can arrive in.
 const MAX_FIELD: u32 = 64 << 20;
 const END: u32 = u32::MAX;
+/// The most meta records a header holds.
+const MAX_META: u32 = 1 << 16;
+/// The most bytes a meta record's key or value holds.
+const MAX_META_FIELD: u32 = 64;
 
 /// What a snapshot file covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +91,11 @@ pub struct Writer<W: Write> {
 impl<W: Write> Writer<W> {
     /// Starts a file with its header.
     pub fn new(w: W, h: Header) -> std::io::Result<Self> {
+        Self::with_meta(w, h, &[])
+    }
+
+    /// Starts a file with its header and the state machine's own records.
+    pub fn with_meta(w: W, h: Header, meta: &[Record]) -> std::io::Result<Self> {
         let mut wr = Writer {
             w,
             crc: crc32fast::Hasher::new(),
@@ -96,6 +108,15 @@ impl<W: Write> Writer<W> {
         wr.put(&h.term.to_le_bytes())?;
         wr.put(&h.keys.to_le_bytes())?;
         wr.put(&h.clock.to_le_bytes())?;
+        let n = u32::try_from(meta.len())
+            .ok()
+            .filter(|&n| n <= MAX_META)
+            .ok_or_else(|| std::io::Error::other("too many meta records"))?;
+        wr.put(&n.to_le_bytes())?;
+        for (k, v) in meta {
+            wr.field(k)?;
+            wr.field(v)?;
+        }
         Ok(wr)
     }
 
@@ -105,19 +126,22 @@ impl<W: Write> Writer<W> {
         self.w.write_all(b)
     }
 
+    fn field(&mut self, b: &[u8]) -> std::io::Result<()> {
+        let n = u32::try_from(b.len())
+            .ok()
+            .filter(|&n| n <= MAX_FIELD)
+            .ok_or_else(|| std::io::Error::other(format!("field of {} bytes too long", b.len())))?;
+        self.put(&n.to_le_bytes())?;
+        self.put(b)
+    }
+
     /// Adds one key and its value.
     pub fn record(&mut self, key: &[u8], value: &[u8]) -> std::io::Result<()> {
-        let too_long = |n: usize| {
-            u32::try_from(n)
-                .ok()
-                .filter(|&n| n <= MAX_FIELD)
-                .ok_or_else(|| std::io::Error::other(format!("field of {n} bytes too long")))
-        };
-        let (kl, vl) = (too_long(key.len())?, too_long(value.len())?);
-        self.put(&kl.to_le_bytes())?;
-        self.put(key)?;
-        self.put(&vl.to_le_bytes())?;
-        self.put(value)?;
+        if key.len() > MAX_FIELD as usize || value.len() > MAX_FIELD as usize {
+            return Err(std::io::Error::other("field too long"));
+        }
+        self.field(key)?;
+        self.field(value)?;
         self.records += 1;
         Ok(())
     }
@@ -137,6 +161,7 @@ impl<W: Write> Writer<W> {
 pub struct Reader<R: Read> {
     r: R,
     version: u32,
+    meta: Vec<Record>,
     crc: crc32fast::Hasher,
     header: Header,
     records: u64,
@@ -156,6 +181,7 @@ impl<R: Read> Reader<R> {
                 clock: 0,
             },
             version: 0,
+            meta: Vec::new(),
             records: 0,
             done: false,
         };
@@ -177,8 +203,31 @@ impl<R: Read> Reader<R> {
         };
         if version >= 2 {
             rd.header.clock = rd.u64()?;
+            let n = rd.u32()?;
+            if n > MAX_META {
+                return Err(SnapError::Damaged(format!("{n} meta records")));
+            }
+            for _ in 0..n {
+                let kl = rd.u32()?;
+                if kl > MAX_META_FIELD {
+                    return Err(SnapError::Damaged(format!("a meta key of {kl} bytes")));
+                }
+                let k = rd.field(kl)?;
+                let vl = rd.u32()?;
+                if vl > MAX_META_FIELD {
+                    return Err(SnapError::Damaged(format!("a meta value of {vl} bytes")));
+                }
+                let v = rd.field(vl)?;
+                rd.meta.push((k, v));
+            }
         }
         Ok(rd)
+    }
+
+    /// The state machine's own records (trusted only once `next_record`
+    /// returned `None`).
+    pub fn meta(&self) -> &[Record] {
+        &self.meta
     }
 
     /// The file's format version.
