@@ -67,6 +67,16 @@ async function main() {
     const res = await r.pipeline().set(`${key}:p`, "1").incr(`${key}:p`).get(`${key}:p`).exec();
     assert.deepEqual(res, [[null, "OK"], [null, 2], [null, "2"]]);
   });
+  await step("hashes", async () => {
+    const hk = `${key}:h`;
+    assert.equal(await r.hset(hk, "a", "1", "b", "2"), 2);
+    assert.equal(await others[0].hget(hk, "b"), "2");
+    assert.deepEqual(await r.hgetall(hk), { a: "1", b: "2" });
+    assert.equal(await r.hincrby(hk, "a", 9), 10);
+    assert.equal(await r.hdel(hk, "a"), 1);
+    assert.deepEqual(await r.hkeys(hk), ["b"]);
+    await assert.rejects(r.get(hk), /WRONGTYPE/);
+  });
   await step("watch", async () => {
     const wk = `${key}:w`;
     // A second connection to the first node: WATCH belongs to a connection.

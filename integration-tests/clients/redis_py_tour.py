@@ -117,6 +117,22 @@ def main():
     check("type", text(r.type(key + ":t9")), "string")
     check("keys", sorted(r.keys(key + ":t*")), [(key + ":t2").encode(), (key + ":t3").encode(), (key + ":t9").encode()])
     check("getdel", r.getdel(key + ":t9"), b"zQz")
+    # Hashes.
+    hk = key + ":h"
+    check("hset", r.hset(hk, mapping={"a": "1", "b": "2"}), 2)
+    check("hget elsewhere", others[-1].hget(hk, "a"), b"1")
+    check("hgetall", r.hgetall(hk), {b"a": b"1", b"b": b"2"})
+    check("hincrby", r.hincrby(hk, "a", 41), 42)
+    check("hkeys", r.hkeys(hk), [b"a", b"b"])
+    check("hdel", r.hdel(hk, "b", "zz"), 1)
+    check("hlen", others[0].hlen(hk), 1)
+    check("hscan_iter", dict(r.hscan_iter(hk)), {b"a": b"42"})
+    check("type hash", text(r.type(hk)), "hash")
+    try:
+        r.get(hk)
+        check("get on a hash refused", False, True)
+    except redis.ResponseError as e:
+        check("wrongtype", str(e).startswith("WRONGTYPE"), True)
     # WATCH: a write through another node between WATCH and EXEC aborts the
     # transaction (redis-py raises WatchError); without one it runs.
     wk = key + ":w"

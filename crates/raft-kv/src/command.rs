@@ -187,6 +187,36 @@ pub enum WriteCmd {
         /// The queued commands.
         cmds: Vec<TxCmd>,
     },
+    /// HSET key field value ... (HMSET: `ok` is its `+OK` reply).
+    HSet {
+        /// Key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// Fields and values.
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+        /// HMSET.
+        ok: bool,
+    },
+    /// HSETNX key field value.
+    HSetNx(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
+    /// HDEL key field...
+    HDel(#[serde(with = "serde_bytes")] Vec<u8>, Vec<Vec<u8>>),
+    /// HINCRBY key field increment.
+    HIncrBy(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        i64,
+    ),
+    /// HINCRBYFLOAT key field increment (as sent).
+    HIncrByFloat(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
     /// Removes those of the keys whose expiry time has passed at the
     /// entry's time. The leader proposes it for keys it found expired; an
     /// empty one only moves the clock on.
@@ -238,6 +268,8 @@ pub enum ReadTx {
         /// The expiry time itself.
         absolute: bool,
     },
+    /// A read of the hash at a key.
+    Hash(#[serde(with = "serde_bytes")] Vec<u8>, HashRead),
 }
 
 impl ReadTx {
@@ -253,6 +285,7 @@ impl ReadTx {
             ReadCmd::DbSize => ReadTx::DbSize,
             ReadCmd::Keys(p) => ReadTx::Keys(p),
             ReadCmd::Ttl { key, ms, absolute } => ReadTx::Ttl { key, ms, absolute },
+            ReadCmd::Hash(key, h) => ReadTx::Hash(key, h),
             // Random, or a cursor: replicas would disagree / no use.
             ReadCmd::RandomKey | ReadCmd::Scan { .. } => return None,
         })
@@ -378,6 +411,8 @@ pub enum ReadCmd {
         /// The expiry time itself (EXPIRETIME) rather than what is left.
         absolute: bool,
     },
+    /// A read of the hash at a key.
+    Hash(Vec<u8>, HashRead),
     /// SCAN cursor [MATCH pattern] [COUNT n] [TYPE type].
     Scan {
         /// Where to go on (0: from the start).
@@ -386,9 +421,33 @@ pub enum ReadCmd {
         pattern: Option<Vec<u8>>,
         /// COUNT (default 10).
         count: usize,
-        /// TYPE is `string` (or absent): keys of other types there are none.
-        strings_only: bool,
+        /// TYPE: only keys of this type (its name, lower case).
+        kind: Option<Vec<u8>>,
     },
+}
+
+/// A read of a hash (also queued in MULTI, so it travels in the log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HashRead {
+    /// HGET key field.
+    Get(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// HMGET key field...
+    MGet(Vec<Vec<u8>>),
+    /// HGETALL key.
+    GetAll,
+    /// HEXISTS key field.
+    Exists(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// HLEN key.
+    Len,
+    /// HKEYS key.
+    Keys,
+    /// HVALS key.
+    Vals,
+    /// HSTRLEN key field.
+    StrLen(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// HSCAN key cursor [MATCH pattern] [COUNT n]: every field at once
+    /// (cursor 0), as Redis answers for a small hash.
+    Scan(Option<Vec<u8>>),
 }
 
 /// A cluster administration request (`RAFT.MEMBER ...`, `RAFT.TRANSFER`).
@@ -760,7 +819,7 @@ impl Command {
                     .ok()
                     .and_then(|c| c.parse::<u64>().ok())
                     .ok_or(KvError::Other("invalid cursor".into()))?;
-                let (mut pattern, mut count, mut strings_only) = (None, 10usize, true);
+                let (mut pattern, mut count, mut kind) = (None, 10usize, None);
                 while let Some(opt) = rest.next() {
                     let arg = rest.next().ok_or(KvError::Syntax)?;
                     match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
@@ -772,7 +831,7 @@ impl Command {
                                 .ok_or(KvError::Syntax)?
                                 .min(100_000)
                         }
-                        "TYPE" => strings_only = arg.eq_ignore_ascii_case(b"string"),
+                        "TYPE" => kind = Some(arg.to_ascii_lowercase()),
                         _ => return Err(KvError::Syntax),
                     }
                 }
@@ -780,8 +839,81 @@ impl Command {
                     cursor,
                     pattern,
                     count,
-                    strings_only,
+                    kind,
                 })
+            }
+            ("HSET" | "HMSET", _) if n >= 4 && n.is_multiple_of(2) => {
+                let key = next();
+                let mut pairs = Vec::with_capacity(n / 2);
+                while let (Some(f), Some(v)) = (rest.next(), rest.next()) {
+                    pairs.push((f, v));
+                }
+                Command::Write(WriteCmd::HSet {
+                    key,
+                    pairs,
+                    ok: name == "HMSET",
+                })
+            }
+            ("HSETNX", 4) => {
+                let (k, f) = (next(), next());
+                Command::Write(WriteCmd::HSetNx(k, f, next()))
+            }
+            ("HDEL", 3..) => {
+                let k = next();
+                Command::Write(WriteCmd::HDel(k, rest.collect()))
+            }
+            ("HINCRBY", 4) => {
+                let (k, f) = (next(), next());
+                Command::Write(WriteCmd::HIncrBy(k, f, int_arg(&next())?))
+            }
+            ("HINCRBYFLOAT", 4) => {
+                let (k, f) = (next(), next());
+                let by = next();
+                if parse_float(&by)?.is_infinite() {
+                    return Err(KvError::Other("value is NaN or Infinity".into()));
+                }
+                Command::Write(WriteCmd::HIncrByFloat(k, f, by))
+            }
+            ("HGET", 3) => {
+                let k = next();
+                Command::Read(ReadCmd::Hash(k, HashRead::Get(next())))
+            }
+            ("HMGET", 3..) => {
+                let k = next();
+                Command::Read(ReadCmd::Hash(k, HashRead::MGet(rest.collect())))
+            }
+            ("HGETALL", 2) => Command::Read(ReadCmd::Hash(next(), HashRead::GetAll)),
+            ("HEXISTS", 3) => {
+                let k = next();
+                Command::Read(ReadCmd::Hash(k, HashRead::Exists(next())))
+            }
+            ("HLEN", 2) => Command::Read(ReadCmd::Hash(next(), HashRead::Len)),
+            ("HKEYS", 2) => Command::Read(ReadCmd::Hash(next(), HashRead::Keys)),
+            ("HVALS", 2) => Command::Read(ReadCmd::Hash(next(), HashRead::Vals)),
+            ("HSTRLEN", 3) => {
+                let k = next();
+                Command::Read(ReadCmd::Hash(k, HashRead::StrLen(next())))
+            }
+            ("HSCAN", 3..) => {
+                let k = next();
+                std::str::from_utf8(&next())
+                    .ok()
+                    .and_then(|c| c.parse::<u64>().ok())
+                    .ok_or(KvError::Other("invalid cursor".into()))?;
+                let mut pattern = None;
+                while let Some(opt) = rest.next() {
+                    let arg = rest.next().ok_or(KvError::Syntax)?;
+                    match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
+                        "MATCH" => pattern = Some(arg),
+                        "COUNT" => {
+                            if int_arg(&arg)? < 1 {
+                                return Err(KvError::Syntax);
+                            }
+                        }
+                        _ => return Err(KvError::Syntax),
+                    }
+                }
+                Command::Read(ReadCmd::Hash(k, HashRead::Scan(pattern)))
             }
             ("GET", 2) => Command::Read(ReadCmd::Get(next())),
             ("MGET", 2..) => Command::Read(ReadCmd::MGet(rest.collect())),
@@ -797,7 +929,9 @@ impl Command {
                 | "MGET" | "EXISTS" | "STRLEN" | "DBSIZE" | "INFO" | "RAFT.MEMBER"
                 | "RAFT.TRANSFER" | "SETEX" | "PSETEX" | "GETEX" | "EXPIRE" | "PEXPIRE"
                 | "EXPIREAT" | "PEXPIREAT" | "PERSIST" | "TTL" | "PTTL" | "EXPIRETIME"
-                | "PEXPIRETIME",
+                | "PEXPIRETIME" | "HSET" | "HMSET" | "HSETNX" | "HDEL" | "HINCRBY" | "HINCRBYFLOAT"
+                | "HGET" | "HMGET" | "HGETALL" | "HEXISTS" | "HLEN" | "HKEYS" | "HVALS" | "HSTRLEN"
+                | "HSCAN",
                 _,
             ) => return Err(arity()),
             _ => {
@@ -1114,6 +1248,21 @@ const TABLE: &[CommandDesc] = &[
     ("pexpireat", -3, &["write", "fast"], 1, 1, 1),
     ("persist", 2, &["write", "fast"], 1, 1, 1),
     ("ttl", 2, &["readonly", "fast"], 1, 1, 1),
+    ("hset", -4, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("hmset", -4, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("hsetnx", 4, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("hdel", -3, &["write", "fast"], 1, 1, 1),
+    ("hincrby", 4, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("hincrbyfloat", 4, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("hget", 3, &["readonly", "fast"], 1, 1, 1),
+    ("hmget", -3, &["readonly", "fast"], 1, 1, 1),
+    ("hgetall", 2, &["readonly"], 1, 1, 1),
+    ("hexists", 3, &["readonly", "fast"], 1, 1, 1),
+    ("hlen", 2, &["readonly", "fast"], 1, 1, 1),
+    ("hkeys", 2, &["readonly"], 1, 1, 1),
+    ("hvals", 2, &["readonly"], 1, 1, 1),
+    ("hstrlen", 3, &["readonly", "fast"], 1, 1, 1),
+    ("hscan", -3, &["readonly"], 1, 1, 1),
     ("pttl", 2, &["readonly", "fast"], 1, 1, 1),
     ("expiretime", 2, &["readonly", "fast"], 1, 1, 1),
     ("pexpiretime", 2, &["readonly", "fast"], 1, 1, 1),

@@ -134,6 +134,15 @@ pub enum KvError {
     /// A bug: something that cannot happen did.
     #[error("internal: {0}")]
     Internal(String),
+    /// A command for one type used on a key of another.
+    #[error("Operation against a key holding the wrong kind of value")]
+    WrongType,
+    /// HINCRBY on a field that is not an integer.
+    #[error("hash value is not an integer")]
+    HashNotAnInteger,
+    /// HINCRBYFLOAT on a field that is not a float.
+    #[error("hash value is not a float")]
+    HashNotAFloat,
 }
 
 impl KvError {

@@ -291,6 +291,7 @@ pub fn error_code(e: &KvError) -> &'static str {
         KvError::AuthRequired | KvError::HelloAuthRequired => "NOAUTH",
         KvError::NoProto => "NOPROTO",
         KvError::ExecAbort => "EXECABORT",
+        KvError::WrongType => "WRONGTYPE",
         KvError::Stopped(_) => "ERR",
         _ => "ERR",
     }

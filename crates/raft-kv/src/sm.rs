@@ -25,7 +25,7 @@
 //! to it with one atomic rename, so a crash leaves the old state or the new
 //! one.
 
-use crate::command::{ReadCmd, ReadTx, SetCond, Ttl, TxCmd, Value, WriteCmd};
+use crate::command::{HashRead, ReadCmd, ReadTx, SetCond, Ttl, TxCmd, Value, WriteCmd};
 use crate::error::{KvError, Reply};
 use crate::snapfile;
 use redb::{Durability, ReadableDatabase as _, ReadableTable, TableDefinition};
@@ -64,6 +64,9 @@ const VALUE_FORMAT: u64 = 2;
 /// follow, then `HAS_VERSION` when 8 bytes of version follow (the index of
 /// the entry that last wrote the key, for WATCH), then the data.
 const T_STRING: u8 = 0;
+/// A hash: its data is the fields and values (see [`hash_decode`]).
+const T_HASH: u8 = 1;
+const KIND_MASK: u8 = 0x3f;
 const HAS_EXPIRY: u8 = 0x80;
 const HAS_VERSION: u8 = 0x40;
 /// Deletion marks for WATCH: `t:` + bucket (2 bytes, big-endian) -> the
@@ -78,6 +81,8 @@ const TOMB_BUCKETS: u64 = 1 << 14;
 /// A stored value, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stored<'a> {
+    /// The type (`T_STRING`, `T_HASH`).
+    kind: u8,
     /// The expiry time, if the key has one.
     expires: Option<u64>,
     /// The index of the entry that last wrote it (0: before versions).
@@ -89,6 +94,7 @@ impl<'a> Stored<'a> {
     fn decode(v: &'a [u8]) -> Stored<'a> {
         let Some((&tag, mut rest)) = v.split_first() else {
             return Stored {
+                kind: T_STRING,
                 expires: None,
                 version: 0,
                 data: &[],
@@ -110,6 +116,7 @@ impl<'a> Stored<'a> {
             0
         };
         Stored {
+            kind: tag & KIND_MASK,
             expires,
             version,
             data: rest,
@@ -123,8 +130,12 @@ impl<'a> Stored<'a> {
 }
 
 fn encode_value(expires: Option<u64>, version: u64, data: &[u8]) -> Vec<u8> {
+    encode_obj(T_STRING, expires, version, data)
+}
+
+fn encode_obj(kind: u8, expires: Option<u64>, version: u64, data: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(17 + data.len());
-    let mut tag = T_STRING;
+    let mut tag = kind & KIND_MASK;
     if expires.is_some() {
         tag |= HAS_EXPIRY;
     }
@@ -140,6 +151,90 @@ fn encode_value(expires: Option<u64>, version: u64, data: &[u8]) -> Vec<u8> {
     }
     v.extend_from_slice(data);
     v
+}
+
+/// A hash's fields and values, in the order they were first set (as
+/// Redis keeps a small hash): `count u32`, then `len u32, field, len u32,
+/// value` per field, little-endian. What does not decode (damage) reads as
+/// the fields that did.
+fn hash_decode(data: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    fn take<'a>(d: &mut &'a [u8]) -> Option<&'a [u8]> {
+        let (n, rest) = d.split_at_checked(4)?;
+        let n = u32::from_le_bytes(n.try_into().ok()?) as usize;
+        let (x, rest) = rest.split_at_checked(n)?;
+        *d = rest;
+        Some(x)
+    }
+    let mut d = data;
+    let mut out = Vec::new();
+    let Some((n, rest)) = d.split_at_checked(4) else {
+        return out;
+    };
+    d = rest;
+    let n = u32::from_le_bytes(n.try_into().unwrap_or_default());
+    for _ in 0..n {
+        let (Some(f), Some(v)) = (take(&mut d), take(&mut d)) else {
+            break;
+        };
+        out.push((f.to_vec(), v.to_vec()));
+    }
+    out
+}
+
+fn hash_encode(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let len: usize = pairs.iter().map(|(f, v)| 8 + f.len() + v.len()).sum();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (f, v) in pairs {
+        out.extend_from_slice(&(f.len() as u32).to_le_bytes());
+        out.extend_from_slice(f);
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+/// The name TYPE gives a kind.
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        T_HASH => "hash",
+        _ => "string",
+    }
+}
+
+/// Answers a read of a hash from the key's live value (`None`: absent).
+fn hash_read(obj: Option<(u8, &[u8])>, cmd: &HashRead) -> Result<Value, KvError> {
+    let pairs = match obj {
+        Some((T_HASH, data)) => hash_decode(data),
+        Some(_) => return Err(KvError::WrongType),
+        None => Vec::new(),
+    };
+    let field = |f: &[u8]| pairs.iter().find(|(k, _)| k == f).map(|(_, v)| v.clone());
+    Ok(match cmd {
+        HashRead::Get(f) => field(f).map_or(Value::Nil, Value::Bulk),
+        HashRead::MGet(fs) => Value::Array(fs.iter().map(|f| field(f)).collect()),
+        HashRead::GetAll => Value::Map(
+            pairs
+                .into_iter()
+                .map(|(f, v)| (Value::Bulk(f), Value::Bulk(v)))
+                .collect(),
+        ),
+        HashRead::Exists(f) => Value::Int(i64::from(field(f).is_some())),
+        HashRead::Len => Value::Int(pairs.len() as i64),
+        HashRead::Keys => Value::List(pairs.into_iter().map(|(f, _)| Value::Bulk(f)).collect()),
+        HashRead::Vals => Value::List(pairs.into_iter().map(|(_, v)| Value::Bulk(v)).collect()),
+        HashRead::StrLen(f) => Value::Int(field(f).map_or(0, |v| v.len() as i64)),
+        HashRead::Scan(pattern) => {
+            let mut flat = Vec::new();
+            for (f, v) in pairs {
+                if pattern.as_ref().is_none_or(|p| glob_match(p, &f)) {
+                    flat.push(Value::Bulk(f));
+                    flat.push(Value::Bulk(v));
+                }
+            }
+            Value::List(vec![Value::text("0"), Value::List(flat)])
+        }
+    })
 }
 
 /// The deletion mark key of user key `key`.
@@ -288,10 +383,18 @@ impl ReadView {
             .filter(|v| !Stored::decode(v.value()).expired(self.now)))
     }
 
-    /// The value of a key.
+    /// A live string key's stored value (`WrongType` for another type).
+    fn raw_str(&self, key: &[u8]) -> Result<Option<redb::AccessGuard<'_, &'static [u8]>>, KvError> {
+        match self.raw(key)? {
+            Some(v) if Stored::decode(v.value()).kind != T_STRING => Err(KvError::WrongType),
+            v => Ok(v),
+        }
+    }
+
+    /// The value of a string key.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
         Ok(self
-            .raw(key)?
+            .raw_str(key)?
             .map(|v| Stored::decode(v.value()).data.to_vec()))
     }
 
@@ -322,7 +425,7 @@ impl ReadView {
         let t = self.t()?;
         let live = |v: &[u8]| !Stored::decode(v).expired(self.now);
         Ok(match cmd {
-            ReadCmd::Get(k) => match self.raw(k)? {
+            ReadCmd::Get(k) => match self.raw_str(k)? {
                 Some(v) if Stored::decode(v.value()).data.len() > limit => return Err(too_large()),
                 v => v.map_or(Value::Nil, |v| {
                     Value::Bulk(Stored::decode(v.value()).data.to_vec())
@@ -335,7 +438,10 @@ impl ReadView {
                 let mut values = Vec::with_capacity(keys.len());
                 let mut total = 0usize;
                 for k in keys {
-                    let v = self.raw(k)?;
+                    // As Redis: a key of another type reads as nil here.
+                    let v = self
+                        .raw(k)?
+                        .filter(|v| Stored::decode(v.value()).kind == T_STRING);
                     total = total.saturating_add(v.as_ref().map_or(5, |v| v.value().len() + 16));
                     if total > limit {
                         return Err(too_large());
@@ -359,14 +465,25 @@ impl ReadView {
                 Value::Int(n)
             }
             ReadCmd::StrLen(k) => Value::Int(
-                self.raw(k)?
+                self.raw_str(k)?
                     .map_or(0, |v| Stored::decode(v.value()).data.len() as i64),
             ),
             ReadCmd::DbSize => Value::Int(self.dbsize()? as i64),
             ReadCmd::GetRange(k, start, end) => {
                 Value::Bulk(get_range(&self.get(k)?.unwrap_or_default(), *start, *end))
             }
-            ReadCmd::Type(k) => type_of(self.exists(k)?),
+            ReadCmd::Type(k) => type_of(self.raw(k)?.map(|v| Stored::decode(v.value()).kind)),
+            ReadCmd::Hash(k, h) => {
+                let v = self.raw(k)?;
+                let obj = v.as_ref().map(|v| {
+                    let st = Stored::decode(v.value());
+                    (st.kind, st.data)
+                });
+                if obj.is_some_and(|(_, d)| d.len() > limit) {
+                    return Err(too_large());
+                }
+                hash_read(obj, h)?
+            }
             ReadCmd::Ttl { key, ms, absolute } => ttl_reply(
                 self.raw(key)?.map(|v| Stored::decode(v.value()).expires),
                 self.now,
@@ -393,7 +510,7 @@ impl ReadView {
                 cursor,
                 pattern,
                 count,
-                strings_only,
+                kind,
             } => {
                 let mut start = DATA.to_vec();
                 start.extend_from_slice(&cursor.to_be_bytes());
@@ -417,7 +534,10 @@ impl ReadView {
                     }
                     last_hash = Some(h);
                     let key = user_key(k);
-                    if *strings_only
+                    let st = Stored::decode(v.value());
+                    if kind
+                        .as_ref()
+                        .is_none_or(|t| t.as_slice() == kind_name(st.kind).as_bytes())
                         && pattern.as_ref().is_none_or(|p| glob_match(p, key))
                         && live(v.value())
                     {
@@ -1159,6 +1279,53 @@ fn scan_into(
     Ok(SnapshotInfo { header, bytes })
 }
 
+/// INCRBYFLOAT's (and HINCRBYFLOAT's) sum, as text: `old` (absent: 0)
+/// plus the increment as sent.
+fn add_float(old: Option<&[u8]>, by_text: &[u8]) -> Result<String, KvError> {
+    let by = crate::command::parse_float(by_text).map_err(|_| KvError::NotAFloat)?;
+    let n = match old {
+        None => 0.0,
+        Some(v) => crate::command::parse_float(v)?,
+    };
+    let new = n + by;
+    if !new.is_finite() {
+        return Err(KvError::FloatOverflow);
+    }
+    // Whole numbers add exactly, as in Redis's 80-bit long doubles (f64
+    // would round past 2^53).
+    let int = |b: &[u8]| crate::command::parse_int(b).map(i128::from);
+    let exact = match (old, int(by_text)) {
+        (None, Some(b)) => Some(b),
+        (Some(a), Some(b)) => int(a).map(|a| a + b),
+        _ => None,
+    }
+    .filter(|s| s.unsigned_abs() <= 1u128 << 64);
+    Ok(match exact {
+        Some(s) => s.to_string(),
+        None => crate::command::format_float(new),
+    })
+}
+
+/// A command's result as `stage` gives it: storage failures (the batch
+/// cannot go on) outside, the command's own errors inside.
+fn outcome(r: Result<Value, KvError>) -> Result<Reply, KvError> {
+    match r {
+        Ok(v) => Ok(Ok(v)),
+        Err(e @ (KvError::Storage(_) | KvError::Internal(_))) => Err(e),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// A hash's fields and values.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// A live key of any type.
+struct Obj {
+    kind: u8,
+    expires: Option<u64>,
+    data: Vec<u8>,
+}
+
 /// A live key: its expiry time (if any) and its value.
 type Live = (Option<u64>, Vec<u8>);
 
@@ -1175,20 +1342,37 @@ struct Staged<'a, 't> {
 }
 
 impl Staged<'_, '_> {
-    /// A live key's expiry (`None`: none) and value. An expired key met
-    /// here is removed, as Redis removes one a command touches (every node
-    /// applies the same entries at the same clock, so all do alike).
-    fn entry(&mut self, key: &[u8]) -> Result<Option<Live>, KvError> {
+    /// A live key of any type. An expired key met here is removed, as
+    /// Redis removes one a command touches (every node applies the same
+    /// entries at the same clock, so all do alike).
+    fn any(&mut self, key: &[u8]) -> Result<Option<Obj>, KvError> {
         let found = self.t.get(dkey(key).as_slice())?.map(|v| {
             let st = Stored::decode(v.value());
-            (st.expired(self.now), st.expires, st.data.to_vec())
+            (
+                st.expired(self.now),
+                Obj {
+                    kind: st.kind,
+                    expires: st.expires,
+                    data: st.data.to_vec(),
+                },
+            )
         });
         match found {
-            Some((true, ..)) => {
+            Some((true, _)) => {
                 self.delete(key)?;
                 Ok(None)
             }
-            Some((false, at, v)) => Ok(Some((at, v))),
+            Some((false, o)) => Ok(Some(o)),
+            None => Ok(None),
+        }
+    }
+
+    /// A live string key's expiry (`None`: none) and value; `WrongType`
+    /// for a key of another type.
+    fn entry(&mut self, key: &[u8]) -> Result<Option<Live>, KvError> {
+        match self.any(key)? {
+            Some(o) if o.kind != T_STRING => Err(KvError::WrongType),
+            Some(o) => Ok(Some((o.expires, o.data))),
             None => Ok(None),
         }
     }
@@ -1198,18 +1382,53 @@ impl Staged<'_, '_> {
     }
 
     fn exists(&mut self, key: &[u8]) -> Result<bool, KvError> {
-        Ok(self.entry(key)?.is_some())
+        Ok(self.any(key)?.is_some())
     }
 
-    /// Writes a key with an expiry time (`None`: none), keeping the count
-    /// and the expiry index right.
+    /// A live hash's fields and its expiry; `WrongType` for another type.
+    fn hash(&mut self, key: &[u8]) -> Result<(Fields, Option<u64>), KvError> {
+        match self.any(key)? {
+            Some(o) if o.kind != T_HASH => Err(KvError::WrongType),
+            Some(o) => Ok((hash_decode(&o.data), o.expires)),
+            None => Ok((Vec::new(), None)),
+        }
+    }
+
+    /// Writes a hash back (keeping `expires`); an empty one is removed.
+    fn put_hash(
+        &mut self,
+        key: &[u8],
+        pairs: &[(Vec<u8>, Vec<u8>)],
+        expires: Option<u64>,
+    ) -> Result<(), KvError> {
+        if pairs.is_empty() {
+            self.delete(key)?;
+            Ok(())
+        } else {
+            self.put_obj(key, T_HASH, &hash_encode(pairs), expires)
+        }
+    }
+
+    /// Writes a string key with an expiry time (`None`: none).
     fn put_with(&mut self, key: &[u8], value: &[u8], expires: Option<u64>) -> Result<(), KvError> {
+        self.put_obj(key, T_STRING, value, expires)
+    }
+
+    /// Writes a key of any type with an expiry time (`None`: none),
+    /// keeping the count and the expiry index right.
+    fn put_obj(
+        &mut self,
+        key: &[u8],
+        kind: u8,
+        value: &[u8],
+        expires: Option<u64>,
+    ) -> Result<(), KvError> {
         let dk = dkey(key);
         let old = self
             .t
             .insert(
                 dk.as_slice(),
-                encode_value(expires, self.index, value).as_slice(),
+                encode_obj(kind, expires, self.index, value).as_slice(),
             )?
             .map(|v| Stored::decode(v.value()).expires);
         match old {
@@ -1235,7 +1454,7 @@ impl Staged<'_, '_> {
 
     /// Writes a key's value and keeps its expiry (APPEND, INCR ...).
     fn put_keep(&mut self, key: &[u8], value: impl AsRef<[u8]>) -> Result<(), KvError> {
-        let keep = self.entry(key)?.and_then(|(at, _)| at);
+        let keep = self.any(key)?.and_then(|o| o.expires);
         self.put_with(key, value.as_ref(), keep)
     }
 
@@ -1284,13 +1503,19 @@ impl Staged<'_, '_> {
     }
 
     /// Sets a key's value with an expiry; one already past removes it.
-    fn put_expiring(&mut self, key: &[u8], value: &[u8], at: Option<u64>) -> Result<(), KvError> {
+    fn put_expiring(
+        &mut self,
+        key: &[u8],
+        kind: u8,
+        value: &[u8],
+        at: Option<u64>,
+    ) -> Result<(), KvError> {
         match at {
             Some(at) if at <= self.now => {
                 self.delete(key)?;
                 Ok(())
             }
-            at => self.put_with(key, value, at),
+            at => self.put_obj(key, kind, value, at),
         }
     }
 
@@ -1303,7 +1528,7 @@ impl Staged<'_, '_> {
                     Err(KvError::Tx("EXEC inside a transaction".into()))
                 }
                 TxCmd::Write(w) => self.stage(w)?,
-                TxCmd::Read(r) => self.read_tx(r)?,
+                TxCmd::Read(r) => outcome(self.read_tx(r))?,
                 TxCmd::Ping(None) => Ok(Value::Status("PONG".into())),
                 TxCmd::Ping(Some(m)) | TxCmd::Echo(m) => Ok(Value::Bulk(m.clone())),
                 TxCmd::Reply(v) => Ok(v.clone()),
@@ -1333,7 +1558,13 @@ impl Staged<'_, '_> {
     /// Stages one write; the outer error is a storage failure, the inner
     /// one the command's own result.
     fn stage(&mut self, cmd: &WriteCmd) -> Result<Reply, KvError> {
-        Ok(Ok(match cmd {
+        outcome(self.run(cmd))
+    }
+
+    /// Runs one write: its reply, or its error (a storage failure among
+    /// them, which [`outcome`] tells apart).
+    fn run(&mut self, cmd: &WriteCmd) -> Result<Value, KvError> {
+        Ok(match cmd {
             WriteCmd::Set { key, value, cond } => {
                 let exists = self.exists(key)?;
                 let go = match cond {
@@ -1342,7 +1573,7 @@ impl Staged<'_, '_> {
                     SetCond::IfPresent => exists,
                 };
                 if !go {
-                    return Ok(Ok(Value::Nil));
+                    return Ok(Value::Nil);
                 }
                 self.put(key, value.clone())?;
                 Value::Ok
@@ -1367,11 +1598,11 @@ impl Staged<'_, '_> {
                     None => 0,
                     Some(v) => match crate::command::parse_int(&v) {
                         Some(n) => n,
-                        None => return Ok(Err(KvError::NotAnInteger)),
+                        None => return Err(KvError::NotAnInteger),
                     },
                 };
                 let Some(new) = n.checked_add(*delta) else {
-                    return Ok(Err(KvError::Overflow));
+                    return Err(KvError::Overflow);
                 };
                 self.put_keep(key, new.to_string().into_bytes())?;
                 Value::Int(new)
@@ -1408,7 +1639,7 @@ impl Staged<'_, '_> {
                 let old = self.get(key)?;
                 let mut v = old.unwrap_or_default();
                 if v.len() + value.len() > MAX_STRING {
-                    return Ok(Err(KvError::StringTooLong));
+                    return Err(KvError::StringTooLong);
                 }
                 v.extend_from_slice(value);
                 let n = v.len() as i64;
@@ -1416,34 +1647,8 @@ impl Staged<'_, '_> {
                 Value::Int(n)
             }
             WriteCmd::IncrByFloat(key, by_text) => {
-                let Ok(by) = crate::command::parse_float(by_text) else {
-                    return Ok(Err(KvError::NotAFloat));
-                };
-                let old_text = self.get(key)?;
-                let n = match &old_text {
-                    None => 0.0,
-                    Some(v) => match crate::command::parse_float(v) {
-                        Ok(n) => n,
-                        Err(e) => return Ok(Err(e)),
-                    },
-                };
-                let new = n + by;
-                if !new.is_finite() {
-                    return Ok(Err(KvError::FloatOverflow));
-                }
-                // Whole numbers add exactly, as in Redis's 80-bit long
-                // doubles (f64 would round past 2^53).
-                let int = |b: &[u8]| crate::command::parse_int(b).map(i128::from);
-                let exact = match (&old_text, int(by_text)) {
-                    (None, Some(b)) => Some(b),
-                    (Some(a), Some(b)) => int(a).map(|a| a + b),
-                    _ => None,
-                }
-                .filter(|s| s.unsigned_abs() <= 1u128 << 64);
-                let text = match exact {
-                    Some(s) => s.to_string(),
-                    None => crate::command::format_float(new),
-                };
+                let old = self.get(key)?;
+                let text = add_float(old.as_deref(), by_text)?;
                 self.put_keep(key, text.clone().into_bytes())?;
                 Value::Bulk(text.into_bytes())
             }
@@ -1451,14 +1656,14 @@ impl Staged<'_, '_> {
                 let old = self.get(key)?;
                 let mut v = old.unwrap_or_default();
                 if value.is_empty() {
-                    return Ok(Ok(Value::Int(v.len() as i64)));
+                    return Ok(Value::Int(v.len() as i64));
                 }
                 let Some(end) = usize::try_from(*offset)
                     .ok()
                     .and_then(|o| o.checked_add(value.len()))
                     .filter(|&e| e <= MAX_STRING)
                 else {
-                    return Ok(Err(KvError::StringTooLong));
+                    return Err(KvError::StringTooLong);
                 };
                 if v.len() < end {
                     v.resize(end, 0);
@@ -1471,7 +1676,7 @@ impl Staged<'_, '_> {
             WriteCmd::MSetNx(pairs) => {
                 for (k, _) in pairs {
                     if self.exists(k)? {
-                        return Ok(Ok(Value::Int(0)));
+                        return Ok(Value::Int(0));
                     }
                 }
                 for (k, v) in pairs {
@@ -1480,17 +1685,17 @@ impl Staged<'_, '_> {
                 Value::Int(1)
             }
             WriteCmd::Rename { from, to, nx } => {
-                let Some((at, v)) = self.entry(from)? else {
-                    return Ok(Err(KvError::NoSuchKey));
+                let Some(o) = self.any(from)? else {
+                    return Err(KvError::NoSuchKey);
                 };
                 if from == to {
-                    return Ok(Ok(if *nx { Value::Int(0) } else { Value::Ok }));
+                    return Ok(if *nx { Value::Int(0) } else { Value::Ok });
                 }
                 if *nx && self.exists(to)? {
-                    return Ok(Ok(Value::Int(0)));
+                    return Ok(Value::Int(0));
                 }
                 self.delete(from)?;
-                self.put_with(to, &v, at)?;
+                self.put_obj(to, o.kind, &o.data, o.expires)?;
                 if *nx {
                     Value::Int(1)
                 } else {
@@ -1499,18 +1704,18 @@ impl Staged<'_, '_> {
             }
             WriteCmd::Copy { from, to, replace } => {
                 if from == to {
-                    return Ok(Err(KvError::Other(
+                    return Err(KvError::Other(
                         "source and destination objects are the same".into(),
-                    )));
+                    ));
                 }
-                let Some((at, v)) = self.entry(from)? else {
-                    return Ok(Ok(Value::Int(0)));
+                let Some(o) = self.any(from)? else {
+                    return Ok(Value::Int(0));
                 };
                 let exists = self.exists(to)?;
                 if exists && !replace {
-                    return Ok(Ok(Value::Int(0)));
+                    return Ok(Value::Int(0));
                 }
-                self.put_with(to, &v, at)?;
+                self.put_obj(to, o.kind, &o.data, o.expires)?;
                 Value::Int(1)
             }
             WriteCmd::Exec(cmds) => self.exec(cmds)?,
@@ -1518,7 +1723,7 @@ impl Staged<'_, '_> {
                 for k in keys {
                     if self.touched_since(k, *since)? {
                         // As Redis: the transaction does not run.
-                        return Ok(Ok(Value::NilArray));
+                        return Ok(Value::NilArray);
                     }
                 }
                 self.exec(cmds)?
@@ -1552,17 +1757,17 @@ impl Staged<'_, '_> {
                 get,
                 name,
             } => {
-                let old = self.entry(key)?;
+                let old = self.any(key)?;
+                if *get && old.as_ref().is_some_and(|o| o.kind != T_STRING) {
+                    return Err(KvError::WrongType);
+                }
                 let go = match cond {
                     SetCond::Always => true,
                     SetCond::IfAbsent => old.is_none(),
                     SetCond::IfPresent => old.is_some(),
                 };
-                let keep = old.as_ref().and_then(|(at, _)| *at);
-                let at = match self.expiry_of(*ttl, keep, name) {
-                    Ok(at) => at,
-                    Err(e) => return Ok(Err(e)),
-                };
+                let keep = old.as_ref().and_then(|o| o.expires);
+                let at = self.expiry_of(*ttl, keep, name)?;
                 if go {
                     // As Redis: a time already past still writes the key
                     // (absent to everything, counted by DBSIZE until the
@@ -1570,7 +1775,7 @@ impl Staged<'_, '_> {
                     self.put_with(key, value, at)?;
                 }
                 match (get, go) {
-                    (true, _) => old.map_or(Value::Nil, |(_, v)| Value::Bulk(v)),
+                    (true, _) => old.map_or(Value::Nil, |o| Value::Bulk(o.data)),
                     (false, true) => Value::Ok,
                     (false, false) => Value::Nil,
                 }
@@ -1585,45 +1790,111 @@ impl Staged<'_, '_> {
                 // is looked at.
                 let new = match self.expiry_of(*at, None, name) {
                     Ok(Some(t)) => t,
-                    Ok(None) => return Ok(Ok(Value::Int(0))),
-                    Err(e) => return Ok(Err(e)),
+                    Ok(None) => return Ok(Value::Int(0)),
+                    Err(e) => return Err(e),
                 };
-                let Some((current, v)) = self.entry(key)? else {
-                    return Ok(Ok(Value::Int(0)));
+                let Some(o) = self.any(key)? else {
+                    return Ok(Value::Int(0));
                 };
+                let current = o.expires;
                 let ok = !(cond.nx && current.is_some()
                     || cond.xx && current.is_none()
                     || cond.gt && current.is_none_or(|c| new <= c)
                     || cond.lt && current.is_some_and(|c| new >= c));
                 if !ok {
-                    return Ok(Ok(Value::Int(0)));
+                    return Ok(Value::Int(0));
                 }
-                self.put_expiring(key, &v, Some(new))?;
+                self.put_expiring(key, o.kind, &o.data, Some(new))?;
                 Value::Int(1)
             }
-            WriteCmd::Persist(key) => match self.entry(key)? {
-                Some((Some(_), v)) => {
-                    self.put_with(key, &v, None)?;
+            WriteCmd::Persist(key) => match self.any(key)? {
+                Some(o) if o.expires.is_some() => {
+                    self.put_obj(key, o.kind, &o.data, None)?;
                     Value::Int(1)
                 }
                 _ => Value::Int(0),
             },
             WriteCmd::GetEx { key, opt, time } => {
                 let Some((current, v)) = self.entry(key)? else {
-                    return Ok(Ok(Value::Nil));
+                    return Ok(Value::Nil);
                 };
-                let ttl = match crate::command::ttl_option(opt, time, "getex") {
-                    Ok(t) => t,
-                    Err(e) => return Ok(Err(e)),
-                };
-                let at = match self.expiry_of(ttl, current, "getex") {
-                    Ok(at) => at,
-                    Err(e) => return Ok(Err(e)),
-                };
+                let ttl = crate::command::ttl_option(opt, time, "getex")?;
+                let at = self.expiry_of(ttl, current, "getex")?;
                 if at != current {
-                    self.put_expiring(key, &v, at)?;
+                    self.put_expiring(key, T_STRING, &v, at)?;
                 }
                 Value::Bulk(v)
+            }
+            WriteCmd::HSet { key, pairs, ok } => {
+                let (mut fields, expires) = self.hash(key)?;
+                let mut added = 0;
+                for (f, v) in pairs {
+                    match fields.iter_mut().find(|(k, _)| k == f) {
+                        Some(slot) => slot.1 = v.clone(),
+                        None => {
+                            fields.push((f.clone(), v.clone()));
+                            added += 1;
+                        }
+                    }
+                }
+                self.put_hash(key, &fields, expires)?;
+                if *ok {
+                    Value::Ok
+                } else {
+                    Value::Int(added)
+                }
+            }
+            WriteCmd::HSetNx(key, f, v) => {
+                let (mut fields, expires) = self.hash(key)?;
+                if fields.iter().any(|(k, _)| k == f) {
+                    return Ok(Value::Int(0));
+                }
+                fields.push((f.clone(), v.clone()));
+                self.put_hash(key, &fields, expires)?;
+                Value::Int(1)
+            }
+            WriteCmd::HDel(key, fs) => {
+                let (mut fields, expires) = self.hash(key)?;
+                let before = fields.len();
+                fields.retain(|(k, _)| !fs.contains(k));
+                let removed = before - fields.len();
+                if removed > 0 {
+                    self.put_hash(key, &fields, expires)?;
+                }
+                Value::Int(removed as i64)
+            }
+            WriteCmd::HIncrBy(key, f, by) => {
+                let (mut fields, expires) = self.hash(key)?;
+                let slot = fields.iter().position(|(k, _)| k == f);
+                let n = match slot {
+                    None => 0,
+                    Some(i) => {
+                        crate::command::parse_int(&fields[i].1).ok_or(KvError::HashNotAnInteger)?
+                    }
+                };
+                let new = n.checked_add(*by).ok_or(KvError::Overflow)?;
+                let text = new.to_string().into_bytes();
+                match slot {
+                    Some(i) => fields[i].1 = text,
+                    None => fields.push((f.clone(), text)),
+                }
+                self.put_hash(key, &fields, expires)?;
+                Value::Int(new)
+            }
+            WriteCmd::HIncrByFloat(key, f, by_text) => {
+                let (mut fields, expires) = self.hash(key)?;
+                let slot = fields.iter().position(|(k, _)| k == f);
+                let old = slot.map(|i| fields[i].1.clone());
+                let text = add_float(old.as_deref(), by_text).map_err(|e| match e {
+                    KvError::NotAFloat => KvError::HashNotAFloat,
+                    e => e,
+                })?;
+                match slot {
+                    Some(i) => fields[i].1 = text.clone().into_bytes(),
+                    None => fields.push((f.clone(), text.clone().into_bytes())),
+                }
+                self.put_hash(key, &fields, expires)?;
+                Value::Bulk(text.into_bytes())
             }
             WriteCmd::Reap(keys) => {
                 let mut n = 0;
@@ -1639,19 +1910,21 @@ impl Staged<'_, '_> {
                 }
                 Value::Int(n)
             }
-        }))
+        })
     }
 }
 
 impl Staged<'_, '_> {
     /// A read inside a transaction: what the commands before it left.
-    fn read_tx(&mut self, r: &ReadTx) -> Result<Reply, KvError> {
-        Ok(Ok(match r {
+    fn read_tx(&mut self, r: &ReadTx) -> Result<Value, KvError> {
+        Ok(match r {
             ReadTx::Get(k) => self.get(k)?.map_or(Value::Nil, Value::Bulk),
             ReadTx::MGet(keys) => {
                 let mut out = Vec::with_capacity(keys.len());
                 for k in keys {
-                    out.push(self.get(k)?);
+                    // As Redis: a key of another type reads as nil here.
+                    let o = self.any(k)?.filter(|o| o.kind == T_STRING);
+                    out.push(o.map(|o| o.data));
                 }
                 Value::Array(out)
             }
@@ -1668,10 +1941,14 @@ impl Staged<'_, '_> {
             ReadTx::GetRange(k, a, b) => {
                 Value::Bulk(get_range(&self.get(k)?.unwrap_or_default(), *a, *b))
             }
-            ReadTx::Type(k) => type_of(self.exists(k)?),
+            ReadTx::Type(k) => type_of(self.any(k)?.map(|o| o.kind)),
+            ReadTx::Hash(k, h) => {
+                let o = self.any(k)?;
+                hash_read(o.as_ref().map(|o| (o.kind, o.data.as_slice())), h)?
+            }
             ReadTx::DbSize => Value::Int(self.count as i64),
             ReadTx::Ttl { key, ms, absolute } => {
-                ttl_reply(self.entry(key)?.map(|(at, _)| at), self.now, *ms, *absolute)
+                ttl_reply(self.any(key)?.map(|o| o.expires), self.now, *ms, *absolute)
             }
             ReadTx::Keys(pattern) => {
                 let mut keys = Vec::new();
@@ -1685,7 +1962,7 @@ impl Staged<'_, '_> {
                 keys.sort();
                 Value::List(keys.into_iter().map(Value::Bulk).collect())
             }
-        }))
+        })
     }
 }
 
@@ -1702,8 +1979,8 @@ fn get_range(v: &[u8], start: i64, end: i64) -> Vec<u8> {
     }
 }
 
-fn type_of(exists: bool) -> Value {
-    Value::Status(if exists { "string" } else { "none" }.into())
+fn type_of(kind: Option<u8>) -> Value {
+    Value::Status(kind.map_or("none", kind_name).into())
 }
 
 /// The longest string value (Redis's `proto-max-bulk-len` default).
@@ -1808,7 +2085,7 @@ mod tests {
                         cursor,
                         pattern: None,
                         count,
-                        strings_only: true,
+                        kind: None,
                     })
                 })
                 .unwrap();
@@ -1901,7 +2178,7 @@ mod tests {
                     cursor: 0,
                     pattern: Some(b"stable-1?".to_vec()),
                     count: 100_000,
-                    strings_only: true,
+                    kind: None,
                 })
             })
             .unwrap();
@@ -2570,5 +2847,112 @@ mod tests {
         assert!(ran(b.apply(13, Some(&watched(4, "a")))));
         assert!(!ran(b.apply(14, Some(&watched(7, "m")))));
         assert!(ran(b.apply(15, Some(&watched(9, "m")))));
+    }
+
+    /// Hashes: a type of their own (WRONGTYPE both ways), removed when
+    /// their last field goes, keeping their expiry when changed, moved by
+    /// RENAME, and the same after a snapshot.
+    #[test]
+    fn hashes_are_a_type_of_their_own_and_survive_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = StateMachine::open(&dir.path().join("a")).unwrap();
+        let mut i = 0;
+        let mut run = |cmd: WriteCmd| {
+            i += 1;
+            at(&sm, i, 1_000, cmd)
+        };
+        let hset = |pairs: &[(&str, &str)]| WriteCmd::HSet {
+            key: "h".into(),
+            pairs: pairs
+                .iter()
+                .map(|(f, v)| (f.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+            ok: false,
+        };
+        assert_eq!(run(hset(&[("a", "1"), ("b", "2")])), Ok(Value::Int(2)));
+        assert_eq!(run(hset(&[("a", "9"), ("c", "3")])), Ok(Value::Int(1)));
+        let read = |sm: &StateMachine, h: HashRead| {
+            sm.read_view(|v| v.read(&ReadCmd::Hash("h".into(), h)))
+        };
+        assert_eq!(
+            read(&sm, HashRead::Keys),
+            Ok(Value::List(vec![
+                Value::Bulk(b"a".to_vec()),
+                Value::Bulk(b"b".to_vec()),
+                Value::Bulk(b"c".to_vec())
+            ])),
+            "insertion order"
+        );
+        assert_eq!(sm.get(b"h"), Err(KvError::WrongType));
+        assert_eq!(
+            run(WriteCmd::Append("h".into(), "x".into())),
+            Err(KvError::WrongType)
+        );
+        run(set("s", "v", SetCond::Always)).unwrap();
+        assert_eq!(
+            run(WriteCmd::HSet {
+                key: "s".into(),
+                pairs: vec![(b"f".to_vec(), b"v".to_vec())],
+                ok: false
+            }),
+            Err(KvError::WrongType)
+        );
+        assert_eq!(
+            sm.read_view(|v| v.read(&ReadCmd::Type("h".into()))),
+            Ok(Value::Status("hash".into()))
+        );
+        let mget = sm.read_view(|v| v.read(&ReadCmd::MGet(vec!["h".into(), "s".into()])));
+        assert_eq!(mget, Ok(Value::Array(vec![None, Some(b"v".to_vec())])));
+        run(WriteCmd::Expire {
+            key: "h".into(),
+            at: Ttl::In(5_000),
+            cond: ExpireCond::default(),
+            name: "expire".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            run(WriteCmd::HIncrBy("h".into(), "a".into(), 1)),
+            Ok(Value::Int(10))
+        );
+        assert_eq!(
+            ttl(&sm, "h", true),
+            Value::Int(5_000),
+            "a change keeps the expiry"
+        );
+        run(WriteCmd::Rename {
+            from: "h".into(),
+            to: "h2".into(),
+            nx: false,
+        })
+        .unwrap();
+        run(WriteCmd::Rename {
+            from: "h2".into(),
+            to: "h".into(),
+            nx: false,
+        })
+        .unwrap();
+        assert_eq!(
+            read(&sm, HashRead::Get(b"a".to_vec())),
+            Ok(Value::Bulk(b"10".to_vec()))
+        );
+        let file = dir.path().join("snap");
+        sm.write_snapshot(&file).unwrap();
+        let b = StateMachine::open(&dir.path().join("b")).unwrap();
+        b.load_snapshot(&file).unwrap();
+        assert_eq!(read(&b, HashRead::Len), Ok(Value::Int(3)));
+        assert_eq!(ttl(&b, "h", true), Value::Int(5_000));
+        assert_eq!(
+            run(WriteCmd::HDel(
+                "h".into(),
+                vec!["a".into(), "b".into(), "c".into(), "z".into()]
+            )),
+            Ok(Value::Int(3))
+        );
+        assert_eq!(
+            sm.read_view(|v| v.read(&ReadCmd::Exists(vec!["h".into()]))),
+            Ok(Value::Int(0)),
+            "the last field took the key with it"
+        );
+        assert!(!sm.read_view(|v| v.has_expiring_keys()).unwrap());
     }
 }
