@@ -133,6 +133,16 @@ def main():
         check("get on a hash refused", False, True)
     except redis.ResponseError as e:
         check("wrongtype", str(e).startswith("WRONGTYPE"), True)
+    # Lists and sets.
+    lk = key + ":l"
+    check("rpush", r.rpush(lk, "a", "b", "c"), 3)
+    check("lrange elsewhere", others[0].lrange(lk, 0, -1), [b"a", b"b", b"c"])
+    check("lpop count", r.lpop(lk, 2), [b"a", b"b"])
+    check("llen", r.llen(lk), 1)
+    sk = key + ":set"
+    check("sadd", r.sadd(sk, "x", "y", "x"), 2)
+    check("smembers", others[-1].smembers(sk), {b"x", b"y"})
+    check("sismember", bool(r.sismember(sk, "y")), True)
     # WATCH: a write through another node between WATCH and EXEC aborts the
     # transaction (redis-py raises WatchError); without one it runs.
     wk = key + ":w"

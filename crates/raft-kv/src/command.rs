@@ -217,6 +217,38 @@ pub enum WriteCmd {
         #[serde(with = "serde_bytes")] Vec<u8>,
         #[serde(with = "serde_bytes")] Vec<u8>,
     ),
+    /// LPUSH / RPUSH key element...
+    Push {
+        /// Key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// Elements, pushed one after the other.
+        elems: Vec<Vec<u8>>,
+        /// At the head (LPUSH).
+        left: bool,
+    },
+    /// LPOP / RPOP key [count].
+    Pop {
+        /// Key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// How many (`None`: one, answered as a bulk string).
+        count: Option<u64>,
+        /// From the head (LPOP).
+        left: bool,
+    },
+    /// LREM key count element.
+    LRem(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        i64,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
+    /// LTRIM key start stop.
+    LTrim(#[serde(with = "serde_bytes")] Vec<u8>, i64, i64),
+    /// SADD key member...
+    SAdd(#[serde(with = "serde_bytes")] Vec<u8>, Vec<Vec<u8>>),
+    /// SREM key member...
+    SRem(#[serde(with = "serde_bytes")] Vec<u8>, Vec<Vec<u8>>),
     /// Removes those of the keys whose expiry time has passed at the
     /// entry's time. The leader proposes it for keys it found expired; an
     /// empty one only moves the clock on.
@@ -270,6 +302,8 @@ pub enum ReadTx {
     },
     /// A read of the hash at a key.
     Hash(#[serde(with = "serde_bytes")] Vec<u8>, HashRead),
+    /// A read of the list or set at a key.
+    Coll(#[serde(with = "serde_bytes")] Vec<u8>, CollRead),
 }
 
 impl ReadTx {
@@ -286,6 +320,7 @@ impl ReadTx {
             ReadCmd::Keys(p) => ReadTx::Keys(p),
             ReadCmd::Ttl { key, ms, absolute } => ReadTx::Ttl { key, ms, absolute },
             ReadCmd::Hash(key, h) => ReadTx::Hash(key, h),
+            ReadCmd::Coll(key, c) => ReadTx::Coll(key, c),
             // Random, or a cursor: replicas would disagree / no use.
             ReadCmd::RandomKey | ReadCmd::Scan { .. } => return None,
         })
@@ -413,6 +448,8 @@ pub enum ReadCmd {
     },
     /// A read of the hash at a key.
     Hash(Vec<u8>, HashRead),
+    /// A read of the list or set at a key.
+    Coll(Vec<u8>, CollRead),
     /// SCAN cursor [MATCH pattern] [COUNT n] [TYPE type].
     Scan {
         /// Where to go on (0: from the start).
@@ -448,6 +485,29 @@ pub enum HashRead {
     /// HSCAN key cursor [MATCH pattern] [COUNT n]: every field at once
     /// (cursor 0), as Redis answers for a small hash.
     Scan(Option<Vec<u8>>),
+}
+
+/// A read of a list or a set (also queued in MULTI).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CollRead {
+    /// LRANGE key start stop.
+    LRange(i64, i64),
+    /// LLEN key.
+    LLen,
+    /// LINDEX key index (as sent: as Redis, it is read after the key).
+    LIndex(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// SMEMBERS key.
+    SMembers,
+    /// SISMEMBER key member.
+    SIsMember(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// SCARD key.
+    SCard,
+    /// SSCAN key cursor [MATCH pattern] [COUNT n]: every member at once.
+    SScan(Option<Vec<u8>>),
+    /// SINTER key [key ...] (the other keys).
+    SInter(Vec<Vec<u8>>),
+    /// SUNION key [key ...] (the other keys).
+    SUnion(Vec<Vec<u8>>),
 }
 
 /// A cluster administration request (`RAFT.MEMBER ...`, `RAFT.TRANSFER`).
@@ -915,6 +975,100 @@ impl Command {
                 }
                 Command::Read(ReadCmd::Hash(k, HashRead::Scan(pattern)))
             }
+            ("LPUSH" | "RPUSH", 3..) => {
+                let key = next();
+                Command::Write(WriteCmd::Push {
+                    key,
+                    elems: rest.collect(),
+                    left: name == "LPUSH",
+                })
+            }
+            ("LPOP" | "RPOP", 2 | 3) => {
+                let key = next();
+                let count = match rest.next() {
+                    None => None,
+                    // As Redis: one message for anything but a count.
+                    Some(c) => Some(
+                        parse_int(&c)
+                            .and_then(|n| u64::try_from(n).ok())
+                            .ok_or_else(|| {
+                                KvError::Other("value is out of range, must be positive".into())
+                            })?,
+                    ),
+                };
+                Command::Write(WriteCmd::Pop {
+                    key,
+                    count,
+                    left: name == "LPOP",
+                })
+            }
+            ("LREM", 4) => {
+                let key = next();
+                let count = int_arg(&next())?;
+                Command::Write(WriteCmd::LRem(key, count, next()))
+            }
+            ("LTRIM", 4) => {
+                let key = next();
+                let (a, b) = (int_arg(&next())?, int_arg(&next())?);
+                Command::Write(WriteCmd::LTrim(key, a, b))
+            }
+            ("LRANGE", 4) => {
+                let key = next();
+                let (a, b) = (int_arg(&next())?, int_arg(&next())?);
+                Command::Read(ReadCmd::Coll(key, CollRead::LRange(a, b)))
+            }
+            ("LLEN", 2) => Command::Read(ReadCmd::Coll(next(), CollRead::LLen)),
+            ("LINDEX", 3) => {
+                let key = next();
+                Command::Read(ReadCmd::Coll(key, CollRead::LIndex(next())))
+            }
+            ("SADD", 3..) => {
+                let key = next();
+                Command::Write(WriteCmd::SAdd(key, rest.collect()))
+            }
+            ("SREM", 3..) => {
+                let key = next();
+                Command::Write(WriteCmd::SRem(key, rest.collect()))
+            }
+            ("SMEMBERS", 2) => Command::Read(ReadCmd::Coll(next(), CollRead::SMembers)),
+            ("SISMEMBER", 3) => {
+                let key = next();
+                Command::Read(ReadCmd::Coll(key, CollRead::SIsMember(next())))
+            }
+            ("SCARD", 2) => Command::Read(ReadCmd::Coll(next(), CollRead::SCard)),
+            ("SINTER" | "SUNION", 2..) => {
+                let key = next();
+                let others = rest.collect();
+                Command::Read(ReadCmd::Coll(
+                    key,
+                    if name == "SINTER" {
+                        CollRead::SInter(others)
+                    } else {
+                        CollRead::SUnion(others)
+                    },
+                ))
+            }
+            ("SSCAN", 3..) => {
+                let k = next();
+                std::str::from_utf8(&next())
+                    .ok()
+                    .and_then(|c| c.parse::<u64>().ok())
+                    .ok_or(KvError::Other("invalid cursor".into()))?;
+                let mut pattern = None;
+                while let Some(opt) = rest.next() {
+                    let arg = rest.next().ok_or(KvError::Syntax)?;
+                    match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
+                        "MATCH" => pattern = Some(arg),
+                        "COUNT" => {
+                            if int_arg(&arg)? < 1 {
+                                return Err(KvError::Syntax);
+                            }
+                        }
+                        _ => return Err(KvError::Syntax),
+                    }
+                }
+                Command::Read(ReadCmd::Coll(k, CollRead::SScan(pattern)))
+            }
             ("GET", 2) => Command::Read(ReadCmd::Get(next())),
             ("MGET", 2..) => Command::Read(ReadCmd::MGet(rest.collect())),
             ("EXISTS", 2..) => Command::Read(ReadCmd::Exists(rest.collect())),
@@ -931,7 +1085,9 @@ impl Command {
                 | "EXPIREAT" | "PEXPIREAT" | "PERSIST" | "TTL" | "PTTL" | "EXPIRETIME"
                 | "PEXPIRETIME" | "HSET" | "HMSET" | "HSETNX" | "HDEL" | "HINCRBY" | "HINCRBYFLOAT"
                 | "HGET" | "HMGET" | "HGETALL" | "HEXISTS" | "HLEN" | "HKEYS" | "HVALS" | "HSTRLEN"
-                | "HSCAN",
+                | "HSCAN" | "LPUSH" | "RPUSH" | "LPOP" | "RPOP" | "LREM" | "LTRIM" | "LRANGE"
+                | "LLEN" | "LINDEX" | "SADD" | "SREM" | "SMEMBERS" | "SISMEMBER" | "SCARD"
+                | "SINTER" | "SUNION" | "SSCAN",
                 _,
             ) => return Err(arity()),
             _ => {
@@ -1263,6 +1419,23 @@ const TABLE: &[CommandDesc] = &[
     ("hvals", 2, &["readonly"], 1, 1, 1),
     ("hstrlen", 3, &["readonly", "fast"], 1, 1, 1),
     ("hscan", -3, &["readonly"], 1, 1, 1),
+    ("lpush", -3, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("rpush", -3, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("lpop", -2, &["write", "fast"], 1, 1, 1),
+    ("rpop", -2, &["write", "fast"], 1, 1, 1),
+    ("lrem", 4, &["write"], 1, 1, 1),
+    ("ltrim", 4, &["write"], 1, 1, 1),
+    ("lrange", 4, &["readonly"], 1, 1, 1),
+    ("llen", 2, &["readonly", "fast"], 1, 1, 1),
+    ("lindex", 3, &["readonly"], 1, 1, 1),
+    ("sadd", -3, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("srem", -3, &["write", "fast"], 1, 1, 1),
+    ("smembers", 2, &["readonly"], 1, 1, 1),
+    ("sismember", 3, &["readonly", "fast"], 1, 1, 1),
+    ("scard", 2, &["readonly", "fast"], 1, 1, 1),
+    ("sinter", -2, &["readonly"], 1, -1, 1),
+    ("sunion", -2, &["readonly"], 1, -1, 1),
+    ("sscan", -3, &["readonly"], 1, 1, 1),
     ("pttl", 2, &["readonly", "fast"], 1, 1, 1),
     ("expiretime", 2, &["readonly", "fast"], 1, 1, 1),
     ("pexpiretime", 2, &["readonly", "fast"], 1, 1, 1),

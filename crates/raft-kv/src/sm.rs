@@ -25,7 +25,7 @@
 //! to it with one atomic rename, so a crash leaves the old state or the new
 //! one.
 
-use crate::command::{HashRead, ReadCmd, ReadTx, SetCond, Ttl, TxCmd, Value, WriteCmd};
+use crate::command::{CollRead, HashRead, ReadCmd, ReadTx, SetCond, Ttl, TxCmd, Value, WriteCmd};
 use crate::error::{KvError, Reply};
 use crate::snapfile;
 use redb::{Durability, ReadableDatabase as _, ReadableTable, TableDefinition};
@@ -66,6 +66,10 @@ const VALUE_FORMAT: u64 = 2;
 const T_STRING: u8 = 0;
 /// A hash: its data is the fields and values (see [`hash_decode`]).
 const T_HASH: u8 = 1;
+/// A list: its data is the elements in order (see [`elems_decode`]).
+const T_LIST: u8 = 2;
+/// A set: its data is the members, in the order they were added.
+const T_SET: u8 = 3;
 const KIND_MASK: u8 = 0x3f;
 const HAS_EXPIRY: u8 = 0x80;
 const HAS_VERSION: u8 = 0x40;
@@ -194,10 +198,141 @@ fn hash_encode(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
+/// A list's elements or a set's members: `count u32`, then `len u32,
+/// bytes` each, little-endian (what does not decode reads as what did).
+fn elems_decode(data: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let Some((n, mut d)) = data.split_at_checked(4) else {
+        return out;
+    };
+    let n = u32::from_le_bytes(n.try_into().unwrap_or_default());
+    for _ in 0..n {
+        let Some((len, rest)) = d.split_at_checked(4) else {
+            break;
+        };
+        let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
+        let Some((x, rest)) = rest.split_at_checked(len) else {
+            break;
+        };
+        out.push(x.to_vec());
+        d = rest;
+    }
+    out
+}
+
+fn elems_encode(elems: &[Vec<u8>]) -> Vec<u8> {
+    let len: usize = elems.iter().map(|e| 4 + e.len()).sum();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(elems.len() as u32).to_le_bytes());
+    for e in elems {
+        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+/// The elements of a live list or set (`kind`), empty when absent;
+/// `WrongType` for a key of another type.
+fn elems_of(obj: Option<(u8, &[u8])>, kind: u8) -> Result<Vec<Vec<u8>>, KvError> {
+    match obj {
+        Some((k, data)) if k == kind => Ok(elems_decode(data)),
+        Some(_) => Err(KvError::WrongType),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Redis's list range: `start` and `stop` counted from the end when
+/// negative, clamped; `None` when empty.
+fn list_range(len: usize, start: i64, stop: i64) -> Option<(usize, usize)> {
+    let len = len as i64;
+    let fix = |i: i64| if i < 0 { len + i } else { i };
+    let (a, b) = (fix(start).max(0), fix(stop));
+    if a > b || a >= len {
+        return None;
+    }
+    Some((a as usize, b.min(len - 1) as usize))
+}
+
+/// Answers a read of a list or set; `fetch` looks up another key (for
+/// SINTER and SUNION).
+fn coll_read(
+    obj: Option<(u8, &[u8])>,
+    cmd: &CollRead,
+    mut fetch: impl FnMut(&[u8]) -> Result<Option<(u8, Vec<u8>)>, KvError>,
+) -> Result<Value, KvError> {
+    let bulks = |v: Vec<Vec<u8>>| v.into_iter().map(Value::Bulk).collect::<Vec<_>>();
+    Ok(match cmd {
+        CollRead::LRange(a, b) => {
+            let l = elems_of(obj, T_LIST)?;
+            match list_range(l.len(), *a, *b) {
+                Some((a, b)) => Value::List(bulks(l[a..=b].to_vec())),
+                None => Value::List(Vec::new()),
+            }
+        }
+        CollRead::LLen => Value::Int(elems_of(obj, T_LIST)?.len() as i64),
+        CollRead::LIndex(i) => {
+            if obj.is_none() {
+                return Ok(Value::Nil);
+            }
+            let l = elems_of(obj, T_LIST)?;
+            let i = crate::command::parse_int(i).ok_or(KvError::NotAnInteger)?;
+            let i = if i < 0 { l.len() as i64 + i } else { i };
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| l.get(i).cloned())
+                .map_or(Value::Nil, Value::Bulk)
+        }
+        CollRead::SMembers => Value::Set(bulks(elems_of(obj, T_SET)?)),
+        CollRead::SIsMember(m) => Value::Int(i64::from(elems_of(obj, T_SET)?.contains(m))),
+        CollRead::SCard => Value::Int(elems_of(obj, T_SET)?.len() as i64),
+        CollRead::SScan(pattern) => {
+            let mut out = elems_of(obj, T_SET)?;
+            out.retain(|m| pattern.as_ref().is_none_or(|p| glob_match(p, m)));
+            Value::List(vec![Value::text("0"), Value::List(bulks(out))])
+        }
+        CollRead::SInter(others) | CollRead::SUnion(others) => {
+            // Every key's type is checked before anything is combined.
+            let mut sets = vec![obj.is_some().then(|| elems_of(obj, T_SET)).transpose()?];
+            for k in others {
+                let o = fetch(k)?;
+                sets.push(
+                    o.is_some()
+                        .then(|| elems_of(o.as_ref().map(|(k, d)| (*k, d.as_slice())), T_SET))
+                        .transpose()?,
+                );
+            }
+            let out = if matches!(cmd, CollRead::SInter(_)) {
+                if sets.iter().any(Option::is_none) {
+                    Vec::new()
+                } else {
+                    let mut it = sets.into_iter().flatten();
+                    let first = it.next().unwrap_or_default();
+                    let rest: Vec<Vec<Vec<u8>>> = it.collect();
+                    first
+                        .into_iter()
+                        .filter(|m| rest.iter().all(|s| s.contains(m)))
+                        .collect()
+                }
+            } else {
+                let mut all: Vec<Vec<u8>> = Vec::new();
+                for m in sets.into_iter().flatten().flatten() {
+                    if !all.contains(&m) {
+                        all.push(m);
+                    }
+                }
+                all
+            };
+            Value::Set(bulks(out))
+        }
+    })
+}
+
 /// The name TYPE gives a kind.
 fn kind_name(kind: u8) -> &'static str {
     match kind {
         T_HASH => "hash",
+        T_LIST => "list",
+        T_SET => "set",
         _ => "string",
     }
 }
@@ -483,6 +618,22 @@ impl ReadView {
                     return Err(too_large());
                 }
                 hash_read(obj, h)?
+            }
+            ReadCmd::Coll(k, c) => {
+                let v = self.raw(k)?;
+                let obj = v.as_ref().map(|v| {
+                    let st = Stored::decode(v.value());
+                    (st.kind, st.data)
+                });
+                if obj.is_some_and(|(_, d)| d.len() > limit) {
+                    return Err(too_large());
+                }
+                coll_read(obj, c, |other| {
+                    Ok(self.raw(other)?.map(|v| {
+                        let st = Stored::decode(v.value());
+                        (st.kind, st.data.to_vec())
+                    }))
+                })?
             }
             ReadCmd::Ttl { key, ms, absolute } => ttl_reply(
                 self.raw(key)?.map(|v| Stored::decode(v.value()).expires),
@@ -1394,6 +1545,31 @@ impl Staged<'_, '_> {
         }
     }
 
+    /// A live list's or set's elements and its expiry; `WrongType` for
+    /// another type.
+    fn coll(&mut self, key: &[u8], kind: u8) -> Result<(Vec<Vec<u8>>, Option<u64>), KvError> {
+        let o = self.any(key)?;
+        let elems = elems_of(o.as_ref().map(|o| (o.kind, o.data.as_slice())), kind)?;
+        Ok((elems, o.and_then(|o| o.expires)))
+    }
+
+    /// Writes a list or set back (keeping `expires`); an empty one is
+    /// removed.
+    fn put_coll(
+        &mut self,
+        key: &[u8],
+        kind: u8,
+        elems: &[Vec<u8>],
+        expires: Option<u64>,
+    ) -> Result<(), KvError> {
+        if elems.is_empty() {
+            self.delete(key)?;
+            Ok(())
+        } else {
+            self.put_obj(key, kind, &elems_encode(elems), expires)
+        }
+    }
+
     /// Writes a hash back (keeping `expires`); an empty one is removed.
     fn put_hash(
         &mut self,
@@ -1758,6 +1934,9 @@ impl Staged<'_, '_> {
                 name,
             } => {
                 let old = self.any(key)?;
+                let keep = old.as_ref().and_then(|o| o.expires);
+                // As Redis: the time is checked first, then GET's type.
+                let at = self.expiry_of(*ttl, keep, name)?;
                 if *get && old.as_ref().is_some_and(|o| o.kind != T_STRING) {
                     return Err(KvError::WrongType);
                 }
@@ -1766,8 +1945,6 @@ impl Staged<'_, '_> {
                     SetCond::IfAbsent => old.is_none(),
                     SetCond::IfPresent => old.is_some(),
                 };
-                let keep = old.as_ref().and_then(|o| o.expires);
-                let at = self.expiry_of(*ttl, keep, name)?;
                 if go {
                     // As Redis: a time already past still writes the key
                     // (absent to everything, counted by DBSIZE until the
@@ -1896,6 +2073,111 @@ impl Staged<'_, '_> {
                 self.put_hash(key, &fields, expires)?;
                 Value::Bulk(text.into_bytes())
             }
+            WriteCmd::Push { key, elems, left } => {
+                let (mut l, expires) = self.coll(key, T_LIST)?;
+                for e in elems {
+                    if *left {
+                        l.insert(0, e.clone());
+                    } else {
+                        l.push(e.clone());
+                    }
+                }
+                self.put_coll(key, T_LIST, &l, expires)?;
+                Value::Int(l.len() as i64)
+            }
+            WriteCmd::Pop { key, count, left } => {
+                let o = self.any(key)?;
+                if o.is_none() {
+                    return Ok(if count.is_some() {
+                        Value::NilArray
+                    } else {
+                        Value::Nil
+                    });
+                }
+                let (mut l, expires) = self.coll(key, T_LIST)?;
+                let n = count.unwrap_or(1).min(l.len() as u64) as usize;
+                let popped: Vec<Vec<u8>> = if *left {
+                    l.drain(..n).collect()
+                } else {
+                    let mut p: Vec<Vec<u8>> = l.drain(l.len() - n..).collect();
+                    p.reverse();
+                    p
+                };
+                if n > 0 {
+                    self.put_coll(key, T_LIST, &l, expires)?;
+                }
+                match count {
+                    None => popped.into_iter().next().map_or(Value::Nil, Value::Bulk),
+                    Some(_) => Value::List(popped.into_iter().map(Value::Bulk).collect()),
+                }
+            }
+            WriteCmd::LRem(key, count, e) => {
+                let (l, expires) = self.coll(key, T_LIST)?;
+                let limit = if *count == 0 {
+                    usize::MAX
+                } else {
+                    count.unsigned_abs() as usize
+                };
+                let mut removed = 0;
+                let mut keep: Vec<Vec<u8>> = Vec::with_capacity(l.len());
+                let from_tail = *count < 0;
+                let iter: Box<dyn Iterator<Item = Vec<u8>>> = if from_tail {
+                    Box::new(l.into_iter().rev())
+                } else {
+                    Box::new(l.into_iter())
+                };
+                for x in iter {
+                    if removed < limit && &x == e {
+                        removed += 1;
+                    } else {
+                        keep.push(x);
+                    }
+                }
+                if from_tail {
+                    keep.reverse();
+                }
+                if removed > 0 {
+                    self.put_coll(key, T_LIST, &keep, expires)?;
+                }
+                Value::Int(removed as i64)
+            }
+            WriteCmd::LTrim(key, a, b) => {
+                let (l, expires) = self.coll(key, T_LIST)?;
+                if !l.is_empty() {
+                    let kept = match list_range(l.len(), *a, *b) {
+                        Some((a, b)) => l[a..=b].to_vec(),
+                        None => Vec::new(),
+                    };
+                    if kept.len() != l.len() {
+                        self.put_coll(key, T_LIST, &kept, expires)?;
+                    }
+                }
+                Value::Ok
+            }
+            WriteCmd::SAdd(key, members) => {
+                let (mut set, expires) = self.coll(key, T_SET)?;
+                let mut added = 0;
+                for m in members {
+                    if !set.contains(m) {
+                        set.push(m.clone());
+                        added += 1;
+                    }
+                }
+                if added > 0 {
+                    self.put_coll(key, T_SET, &set, expires)?;
+                }
+                Value::Int(added)
+            }
+            WriteCmd::SRem(key, members) => {
+                let (mut set, expires) = self.coll(key, T_SET)?;
+                let before = set.len();
+                set.retain(|m| !members.contains(m));
+                let removed = before - set.len();
+                if removed > 0 {
+                    self.put_coll(key, T_SET, &set, expires)?;
+                }
+                Value::Int(removed as i64)
+            }
             WriteCmd::Reap(keys) => {
                 let mut n = 0;
                 for k in keys {
@@ -1945,6 +2227,21 @@ impl Staged<'_, '_> {
             ReadTx::Hash(k, h) => {
                 let o = self.any(k)?;
                 hash_read(o.as_ref().map(|o| (o.kind, o.data.as_slice())), h)?
+            }
+            ReadTx::Coll(k, c) => {
+                let o = self.any(k)?;
+                let mut others = std::collections::HashMap::new();
+                if let CollRead::SInter(ks) | CollRead::SUnion(ks) = c {
+                    for other in ks {
+                        let v = self.any(other)?.map(|o| (o.kind, o.data));
+                        others.insert(other.clone(), v);
+                    }
+                }
+                coll_read(
+                    o.as_ref().map(|o| (o.kind, o.data.as_slice())),
+                    c,
+                    |other| Ok(others.get(other).cloned().flatten()),
+                )?
             }
             ReadTx::DbSize => Value::Int(self.count as i64),
             ReadTx::Ttl { key, ms, absolute } => {
@@ -2954,5 +3251,33 @@ mod tests {
             "the last field took the key with it"
         );
         assert!(!sm.read_view(|v| v.has_expiring_keys()).unwrap());
+    }
+
+    /// Lists and sets keep their type, order and expiry through a snapshot.
+    #[test]
+    fn lists_and_sets_survive_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = StateMachine::open(&dir.path().join("a")).unwrap();
+        let push = WriteCmd::Push {
+            key: "l".into(),
+            elems: vec!["x".into(), "y".into(), "z".into()],
+            left: true,
+        };
+        assert_eq!(at(&a, 1, 5, push), Ok(Value::Int(3)));
+        let sadd = WriteCmd::SAdd("s".into(), vec!["m".into(), "n".into(), "m".into()]);
+        assert_eq!(at(&a, 2, 5, sadd), Ok(Value::Int(2)));
+        let file = dir.path().join("snap");
+        a.write_snapshot(&file).unwrap();
+        let b = StateMachine::open(&dir.path().join("b")).unwrap();
+        b.load_snapshot(&file).unwrap();
+        for sm in [&a, &b] {
+            let l = sm.read_view(|v| v.read(&ReadCmd::Coll("l".into(), CollRead::LRange(0, -1))));
+            let want = ["z", "y", "x"].map(|e| Value::Bulk(e.into())).to_vec();
+            assert_eq!(l, Ok(Value::List(want)));
+            let t = sm.read_view(|v| v.read(&ReadCmd::Type("s".into())));
+            assert_eq!(t, Ok(Value::Status("set".into())));
+            let card = sm.read_view(|v| v.read(&ReadCmd::Coll("s".into(), CollRead::SCard)));
+            assert_eq!(card, Ok(Value::Int(2)));
+        }
     }
 }
