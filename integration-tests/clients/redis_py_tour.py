@@ -143,6 +143,12 @@ def main():
     check("sadd", r.sadd(sk, "x", "y", "x"), 2)
     check("smembers", others[-1].smembers(sk), {b"x", b"y"})
     check("sismember", bool(r.sismember(sk, "y")), True)
+    zk = key + ":z"
+    check("zadd", r.zadd(zk, {"a": 2, "b": 1, "c": 3}), 3)
+    check("zrange withscores", others[0].zrange(zk, 0, -1, withscores=True), [(b"b", 1.0), (b"a", 2.0), (b"c", 3.0)])
+    check("zincrby", r.zincrby(zk, 5, "b"), 6.0)
+    check("zscore", r.zscore(zk, "b"), 6.0)
+    check("zrange byscore rev", r.zrange(zk, 10, 2, byscore=True, desc=True), [b"b", b"c", b"a"])
     # WATCH: a write through another node between WATCH and EXEC aborts the
     # transaction (redis-py raises WatchError); without one it runs.
     wk = key + ":w"

@@ -249,6 +249,30 @@ pub enum WriteCmd {
     SAdd(#[serde(with = "serde_bytes")] Vec<u8>, Vec<Vec<u8>>),
     /// SREM key member...
     SRem(#[serde(with = "serde_bytes")] Vec<u8>, Vec<Vec<u8>>),
+    /// ZADD key [NX|XX] [GT|LT] [CH] [INCR] score member ...
+    ZAdd {
+        /// Key.
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// Scores (as f64 bits) and members.
+        pairs: Vec<(u64, Vec<u8>)>,
+        /// NX / XX.
+        cond: SetCond,
+        /// GT (1) or LT (-1), or neither (0).
+        cmp: i8,
+        /// CH: count changed members, not only added ones.
+        ch: bool,
+        /// INCR: add to the score; answer the new one.
+        incr: bool,
+    },
+    /// ZREM key member...
+    ZRem(#[serde(with = "serde_bytes")] Vec<u8>, Vec<Vec<u8>>),
+    /// ZINCRBY key increment member (the increment as f64 bits).
+    ZIncrBy(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        u64,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
     /// Removes those of the keys whose expiry time has passed at the
     /// entry's time. The leader proposes it for keys it found expired; an
     /// empty one only moves the clock on.
@@ -304,6 +328,8 @@ pub enum ReadTx {
     Hash(#[serde(with = "serde_bytes")] Vec<u8>, HashRead),
     /// A read of the list or set at a key.
     Coll(#[serde(with = "serde_bytes")] Vec<u8>, CollRead),
+    /// A read of the sorted set at a key.
+    Z(#[serde(with = "serde_bytes")] Vec<u8>, ZRead),
 }
 
 impl ReadTx {
@@ -321,6 +347,7 @@ impl ReadTx {
             ReadCmd::Ttl { key, ms, absolute } => ReadTx::Ttl { key, ms, absolute },
             ReadCmd::Hash(key, h) => ReadTx::Hash(key, h),
             ReadCmd::Coll(key, c) => ReadTx::Coll(key, c),
+            ReadCmd::Z(key, z) => ReadTx::Z(key, z),
             // Random, or a cursor: replicas would disagree / no use.
             ReadCmd::RandomKey | ReadCmd::Scan { .. } => return None,
         })
@@ -354,6 +381,12 @@ pub enum Value {
     Error(String),
     /// A null array (EXEC that did not run; `*-1` in RESP2).
     NilArray,
+    /// A double, as Redis prints it (RESP3's double; a bulk string in
+    /// RESP2).
+    Double(String),
+    /// Pairs, each a two-element `List` (RESP3: an array of pairs; RESP2:
+    /// one flat array, as ZRANGE ... WITHSCORES answers).
+    Pairs(Vec<Value>),
 }
 
 impl Value {
@@ -450,6 +483,8 @@ pub enum ReadCmd {
     Hash(Vec<u8>, HashRead),
     /// A read of the list or set at a key.
     Coll(Vec<u8>, CollRead),
+    /// A read of the sorted set at a key.
+    Z(Vec<u8>, ZRead),
     /// SCAN cursor [MATCH pattern] [COUNT n] [TYPE type].
     Scan {
         /// Where to go on (0: from the start).
@@ -508,6 +543,45 @@ pub enum CollRead {
     SInter(Vec<Vec<u8>>),
     /// SUNION key [key ...] (the other keys).
     SUnion(Vec<Vec<u8>>),
+}
+
+/// A read of a sorted set (also queued in MULTI).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ZRead {
+    /// ZSCORE key member.
+    Score(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// ZCARD key.
+    Card,
+    /// ZRANK / ZREVRANK key member [WITHSCORE].
+    Rank {
+        /// Member.
+        #[serde(with = "serde_bytes")]
+        member: Vec<u8>,
+        /// ZREVRANK.
+        rev: bool,
+        /// WITHSCORE.
+        with_score: bool,
+    },
+    /// ZRANGE key start stop [BYSCORE] [REV] [LIMIT offset count] [WITHSCORES].
+    Range {
+        /// By rank (`start`, `stop` as integers) or by score (as sent:
+        /// `-inf`, `(1.5` ...).
+        by_score: bool,
+        /// Start (as sent).
+        #[serde(with = "serde_bytes")]
+        start: Vec<u8>,
+        /// Stop (as sent).
+        #[serde(with = "serde_bytes")]
+        stop: Vec<u8>,
+        /// REV.
+        rev: bool,
+        /// LIMIT offset count.
+        limit: Option<(i64, i64)>,
+        /// WITHSCORES.
+        with_scores: bool,
+    },
+    /// ZSCAN key cursor [MATCH pattern] [COUNT n]: every member at once.
+    Scan(Option<Vec<u8>>),
 }
 
 /// A cluster administration request (`RAFT.MEMBER ...`, `RAFT.TRANSFER`).
@@ -1069,6 +1143,105 @@ impl Command {
                 }
                 Command::Read(ReadCmd::Coll(k, CollRead::SScan(pattern)))
             }
+            ("ZADD", 4..) => {
+                let key = next();
+                parse_zadd(key, rest.collect())?
+            }
+            ("ZREM", 3..) => {
+                let key = next();
+                Command::Write(WriteCmd::ZRem(key, rest.collect()))
+            }
+            ("ZINCRBY", 4) => {
+                let key = next();
+                let by = parse_score(&next())?;
+                Command::Write(WriteCmd::ZIncrBy(key, by.to_bits(), next()))
+            }
+            ("ZSCORE", 3) => {
+                let key = next();
+                Command::Read(ReadCmd::Z(key, ZRead::Score(next())))
+            }
+            ("ZCARD", 2) => Command::Read(ReadCmd::Z(next(), ZRead::Card)),
+            ("ZRANK" | "ZREVRANK", 3 | 4) => {
+                let key = next();
+                let member = next();
+                let with_score = match rest.next() {
+                    None => false,
+                    Some(o) if o.eq_ignore_ascii_case(b"WITHSCORE") => true,
+                    Some(_) => return Err(KvError::Syntax),
+                };
+                Command::Read(ReadCmd::Z(
+                    key,
+                    ZRead::Rank {
+                        member,
+                        rev: name == "ZREVRANK",
+                        with_score,
+                    },
+                ))
+            }
+            ("ZRANGE", 4..) => {
+                let (key, start, stop) = (next(), next(), next());
+                let (mut by_score, mut rev, mut with_scores, mut limit) =
+                    (false, false, false, None);
+                while let Some(o) = rest.next() {
+                    match String::from_utf8_lossy(&o).to_ascii_uppercase().as_str() {
+                        "BYSCORE" => by_score = true,
+                        "REV" => rev = true,
+                        "WITHSCORES" => with_scores = true,
+                        "LIMIT" => {
+                            let (Some(a), Some(b)) = (rest.next(), rest.next()) else {
+                                return Err(KvError::Syntax);
+                            };
+                            limit = Some((int_arg(&a)?, int_arg(&b)?));
+                        }
+                        _ => return Err(KvError::Syntax),
+                    }
+                }
+                if limit.is_some() && !by_score {
+                    return Err(KvError::Other(
+                        "syntax error, LIMIT is only supported in combination with either BYSCORE or BYLEX"
+                            .into(),
+                    ));
+                }
+                if by_score {
+                    parse_score_bound(&start)?;
+                    parse_score_bound(&stop)?;
+                } else {
+                    int_arg(&start)?;
+                    int_arg(&stop)?;
+                }
+                Command::Read(ReadCmd::Z(
+                    key,
+                    ZRead::Range {
+                        by_score,
+                        start,
+                        stop,
+                        rev,
+                        limit,
+                        with_scores,
+                    },
+                ))
+            }
+            ("ZSCAN", 3..) => {
+                let k = next();
+                std::str::from_utf8(&next())
+                    .ok()
+                    .and_then(|c| c.parse::<u64>().ok())
+                    .ok_or(KvError::Other("invalid cursor".into()))?;
+                let mut pattern = None;
+                while let Some(opt) = rest.next() {
+                    let arg = rest.next().ok_or(KvError::Syntax)?;
+                    match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
+                        "MATCH" => pattern = Some(arg),
+                        "COUNT" => {
+                            if int_arg(&arg)? < 1 {
+                                return Err(KvError::Syntax);
+                            }
+                        }
+                        _ => return Err(KvError::Syntax),
+                    }
+                }
+                Command::Read(ReadCmd::Z(k, ZRead::Scan(pattern)))
+            }
             ("GET", 2) => Command::Read(ReadCmd::Get(next())),
             ("MGET", 2..) => Command::Read(ReadCmd::MGet(rest.collect())),
             ("EXISTS", 2..) => Command::Read(ReadCmd::Exists(rest.collect())),
@@ -1087,7 +1260,8 @@ impl Command {
                 | "HGET" | "HMGET" | "HGETALL" | "HEXISTS" | "HLEN" | "HKEYS" | "HVALS" | "HSTRLEN"
                 | "HSCAN" | "LPUSH" | "RPUSH" | "LPOP" | "RPOP" | "LREM" | "LTRIM" | "LRANGE"
                 | "LLEN" | "LINDEX" | "SADD" | "SREM" | "SMEMBERS" | "SISMEMBER" | "SCARD"
-                | "SINTER" | "SUNION" | "SSCAN",
+                | "SINTER" | "SUNION" | "SSCAN" | "ZADD" | "ZREM" | "ZINCRBY" | "ZSCORE" | "ZCARD"
+                | "ZRANK" | "ZREVRANK" | "ZRANGE" | "ZSCAN",
                 _,
             ) => return Err(arity()),
             _ => {
@@ -1197,6 +1371,107 @@ fn parse_set(key: Vec<u8>, value: Vec<u8>, opts: Vec<Vec<u8>>) -> Result<Command
             name: "set".into(),
         },
     }))
+}
+
+/// A sorted set score as Redis takes one (`inf`, `+inf`, `-inf`; not NaN).
+pub fn parse_score(b: &[u8]) -> Result<f64, KvError> {
+    parse_float(b)
+}
+
+/// A ZRANGE BYSCORE bound: a score, `(` before it when exclusive.
+pub fn parse_score_bound(b: &[u8]) -> Result<(f64, bool), KvError> {
+    let bad = || KvError::Other("min or max is not a float".into());
+    match b.strip_prefix(b"(") {
+        Some(rest) => Ok((parse_float(rest).map_err(|_| bad())?, true)),
+        None => Ok((parse_float(b).map_err(|_| bad())?, false)),
+    }
+}
+
+/// ZADD's options and pairs, with Redis's errors.
+fn parse_zadd(key: Vec<u8>, args: Vec<Vec<u8>>) -> Result<Command, KvError> {
+    let (mut cond, mut cmp, mut ch, mut incr) = (SetCond::Always, 0i8, false, false);
+    let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+    let mut i = 0;
+    while i < args.len() {
+        match String::from_utf8_lossy(&args[i])
+            .to_ascii_uppercase()
+            .as_str()
+        {
+            "NX" => nx = true,
+            "XX" => xx = true,
+            "GT" => gt = true,
+            "LT" => lt = true,
+            "CH" => ch = true,
+            "INCR" => incr = true,
+            _ => break,
+        }
+        i += 1;
+    }
+    let rest = &args[i..];
+    if rest.is_empty() || !rest.len().is_multiple_of(2) {
+        return Err(KvError::Syntax);
+    }
+    if nx && xx {
+        return Err(KvError::Other(
+            "XX and NX options at the same time are not compatible".into(),
+        ));
+    }
+    if ((gt || lt) && nx) || (gt && lt) {
+        return Err(KvError::Other(
+            "GT, LT, and/or NX options at the same time are not compatible".into(),
+        ));
+    }
+    if incr && rest.len() > 2 {
+        return Err(KvError::Other(
+            "INCR option supports a single increment-element pair".into(),
+        ));
+    }
+    if nx {
+        cond = SetCond::IfAbsent;
+    }
+    if xx {
+        cond = SetCond::IfPresent;
+    }
+    if gt {
+        cmp = 1;
+    }
+    if lt {
+        cmp = -1;
+    }
+    let mut pairs = Vec::with_capacity(rest.len() / 2);
+    for p in rest.chunks(2) {
+        pairs.push((parse_score(&p[0])?.to_bits(), p[1].clone()));
+    }
+    Ok(Command::Write(WriteCmd::ZAdd {
+        key,
+        pairs,
+        cond,
+        cmp,
+        ch,
+        incr,
+    }))
+}
+
+/// A double as Redis prints one: whole numbers as integers, others in
+/// their shortest form, `inf`, `-inf`, `-0`.
+pub fn format_double(d: f64) -> String {
+    if d.is_infinite() {
+        return if d > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    if d == 0.0 {
+        return if d.is_sign_negative() { "-0" } else { "0" }.into();
+    }
+    if d.fract() == 0.0 && d.abs() < 9.007_199_254_740_992e15 {
+        return format!("{}", d as i64);
+    }
+    let s = format!("{d}");
+    // Rust writes large and small numbers in full; Redis (fpconv) writes an
+    // exponent past 21 digits.
+    if s.len() > 24 {
+        let e = format!("{d:e}");
+        return e.replacen('e', "e+", 1).replace("e+-", "e-");
+    }
+    s
 }
 
 /// A float argument as Redis takes one (`inf` is one, `nan` is not).
@@ -1436,6 +1711,15 @@ const TABLE: &[CommandDesc] = &[
     ("sinter", -2, &["readonly"], 1, -1, 1),
     ("sunion", -2, &["readonly"], 1, -1, 1),
     ("sscan", -3, &["readonly"], 1, 1, 1),
+    ("zadd", -4, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("zrem", -3, &["write", "fast"], 1, 1, 1),
+    ("zincrby", 4, &["write", "denyoom", "fast"], 1, 1, 1),
+    ("zscore", 3, &["readonly", "fast"], 1, 1, 1),
+    ("zcard", 2, &["readonly", "fast"], 1, 1, 1),
+    ("zrank", -3, &["readonly", "fast"], 1, 1, 1),
+    ("zrevrank", -3, &["readonly", "fast"], 1, 1, 1),
+    ("zrange", -4, &["readonly"], 1, 1, 1),
+    ("zscan", -3, &["readonly"], 1, 1, 1),
     ("pttl", 2, &["readonly", "fast"], 1, 1, 1),
     ("expiretime", 2, &["readonly", "fast"], 1, 1, 1),
     ("pexpiretime", 2, &["readonly", "fast"], 1, 1, 1),

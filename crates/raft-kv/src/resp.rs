@@ -377,6 +377,35 @@ fn encode_value(out: &mut Vec<u8>, v: &Value, resp3: bool) {
         }
         Value::Error(text) => error_line(out, text),
         Value::NilArray => out.extend_from_slice(if resp3 { b"_\r\n" } else { b"*-1\r\n" }),
+        Value::Double(text) => {
+            if resp3 {
+                out.push(b',');
+                out.extend_from_slice(text.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            } else {
+                bulk(out, text.as_bytes());
+            }
+        }
+        Value::Pairs(items) => {
+            if resp3 {
+                header(out, b'*', items.len());
+                for i in items {
+                    encode_value(out, i, resp3);
+                }
+            } else {
+                let flat: Vec<&Value> = items
+                    .iter()
+                    .flat_map(|i| match i {
+                        Value::List(parts) => parts.iter().collect::<Vec<_>>(),
+                        other => vec![other],
+                    })
+                    .collect();
+                header(out, b'*', flat.len());
+                for i in flat {
+                    encode_value(out, i, resp3);
+                }
+            }
+        }
         Value::Verbatim(text) => {
             if resp3 {
                 header(out, b'=', text.len() + 4);

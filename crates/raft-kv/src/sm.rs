@@ -25,7 +25,9 @@
 //! to it with one atomic rename, so a crash leaves the old state or the new
 //! one.
 
-use crate::command::{CollRead, HashRead, ReadCmd, ReadTx, SetCond, Ttl, TxCmd, Value, WriteCmd};
+use crate::command::{
+    format_double, CollRead, HashRead, ReadCmd, ReadTx, SetCond, Ttl, TxCmd, Value, WriteCmd, ZRead,
+};
 use crate::error::{KvError, Reply};
 use crate::snapfile;
 use redb::{Durability, ReadableDatabase as _, ReadableTable, TableDefinition};
@@ -70,6 +72,8 @@ const T_HASH: u8 = 1;
 const T_LIST: u8 = 2;
 /// A set: its data is the members, in the order they were added.
 const T_SET: u8 = 3;
+/// A sorted set: members and scores, kept in (score, member) order.
+const T_ZSET: u8 = 4;
 const KIND_MASK: u8 = 0x3f;
 const HAS_EXPIRY: u8 = 0x80;
 const HAS_VERSION: u8 = 0x40;
@@ -327,12 +331,166 @@ fn coll_read(
     })
 }
 
+/// A sorted set's members and scores: `count u32`, then `len u32,
+/// member, score (f64 bits, u64)` each, little-endian, in (score, member)
+/// order.
+fn zset_decode(data: &[u8]) -> Vec<(Vec<u8>, f64)> {
+    let mut out = Vec::new();
+    let Some((n, mut d)) = data.split_at_checked(4) else {
+        return out;
+    };
+    let n = u32::from_le_bytes(n.try_into().unwrap_or_default());
+    for _ in 0..n {
+        let Some((len, rest)) = d.split_at_checked(4) else {
+            break;
+        };
+        let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
+        let Some((m, rest)) = rest.split_at_checked(len) else {
+            break;
+        };
+        let Some((score, rest)) = rest.split_at_checked(8) else {
+            break;
+        };
+        let score = f64::from_bits(u64::from_le_bytes(score.try_into().unwrap_or_default()));
+        out.push((m.to_vec(), score));
+        d = rest;
+    }
+    out
+}
+
+fn zset_encode(z: &[(Vec<u8>, f64)]) -> Vec<u8> {
+    let len: usize = z.iter().map(|(m, _)| 12 + m.len()).sum();
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(z.len() as u32).to_le_bytes());
+    for (m, score) in z {
+        out.extend_from_slice(&(m.len() as u32).to_le_bytes());
+        out.extend_from_slice(m);
+        out.extend_from_slice(&score.to_bits().to_le_bytes());
+    }
+    out
+}
+
+/// Sorts a sorted set into Redis's order: by score, then by member.
+fn zset_sort(z: &mut [(Vec<u8>, f64)]) {
+    z.sort_by(|a, b| {
+        a.1.partial_cmp(&b.1)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then_with(|| a.0.cmp(&b.0))
+    });
+}
+
+/// Answers a read of a sorted set.
+fn z_read(obj: Option<(u8, &[u8])>, cmd: &ZRead) -> Result<Value, KvError> {
+    let z = match obj {
+        Some((T_ZSET, data)) => zset_decode(data),
+        Some(_) => return Err(KvError::WrongType),
+        None => Vec::new(),
+    };
+    let double = |d: f64| Value::Double(format_double(d));
+    Ok(match cmd {
+        ZRead::Score(m) => z
+            .iter()
+            .find(|(k, _)| k == m)
+            .map_or(Value::Nil, |(_, s)| double(*s)),
+        ZRead::Card => Value::Int(z.len() as i64),
+        ZRead::Rank {
+            member,
+            rev,
+            with_score,
+        } => match z.iter().position(|(k, _)| k == member) {
+            None if *with_score => Value::NilArray,
+            None => Value::Nil,
+            Some(i) => {
+                let rank = if *rev { z.len() - 1 - i } else { i } as i64;
+                if *with_score {
+                    Value::List(vec![Value::Int(rank), double(z[i].1)])
+                } else {
+                    Value::Int(rank)
+                }
+            }
+        },
+        ZRead::Range {
+            by_score,
+            start,
+            stop,
+            rev,
+            limit,
+            with_scores,
+        } => {
+            let mut picked: Vec<(Vec<u8>, f64)> = if *by_score {
+                // REV takes the bounds as max, min.
+                let (lo, hi) = if *rev { (stop, start) } else { (start, stop) };
+                let (lo, lo_ex) = crate::command::parse_score_bound(lo)?;
+                let (hi, hi_ex) = crate::command::parse_score_bound(hi)?;
+                let mut in_range: Vec<_> = z
+                    .into_iter()
+                    .filter(|(_, s)| {
+                        (if lo_ex { *s > lo } else { *s >= lo })
+                            && (if hi_ex { *s < hi } else { *s <= hi })
+                    })
+                    .collect();
+                if *rev {
+                    in_range.reverse();
+                }
+                match limit {
+                    Some((offset, _)) if *offset < 0 => Vec::new(),
+                    Some((offset, count)) => {
+                        let it = in_range.into_iter().skip(*offset as usize);
+                        if *count < 0 {
+                            it.collect()
+                        } else {
+                            it.take(*count as usize).collect()
+                        }
+                    }
+                    None => in_range,
+                }
+            } else {
+                let a = crate::command::parse_int(start).ok_or(KvError::NotAnInteger)?;
+                let b = crate::command::parse_int(stop).ok_or(KvError::NotAnInteger)?;
+                let mut all = z;
+                if *rev {
+                    all.reverse();
+                }
+                match list_range(all.len(), a, b) {
+                    Some((a, b)) => all[a..=b].to_vec(),
+                    None => Vec::new(),
+                }
+            };
+            let mut out = Vec::with_capacity(picked.len());
+            for (m, s) in picked.drain(..) {
+                if *with_scores {
+                    // RESP3 pairs them; RESP2 flattens (see `Value::Pairs`).
+                    out.push(Value::List(vec![Value::Bulk(m), double(s)]));
+                } else {
+                    out.push(Value::Bulk(m));
+                }
+            }
+            if *with_scores {
+                Value::Pairs(out)
+            } else {
+                Value::List(out)
+            }
+        }
+        ZRead::Scan(pattern) => {
+            let mut flat = Vec::new();
+            for (m, s) in z {
+                if pattern.as_ref().is_none_or(|p| glob_match(p, &m)) {
+                    flat.push(Value::Bulk(m));
+                    flat.push(Value::Bulk(format_double(s).into_bytes()));
+                }
+            }
+            Value::List(vec![Value::text("0"), Value::List(flat)])
+        }
+    })
+}
+
 /// The name TYPE gives a kind.
 fn kind_name(kind: u8) -> &'static str {
     match kind {
         T_HASH => "hash",
         T_LIST => "list",
         T_SET => "set",
+        T_ZSET => "zset",
         _ => "string",
     }
 }
@@ -618,6 +776,17 @@ impl ReadView {
                     return Err(too_large());
                 }
                 hash_read(obj, h)?
+            }
+            ReadCmd::Z(k, z) => {
+                let v = self.raw(k)?;
+                let obj = v.as_ref().map(|v| {
+                    let st = Stored::decode(v.value());
+                    (st.kind, st.data)
+                });
+                if obj.is_some_and(|(_, d)| d.len() > limit) {
+                    return Err(too_large());
+                }
+                z_read(obj, z)?
             }
             ReadCmd::Coll(k, c) => {
                 let v = self.raw(k)?;
@@ -2178,6 +2347,112 @@ impl Staged<'_, '_> {
                 }
                 Value::Int(removed as i64)
             }
+            WriteCmd::ZAdd {
+                key,
+                pairs,
+                cond,
+                cmp,
+                ch,
+                incr,
+            } => {
+                let o = self.any(key)?;
+                if o.as_ref().is_some_and(|o| o.kind != T_ZSET) {
+                    return Err(KvError::WrongType);
+                }
+                let expires = o.as_ref().and_then(|o| o.expires);
+                let mut z = o.map(|o| zset_decode(&o.data)).unwrap_or_default();
+                let (mut added, mut changed) = (0i64, 0i64);
+                let mut incr_result = None;
+                for (bits, m) in pairs {
+                    let score = f64::from_bits(*bits);
+                    match z.iter().position(|(k, _)| k == m) {
+                        Some(i) => {
+                            if *cond == SetCond::IfAbsent {
+                                continue;
+                            }
+                            let cur = z[i].1;
+                            let new = if *incr { cur + score } else { score };
+                            if new.is_nan() {
+                                return Err(KvError::Other(
+                                    "resulting score is not a number (NaN)".into(),
+                                ));
+                            }
+                            if (*cmp > 0 && new <= cur) || (*cmp < 0 && new >= cur) {
+                                continue;
+                            }
+                            incr_result = Some(new);
+                            if new != cur {
+                                z[i].1 = new;
+                                changed += 1;
+                            }
+                        }
+                        None => {
+                            if *cond == SetCond::IfPresent {
+                                continue;
+                            }
+                            z.push((m.clone(), score));
+                            added += 1;
+                            incr_result = Some(score);
+                        }
+                    }
+                }
+                if added + changed > 0 {
+                    zset_sort(&mut z);
+                    self.put_obj(key, T_ZSET, &zset_encode(&z), expires)?;
+                }
+                if *incr {
+                    incr_result.map_or(Value::Nil, |s| Value::Double(format_double(s)))
+                } else {
+                    Value::Int(added + if *ch { changed } else { 0 })
+                }
+            }
+            WriteCmd::ZIncrBy(key, bits, m) => {
+                let o = self.any(key)?;
+                if o.as_ref().is_some_and(|o| o.kind != T_ZSET) {
+                    return Err(KvError::WrongType);
+                }
+                let expires = o.as_ref().and_then(|o| o.expires);
+                let mut z = o.map(|o| zset_decode(&o.data)).unwrap_or_default();
+                let by = f64::from_bits(*bits);
+                let new = match z.iter().position(|(k, _)| k == m) {
+                    Some(i) => {
+                        let new = z[i].1 + by;
+                        if new.is_nan() {
+                            return Err(KvError::Other(
+                                "resulting score is not a number (NaN)".into(),
+                            ));
+                        }
+                        z[i].1 = new;
+                        new
+                    }
+                    None => {
+                        z.push((m.clone(), by));
+                        by
+                    }
+                };
+                zset_sort(&mut z);
+                self.put_obj(key, T_ZSET, &zset_encode(&z), expires)?;
+                Value::Double(format_double(new))
+            }
+            WriteCmd::ZRem(key, members) => {
+                let o = self.any(key)?;
+                if o.as_ref().is_some_and(|o| o.kind != T_ZSET) {
+                    return Err(KvError::WrongType);
+                }
+                let Some(o) = o else {
+                    return Ok(Value::Int(0));
+                };
+                let mut z = zset_decode(&o.data);
+                let before = z.len();
+                z.retain(|(m, _)| !members.contains(m));
+                let removed = before - z.len();
+                if z.is_empty() {
+                    self.delete(key)?;
+                } else if removed > 0 {
+                    self.put_obj(key, T_ZSET, &zset_encode(&z), o.expires)?;
+                }
+                Value::Int(removed as i64)
+            }
             WriteCmd::Reap(keys) => {
                 let mut n = 0;
                 for k in keys {
@@ -2227,6 +2502,10 @@ impl Staged<'_, '_> {
             ReadTx::Hash(k, h) => {
                 let o = self.any(k)?;
                 hash_read(o.as_ref().map(|o| (o.kind, o.data.as_slice())), h)?
+            }
+            ReadTx::Z(k, z) => {
+                let o = self.any(k)?;
+                z_read(o.as_ref().map(|o| (o.kind, o.data.as_slice())), z)?
             }
             ReadTx::Coll(k, c) => {
                 let o = self.any(k)?;
@@ -3279,5 +3558,62 @@ mod tests {
             let card = sm.read_view(|v| v.read(&ReadCmd::Coll("s".into(), CollRead::SCard)));
             assert_eq!(card, Ok(Value::Int(2)));
         }
+    }
+
+    /// A sorted set stays in (score, member) order through changes and a
+    /// snapshot; scores print as Redis prints them.
+    #[test]
+    fn sorted_sets_keep_score_order_through_a_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = StateMachine::open(&dir.path().join("a")).unwrap();
+        let zadd = |pairs: &[(f64, &str)]| WriteCmd::ZAdd {
+            key: "z".into(),
+            pairs: pairs
+                .iter()
+                .map(|(s, m)| (s.to_bits(), m.as_bytes().to_vec()))
+                .collect(),
+            cond: SetCond::Always,
+            cmp: 0,
+            ch: false,
+            incr: false,
+        };
+        assert_eq!(
+            at(&a, 1, 5, zadd(&[(2.0, "b"), (1.5, "c"), (2.0, "a")])),
+            Ok(Value::Int(3))
+        );
+        assert_eq!(
+            at(
+                &a,
+                2,
+                5,
+                WriteCmd::ZIncrBy("z".into(), 1.0f64.to_bits(), "c".into())
+            ),
+            Ok(Value::Double("2.5".into()))
+        );
+        let file = dir.path().join("snap");
+        a.write_snapshot(&file).unwrap();
+        let b = StateMachine::open(&dir.path().join("b")).unwrap();
+        b.load_snapshot(&file).unwrap();
+        for sm in [&a, &b] {
+            let r = sm.read_view(|v| {
+                v.read(&ReadCmd::Z(
+                    "z".into(),
+                    ZRead::Range {
+                        by_score: false,
+                        start: b"0".to_vec(),
+                        stop: b"-1".to_vec(),
+                        rev: false,
+                        limit: None,
+                        with_scores: false,
+                    },
+                ))
+            });
+            let want = ["a", "b", "c"].map(|m| Value::Bulk(m.into())).to_vec();
+            assert_eq!(r, Ok(Value::List(want)), "ties by member, then by score");
+        }
+        assert_eq!(crate::command::format_double(3.0), "3");
+        assert_eq!(crate::command::format_double(-0.0), "-0");
+        assert_eq!(crate::command::format_double(f64::NEG_INFINITY), "-inf");
+        assert_eq!(crate::command::format_double(0.1), "0.1");
     }
 }

@@ -3,7 +3,7 @@
 //! 3-node raft-kv cluster (each command to a random node), and every
 //! reply must be the same bytes, in RESP2 and in RESP3.
 //!
-//! Commands covered: the strings, keys, expiry, hash, list and set commands raft-kv serves, with
+//! Commands covered: the strings, keys, expiry, hash, list, set and sorted set commands raft-kv serves, with
 //! their errors and edge cases (empty and binary values, negative and huge
 //! numbers, overflow, wrong arity, unknown commands). Bounded in CI by
 //! `RAFT_KV_DIFF_OPS` (default 3000 per protocol); a longer run:
@@ -237,7 +237,70 @@ fn command(g: &mut Gen) -> (Vec<Vec<u8>>, Compare) {
     let field = |g: &mut Gen| b(g.pick(&["f1", "f2", "f3", "", "F1"]));
     let elem = |g: &mut Gen| b(g.pick(&["a", "b", "c", "", "1", "2"]));
     let index = |g: &mut Gen| b(g.pick(&["0", "1", "-1", "2", "-3", "10", "-100", "x"]));
-    let c: Vec<Vec<u8>> = match g.below(90) {
+    let score = |g: &mut Gen| {
+        b(g.pick(&[
+            "1", "2", "-1", "0", "1.5", "-0.25", "inf", "-inf", "x", "1e3",
+        ]))
+    };
+    let member = |g: &mut Gen| b(g.pick(&["a", "b", "c", "", "m1"]));
+    let bound = |g: &mut Gen| b(g.pick(&["1", "(1", "-inf", "+inf", "(2", "0", "1.5", "x", "(x"]));
+    let c: Vec<Vec<u8>> = match g.below(104) {
+        // Sorted sets, on the same keys again.
+        90 | 91 => {
+            let mut c = vec![b("ZADD"), k.clone()];
+            for _ in 0..g.below(3) {
+                c.push(b(g.pick(&["NX", "XX", "GT", "LT", "CH", "INCR"])));
+            }
+            c.push(score(g));
+            c.push(member(g));
+            if g.below(3) == 0 {
+                c.push(score(g));
+                c.push(member(g));
+            }
+            c
+        }
+        92 => vec![b("ZADD"), k, score(g)],
+        93 => vec![b("ZREM"), k, member(g), member(g)],
+        94 => vec![b("ZINCRBY"), k, score(g), member(g)],
+        95 | 96 => vec![b("ZSCORE"), k, member(g)],
+        97 => vec![b("ZCARD"), k],
+        // (Not WITHSCORE: Redis 7.2's, and the oracle is Debian's 7.0.)
+        98 => vec![b(g.pick(&["ZRANK", "ZREVRANK"])), k, member(g)],
+        99 | 100 => {
+            let mut c = vec![b("ZRANGE"), k, index(g), index(g)];
+            if g.below(3) == 0 {
+                c.push(b("REV"));
+            }
+            if g.below(2) == 0 {
+                c.push(b("WITHSCORES"));
+            }
+            c
+        }
+        101 | 102 => {
+            let mut c = vec![b("ZRANGE"), k, bound(g), bound(g), b("BYSCORE")];
+            if g.below(2) == 0 {
+                c.push(b("REV"));
+            }
+            if g.below(3) == 0 {
+                c.extend([
+                    b("LIMIT"),
+                    b(g.pick(&["0", "1", "5"])),
+                    b(g.pick(&["1", "2", "-1", "0"])),
+                ]);
+            }
+            if g.below(2) == 0 {
+                c.push(b("WITHSCORES"));
+            }
+            c
+        }
+        103 => {
+            let mut c = vec![b("ZSCAN"), k, b("0")];
+            if g.below(2) == 0 {
+                c.push(b("MATCH"));
+                c.push(b(g.pick(&["a*", "m?", "[ab]"])));
+            }
+            c
+        }
         // Lists and sets, on the same keys again.
         70 | 71 => {
             let mut c = vec![b(g.pick(&["LPUSH", "RPUSH"])), k, elem(g)];
