@@ -588,6 +588,10 @@ pub struct StateMachine {
     loads: AtomicU64,
     /// Held while a snapshot is being written (one at a time).
     writing: Mutex<()>,
+    /// The last read transaction's table, and the applied index (and load
+    /// count) it was opened at: reads at the same index share it, so a
+    /// burst of reads with no write between them opens one transaction.
+    last_read: Mutex<Option<(u64, u64, Arc<ReadTable>)>>,
     applied_tx: watch::Sender<u64>,
     applied_term: AtomicU64,
 }
@@ -644,9 +648,10 @@ impl Drop for Gen {
 /// [`StateMachine::read_view`]. Keys whose expiry time the state's clock
 /// has passed are invisible through it.
 pub struct ReadView {
-    table: Result<ReadTable, String>,
-    /// The state's clock.
-    now: u64,
+    table: Result<Arc<ReadTable>, String>,
+    /// The state's clock, read the first time a key with an expiry time
+    /// is met (most reads never need it).
+    clock: std::cell::OnceCell<u64>,
 }
 
 impl std::fmt::Debug for ReadView {
@@ -656,16 +661,31 @@ impl std::fmt::Debug for ReadView {
 }
 
 impl ReadView {
-    fn new(table: Result<ReadTable, String>) -> ReadView {
-        let now = match &table {
-            Ok(t) => meta(t, CLOCK).unwrap_or(0),
+    fn new(table: Result<Arc<ReadTable>, String>) -> ReadView {
+        ReadView {
+            table,
+            clock: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// The state's clock.
+    fn now(&self) -> u64 {
+        *self.clock.get_or_init(|| match &self.table {
+            Ok(t) => meta(&**t, CLOCK).unwrap_or(0),
             Err(_) => 0,
-        };
-        ReadView { table, now }
+        })
+    }
+
+    /// Whether a stored value is live (its expiry, if any, not reached).
+    fn live(&self, v: &[u8]) -> bool {
+        let st = Stored::decode(v);
+        st.expires.is_none() || !st.expired(self.now())
     }
 
     fn t(&self) -> Result<&ReadTable, KvError> {
-        self.table.as_ref().map_err(|e| KvError::Storage(e.clone()))
+        self.table
+            .as_deref()
+            .map_err(|e| KvError::Storage(e.clone()))
     }
 
     /// A live key's stored value, undecoded.
@@ -673,7 +693,7 @@ impl ReadView {
         Ok(self
             .t()?
             .get(dkey(key).as_slice())?
-            .filter(|v| !Stored::decode(v.value()).expired(self.now)))
+            .filter(|v| self.live(v.value())))
     }
 
     /// A live string key's stored value (`WrongType` for another type).
@@ -703,7 +723,7 @@ impl ReadView {
 
     /// The state's clock (milliseconds since the Unix epoch).
     pub fn clock(&self) -> u64 {
-        self.now
+        self.now()
     }
 
     /// Answers a read from this view.
@@ -716,7 +736,7 @@ impl ReadView {
     pub fn read_limited(&self, cmd: &ReadCmd, limit: usize) -> Reply {
         let too_large = || KvError::ReplyTooLarge { limit };
         let t = self.t()?;
-        let live = |v: &[u8]| !Stored::decode(v).expired(self.now);
+        let live = |v: &[u8]| self.live(v);
         Ok(match cmd {
             ReadCmd::Get(k) => match self.raw_str(k)? {
                 Some(v) if Stored::decode(v.value()).data.len() > limit => return Err(too_large()),
@@ -806,7 +826,7 @@ impl ReadView {
             }
             ReadCmd::Ttl { key, ms, absolute } => ttl_reply(
                 self.raw(key)?.map(|v| Stored::decode(v.value()).expires),
-                self.now,
+                self.now(),
                 *ms,
                 *absolute,
             ),
@@ -1262,6 +1282,7 @@ impl StateMachine {
             applying: Mutex::new(()),
             loads: AtomicU64::new(0),
             writing: Mutex::new(()),
+            last_read: Mutex::new(None),
             applied_tx,
             applied_term: AtomicU64::new(term),
         })
@@ -1388,15 +1409,41 @@ impl StateMachine {
     /// Batches go on committing meanwhile; a view that lives long keeps the
     /// pages it sees from being reused, so keep it short.
     pub fn read_view<T>(&self, f: impl FnOnce(&ReadView) -> T) -> T {
-        let gen = self.gen();
-        let table = gen
-            .db()
-            .begin_read()
-            .map_err(|e| redb::Error::from(e).to_string())
-            .and_then(|txn| {
-                txn.open_table(KV)
+        // Read before the transaction opens: it sees at least this index
+        // (an index is published after its batch commits), so any reader
+        // that needs at most this index may share it.
+        let applied = self.applied();
+        let loads = self.loads.load(Ordering::Acquire);
+        let cached = self
+            .last_read
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|(a, l, _)| *a == applied && *l == loads)
+            .map(|(_, _, t)| t.clone());
+        let table = match cached {
+            Some(t) => Ok(t),
+            None => {
+                let gen = self.gen();
+                let opened = gen
+                    .db()
+                    .begin_read()
                     .map_err(|e| redb::Error::from(e).to_string())
-            });
+                    .and_then(|txn| {
+                        txn.open_table(KV)
+                            .map_err(|e| redb::Error::from(e).to_string())
+                    })
+                    .map(Arc::new);
+                if let Ok(t) = &opened {
+                    *self
+                        .last_read
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) =
+                        Some((applied, loads, t.clone()));
+                }
+                opened
+            }
+        };
         f(&ReadView::new(table))
     }
 
@@ -1911,16 +1958,17 @@ impl Staged<'_, '_> {
     fn run(&mut self, cmd: &WriteCmd) -> Result<Value, KvError> {
         Ok(match cmd {
             WriteCmd::Set { key, value, cond } => {
-                let exists = self.exists(key)?;
+                // A plain SET replaces whatever is there (the old value's
+                // expiry comes back from the insert): no lookup first.
                 let go = match cond {
                     SetCond::Always => true,
-                    SetCond::IfAbsent => !exists,
-                    SetCond::IfPresent => exists,
+                    SetCond::IfAbsent => !self.exists(key)?,
+                    SetCond::IfPresent => self.exists(key)?,
                 };
                 if !go {
                     return Ok(Value::Nil);
                 }
-                self.put(key, value.clone())?;
+                self.put(key, value)?;
                 Value::Ok
             }
             WriteCmd::Del(keys) => {
