@@ -216,7 +216,12 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
             .unwrap_or(0) as f64
             / 1000.0
     };
-    println!(
+    // Printed with errors ignored: a reader that stops early (`| head -1`)
+    // closes the pipe, and the numbers are already out.
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
         "{} {} ops in {:.1}s: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms, errors {} ({} clients, {} conns, {} B values)",
         lat.len(),
         a.op.to_uppercase(),
@@ -242,13 +247,14 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         .map(|w| w[1].saturating_sub(w[0]))
         .max()
         .unwrap_or(0);
-    println!(
+    let _ = writeln!(
+        out,
         "max latency {:.2} ms, longest stall without an acknowledgement {:.2} ms",
         lat.last().copied().unwrap_or(0) as f64 / 1000.0,
         stall as f64 / 1000.0
     );
     if let Some(e) = first_error {
-        println!("first error: {e}");
+        let _ = writeln!(out, "first error: {e}");
     }
     Ok(())
 }
