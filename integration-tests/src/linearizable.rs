@@ -6,8 +6,10 @@
 //!
 //! Operations: SET and MSET (write one or several keys at one instant), GET
 //! and MGET (read one or several keys at one instant), INCR (read-modify-write
-//! returning the new value) and CAS (`CAS key expected new`, returning 1 when
-//! it swapped, 0 when the value differed).
+//! returning the new value), CAS (`CAS key expected new`, returning 1 when
+//! it swapped, 0 when the value differed) and transactions (MULTI ... EXEC:
+//! SETs, GETs and INCRs on several keys, all at one instant, each seeing the
+//! ones before it).
 //!
 //! An operation whose outcome is unknown (the client saw an error that does
 //! not rule it out, or lost the connection) may take effect at any point after
@@ -30,6 +32,25 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+
+/// One command inside a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxStep {
+    /// SET key value.
+    Set(String, String),
+    /// GET key, and what it returned.
+    Get(String, Option<String>),
+    /// INCR key, and what it returned.
+    Incr(String, i64),
+}
+
+impl TxStep {
+    fn key(&self) -> &str {
+        match self {
+            TxStep::Set(k, _) | TxStep::Get(k, _) | TxStep::Incr(k, _) => k,
+        }
+    }
+}
 
 /// What an operation did. Keys and values are the store's strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +78,8 @@ pub enum Kind {
         /// Whether it swapped (the reply 1).
         swapped: bool,
     },
+    /// MULTI ... EXEC: the steps in order, at one instant.
+    Tx(Vec<TxStep>),
 }
 
 impl Kind {
@@ -76,6 +99,15 @@ impl Kind {
             Kind::Write(p) => p.iter().map(|(k, _)| k.as_str()).collect(),
             Kind::Read(p) => p.iter().map(|(k, _)| k.as_str()).collect(),
             Kind::Incr { key, .. } | Kind::Cas { key, .. } => vec![key.as_str()],
+            Kind::Tx(steps) => {
+                let mut ks: Vec<&str> = Vec::new();
+                for st in steps {
+                    if !ks.contains(&st.key()) {
+                        ks.push(st.key());
+                    }
+                }
+                ks
+            }
         }
     }
 }
@@ -255,6 +287,9 @@ enum Step {
     Read(Vec<(usize, Val)>),
     Incr(usize, Option<i64>),
     Cas(usize, Val, Val, Option<bool>),
+    /// A transaction: its steps applied one after the other at one instant
+    /// (an unknown one's reads are left out).
+    Tx(Vec<Step>),
 }
 
 impl Step {
@@ -281,6 +316,13 @@ impl Step {
                 }
                 let mut s = state.to_vec();
                 s[*k] = Val::Int(new);
+                Some(s)
+            }
+            Step::Tx(steps) => {
+                let mut s = state.to_vec();
+                for st in steps {
+                    s = st.apply(&s, strings)?;
+                }
                 Some(s)
             }
             Step::Cas(k, expected, new, swapped) => {
@@ -409,6 +451,23 @@ impl<'a> Part<'a> {
                     strings.val(expected),
                     strings.val(new),
                     known.then_some(*swapped),
+                ),
+                Kind::Tx(tx) => Step::Tx(
+                    tx.iter()
+                        .filter_map(|st| match st {
+                            TxStep::Set(k, v) => {
+                                Some(Step::Write(vec![(ix(k, &mut keys), strings.val(v))]))
+                            }
+                            TxStep::Get(k, v) if known => {
+                                let v = v.as_deref().map_or(Val::Absent, |v| strings.val(v));
+                                Some(Step::Read(vec![(ix(k, &mut keys), v)]))
+                            }
+                            TxStep::Get(..) => None,
+                            TxStep::Incr(k, n) => {
+                                Some(Step::Incr(ix(k, &mut keys), known.then_some(*n)))
+                            }
+                        })
+                        .collect(),
                 ),
             };
             steps.push((op, step));
@@ -543,6 +602,32 @@ fn unobservable(steps: &[(&Op, Step)], keys: usize) -> Vec<bool> {
     // value that something writes (filled in below).
     let mut failed_cas: Vec<(usize, Val, u64)> = Vec::new();
     for (op, step) in steps {
+        let inner: Vec<&Step> = match step {
+            Step::Tx(inner) => inner.iter().collect(),
+            other => vec![other],
+        };
+        for step in inner {
+            note_step(
+                op,
+                step,
+                &mut read,
+                &mut written,
+                &mut incr,
+                &mut cas_expects,
+                &mut failed_cas,
+            );
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn note_step(
+        op: &Op,
+        step: &Step,
+        read: &mut HashSet<(usize, Val)>,
+        written: &mut HashSet<(usize, Val)>,
+        incr: &mut [bool],
+        cas_expects: &mut HashSet<(usize, Val)>,
+        failed_cas: &mut Vec<(usize, Val, u64)>,
+    ) {
         match step {
             Step::Read(p) if op.ret.is_some() => read.extend(p.iter().copied()),
             Step::Read(_) => {}
@@ -555,6 +640,8 @@ fn unobservable(steps: &[(&Op, Step)], keys: usize) -> Vec<bool> {
                     failed_cas.push((*k, *e, ret));
                 }
             }
+            // (Transactions do not nest.)
+            Step::Tx(_) => {}
         }
     }
     let mut observing_cas_until: Vec<Option<u64>> = vec![None; keys];
@@ -639,6 +726,62 @@ mod tests {
             swapped,
         }
     }
+    /// A transaction is one instant: its reads see its own earlier steps,
+    /// others see all of it or none of it, and an unknown one may have
+    /// happened or not.
+    #[test]
+    fn transactions_are_one_instant() {
+        let tx = |steps: Vec<TxStep>| Kind::Tx(steps);
+        let set = |k: &str, v: &str| TxStep::Set(k.into(), v.into());
+        let get = |k: &str, v: Option<&str>| TxStep::Get(k.into(), v.map(Into::into));
+        // Reads inside see the writes before them.
+        assert!(check(&[op(
+            tx(vec![
+                set("a", "1"),
+                get("a", Some("1")),
+                TxStep::Incr("n".into(), 1)
+            ]),
+            0,
+            1
+        )])
+        .is_ok());
+        assert!(check(&[op(tx(vec![get("a", Some("1")), set("a", "1")]), 0, 1)]).is_err());
+        // Half a transaction seen after it returned: rejected.
+        let half = rejected(&[
+            op(tx(vec![set("a", "1"), set("b", "1")]), 0, 1),
+            op(
+                Kind::Read(vec![("a".into(), Some("1".into())), ("b".into(), None)]),
+                2,
+                3,
+            ),
+        ]);
+        assert!(format!("{half:?}").contains('a'), "{half:?}");
+        // Concurrent with a read, the read sees all or nothing.
+        let both = Kind::Read(vec![
+            ("a".into(), Some("1".into())),
+            ("b".into(), Some("1".into())),
+        ]);
+        assert!(check(&[
+            op(tx(vec![set("a", "1"), set("b", "1")]), 0, 5),
+            op(both, 1, 2)
+        ])
+        .is_ok());
+        // An unknown transaction: its INCR may or may not have happened.
+        let h = [
+            unknown(
+                tx(vec![TxStep::Incr("n".into(), 99), get("x", Some("zz"))]),
+                0,
+            ),
+            op(incr("n", 2), 5, 6),
+        ];
+        assert!(check(&h).is_ok());
+        let h = [
+            unknown(tx(vec![TxStep::Incr("n".into(), 99)]), 0),
+            op(incr("n", 3), 5, 6),
+        ];
+        assert!(check(&h).is_err(), "one unknown INCR cannot make 3");
+    }
+
     fn rejected(h: &[Op]) -> Box<Stuck> {
         match check(h) {
             Err(CheckError::NotLinearizable(s)) => s,
@@ -925,6 +1068,20 @@ mod tests {
                 *swapped = state.get(key) == Some(expected);
                 if *swapped {
                     state.insert(key.clone(), new.clone());
+                }
+            }
+            Kind::Tx(steps) => {
+                for st in steps.iter_mut() {
+                    match st {
+                        TxStep::Set(k, v) => {
+                            state.insert(k.clone(), v.clone());
+                        }
+                        TxStep::Get(k, v) => *v = state.get(k).cloned(),
+                        TxStep::Incr(k, n) => {
+                            *n = state.get(k).map_or(0, |v| v.parse().unwrap()) + 1;
+                            state.insert(k.clone(), n.to_string());
+                        }
+                    }
                 }
             }
         };

@@ -66,7 +66,7 @@ pub(crate) fn client_loop(
     start: Instant,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Vec<integration_tests::linearizable::Op> {
-    use integration_tests::linearizable::{Kind, Op};
+    use integration_tests::linearizable::{Kind, Op, TxStep};
     let nodes: Vec<SocketAddr> = addrs.values().copied().collect();
     let mut out = Vec::new();
     let mut conn: Option<Connection> = None;
@@ -170,6 +170,36 @@ pub(crate) fn client_loop(
                     },
                     v,
                 )
+            }
+            // A transaction: INCR a counter, SET one register of the pair,
+            // GET the other, at one instant.
+            19 => {
+                let other = if pair[0] == one { pair[1] } else { pair[0] };
+                let res = redis::pipe()
+                    .atomic()
+                    .cmd("INCR")
+                    .arg(counter)
+                    .cmd("SET")
+                    .arg(one)
+                    .arg(&value)
+                    .cmd("GET")
+                    .arg(other)
+                    .query::<(i64, String, Option<String>)>(cn);
+                let (mut n, mut got) = (0, None);
+                let v = map_verdict(verdict(res, true, "MULTI/EXEC"), |(i, _, g)| {
+                    n = i;
+                    last_seen.insert(one, value.clone());
+                    if let Some(g) = &g {
+                        last_seen.insert(other, g.clone());
+                    }
+                    got = g;
+                });
+                let steps = vec![
+                    TxStep::Incr(counter.to_string(), n),
+                    TxStep::Set(one.to_string(), value.clone()),
+                    TxStep::Get(other.to_string(), got),
+                ];
+                (Kind::Tx(steps), v)
             }
             // CAS a register from the value this client last saw.
             _ => {
@@ -299,6 +329,7 @@ pub(crate) fn assert_linearizable(recorded: &[integration_tests::linearizable::O
             count(&|k| matches!(k, Kind::Read(p) if p.len() > 1)),
         ),
         ("INCR", count(&|k| matches!(k, Kind::Incr { .. }))),
+        ("MULTI/EXEC", count(&|k| matches!(k, Kind::Tx(_)))),
         ("CAS", count(&|k| matches!(k, Kind::Cas { .. }))),
         (
             "CAS that swapped",
