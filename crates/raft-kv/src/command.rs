@@ -177,13 +177,11 @@ pub enum WriteCmd {
         time: Vec<u8>,
     },
     /// EXEC after WATCH: the queued commands run only if no watched key
-    /// was written or removed after entry `since` (the applied index when
-    /// the client watched them); otherwise the reply is a null array.
+    /// was written or removed after its entry (the applied index when the
+    /// client watched it); otherwise the reply is a null array.
     ExecWatched {
-        /// The entry the watch started after.
-        since: u64,
-        /// The watched keys.
-        keys: Vec<Vec<u8>>,
+        /// The watched keys, each with the entry its watch started after.
+        keys: Vec<(Vec<u8>, u64)>,
         /// The queued commands.
         cmds: Vec<TxCmd>,
     },

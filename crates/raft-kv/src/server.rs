@@ -416,8 +416,8 @@ struct Session<'a> {
     multi: Option<Vec<TxCmd>>,
     /// A command queued in MULTI was refused: EXEC answers EXECABORT.
     multi_failed: bool,
-    /// WATCH: the index the watch started after, and the keys.
-    watching: Option<(u64, Vec<Vec<u8>>)>,
+    /// WATCH: the keys, each with the index its watch started after.
+    watching: Option<Vec<(Vec<u8>, u64)>>,
 }
 
 impl Session<'_> {
@@ -558,11 +558,7 @@ impl Session<'_> {
                     // keys are checked when it is applied.
                     self.flush_pending(pending, out).await;
                     let exec = match self.watching.take() {
-                        Some((since, keys)) => Some(WriteCmd::ExecWatched {
-                            since,
-                            keys,
-                            cmds: queued,
-                        }),
+                        Some(keys) => Some(WriteCmd::ExecWatched { keys, cmds: queued }),
                         None if queued.is_empty() => None,
                         None => Some(WriteCmd::Exec(queued)),
                     };
@@ -626,10 +622,13 @@ impl Session<'_> {
                 self.flush_pending(pending, out).await;
                 match self.node.watch_index().await {
                     Ok(i) => {
-                        let w = self.watching.get_or_insert((i, Vec::new()));
-                        // Keys watched earlier keep their earlier start.
-                        w.0 = w.0.min(i);
-                        w.1.extend(keys);
+                        let w = self.watching.get_or_insert_with(Vec::new);
+                        for k in keys {
+                            // A key watched again keeps its first start.
+                            if !w.iter().any(|(w, _)| *w == k) {
+                                w.push((k, i));
+                            }
+                        }
                         Ok(Value::Ok)
                     }
                     Err(e) => Err(e),

@@ -2112,8 +2112,8 @@ impl Staged<'_, '_> {
                 Value::Int(1)
             }
             WriteCmd::Exec(cmds) => self.exec(cmds)?,
-            WriteCmd::ExecWatched { since, keys, cmds } => {
-                for k in keys {
+            WriteCmd::ExecWatched { keys, cmds } => {
+                for (k, since) in keys {
                     if self.touched_since(k, *since)? {
                         // As Redis: the transaction does not run.
                         return Ok(Value::NilArray);
@@ -2365,9 +2365,9 @@ impl Staged<'_, '_> {
                         Some((a, b)) => l[a..=b].to_vec(),
                         None => Vec::new(),
                     };
-                    if kept.len() != l.len() {
-                        self.put_coll(key, T_LIST, &kept, expires)?;
-                    }
+                    // Written even when nothing was trimmed: Redis counts
+                    // every LTRIM of a list as a change (WATCH sees it).
+                    self.put_coll(key, T_LIST, &kept, expires)?;
                 }
                 Value::Ok
             }
@@ -2469,6 +2469,10 @@ impl Staged<'_, '_> {
                             return Err(KvError::Other(
                                 "resulting score is not a number (NaN)".into(),
                             ));
+                        }
+                        if new == z[i].1 {
+                            // Unchanged: not a change for WATCH, as in Redis.
+                            return Ok(Value::Double(format_double(new)));
                         }
                         z[i].1 = new;
                         new
@@ -3418,8 +3422,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sm = StateMachine::open(&dir.path().join("a")).unwrap();
         let watched = |since: u64, k: &str| WriteCmd::ExecWatched {
-            since,
-            keys: vec![k.into()],
+            keys: vec![(k.into(), since)],
             cmds: vec![TxCmd::Write(set(
                 "c",
                 &format!("at{since}"),

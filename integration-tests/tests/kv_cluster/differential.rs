@@ -3,7 +3,7 @@
 //! 3-node raft-kv cluster (each command to a random node), and every
 //! reply must be the same bytes, in RESP2 and in RESP3.
 //!
-//! Commands covered: the strings, keys, expiry, hash, list, set and sorted set commands raft-kv serves, with
+//! Commands covered: the strings, keys, expiry, hash, list, set and sorted set commands, and WATCH, with
 //! their errors and edge cases (empty and binary values, negative and huge
 //! numbers, overflow, wrong arity, unknown commands). Bounded in CI by
 //! `RAFT_KV_DIFF_OPS` (default 3000 per protocol); a longer run:
@@ -244,7 +244,17 @@ fn command(g: &mut Gen) -> (Vec<Vec<u8>>, Compare) {
     };
     let member = |g: &mut Gen| b(g.pick(&["a", "b", "c", "", "m1"]));
     let bound = |g: &mut Gen| b(g.pick(&["1", "(1", "-inf", "+inf", "(2", "0", "1.5", "x", "(x"]));
-    let c: Vec<Vec<u8>> = match g.below(104) {
+    let c: Vec<Vec<u8>> = match g.below(108) {
+        // WATCH (the connection that watches also runs the next MULTI).
+        104 | 105 => {
+            let mut c = vec![b("WATCH"), k];
+            if g.below(2) == 0 {
+                c.push(key(g, true));
+            }
+            c
+        }
+        106 => vec![b("UNWATCH")],
+        107 => vec![b("WATCH")],
         // Sorted sets, on the same keys again.
         90 | 91 => {
             let mut c = vec![b("ZADD"), k.clone()];
@@ -536,8 +546,11 @@ fn run(resp3: bool, seed: u64, ops: usize, redis: SocketAddr, c: &Cluster) {
     nodes[0].call(&[b"FLUSHALL".to_vec()]);
     let mut g = Gen(seed);
     let mut history: Vec<String> = Vec::new();
-    // A transaction belongs to its connection: MULTI ... EXEC go to one node.
+    // A transaction belongs to its connection: MULTI ... EXEC go to one node,
+    // and so do the WATCHes before them (Redis has one connection here,
+    // raft-kv one per node; writes through any of them count as changes).
     let mut in_multi: Option<usize> = None;
+    let mut watching: Option<usize> = None;
     for i in 0..ops {
         let (mut cmd, mut how) = command(&mut g);
         // Inside EXEC's reply only exact comparison works: KEYS's order is
@@ -545,10 +558,23 @@ fn run(resp3: bool, seed: u64, ops: usize, redis: SocketAddr, c: &Cluster) {
         while in_multi.is_some() && how != Compare::Exact {
             (cmd, how) = command(&mut g);
         }
-        let node = in_multi.unwrap_or_else(|| g.below(nodes.len()));
+        let tx_cmd = matches!(
+            cmd[0].as_slice(),
+            b"WATCH" | b"UNWATCH" | b"MULTI" | b"EXEC" | b"DISCARD"
+        );
+        let node = in_multi
+            .or(if tx_cmd { watching } else { None })
+            .unwrap_or_else(|| g.below(nodes.len()));
         match cmd[0].as_slice() {
             b"MULTI" => in_multi = Some(node),
-            b"EXEC" | b"DISCARD" => in_multi = None,
+            b"WATCH" if in_multi.is_none() && cmd.len() > 1 => watching = Some(node),
+            b"EXEC" | b"DISCARD" => {
+                if in_multi.is_some() {
+                    watching = None;
+                }
+                in_multi = None;
+            }
+            b"UNWATCH" => watching = None,
             _ => {}
         }
         let want = oracle.call(&cmd);
@@ -589,7 +615,7 @@ fn run(resp3: bool, seed: u64, ops: usize, redis: SocketAddr, c: &Cluster) {
             node,
             String::from_utf8_lossy(&want),
             String::from_utf8_lossy(&got),
-            &history[history.len().saturating_sub(12)..]
+            &history[history.len().saturating_sub(60)..]
         );
     }
 }
