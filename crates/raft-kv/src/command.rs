@@ -1028,23 +1028,7 @@ impl Command {
             }
             ("HSCAN", 3..) => {
                 let k = next();
-                std::str::from_utf8(&next())
-                    .ok()
-                    .and_then(|c| c.parse::<u64>().ok())
-                    .ok_or(KvError::Other("invalid cursor".into()))?;
-                let mut pattern = None;
-                while let Some(opt) = rest.next() {
-                    let arg = rest.next().ok_or(KvError::Syntax)?;
-                    match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
-                        "MATCH" => pattern = Some(arg),
-                        "COUNT" => {
-                            if int_arg(&arg)? < 1 {
-                                return Err(KvError::Syntax);
-                            }
-                        }
-                        _ => return Err(KvError::Syntax),
-                    }
-                }
+                let pattern = member_scan(&next(), rest)?;
                 Command::Read(ReadCmd::Hash(k, HashRead::Scan(pattern)))
             }
             ("LPUSH" | "RPUSH", 3..) => {
@@ -1122,23 +1106,7 @@ impl Command {
             }
             ("SSCAN", 3..) => {
                 let k = next();
-                std::str::from_utf8(&next())
-                    .ok()
-                    .and_then(|c| c.parse::<u64>().ok())
-                    .ok_or(KvError::Other("invalid cursor".into()))?;
-                let mut pattern = None;
-                while let Some(opt) = rest.next() {
-                    let arg = rest.next().ok_or(KvError::Syntax)?;
-                    match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
-                        "MATCH" => pattern = Some(arg),
-                        "COUNT" => {
-                            if int_arg(&arg)? < 1 {
-                                return Err(KvError::Syntax);
-                            }
-                        }
-                        _ => return Err(KvError::Syntax),
-                    }
-                }
+                let pattern = member_scan(&next(), rest)?;
                 Command::Read(ReadCmd::Coll(k, CollRead::SScan(pattern)))
             }
             ("ZADD", 4..) => {
@@ -1221,23 +1189,7 @@ impl Command {
             }
             ("ZSCAN", 3..) => {
                 let k = next();
-                std::str::from_utf8(&next())
-                    .ok()
-                    .and_then(|c| c.parse::<u64>().ok())
-                    .ok_or(KvError::Other("invalid cursor".into()))?;
-                let mut pattern = None;
-                while let Some(opt) = rest.next() {
-                    let arg = rest.next().ok_or(KvError::Syntax)?;
-                    match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
-                        "MATCH" => pattern = Some(arg),
-                        "COUNT" => {
-                            if int_arg(&arg)? < 1 {
-                                return Err(KvError::Syntax);
-                            }
-                        }
-                        _ => return Err(KvError::Syntax),
-                    }
-                }
+                let pattern = member_scan(&next(), rest)?;
                 Command::Read(ReadCmd::Z(k, ZRead::Scan(pattern)))
             }
             ("GET", 2) => Command::Read(ReadCmd::Get(next())),
@@ -1369,6 +1321,33 @@ fn parse_set(key: Vec<u8>, value: Vec<u8>, opts: Vec<Vec<u8>>) -> Result<Command
             name: "set".into(),
         },
     }))
+}
+
+/// HSCAN's, SSCAN's and ZSCAN's arguments after the key: a cursor (checked,
+/// then unused: every member comes at once) and `MATCH`/`COUNT`; the
+/// pattern.
+fn member_scan(
+    cursor: &[u8],
+    mut rest: impl Iterator<Item = Vec<u8>>,
+) -> Result<Option<Vec<u8>>, KvError> {
+    std::str::from_utf8(cursor)
+        .ok()
+        .and_then(|c| c.parse::<u64>().ok())
+        .ok_or(KvError::Other("invalid cursor".into()))?;
+    let mut pattern = None;
+    while let Some(opt) = rest.next() {
+        let arg = rest.next().ok_or(KvError::Syntax)?;
+        match String::from_utf8_lossy(&opt).to_ascii_uppercase().as_str() {
+            "MATCH" => pattern = Some(arg),
+            "COUNT" => {
+                if int_arg(&arg)? < 1 {
+                    return Err(KvError::Syntax);
+                }
+            }
+            _ => return Err(KvError::Syntax),
+        }
+    }
+    Ok(pattern)
 }
 
 /// A sorted set score as Redis takes one (`inf`, `+inf`, `-inf`; not NaN).

@@ -166,20 +166,11 @@ fn encode_obj(kind: u8, expires: Option<u64>, version: u64, data: &[u8]) -> Vec<
 /// value` per field, little-endian. What does not decode (damage) reads as
 /// the fields that did.
 fn hash_decode(data: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
-    fn take<'a>(d: &mut &'a [u8]) -> Option<&'a [u8]> {
-        let (n, rest) = d.split_at_checked(4)?;
-        let n = u32::from_le_bytes(n.try_into().ok()?) as usize;
-        let (x, rest) = rest.split_at_checked(n)?;
-        *d = rest;
-        Some(x)
-    }
     let mut d = data;
     let mut out = Vec::new();
-    let Some((n, rest)) = d.split_at_checked(4) else {
+    let Some(n) = take_u32(&mut d) else {
         return out;
     };
-    d = rest;
-    let n = u32::from_le_bytes(n.try_into().unwrap_or_default());
     for _ in 0..n {
         let (Some(f), Some(v)) = (take(&mut d), take(&mut d)) else {
             break;
@@ -202,26 +193,29 @@ fn hash_encode(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
+/// The next little-endian u32 of `d`.
+fn take_u32(d: &mut &[u8]) -> Option<u32> {
+    let (n, rest) = d.split_at_checked(4)?;
+    *d = rest;
+    Some(u32::from_le_bytes(n.try_into().ok()?))
+}
+
+/// The next length-prefixed (u32) field of `d`.
+fn take<'a>(d: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let n = take_u32(d)? as usize;
+    let (x, rest) = d.split_at_checked(n)?;
+    *d = rest;
+    Some(x)
+}
+
 /// A list's elements or a set's members: `count u32`, then `len u32,
 /// bytes` each, little-endian (what does not decode reads as what did).
 fn elems_decode(data: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    let Some((n, mut d)) = data.split_at_checked(4) else {
-        return out;
-    };
-    let n = u32::from_le_bytes(n.try_into().unwrap_or_default());
-    for _ in 0..n {
-        let Some((len, rest)) = d.split_at_checked(4) else {
-            break;
-        };
-        let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
-        let Some((x, rest)) = rest.split_at_checked(len) else {
-            break;
-        };
-        out.push(x.to_vec());
-        d = rest;
-    }
-    out
+    let mut d = data;
+    let n = take_u32(&mut d).unwrap_or(0);
+    (0..n)
+        .map_while(|_| take(&mut d).map(<[u8]>::to_vec))
+        .collect()
 }
 
 fn elems_encode(elems: &[Vec<u8>]) -> Vec<u8> {
@@ -335,27 +329,17 @@ fn coll_read(
 /// member, score (f64 bits, u64)` each, little-endian, in (score, member)
 /// order.
 fn zset_decode(data: &[u8]) -> Vec<(Vec<u8>, f64)> {
-    let mut out = Vec::new();
-    let Some((n, mut d)) = data.split_at_checked(4) else {
-        return out;
-    };
-    let n = u32::from_le_bytes(n.try_into().unwrap_or_default());
-    for _ in 0..n {
-        let Some((len, rest)) = d.split_at_checked(4) else {
-            break;
-        };
-        let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
-        let Some((m, rest)) = rest.split_at_checked(len) else {
-            break;
-        };
-        let Some((score, rest)) = rest.split_at_checked(8) else {
-            break;
-        };
-        let score = f64::from_bits(u64::from_le_bytes(score.try_into().unwrap_or_default()));
-        out.push((m.to_vec(), score));
-        d = rest;
-    }
-    out
+    let mut d = data;
+    let n = take_u32(&mut d).unwrap_or(0);
+    (0..n)
+        .map_while(|_| {
+            let m = take(&mut d)?;
+            let (score, rest) = d.split_at_checked(8)?;
+            d = rest;
+            let score = f64::from_bits(u64::from_le_bytes(score.try_into().ok()?));
+            Some((m.to_vec(), score))
+        })
+        .collect()
 }
 
 fn zset_encode(z: &[(Vec<u8>, f64)]) -> Vec<u8> {
@@ -786,7 +770,7 @@ impl ReadView {
                 Value::Bulk(get_range(&self.get(k)?.unwrap_or_default(), *start, *end))
             }
             ReadCmd::Type(k) => type_of(self.raw(k)?.map(|v| Stored::decode(v.value()).kind)),
-            ReadCmd::Hash(k, h) => {
+            ReadCmd::Hash(k, _) | ReadCmd::Z(k, _) | ReadCmd::Coll(k, _) => {
                 let v = self.raw(k)?;
                 let obj = v.as_ref().map(|v| {
                     let st = Stored::decode(v.value());
@@ -795,34 +779,17 @@ impl ReadView {
                 if obj.is_some_and(|(_, d)| d.len() > limit) {
                     return Err(too_large());
                 }
-                hash_read(obj, h)?
-            }
-            ReadCmd::Z(k, z) => {
-                let v = self.raw(k)?;
-                let obj = v.as_ref().map(|v| {
-                    let st = Stored::decode(v.value());
-                    (st.kind, st.data)
-                });
-                if obj.is_some_and(|(_, d)| d.len() > limit) {
-                    return Err(too_large());
+                match cmd {
+                    ReadCmd::Hash(_, h) => hash_read(obj, h)?,
+                    ReadCmd::Z(_, z) => z_read(obj, z)?,
+                    ReadCmd::Coll(_, c) => coll_read(obj, c, |other| {
+                        Ok(self.raw(other)?.map(|v| {
+                            let st = Stored::decode(v.value());
+                            (st.kind, st.data.to_vec())
+                        }))
+                    })?,
+                    _ => return Err(KvError::Internal("not a collection read".into())),
                 }
-                z_read(obj, z)?
-            }
-            ReadCmd::Coll(k, c) => {
-                let v = self.raw(k)?;
-                let obj = v.as_ref().map(|v| {
-                    let st = Stored::decode(v.value());
-                    (st.kind, st.data)
-                });
-                if obj.is_some_and(|(_, d)| d.len() > limit) {
-                    return Err(too_large());
-                }
-                coll_read(obj, c, |other| {
-                    Ok(self.raw(other)?.map(|v| {
-                        let st = Stored::decode(v.value());
-                        (st.kind, st.data.to_vec())
-                    }))
-                })?
             }
             ReadCmd::Ttl { key, ms, absolute } => ttl_reply(
                 self.raw(key)?.map(|v| Stored::decode(v.value()).expires),
@@ -1844,12 +1811,6 @@ impl Staged<'_, '_> {
         self.put_with(key, value.as_ref(), None)
     }
 
-    /// Writes a key's value and keeps its expiry (APPEND, INCR ...).
-    fn put_keep(&mut self, key: &[u8], value: impl AsRef<[u8]>) -> Result<(), KvError> {
-        let keep = self.any(key)?.and_then(|o| o.expires);
-        self.put_with(key, value.as_ref(), keep)
-    }
-
     /// Removes a key, live or expired; true if it was live.
     fn delete(&mut self, key: &[u8]) -> Result<bool, KvError> {
         let dk = dkey(key);
@@ -1987,7 +1948,9 @@ impl Staged<'_, '_> {
                 Value::Ok
             }
             WriteCmd::IncrBy(key, delta) => {
-                let n: i64 = match self.get(key)? {
+                let old = self.entry(key)?;
+                let at = old.as_ref().and_then(|(at, _)| *at);
+                let n: i64 = match old.map(|(_, v)| v) {
                     None => 0,
                     Some(v) => match crate::command::parse_int(&v) {
                         Some(n) => n,
@@ -1997,12 +1960,13 @@ impl Staged<'_, '_> {
                 let Some(new) = n.checked_add(*delta) else {
                     return Err(KvError::Overflow);
                 };
-                self.put_keep(key, new.to_string().into_bytes())?;
+                self.put_with(key, new.to_string().as_bytes(), at)?;
                 Value::Int(new)
             }
             WriteCmd::Cas { key, expected, new } => {
-                if self.get(key)?.as_deref() == Some(expected.as_slice()) {
-                    self.put_keep(key, new)?;
+                let old = self.entry(key)?;
+                if let Some((at, _)) = old.filter(|(_, v)| v == expected) {
+                    self.put_with(key, new, at)?;
                     Value::Int(1)
                 } else {
                     Value::Int(0)
@@ -2029,25 +1993,23 @@ impl Staged<'_, '_> {
                 }
             }
             WriteCmd::Append(key, value) => {
-                let old = self.get(key)?;
-                let mut v = old.unwrap_or_default();
+                let (at, mut v) = self.entry(key)?.unwrap_or_default();
                 if v.len() + value.len() > MAX_STRING {
                     return Err(KvError::StringTooLong);
                 }
                 v.extend_from_slice(value);
                 let n = v.len() as i64;
-                self.put_keep(key, v)?;
+                self.put_with(key, &v, at)?;
                 Value::Int(n)
             }
             WriteCmd::IncrByFloat(key, by_text) => {
-                let old = self.get(key)?;
-                let text = add_float(old.as_deref(), by_text)?;
-                self.put_keep(key, text.clone().into_bytes())?;
+                let old = self.entry(key)?;
+                let text = add_float(old.as_ref().map(|(_, v)| v.as_slice()), by_text)?;
+                self.put_with(key, text.as_bytes(), old.and_then(|(at, _)| at))?;
                 Value::Bulk(text.into_bytes())
             }
             WriteCmd::SetRange(key, offset, value) => {
-                let old = self.get(key)?;
-                let mut v = old.unwrap_or_default();
+                let (at, mut v) = self.entry(key)?.unwrap_or_default();
                 if value.is_empty() {
                     return Ok(Value::Int(v.len() as i64));
                 }
@@ -2063,7 +2025,7 @@ impl Staged<'_, '_> {
                 }
                 v[end - value.len()..end].copy_from_slice(value);
                 let n = v.len() as i64;
-                self.put_keep(key, v)?;
+                self.put_with(key, &v, at)?;
                 Value::Int(n)
             }
             WriteCmd::MSetNx(pairs) => {
