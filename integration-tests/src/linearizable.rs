@@ -11,6 +11,23 @@
 //! SETs, GETs and INCRs on several keys, all at one instant, each seeing the
 //! ones before it).
 //!
+//! Keys may expire: `SET key value PX ttl` ([`Kind::SetPx`]). The store
+//! decides expiry by the time the leader stamped on each entry, and the
+//! checker knows that time only within bounds, so it checks what those bounds
+//! allow (call and return times must then be microseconds of the leaders'
+//! wall clock, from [`check_with_clock`]'s origin):
+//!
+//! * the expiry time E of a `SET ... PX ttl` lies between its invocation
+//!   plus `ttl` and its return plus `ttl`;
+//! * a key may be seen expired only by an operation that returned at E or
+//!   later (the store's clock never runs ahead of the leaders' clocks);
+//! * a key may be seen live only by an operation whose store clock was below
+//!   E; that clock is at least the invocation time of every write that
+//!   returned before the operation was invoked (each write is stamped after
+//!   it was sent, and applied before the operation reads);
+//! * once seen expired, a key stays absent until written again (the store's
+//!   clock never runs back).
+//!
 //! An operation whose outcome is unknown (the client saw an error that does
 //! not rule it out, or lost the connection) may take effect at any point after
 //! it was invoked, or never. A read whose outcome is unknown says nothing and
@@ -80,6 +97,15 @@ pub enum Kind {
     },
     /// MULTI ... EXEC: the steps in order, at one instant.
     Tx(Vec<TxStep>),
+    /// `SET key value PX ttl_ms`: the key holds `value` until it expires.
+    SetPx {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+        /// Milliseconds to live, from the leader's stamp on the entry.
+        ttl_ms: u64,
+    },
 }
 
 impl Kind {
@@ -98,7 +124,9 @@ impl Kind {
         match self {
             Kind::Write(p) => p.iter().map(|(k, _)| k.as_str()).collect(),
             Kind::Read(p) => p.iter().map(|(k, _)| k.as_str()).collect(),
-            Kind::Incr { key, .. } | Kind::Cas { key, .. } => vec![key.as_str()],
+            Kind::Incr { key, .. } | Kind::Cas { key, .. } | Kind::SetPx { key, .. } => {
+                vec![key.as_str()]
+            }
             Kind::Tx(steps) => {
                 let mut ks: Vec<&str> = Vec::new();
                 for st in steps {
@@ -186,8 +214,22 @@ pub fn check(history: &[Op]) -> Result<(), CheckError> {
 }
 
 /// [`check`], giving up (inconclusively) after visiting `budget` states in
-/// one independent part of the history.
+/// one independent part of the history. Expiring keys' times are read as
+/// microseconds since the Unix epoch (see [`check_with_clock`]).
 pub fn check_with_budget(history: &[Op], budget: usize) -> Result<(), CheckError> {
+    check_with_clock(history, 0, budget)
+}
+
+/// How far the checker lets a time it derives for an expiring key be off:
+/// the store keeps whole milliseconds, and the client and the leaders read
+/// two clocks (monotonic and wall) that may drift a little apart.
+pub const CLOCK_SLACK_US: u64 = 5_000;
+
+/// [`check_with_budget`] for a history whose call and return times are
+/// microseconds since `origin_us`, itself microseconds since the Unix epoch
+/// on the leaders' clock: what expiring keys ([`Kind::SetPx`]) need.
+pub fn check_with_clock(history: &[Op], origin_us: u64, budget: usize) -> Result<(), CheckError> {
+    let clock = Clock::new(history, origin_us);
     // Unknown reads say nothing.
     let ops: Vec<usize> = (0..history.len())
         .filter(|&i| history[i].ret.is_some() || !matches!(history[i].kind, Kind::Read(_)))
@@ -226,9 +268,78 @@ pub fn check_with_budget(history: &[Op], budget: usize) -> Result<(), CheckError
     parts.sort();
     for part in parts {
         let owned: Vec<&Op> = part.iter().map(|&i| &history[i]).collect();
-        Part::new(&owned).search(budget)?;
+        Part::new(&owned, &clock).search(budget)?;
     }
     Ok(())
+}
+
+/// What the checker knows of the store's clock from a history.
+struct Clock {
+    origin_us: u64,
+    /// Acknowledged writes by return time, with the latest invocation time
+    /// of any write that returned no later (a floor for the store's clock).
+    floors: Vec<(u64, u64)>,
+}
+
+impl Clock {
+    fn new(history: &[Op], origin_us: u64) -> Self {
+        let mut writes: Vec<(u64, u64)> = history
+            .iter()
+            .filter(|o| !matches!(o.kind, Kind::Read(_)))
+            .filter_map(|o| o.ret.map(|r| (r, o.call)))
+            .collect();
+        writes.sort_unstable();
+        let mut max = 0;
+        for w in &mut writes {
+            max = max.max(w.1);
+            w.1 = max;
+        }
+        Clock {
+            origin_us,
+            floors: writes,
+        }
+    }
+
+    /// A lower bound of the store's clock (absolute microseconds) for an
+    /// operation invoked at `call`: writes that returned before it were
+    /// stamped no earlier than they were invoked (less the store's
+    /// millisecond rounding).
+    fn floor(&self, call: u64) -> u64 {
+        let n = self.floors.partition_point(|&(r, _)| r < call);
+        match n {
+            0 => 0,
+            n => (self.origin_us + self.floors[n - 1].1).saturating_sub(1_000),
+        }
+    }
+
+    /// The expiry time bounds (absolute microseconds) of a `SET ... PX`.
+    fn deadline(&self, op: &Op, ttl_ms: u64) -> (u64, u64) {
+        let ttl = ttl_ms.saturating_mul(1_000);
+        let lo = (self.origin_us + op.call + ttl).saturating_sub(1_000);
+        let hi = op.ret.map_or(u64::MAX, |r| {
+            self.origin_us.saturating_add(r).saturating_add(ttl)
+        });
+        (lo, hi)
+    }
+}
+
+/// A key in the model: its value and, for a key that will expire, the
+/// bounds of its expiry time (absolute microseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Cell {
+    v: Val,
+    exp: Option<(u64, u64)>,
+}
+
+impl Cell {
+    const ABSENT: Cell = Cell {
+        v: Val::Absent,
+        exp: None,
+    };
+
+    fn plain(v: Val) -> Cell {
+        Cell { v, exp: None }
+    }
 }
 
 /// A value in the model. Strings that are canonical integers are integers, so
@@ -290,32 +401,43 @@ enum Step {
     /// A transaction: its steps applied one after the other at one instant
     /// (an unknown one's reads are left out).
     Tx(Vec<Step>),
+    /// A write of a key that expires within these bounds.
+    SetPx(usize, Val, (u64, u64)),
 }
 
 impl Step {
     /// The state after this step, or `None` when what it returned does not
     /// fit `state` (for an unknown step: when it would change nothing, which
     /// is the same as never placing it).
-    fn apply(&self, state: &[Val], strings: &Strings) -> Option<Vec<Val>> {
+    fn apply(&self, state: &[Cell], strings: &Strings) -> Option<Vec<Cell>> {
         match self {
             Step::Read(p) => p
                 .iter()
-                .all(|&(k, v)| state[k] == v)
+                .all(|&(k, v)| state[k].v == v)
                 .then(|| state.to_vec()),
             Step::Write(p) => {
                 let mut s = state.to_vec();
                 for &(k, v) in p {
-                    s[k] = v;
+                    s[k] = Cell::plain(v);
                 }
                 Some(s)
             }
+            Step::SetPx(k, v, exp) => {
+                let mut s = state.to_vec();
+                s[*k] = Cell {
+                    v: *v,
+                    exp: Some(*exp),
+                };
+                Some(s)
+            }
             Step::Incr(k, result) => {
-                let new = strings.as_int(state[*k])?.checked_add(1)?;
+                let new = strings.as_int(state[*k].v)?.checked_add(1)?;
                 if result.is_some_and(|r| r != new) {
                     return None;
                 }
+                // INCR keeps the key's expiry.
                 let mut s = state.to_vec();
-                s[*k] = Val::Int(new);
+                s[*k].v = Val::Int(new);
                 Some(s)
             }
             Step::Tx(steps) => {
@@ -326,12 +448,13 @@ impl Step {
                 Some(s)
             }
             Step::Cas(k, expected, new, swapped) => {
-                let matches = state[*k] == *expected;
+                let matches = state[*k].v == *expected;
                 match swapped {
                     Some(false) if !matches => Some(state.to_vec()),
                     Some(true) | None if matches => {
+                        // CAS keeps the key's expiry.
                         let mut s = state.to_vec();
-                        s[*k] = *new;
+                        s[*k].v = *new;
                         Some(s)
                     }
                     _ => None,
@@ -339,11 +462,21 @@ impl Step {
             }
         }
     }
+
+    /// The keys the step touches.
+    fn keys(&self, out: &mut Vec<usize>) {
+        match self {
+            Step::Read(p) | Step::Write(p) => out.extend(p.iter().map(|&(k, _)| k)),
+            Step::Incr(k, _) | Step::Cas(k, ..) | Step::SetPx(k, ..) => out.push(*k),
+            Step::Tx(steps) => steps.iter().for_each(|s| s.keys(out)),
+        }
+    }
 }
 
 /// One independent part of a history, ready to search.
 struct Part<'a> {
     keys: Vec<String>,
+    clock: &'a Clock,
     strings: Strings,
     /// Acknowledged operations, by invocation time.
     known: Vec<(&'a Op, Step)>,
@@ -362,7 +495,7 @@ struct Node {
     beyond: Vec<u32>,
     /// Which unknown operations are placed (a bit set).
     unknown: Vec<u64>,
-    state: Vec<Val>,
+    state: Vec<Cell>,
 }
 
 impl Node {
@@ -374,7 +507,7 @@ impl Node {
         self.unknown[j / 64] & (1 << (j % 64)) != 0
     }
 
-    fn place_known(&self, i: usize, state: Vec<Val>) -> Node {
+    fn place_known(&self, i: usize, state: Vec<Cell>) -> Node {
         let mut n = Node {
             lo: self.lo,
             beyond: self.beyond.clone(),
@@ -398,7 +531,7 @@ impl Node {
         n
     }
 
-    fn place_unknown(&self, j: usize, state: Vec<Val>) -> Node {
+    fn place_unknown(&self, j: usize, state: Vec<Cell>) -> Node {
         let mut unknown = self.unknown.clone();
         unknown[j / 64] |= 1 << (j % 64);
         Node {
@@ -411,7 +544,7 @@ impl Node {
 }
 
 impl<'a> Part<'a> {
-    fn new(ops: &[&'a Op]) -> Self {
+    fn new(ops: &[&'a Op], clock: &'a Clock) -> Self {
         let mut keys: Vec<String> = Vec::new();
         let mut key_ix: HashMap<String, usize> = HashMap::new();
         let mut strings = Strings::default();
@@ -452,6 +585,11 @@ impl<'a> Part<'a> {
                     strings.val(new),
                     known.then_some(*swapped),
                 ),
+                Kind::SetPx { key, value, ttl_ms } => Step::SetPx(
+                    ix(key, &mut keys),
+                    strings.val(value),
+                    clock.deadline(op, *ttl_ms),
+                ),
                 Kind::Tx(tx) => Step::Tx(
                     tx.iter()
                         .filter_map(|st| match st {
@@ -486,11 +624,45 @@ impl<'a> Part<'a> {
             .collect();
         Part {
             keys,
+            clock,
             strings,
             known,
             unknown,
             prev_same,
         }
+    }
+
+    /// The states `op` may see, for each key it touches that will expire:
+    /// still live (if its store clock can be below the expiry time) or
+    /// expired and gone (if it returned after the earliest expiry time).
+    fn expiries(&self, state: &[Cell], op: &Op, step: &Step) -> Vec<Vec<Cell>> {
+        let mut keys = Vec::new();
+        step.keys(&mut keys);
+        keys.sort_unstable();
+        keys.dedup();
+        let mut out = vec![state.to_vec()];
+        for k in keys {
+            let Some((lo, hi)) = state[k].exp else {
+                continue;
+            };
+            let floor = self.clock.floor(op.call);
+            let live = hi.saturating_add(CLOCK_SLACK_US) > floor;
+            let ret = op.ret.map_or(u64::MAX, |r| self.clock.origin_us + r);
+            let expired = lo <= ret.saturating_add(CLOCK_SLACK_US);
+            let mut next = Vec::with_capacity(out.len() * 2);
+            for s in out {
+                if expired {
+                    let mut gone = s.clone();
+                    gone[k] = Cell::ABSENT;
+                    next.push(gone);
+                }
+                if live {
+                    next.push(s);
+                }
+            }
+            out = next;
+        }
+        out
     }
 
     fn search(&self, budget: usize) -> Result<(), CheckError> {
@@ -499,13 +671,13 @@ impl<'a> Part<'a> {
             lo: 0,
             beyond: Vec::new(),
             unknown: vec![0; self.unknown.len().div_ceil(64)],
-            state: vec![Val::Absent; self.keys.len()],
+            state: vec![Cell::ABSENT; self.keys.len()],
         };
         let mut seen: HashSet<Node> = HashSet::new();
         seen.insert(start.clone());
         let mut stack = vec![start];
         // The dead end with the most acknowledged operations placed.
-        let mut best: Option<(usize, Vec<Val>, Vec<&Op>)> = None;
+        let mut best: Option<(usize, Vec<Cell>, Vec<&Op>)> = None;
         while let Some(node) = stack.pop() {
             if node.lo as usize == m {
                 return Ok(());
@@ -538,15 +710,21 @@ impl<'a> Part<'a> {
             // Unknown operations go on the stack first: tried last.
             let mut children = Vec::new();
             for j in unknown_next {
-                if let Some(s) = self.unknown[j].1.apply(&node.state, &self.strings) {
-                    fits = true;
-                    children.push(node.place_unknown(j, s));
+                let (op, step) = &self.unknown[j];
+                for state in self.expiries(&node.state, op, step) {
+                    if let Some(s) = step.apply(&state, &self.strings) {
+                        fits = true;
+                        children.push(node.place_unknown(j, s));
+                    }
                 }
             }
             for &i in &known_next {
-                if let Some(s) = self.known[i].1.apply(&node.state, &self.strings) {
-                    fits = true;
-                    children.push(node.place_known(i, s));
+                let (op, step) = &self.known[i];
+                for state in self.expiries(&node.state, op, step) {
+                    if let Some(s) = step.apply(&state, &self.strings) {
+                        fits = true;
+                        children.push(node.place_known(i, s));
+                    }
                 }
             }
             for child in children {
@@ -575,7 +753,7 @@ impl<'a> Part<'a> {
                 .keys
                 .iter()
                 .zip(&state)
-                .map(|(k, &v)| (k.clone(), self.strings.show(v)))
+                .map(|(k, c)| (k.clone(), self.strings.show(c.v)))
                 .collect(),
             stuck_at: stuck.into_iter().cloned().collect(),
         })))
@@ -632,6 +810,9 @@ fn unobservable(steps: &[(&Op, Step)], keys: usize) -> Vec<bool> {
             Step::Read(p) if op.ret.is_some() => read.extend(p.iter().copied()),
             Step::Read(_) => {}
             Step::Write(p) => written.extend(p.iter().copied()),
+            Step::SetPx(k, v, _) => {
+                written.insert((*k, *v));
+            }
             Step::Incr(k, _) => incr[*k] = true,
             Step::Cas(k, e, n, swapped) => {
                 cas_expects.insert((*k, *e));
@@ -830,6 +1011,85 @@ mod tests {
             ])
             .is_ok());
         }
+    }
+
+    fn px(key: &str, value: &str, ttl_ms: u64) -> Kind {
+        Kind::SetPx {
+            key: key.into(),
+            value: value.into(),
+            ttl_ms,
+        }
+    }
+
+    /// Times in these histories are microseconds of the Unix clock.
+    const MS: u64 = 1_000;
+
+    #[test]
+    fn expiring_keys_vanish_within_the_stamp_bounds() {
+        let set = op(px("k", "v", 100), 0, MS);
+        // Seen live before its earliest expiry, gone after it.
+        assert!(check(&[set.clone(), op(Kind::get("k", Some("v")), 50 * MS, 51 * MS)]).is_ok());
+        assert!(check(&[set.clone(), op(Kind::get("k", None), 200 * MS, 201 * MS)]).is_ok());
+        // Gone long before it may have expired: rejected.
+        rejected(&[set.clone(), op(Kind::get("k", None), 20 * MS, 21 * MS)]);
+        // An unknown SET ... PX may expire whenever it was applied.
+        assert!(check(&[
+            unknown(px("k", "v", 100), 0),
+            op(Kind::get("k", Some("v")), 500 * MS, 501 * MS),
+            op(Kind::get("k", None), 600 * MS, 601 * MS),
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn an_expired_key_seen_live_after_a_later_write_returned_is_rejected() {
+        let set = op(px("k", "v", 100), 0, MS);
+        // A write invoked at 300 ms (on another key) returned before the
+        // read: the store's clock is past 300 ms, the key's expiry is at
+        // most 101 ms.
+        let other = op(Kind::set("x", "1"), 300 * MS, 301 * MS);
+        let read = op(Kind::get("k", Some("v")), 310 * MS, 311 * MS);
+        rejected(&[set.clone(), other.clone(), read.clone()]);
+        // With no write since, the store's clock may lag: accepted.
+        assert!(check(&[set.clone(), read.clone()]).is_ok());
+        // Seen expired, then live again: rejected (time never runs back).
+        rejected(&[
+            set.clone(),
+            op(Kind::get("k", None), 150 * MS, 151 * MS),
+            op(Kind::get("k", Some("v")), 160 * MS, 161 * MS),
+        ]);
+    }
+
+    #[test]
+    fn incr_and_cas_keep_an_expiry_and_set_clears_it() {
+        let set = op(px("n", "5", 100), 0, MS);
+        let incr = op(incr("n", 6), 10 * MS, 11 * MS);
+        let late = op(Kind::set("x", "1"), 400 * MS, 401 * MS);
+        assert!(check(&[
+            set.clone(),
+            incr.clone(),
+            late.clone(),
+            op(Kind::get("n", None), 500 * MS, 501 * MS)
+        ])
+        .is_ok());
+        rejected(&[
+            set.clone(),
+            incr.clone(),
+            late.clone(),
+            op(Kind::get("n", Some("6")), 500 * MS, 501 * MS),
+        ]);
+        let cas = op(cas("n", "5", "7", true), 10 * MS, 11 * MS);
+        rejected(&[
+            set.clone(),
+            cas,
+            late.clone(),
+            op(Kind::get("n", Some("7")), 500 * MS, 501 * MS),
+        ]);
+        // A plain SET removes the expiry.
+        let plain = op(Kind::set("n", "8"), 10 * MS, 11 * MS);
+        let read = |v| op(Kind::get("n", v), 500 * MS, 501 * MS);
+        assert!(check(&[set.clone(), plain.clone(), late.clone(), read(Some("8"))]).is_ok());
+        rejected(&[set, plain, late, read(None)]);
     }
 
     #[test]
@@ -1048,6 +1308,10 @@ mod tests {
                 for (k, v) in p.iter() {
                     state.insert(k.clone(), v.clone());
                 }
+            }
+            // (This workload's keys never expire: it has no clock.)
+            Kind::SetPx { key, value, .. } => {
+                state.insert(key.clone(), value.clone());
             }
             Kind::Read(p) => {
                 for (k, v) in p.iter_mut() {
