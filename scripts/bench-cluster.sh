@@ -62,3 +62,9 @@ done
 $bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op get
 $bin bench --addr "$addr" --clients 1 --conns 1 --secs "$secs" --value-size 256 --op get
 $bin bench --addr 127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303 --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set
+# What the load did to the cluster: messages dropped from full queues, and
+# whether the leader stayed.
+for id in 1 2 3; do
+  info=$(printf '*1\r\n$4\r\nINFO\r\n' | timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$((7300 + id)); cat >&3; timeout 0.3 cat <&3" 2>/dev/null || true)
+  echo "node $id: $(grep -oE 'role:[a-z]+|term:[0-9]+|peer_messages_dropped:[0-9]+' <<<"$info" | tr '\n' ' ')"
+done

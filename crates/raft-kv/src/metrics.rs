@@ -74,6 +74,10 @@ pub struct Metrics {
     pub leader_changes: Counter,
     /// Snapshots this node took or loaded.
     pub snapshots: Counter,
+    /// Messages to peers the transport dropped because a queue was full.
+    peer_messages_dropped: Counter,
+    /// The QUIC transport's counters (the binary's transport).
+    net: std::sync::OnceLock<raft_net_quic::NetStats>,
     role: Family<RoleLabel, Gauge>,
     term: Gauge,
     commit_index: Gauge,
@@ -121,6 +125,8 @@ impl Metrics {
             log_save: latency_buckets(),
             leader_changes: Counter::default(),
             snapshots: Counter::default(),
+            peer_messages_dropped: Counter::default(),
+            net: std::sync::OnceLock::new(),
             role: Family::default(),
             term: Gauge::default(),
             commit_index: Gauge::default(),
@@ -180,6 +186,11 @@ impl Metrics {
             "snapshots",
             "Snapshots this node took or loaded",
             m.snapshots.clone(),
+        );
+        r.register(
+            "peer_messages_dropped",
+            "Messages to peers dropped because the peer's send queue was full",
+            m.peer_messages_dropped.clone(),
         );
         r.register(
             "raft_role",
@@ -294,6 +305,17 @@ impl Metrics {
         self.render_with(node, &progress)
     }
 
+    /// Reads the transport's counters from now on.
+    pub fn set_net(&self, net: raft_net_quic::NetStats) {
+        let _ = self.net.set(net);
+    }
+
+    /// Messages to peers the transport dropped from a full queue (0 for a
+    /// transport that does not count them).
+    pub fn peer_messages_dropped(&self) -> u64 {
+        self.net.get().map_or(0, raft_net_quic::NetStats::dropped)
+    }
+
     /// Renders without per-peer progress (for callers that cannot wait).
     pub fn render(&self, node: &KvNode) -> String {
         self.render_with(node, &[])
@@ -338,6 +360,10 @@ impl Metrics {
         let (taken, counted) = (node.snapshots().recorded(), self.snapshots.get());
         if taken > counted {
             self.snapshots.inc_by(taken - counted);
+        }
+        let (dropped, counted) = (self.peer_messages_dropped(), self.peer_messages_dropped.get());
+        if dropped > counted {
+            self.peer_messages_dropped.inc_by(dropped - counted);
         }
         self.snapshot_index.set(g(s.snapshot_index));
         self.snapshot_bytes.set(g(st.bytes));

@@ -238,8 +238,10 @@ impl KvNode {
         qc.cluster_id = cfg.cluster_id;
         qc.peers = cfg.peers.clone();
         let transport = QuicTransport::bind(qc, &tls)?;
+        let net = transport.stats();
         let node =
             Self::start_with(rc, &cfg.data_dir, cfg.snapshot_threshold, log, transport).await?;
+        node.metrics.set_net(net);
         {
             let mut a = lock(&node.addrs);
             a.insert(node.id, cfg.raft_addr.to_string());
@@ -955,7 +957,7 @@ impl KvNode {
             ..
         } = self.snaps.stats();
         format!(
-            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\npurged_index:{}\r\nsnapshot_index:{}\r\nsnapshot_bytes:{bytes}\r\nsnapshot_keys:{keys}\r\nsnapshot_last_duration_ms:{last_duration_ms}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nread_policy:{}\r\nmembers:{}\r\n{membership_line}",
+            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\npurged_index:{}\r\nsnapshot_index:{}\r\nsnapshot_bytes:{bytes}\r\nsnapshot_keys:{keys}\r\nsnapshot_last_duration_ms:{last_duration_ms}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nread_policy:{}\r\nmembers:{}\r\npeer_messages_dropped:{}\r\n{membership_line}",
             s.id,
             s.term,
             s.leader.map_or_else(|| "none".to_string(), |l| l.to_string()),
@@ -971,6 +973,7 @@ impl KvNode {
                 raft_core::ReadPolicy::Lease => "lease",
             },
             members.join(","),
+            self.metrics.peer_messages_dropped(),
         )
     }
 }

@@ -35,6 +35,9 @@ pub(crate) struct Inbound {
     pub(crate) connections: Mutex<HashMap<NodeId, usize>>,
     /// Streams refused at admission since the start.
     pub(crate) refused: std::sync::atomic::AtomicU64,
+    /// Messages to peers dropped since the start because the peer's
+    /// queue was full (Raft sends again; each one is a lost round trip).
+    pub(crate) dropped: std::sync::atomic::AtomicU64,
     /// Refusal warnings, at most one per interval per claimed id.
     pub(crate) refusals: Mutex<HashMap<NodeId, WarnLimiter>>,
     /// Peer addresses (shared with the outbound links): a peer this node

@@ -70,6 +70,38 @@ pub struct QuicTransport {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// A [`QuicTransport`]'s counters since it was bound.
+#[derive(Clone)]
+pub struct NetStats {
+    inbound: Arc<Inbound>,
+}
+
+impl std::fmt::Debug for NetStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetStats")
+            .field("refused", &self.refused())
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
+impl NetStats {
+    /// Streams from other nodes refused (another cluster, a certificate
+    /// that does not match, too many connections).
+    pub fn refused(&self) -> u64 {
+        self.inbound
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Messages to peers dropped because the peer's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.inbound
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// The links to peers, shared with the RPC client.
 pub(crate) type Links = Arc<RwLock<BTreeMap<NodeId, Arc<PeerLink>>>>;
 
@@ -124,6 +156,7 @@ impl QuicTransport {
             connections: Default::default(),
             refusals: Default::default(),
             refused: Default::default(),
+            dropped: Default::default(),
             addrs: addrs.clone(),
             rpc: RwLock::new(None),
         });
@@ -155,9 +188,15 @@ impl QuicTransport {
     /// Streams from other nodes refused since the start (another cluster,
     /// a certificate that does not match, too many connections).
     pub fn refused_count(&self) -> u64 {
-        self.handler_slot
-            .refused
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.stats().refused()
+    }
+
+    /// The transport's counters, readable after the transport has been
+    /// handed to the node.
+    pub fn stats(&self) -> NetStats {
+        NetStats {
+            inbound: self.handler_slot.clone(),
+        }
     }
 
     /// Starts the link, queues and writer tasks for a new peer.
@@ -317,6 +356,9 @@ impl Transport for QuicTransport {
             &q.bulk
         };
         if tx.try_send(msg).is_err() {
+            self.handler_slot
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Some(suppressed) = lock(&q.warn).allow() {
                 tracing::warn!(
                     node = self.id,

@@ -723,3 +723,27 @@ fn generated_certificates_have_a_sane_validity_and_private_files() {
         );
     }
 }
+
+/// A peer that cannot be reached fills its queue; what does not fit is
+/// dropped (Raft sends again) and counted, for the metrics.
+#[tokio::test]
+async fn messages_dropped_from_a_full_queue_are_counted() {
+    let ca = ClusterCa::generate().unwrap();
+    let mut cfg = QuicConfig::new(1, any_port());
+    // Nobody answers QUIC there: the writer waits on the connection.
+    cfg.peers = [(2, PLACEHOLDER.parse().unwrap())].into_iter().collect();
+    cfg.queue_len = 8;
+    let t = QuicTransport::bind(cfg, &ca.material(1).unwrap()).unwrap();
+    let stats = t.stats();
+    assert_eq!(stats.dropped(), 0);
+    for round in 0..50 {
+        t.send(hb(1, 2, round));
+    }
+    // At most the queue and the one message its writer holds got in.
+    let dropped = stats.dropped();
+    assert!(
+        (50 - 9..50).contains(&dropped),
+        "50 sent into a queue of 8: {dropped} dropped"
+    );
+    assert_eq!(t.refused_count(), 0);
+}
