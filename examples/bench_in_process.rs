@@ -185,7 +185,11 @@ fn main() -> anyhow::Result<()> {
     let counts: Vec<u64> = match args.next() {
         Some(s) => s
             .split(',')
-            .map(|c| c.trim().parse().context("CLIENTS: counts separated by commas"))
+            .map(|c| {
+                c.trim()
+                    .parse()
+                    .context("CLIENTS: counts separated by commas")
+            })
             .collect::<Result<_, _>>()?,
         None => vec![1, 64, 256, 4096],
     };

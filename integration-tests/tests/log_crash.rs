@@ -1,13 +1,15 @@
-//! Crash safety of SledLogStore: a child process performs a known stream of
-//! writes and reports each acknowledged one; it is killed with SIGKILL at random
-//! moments; after each kill the store must hold exactly the state after the last
-//! acknowledged operation, or after the one in flight (written whole, not yet
-//! acknowledged) — never a half-written batch, never less.
+//! Crash safety of the log stores (SledLogStore and WalLogStore): a child
+//! process performs a known stream of writes and reports each acknowledged
+//! one; it is killed with SIGKILL at random moments; after each kill the
+//! store must hold exactly the state after the last acknowledged operation,
+//! or after the one in flight (written whole, not yet acknowledged) — never
+//! a half-written batch, never less.
 
 use integration_tests::log_ops::{apply, op};
 use raft_core::storage::LogState;
 use raft_core::LogStore;
 use raft_log::SledLogStore;
+use raft_log_wal::WalLogStore;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -16,6 +18,30 @@ const KILLS: usize = 30;
 
 #[tokio::test]
 async fn acknowledged_writes_survive_sigkill() {
+    survives_sigkill("sled").await;
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_sigkill_on_the_segment_log() {
+    survives_sigkill("wal").await;
+}
+
+async fn load(engine: &str, path: &std::path::Path) -> Result<LogState, String> {
+    match engine {
+        "sled" => SledLogStore::open(path)
+            .map_err(|e| e.to_string())?
+            .load()
+            .await
+            .map_err(|e| e.to_string()),
+        _ => WalLogStore::open(path)
+            .map_err(|e| e.to_string())?
+            .load()
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+async fn survives_sigkill(engine: &str) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("log");
     let seed = 0xC0FFEE;
@@ -27,6 +53,7 @@ async fn acknowledged_writes_survive_sigkill() {
             .arg(&path)
             .arg(seed.to_string())
             .arg(next_op.to_string())
+            .arg(engine)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -65,10 +92,9 @@ async fn acknowledged_writes_survive_sigkill() {
         let o = op(seed, last_ack + 1, &one_more);
         apply(&mut one_more, &o).unwrap();
 
-        let mut store =
-            SledLogStore::open(&path).unwrap_or_else(|e| panic!("kill {kill}: reopen failed: {e}"));
-        let actual = store.load().await.unwrap();
-        drop(store);
+        let actual = load(engine, &path)
+            .await
+            .unwrap_or_else(|e| panic!("{engine}, kill {kill}: reopen failed: {e}"));
         if actual == at_ack {
             expected = at_ack;
             next_op = last_ack + 1;
@@ -90,7 +116,7 @@ async fn acknowledged_writes_survive_sigkill() {
         }
     }
     println!(
-        "{KILLS} SIGKILLs, {total_acked} acknowledged operations, all present after every restart"
+        "{engine}: {KILLS} SIGKILLs, {total_acked} acknowledged operations, all present after every restart"
     );
     assert!(total_acked >= KILLS as u64);
 }

@@ -361,7 +361,10 @@ impl Metrics {
         if taken > counted {
             self.snapshots.inc_by(taken - counted);
         }
-        let (dropped, counted) = (self.peer_messages_dropped(), self.peer_messages_dropped.get());
+        let (dropped, counted) = (
+            self.peer_messages_dropped(),
+            self.peer_messages_dropped.get(),
+        );
         if dropped > counted {
             self.peer_messages_dropped.inc_by(dropped - counted);
         }

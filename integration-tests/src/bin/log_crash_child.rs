@@ -1,21 +1,33 @@
-//! Crash-test child: opens a SledLogStore, performs the deterministic operation
-//! stream from a given position, and prints `ack N` after operation N is
-//! durable. The test kills it with SIGKILL at random moments.
+//! Crash-test child: opens a log store (`sled`: SledLogStore, `wal`:
+//! WalLogStore), performs the deterministic operation stream from a given
+//! position, and prints `ack N` after operation N is durable. The test
+//! kills it with SIGKILL at random moments.
 //!
-//! Usage: log_crash_child DIR SEED FIRST_OP
+//! Usage: log_crash_child DIR SEED FIRST_OP ENGINE
 
 use integration_tests::log_ops::{apply, op, Op};
 use raft_core::LogStore;
 use raft_log::SledLogStore;
+use raft_log_wal::WalLogStore;
 use std::io::Write;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() == 4, "usage: log_crash_child DIR SEED FIRST_OP");
+    anyhow::ensure!(
+        args.len() == 5,
+        "usage: log_crash_child DIR SEED FIRST_OP sled|wal"
+    );
     let seed: u64 = args[2].parse()?;
     let first: u64 = args[3].parse()?;
-    let mut store = SledLogStore::open(&args[1])?;
+    match args[4].as_str() {
+        "sled" => run(SledLogStore::open(&args[1])?, seed, first).await,
+        "wal" => run(WalLogStore::open(&args[1])?, seed, first).await,
+        other => anyhow::bail!("unknown engine {other}"),
+    }
+}
+
+async fn run(mut store: impl LogStore, seed: u64, first: u64) -> anyhow::Result<()> {
     let mut state = store.load().await?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready")?;

@@ -1,0 +1,642 @@
+//! A durable Raft log ([`LogStore`]) on append-only segment files: each
+//! `save` or `purge` is one record written at the end of the current
+//! segment and one `fdatasync`, nothing else. Where `raft-log` (on sled)
+//! keeps the log in a B-tree and pays for its page writes, this store pays
+//! for the bytes of the batch and the sync alone.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), raft_core::StorageError> {
+//! use raft_core::LogStore;
+//! let mut log = raft_log_wal::WalLogStore::open_async("/var/lib/node-1/log").await?;
+//! let state = log.load().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # On disk
+//!
+//! A directory of segments `<sequence, 16 hex digits>.wal`, and `LOCK`
+//! (held while a process uses the store). A segment is the 8-byte magic
+//! `RAFTWAL1` and then records, each `length (u32 LE) | CRC-32 of the
+//! payload (u32 LE) | payload (bincode)`. A segment's first record is a
+//! checkpoint: the whole state (term and vote, compaction point,
+//! entries after it, membership, latest snapshot, identity). Every later
+//! record is a batch or a purge, applied to it in order.
+//!
+//! When the current segment passes its size (64 MiB by default) and the
+//! state is less than half of it (compaction dropped most of what it
+//! holds), the store writes the state as the checkpoint of a new segment
+//! (to a temporary name, synced, then renamed and the directory synced)
+//! and deletes the older one. The state is kept in memory as well (the
+//! node's engine keeps the same entries): opening replays the newest
+//! segment.
+//!
+//! # Crashes and damage
+//!
+//! A crash can leave the last record half written (never an earlier one:
+//! each was synced before the next began). Opening cuts a damaged record
+//! off when nothing valid can follow it: it reaches the end of the file,
+//! or only zeros follow it. A damaged record with data after it, a
+//! segment without its checkpoint, a foreign file, or entries that do not
+//! follow on is corruption: the store refuses to open, saying where.
+
+use raft_core::storage::{apply_batch, apply_purge, check_batch, LogBatch, LogState};
+use raft_core::{
+    Entry, HardState, LogId, LogIndex, LogStore, Membership, SnapshotMeta, StorageError,
+};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"RAFTWAL1";
+const RECORD_HEADER: u64 = 8;
+const LOCK_FILE: &str = "LOCK";
+const SUFFIX: &str = ".wal";
+const TMP_SUFFIX: &str = ".wal.tmp";
+
+/// The default segment size past which the store starts a new segment.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// What [`WalLogStore::open_with`] may change.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// A new segment starts once the current one holds this many bytes and
+    /// the state is less than half of it.
+    pub segment_bytes: u64,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+        }
+    }
+}
+
+/// A record as written (borrowing what it writes).
+#[derive(Serialize)]
+enum RecordOut<'a> {
+    Checkpoint(CheckpointOut<'a>),
+    Batch(BatchOut<'a>),
+    Purge(LogId),
+}
+
+/// A record as read. Variants and fields in the same order as `RecordOut`.
+#[derive(Deserialize)]
+enum RecordIn {
+    Checkpoint(CheckpointIn),
+    Batch(BatchIn),
+    Purge(LogId),
+}
+
+#[derive(Serialize)]
+struct CheckpointOut<'a> {
+    hard_state: &'a HardState,
+    purged: &'a LogId,
+    entries: &'a [Entry],
+    membership: &'a Option<Membership>,
+    snapshot: &'a Option<SnapshotMeta>,
+    incarnation: u64,
+}
+
+#[derive(Deserialize)]
+struct CheckpointIn {
+    hard_state: HardState,
+    purged: LogId,
+    entries: Vec<Entry>,
+    membership: Option<Membership>,
+    snapshot: Option<SnapshotMeta>,
+    incarnation: u64,
+}
+
+#[derive(Serialize)]
+struct BatchOut<'a> {
+    hard_state: &'a Option<HardState>,
+    truncate_from: &'a Option<LogIndex>,
+    entries: &'a [Entry],
+    membership: &'a Option<Membership>,
+    install: &'a Option<SnapshotMeta>,
+    snapshot: &'a Option<SnapshotMeta>,
+    incarnation: &'a Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct BatchIn {
+    hard_state: Option<HardState>,
+    truncate_from: Option<LogIndex>,
+    entries: Vec<Entry>,
+    membership: Option<Membership>,
+    install: Option<SnapshotMeta>,
+    snapshot: Option<SnapshotMeta>,
+    incarnation: Option<u64>,
+}
+
+impl From<BatchIn> for LogBatch {
+    fn from(b: BatchIn) -> Self {
+        LogBatch {
+            hard_state: b.hard_state,
+            truncate_from: b.truncate_from,
+            entries: b.entries,
+            membership: b.membership,
+            install: b.install,
+            snapshot: b.snapshot,
+            incarnation: b.incarnation,
+        }
+    }
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Io(format!("{}: {e}", path.display()))
+}
+
+fn corrupt(path: &Path, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt(format!("{}: {e}", path.display()))
+}
+
+/// A record framed for the file: header and payload in one buffer (one
+/// write).
+fn frame(rec: &RecordOut<'_>) -> Result<Vec<u8>, StorageError> {
+    let mut buf = vec![0u8; RECORD_HEADER as usize];
+    bincode::serde::encode_into_std_write(rec, &mut buf, bincode::config::standard())
+        .map_err(|e| StorageError::Invalid(format!("cannot encode a log record: {e}")))?;
+    let len = u32::try_from(buf.len() - RECORD_HEADER as usize)
+        .map_err(|_| StorageError::Invalid("a log record over 4 GiB".into()))?;
+    let crc = crc32fast::hash(&buf[RECORD_HEADER as usize..]);
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(buf)
+}
+
+fn segment_name(seq: u64) -> String {
+    format!("{seq:016x}{SUFFIX}")
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, format!("cannot sync the directory: {e}")))
+}
+
+/// How reading a segment's records ended.
+enum Tail {
+    /// At the end of the file.
+    Clean,
+    /// At a damaged record nothing valid can follow: cut the file here.
+    Torn(u64),
+}
+
+/// Reads the records of a segment, calling `each` on every valid one with
+/// its index (0: the checkpoint).
+fn read_segment(
+    path: &Path,
+    mut each: impl FnMut(usize, RecordIn) -> Result<(), StorageError>,
+) -> Result<Tail, StorageError> {
+    let mut f = File::open(path).map_err(|e| io_err(path, e))?;
+    let size = f.metadata().map_err(|e| io_err(path, e))?.len();
+    let mut magic = [0u8; 8];
+    if size < 8 || f.read_exact(&mut magic).is_err() || &magic != MAGIC {
+        return Err(corrupt(path, "not a raft-log-wal segment (bad magic)"));
+    }
+    let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+    let mut at = 8u64;
+    let mut n = 0usize;
+    let mut payload = Vec::new();
+    'records: while at < size {
+        // Why the record at `at` is bad, and where it claims to end.
+        let (why, end) = 'bad: {
+            if size - at < RECORD_HEADER {
+                break 'bad ("a record header cut short".to_string(), size);
+            }
+            let mut h = [0u8; 8];
+            r.read_exact(&mut h).map_err(|e| io_err(path, e))?;
+            let len = u64::from(u32::from_le_bytes([h[0], h[1], h[2], h[3]]));
+            let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+            if len == 0 {
+                break 'bad ("an empty record".to_string(), at);
+            }
+            if len > size - at - RECORD_HEADER {
+                break 'bad (
+                    format!("a record of {len} bytes past the end of the file"),
+                    size,
+                );
+            }
+            let end = at + RECORD_HEADER + len;
+            payload.resize(len as usize, 0);
+            r.read_exact(&mut payload).map_err(|e| io_err(path, e))?;
+            if crc32fast::hash(&payload) != crc {
+                break 'bad ("a checksum mismatch".to_string(), end);
+            }
+            let rec: RecordIn =
+                match bincode::serde::decode_from_slice(&payload, bincode::config::standard()) {
+                    Ok((rec, used)) if used == payload.len() => rec,
+                    Ok(_) => break 'bad ("trailing bytes in a record".to_string(), end),
+                    Err(e) => break 'bad (format!("an undecodable record: {e}"), end),
+                };
+            each(n, rec).map_err(|e| match e {
+                StorageError::Corrupt(m) | StorageError::Invalid(m) => {
+                    corrupt(path, format!("record {n} at byte {at}: {m}"))
+                }
+                other => other,
+            })?;
+            n += 1;
+            at = end;
+            continue 'records;
+        };
+        // A damaged record. A crash leaves at most the last one half
+        // written, possibly followed by zeros the file system allocated:
+        // it is torn when nothing but zeros follows where it claims to end.
+        if n > 0 && only_zeros_after(path, end, size)? {
+            tracing::warn!(
+                path = %path.display(),
+                at,
+                why,
+                "cutting off a record a crash left half written"
+            );
+            return Ok(Tail::Torn(at));
+        }
+        return Err(corrupt(path, format!("byte {at}: {why}")));
+    }
+    if n == 0 {
+        return Err(corrupt(path, "a segment without its checkpoint"));
+    }
+    Ok(Tail::Clean)
+}
+
+/// True when every byte of `path` from `from` to `size` is zero.
+fn only_zeros_after(path: &Path, from: u64, size: u64) -> Result<bool, StorageError> {
+    if from >= size {
+        return Ok(true);
+    }
+    let mut f = File::open(path).map_err(|e| io_err(path, e))?;
+    f.seek(SeekFrom::Start(from)).map_err(|e| io_err(path, e))?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut rest = size - from;
+    while rest > 0 {
+        let n = (rest as usize).min(buf.len());
+        f.read_exact(&mut buf[..n]).map_err(|e| io_err(path, e))?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        rest -= n as u64;
+    }
+    Ok(true)
+}
+
+struct Core {
+    dir: PathBuf,
+    opts: WalOptions,
+    /// Held (locked) while the store is open.
+    _lock: File,
+    file: File,
+    file_path: PathBuf,
+    seq: u64,
+    /// Bytes in the current segment.
+    len: u64,
+    state: LogState,
+    /// About the bytes a checkpoint of `state` takes.
+    live: u64,
+}
+
+fn estimate(state: &LogState) -> u64 {
+    state
+        .entries
+        .iter()
+        .map(|e| e.size_bound() as u64)
+        .sum::<u64>()
+        + 256
+}
+
+impl Core {
+    fn open(dir: &Path, opts: WalOptions) -> Result<Core, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(LOCK_FILE))
+            .map_err(|e| io_err(dir, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(io_err(dir, "the log is in use by another process"))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(dir, e)),
+        }
+        let mut segments = Vec::new();
+        for ent in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+            let ent = ent.map_err(|e| io_err(dir, e))?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if name == LOCK_FILE {
+                continue;
+            }
+            if name.ends_with(TMP_SUFFIX) {
+                // A new segment a crash interrupted before its rename.
+                std::fs::remove_file(ent.path()).map_err(|e| io_err(&ent.path(), e))?;
+                continue;
+            }
+            let seq = name
+                .strip_suffix(SUFFIX)
+                .filter(|s| s.len() == 16)
+                .and_then(|s| u64::from_str_radix(s, 16).ok());
+            match seq {
+                Some(seq) => segments.push(seq),
+                None if name == "conf" || name == "db" || name == "raft-log" => {
+                    return Err(corrupt(
+                        dir,
+                        "this directory holds a sled log (raft-log), not a raft-log-wal log: \
+                         start the node with the log engine that wrote it",
+                    ))
+                }
+                None => {
+                    return Err(corrupt(
+                        dir,
+                        format!("a file that is not part of a raft-log-wal log: {name}"),
+                    ))
+                }
+            }
+        }
+        segments.sort_unstable();
+        let Some(&seq) = segments.last() else {
+            return Self::create(dir, opts, lock);
+        };
+        let path = dir.join(segment_name(seq));
+        let mut state = LogState::default();
+        let tail = read_segment(&path, |n, rec| match (n, rec) {
+            (0, RecordIn::Checkpoint(c)) => {
+                state = LogState {
+                    hard_state: c.hard_state,
+                    purged: c.purged,
+                    entries: c.entries,
+                    membership: c.membership,
+                    snapshot: c.snapshot,
+                    incarnation: c.incarnation,
+                };
+                let mut prev = state.purged.index;
+                for e in &state.entries {
+                    if e.index != prev + 1 {
+                        return Err(StorageError::Corrupt(format!(
+                            "checkpoint entry {} does not follow {prev}",
+                            e.index
+                        )));
+                    }
+                    prev = e.index;
+                }
+                Ok(())
+            }
+            (0, _) => Err(StorageError::Corrupt(
+                "the first record is not a checkpoint".into(),
+            )),
+            (_, RecordIn::Batch(b)) => apply_batch(&mut state, b.into()),
+            (_, RecordIn::Purge(upto)) => apply_purge(&mut state, upto),
+            (_, RecordIn::Checkpoint(_)) => Err(StorageError::Corrupt(
+                "a checkpoint after the first record".into(),
+            )),
+        })?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        let mut len = file.metadata().map_err(|e| io_err(&path, e))?.len();
+        if let Tail::Torn(at) = tail {
+            file.set_len(at).map_err(|e| io_err(&path, e))?;
+            file.sync_all().map_err(|e| io_err(&path, e))?;
+            len = at;
+        }
+        file.seek(SeekFrom::Start(len))
+            .map_err(|e| io_err(&path, e))?;
+        // Older segments a crash left behind after the newest was made.
+        for &old in &segments[..segments.len() - 1] {
+            let p = dir.join(segment_name(old));
+            std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
+        }
+        let live = estimate(&state);
+        Ok(Core {
+            dir: dir.to_path_buf(),
+            opts,
+            _lock: lock,
+            file,
+            file_path: path,
+            seq,
+            len,
+            state,
+            live,
+        })
+    }
+
+    /// A new store: segment 1 with an empty checkpoint.
+    fn create(dir: &Path, opts: WalOptions, lock: File) -> Result<Core, StorageError> {
+        let state = LogState::default();
+        let (file, file_path, len) = Self::write_segment(dir, 1, &state)?;
+        Ok(Core {
+            dir: dir.to_path_buf(),
+            opts,
+            _lock: lock,
+            file,
+            file_path,
+            seq: 1,
+            len,
+            live: estimate(&state),
+            state,
+        })
+    }
+
+    /// Writes segment `seq` holding `state` as its checkpoint, durably
+    /// (temporary name, sync, rename, directory sync); returns it open for
+    /// appending.
+    fn write_segment(
+        dir: &Path,
+        seq: u64,
+        state: &LogState,
+    ) -> Result<(File, PathBuf, u64), StorageError> {
+        let path = dir.join(segment_name(seq));
+        let tmp = dir.join(format!("{seq:016x}{TMP_SUFFIX}"));
+        let rec = frame(&RecordOut::Checkpoint(CheckpointOut {
+            hard_state: &state.hard_state,
+            purged: &state.purged,
+            entries: &state.entries,
+            membership: &state.membership,
+            snapshot: &state.snapshot,
+            incarnation: state.incarnation,
+        }))?;
+        {
+            let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+            f.write_all(MAGIC)
+                .and_then(|()| f.write_all(&rec))
+                .and_then(|()| f.sync_all())
+                .map_err(|e| io_err(&tmp, e))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
+        sync_dir(dir)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        let len = MAGIC.len() as u64 + rec.len() as u64;
+        file.seek(SeekFrom::Start(len))
+            .map_err(|e| io_err(&path, e))?;
+        Ok((file, path, len))
+    }
+
+    /// Appends one framed record and syncs it.
+    fn append(&mut self, rec: &[u8]) -> Result<(), StorageError> {
+        self.file
+            .write_all(rec)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| io_err(&self.file_path, e))?;
+        self.len += rec.len() as u64;
+        Ok(())
+    }
+
+    fn last(&self) -> LogIndex {
+        self.state
+            .entries
+            .last()
+            .map_or(self.state.purged.index, |e| e.index)
+    }
+
+    fn save(&mut self, batch: LogBatch) -> Result<(), StorageError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        check_batch(self.state.purged.index, self.last(), &batch)?;
+        let rec = frame(&RecordOut::Batch(BatchOut {
+            hard_state: &batch.hard_state,
+            truncate_from: &batch.truncate_from,
+            entries: &batch.entries,
+            membership: &batch.membership,
+            install: &batch.install,
+            snapshot: &batch.snapshot,
+            incarnation: &batch.incarnation,
+        }))?;
+        self.append(&rec)?;
+        apply_batch(&mut self.state, batch)?;
+        self.live = estimate(&self.state);
+        self.maybe_rotate()
+    }
+
+    fn purge(&mut self, upto: LogId) -> Result<(), StorageError> {
+        if upto.index <= self.state.purged.index {
+            return Ok(());
+        }
+        if upto.index > self.last() {
+            return Err(StorageError::Invalid(format!(
+                "purge to {} past the last index {}",
+                upto.index,
+                self.last()
+            )));
+        }
+        self.append(&frame(&RecordOut::Purge(upto))?)?;
+        apply_purge(&mut self.state, upto)?;
+        self.live = estimate(&self.state);
+        self.maybe_rotate()
+    }
+
+    /// Starts a new segment once the current one is large and mostly
+    /// holds what compaction dropped.
+    fn maybe_rotate(&mut self) -> Result<(), StorageError> {
+        if self.len < self.opts.segment_bytes || self.live > self.len / 2 {
+            return Ok(());
+        }
+        let seq = self.seq + 1;
+        let (file, path, len) = Self::write_segment(&self.dir, seq, &self.state)?;
+        let old = std::mem::replace(&mut self.file_path, path);
+        self.file = file;
+        self.seq = seq;
+        self.len = len;
+        std::fs::remove_file(&old).map_err(|e| io_err(&old, e))?;
+        tracing::debug!(dir = %self.dir.display(), seq, bytes = len, "started a new log segment");
+        Ok(())
+    }
+}
+
+/// A [`LogStore`] on append-only segment files; see the crate docs.
+pub struct WalLogStore {
+    path: PathBuf,
+    /// `None` while an operation runs on the blocking pool, and after one
+    /// failed there.
+    core: Option<Core>,
+}
+
+impl std::fmt::Debug for WalLogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalLogStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WalLogStore {
+    /// Opens (or creates) the store in directory `path`. Blocks: it reads
+    /// the newest segment.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
+        Self::open_with(path, WalOptions::default())
+    }
+
+    /// [`WalLogStore::open`] with options.
+    pub fn open_with(path: impl AsRef<Path>, opts: WalOptions) -> Result<Self, StorageError> {
+        let core = Core::open(path.as_ref(), opts)?;
+        Ok(WalLogStore {
+            path: core.dir.clone(),
+            core: Some(core),
+        })
+    }
+
+    /// [`WalLogStore::open`] on tokio's blocking pool.
+    pub async fn open_async(path: impl AsRef<Path>) -> Result<Self, StorageError> {
+        let path = path.as_ref().to_path_buf();
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || Self::open(p))
+            .await
+            .map_err(|e| io_err(&path, format!("opening failed: {e}")))?
+    }
+
+    /// The directory this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current segment's sequence number and size in bytes.
+    pub fn segment(&self) -> Option<(u64, u64)> {
+        self.core.as_ref().map(|c| (c.seq, c.len))
+    }
+
+    /// Runs `op` on the core, on the blocking pool (a write and an fsync
+    /// must not hold up the async threads).
+    async fn run<T: Send + 'static>(
+        &mut self,
+        op: impl FnOnce(&mut Core) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let Some(mut core) = self.core.take() else {
+            return Err(StorageError::Io(format!(
+                "{}: the store is unusable after an earlier failure",
+                self.path.display()
+            )));
+        };
+        let (core, res) = tokio::task::spawn_blocking(move || {
+            let res = op(&mut core);
+            (core, res)
+        })
+        .await
+        .map_err(|e| io_err(&self.path, format!("storage task failed: {e}")))?;
+        // After an I/O error the file's end is unknown: refuse from then on.
+        if !matches!(res, Err(StorageError::Io(_))) {
+            self.core = Some(core);
+        }
+        res
+    }
+}
+
+#[async_trait::async_trait]
+impl LogStore for WalLogStore {
+    async fn load(&mut self) -> Result<LogState, StorageError> {
+        self.run(|c| Ok(c.state.clone())).await
+    }
+
+    async fn save(&mut self, batch: LogBatch) -> Result<(), StorageError> {
+        self.run(move |c| c.save(batch)).await
+    }
+
+    async fn purge(&mut self, upto: LogId) -> Result<(), StorageError> {
+        self.run(move |c| c.purge(upto)).await
+    }
+}
