@@ -5,6 +5,7 @@
 # Usage: scripts/bench-cluster.sh [SECS]
 #   BIN=path/to/raft-kv scripts/bench-cluster.sh 5   (compare two builds)
 #   READ_POLICY=lease scripts/bench-cluster.sh 5      (leader lease reads)
+#   LOG_ENGINE=wal scripts/bench-cluster.sh 5         (the segment-file log)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -19,6 +20,7 @@ trap cleanup EXIT
 
 policy=()
 if [ -n "${READ_POLICY:-}" ]; then policy=(--read-policy "$READ_POLICY"); fi
+if [ -n "${LOG_ENGINE:-}" ]; then policy+=(--log-engine "$LOG_ENGINE"); fi
 $bin certs --dir "$dir/certs" --nodes 1,2,3 >/dev/null
 for id in 1 2 3; do
   peers=()

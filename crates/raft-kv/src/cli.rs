@@ -1,6 +1,6 @@
 //! The `raft-kv` command line: `certs`, `node`, `demo` and `bench`.
 
-use crate::node::{KvNode, NodeConfig};
+use crate::node::{KvNode, LogEngine, NodeConfig};
 use crate::server::ClientConfig;
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
@@ -254,6 +254,12 @@ struct NodeArgs {
     /// nodes' clock rates differ by less than 10%).
     #[arg(long)]
     read_policy: Option<String>,
+    /// The Raft log's storage engine: `sled` (default) or `wal` (append-only
+    /// segment files, one write and one fdatasync per batch). A node keeps
+    /// the engine its log was created with: the other one refuses the
+    /// directory.
+    #[arg(long)]
+    log_engine: Option<String>,
     /// Start empty and ask the cluster at this client address (any
     /// member's) to add this node: as a learner, promoted to voter once it
     /// caught up. `--peer` is then not needed.
@@ -301,6 +307,7 @@ struct FileConfig {
     snapshot_chunk_bytes: Option<usize>,
     max_entry_bytes: Option<usize>,
     read_policy: Option<String>,
+    log_engine: Option<String>,
 }
 
 /// A node's whole setup: the node, its client port, its metrics address and
@@ -471,6 +478,11 @@ fn node_setup(a: NodeArgs, serving: bool) -> anyhow::Result<Setup> {
             other => bail!("--read-policy {other:?}: expected `index` or `lease`"),
         };
     }
+    let log_engine = match a.log_engine.or(f.log_engine).as_deref() {
+        None | Some("sled") => LogEngine::Sled,
+        Some("wal") => LogEngine::Wal,
+        Some(other) => bail!("--log-engine {other:?}: expected `sled` or `wal`"),
+    };
     let cfg = NodeConfig {
         raft_addr: a
             .raft_addr
@@ -496,6 +508,7 @@ fn node_setup(a: NodeArgs, serving: bool) -> anyhow::Result<Setup> {
         )?,
         cluster_id: a.cluster_id.or(f.cluster_id).unwrap_or(0),
         join: a.join,
+        log_engine,
         raft,
     };
     // The Raft layer validates the timing rules with precise messages.
@@ -922,6 +935,7 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             password: None,
             cluster_id: 0,
             join: None,
+            log_engine: LogEngine::Sled,
             raft: raft_core::Config::new(id),
         };
         running.push(run_node(cfg).await?);
@@ -1091,5 +1105,21 @@ mod tests {
         };
         let cfg = node_config(good_policy).unwrap();
         assert_eq!(cfg.raft.read_policy, raft_core::ReadPolicy::Lease);
+        assert_eq!(cfg.log_engine, LogEngine::Sled, "the default engine");
+        let engine = |e: &str| NodeArgs {
+            id: Some(1),
+            raft_addr: Some("127.0.0.1:7101".parse().unwrap()),
+            client_addr: Some("127.0.0.1:7001".parse().unwrap()),
+            data_dir: Some("d".into()),
+            tls_dir: Some("t".into()),
+            log_engine: Some(e.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            node_config(engine("wal")).unwrap().log_engine,
+            LogEngine::Wal
+        );
+        let err = node_config(engine("rocks")).unwrap_err().to_string();
+        assert!(err.contains("expected `sled` or `wal`"), "{err}");
     }
 }

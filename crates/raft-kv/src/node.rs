@@ -54,9 +54,21 @@ pub struct NodeConfig {
     /// Start empty and ask the cluster whose client address this is to add
     /// this node (as a learner, then promoted once caught up).
     pub join: Option<String>,
+    /// The Raft log's storage engine (in `log/`).
+    pub log_engine: LogEngine,
     /// The Raft settings; `raft.id` is this node's id. `raft.peers` is
     /// filled from `peers`.
     pub raft: RaftConfig,
+}
+
+/// Which crate keeps the Raft log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogEngine {
+    /// `raft-log`: sled.
+    #[default]
+    Sled,
+    /// `raft-log-wal`: append-only segment files.
+    Wal,
 }
 
 /// Why a node could not start.
@@ -229,18 +241,32 @@ impl KvNode {
         // Created readable by the owner only: it holds every value.
         raft_net_quic::tls::create_private_dir(&cfg.data_dir)
             .map_err(|e| StartError::Store(format!("{}: {e}", cfg.data_dir.display())))?;
-        // Opening reads and checks whole databases: off the async threads.
-        let log = SledLogStore::open_async(cfg.data_dir.join("log"))
-            .await
-            .map_err(|e| StartError::Store(e.to_string()))?;
         let tls = TlsMaterial::load_dir(&cfg.tls_dir, rc.id)?;
         let mut qc = QuicConfig::new(rc.id, cfg.raft_addr);
         qc.cluster_id = cfg.cluster_id;
         qc.peers = cfg.peers.clone();
         let transport = QuicTransport::bind(qc, &tls)?;
         let net = transport.stats();
-        let node =
-            Self::start_with(rc, &cfg.data_dir, cfg.snapshot_threshold, log, transport).await?;
+        // Opening reads and checks the whole log: off the async threads.
+        // Both engines use `log/`: each refuses the other's files, so a
+        // node started with the wrong engine stops with an error rather
+        // than coming up with an empty log.
+        let log_dir = cfg.data_dir.join("log");
+        let store_err = |e: raft_core::StorageError| StartError::Store(e.to_string());
+        let node = match cfg.log_engine {
+            LogEngine::Sled => {
+                let log = SledLogStore::open_async(&log_dir)
+                    .await
+                    .map_err(store_err)?;
+                Self::start_with(rc, &cfg.data_dir, cfg.snapshot_threshold, log, transport).await?
+            }
+            LogEngine::Wal => {
+                let log = raft_log_wal::WalLogStore::open_async(&log_dir)
+                    .await
+                    .map_err(store_err)?;
+                Self::start_with(rc, &cfg.data_dir, cfg.snapshot_threshold, log, transport).await?
+            }
+        };
         node.metrics.set_net(net);
         {
             let mut a = lock(&node.addrs);

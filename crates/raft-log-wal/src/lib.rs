@@ -32,12 +32,19 @@
 //!
 //! # Crashes and damage
 //!
+//! A segment grows 4 MiB at a time, written as zeros and synced once, so
+//! that a record's `fdatasync` writes data into blocks the file already
+//! has; a zero length where the next record would start ends the records.
+//!
 //! A crash can leave the last record half written (never an earlier one:
 //! each was synced before the next began). Opening cuts a damaged record
 //! off when nothing valid can follow it: it reaches the end of the file,
 //! or only zeros follow it. A damaged record with data after it, a
 //! segment without its checkpoint, a foreign file, or entries that do not
-//! follow on is corruption: the store refuses to open, saying where.
+//! follow on is corruption: the store refuses to open, saying where. (A
+//! record header damaged to all zeros reads as the end of the log: that
+//! cannot be told from a crash that lost the first page of an
+//! unacknowledged write.)
 
 use raft_core::storage::{apply_batch, apply_purge, check_batch, LogBatch, LogState};
 use raft_core::{
@@ -56,6 +63,12 @@ const TMP_SUFFIX: &str = ".wal.tmp";
 
 /// The default segment size past which the store starts a new segment.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Space a segment is grown by, written as zeros and synced once, so that a
+/// record's `fdatasync` writes data into blocks the file already has:
+/// growing the file on every append made each sync commit file system
+/// metadata too (5x slower for a batch of 16 entries on ext4).
+const PREALLOCATE: u64 = 4 << 20;
 
 /// What [`WalLogStore::open_with`] may change.
 #[derive(Debug, Clone)]
@@ -181,6 +194,8 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
 enum Tail {
     /// At the end of the file.
     Clean,
+    /// At this offset, where only the zeros of preallocated space follow.
+    Zeros(u64),
     /// At a damaged record nothing valid can follow: cut the file here.
     Torn(u64),
 }
@@ -242,9 +257,24 @@ fn read_segment(
             at = end;
             continue 'records;
         };
+        // A zero length: the end of the records, in preallocated space.
+        // Non-zero bytes after it are a record whose first page a crash
+        // lost while later pages of the same write landed (it was never
+        // acknowledged: its sync had not returned).
+        if n > 0 && end == at {
+            if only_zeros_after(path, at, size)? {
+                return Ok(Tail::Zeros(at));
+            }
+            tracing::warn!(
+                path = %path.display(),
+                at,
+                "discarding the remains of a write a crash interrupted"
+            );
+            return Ok(Tail::Torn(at));
+        }
         // A damaged record. A crash leaves at most the last one half
-        // written, possibly followed by zeros the file system allocated:
-        // it is torn when nothing but zeros follows where it claims to end.
+        // written, possibly followed by zeros: it is torn when nothing but
+        // zeros follows where it claims to end.
         if n > 0 && only_zeros_after(path, end, size)? {
             tracing::warn!(
                 path = %path.display(),
@@ -290,11 +320,14 @@ struct Core {
     file: File,
     file_path: PathBuf,
     seq: u64,
-    /// Bytes in the current segment.
+    /// Bytes of records in the current segment (where the next one goes).
     len: u64,
+    /// The segment file's size: `len` plus preallocated zeros.
+    allocated: u64,
     state: LogState,
-    /// About the bytes a checkpoint of `state` takes.
-    live: u64,
+    /// The segment size at which to consider a new segment next (the
+    /// state's size is measured then, not on every append).
+    next_check: u64,
 }
 
 fn estimate(state: &LogState) -> u64 {
@@ -392,34 +425,39 @@ impl Core {
                 "a checkpoint after the first record".into(),
             )),
         })?;
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .open(&path)
             .map_err(|e| io_err(&path, e))?;
-        let mut len = file.metadata().map_err(|e| io_err(&path, e))?.len();
-        if let Tail::Torn(at) = tail {
-            file.set_len(at).map_err(|e| io_err(&path, e))?;
-            file.sync_all().map_err(|e| io_err(&path, e))?;
-            len = at;
-        }
-        file.seek(SeekFrom::Start(len))
-            .map_err(|e| io_err(&path, e))?;
+        let size = file.metadata().map_err(|e| io_err(&path, e))?.len();
+        let (len, allocated) = match tail {
+            Tail::Clean => (size, size),
+            Tail::Zeros(at) => (at, size),
+            Tail::Torn(at) => {
+                // Cut the torn bytes off (new records must not land in
+                // front of stale ones); the space is preallocated again.
+                file.set_len(at)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| io_err(&path, e))?;
+                (at, at)
+            }
+        };
         // Older segments a crash left behind after the newest was made.
         for &old in &segments[..segments.len() - 1] {
             let p = dir.join(segment_name(old));
             std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
         }
-        let live = estimate(&state);
         Ok(Core {
             dir: dir.to_path_buf(),
-            opts,
             _lock: lock,
             file,
             file_path: path,
             seq,
             len,
+            allocated,
             state,
-            live,
+            next_check: opts.segment_bytes,
+            opts,
         })
     }
 
@@ -429,14 +467,15 @@ impl Core {
         let (file, file_path, len) = Self::write_segment(dir, 1, &state)?;
         Ok(Core {
             dir: dir.to_path_buf(),
-            opts,
             _lock: lock,
             file,
             file_path,
             seq: 1,
             len,
-            live: estimate(&state),
+            allocated: len,
             state,
+            next_check: opts.segment_bytes,
+            opts,
         })
     }
 
@@ -467,23 +506,39 @@ impl Core {
         }
         std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, e))?;
         sync_dir(dir)?;
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .write(true)
             .open(&path)
             .map_err(|e| io_err(&path, e))?;
         let len = MAGIC.len() as u64 + rec.len() as u64;
-        file.seek(SeekFrom::Start(len))
-            .map_err(|e| io_err(&path, e))?;
         Ok((file, path, len))
     }
 
     /// Appends one framed record and syncs it.
     fn append(&mut self, rec: &[u8]) -> Result<(), StorageError> {
+        use std::os::unix::fs::FileExt;
+        let need = self.len + rec.len() as u64;
+        if need > self.allocated {
+            let to = need + PREALLOCATE;
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = self.allocated;
+            while at < to {
+                let n = (to - at).min(zeros.len() as u64) as usize;
+                self.file
+                    .write_all_at(&zeros[..n], at)
+                    .map_err(|e| io_err(&self.file_path, e))?;
+                at += n as u64;
+            }
+            self.file
+                .sync_all()
+                .map_err(|e| io_err(&self.file_path, e))?;
+            self.allocated = to;
+        }
         self.file
-            .write_all(rec)
+            .write_all_at(rec, self.len)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| io_err(&self.file_path, e))?;
-        self.len += rec.len() as u64;
+        self.len = need;
         Ok(())
     }
 
@@ -510,7 +565,6 @@ impl Core {
         }))?;
         self.append(&rec)?;
         apply_batch(&mut self.state, batch)?;
-        self.live = estimate(&self.state);
         self.maybe_rotate()
     }
 
@@ -527,14 +581,20 @@ impl Core {
         }
         self.append(&frame(&RecordOut::Purge(upto))?)?;
         apply_purge(&mut self.state, upto)?;
-        self.live = estimate(&self.state);
         self.maybe_rotate()
     }
 
     /// Starts a new segment once the current one is large and mostly
     /// holds what compaction dropped.
     fn maybe_rotate(&mut self) -> Result<(), StorageError> {
-        if self.len < self.opts.segment_bytes || self.live > self.len / 2 {
+        if self.len < self.next_check {
+            return Ok(());
+        }
+        let live = estimate(&self.state);
+        if live > self.len / 2 {
+            // Most of the segment is still the log: look again once it
+            // grew by another quarter.
+            self.next_check = self.len + (self.len / 4).max(self.opts.segment_bytes / 4);
             return Ok(());
         }
         let seq = self.seq + 1;
@@ -543,6 +603,8 @@ impl Core {
         self.file = file;
         self.seq = seq;
         self.len = len;
+        self.allocated = len;
+        self.next_check = self.opts.segment_bytes.max(2 * len);
         std::fs::remove_file(&old).map_err(|e| io_err(&old, e))?;
         tracing::debug!(dir = %self.dir.display(), seq, bytes = len, "started a new log segment");
         Ok(())

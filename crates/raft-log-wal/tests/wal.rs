@@ -139,48 +139,58 @@ async fn compaction_moves_the_state_to_a_new_segment_and_drops_the_old() {
     assert_eq!(st.entries.len(), 10);
 }
 
+/// Where the records of the store in `dir` end (it is closed again).
+fn records_end(dir: &Path) -> u64 {
+    WalLogStore::open(dir).unwrap().segment().unwrap().1
+}
+
 #[tokio::test]
 async fn a_half_written_last_record_is_cut_off() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("log");
     let before = filled(&dir).await;
     let seg = segments(&dir).pop().unwrap();
-    let whole = std::fs::read(&seg).unwrap();
+    let end0 = records_end(&dir) as usize;
     // Write one more batch, then keep only part of its record.
     {
         let mut s = WalLogStore::open(&dir).unwrap();
         s.save(batch(101, 5)).await.unwrap();
     }
+    let end1 = records_end(&dir) as usize;
     let longer = std::fs::read(&seg).unwrap();
-    for cut in [whole.len() + 3, whole.len() + 8, longer.len() - 1] {
-        std::fs::write(&seg, &longer[..cut]).unwrap();
-        let mut s = WalLogStore::open(&dir).unwrap();
-        assert_eq!(s.load().await.unwrap(), before, "cut at {cut}");
-        drop(s);
-        assert_eq!(
-            std::fs::read(&seg).unwrap(),
-            whole,
-            "the torn bytes are gone"
-        );
-    }
-    // Zeros after the last record (a file system that grew the file
-    // before the data landed), and a torn record followed by zeros.
-    let mut torn = longer[..longer.len() - 7].to_vec();
-    torn.extend_from_slice(&[0u8; 4096]);
-    for tail in [vec![0u8; 4096], torn[whole.len()..].to_vec()] {
-        let mut bytes = whole.clone();
-        bytes.extend_from_slice(&tail);
+    assert!(longer.len() > end1, "the segment is preallocated");
+    let zeros = vec![0u8; 8192];
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("cut in the header", longer[..end0 + 3].to_vec()),
+        ("cut after the header", longer[..end0 + 8].to_vec()),
+        ("cut one byte short", longer[..end1 - 1].to_vec()),
+        (
+            "short, then zeros",
+            [&longer[..end1 - 7], &zeros[..]].concat(),
+        ),
+        ("its header lost, later bytes landed", {
+            let mut v = longer[..end1].to_vec();
+            v[end0..end0 + 8].fill(0);
+            [v, zeros.clone()].concat()
+        }),
+    ];
+    for (what, bytes) in cases {
         std::fs::write(&seg, &bytes).unwrap();
         let mut s = WalLogStore::open(&dir).unwrap();
-        assert_eq!(s.load().await.unwrap(), before);
-        // And it goes on appending where the good records end.
+        assert_eq!(s.load().await.unwrap(), before, "{what}");
+        // It goes on appending where the good records end, and the torn
+        // bytes are not read back.
         s.save(batch(101, 1)).await.unwrap();
         drop(s);
         let mut s = WalLogStore::open(&dir).unwrap();
-        assert_eq!(s.load().await.unwrap().entries.last().unwrap().index, 101);
-        drop(s);
-        std::fs::write(&seg, &whole).unwrap();
+        let st = s.load().await.unwrap();
+        assert_eq!(st.entries.last().unwrap().index, 101, "{what}");
+        assert_eq!(st.entries.len(), before.entries.len() + 1, "{what}");
     }
+    // Only zeros after the last record: the preallocated space.
+    std::fs::write(&seg, [&longer[..end0], &zeros[..]].concat()).unwrap();
+    let mut s = WalLogStore::open(&dir).unwrap();
+    assert_eq!(s.load().await.unwrap(), before);
 }
 
 fn open_err(dir: &Path) -> StorageError {
@@ -198,7 +208,8 @@ async fn damage_before_the_end_is_refused_not_cut() {
     let seg = segments(&dir).pop().unwrap();
     let good = std::fs::read(&seg).unwrap();
     // A byte inside an early record (past the magic and the checkpoint).
-    for at in [200, good.len() / 2] {
+    let end = records_end(&dir) as usize;
+    for at in [200, end / 2] {
         let mut bad = good.clone();
         bad[at] ^= 0x40;
         std::fs::write(&seg, &bad).unwrap();

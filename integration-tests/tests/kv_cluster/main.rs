@@ -432,12 +432,45 @@ fn client_histories_stay_linearizable_through_kills_and_pauses_under_lease_reads
     client_histories_stay_linearizable_through_kills_and_pauses_under("lease");
 }
 
-fn client_histories_stay_linearizable_through_kills_and_pauses_under(read_policy: &str) {
-    const CLIENTS: usize = 4;
+/// The same on the segment-file log (`--log-engine wal`). Then a node
+/// restarted with the other engine on that log refuses to start, saying
+/// why, rather than coming up empty.
+#[test]
+fn client_histories_stay_linearizable_on_the_segment_log_engine() {
     let tmp = tempfile::tempdir().unwrap();
+    let mut c = client_histories_stay_linearizable_through_kills_and_pauses_in(
+        tmp.path(),
+        &["--log-engine", "wal"],
+    );
+    c.kill(1);
+    c.extra.clear();
+    let peers: Vec<(u64, SocketAddr)> = c.raft.iter().map(|(&p, &a)| (p, a)).collect();
+    let out = c
+        .node_command(1, &peers[1..])
+        .args(["--log-engine", "sled"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "node 1 started on the wrong engine");
+    assert!(err.contains("not a sled database"), "{err}");
+}
+
+fn client_histories_stay_linearizable_through_kills_and_pauses_under(read_policy: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    client_histories_stay_linearizable_through_kills_and_pauses_in(
+        tmp.path(),
+        &["--read-policy", read_policy],
+    );
+}
+
+fn client_histories_stay_linearizable_through_kills_and_pauses_in(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> Cluster {
+    const CLIENTS: usize = 4;
     let ids = [1u64, 2, 3];
-    let mut c = Cluster::new(tmp.path(), &ids);
-    c.extra = vec!["--read-policy".into(), read_policy.into()];
+    let mut c = Cluster::new(dir, &ids);
+    c.extra = extra.iter().map(|a| a.to_string()).collect();
     for id in ids {
         c.start(id);
     }
@@ -456,6 +489,7 @@ fn client_histories_stay_linearizable_through_kills_and_pauses_under(read_policy
         std::thread::sleep(Duration::from_millis(800));
     });
     assert_linearizable(&recorded);
+    c
 }
 
 /// Real partitions between real processes (UDP relays the test cuts): the
