@@ -3,7 +3,7 @@
 //! mounts a small tmpfs to fill.)
 
 use raft_kv::command::{SetCond, WriteCmd};
-use raft_kv::node::NodeConfig;
+use raft_kv::node::{LogEngine, NodeConfig};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -37,16 +37,26 @@ fn ask(addr: SocketAddr, args: &[&str]) -> String {
 /// blocking task stuck on the full disk.
 #[test]
 fn a_node_with_a_full_disk_says_so_to_every_command() {
+    on_a_full_disk(LogEngine::Sled);
+}
+
+/// The same with the segment-file log.
+#[test]
+fn a_node_with_a_full_disk_says_so_to_every_command_on_the_segment_log() {
+    on_a_full_disk(LogEngine::Wal);
+}
+
+fn on_a_full_disk(engine: LogEngine) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(full_disk());
+    rt.block_on(full_disk(engine));
     rt.shutdown_timeout(Duration::from_secs(1));
 }
 
-async fn full_disk() {
+async fn full_disk(log_engine: LogEngine) {
     let dir = tempfile::tempdir().unwrap();
     raft_net_quic::generate_cluster_certs(dir.path().join("certs"), &[1]).unwrap();
     let data = dir.path().join("data");
@@ -62,6 +72,7 @@ async fn full_disk() {
         password: None,
         cluster_id: 0,
         join: None,
+        log_engine,
         raft: raft_core::Config::new(1),
     };
     let (node, server) = raft_kv::cli::run_node(cfg).await.unwrap();
