@@ -6,6 +6,8 @@
 #   BIN=path/to/raft-kv scripts/bench-cluster.sh 5   (compare two builds)
 #   READ_POLICY=lease scripts/bench-cluster.sh 5      (leader lease reads)
 #   LOG_ENGINE=wal scripts/bench-cluster.sh 5         (the segment-file log)
+#   ANCHOR=redis scripts/bench-cluster.sh 5           (then one durable redis-server:
+#                                                      appendonly yes, appendfsync always)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -70,3 +72,26 @@ for id in 1 2 3; do
   info=$(printf '*1\r\n$4\r\nINFO\r\n' | timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$((7300 + id)); cat >&3; timeout 0.3 cat <&3" 2>/dev/null || true)
   echo "node $id: $(grep -oE 'role:[a-z]+|term:[0-9]+|peer_messages_dropped:[0-9]+' <<<"$info" | tr '\n' ' ')"
 done
+# Memory: each node's resident set after the load (256 B values over
+# 100,000 keys).
+for i in 0 1 2; do
+  echo "node $((i + 1)) RSS: $(awk '/VmRSS/ {print $2 " " $3}' "/proc/${pids[$i]}/status")"
+done
+
+# The other thing a user might run instead: one redis-server that syncs its
+# append-only file on every write, driven by the same load generator.
+if [ "${ANCHOR:-}" = redis ]; then
+  mkdir -p "$dir/redis"
+  redis-server --port 7399 --bind 127.0.0.1 --dir "$dir/redis" --appendonly yes \
+    --appendfsync always --save '' --daemonize no >"$dir/redis.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 50); do
+    if printf '*1\r\n$4\r\nPING\r\n' | timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/7399; cat >&3; timeout 0.2 cat <&3" 2>/dev/null | grep -q PONG; then break; fi
+    sleep 0.1
+  done
+  echo "-- anchor: redis-server $(redis-server --version | awk '{print $3}'), appendonly yes, appendfsync always"
+  $bin bench --addr 127.0.0.1:7399 --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set
+  $bin bench --addr 127.0.0.1:7399 --clients 1 --conns 1 --secs "$secs" --value-size 256 --op set
+  $bin bench --addr 127.0.0.1:7399 --clients 256 --conns 16 --secs "$secs" --value-size 256 --op get
+  echo "redis-server RSS: $(awk '/VmRSS/ {print $2 " " $3}' "/proc/${pids[3]}/status")"
+fi
