@@ -8,6 +8,8 @@
 #   LOG_ENGINE=wal scripts/bench-cluster.sh 5         (the segment-file log)
 #   ANCHOR=redis scripts/bench-cluster.sh 5           (then one durable redis-server:
 #                                                      appendonly yes, appendfsync always)
+#   FILL=1000000 scripts/bench-cluster.sh 5           (then fill that many keys of 256 B
+#                                                      and report memory and disk per node)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -78,6 +80,16 @@ for i in 0 1 2; do
   echo "node $((i + 1)) RSS: $(awk '/VmRSS/ {print $2 " " $3}' "/proc/${pids[$i]}/status")"
 done
 
+# Memory and disk for a given number of keys (on top of the 100,000 above,
+# which the fill overwrites).
+if [ -n "${FILL:-}" ]; then
+  $bin bench --addr "$addr" --clients 256 --conns 16 --value-size 256 --keys "$FILL" --op fill
+  sleep 2
+  for i in 0 1 2; do
+    echo "after $FILL keys: node $((i + 1)) RSS $(awk '/VmRSS/ {print $2 " " $3}' "/proc/${pids[$i]}/status"), on disk $(du -sm "$dir/node-$((i + 1))" | cut -f1) MB"
+  done
+fi
+
 # The other thing a user might run instead: one redis-server that syncs its
 # append-only file on every write, driven by the same load generator.
 if [ "${ANCHOR:-}" = redis ]; then
@@ -94,4 +106,8 @@ if [ "${ANCHOR:-}" = redis ]; then
   $bin bench --addr 127.0.0.1:7399 --clients 1 --conns 1 --secs "$secs" --value-size 256 --op set
   $bin bench --addr 127.0.0.1:7399 --clients 256 --conns 16 --secs "$secs" --value-size 256 --op get
   echo "redis-server RSS: $(awk '/VmRSS/ {print $2 " " $3}' "/proc/${pids[3]}/status")"
+  if [ -n "${FILL:-}" ]; then
+    $bin bench --addr 127.0.0.1:7399 --clients 256 --conns 16 --value-size 256 --keys "$FILL" --op fill
+    echo "after $FILL keys: redis-server RSS $(awk '/VmRSS/ {print $2 " " $3}' "/proc/${pids[3]}/status"), on disk $(du -sm "$dir/redis" | cut -f1) MB"
+  fi
 fi
