@@ -35,7 +35,7 @@ pub fn op(seed: u64, n: u64, state: &LogState) -> Op {
                 Entry {
                     term,
                     index,
-                    payload: EntryPayload::Command(vec![fill; 256]),
+                    payload: EntryPayload::Command(vec![fill; 256].into()),
                 }
             })
             .collect()

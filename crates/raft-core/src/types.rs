@@ -33,9 +33,10 @@ impl LogId {
 pub enum EntryPayload {
     /// A no-op, appended by every new leader so that it can commit an entry of its own term.
     Blank,
-    /// An application command, opaque to Raft.
-    // As bytes, not a sequence of u8: same encoding, one copy instead of a loop.
-    Command(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// An application command, opaque to Raft. Shared, not copied, by the
+    /// log, the messages to each follower and the log store. Encoded as
+    /// bytes (a length and the bytes), as a `Vec<u8>` with `serde_bytes`.
+    Command(bytes::Bytes),
     /// A new cluster membership; takes effect as soon as it is in the log.
     Membership(Membership),
 }

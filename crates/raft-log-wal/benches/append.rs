@@ -26,7 +26,7 @@ fn appends<S: LogStore>(
                     .map(|index| Entry {
                         term: 1,
                         index,
-                        payload: EntryPayload::Command(vec![7u8; 256]),
+                        payload: EntryPayload::Command(vec![7u8; 256].into()),
                     })
                     .collect();
                 next += n;

@@ -61,7 +61,7 @@ fn entries(term: u64, from: u64, n: u64) -> Vec<Entry> {
         .map(|i| Entry {
             term,
             index: i,
-            payload: EntryPayload::Command(vec![(i % 251) as u8; 200]),
+            payload: EntryPayload::Command(vec![(i % 251) as u8; 200].into()),
         })
         .collect()
 }

@@ -41,7 +41,7 @@ fn bench(c: &mut Criterion) {
                         .map(|index| Entry {
                             term: 1,
                             index,
-                            payload: EntryPayload::Command(vec![7u8; 256]),
+                            payload: EntryPayload::Command(vec![7u8; 256].into()),
                         })
                         .collect();
                     next += n;

@@ -587,7 +587,7 @@ mod tests {
             .map(|i| Entry {
                 term: 1,
                 index: i,
-                payload: EntryPayload::Command(i.to_be_bytes().to_vec()),
+                payload: EntryPayload::Command(i.to_be_bytes().to_vec().into()),
             })
             .collect()
     }

@@ -11,7 +11,7 @@ fn entries(n: u64) -> Vec<Entry> {
         .map(|i| Entry {
             term: 1,
             index: i,
-            payload: EntryPayload::Command(vec![i as u8; 256]),
+            payload: EntryPayload::Command(vec![i as u8; 256].into()),
         })
         .collect()
 }
@@ -171,7 +171,7 @@ async fn database_truncated_mid_file_never_opens_with_a_damaged_log() {
                 assert_eq!(e.index, k as u64 + 1, "1/{frac}: gap in the recovered log");
                 assert_eq!(
                     e.payload,
-                    EntryPayload::Command(vec![e.index as u8; 256]),
+                    EntryPayload::Command(vec![e.index as u8; 256].into()),
                     "1/{frac}: damaged entry"
                 );
             }

@@ -28,7 +28,7 @@ fn append_msg() -> Message {
         .map(|i| Entry {
             term: 1,
             index: i,
-            payload: EntryPayload::Command(vec![0xab; 1024]),
+            payload: EntryPayload::Command(vec![0xab; 1024].into()),
         })
         .collect();
     Message {

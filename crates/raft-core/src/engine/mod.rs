@@ -444,7 +444,7 @@ impl Engine {
                 max: self.cfg.max_entry_bytes,
             });
         }
-        self.propose_payload(EntryPayload::Command(command))
+        self.propose_payload(EntryPayload::Command(command.into()))
     }
 
     /// Proposes several commands as consecutive entries, all or none: when
@@ -486,7 +486,7 @@ impl Engine {
         }
         let ids = commands
             .into_iter()
-            .map(|c| self.append_local(EntryPayload::Command(c)))
+            .map(|c| self.append_local(EntryPayload::Command(c.into())))
             .collect();
         self.need_broadcast = true;
         Ok(ids)

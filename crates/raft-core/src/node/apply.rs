@@ -48,7 +48,7 @@ impl ApplyMsg {
         match e.payload {
             EntryPayload::Command(c) => ApplyMsg {
                 command_valid: true,
-                command: c,
+                command: c.into(),
                 command_index: e.index,
                 command_term: e.term,
                 responder,

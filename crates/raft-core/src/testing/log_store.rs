@@ -27,7 +27,7 @@ fn e(term: u64, index: u64) -> Entry {
     Entry {
         term,
         index,
-        payload: EntryPayload::Command(format!("{term}:{index}").into_bytes()),
+        payload: EntryPayload::Command(format!("{term}:{index}").into_bytes().into()),
     }
 }
 
@@ -224,7 +224,7 @@ pub async fn log_store_conformance<F: StoreFactory>(mut f: F) {
         Entry {
             term: 1,
             index: 3,
-            payload: EntryPayload::Command(vec![0u8; 4096]),
+            payload: EntryPayload::Command(vec![0u8; 4096].into()),
         },
     ];
     save(

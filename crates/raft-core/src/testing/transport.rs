@@ -136,7 +136,7 @@ pub async fn transport_conformance<F: NetworkFactory>(mut f: F) {
             entries: vec![Entry {
                 term: 7,
                 index: 1,
-                payload: EntryPayload::Command(vec![0xa5; payload]),
+                payload: EntryPayload::Command(vec![0xa5; payload].into()),
             }],
             leader_commit: 0,
         },

@@ -39,7 +39,7 @@ fn a_follower_whose_application_is_behind_accepts_only_what_fits() {
         .map(|i| Entry {
             term: 1,
             index: i,
-            payload: EntryPayload::Command(vec![0; 100]),
+            payload: EntryPayload::Command(vec![0; 100].into()),
         })
         .collect();
     // Uncommitted entries are always taken: only commit progress frees them.
@@ -95,7 +95,7 @@ fn after_a_leader_change_a_full_follower_still_takes_the_new_leaders_entries() {
         .map(|i| Entry {
             term: 1,
             index: i,
-            payload: EntryPayload::Command(vec![0; 100]),
+            payload: EntryPayload::Command(vec![0; 100].into()),
         })
         .collect();
     e.handle_message(Duration::ZERO, msg(1, 2, 1, append(0, 0, old, 0)));

@@ -31,7 +31,7 @@ fn cfg(id: NodeId) -> Config {
 }
 
 fn cmd(s: &str) -> EntryPayload {
-    EntryPayload::Command(s.as_bytes().to_vec())
+    EntryPayload::Command(s.as_bytes().to_vec().into())
 }
 
 fn ent(term: Term, index: LogIndex) -> Entry {
