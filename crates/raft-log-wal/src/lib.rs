@@ -17,7 +17,9 @@
 //! A directory of segments `<sequence, 16 hex digits>.wal`, and `LOCK`
 //! (held while a process uses the store). A segment is the 8-byte magic
 //! `RAFTWAL1` and then records, each `length (u32 LE) | CRC-32 of the
-//! payload (u32 LE) | payload (bincode)`. A segment's first record is a
+//! length and the payload (u32 LE) | payload (bincode) | zeros to the next
+//! multiple of 8`: a header never straddles two disk sectors, so a power
+//! loss leaves it whole or not written. A segment's first record is a
 //! checkpoint: the whole state (term and vote, compaction point,
 //! entries after it, membership, latest snapshot, identity). Every later
 //! record is a batch or a purge, applied to it in order.
@@ -37,14 +39,19 @@
 //! has; a zero length where the next record would start ends the records.
 //!
 //! A crash can leave the last record half written (never an earlier one:
-//! each was synced before the next began). Opening cuts a damaged record
-//! off when nothing valid can follow it: it reaches the end of the file,
-//! or only zeros follow it. A damaged record with data after it, a
-//! segment without its checkpoint, a foreign file, or entries that do not
-//! follow on is corruption: the store refuses to open, saying where. (A
-//! record header damaged to all zeros reads as the end of the log: that
-//! cannot be told from a crash that lost the first page of an
-//! unacknowledged write.)
+//! each was synced before the next began), inside space the file already
+//! had. Opening cuts it off when only zeros follow it. Everything else is
+//! corruption and the store refuses to open, saying where: a record whose
+//! checksum fails with data after it, a checksum that matches on a record
+//! that does not decode, a header claiming more than the file holds (or a
+//! file cut short), a segment without its checkpoint, foreign files,
+//! entries that do not follow on. One case cannot be told from a crash: a
+//! header damaged to all zeros reads as the end of the log (a crash can
+//! lose the first page of an unacknowledged write and keep later ones).
+//! The store assumes, as any log on a disk does, that a sector is written
+//! whole or not at all, and that a process exits after a failed sync
+//! (reopening in the same process could read back what never reached the
+//! disk).
 
 use raft_core::storage::{apply_batch, apply_purge, check_batch, LogBatch, LogState};
 use raft_core::{
@@ -57,6 +64,8 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"RAFTWAL1";
 const RECORD_HEADER: u64 = 8;
+/// The largest record (a checkpoint holds the whole log after compaction).
+const MAX_RECORD: u64 = 1 << 30;
 const LOCK_FILE: &str = "LOCK";
 const SUFFIX: &str = ".wal";
 const TMP_SUFFIX: &str = ".wal.tmp";
@@ -166,17 +175,34 @@ fn corrupt(path: &Path, e: impl std::fmt::Display) -> StorageError {
     StorageError::Corrupt(format!("{}: {e}", path.display()))
 }
 
-/// A record framed for the file: header and payload in one buffer (one
-/// write).
+/// The CRC-32 of a record: over its length field and its payload.
+fn record_crc(len: u32, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&len.to_le_bytes());
+    h.update(payload);
+    h.finalize()
+}
+
+/// Rounds up to a multiple of 8: records start 8-aligned, so a header never
+/// straddles two disk sectors (a power loss cannot leave half of one).
+fn align8(n: u64) -> u64 {
+    n.div_ceil(8) * 8
+}
+
+/// A record framed for the file: header, payload and zero padding to the
+/// next 8-byte boundary, in one buffer (one write).
 fn frame(rec: &RecordOut<'_>) -> Result<Vec<u8>, StorageError> {
     let mut buf = vec![0u8; RECORD_HEADER as usize];
     bincode::serde::encode_into_std_write(rec, &mut buf, bincode::config::standard())
         .map_err(|e| StorageError::Invalid(format!("cannot encode a log record: {e}")))?;
     let len = u32::try_from(buf.len() - RECORD_HEADER as usize)
-        .map_err(|_| StorageError::Invalid("a log record over 4 GiB".into()))?;
-    let crc = crc32fast::hash(&buf[RECORD_HEADER as usize..]);
+        .ok()
+        .filter(|&l| u64::from(l) <= MAX_RECORD)
+        .ok_or_else(|| StorageError::Invalid("a log record over 1 GiB".into()))?;
+    let crc = record_crc(len, &buf[RECORD_HEADER as usize..]);
     buf[..4].copy_from_slice(&len.to_le_bytes());
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    buf.resize(align8(buf.len() as u64) as usize, 0);
     Ok(buf)
 }
 
@@ -217,35 +243,67 @@ fn read_segment(
     let mut n = 0usize;
     let mut payload = Vec::new();
     'records: while at < size {
-        // Why the record at `at` is bad, and where it claims to end.
-        let (why, end) = 'bad: {
+        // A record a crash can have left half written is the last one
+        // (each earlier one was synced before the next began), in space
+        // the file already had (preallocated, synced): its 8-aligned header
+        // is whole or still zeros. So a damaged record is torn when only
+        // zeros follow it; anything else is damage.
+        let why = 'bad: {
             if size - at < RECORD_HEADER {
-                break 'bad ("a record header cut short".to_string(), size);
+                break 'bad "the file ends inside a record header".to_string();
             }
             let mut h = [0u8; 8];
             r.read_exact(&mut h).map_err(|e| io_err(path, e))?;
-            let len = u64::from(u32::from_le_bytes([h[0], h[1], h[2], h[3]]));
+            let len32 = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+            let len = u64::from(len32);
             let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-            if len == 0 {
-                break 'bad ("an empty record".to_string(), at);
-            }
-            if len > size - at - RECORD_HEADER {
-                break 'bad (
-                    format!("a record of {len} bytes past the end of the file"),
-                    size,
+            if h == [0; 8] {
+                // The end of the records, in preallocated space. Non-zero
+                // bytes after it are the later pages of an unacknowledged
+                // write whose first page a crash lost.
+                if n == 0 {
+                    break 'bad "a zero header where the checkpoint should be".to_string();
+                }
+                if only_zeros_after(path, at, size)? {
+                    return Ok(Tail::Zeros(at));
+                }
+                tracing::warn!(
+                    path = %path.display(),
+                    at,
+                    "discarding the remains of a write a crash interrupted"
                 );
+                return Ok(Tail::Torn(at));
             }
-            let end = at + RECORD_HEADER + len;
+            let end = at + RECORD_HEADER + align8(len);
+            if len == 0 || len > MAX_RECORD || end > size {
+                return Err(corrupt(
+                    path,
+                    format!("byte {at}: a record header claiming {len} bytes"),
+                ));
+            }
             payload.resize(len as usize, 0);
             r.read_exact(&mut payload).map_err(|e| io_err(path, e))?;
-            if crc32fast::hash(&payload) != crc {
-                break 'bad ("a checksum mismatch".to_string(), end);
+            let mut pad = [0u8; 8];
+            r.read_exact(&mut pad[..(end - at - RECORD_HEADER - len) as usize])
+                .map_err(|e| io_err(path, e))?;
+            if record_crc(len32, &payload) != crc {
+                if n > 0 && only_zeros_after(path, end, size)? {
+                    tracing::warn!(
+                        path = %path.display(),
+                        at,
+                        "cutting off a record a crash left half written"
+                    );
+                    return Ok(Tail::Torn(at));
+                }
+                break 'bad "a checksum mismatch".to_string();
             }
+            // The checksum matches: the write was whole, so a record that
+            // does not decode is damage (or another format), never torn.
             let rec: RecordIn =
                 match bincode::serde::decode_from_slice(&payload, bincode::config::standard()) {
                     Ok((rec, used)) if used == payload.len() => rec,
-                    Ok(_) => break 'bad ("trailing bytes in a record".to_string(), end),
-                    Err(e) => break 'bad (format!("an undecodable record: {e}"), end),
+                    Ok(_) => break 'bad "trailing bytes in a record".to_string(),
+                    Err(e) => break 'bad format!("an undecodable record: {e}"),
                 };
             each(n, rec).map_err(|e| match e {
                 StorageError::Corrupt(m) | StorageError::Invalid(m) => {
@@ -257,33 +315,6 @@ fn read_segment(
             at = end;
             continue 'records;
         };
-        // A zero length: the end of the records, in preallocated space.
-        // Non-zero bytes after it are a record whose first page a crash
-        // lost while later pages of the same write landed (it was never
-        // acknowledged: its sync had not returned).
-        if n > 0 && end == at {
-            if only_zeros_after(path, at, size)? {
-                return Ok(Tail::Zeros(at));
-            }
-            tracing::warn!(
-                path = %path.display(),
-                at,
-                "discarding the remains of a write a crash interrupted"
-            );
-            return Ok(Tail::Torn(at));
-        }
-        // A damaged record. A crash leaves at most the last one half
-        // written, possibly followed by zeros: it is torn when nothing but
-        // zeros follows where it claims to end.
-        if n > 0 && only_zeros_after(path, end, size)? {
-            tracing::warn!(
-                path = %path.display(),
-                at,
-                why,
-                "cutting off a record a crash left half written"
-            );
-            return Ok(Tail::Torn(at));
-        }
         return Err(corrupt(path, format!("byte {at}: {why}")));
     }
     if n == 0 {
@@ -341,7 +372,13 @@ fn estimate(state: &LogState) -> u64 {
 
 impl Core {
     fn open(dir: &Path, opts: WalOptions) -> Result<Core, StorageError> {
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+            // The new directory's entry must survive a power loss too.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -359,7 +396,8 @@ impl Core {
         for ent in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
             let ent = ent.map_err(|e| io_err(dir, e))?;
             let name = ent.file_name().to_string_lossy().into_owned();
-            if name == LOCK_FILE {
+            // `lost+found`: the log may be the root of its own file system.
+            if name == LOCK_FILE || name == "lost+found" {
                 continue;
             }
             if name.ends_with(TMP_SUFFIX) {
@@ -367,10 +405,12 @@ impl Core {
                 std::fs::remove_file(ent.path()).map_err(|e| io_err(&ent.path(), e))?;
                 continue;
             }
+            // Exactly the names this store writes (`from_str_radix` alone
+            // would take "+..." or upper case, two names for one sequence).
             let seq = name
                 .strip_suffix(SUFFIX)
-                .filter(|s| s.len() == 16)
-                .and_then(|s| u64::from_str_radix(s, 16).ok());
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                .filter(|&seq| segment_name(seq) == name);
             match seq {
                 Some(seq) => segments.push(seq),
                 None if name == "conf" || name == "db" || name == "raft-log" => {
@@ -406,7 +446,7 @@ impl Core {
                 };
                 let mut prev = state.purged.index;
                 for e in &state.entries {
-                    if e.index != prev + 1 {
+                    if Some(e.index) != prev.checked_add(1) {
                         return Err(StorageError::Corrupt(format!(
                             "checkpoint entry {} does not follow {prev}",
                             e.index
@@ -598,7 +638,27 @@ impl Core {
             return Ok(());
         }
         let seq = self.seq + 1;
-        let (file, path, len) = Self::write_segment(&self.dir, seq, &self.state)?;
+        // The save that got here is durable already: a new segment that
+        // cannot be written (a full disk) is tried again later, and the
+        // current one goes on.
+        let (file, path, len) = match Self::write_segment(&self.dir, seq, &self.state) {
+            Ok(made) => made,
+            Err(e) => {
+                let tmp = self.dir.join(format!("{seq:016x}{TMP_SUFFIX}"));
+                let _ = std::fs::remove_file(tmp);
+                // If it got as far as its name, it must go: opening takes
+                // the newest segment, and this one would hide what the
+                // current one receives from now on.
+                let made = self.dir.join(segment_name(seq));
+                if made.exists() {
+                    std::fs::remove_file(&made).map_err(|_| e.clone())?;
+                    sync_dir(&self.dir).map_err(|_| e.clone())?;
+                }
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot start a new log segment; keeping the current one");
+                self.next_check = self.len + self.opts.segment_bytes / 4;
+                return Ok(());
+            }
+        };
         let old = std::mem::replace(&mut self.file_path, path);
         self.file = file;
         self.seq = seq;
