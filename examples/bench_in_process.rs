@@ -102,23 +102,25 @@ async fn client(
         seq += 1;
         let cmd = (me << 40 | seq).to_be_bytes().to_vec();
         let t = Instant::now();
+        // The first few failures are shown.
+        let show = |what: &str, e: &dyn std::fmt::Display| {
+            if errors.load(Ordering::Relaxed) < 5 {
+                eprintln!("{what}: {e}");
+            }
+        };
         let ok = match leader.propose(vec![cmd]).await {
             Ok(mut ps) => match ps.pop() {
                 Some(p) => match p.outcome::<()>().await {
                     Ok(_) => true,
                     Err(e) => {
-                        if errors.load(Ordering::Relaxed) < 5 {
-                            eprintln!("outcome: {e}");
-                        }
+                        show("outcome", &e);
                         false
                     }
                 },
                 None => false,
             },
             Err(e) => {
-                if errors.load(Ordering::Relaxed) < 5 {
-                    eprintln!("propose: {e}");
-                }
+                show("propose", &e);
                 // Follow the leader, as a store's client does.
                 if let Some(l) = leader.leader().and_then(|l| nodes.get(&l)) {
                     leader = l.clone();

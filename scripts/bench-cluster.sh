@@ -34,12 +34,17 @@ for id in 1 2 3; do
   pids+=($!)
 done
 
+# One command to a local port, its reply (empty if none came).
+ask() { printf "$2" | timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1; cat >&3; timeout 0.3 cat <&3" 2>/dev/null || true; }
+info() { ask $((7300 + $1)) '*1\r\n$4\r\nINFO\r\n'; }
+# A process's resident set.
+rss() { awk '/VmRSS/ {print $2 " " $3}' "/proc/$1/status"; }
+
 # Find the leader through INFO.
 leader=""
 for _ in $(seq 1 100); do
   for id in 1 2 3; do
-    info=$(printf '*1\r\n$4\r\nINFO\r\n' | timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$((7300 + id)); cat >&3; timeout 0.3 cat <&3" 2>/dev/null || true)
-    if grep -q 'role:leader' <<<"$info"; then
+    if grep -q 'role:leader' <<<"$(info "$id")"; then
       leader=$id
     fi
   done
@@ -71,13 +76,12 @@ $bin bench --addr 127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303 --clients 256 --c
 # What the load did to the cluster: messages dropped from full queues, and
 # whether the leader stayed.
 for id in 1 2 3; do
-  info=$(printf '*1\r\n$4\r\nINFO\r\n' | timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$((7300 + id)); cat >&3; timeout 0.3 cat <&3" 2>/dev/null || true)
-  echo "node $id: $(grep -oE 'role:[a-z]+|term:[0-9]+|peer_messages_dropped:[0-9]+' <<<"$info" | tr '\n' ' ')"
+  echo "node $id: $(grep -oE 'role:[a-z]+|term:[0-9]+|peer_messages_dropped:[0-9]+' <<<"$(info "$id")" | tr '\n' ' ')"
 done
 # Memory: each node's resident set after the load (256 B values over
 # 100,000 keys).
 for i in 0 1 2; do
-  echo "node $((i + 1)) RSS: $(awk '/VmRSS/ {print $2 " " $3}' "/proc/${pids[$i]}/status")"
+  echo "node $((i + 1)) RSS: $(rss "${pids[$i]}")"
 done
 
 # Memory and disk for a given number of keys (on top of the 100,000 above,
@@ -86,7 +90,7 @@ if [ -n "${FILL:-}" ]; then
   $bin bench --addr "$addr" --clients 256 --conns 16 --value-size 256 --keys "$FILL" --op fill
   sleep 2
   for i in 0 1 2; do
-    echo "after $FILL keys: node $((i + 1)) RSS $(awk '/VmRSS/ {print $2 " " $3}' "/proc/${pids[$i]}/status"), on disk $(du -sm "$dir/node-$((i + 1))" | cut -f1) MB"
+    echo "after $FILL keys: node $((i + 1)) RSS $(rss "${pids[$i]}"), on disk $(du -sm "$dir/node-$((i + 1))" | cut -f1) MB"
   done
 fi
 
@@ -98,16 +102,16 @@ if [ "${ANCHOR:-}" = redis ]; then
     --appendfsync always --save '' --daemonize no >"$dir/redis.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 50); do
-    if printf '*1\r\n$4\r\nPING\r\n' | timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/7399; cat >&3; timeout 0.2 cat <&3" 2>/dev/null | grep -q PONG; then break; fi
+    if ask 7399 '*1\r\n$4\r\nPING\r\n' | grep -q PONG; then break; fi
     sleep 0.1
   done
   echo "-- anchor: redis-server $(redis-server --version | awk '{print $3}'), appendonly yes, appendfsync always"
   $bin bench --addr 127.0.0.1:7399 --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set
   $bin bench --addr 127.0.0.1:7399 --clients 1 --conns 1 --secs "$secs" --value-size 256 --op set
   $bin bench --addr 127.0.0.1:7399 --clients 256 --conns 16 --secs "$secs" --value-size 256 --op get
-  echo "redis-server RSS: $(awk '/VmRSS/ {print $2 " " $3}' "/proc/${pids[3]}/status")"
+  echo "redis-server RSS: $(rss "${pids[3]}")"
   if [ -n "${FILL:-}" ]; then
     $bin bench --addr 127.0.0.1:7399 --clients 256 --conns 16 --value-size 256 --keys "$FILL" --op fill
-    echo "after $FILL keys: redis-server RSS $(awk '/VmRSS/ {print $2 " " $3}' "/proc/${pids[3]}/status"), on disk $(du -sm "$dir/redis" | cut -f1) MB"
+    echo "after $FILL keys: redis-server RSS $(rss "${pids[3]}"), on disk $(du -sm "$dir/redis" | cut -f1) MB"
   fi
 fi

@@ -47,6 +47,7 @@
 //!   same key) are placed in the order they were invoked: swapping two of
 //!   them gives the same states.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
@@ -635,12 +636,16 @@ impl<'a> Part<'a> {
     /// The states `op` may see, for each key it touches that will expire:
     /// still live (if its store clock can be below the expiry time) or
     /// expired and gone (if it returned after the earliest expiry time).
-    fn expiries(&self, state: &[Cell], op: &Op, step: &Step) -> Vec<Vec<Cell>> {
+    fn expiries<'s>(&self, state: &'s [Cell], op: &Op, step: &Step) -> Vec<Cow<'s, [Cell]>> {
+        // Most states have no expiring key: no copy for them.
+        if state.iter().all(|c| c.exp.is_none()) {
+            return vec![Cow::Borrowed(state)];
+        }
         let mut keys = Vec::new();
         step.keys(&mut keys);
         keys.sort_unstable();
         keys.dedup();
-        let mut out = vec![state.to_vec()];
+        let mut out = vec![Cow::Borrowed(state)];
         for k in keys {
             let Some((lo, hi)) = state[k].exp else {
                 continue;
@@ -652,9 +657,9 @@ impl<'a> Part<'a> {
             let mut next = Vec::with_capacity(out.len() * 2);
             for s in out {
                 if expired {
-                    let mut gone = s.clone();
+                    let mut gone = s.to_vec();
                     gone[k] = Cell::ABSENT;
-                    next.push(gone);
+                    next.push(Cow::Owned(gone));
                 }
                 if live {
                     next.push(s);
