@@ -18,6 +18,7 @@
 // The domain: commands, their results and errors, the state machine.
 pub mod command;
 pub mod error;
+mod overlay;
 pub mod sm;
 pub mod snapfile;
 // The Raft adapter: proposing, forwarding, read barriers.

@@ -1040,7 +1040,10 @@ async fn release_loop(raft: Raft, sm: Arc<StateMachine>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut released = sm.applied();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = sm.flush_wanted() => {}
+        }
         // Read before the flush: the flush covers at least this much.
         let applied = sm.applied();
         if applied == released {

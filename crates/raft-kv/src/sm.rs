@@ -1,25 +1,28 @@
-//! The state machine: committed writes applied to a redb table, with the
-//! applied index written in the same transaction as the data it covers.
-//! After a restart the store resumes exactly after the last applied entry:
-//! nothing is lost (the Raft log re-delivers the rest) and nothing is
-//! applied twice.
+//! The state machine: committed writes applied to memory over a redb
+//! table, with the applied index written in the same batch as the data it
+//! covers. After a restart the store resumes exactly after the last
+//! applied entry that was flushed: nothing is lost (the Raft log
+//! re-delivers the rest) and nothing is applied twice.
 //!
-//! Engine. redb is a copy-on-write B-tree with MVCC: a read transaction
-//! sees one committed state for as long as it lives while later batches
-//! commit beside it. That gives three things this store needs:
+//! Layers (see `overlay`). A batch lands in an in-memory persistent map;
+//! a flush (every second, sooner past `FLUSH_EARLY_BYTES`, and at
+//! shutdown) writes what memory holds to redb in one durable transaction,
+//! in key order, while later batches land in a fresh map beside it. A key
+//! written often between flushes reaches the disk once, and no batch waits
+//! for the disk. Every published state (memory maps plus one redb read
+//! transaction) is immutable, which gives three things this store needs:
 //! - reads of several keys (MGET, EXISTS, DBSIZE) are one state, never half
 //!   a batch, and never wait for the applier;
-//! - a snapshot is a scan of one read transaction: a consistent state at
-//!   one applied index, written while writes keep flowing, with no copy of
-//!   anything;
-//! - memory is the page cache (`CACHE_BYTES`), whatever the size of the
-//!   state, including while a snapshot of any size is loaded.
+//! - a snapshot is a scan of one state: a consistent state at one applied
+//!   index, written while writes keep flowing, with no copy of anything;
+//! - memory is the page cache (`CACHE_BYTES`) plus at most about two
+//!   flushes' worth of writes, whatever the size of the state, including
+//!   while a snapshot of any size is loaded.
 //!
-//! Batches commit without fsync (`Durability::None`); the Raft log is the
-//! durable record. [`StateMachine::flush`] (every second, and at shutdown)
-//! makes everything applied durable before the log may drop it. A crash
-//! falls back to the last durable commit, whose applied index says where
-//! the log resumes.
+//! The Raft log is the durable record of what memory holds:
+//! [`StateMachine::flush`] makes everything applied durable before the log
+//! may drop it. A crash falls back to the last flush, whose applied index
+//! says where the log resumes.
 //!
 //! Loading a snapshot builds a new database in a new directory and switches
 //! to it with one atomic rename, so a crash leaves the old state or the new
@@ -29,6 +32,7 @@ use crate::command::{
     format_double, CollRead, HashRead, ReadCmd, ReadTx, SetCond, Ttl, TxCmd, Value, WriteCmd, ZRead,
 };
 use crate::error::{KvError, Reply};
+use crate::overlay::{Layers, ReadTable, Val};
 use crate::snapfile;
 use redb::{Durability, ReadableDatabase as _, ReadableTable, TableDefinition};
 use std::path::{Path, PathBuf};
@@ -543,41 +547,52 @@ const OLD_DATA: &[u8] = b"d:";
 /// transaction.
 const LOAD_TXN_BYTES: usize = 32 << 20;
 /// The database's page cache: all the memory it holds, whatever the
-/// state's size. redb keeps dirty pages within half of it, and a durable
-/// commit (once a second) writes those out and syncs while batches wait:
-/// with 64 MiB that stall was 60-180 ms, with 16 MiB 17-41 ms (3 nodes
-/// at about 35,000 SET/s on 2 cores). Pages it evicts stay in the kernel's
-/// page cache.
-const CACHE_BYTES: usize = 16 << 20;
+/// state's size. Only flushes write (off the apply path), so its size
+/// no longer stalls batches; each batch still reads the old value of
+/// every key it writes, and a cache that holds more of a 100,000-key
+/// state saves those reads: 64 MiB against 16 MiB, 3 nodes under 256
+/// clients, 36-41k SET/s against 29-37k, 43-48 µs of cluster CPU per
+/// SET against 48-59 (`scripts/bench-cluster.sh 5`, two rounds each,
+/// interleaved). Pages it evicts stay in the kernel's page cache.
+const CACHE_BYTES: usize = 64 << 20;
 /// Names the database directory in use.
 const CURRENT: &str = "CURRENT";
 /// The database file inside a generation's directory.
 const DB_FILE: &str = "state.redb";
 
-type Table<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
-type ReadTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+/// Memory written since the last flush past which the applier asks for
+/// an early one.
+const FLUSH_EARLY_BYTES: usize = 64 << 20;
 
 /// The key-value state machine.
 #[derive(Debug)]
 pub struct StateMachine {
     dir: PathBuf,
-    /// The database in use. Held for writing only while a loaded snapshot
-    /// takes its place; everything else clones the `Arc` and goes on.
-    current: RwLock<Arc<Gen>>,
-    /// Serializes batches with a snapshot load's switch (there is one
-    /// applier; this keeps a batch from landing in a replaced database).
+    /// The latest applied state: its layers and the database they rest
+    /// on. Held for writing only to publish a new one; readers clone the
+    /// `Arc` and go on.
+    state: RwLock<Arc<State>>,
+    /// Serializes the publishers of a new state: batches, a flush's freeze
+    /// and thaw, a snapshot load's switch.
     applying: Mutex<()>,
+    /// One flush at a time (and no snapshot load during one).
+    flushing: Mutex<()>,
+    /// Told when memory holds more than `FLUSH_EARLY_BYTES` of writes.
+    flush_wanted: tokio::sync::Notify,
     /// Counts loaded snapshots: a snapshot scan that saw this change wrote
     /// a state that is no longer this node's.
     loads: AtomicU64,
     /// Held while a snapshot is being written (one at a time).
     writing: Mutex<()>,
-    /// The last read transaction's table, and the applied index (and load
-    /// count) it was opened at: reads at the same index share it, so a
-    /// burst of reads with no write between them opens one transaction.
-    last_read: Mutex<Option<(u64, u64, Arc<ReadTable>)>>,
     applied_tx: watch::Sender<u64>,
     applied_term: AtomicU64,
+}
+
+/// One applied state.
+#[derive(Clone)]
+struct State {
+    layers: Layers,
+    gen: Arc<Gen>,
 }
 
 /// One generation of the database. Closed on a thread of its own when the
@@ -587,9 +602,13 @@ pub struct StateMachine {
 /// then.
 struct Gen {
     db: Option<redb::Database>,
-    /// The database file.
-    file: PathBuf,
     retired: Mutex<Option<PathBuf>>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("State")
+    }
 }
 
 impl std::fmt::Debug for Gen {
@@ -632,7 +651,7 @@ impl Drop for Gen {
 /// [`StateMachine::read_view`]. Keys whose expiry time the state's clock
 /// has passed are invisible through it.
 pub struct ReadView {
-    table: Result<Arc<ReadTable>, String>,
+    state: Arc<State>,
     /// The state's clock, read the first time a key with an expiry time
     /// is met (most reads never need it).
     clock: std::cell::OnceCell<u64>,
@@ -645,19 +664,18 @@ impl std::fmt::Debug for ReadView {
 }
 
 impl ReadView {
-    fn new(table: Result<Arc<ReadTable>, String>) -> ReadView {
+    fn new(state: Arc<State>) -> ReadView {
         ReadView {
-            table,
+            state,
             clock: std::cell::OnceCell::new(),
         }
     }
 
     /// The state's clock.
     fn now(&self) -> u64 {
-        *self.clock.get_or_init(|| match &self.table {
-            Ok(t) => meta(&**t, CLOCK).unwrap_or(0),
-            Err(_) => 0,
-        })
+        *self
+            .clock
+            .get_or_init(|| meta(&self.state.layers, CLOCK).unwrap_or(0))
     }
 
     /// Whether a stored value is live (its expiry, if any, not reached).
@@ -666,14 +684,12 @@ impl ReadView {
         st.expires.is_none() || !st.expired(self.now())
     }
 
-    fn t(&self) -> Result<&ReadTable, KvError> {
-        self.table
-            .as_deref()
-            .map_err(|e| KvError::Storage(e.clone()))
+    fn t(&self) -> Result<&Layers, KvError> {
+        Ok(&self.state.layers)
     }
 
     /// A live key's stored value, undecoded.
-    fn raw(&self, key: &[u8]) -> Result<Option<redb::AccessGuard<'_, &'static [u8]>>, KvError> {
+    fn raw(&self, key: &[u8]) -> Result<Option<Val>, KvError> {
         Ok(self
             .t()?
             .get(dkey(key).as_slice())?
@@ -681,7 +697,7 @@ impl ReadView {
     }
 
     /// A live string key's stored value (`WrongType` for another type).
-    fn raw_str(&self, key: &[u8]) -> Result<Option<redb::AccessGuard<'_, &'static [u8]>>, KvError> {
+    fn raw_str(&self, key: &[u8]) -> Result<Option<Val>, KvError> {
         match self.raw(key)? {
             Some(v) if Stored::decode(v.value()).kind != T_STRING => Err(KvError::WrongType),
             v => Ok(v),
@@ -800,7 +816,7 @@ impl ReadView {
             ReadCmd::Keys(pattern) => {
                 let mut out = Vec::new();
                 let mut total = 0usize;
-                for kv in t.range(DATA..DATA_END)? {
+                for kv in t.range(DATA, DATA_END)? {
                     let (k, v) = kv?;
                     let key = user_key(k.value());
                     if glob_match(pattern, key) && live(v.value()) {
@@ -824,7 +840,7 @@ impl ReadView {
                 let mut keys = Vec::new();
                 let mut last_hash = None;
                 let mut next = 0u64;
-                for (seen, kv) in t.range(start.as_slice()..DATA_END)?.enumerate() {
+                for (seen, kv) in t.range(start.as_slice(), DATA_END)?.enumerate() {
                     let (k, v) = kv?;
                     let k = k.value();
                     if k.len() < DATA_HEAD {
@@ -858,8 +874,8 @@ impl ReadView {
                 // yet removed are stepped over, a bounded number of them).
                 let mut start = DATA.to_vec();
                 start.extend_from_slice(&fastrand::u64(..).to_be_bytes());
-                let from_point = t.range(start.as_slice()..DATA_END)?;
-                let from_start = t.range(DATA..DATA_END)?;
+                let from_point = t.range(start.as_slice(), DATA_END)?;
+                let from_start = t.range(DATA, DATA_END)?;
                 let mut pick = None;
                 for kv in from_point.chain(from_start).take(10_000) {
                     let (k, v) = kv?;
@@ -884,7 +900,7 @@ impl ReadView {
         let mut end = EXPIRES.to_vec();
         end.extend_from_slice(&now.saturating_add(1).to_be_bytes());
         let mut out = Vec::new();
-        for kv in self.t()?.range(EXPIRES..end.as_slice())?.take(max) {
+        for kv in self.t()?.range(EXPIRES, end.as_slice())?.take(max) {
             let (k, _) = kv?;
             out.push(user_key(&data_key_of_expiry(k.value())).to_vec());
         }
@@ -893,7 +909,7 @@ impl ReadView {
 
     /// Whether any key has an expiry time.
     pub fn has_expiring_keys(&self) -> Result<bool, KvError> {
-        Ok(self.t()?.range(EXPIRES..EXPIRES_END)?.next().is_some())
+        Ok(self.t()?.range(EXPIRES, EXPIRES_END)?.next().is_some())
     }
 }
 
@@ -939,7 +955,15 @@ fn u64_of(v: Option<&[u8]>) -> u64 {
 }
 
 /// A metadata number (0 when absent).
-fn meta(t: &impl ReadableTable<&'static [u8], &'static [u8]>, key: &[u8]) -> Result<u64, KvError> {
+fn meta(t: &Layers, key: &[u8]) -> Result<u64, KvError> {
+    Ok(u64_of(t.get(key)?.as_ref().map(|v| v.value())))
+}
+
+/// A metadata number in a table of the database itself (0 when absent).
+fn table_meta(
+    t: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    key: &[u8],
+) -> Result<u64, KvError> {
     Ok(u64_of(t.get(key)?.as_ref().map(|v| v.value())))
 }
 
@@ -1096,7 +1120,7 @@ fn tag_values(db: &redb::Database) -> Result<(), KvError> {
         let txn = db.begin_write()?;
         let done = {
             let mut t = txn.open_table(KV)?;
-            if meta(&t, FORMAT)? >= VALUE_FORMAT {
+            if table_meta(&t, FORMAT)? >= VALUE_FORMAT {
                 return Ok(());
             }
             let from: Vec<u8> = t
@@ -1234,32 +1258,48 @@ impl StateMachine {
         }
         let db = open_db(&dir.join(&gen))?;
         tag_values(&db)?;
-        let (applied, term) = {
-            let t = db.begin_read()?.open_table(KV)?;
-            (meta(&t, APPLIED)?, meta(&t, APPLIED_TERM)?)
-        };
+        let base = Arc::new(db.begin_read()?.open_table(KV)?);
+        let (applied, term) = (
+            table_meta(&*base, APPLIED)?,
+            table_meta(&*base, APPLIED_TERM)?,
+        );
         let (applied_tx, _) = watch::channel(applied);
         Ok(StateMachine {
             dir: dir.to_path_buf(),
-            current: RwLock::new(Arc::new(Gen {
-                db: Some(db),
-                file: dir.join(&gen).join(DB_FILE),
-                retired: Mutex::new(None),
+            state: RwLock::new(Arc::new(State {
+                layers: Layers::on(base),
+                gen: Arc::new(Gen {
+                    db: Some(db),
+                    retired: Mutex::new(None),
+                }),
             })),
             applying: Mutex::new(()),
+            flushing: Mutex::new(()),
+            flush_wanted: tokio::sync::Notify::new(),
             loads: AtomicU64::new(0),
             writing: Mutex::new(()),
-            last_read: Mutex::new(None),
             applied_tx,
             applied_term: AtomicU64::new(term),
         })
     }
 
-    fn gen(&self) -> Arc<Gen> {
-        self.current
+    /// The latest applied state.
+    fn state(&self) -> Arc<State> {
+        self.state
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Makes `next` the latest applied state (with `applying` held).
+    fn publish(&self, next: State) {
+        *self.state.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
+    }
+
+    /// Waits until memory holds enough writes that a flush should not wait
+    /// for its usual time.
+    pub async fn flush_wanted(&self) {
+        self.flush_wanted.notified().await
     }
 
     /// The index of the last applied entry.
@@ -1323,17 +1363,15 @@ impl StateMachine {
                 .map(|_| Err(KvError::AlreadyApplied))
                 .collect());
         }
-        let gen = self.gen();
-        let mut txn = gen.db().begin_write()?;
-        txn.set_durability(Durability::None)?;
+        let mut next = State::clone(&self.state());
         let mut last = applied;
         let mut outcomes = Vec::with_capacity(entries.len());
         {
-            let mut t = txn.open_table(KV)?;
-            let count = meta(&t, COUNT)?;
-            let clock = meta(&t, CLOCK)?;
+            let t = &mut next.layers;
+            let count = meta(t, COUNT)?;
+            let clock = meta(t, CLOCK)?;
             let mut st = Staged {
-                t: &mut t,
+                t,
                 count,
                 now: clock,
                 index: applied,
@@ -1352,6 +1390,7 @@ impl StateMachine {
                 });
             }
             let (count_now, clock_now) = (st.count, st.now);
+            let t = st.t;
             if count_now != count {
                 t.insert(COUNT, count_now.to_be_bytes().as_slice())?;
             }
@@ -1363,7 +1402,11 @@ impl StateMachine {
                 t.insert(APPLIED_TERM, term.to_be_bytes().as_slice())?;
             }
         }
-        txn.commit()?;
+        let early = next.layers.active_bytes > FLUSH_EARLY_BYTES && next.layers.frozen.is_none();
+        self.publish(next);
+        if early {
+            self.flush_wanted.notify_one();
+        }
         if let Some(t) = last_term {
             self.applied_term.store(t, Ordering::Release);
         }
@@ -1373,45 +1416,10 @@ impl StateMachine {
 
     /// Runs `f` on a view of one applied state: all the keys a command
     /// reads (MGET, multi-key EXISTS, DBSIZE) come from the same batches.
-    /// Batches go on committing meanwhile; a view that lives long keeps the
-    /// pages it sees from being reused, so keep it short.
+    /// Batches go on being applied meanwhile; a view that lives long keeps
+    /// the memory and the database pages it sees, so keep it short.
     pub fn read_view<T>(&self, f: impl FnOnce(&ReadView) -> T) -> T {
-        // Read before the transaction opens: it sees at least this index
-        // (an index is published after its batch commits), so any reader
-        // that needs at most this index may share it.
-        let applied = self.applied();
-        let loads = self.loads.load(Ordering::Acquire);
-        let cached = self
-            .last_read
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .filter(|(a, l, _)| *a == applied && *l == loads)
-            .map(|(_, _, t)| t.clone());
-        let table = match cached {
-            Some(t) => Ok(t),
-            None => {
-                let gen = self.gen();
-                let opened = gen
-                    .db()
-                    .begin_read()
-                    .map_err(|e| redb::Error::from(e).to_string())
-                    .and_then(|txn| {
-                        txn.open_table(KV)
-                            .map_err(|e| redb::Error::from(e).to_string())
-                    })
-                    .map(Arc::new);
-                if let Ok(t) = &opened {
-                    *self
-                        .last_read
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) =
-                        Some((applied, loads, t.clone()));
-                }
-                opened
-            }
-        };
-        f(&ReadView::new(table))
+        f(&ReadView::new(self.state()))
     }
 
     /// The value of a key.
@@ -1425,30 +1433,50 @@ impl StateMachine {
     }
 
     /// Makes everything applied so far durable (every second, so the log
-    /// can drop what it covers, and on shutdown). The commit also records
-    /// the allocator's state, so opening after a crash does not walk the
-    /// whole file.
+    /// can drop what it covers; sooner when memory holds much; and on
+    /// shutdown): the writes in memory go to the database in one
+    /// transaction while batches go on landing in memory beside them.
     pub fn flush(&self) -> Result<(), KvError> {
-        let gen = self.gen();
-        // The commit below holds up every batch until its fsync returns.
-        // Most of what it would sync is already in the kernel's page cache
-        // (redb writes pages out as its buffer fills): sync it first through
-        // a handle of our own, with no lock held, so the commit finds little
-        // left to do.
-        std::fs::File::open(&gen.file)
-            .and_then(|f| f.sync_data())
-            .map_err(|e| storage(&gen.file, "cannot sync", e))?;
+        let _flushing = self.flushing.lock().unwrap_or_else(PoisonError::into_inner);
+        let (frozen, gen) = {
+            let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut next = State::clone(&self.state());
+            // Every flush commits durably: with nothing in memory, nothing
+            // is waiting. (A frozen layer is left only by a flush that
+            // failed, which put it back.)
+            let Some(frozen) = next.layers.freeze() else {
+                return Ok(());
+            };
+            let gen = next.gen.clone();
+            self.publish(next);
+            (frozen, gen)
+        };
+        let written = (|| -> Result<Arc<ReadTable>, KvError> {
+            let mut txn = gen.db().begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            txn.set_quick_repair(true);
+            {
+                let mut t = txn.open_table(KV)?;
+                Layers::write_to(&frozen, &mut t)?;
+            }
+            txn.commit()?;
+            Ok(Arc::new(gen.db().begin_read()?.open_table(KV)?))
+        })();
         let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut txn = gen.db().begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        txn.set_quick_repair(true);
-        {
-            let mut t = txn.open_table(KV)?;
-            let applied = meta(&t, APPLIED)?;
-            t.insert(APPLIED, applied.to_be_bytes().as_slice())?;
+        let mut next = State::clone(&self.state());
+        match written {
+            Ok(base) => {
+                next.layers.settle(base);
+                self.publish(next);
+                Ok(())
+            }
+            Err(e) => {
+                // The next flush tries again.
+                next.layers.thaw_unwritten();
+                self.publish(next);
+                Err(e)
+            }
         }
-        txn.commit()?;
-        Ok(())
     }
 
     /// Writes a snapshot of the state as it is now (the applied index when
@@ -1461,21 +1489,21 @@ impl StateMachine {
             ));
         };
         let loads = self.loads.load(Ordering::Acquire);
-        let gen = self.gen();
-        let t = gen.db().begin_read()?.open_table(KV)?;
+        let state = self.state();
+        let t = &state.layers;
         let header = snapfile::Header {
-            index: meta(&t, APPLIED)?,
-            term: meta(&t, APPLIED_TERM)?,
-            keys: meta(&t, COUNT)?,
-            clock: meta(&t, CLOCK)?,
+            index: meta(t, APPLIED)?,
+            term: meta(t, APPLIED_TERM)?,
+            keys: meta(t, COUNT)?,
+            clock: meta(t, CLOCK)?,
         };
         let mut meta = Vec::new();
-        for kv in t.range(TOMBS..TOMBS_END)? {
+        for kv in t.range(TOMBS, TOMBS_END)? {
             let (k, v) = kv?;
             meta.push((k.value().to_vec(), v.value().to_vec()));
         }
-        let mut res = scan_into(&t, header, &meta, out);
-        drop(t);
+        let mut res = scan_into(t, header, &meta, out);
+        drop(state);
         if res.is_ok() && self.loads.load(Ordering::Acquire) != loads {
             res = Err(KvError::Internal(
                 "a snapshot from the leader replaced the state while this one was written".into(),
@@ -1555,22 +1583,35 @@ impl StateMachine {
                 return Err(e);
             }
         };
+        let base = match (|| -> Result<_, KvError> { Ok(db.begin_read()?.open_table(KV)?) })() {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                drop(db);
+                let _ = std::fs::remove_dir_all(&path);
+                return Err(e);
+            }
+        };
+        let _flushing = self.flushing.lock().unwrap_or_else(PoisonError::into_inner);
         let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
         replace_file(&self.dir.join(CURRENT), gen.as_bytes())
             .map_err(|e| storage(&self.dir, "cannot switch to the loaded snapshot", e))?;
         let old = {
-            let mut cur = self.current.write().unwrap_or_else(PoisonError::into_inner);
+            let mut cur = self.state.write().unwrap_or_else(PoisonError::into_inner);
             self.loads.fetch_add(1, Ordering::AcqRel);
             let old = std::mem::replace(
                 &mut *cur,
-                Arc::new(Gen {
-                    db: Some(db),
-                    file: path.join(DB_FILE),
-                    retired: Mutex::new(None),
+                Arc::new(State {
+                    layers: Layers::on(base),
+                    gen: Arc::new(Gen {
+                        db: Some(db),
+                        retired: Mutex::new(None),
+                    }),
                 }),
             );
-            *old.retired.lock().unwrap_or_else(PoisonError::into_inner) =
-                Some(self.dir.join(format!("gen-{n}")));
+            *old.gen
+                .retired
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(self.dir.join(format!("gen-{n}")));
             self.applied_term.store(h.term, Ordering::Release);
             self.applied_tx.send_replace(h.index);
             old
@@ -1582,7 +1623,7 @@ impl StateMachine {
 
 /// Writes the data keys of one read transaction to a snapshot file.
 fn scan_into(
-    t: &ReadTable,
+    t: &Layers,
     header: snapfile::Header,
     meta: &[snapfile::Record],
     out: &Path,
@@ -1593,7 +1634,7 @@ fn scan_into(
         snapfile::Writer::with_meta(std::io::BufWriter::with_capacity(1 << 20, f), header, meta)
             .map_err(io)?;
     let mut written = 0u64;
-    for kv in t.range(DATA..DATA_END)? {
+    for kv in t.range(DATA, DATA_END)? {
         let (k, v) = kv?;
         w.record(user_key(k.value()), v.value()).map_err(io)?;
         written += 1;
@@ -1666,8 +1707,8 @@ type Live = (Option<u64>, Vec<u8>);
 /// The batch being applied: reads see its earlier writes. Keys whose
 /// expiry time `now` has passed count as absent (and are replaced or
 /// removed by whatever writes them).
-struct Staged<'a, 't> {
-    t: &'a mut Table<'t>,
+struct Staged<'a> {
+    t: &'a mut Layers,
     count: u64,
     /// The clock for the entry being applied.
     now: u64,
@@ -1675,7 +1716,7 @@ struct Staged<'a, 't> {
     index: u64,
 }
 
-impl Staged<'_, '_> {
+impl Staged<'_> {
     /// A live key of any type. An expired key met here is removed, as
     /// Redis removes one a command touches (every node applies the same
     /// entries at the same clock, so all do alike).
@@ -2086,7 +2127,7 @@ impl Staged<'_, '_> {
             WriteCmd::FlushAll => {
                 let mut keys = Vec::new();
                 for range in [(DATA, DATA_END), (EXPIRES, EXPIRES_END)] {
-                    for kv in self.t.range(range.0..range.1)? {
+                    for kv in self.t.range(range.0, range.1)? {
                         keys.push(kv?.0.value().to_vec());
                     }
                 }
@@ -2485,7 +2526,7 @@ impl Staged<'_, '_> {
     }
 }
 
-impl Staged<'_, '_> {
+impl Staged<'_> {
     /// A read inside a transaction: what the commands before it left.
     fn read_tx(&mut self, r: &ReadTx) -> Result<Value, KvError> {
         Ok(match r {
@@ -2542,7 +2583,7 @@ impl Staged<'_, '_> {
             }
             ReadTx::Keys(pattern) => {
                 let mut keys = Vec::new();
-                for kv in self.t.range(DATA..DATA_END)? {
+                for kv in self.t.range(DATA, DATA_END)? {
                     let (k, v) = kv?;
                     let key = user_key(k.value());
                     if glob_match(pattern, key) && !Stored::decode(v.value()).expired(self.now) {
@@ -3028,6 +3069,103 @@ mod tests {
         );
     }
 
+    /// Flushes run beside the applier (a thread flushing in a loop): every
+    /// read view is still one applied state (a key written by every entry
+    /// holds the view's applied index; the count matches the keys), and
+    /// after a crash (dropped without a flush) the state resumes at the
+    /// last flush exactly, the entries after it left to the log.
+    #[test]
+    fn flushes_beside_batches_keep_views_whole_and_a_crash_resumes_at_the_last_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sm");
+        let sm = std::sync::Arc::new(StateMachine::open(&path).unwrap());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flusher = {
+            let (sm, stop) = (sm.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    sm.flush().unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        let entry = |i: u64| {
+            let v = i.to_string().into_bytes();
+            let k = format!("k{}", i % 97).into_bytes();
+            if i.is_multiple_of(7) {
+                WriteCmd::Del(vec![k])
+            } else {
+                WriteCmd::MSet(vec![(b"last".to_vec(), v.clone()), (k, v)])
+            }
+        };
+        let mut model = std::collections::BTreeMap::new();
+        let check = |sm: &StateMachine| {
+            sm.read_view(|v| {
+                let applied = v.applied().unwrap();
+                let last = v
+                    .get(b"last")
+                    .unwrap()
+                    .map(|b| String::from_utf8(b).unwrap());
+                let last_set = (1..=applied).rev().find(|i| !i.is_multiple_of(7));
+                assert_eq!(last, last_set.map(|i| i.to_string()), "at {applied}");
+                applied
+            })
+        };
+        let mut i = 0u64;
+        let mut during = 0;
+        while i < 6000 {
+            if i.is_multiple_of(500) && i > 0 {
+                // Wait for the flusher to be writing: the next batch lands
+                // beside a frozen layer on its way to the disk.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                while sm.state().layers.frozen.is_none() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no flush froze memory"
+                    );
+                    std::thread::yield_now();
+                }
+                during += 1;
+            }
+            let batch: Vec<(u64, WriteCmd)> = (i + 1..=i + 5).map(|j| (j, entry(j))).collect();
+            let refs: Vec<(u64, Option<&WriteCmd>)> =
+                batch.iter().map(|(j, c)| (*j, Some(c))).collect();
+            sm.apply_many(&refs).unwrap();
+            for (j, c) in &batch {
+                match c {
+                    WriteCmd::Del(k) => {
+                        model.remove(&k[0]);
+                    }
+                    _ => {
+                        model.insert(format!("k{}", j % 97).into_bytes(), j.to_string());
+                    }
+                }
+            }
+            i += 5;
+            assert!(check(&sm) >= i);
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(flusher.join().unwrap() > 0);
+        assert_eq!(during, 11);
+        sm.flush().unwrap();
+        let size = model.len() as u64 + 1;
+        assert_eq!(sm.dbsize().unwrap(), size);
+        // After the last flush: applied, never made durable.
+        for j in 6001..=6100 {
+            sm.apply(j, Some(&entry(j))).unwrap().unwrap();
+        }
+        drop(sm);
+        let sm = StateMachine::open(&path).unwrap();
+        assert_eq!(sm.applied(), 6000);
+        assert_eq!(check(&sm), 6000);
+        assert_eq!(sm.dbsize().unwrap(), size);
+        for (k, v) in &model {
+            assert_eq!(sm.get(k).unwrap(), Some(v.clone().into_bytes()));
+        }
+    }
+
     /// A snapshot is one applied state even while batches keep landing:
     /// every batch rewrites all keys (MSET of the batch's index; every
     /// fifth deletes half of them), so a snapshot at index I must hold
@@ -3117,6 +3255,7 @@ mod tests {
             .unwrap();
         assert!(b.load_snapshot(&file).is_err());
         assert_eq!(b.get(b"y").unwrap(), Some(b"2".to_vec()));
+        b.flush().unwrap();
         drop(b);
         let b = StateMachine::open(&dir.path().join("b")).unwrap();
         assert_eq!(
