@@ -27,6 +27,7 @@ use std::time::Duration;
 /// | `max_unapplied_bytes` | 64 MiB | back-pressure: entry bytes held but not yet taken by the application; over it `submit` answers `Error::Busy` |
 /// | `max_committed_per_ready` | 4096 | committed entries handed to the application in one step |
 /// | `read_policy` | `ReadIndex` | how a leader confirms a linearizable read: a heartbeat round each time, or a lease |
+/// | `commit_notice_delay` | 2 ms | how long a leader waits for an append that carries a new commit index before telling followers in a message of its own; zero: at once |
 /// | `lease_drift_margin` | 30 ms | with `Lease`: the lease is `election_timeout_min` minus this; safe while clock rates differ by less than `margin / (2 * election_timeout_min)` (10% with the defaults) |
 ///
 /// `peers` holds ids only: how to reach a peer is the transport's business
@@ -85,6 +86,13 @@ pub struct Config {
     pub max_committed_per_ready: usize,
     /// How a leader confirms that it still leads before it answers a read.
     pub read_policy: ReadPolicy,
+    /// How long after its commit index moves a leader waits before it sends
+    /// followers an append that carries only the new index. Appends that
+    /// carry entries, and heartbeats, carry it anyway: under load the index
+    /// rides on them and costs no message; when writes pause, followers
+    /// learn it this much later. Zero sends it at once (two appends per
+    /// follower for a lone write).
+    pub commit_notice_delay: Duration,
     /// With [`ReadPolicy::Lease`]: how much shorter than
     /// `election_timeout_min` the lease is, to absorb clock drift.
     pub lease_drift_margin: Duration,
@@ -211,6 +219,7 @@ impl Default for Config {
             max_write_stall: Duration::from_secs(5),
             max_committed_per_ready: 4096,
             read_policy: ReadPolicy::ReadIndex,
+            commit_notice_delay: Duration::from_millis(2),
             lease_drift_margin: Duration::from_millis(30),
             trailing_entries: 1024,
             snapshot_chunk_bytes: 1 << 20,

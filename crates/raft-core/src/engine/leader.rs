@@ -223,6 +223,9 @@ impl Engine {
                 self.log.committed().min(m)
             };
             let round = self.reads.round();
+            if let Some(pr) = self.progress.get_mut(&p) {
+                pr.commit_told = pr.commit_told.max(leader_commit);
+            }
             self.send(
                 p,
                 MessageBody::Heartbeat {
@@ -297,6 +300,7 @@ impl Engine {
             }
             ReplState::Snapshot(_) => {}
         }
+        pr.commit_told = pr.commit_told.max(committed);
         self.send(
             to,
             MessageBody::AppendEntries {
@@ -307,6 +311,22 @@ impl Engine {
             },
         );
         true
+    }
+
+    /// Tells every follower not told yet the commit index, in an append
+    /// (empty if it has every entry).
+    pub(super) fn notify_commit(&mut self) {
+        self.commit_notice = None;
+        let committed = self.log.committed();
+        let peers: Vec<NodeId> = self
+            .progress
+            .iter()
+            .filter(|(_, p)| p.commit_told < committed)
+            .map(|(&id, _)| id)
+            .collect();
+        for p in peers {
+            self.send_append(p, true);
+        }
     }
 
     /// Sends appends to `to` until its pipeline is full or it has everything.
@@ -338,10 +358,13 @@ impl Engine {
             return;
         }
         self.log.commit_to(n);
-        // Followers learn the new commit index promptly.
-        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
-        for p in peers {
-            self.send_append(p, true);
+        // Followers learn the new commit index from the next append or
+        // heartbeat; those still not told after `commit_notice_delay` get
+        // an append of their own.
+        if self.cfg.commit_notice_delay.is_zero() {
+            self.notify_commit();
+        } else if self.commit_notice.is_none() {
+            self.commit_notice = Some(self.now + self.cfg.commit_notice_delay);
         }
         self.after_commit();
         if self.role != Role::Leader {

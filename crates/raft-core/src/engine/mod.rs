@@ -65,6 +65,9 @@ pub struct Engine {
     election_deadline: Duration,
     heartbeat_deadline: Duration,
     quorum_deadline: Duration,
+    /// On a leader whose commit index moved: when followers not told yet
+    /// get an append of their own that carries it.
+    commit_notice: Option<Duration>,
     last_leader_contact: Option<Duration>,
 
     votes: BTreeMap<NodeId, bool>,
@@ -229,6 +232,7 @@ impl Engine {
             election_deadline: now,
             heartbeat_deadline: now,
             quorum_deadline: now,
+            commit_notice: None,
             last_leader_contact: None,
             votes: BTreeMap::new(),
             progress: BTreeMap::new(),
@@ -371,10 +375,13 @@ impl Engine {
     /// The earliest time at which [`Engine::tick`] has something to do.
     pub fn next_deadline(&self) -> Duration {
         match self.role {
-            Role::Leader if self.cfg.check_quorum => {
-                self.heartbeat_deadline.min(self.quorum_deadline)
+            Role::Leader => {
+                let mut d = self.heartbeat_deadline;
+                if self.cfg.check_quorum {
+                    d = d.min(self.quorum_deadline);
+                }
+                self.commit_notice.map_or(d, |c| d.min(c))
             }
-            Role::Leader => self.heartbeat_deadline,
             _ => self.election_deadline,
         }
     }
@@ -400,6 +407,9 @@ impl Engine {
         self.now = self.now.max(now);
         let now = self.now;
         if self.role == Role::Leader {
+            if self.commit_notice.is_some_and(|at| now >= at) {
+                self.notify_commit();
+            }
             if now >= self.heartbeat_deadline {
                 self.heartbeat_deadline = now + self.cfg.heartbeat_interval;
                 self.on_heartbeat_timer();
@@ -881,6 +891,7 @@ impl Engine {
             self.progress.clear();
             self.learned.clear();
         }
+        self.commit_notice = None;
         self.transfer = None;
         if self.role != Role::Follower || self.leader != leader {
             tracing::debug!(
@@ -1004,6 +1015,7 @@ impl Engine {
             .collect();
         self.heartbeat_deadline = now + self.cfg.heartbeat_interval;
         self.quorum_deadline = now + self.cfg.election_timeout_min;
+        self.commit_notice = None;
         if !broken(Mutation::CommitOldTerm) {
             self.append_local(EntryPayload::Blank);
         }

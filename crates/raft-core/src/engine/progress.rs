@@ -43,6 +43,9 @@ pub(crate) struct Progress {
     pub(crate) round_acked: u64,
     /// When replication last made progress (or the pipeline was last empty).
     pub(crate) last_progress: Duration,
+    /// The highest commit index sent to the follower (in an append, or a
+    /// heartbeat within what it holds).
+    pub(crate) commit_told: LogIndex,
 }
 
 impl Progress {
@@ -58,6 +61,7 @@ impl Progress {
             recent_active: false,
             round_acked: 0,
             last_progress: now,
+            commit_told: 0,
         }
     }
 

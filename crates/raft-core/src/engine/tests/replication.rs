@@ -258,3 +258,61 @@ fn s5_3_batches_respect_max_entries_and_bytes() {
 }
 
 // ----- §5.4.2 committing entries from previous terms (Figure 8) ------------------------
+
+/// Writes proposed one after another, each while the previous one's
+/// messages are still moving (the shape of MIT 6.5840's "Count" test: 11
+/// agreements on 3 nodes within 42 requests), with `delay`: the requests
+/// the leader sent until every node applied them all, and whether the
+/// followers had applied the last one before the notice delay passed.
+fn requests_for_writes(delay: Duration) -> (u64, bool) {
+    let mut c = Cluster::new(3, |mut cfg| {
+        cfg.commit_notice_delay = delay;
+        cfg
+    });
+    c.elect(1);
+    heartbeat_round(&mut c, 1);
+    c.requests = 0;
+    let start = c.now;
+    let mut last = 0;
+    for i in 0..11 {
+        last = c
+            .node(1)
+            .propose(format!("w{i}").into_bytes())
+            .unwrap()
+            .index;
+        c.step();
+    }
+    c.settle_in_no_time();
+    let followers_knew = [2, 3]
+        .iter()
+        .all(|id| c.applied[id].last().is_some_and(|e| e.index == last));
+    assert!(c.node(1).next_deadline() <= start + delay.max(ms(100)));
+    c.tick_node(1, start + delay);
+    c.settle();
+    for id in 1..=3 {
+        assert_eq!(
+            c.applied[&id].last().map(|e| e.index),
+            Some(last),
+            "node {id} applied every write once the notice went out"
+        );
+    }
+    (c.requests, followers_knew)
+}
+
+#[test]
+fn the_commit_index_rides_on_later_appends_and_a_delayed_notice_reaches_idle_followers() {
+    let (deferred, knew) = requests_for_writes(ms(2));
+    // One append per follower per write, one notice round at the end.
+    assert!(
+        deferred <= 2 * 11 + 2,
+        "{deferred} requests for 11 writes on 3 nodes"
+    );
+    assert!(!knew, "the last index waits for the notice");
+    // Told at once, every commit costs each follower one more append.
+    let (immediate, knew) = requests_for_writes(Duration::ZERO);
+    assert!(knew);
+    assert!(
+        immediate > 42,
+        "{immediate} requests with the notice sent at once"
+    );
+}
