@@ -6,6 +6,7 @@
 #   BIN=path/to/raft-kv scripts/bench-cluster.sh 5   (compare two builds)
 #   READ_POLICY=lease scripts/bench-cluster.sh 5      (leader lease reads)
 #   LOG_ENGINE=wal scripts/bench-cluster.sh 5         (the segment-file log)
+#   NODE_ARGS="--commit-notice-ms 0" scripts/bench-cluster.sh 5  (more node options)
 #   ANCHOR=redis scripts/bench-cluster.sh 5           (then one durable redis-server:
 #                                                      appendonly yes, appendfsync always)
 #   FILL=1000000 scripts/bench-cluster.sh 5           (then fill that many keys of 256 B
@@ -25,6 +26,8 @@ trap cleanup EXIT
 policy=()
 if [ -n "${READ_POLICY:-}" ]; then policy=(--read-policy "$READ_POLICY"); fi
 if [ -n "${LOG_ENGINE:-}" ]; then policy+=(--log-engine "$LOG_ENGINE"); fi
+# Any other node options, e.g. NODE_ARGS="--commit-notice-ms 0".
+if [ -n "${NODE_ARGS:-}" ]; then read -ra extra <<<"$NODE_ARGS"; policy+=("${extra[@]}"); fi
 $bin certs --dir "$dir/certs" --nodes 1,2,3 >/dev/null
 for id in 1 2 3; do
   peers=()
@@ -58,17 +61,25 @@ echo "leader: node $leader ($addr)"
 # CPU time (user + system, clock ticks) of the three node processes.
 cpu() { local t=0 f; for p in "${pids[@]}"; do read -ra f < "/proc/$p/stat"; t=$((t + f[13] + f[14])); done; echo "$t"; }
 tck=$(getconf CLK_TCK)
+# Raft messages the three nodes have queued to each other (INFO's
+# peer_messages_sent; 0 for a build that does not count them).
+sent() { local t=0 id n; for id in 1 2 3; do n=$(info "$id" | grep -oE 'peer_messages_sent:[0-9]+' | cut -d: -f2); t=$((t + ${n:-0})); done; echo "$t"; }
 
 echo "-- first fill: every SET of this run creates a key (100,000 keys)"
 $bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set
 echo "-- steady state: SETs overwrite existing keys"
-$bin bench --addr "$addr" --clients 1 --conns 1 --secs "$secs" --value-size 256 --op set
-for _ in 1 2 3; do
-  c0=$(cpu)
-  out=$($bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op set)
-  c1=$(cpu)
+# Cluster CPU and Raft messages per SET, after the load generator's output.
+measured() {
+  local c0 m0 c1 m1 out ops
+  c0=$(cpu); m0=$(sent)
+  out=$($bin bench --addr "$addr" "$@" --secs "$secs" --value-size 256 --op set)
+  c1=$(cpu); m1=$(sent)
   ops=$(head -1 <<<"$out" | awk '{print $1}')
-  echo "$out; cluster CPU per op: $(( (c1 - c0) * 1000000000 / tck / ops )) ns"
+  echo "$out; cluster CPU per op: $(( (c1 - c0) * 1000000000 / tck / ops )) ns; Raft messages per op: $(awk -v m=$((m1 - m0)) -v o="$ops" 'BEGIN {printf "%.2f", m / o}')"
+}
+measured --clients 1 --conns 1
+for _ in 1 2 3; do
+  measured --clients 256 --conns 16
 done
 $bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op get
 $bin bench --addr "$addr" --clients 1 --conns 1 --secs "$secs" --value-size 256 --op get

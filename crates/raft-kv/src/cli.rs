@@ -186,6 +186,11 @@ struct NodeArgs {
     /// Election timeout upper bound in milliseconds (default 300).
     #[arg(long)]
     election_max_ms: Option<u64>,
+    /// How long a leader waits for the next append or heartbeat to carry a
+    /// new commit index before it sends it on its own, in milliseconds
+    /// (default 2; 0: at once).
+    #[arg(long)]
+    commit_notice_ms: Option<u64>,
     /// Require clients to AUTH with this password. Prefer
     /// `--password-file` or the RAFT_KV_PASSWORD environment variable: a
     /// command line is visible to every user through `ps`.
@@ -290,6 +295,7 @@ struct FileConfig {
     heartbeat_ms: Option<u64>,
     election_min_ms: Option<u64>,
     election_max_ms: Option<u64>,
+    commit_notice_ms: Option<u64>,
     password: Option<String>,
     password_file: Option<PathBuf>,
     protected_mode: Option<String>,
@@ -461,6 +467,10 @@ fn node_setup(a: NodeArgs, serving: bool) -> anyhow::Result<Setup> {
     ms(
         a.election_max_ms.or(f.election_max_ms),
         &mut raft.election_timeout_max,
+    );
+    ms(
+        a.commit_notice_ms.or(f.commit_notice_ms),
+        &mut raft.commit_notice_delay,
     );
     if let Some(t) = a.compact_threshold.or(f.compact_threshold) {
         raft.compact_threshold = t;
@@ -1030,11 +1040,13 @@ mod tests {
         let args = NodeArgs {
             config: Some(f.clone()),
             heartbeat_ms: Some(50),
+            commit_notice_ms: Some(0),
             ..Default::default()
         };
         let cfg = node_config(args).unwrap();
         assert_eq!(cfg.peers.len(), 2);
         assert_eq!(cfg.raft.heartbeat_interval, Duration::from_millis(50));
+        assert_eq!(cfg.raft.commit_notice_delay, Duration::ZERO);
         let bad = NodeArgs {
             config: Some(f.clone()),
             election_min_ms: Some(400),

@@ -76,6 +76,7 @@ pub struct Metrics {
     pub snapshots: Counter,
     /// Messages to peers the transport dropped because a queue was full.
     peer_messages_dropped: Counter,
+    peer_messages_sent: Counter,
     /// The QUIC transport's counters (the binary's transport).
     net: std::sync::OnceLock<raft_net_quic::NetStats>,
     role: Family<RoleLabel, Gauge>,
@@ -126,6 +127,7 @@ impl Metrics {
             leader_changes: Counter::default(),
             snapshots: Counter::default(),
             peer_messages_dropped: Counter::default(),
+            peer_messages_sent: Counter::default(),
             net: std::sync::OnceLock::new(),
             role: Family::default(),
             term: Gauge::default(),
@@ -191,6 +193,11 @@ impl Metrics {
             "peer_messages_dropped",
             "Messages to peers dropped because the peer's send queue was full",
             m.peer_messages_dropped.clone(),
+        );
+        r.register(
+            "peer_messages_sent",
+            "Messages queued to peers (appends, heartbeats, votes, answers, snapshot chunks)",
+            m.peer_messages_sent.clone(),
         );
         r.register(
             "raft_role",
@@ -316,6 +323,12 @@ impl Metrics {
         self.net.get().map_or(0, raft_net_quic::NetStats::dropped)
     }
 
+    /// Messages queued to peers (0 for a transport that does not count
+    /// them).
+    pub fn peer_messages_sent(&self) -> u64 {
+        self.net.get().map_or(0, raft_net_quic::NetStats::sent)
+    }
+
     /// Renders without per-peer progress (for callers that cannot wait).
     pub fn render(&self, node: &KvNode) -> String {
         self.render_with(node, &[])
@@ -367,6 +380,10 @@ impl Metrics {
         );
         if dropped > counted {
             self.peer_messages_dropped.inc_by(dropped - counted);
+        }
+        let (sent, counted) = (self.peer_messages_sent(), self.peer_messages_sent.get());
+        if sent > counted {
+            self.peer_messages_sent.inc_by(sent - counted);
         }
         self.snapshot_index.set(g(s.snapshot_index));
         self.snapshot_bytes.set(g(st.bytes));

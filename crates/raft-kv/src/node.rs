@@ -983,7 +983,7 @@ impl KvNode {
             ..
         } = self.snaps.stats();
         format!(
-            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\npurged_index:{}\r\nsnapshot_index:{}\r\nsnapshot_bytes:{bytes}\r\nsnapshot_keys:{keys}\r\nsnapshot_last_duration_ms:{last_duration_ms}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nread_policy:{}\r\nmembers:{}\r\npeer_messages_dropped:{}\r\n{membership_line}",
+            "# Raft\r\nnode_id:{}\r\nrole:{role}\r\n{stopped_line}term:{}\r\nleader_id:{}\r\ncommit_index:{}\r\napplied_index:{}\r\nlast_log_index:{}\r\npurged_index:{}\r\nsnapshot_index:{}\r\nsnapshot_bytes:{bytes}\r\nsnapshot_keys:{keys}\r\nsnapshot_last_duration_ms:{last_duration_ms}\r\nunapplied_bytes:{}\r\nmax_entry_bytes:{}\r\nread_policy:{}\r\nmembers:{}\r\npeer_messages_dropped:{}\r\npeer_messages_sent:{}\r\n{membership_line}",
             s.id,
             s.term,
             s.leader.map_or_else(|| "none".to_string(), |l| l.to_string()),
@@ -1000,6 +1000,7 @@ impl KvNode {
             },
             members.join(","),
             self.metrics.peer_messages_dropped(),
+            self.metrics.peer_messages_sent(),
         )
     }
 }

@@ -38,6 +38,8 @@ pub(crate) struct Inbound {
     /// Messages to peers dropped since the start because the peer's
     /// queue was full (Raft sends again; each one is a lost round trip).
     pub(crate) dropped: std::sync::atomic::AtomicU64,
+    /// Messages queued to peers since the start.
+    pub(crate) sent: std::sync::atomic::AtomicU64,
     /// Refusal warnings, at most one per interval per claimed id.
     pub(crate) refusals: Mutex<HashMap<NodeId, WarnLimiter>>,
     /// Peer addresses (shared with the outbound links): a peer this node

@@ -81,6 +81,7 @@ impl std::fmt::Debug for NetStats {
         f.debug_struct("NetStats")
             .field("refused", &self.refused())
             .field("dropped", &self.dropped())
+            .field("sent", &self.sent())
             .finish()
     }
 }
@@ -99,6 +100,12 @@ impl NetStats {
         self.inbound
             .dropped
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Messages queued to peers (Raft's own: appends, heartbeats, votes,
+    /// answers, snapshot chunks).
+    pub fn sent(&self) -> u64 {
+        self.inbound.sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -156,6 +163,7 @@ impl QuicTransport {
             connections: Default::default(),
             refusals: Default::default(),
             refused: Default::default(),
+            sent: Default::default(),
             dropped: Default::default(),
             addrs: addrs.clone(),
             rpc: RwLock::new(None),
@@ -355,7 +363,11 @@ impl Transport for QuicTransport {
         } else {
             &q.bulk
         };
-        if tx.try_send(msg).is_err() {
+        if tx.try_send(msg).is_ok() {
+            self.handler_slot
+                .sent
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
             self.handler_slot
                 .dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
