@@ -1040,10 +1040,16 @@ async fn release_loop(raft: Raft, sm: Arc<StateMachine>) {
     let mut tick = tokio::time::interval(RELEASE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut released = sm.applied();
+    let mut failed = false;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = sm.flush_wanted() => {}
+        if failed {
+            // After a failure, wait the whole interval before trying again.
+            tick.tick().await;
+        } else {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = sm.flush_wanted() => {}
+            }
         }
         // Read before the flush: the flush covers at least this much.
         let applied = sm.applied();
@@ -1054,6 +1060,7 @@ async fn release_loop(raft: Raft, sm: Arc<StateMachine>) {
         let t0 = std::time::Instant::now();
         match tokio::task::spawn_blocking(move || flushing.flush()).await {
             Ok(Ok(())) => {
+                failed = false;
                 tracing::debug!(
                     ms = t0.elapsed().as_millis() as u64,
                     "state machine flushed"
@@ -1061,6 +1068,7 @@ async fn release_loop(raft: Raft, sm: Arc<StateMachine>) {
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "state machine flush failed; the log keeps its entries");
+                failed = true;
                 continue;
             }
             Err(_) => return,

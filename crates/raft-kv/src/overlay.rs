@@ -55,6 +55,8 @@ pub(crate) struct Layers {
     pub(crate) active_bytes: usize,
     /// Frozen by a flush that has not finished: on its way to `base`.
     pub(crate) frozen: Option<Mem>,
+    /// `active_bytes` when `frozen` froze.
+    pub(crate) frozen_bytes: usize,
     /// The database as of the last finished flush.
     pub(crate) base: Arc<ReadTable>,
 }
@@ -66,6 +68,7 @@ impl Layers {
             active: Mem::new(),
             active_bytes: 0,
             frozen: None,
+            frozen_bytes: 0,
             base,
         }
     }
@@ -122,7 +125,7 @@ impl Layers {
             return None;
         }
         let frozen = std::mem::take(&mut self.active);
-        self.active_bytes = 0;
+        self.frozen_bytes = std::mem::take(&mut self.active_bytes);
         self.frozen = Some(frozen.clone());
         Some(frozen)
     }
@@ -133,17 +136,14 @@ impl Layers {
         if let Some(frozen) = self.frozen.take() {
             let active = std::mem::take(&mut self.active);
             self.active = active.union(frozen);
-            self.active_bytes = self
-                .active
-                .iter()
-                .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()) + ENTRY_OVERHEAD)
-                .sum();
+            self.active_bytes += std::mem::take(&mut self.frozen_bytes);
         }
     }
 
     /// After a flush that wrote the frozen layer: `base` holds it now.
     pub(crate) fn settle(&mut self, base: Arc<ReadTable>) {
         self.frozen = None;
+        self.frozen_bytes = 0;
         self.base = base;
     }
 

@@ -563,6 +563,11 @@ const DB_FILE: &str = "state.redb";
 /// Memory written since the last flush past which the applier asks for
 /// an early one.
 const FLUSH_EARLY_BYTES: usize = 64 << 20;
+/// Memory written since the last flush past which the applier flushes
+/// itself before it applies more: a slow disk holds the applier back (and
+/// Raft's unapplied-bytes limit the clients), a failing one stops it with
+/// the disk's error, rather than memory growing without end.
+const FLUSH_HARD_BYTES: usize = 4 * FLUSH_EARLY_BYTES;
 
 /// The key-value state machine.
 #[derive(Debug)]
@@ -577,8 +582,11 @@ pub struct StateMachine {
     applying: Mutex<()>,
     /// One flush at a time (and no snapshot load during one).
     flushing: Mutex<()>,
-    /// Told when memory holds more than `FLUSH_EARLY_BYTES` of writes.
+    /// Told when memory holds more than `flush_early` bytes of writes.
     flush_wanted: tokio::sync::Notify,
+    /// `FLUSH_EARLY_BYTES` and `FLUSH_HARD_BYTES` (smaller in tests).
+    flush_early: usize,
+    flush_hard: usize,
     /// Counts loaded snapshots: a snapshot scan that saw this change wrote
     /// a state that is no longer this node's.
     loads: AtomicU64,
@@ -1276,6 +1284,8 @@ impl StateMachine {
             applying: Mutex::new(()),
             flushing: Mutex::new(()),
             flush_wanted: tokio::sync::Notify::new(),
+            flush_early: FLUSH_EARLY_BYTES,
+            flush_hard: FLUSH_HARD_BYTES,
             loads: AtomicU64::new(0),
             writing: Mutex::new(()),
             applied_tx,
@@ -1355,6 +1365,10 @@ impl StateMachine {
         entries: &[(u64, Option<u64>, Option<&WriteCmd>)],
         last_term: Option<u64>,
     ) -> Result<Vec<Reply>, KvError> {
+        if self.state().layers.active_bytes > self.flush_hard {
+            // The only applier: nothing adds to memory meanwhile.
+            self.flush()?;
+        }
         let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
         let applied = self.applied();
         if entries.iter().all(|&(i, _, _)| i <= applied) {
@@ -1402,7 +1416,7 @@ impl StateMachine {
                 t.insert(APPLIED_TERM, term.to_be_bytes().as_slice())?;
             }
         }
-        let early = next.layers.active_bytes > FLUSH_EARLY_BYTES && next.layers.frozen.is_none();
+        let early = next.layers.active_bytes > self.flush_early && next.layers.frozen.is_none();
         self.publish(next);
         if early {
             self.flush_wanted.notify_one();
@@ -1441,9 +1455,10 @@ impl StateMachine {
         let (frozen, gen) = {
             let _applying = self.applying.lock().unwrap_or_else(PoisonError::into_inner);
             let mut next = State::clone(&self.state());
+            // A frozen layer left by a flush that panicked goes back first.
+            next.layers.thaw_unwritten();
             // Every flush commits durably: with nothing in memory, nothing
-            // is waiting. (A frozen layer is left only by a flush that
-            // failed, which put it back.)
+            // is waiting.
             let Some(frozen) = next.layers.freeze() else {
                 return Ok(());
             };
@@ -3067,6 +3082,56 @@ mod tests {
             torn, 0,
             "{torn} of {reads} reads saw half a batch, e.g. (values, dbsize) = {example:?}"
         );
+    }
+
+    /// With nothing flushing it, memory stays within the hard limit: the
+    /// applier flushes itself (and what it flushed survives a crash).
+    #[test]
+    fn the_applier_flushes_itself_past_the_memory_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sm");
+        let mut sm = StateMachine::open(&path).unwrap();
+        sm.flush_early = 4 << 10;
+        sm.flush_hard = 16 << 10;
+        let value = vec![b'v'; 200];
+        let mut most = 0;
+        for i in 1..=2000u64 {
+            let cmd = WriteCmd::MSet(vec![(format!("k{}", i % 500).into_bytes(), value.clone())]);
+            sm.apply(i, Some(&cmd)).unwrap().unwrap();
+            most = most.max(sm.state().layers.active_bytes);
+        }
+        assert!(most <= (16 << 10) + 1024, "memory held {most} bytes");
+        drop(sm);
+        let sm = StateMachine::open(&path).unwrap();
+        assert!(sm.applied() > 1500, "flushed up to {}", sm.applied());
+        assert_eq!(sm.dbsize().unwrap(), 500);
+    }
+
+    /// A frozen layer left behind (its flush panicked half way) is written
+    /// by the next flush rather than taken for one in progress.
+    #[test]
+    fn a_frozen_layer_left_by_a_flush_that_died_is_written_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sm");
+        let sm = StateMachine::open(&path).unwrap();
+        sm.apply(1, Some(&set("a", "1", SetCond::Always)))
+            .unwrap()
+            .unwrap();
+        {
+            let _applying = sm.applying.lock().unwrap();
+            let mut next = State::clone(&sm.state());
+            assert!(next.layers.freeze().is_some());
+            sm.publish(next);
+        }
+        sm.apply(2, Some(&set("b", "2", SetCond::Always)))
+            .unwrap()
+            .unwrap();
+        sm.flush().unwrap();
+        drop(sm);
+        let sm = StateMachine::open(&path).unwrap();
+        assert_eq!(sm.applied(), 2);
+        assert_eq!(sm.get(b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(sm.get(b"b").unwrap(), Some(b"2".to_vec()));
     }
 
     /// Flushes run beside the applier (a thread flushing in a loop): every

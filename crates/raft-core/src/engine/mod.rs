@@ -407,12 +407,13 @@ impl Engine {
         self.now = self.now.max(now);
         let now = self.now;
         if self.role == Role::Leader {
-            if self.commit_notice.is_some_and(|at| now >= at) {
-                self.notify_commit();
-            }
             if now >= self.heartbeat_deadline {
                 self.heartbeat_deadline = now + self.cfg.heartbeat_interval;
                 self.on_heartbeat_timer();
+            }
+            // After the heartbeat, which may have told them already.
+            if self.commit_notice.is_some_and(|at| now >= at) {
+                self.notify_commit();
             }
             self.check_transfer();
             if self.cfg.check_quorum && now >= self.quorum_deadline {
@@ -880,6 +881,11 @@ impl Engine {
     }
 
     fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        if self.role == Role::Leader && term == self.term && self.commit_notice.is_some() {
+            // Stepping aside in its own term (removed, handing over): the
+            // followers still learn what it committed.
+            self.notify_commit();
+        }
         if term > self.term {
             self.term = term;
             self.vote = None;

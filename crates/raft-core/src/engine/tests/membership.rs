@@ -366,3 +366,37 @@ fn leadership_can_be_handed_to_a_promoted_member() {
     c.settle();
     assert!(c.node(4).is_leader(), "node 4 took over");
 }
+
+#[test]
+fn a_leader_that_steps_aside_in_its_own_term_still_tells_followers_what_it_committed() {
+    let mut c = Cluster::new(3, |c| c);
+    c.elect(1);
+    c.node(1).propose(b"a".to_vec()).unwrap();
+    c.settle();
+    c.node(1)
+        .change_membership(&[ChangeStep::Remove(1)])
+        .unwrap();
+    for _ in 0..100 {
+        if c.node(1).role() != Role::Leader {
+            break;
+        }
+        assert!(c.step(), "the removal never committed");
+    }
+    assert_ne!(c.node(1).role(), Role::Leader);
+    let committed = c.node(1).commit_index();
+    let mut told: Vec<NodeId> = c
+        .drain(1)
+        .iter()
+        .filter(|m| {
+            matches!(m.body, MessageBody::AppendEntries { leader_commit, .. }
+                if leader_commit == committed)
+        })
+        .map(|m| m.to)
+        .collect();
+    told.sort_unstable();
+    assert_eq!(
+        told,
+        vec![2, 3],
+        "the last commit index goes out on leaving"
+    );
+}
