@@ -1,5 +1,7 @@
 //! `raft-kv bench`: a closed-loop load generator speaking RESP, for the
-//! cluster benchmarks in the README.
+//! cluster benchmarks in the README; with `--protocol etcd` it drives etcd's
+//! v3 JSON gateway (`/v3/kv/put`, `/v3/kv/range`) instead, the same keys,
+//! values and closed loop, for a side-by-side run.
 
 use crate::resp::reply_len;
 use anyhow::{anyhow, bail, Context};
@@ -36,6 +38,53 @@ pub struct BenchArgs {
     /// Password, if the servers require AUTH.
     #[arg(long)]
     password: Option<String>,
+    /// `resp`, or `etcd`: HTTP/1.1 to etcd's v3 JSON gateway (one request
+    /// in flight per connection: give as many connections as clients).
+    #[arg(long, default_value = "resp")]
+    protocol: String,
+}
+
+/// An etcd v3 gateway request: a put, or a (linearizable) range read.
+fn etcd_request(op: &str, key: &[u8], value: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let (path, body) = if op == "get" {
+        ("/v3/kv/range", format!("{{\"key\":\"{}\"}}", b64(key)))
+    } else {
+        (
+            "/v3/kv/put",
+            format!("{{\"key\":\"{}\",\"value\":\"{}\"}}", b64(key), b64(value)),
+        )
+    };
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: etcd\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The length of the first whole HTTP response in `buf` and whether it is
+/// an error (not 200); `None` while incomplete.
+fn http_reply_len(buf: &[u8]) -> anyhow::Result<Option<(usize, bool)>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head = match resp.parse(buf)? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return Ok(None),
+    };
+    let len = resp
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| {
+            std::str::from_utf8(h.value)
+                .ok()?
+                .trim()
+                .parse::<usize>()
+                .ok()
+        })
+        .ok_or_else(|| anyhow!("an HTTP response without Content-Length"))?;
+    Ok((buf.len() >= head + len).then_some((head + len, resp.code != Some(200))))
 }
 
 fn request(op: &str, key: &[u8], value: &[u8]) -> Vec<u8> {
@@ -77,7 +126,23 @@ async fn bench_conn(
     sock.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
-    if let Some(pw) = &a.password {
+    let etcd = a.protocol == "etcd";
+    let request = |op: &str, key: &[u8], value: &[u8]| {
+        if etcd {
+            etcd_request(op, key, value)
+        } else {
+            request(op, key, value)
+        }
+    };
+    // The first whole reply's length, and whether it is an error.
+    let next_reply = |buf: &[u8]| -> anyhow::Result<Option<(usize, bool)>> {
+        if etcd {
+            http_reply_len(buf)
+        } else {
+            Ok(reply_len(buf).map(|l| (l, buf[0] == b'-')))
+        }
+    };
+    if let Some(pw) = a.password.as_ref().filter(|_| !etcd) {
         sock.write_all(format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{pw}\r\n", pw.len()).as_bytes())
             .await?;
         loop {
@@ -135,14 +200,14 @@ async fn bench_conn(
         buf.extend_from_slice(&chunk[..n]);
         out.clear();
         let mut consumed = 0;
-        while let Some(l) = reply_len(&buf[consumed..]) {
+        while let Some((l, failed)) = next_reply(&buf[consumed..])? {
             let sent = inflight
                 .pop_front()
                 .ok_or_else(|| anyhow!("more replies than requests"))?;
             stats
                 .latencies_us
                 .push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
-            if buf[consumed] != b'-' {
+            if !failed {
                 let at = start.elapsed().as_micros().min(u32::MAX as u128) as u32;
                 stats.acked_at_us.push(at);
             } else {
@@ -178,6 +243,12 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     }
     if a.conns == 0 || a.clients < a.conns {
         bail!("need --conns >= 1 and --clients >= --conns");
+    }
+    if !["resp", "etcd"].contains(&a.protocol.as_str()) {
+        bail!("--protocol must be resp or etcd");
+    }
+    if a.protocol == "etcd" && a.clients != a.conns {
+        bail!("--protocol etcd sends one request at a time per connection: give --conns equal to --clients");
     }
     let a = Arc::new(a);
     let start = Instant::now();
