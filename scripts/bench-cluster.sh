@@ -12,6 +12,9 @@
 #   ANCHOR=etcd scripts/bench-cluster.sh 5            (then a 3-member etcd cluster on loopback,
 #                                                      driven through its v3 JSON gateway;
 #                                                      ANCHOR="redis etcd" for both)
+#   RUNS=5 scripts/bench-cluster.sh 5                (five steady 256-client runs instead of three)
+#   FLOOR=1 scripts/bench-cluster.sh 5               (then the bare replication floor,
+#                                                      scripts/replication-floor.py, in the same run)
 #   FILL=1000000 scripts/bench-cluster.sh 5           (then fill that many keys of 256 B
 #                                                      and report memory and disk per node)
 set -euo pipefail
@@ -81,7 +84,7 @@ measured() {
   echo "$out; cluster CPU per op: $(( (c1 - c0) * 1000000000 / tck / ops )) ns; Raft messages per op: $(awk -v m=$((m1 - m0)) -v o="$ops" 'BEGIN {printf "%.2f", m / o}')"
 }
 measured --clients 1 --conns 1
-for _ in 1 2 3; do
+for _ in $(seq 1 "${RUNS:-3}"); do
   measured --clients 256 --conns 16
 done
 $bin bench --addr "$addr" --clients 256 --conns 16 --secs "$secs" --value-size 256 --op get
@@ -169,4 +172,10 @@ if [[ " ${ANCHOR:-} " == *" etcd "* ]]; then
   for i in 0 1 2; do
     echo "etcd member $((i + 1)) RSS: $(rss "${epids[$i]}")"
   done
+fi
+
+# The bare floor of a durable 3-way write on this machine, in the same run.
+if [ -n "${FLOOR:-}" ]; then
+  echo "-- floor: scripts/replication-floor.py (3 processes, UDP, append + fdatasync each)"
+  FLOOR_DIR="$dir" python3 scripts/replication-floor.py
 fi

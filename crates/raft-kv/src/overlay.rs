@@ -86,11 +86,19 @@ impl Layers {
 
     /// Writes a key; returns its old value.
     pub(crate) fn insert(&mut self, key: &[u8], value: &[u8]) -> Result<Option<Val>, KvError> {
-        let old = self.get(key)?;
         self.active_bytes += key.len() + value.len() + ENTRY_OVERHEAD;
-        self.active
-            .insert(Shared::from(key), Some(Shared::from(value)));
-        Ok(old)
+        // One walk of `active` when the key is there already. (A failure
+        // below fails the whole batch, whose state is then dropped.)
+        if let Some(old) = self
+            .active
+            .insert(Shared::from(key), Some(Shared::from(value)))
+        {
+            return Ok(old.map(Val::Mem));
+        }
+        if let Some(v) = self.frozen.as_ref().and_then(|f| f.get(key)) {
+            return Ok(v.clone().map(Val::Mem));
+        }
+        Ok(self.base.get(key)?.map(Val::Disk))
     }
 
     /// Removes a key; returns its old value.
