@@ -93,7 +93,7 @@ $bin bench --addr 127.0.0.1:7301,127.0.0.1:7302,127.0.0.1:7303 --clients 256 --c
 # What the load did to the cluster: messages dropped from full queues, and
 # whether the leader stayed.
 for id in 1 2 3; do
-  echo "node $id: $(grep -oE 'role:[a-z]+|term:[0-9]+|peer_messages_dropped:[0-9]+' <<<"$(info "$id")" | tr '\n' ' ')"
+  echo "node $id: $(grep -oE 'role:[a-z]+|term:[0-9]+|peer_messages_dropped:[0-9]+|snapshot_index:[0-9]+' <<<"$(info "$id")" | tr '\n' ' ')"
 done
 # Memory: each node's resident set after the load (256 B values over
 # 100,000 keys).

@@ -1275,10 +1275,15 @@ async fn load_snapshot(
     Ok(())
 }
 
-/// Takes a snapshot every `threshold` applied entries (0: never), and
-/// whenever Raft has a follower to send one to and none to send: written
-/// from a point-in-time view while writes go on, then reported to Raft,
-/// which compacts the log up to it.
+/// Takes a snapshot once `threshold` entries were applied since the last
+/// one and the log still holds that many (0: never), and whenever Raft has
+/// a follower to send one to and none to send: written from a
+/// point-in-time view while writes go on, then reported to Raft, which
+/// compacts the log up to it. While every member keeps up, the log is
+/// compacted as the state machine flushes and stays shorter than the
+/// threshold: no snapshot is taken (it would cost a scan of the whole
+/// state for nothing); a member that falls behind holds the log back, and
+/// the snapshot then bounds it.
 async fn snapshot_loop(raft: Raft, sm: Arc<StateMachine>, snaps: Snapshots, threshold: u64) {
     let mut tick = tokio::time::interval(SNAPSHOT_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1286,7 +1291,9 @@ async fn snapshot_loop(raft: Raft, sm: Arc<StateMachine>, snaps: Snapshots, thre
         tick.tick().await;
         let st = raft.status();
         let last = snaps.stats().index.max(st.snapshot_index);
-        let due = threshold > 0 && sm.applied() >= last.saturating_add(threshold);
+        let held = st.last_log_index.saturating_sub(st.purged_index);
+        let due =
+            threshold > 0 && sm.applied() >= last.saturating_add(threshold) && held >= threshold;
         if !(due || (st.snapshot_wanted && sm.applied() > last)) {
             continue;
         }
