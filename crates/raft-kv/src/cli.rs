@@ -239,9 +239,10 @@ struct NodeArgs {
     /// Log entries dropped at a time once the state machine holds them (default 8192).
     #[arg(long)]
     compact_threshold: Option<u64>,
-    /// Take a snapshot after this many applied entries, and compact the log
-    /// up to it whatever the other members hold; 0 for never (default
-    /// 100000).
+    /// Take a snapshot after this many applied entries when the log still
+    /// holds that many (a member lags and holds compaction back), and
+    /// compact the log up to it whatever the other members hold; 0 for
+    /// only when a follower needs one (default 100000).
     #[arg(long)]
     snapshot_threshold: Option<u64>,
     /// Bytes per snapshot chunk sent to a follower (default 1048576); four

@@ -282,8 +282,8 @@ impl KvNode {
     /// Starts a node on any log store and any transport that carries
     /// application requests ([`Transport::rpc_endpoint`]); the state
     /// machine lives in `dir/sm`, the snapshots in `dir/snapshots`, and a
-    /// snapshot is taken every `snapshot_threshold` applied entries (0:
-    /// never).
+    /// snapshot is taken after `snapshot_threshold` applied entries when
+    /// the log still holds that many (0: only when a follower needs one).
     pub async fn start_with(
         rc: RaftConfig,
         dir: &Path,
