@@ -75,9 +75,14 @@ impl Layers {
 
     /// A key's value, from the newest layer that knows the key.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Val>, KvError> {
-        if let Some(v) = self.active.get(key) {
-            return Ok(v.clone().map(Val::Mem));
+        match self.active.get(key) {
+            Some(v) => Ok(v.clone().map(Val::Mem)),
+            None => self.below_active(key),
         }
+    }
+
+    /// A key's value from the frozen layer or the database.
+    fn below_active(&self, key: &[u8]) -> Result<Option<Val>, KvError> {
         if let Some(v) = self.frozen.as_ref().and_then(|f| f.get(key)) {
             return Ok(v.clone().map(Val::Mem));
         }
@@ -95,10 +100,7 @@ impl Layers {
         {
             return Ok(old.map(Val::Mem));
         }
-        if let Some(v) = self.frozen.as_ref().and_then(|f| f.get(key)) {
-            return Ok(v.clone().map(Val::Mem));
-        }
-        Ok(self.base.get(key)?.map(Val::Disk))
+        self.below_active(key)
     }
 
     /// Removes a key; returns its old value.
@@ -246,16 +248,31 @@ mod tests {
         Arc::new(db.begin_read().unwrap().open_table(T).unwrap())
     }
 
+    /// A database with the table, empty.
+    fn empty_db(dir: &tempfile::TempDir) -> redb::Database {
+        let db = redb::Database::create(dir.path().join("db")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(T).unwrap();
+        txn.commit().unwrap();
+        db
+    }
+
+    /// What a flush does: the frozen layer into the database, then the
+    /// layers rest on it.
+    fn write_frozen(db: &redb::Database, l: &mut Layers, frozen: &Mem) {
+        let txn = db.begin_write().unwrap();
+        Layers::write_to(frozen, &mut txn.open_table(T).unwrap()).unwrap();
+        txn.commit().unwrap();
+        l.settle(base(db));
+    }
+
     /// Random writes and removes over a few hundred keys, frozen, written
     /// to the database, thawed after a failure, at random moments: every
     /// get and every range agrees with a plain map.
     #[test]
     fn layers_read_as_one_map_through_freezes_and_flushes() {
         let dir = tempfile::tempdir().unwrap();
-        let db = redb::Database::create(dir.path().join("db")).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(T).unwrap();
-        txn.commit().unwrap();
+        let db = empty_db(&dir);
         let mut rng = fastrand::Rng::with_seed(7);
         let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         let mut l = Layers::on(base(&db));
@@ -277,10 +294,7 @@ mod tests {
                 }
                 90..=93 => {
                     if let Some(f) = l.frozen.clone() {
-                        let txn = db.begin_write().unwrap();
-                        Layers::write_to(&f, &mut txn.open_table(T).unwrap()).unwrap();
-                        txn.commit().unwrap();
-                        l.settle(base(&db));
+                        write_frozen(&db, &mut l, &f);
                     }
                 }
                 94 => l.thaw_unwritten(),
@@ -322,10 +336,7 @@ mod tests {
     #[test]
     fn a_cloned_state_does_not_change_under_later_writes() {
         let dir = tempfile::tempdir().unwrap();
-        let db = redb::Database::create(dir.path().join("db")).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(T).unwrap();
-        txn.commit().unwrap();
+        let db = empty_db(&dir);
         let mut l = Layers::on(base(&db));
         for i in 0..1000u32 {
             l.insert(&i.to_be_bytes(), b"old").unwrap();
@@ -339,10 +350,7 @@ mod tests {
                 l.insert(&i.to_be_bytes(), b"new").unwrap();
             }
         }
-        let txn = db.begin_write().unwrap();
-        Layers::write_to(&frozen, &mut txn.open_table(T).unwrap()).unwrap();
-        txn.commit().unwrap();
-        l.settle(base(&db));
+        write_frozen(&db, &mut l, &frozen);
         let all: Vec<Vec<u8>> = seen
             .range(&[0u8; 4], &[0xffu8; 4])
             .unwrap()

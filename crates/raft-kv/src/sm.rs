@@ -692,14 +692,14 @@ impl ReadView {
         st.expires.is_none() || !st.expired(self.now())
     }
 
-    fn t(&self) -> Result<&Layers, KvError> {
-        Ok(&self.state.layers)
+    fn t(&self) -> &Layers {
+        &self.state.layers
     }
 
     /// A live key's stored value, undecoded.
     fn raw(&self, key: &[u8]) -> Result<Option<Val>, KvError> {
         Ok(self
-            .t()?
+            .t()
             .get(dkey(key).as_slice())?
             .filter(|v| self.live(v.value())))
     }
@@ -726,7 +726,7 @@ impl ReadView {
 
     /// The number of keys (as in Redis, expired keys not yet removed count).
     pub fn dbsize(&self) -> Result<u64, KvError> {
-        meta(self.t()?, COUNT)
+        meta(self.t(), COUNT)
     }
 
     /// The state's clock (milliseconds since the Unix epoch).
@@ -743,7 +743,7 @@ impl ReadView {
     /// past it, `ReplyTooLarge`, found before the values are gathered.
     pub fn read_limited(&self, cmd: &ReadCmd, limit: usize) -> Reply {
         let too_large = || KvError::ReplyTooLarge { limit };
-        let t = self.t()?;
+        let t = self.t();
         let live = |v: &[u8]| self.live(v);
         Ok(match cmd {
             ReadCmd::Get(k) => match self.raw_str(k)? {
@@ -899,7 +899,7 @@ impl ReadView {
 
     /// The index of the last entry this view covers.
     pub fn applied(&self) -> Result<u64, KvError> {
-        meta(self.t()?, APPLIED)
+        meta(self.t(), APPLIED)
     }
 
     /// Up to `max` keys whose expiry time is at or before `now` (the
@@ -908,7 +908,7 @@ impl ReadView {
         let mut end = EXPIRES.to_vec();
         end.extend_from_slice(&now.saturating_add(1).to_be_bytes());
         let mut out = Vec::new();
-        for kv in self.t()?.range(EXPIRES, end.as_slice())?.take(max) {
+        for kv in self.t().range(EXPIRES, end.as_slice())?.take(max) {
             let (k, _) = kv?;
             out.push(user_key(&data_key_of_expiry(k.value())).to_vec());
         }
@@ -917,7 +917,7 @@ impl ReadView {
 
     /// Whether any key has an expiry time.
     pub fn has_expiring_keys(&self) -> Result<bool, KvError> {
-        Ok(self.t()?.range(EXPIRES, EXPIRES_END)?.next().is_some())
+        Ok(self.t().range(EXPIRES, EXPIRES_END)?.next().is_some())
     }
 }
 

@@ -217,8 +217,9 @@ fn during_a_joint_configuration_a_commit_needs_both_majorities() {
     assert!(c.applied_payloads(1).contains(&cmd("z")));
 }
 
-#[test]
-fn a_leader_that_removes_itself_hands_over_and_steps_down_once_the_change_commits() {
+/// Three nodes; leader 1 has committed a write and proposed its own
+/// removal.
+fn leader_removing_itself() -> Cluster {
     let mut c = Cluster::new(3, |c| c);
     c.elect(1);
     c.node(1).propose(b"a".to_vec()).unwrap();
@@ -226,6 +227,12 @@ fn a_leader_that_removes_itself_hands_over_and_steps_down_once_the_change_commit
     c.node(1)
         .change_membership(&[ChangeStep::Remove(1)])
         .unwrap();
+    c
+}
+
+#[test]
+fn a_leader_that_removes_itself_hands_over_and_steps_down_once_the_change_commits() {
+    let mut c = leader_removing_itself();
     c.settle();
     assert_ne!(c.node(1).role(), Role::Leader, "stepped down");
     assert!(
@@ -369,13 +376,7 @@ fn leadership_can_be_handed_to_a_promoted_member() {
 
 #[test]
 fn a_leader_that_steps_aside_in_its_own_term_still_tells_followers_what_it_committed() {
-    let mut c = Cluster::new(3, |c| c);
-    c.elect(1);
-    c.node(1).propose(b"a".to_vec()).unwrap();
-    c.settle();
-    c.node(1)
-        .change_membership(&[ChangeStep::Remove(1)])
-        .unwrap();
+    let mut c = leader_removing_itself();
     for _ in 0..100 {
         if c.node(1).role() != Role::Leader {
             break;
