@@ -73,6 +73,7 @@ async fn full_disk(log_engine: LogEngine) {
         cluster_id: 0,
         join: None,
         log_engine,
+        flush_every: raft_kv::node::DEFAULT_FLUSH_EVERY,
         raft: raft_core::Config::new(1),
     };
     let (node, server) = raft_kv::cli::run_node(cfg).await.unwrap();

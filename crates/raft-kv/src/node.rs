@@ -56,6 +56,12 @@ pub struct NodeConfig {
     pub join: Option<String>,
     /// The Raft log's storage engine (in `log/`).
     pub log_engine: LogEngine,
+    /// How often the state machine writes what it applied to disk, so the
+    /// log can drop those entries. Longer: less disk work per write (a
+    /// key rewritten in the interval reaches the disk once), more memory
+    /// and more log to replay after a crash. Memory past 64 MiB of writes
+    /// flushes sooner whatever this says.
+    pub flush_every: Duration,
     /// The Raft settings; `raft.id` is this node's id. `raft.peers` is
     /// filled from `peers`.
     pub raft: RaftConfig,
@@ -124,8 +130,9 @@ impl NodeConfig {
 const LEADER_WAIT: Duration = Duration::from_secs(3);
 /// How long a proposed write may take before its outcome is reported unknown.
 const COMMIT_WAIT: Duration = Duration::from_secs(5);
-/// How often the state machine is flushed so the log can drop what it covers.
-const RELEASE_EVERY: Duration = Duration::from_secs(1);
+/// How often the state machine is flushed (so the log can drop what it
+/// covers) unless [`NodeConfig::flush_every`] says otherwise.
+pub const DEFAULT_FLUSH_EVERY: Duration = Duration::from_secs(5);
 /// How often the snapshot policy looks at the applied index.
 const SNAPSHOT_CHECK: Duration = Duration::from_millis(200);
 /// How long shutdown waits for the state machine's final flush.
@@ -258,13 +265,29 @@ impl KvNode {
                 let log = SledLogStore::open_async(&log_dir)
                     .await
                     .map_err(store_err)?;
-                Self::start_with(rc, &cfg.data_dir, cfg.snapshot_threshold, log, transport).await?
+                Self::start_flushing_every(
+                    rc,
+                    &cfg.data_dir,
+                    cfg.snapshot_threshold,
+                    cfg.flush_every,
+                    log,
+                    transport,
+                )
+                .await?
             }
             LogEngine::Wal => {
                 let log = raft_log_wal::WalLogStore::open_async(&log_dir)
                     .await
                     .map_err(store_err)?;
-                Self::start_with(rc, &cfg.data_dir, cfg.snapshot_threshold, log, transport).await?
+                Self::start_flushing_every(
+                    rc,
+                    &cfg.data_dir,
+                    cfg.snapshot_threshold,
+                    cfg.flush_every,
+                    log,
+                    transport,
+                )
+                .await?
             }
         };
         node.metrics.set_net(net);
@@ -288,6 +311,27 @@ impl KvNode {
         rc: RaftConfig,
         dir: &Path,
         snapshot_threshold: u64,
+        store: impl LogStore,
+        transport: impl Transport,
+    ) -> Result<Arc<KvNode>, StartError> {
+        Self::start_flushing_every(
+            rc,
+            dir,
+            snapshot_threshold,
+            DEFAULT_FLUSH_EVERY,
+            store,
+            transport,
+        )
+        .await
+    }
+
+    /// [`KvNode::start_with`], with the state machine flushed every
+    /// `flush_every` (see [`NodeConfig::flush_every`]).
+    pub async fn start_flushing_every(
+        rc: RaftConfig,
+        dir: &Path,
+        snapshot_threshold: u64,
+        flush_every: Duration,
         mut store: impl LogStore,
         mut transport: impl Transport,
     ) -> Result<Arc<KvNode>, StartError> {
@@ -319,7 +363,7 @@ impl KvNode {
             failure.clone(),
             raft.clone(),
         ));
-        let releaser = tokio::spawn(release_loop(raft.clone(), sm.clone()));
+        let releaser = tokio::spawn(release_loop(raft.clone(), sm.clone(), flush_every));
         let snapshotter = tokio::spawn(snapshot_loop(
             raft.clone(),
             sm.clone(),
@@ -1036,8 +1080,8 @@ fn merge<T>(early: Vec<Option<T>>, rest: Vec<T>, lost: impl Fn() -> T) -> Vec<T>
 /// durable, so the log (in memory and on disk) can drop those entries. The
 /// state machine is otherwise never flushed: until it is, the log is the
 /// durable record of what it applied.
-async fn release_loop(raft: Raft, sm: Arc<StateMachine>) {
-    let mut tick = tokio::time::interval(RELEASE_EVERY);
+async fn release_loop(raft: Raft, sm: Arc<StateMachine>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut released = sm.applied();
     let mut failed = false;

@@ -5,7 +5,8 @@
 //! re-delivers the rest) and nothing is applied twice.
 //!
 //! Layers (see `overlay`). A batch lands in an in-memory persistent map;
-//! a flush (every second, sooner past `FLUSH_EARLY_BYTES`, and at
+//! a flush (every five seconds by default, sooner past
+//! `FLUSH_EARLY_BYTES`, and at
 //! shutdown) writes what memory holds to redb in one durable transaction,
 //! in key order, while later batches land in a fresh map beside it. A key
 //! written often between flushes reaches the disk once, and no batch waits
@@ -1446,7 +1447,7 @@ impl StateMachine {
         self.read_view(|v| v.dbsize())
     }
 
-    /// Makes everything applied so far durable (every second, so the log
+    /// Makes everything applied so far durable (every few seconds, so the log
     /// can drop what it covers; sooner when memory holds much; and on
     /// shutdown): the writes in memory go to the database in one
     /// transaction while batches go on landing in memory beside them.
