@@ -239,8 +239,9 @@ struct NodeArgs {
     /// Log entries dropped at a time once the state machine holds them (default 8192).
     #[arg(long)]
     compact_threshold: Option<u64>,
-    /// Take a snapshot after this many applied entries when the log still
-    /// holds that many (a member lags and holds compaction back), and
+    /// Take a snapshot after this many applied entries when the log keeps
+    /// that many the state machine has already flushed (a member lags and
+    /// holds compaction back), and
     /// compact the log up to it whatever the other members hold; 0 for
     /// only when a follower needs one (default 100000).
     #[arg(long)]

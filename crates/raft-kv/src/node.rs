@@ -306,7 +306,8 @@ impl KvNode {
     /// application requests ([`Transport::rpc_endpoint`]); the state
     /// machine lives in `dir/sm`, the snapshots in `dir/snapshots`, and a
     /// snapshot is taken after `snapshot_threshold` applied entries when
-    /// the log still holds that many (0: only when a follower needs one).
+    /// the log keeps that many already released ones for a member that
+    /// lags (0: only when a follower needs one).
     pub async fn start_with(
         rc: RaftConfig,
         dir: &Path,
@@ -1320,11 +1321,12 @@ async fn load_snapshot(
 }
 
 /// Takes a snapshot once `threshold` entries were applied since the last
-/// one and the log still holds that many (0: never), and whenever Raft has
+/// one and the log keeps that many the state machine has flushed and
+/// released (a member lags; 0: never), and whenever Raft has
 /// a follower to send one to and none to send: written from a
 /// point-in-time view while writes go on, then reported to Raft, which
 /// compacts the log up to it. While every member keeps up, the log is
-/// compacted as the state machine flushes and stays shorter than the
+/// compacted as the state machine flushes and keeps fewer than the
 /// threshold: no snapshot is taken (it would cost a scan of the whole
 /// state for nothing); a member that falls behind holds the log back, and
 /// the snapshot then bounds it.
@@ -1335,7 +1337,13 @@ async fn snapshot_loop(raft: Raft, sm: Arc<StateMachine>, snaps: Snapshots, thre
         tick.tick().await;
         let st = raft.status();
         let last = snaps.stats().index.max(st.snapshot_index);
-        let held = st.last_log_index.saturating_sub(st.purged_index);
+        // Entries the state machine no longer needs (flushed and released)
+        // that the log still keeps: a member lags and holds compaction
+        // back. While all keep up this stays under the compaction step,
+        // however long the state machine waits between flushes. (Both
+        // indexes come from one status: the release and the compaction it
+        // allows are one step of the engine.)
+        let held = st.released_index.saturating_sub(st.purged_index);
         let due =
             threshold > 0 && sm.applied() >= last.saturating_add(threshold) && held >= threshold;
         if !(due || (st.snapshot_wanted && sm.applied() > last)) {

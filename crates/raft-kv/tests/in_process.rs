@@ -245,9 +245,81 @@ async fn snapshotting_node_with(
     rc.compact_threshold = 10;
     rc.trailing_entries = 10;
     rc.snapshot_chunk_bytes = 4096;
-    KvNode::start_with(rc, dir, 100, log.reopen(), net.join(id))
+    KvNode::start_flushing_every(
+        rc,
+        dir,
+        100,
+        Duration::from_millis(50),
+        log.reopen(),
+        net.join(id),
+    )
+    .await
+    .unwrap()
+}
+
+/// While every member keeps up, the log is compacted as the state machine
+/// flushes and no periodic snapshot is taken, however many entries wait
+/// between two flushes: the threshold counts only entries the log keeps
+/// for a member that lags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_keeps_up_compacts_without_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = ChannelNetwork::new();
+    let mut nodes = BTreeMap::new();
+    for id in [1, 2, 3] {
+        let mut rc = Config::new(id);
+        for p in [1, 2, 3].iter().filter(|&&p| p != id) {
+            rc.add_peer(*p).unwrap();
+        }
+        rc.compact_threshold = 10;
+        let node = KvNode::start_flushing_every(
+            rc,
+            &dir.path().join(format!("node-{id}")),
+            200,
+            // Far more entries than the threshold land between flushes.
+            Duration::from_secs(2),
+            MemLogStore::new(),
+            net.join(id),
+        )
         .await
-        .unwrap()
+        .unwrap();
+        nodes.insert(id, node);
+    }
+    let c = Cluster {
+        net,
+        nodes,
+        _dir: tempfile::tempdir().unwrap(),
+    };
+    let leader = c.leader(&[1, 2, 3]).await;
+    let n = c.nodes[&leader].clone();
+    for i in 0..1000 {
+        let r = n.write(vec![set(&format!("k{i}"), "v")]).await;
+        assert_eq!(r, vec![Ok(Value::Ok)]);
+    }
+    let last = n.state_machine().applied();
+    for _ in 0..500 {
+        if c.nodes
+            .values()
+            .all(|n| info_field(n, "purged_index") + 100 >= last)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for n in c.nodes.values() {
+        assert!(
+            info_field(n, "purged_index") + 100 >= last,
+            "compacted as the state machine flushed: {}",
+            n.info()
+        );
+        assert_eq!(
+            info_field(n, "snapshot_index"),
+            0,
+            "no snapshot while every member keeps up: {}",
+            n.info()
+        );
+    }
+    c.shutdown().await;
 }
 
 fn info_field(n: &KvNode, name: &str) -> u64 {

@@ -335,6 +335,11 @@ impl Engine {
     pub fn purged(&self) -> LogId {
         self.log.purged()
     }
+    /// The highest index the application said it stored
+    /// ([`Engine::release`]).
+    pub fn released(&self) -> LogIndex {
+        self.released
+    }
     /// The membership in force.
     pub fn membership(&self) -> &Membership {
         self.members.current()

@@ -830,6 +830,7 @@ impl Driver {
                 applied_index: applied,
                 last_log_index: e.last_log_id().index,
                 purged_index: e.purged().index,
+                released_index: e.released(),
                 snapshot_index: e.snapshot().map_or(0, |m| m.last.index),
                 snapshot_wanted: e.snapshot_wanted(),
                 members: e.membership().all_voters().into_iter().collect(),

@@ -38,6 +38,11 @@ pub struct Status {
     pub last_log_index: LogIndex,
     /// The compaction point: entries up to it are no longer in the log.
     pub purged_index: LogIndex,
+    /// The highest index the application released
+    /// ([`Raft::release_applied`]). Entries between `purged_index` and it
+    /// are kept only because a member does not hold them yet (or fewer
+    /// than `Config::compact_threshold` wait).
+    pub released_index: LogIndex,
     /// The last index of the latest snapshot (0 for none).
     pub snapshot_index: LogIndex,
     /// A follower needs a snapshot and this node has none to send: the
@@ -213,6 +218,7 @@ impl Raft {
             applied_index: 0,
             last_log_index: 0,
             purged_index: 0,
+            released_index: 0,
             snapshot_index: 0,
             snapshot_wanted: false,
             members: config.members().into_iter().collect(),
