@@ -159,16 +159,21 @@ if [[ " ${ANCHOR:-} " == *" etcd "* ]]; then
   [ -n "$eleader" ] || { echo "etcd elected no leader"; exit 1; }
   ecpu() { local t=0 f p; for p in "${epids[@]}"; do read -ra f < "/proc/$p/stat"; t=$((t + f[13] + f[14])); done; echo "$t"; }
   echo "-- anchor: etcd $(etcd --version | awk '/etcd Version/ {print $3}'), 3 members, leader $eleader"
-  $bin bench --protocol etcd --addr "$eleader" --clients 256 --conns 256 --secs "$secs" --value-size 256 --op set >/dev/null
-  $bin bench --protocol etcd --addr "$eleader" --clients 1 --conns 1 --secs "$secs" --value-size 256 --op set
+  $bin bench --protocol etcd --addr "$eleader" --clients 256 --conns 256 --secs "$secs" --value-size 256 --op set >/dev/null \
+    || echo "etcd warm-up run failed"
+  $bin bench --protocol etcd --addr "$eleader" --clients 1 --conns 1 --secs "$secs" --value-size 256 --op set \
+    || echo "etcd 1-client run failed"
   for _ in 1 2 3; do
     c0=$(ecpu)
-    out=$($bin bench --protocol etcd --addr "$eleader" --clients 256 --conns 256 --secs "$secs" --value-size 256 --op set)
+    # A failed run (etcd closed a connection, say) is reported, not fatal.
+    out=$($bin bench --protocol etcd --addr "$eleader" --clients 256 --conns 256 --secs "$secs" --value-size 256 --op set 2>&1) \
+      || { echo "etcd run failed: $out"; continue; }
     c1=$(ecpu)
     ops=$(head -1 <<<"$out" | awk '{print $1}')
     echo "$out; etcd CPU per op: $(( (c1 - c0) * 1000000000 / tck / ops )) ns"
   done
-  $bin bench --protocol etcd --addr "$eleader" --clients 256 --conns 256 --secs "$secs" --value-size 256 --op get
+  $bin bench --protocol etcd --addr "$eleader" --clients 256 --conns 256 --secs "$secs" --value-size 256 --op get \
+    || echo "etcd GET run failed"
   for i in 0 1 2; do
     echo "etcd member $((i + 1)) RSS: $(rss "${epids[$i]}")"
   done
