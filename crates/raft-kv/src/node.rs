@@ -265,29 +265,13 @@ impl KvNode {
                 let log = SledLogStore::open_async(&log_dir)
                     .await
                     .map_err(store_err)?;
-                Self::start_flushing_every(
-                    rc,
-                    &cfg.data_dir,
-                    cfg.snapshot_threshold,
-                    cfg.flush_every,
-                    log,
-                    transport,
-                )
-                .await?
+                Self::start_on(rc, &cfg, log, transport).await?
             }
             LogEngine::Wal => {
                 let log = raft_log_wal::WalLogStore::open_async(&log_dir)
                     .await
                     .map_err(store_err)?;
-                Self::start_flushing_every(
-                    rc,
-                    &cfg.data_dir,
-                    cfg.snapshot_threshold,
-                    cfg.flush_every,
-                    log,
-                    transport,
-                )
-                .await?
+                Self::start_on(rc, &cfg, log, transport).await?
             }
         };
         node.metrics.set_net(net);
@@ -300,6 +284,24 @@ impl KvNode {
         }
         tracing::info!(node = node.id, raft = %cfg.raft_addr, client = %cfg.client_addr, "node started");
         Ok(node)
+    }
+
+    /// Starts a node on `log` with `cfg`'s state machine settings.
+    async fn start_on(
+        rc: RaftConfig,
+        cfg: &NodeConfig,
+        log: impl LogStore,
+        transport: impl Transport,
+    ) -> Result<Arc<KvNode>, StartError> {
+        Self::start_flushing_every(
+            rc,
+            &cfg.data_dir,
+            cfg.snapshot_threshold,
+            cfg.flush_every,
+            log,
+            transport,
+        )
+        .await
     }
 
     /// Starts a node on any log store and any transport that carries
