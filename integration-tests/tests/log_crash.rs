@@ -26,6 +26,13 @@ async fn acknowledged_writes_survive_sigkill_on_the_segment_log() {
     survives_sigkill("wal").await;
 }
 
+/// With 4 KiB segments a new segment starts, and an old one is deleted,
+/// every few operations: kills land in those too.
+#[tokio::test]
+async fn acknowledged_writes_survive_sigkill_on_small_segments() {
+    survives_sigkill("wal-small").await;
+}
+
 async fn load(engine: &str, path: &std::path::Path) -> Result<LogState, String> {
     match engine {
         "sled" => SledLogStore::open(path)
@@ -33,11 +40,21 @@ async fn load(engine: &str, path: &std::path::Path) -> Result<LogState, String> 
             .load()
             .await
             .map_err(|e| e.to_string()),
-        _ => WalLogStore::open(path)
+        "wal" => WalLogStore::open(path)
             .map_err(|e| e.to_string())?
             .load()
             .await
             .map_err(|e| e.to_string()),
+        _ => WalLogStore::open_with(
+            path,
+            raft_log_wal::WalOptions {
+                segment_bytes: 4096,
+            },
+        )
+        .map_err(|e| e.to_string())?
+        .load()
+        .await
+        .map_err(|e| e.to_string()),
     }
 }
 

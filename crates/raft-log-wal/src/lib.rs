@@ -19,24 +19,37 @@
 //! `RAFTWAL1` and then records, each `length (u32 LE) | CRC-32 of the
 //! length and the payload (u32 LE) | payload (bincode) | zeros to the next
 //! multiple of 8`: a header never straddles two disk sectors, so a power
-//! loss leaves it whole or not written. A segment's first record is a
-//! checkpoint: the whole state (term and vote, compaction point,
-//! entries after it, membership, latest snapshot, identity). Every later
-//! record is a batch or a purge, applied to it in order.
+//! loss leaves it whole or not written. The first segment begins with a
+//! checkpoint: the whole state (term and vote, compaction point, entries
+//! after it, membership, latest snapshot, identity). Every later record is
+//! a batch or a purge, applied to it in order.
 //!
-//! When the current segment passes its size (64 MiB by default) and the
-//! state is less than half of it (compaction dropped most of what it
-//! holds), the store writes the state as the checkpoint of a new segment
-//! (to a temporary name, synced, then renamed and the directory synced)
-//! and deletes the older one. The state is kept in memory as well (the
-//! node's engine keeps the same entries): opening replays the newest
-//! segment.
+//! When the current segment passes its size (64 MiB by default), the store
+//! starts the next one (written under a temporary name, synced, renamed,
+//! the directory synced). It begins with a continuation: the same state
+//! less the entries, and the id of the last entry, which the segment before
+//! it must end at. Nothing of the log is copied, so starting a segment
+//! costs the same whatever the log holds. A segment is deleted once the
+//! compaction point reaches the last entry the log held when the segment
+//! after it began: nothing in it is needed any more.
+//!
+//! Opening replays the newest run of consecutive segments, oldest first.
+//! When the oldest is a continuation (the ones before it are deleted), the
+//! entries it does not hold were compacted by a purge still to come in its
+//! records; until that purge, replay skips entries and truncations at or
+//! below the continuation's last entry, and the store refuses to open if
+//! the purge never comes (a segment that was needed is missing). The state
+//! is kept in memory as well (the node's engine keeps the same entries).
 //!
 //! # Crashes and damage
 //!
 //! A segment grows 4 MiB at a time, written as zeros and synced once, so
 //! that a record's `fdatasync` writes data into blocks the file already
 //! has; a zero length where the next record would start ends the records.
+//!
+//! Deleting an old segment is not synced: a crash can bring one back,
+//! either before a gap (ignored and deleted again) or still followed by
+//! its successor (replayed, then deleted again).
 //!
 //! A crash can leave the last record half written (never an earlier one:
 //! each was synced before the next began), inside space the file already
@@ -58,6 +71,7 @@ use raft_core::{
     Entry, HardState, LogId, LogIndex, LogStore, Membership, SnapshotMeta, StorageError,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -82,8 +96,7 @@ const PREALLOCATE: u64 = 4 << 20;
 /// What [`WalLogStore::open_with`] may change.
 #[derive(Debug, Clone)]
 pub struct WalOptions {
-    /// A new segment starts once the current one holds this many bytes and
-    /// the state is less than half of it.
+    /// A new segment starts once the current one holds this many bytes.
     pub segment_bytes: u64,
 }
 
@@ -101,6 +114,7 @@ enum RecordOut<'a> {
     Checkpoint(CheckpointOut<'a>),
     Batch(BatchOut<'a>),
     Purge(LogId),
+    Continue(ContinueOut<'a>),
 }
 
 /// A record as read. Variants and fields in the same order as `RecordOut`.
@@ -109,6 +123,7 @@ enum RecordIn {
     Checkpoint(CheckpointIn),
     Batch(BatchIn),
     Purge(LogId),
+    Continue(ContinueIn),
 }
 
 #[derive(Serialize)]
@@ -129,6 +144,29 @@ struct CheckpointIn {
     membership: Option<Membership>,
     snapshot: Option<SnapshotMeta>,
     incarnation: u64,
+}
+
+/// The first record of every segment after the first: the state when the
+/// segment began, less the entries (they stay in the older segments).
+#[derive(Serialize)]
+struct ContinueOut<'a> {
+    hard_state: &'a HardState,
+    purged: &'a LogId,
+    membership: &'a Option<Membership>,
+    snapshot: &'a Option<SnapshotMeta>,
+    incarnation: u64,
+    /// The last entry then (`purged` when there was none).
+    last: LogId,
+}
+
+#[derive(Deserialize)]
+struct ContinueIn {
+    hard_state: HardState,
+    purged: LogId,
+    membership: Option<Membership>,
+    snapshot: Option<SnapshotMeta>,
+    incarnation: u64,
+    last: LogId,
 }
 
 #[derive(Serialize)]
@@ -343,6 +381,14 @@ fn only_zeros_after(path: &Path, from: u64, size: u64) -> Result<bool, StorageEr
     Ok(true)
 }
 
+/// An older segment, kept until the compaction point reaches the last entry
+/// the log held when the segment after it began: from then on nothing in it
+/// is needed.
+struct Older {
+    seq: u64,
+    until: LogIndex,
+}
+
 struct Core {
     dir: PathBuf,
     opts: WalOptions,
@@ -356,18 +402,121 @@ struct Core {
     /// The segment file's size: `len` plus preallocated zeros.
     allocated: u64,
     state: LogState,
-    /// The segment size at which to consider a new segment next (the
-    /// state's size is measured then, not on every append).
+    /// The segment size at which to start a new segment (later again when
+    /// one could not be written).
     next_check: u64,
+    /// Older segments, oldest first.
+    older: VecDeque<Older>,
 }
 
-fn estimate(state: &LogState) -> u64 {
-    state
-        .entries
-        .iter()
-        .map(|e| e.size_bound() as u64)
-        .sum::<u64>()
-        + 256
+/// The id of the last entry of `state` (the compaction point when none).
+fn last_id(state: &LogState) -> LogId {
+    state.entries.last().map_or(state.purged, |e| LogId {
+        term: e.term,
+        index: e.index,
+    })
+}
+
+/// The state rebuilt from the records of consecutive segments, oldest first.
+#[derive(Default)]
+struct Replay {
+    state: LogState,
+    /// Set while replaying from a segment whose older segments are gone:
+    /// they held the entries up to this index, which a later purge (still
+    /// to come in the records) compacted. Until that purge, entries and
+    /// truncations at or below it are skipped.
+    floor: Option<LogIndex>,
+}
+
+impl Replay {
+    /// A segment that starts with the whole state.
+    fn checkpoint(&mut self, c: CheckpointIn) -> Result<(), StorageError> {
+        let mut prev = c.purged.index;
+        for e in &c.entries {
+            if Some(e.index) != prev.checked_add(1) {
+                return Err(StorageError::Corrupt(format!(
+                    "checkpoint entry {} does not follow {prev}",
+                    e.index
+                )));
+            }
+            prev = e.index;
+        }
+        self.state = LogState {
+            hard_state: c.hard_state,
+            purged: c.purged,
+            entries: c.entries,
+            membership: c.membership,
+            snapshot: c.snapshot,
+            incarnation: c.incarnation,
+        };
+        self.floor = None;
+        Ok(())
+    }
+
+    /// A segment that continues the one before it; `first` when that one
+    /// is gone.
+    fn continuation(&mut self, c: ContinueIn, first: bool) -> Result<(), StorageError> {
+        if first {
+            self.state = LogState {
+                hard_state: c.hard_state,
+                purged: c.last,
+                entries: Vec::new(),
+                membership: c.membership,
+                snapshot: c.snapshot,
+                incarnation: c.incarnation,
+            };
+            self.floor = (c.purged.index < c.last.index).then_some(c.last.index);
+            return Ok(());
+        }
+        let last = last_id(&self.state);
+        // While entries below the floor are skipped, where the log ended
+        // below it is not known.
+        let unknown = self.floor.is_some_and(|f| c.last.index <= f);
+        if last != c.last && !unknown {
+            return Err(StorageError::Corrupt(format!(
+                "the segment begins after entry {} (term {}), but the one before it ends at {} (term {})",
+                c.last.index, c.last.term, last.index, last.term
+            )));
+        }
+        Ok(())
+    }
+
+    fn record(&mut self, rec: RecordIn) -> Result<(), StorageError> {
+        match rec {
+            RecordIn::Batch(b) => {
+                let mut b = LogBatch::from(b);
+                if let Some(f) = self.floor {
+                    if b.install.is_some() {
+                        // A snapshot replaces the whole log.
+                        self.floor = None;
+                    } else {
+                        if b.truncate_from.is_some_and(|t| t <= f) {
+                            b.truncate_from = Some(f + 1);
+                        }
+                        let skip = b.entries.iter().take_while(|e| e.index <= f).count();
+                        b.entries.drain(..skip);
+                    }
+                }
+                apply_batch(&mut self.state, b)
+            }
+            RecordIn::Purge(upto) => match self.floor {
+                Some(f) if upto.index < f => Ok(()),
+                Some(f) => {
+                    self.floor = None;
+                    if upto.index == f {
+                        self.state.purged = upto;
+                        Ok(())
+                    } else {
+                        apply_purge(&mut self.state, upto)
+                    }
+                }
+                None => apply_purge(&mut self.state, upto),
+            },
+            RecordIn::Checkpoint(_) | RecordIn::Continue(_) => Err(StorageError::Corrupt(
+                "a checkpoint after the first record".into(),
+            )),
+        }
+    }
 }
 
 impl Core {
@@ -429,42 +578,64 @@ impl Core {
             }
         }
         segments.sort_unstable();
-        let Some(&seq) = segments.last() else {
+        if segments.is_empty() {
             return Self::create(dir, opts, lock);
-        };
-        let path = dir.join(segment_name(seq));
-        let mut state = LogState::default();
-        let tail = read_segment(&path, |n, rec| match (n, rec) {
-            (0, RecordIn::Checkpoint(c)) => {
-                state = LogState {
-                    hard_state: c.hard_state,
-                    purged: c.purged,
-                    entries: c.entries,
-                    membership: c.membership,
-                    snapshot: c.snapshot,
-                    incarnation: c.incarnation,
-                };
-                let mut prev = state.purged.index;
-                for e in &state.entries {
-                    if Some(e.index) != prev.checked_add(1) {
-                        return Err(StorageError::Corrupt(format!(
-                            "checkpoint entry {} does not follow {prev}",
-                            e.index
-                        )));
-                    }
-                    prev = e.index;
+        }
+        // The log is the newest run of consecutive segments: older ones are
+        // deleted oldest first, so what precedes a gap is what a crash kept
+        // of deletions it interrupted. Replaying checks that the run holds
+        // the whole log.
+        let mut start = segments.len() - 1;
+        while start > 0 && segments[start - 1] + 1 == segments[start] {
+            start -= 1;
+        }
+        let mut stale: Vec<u64> = segments[..start].to_vec();
+        let run = &segments[start..];
+        let mut replay = Replay::default();
+        // Each segment of the run with the last index the log held when it
+        // began (`None`: it begins with the whole state).
+        let mut bases: Vec<(u64, Option<LogIndex>)> = Vec::with_capacity(run.len());
+        let mut tail = Tail::Clean;
+        for (i, &seq) in run.iter().enumerate() {
+            let path = dir.join(segment_name(seq));
+            let mut base = None;
+            tail = read_segment(&path, |n, rec| match (n, rec) {
+                (0, RecordIn::Checkpoint(c)) => replay.checkpoint(c),
+                (0, RecordIn::Continue(c)) => {
+                    base = Some(c.last.index);
+                    replay.continuation(c, i == 0)
                 }
-                Ok(())
+                (0, _) => Err(StorageError::Corrupt(
+                    "the first record is not a checkpoint".into(),
+                )),
+                (_, rec) => replay.record(rec),
+            })?;
+            if i + 1 < run.len() && !matches!(tail, Tail::Clean | Tail::Zeros(_)) {
+                // Every record of a segment was synced before the next
+                // segment began: damage, not a crash.
+                return Err(corrupt(
+                    &path,
+                    "a damaged record in a segment that is not the newest",
+                ));
             }
-            (0, _) => Err(StorageError::Corrupt(
-                "the first record is not a checkpoint".into(),
-            )),
-            (_, RecordIn::Batch(b)) => apply_batch(&mut state, b.into()),
-            (_, RecordIn::Purge(upto)) => apply_purge(&mut state, upto),
-            (_, RecordIn::Checkpoint(_)) => Err(StorageError::Corrupt(
-                "a checkpoint after the first record".into(),
-            )),
-        })?;
+            if base.is_none() {
+                // A whole state: what came before it is superseded (a
+                // crash interrupted deleting it).
+                stale.extend(bases.drain(..).map(|(s, _)| s));
+            }
+            bases.push((seq, base));
+        }
+        if let Some(f) = replay.floor {
+            return Err(corrupt(
+                &dir.join(segment_name(run[0])),
+                format!(
+                    "the segments before this one are missing: they held entries up to {f}, \
+                     which the log never compacted"
+                ),
+            ));
+        }
+        let seq = *run.last().expect("a segment");
+        let path = dir.join(segment_name(seq));
         let file = OpenOptions::new()
             .write(true)
             .open(&path)
@@ -482,12 +653,18 @@ impl Core {
                 (at, at)
             }
         };
-        // Older segments a crash left behind after the newest was made.
-        for &old in &segments[..segments.len() - 1] {
+        for old in stale {
             let p = dir.join(segment_name(old));
             std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
         }
-        Ok(Core {
+        let older = bases
+            .windows(2)
+            .map(|w| Older {
+                seq: w[0].0,
+                until: w[1].1.unwrap_or(0),
+            })
+            .collect();
+        let mut core = Core {
             dir: dir.to_path_buf(),
             _lock: lock,
             file,
@@ -495,16 +672,27 @@ impl Core {
             seq,
             len,
             allocated,
-            state,
+            state: replay.state,
             next_check: opts.segment_bytes,
             opts,
-        })
+            older,
+        };
+        core.drop_older();
+        Ok(core)
     }
 
     /// A new store: segment 1 with an empty checkpoint.
     fn create(dir: &Path, opts: WalOptions, lock: File) -> Result<Core, StorageError> {
         let state = LogState::default();
-        let (file, file_path, len) = Self::write_segment(dir, 1, &state)?;
+        let rec = frame(&RecordOut::Checkpoint(CheckpointOut {
+            hard_state: &state.hard_state,
+            purged: &state.purged,
+            entries: &state.entries,
+            membership: &state.membership,
+            snapshot: &state.snapshot,
+            incarnation: state.incarnation,
+        }))?;
+        let (file, file_path, len) = Self::write_segment(dir, 1, &rec)?;
         Ok(Core {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -516,31 +704,24 @@ impl Core {
             state,
             next_check: opts.segment_bytes,
             opts,
+            older: VecDeque::new(),
         })
     }
 
-    /// Writes segment `seq` holding `state` as its checkpoint, durably
+    /// Writes segment `seq` with `first` as its first record, durably
     /// (temporary name, sync, rename, directory sync); returns it open for
     /// appending.
     fn write_segment(
         dir: &Path,
         seq: u64,
-        state: &LogState,
+        first: &[u8],
     ) -> Result<(File, PathBuf, u64), StorageError> {
         let path = dir.join(segment_name(seq));
         let tmp = dir.join(format!("{seq:016x}{TMP_SUFFIX}"));
-        let rec = frame(&RecordOut::Checkpoint(CheckpointOut {
-            hard_state: &state.hard_state,
-            purged: &state.purged,
-            entries: &state.entries,
-            membership: &state.membership,
-            snapshot: &state.snapshot,
-            incarnation: state.incarnation,
-        }))?;
         {
             let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
             f.write_all(MAGIC)
-                .and_then(|()| f.write_all(&rec))
+                .and_then(|()| f.write_all(first))
                 .and_then(|()| f.sync_all())
                 .map_err(|e| io_err(&tmp, e))?;
         }
@@ -550,7 +731,7 @@ impl Core {
             .write(true)
             .open(&path)
             .map_err(|e| io_err(&path, e))?;
-        let len = MAGIC.len() as u64 + rec.len() as u64;
+        let len = MAGIC.len() as u64 + first.len() as u64;
         Ok((file, path, len))
     }
 
@@ -583,10 +764,7 @@ impl Core {
     }
 
     fn last(&self) -> LogIndex {
-        self.state
-            .entries
-            .last()
-            .map_or(self.state.purged.index, |e| e.index)
+        last_id(&self.state).index
     }
 
     fn save(&mut self, batch: LogBatch) -> Result<(), StorageError> {
@@ -605,6 +783,8 @@ impl Core {
         }))?;
         self.append(&rec)?;
         apply_batch(&mut self.state, batch)?;
+        // An installed snapshot can make older segments unneeded.
+        self.drop_older();
         self.maybe_rotate()
     }
 
@@ -621,34 +801,62 @@ impl Core {
         }
         self.append(&frame(&RecordOut::Purge(upto))?)?;
         apply_purge(&mut self.state, upto)?;
+        self.drop_older();
         self.maybe_rotate()
     }
 
-    /// Starts a new segment once the current one is large and mostly
-    /// holds what compaction dropped.
+    /// Deletes the older segments compaction has passed, oldest first.
+    /// Not synced: a deletion a crash undoes leaves a segment that opening
+    /// deletes again.
+    fn drop_older(&mut self) {
+        while let Some(o) = self.older.front() {
+            if self.state.purged.index < o.until {
+                break;
+            }
+            let p = self.dir.join(segment_name(o.seq));
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    // Tried again after the next purge; the log is whole.
+                    tracing::warn!(path = %p.display(), error = %e, "cannot delete an old log segment");
+                    return;
+                }
+            }
+            tracing::debug!(dir = %self.dir.display(), seq = o.seq, "deleted an old log segment");
+            self.older.pop_front();
+        }
+    }
+
+    /// Starts a new segment once the current one is full. The new one
+    /// begins with the state less the entries (they stay where they are),
+    /// so this costs a few hundred bytes and three syncs, whatever the
+    /// log holds.
     fn maybe_rotate(&mut self) -> Result<(), StorageError> {
         if self.len < self.next_check {
             return Ok(());
         }
-        let live = estimate(&self.state);
-        if live > self.len / 2 {
-            // Most of the segment is still the log: look again once it
-            // grew by another quarter.
-            self.next_check = self.len + (self.len / 4).max(self.opts.segment_bytes / 4);
-            return Ok(());
-        }
         let seq = self.seq + 1;
+        let last = last_id(&self.state);
+        let rec = frame(&RecordOut::Continue(ContinueOut {
+            hard_state: &self.state.hard_state,
+            purged: &self.state.purged,
+            membership: &self.state.membership,
+            snapshot: &self.state.snapshot,
+            incarnation: self.state.incarnation,
+            last,
+        }))?;
         // The save that got here is durable already: a new segment that
         // cannot be written (a full disk) is tried again later, and the
         // current one goes on.
-        let (file, path, len) = match Self::write_segment(&self.dir, seq, &self.state) {
+        let (file, path, len) = match Self::write_segment(&self.dir, seq, &rec) {
             Ok(made) => made,
             Err(e) => {
                 let tmp = self.dir.join(format!("{seq:016x}{TMP_SUFFIX}"));
                 let _ = std::fs::remove_file(tmp);
-                // If it got as far as its name, it must go: opening takes
-                // the newest segment, and this one would hide what the
-                // current one receives from now on.
+                // If it got as far as its name, it must go: it would take
+                // the place of the records the current one receives from
+                // now on.
                 let made = self.dir.join(segment_name(seq));
                 if made.exists() {
                     std::fs::remove_file(&made).map_err(|_| e.clone())?;
@@ -659,14 +867,18 @@ impl Core {
                 return Ok(());
             }
         };
-        let old = std::mem::replace(&mut self.file_path, path);
+        self.older.push_back(Older {
+            seq: self.seq,
+            until: last.index,
+        });
         self.file = file;
+        self.file_path = path;
         self.seq = seq;
         self.len = len;
         self.allocated = len;
-        self.next_check = self.opts.segment_bytes.max(2 * len);
-        std::fs::remove_file(&old).map_err(|e| io_err(&old, e))?;
-        tracing::debug!(dir = %self.dir.display(), seq, bytes = len, "started a new log segment");
+        self.next_check = self.opts.segment_bytes;
+        tracing::debug!(dir = %self.dir.display(), seq, "started a new log segment");
+        self.drop_older();
         Ok(())
     }
 }

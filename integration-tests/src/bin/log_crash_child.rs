@@ -1,5 +1,5 @@
 //! Crash-test child: opens a log store (`sled`: SledLogStore, `wal`:
-//! WalLogStore), performs the deterministic operation stream from a given
+//! WalLogStore, `wal-small`: WalLogStore with 4 KiB segments), performs the deterministic operation stream from a given
 //! position, and prints `ack N` after operation N is durable. The test
 //! kills it with SIGKILL at random moments.
 //!
@@ -16,13 +16,19 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
         args.len() == 5,
-        "usage: log_crash_child DIR SEED FIRST_OP sled|wal"
+        "usage: log_crash_child DIR SEED FIRST_OP sled|wal|wal-small"
     );
     let seed: u64 = args[2].parse()?;
     let first: u64 = args[3].parse()?;
     match args[4].as_str() {
         "sled" => run(SledLogStore::open(&args[1])?, seed, first).await,
         "wal" => run(WalLogStore::open(&args[1])?, seed, first).await,
+        "wal-small" => {
+            let opts = raft_log_wal::WalOptions {
+                segment_bytes: 4096,
+            };
+            run(WalLogStore::open_with(&args[1], opts)?, seed, first).await
+        }
         other => anyhow::bail!("unknown engine {other}"),
     }
 }
