@@ -11,7 +11,7 @@
 //! members that join later are sent it. Every member of the new cluster is
 //! restored from the same file before any of them starts.
 
-use crate::node::NodeConfig;
+use crate::node::{LogEngine, NodeConfig};
 use crate::sm::StateMachine;
 use crate::snapfile::{self, Header};
 use crate::snapshots::Snapshots;
@@ -235,14 +235,23 @@ pub async fn restore(from: &Path, cfg: &NodeConfig) -> anyhow::Result<Header> {
     if loaded != header {
         bail!("the restored state does not match the file: {loaded:?} vs {header:?}");
     }
-    let mut log = raft_log::SledLogStore::open_async(dir.join("log")).await?;
-    log.save(LogBatch {
+    let batch = LogBatch {
         hard_state: Some(HardState { term, vote: None }),
         install: Some(meta),
         ..LogBatch::default()
-    })
-    .await?;
-    drop(log);
+    };
+    // The engine the node will open the log with.
+    let log_dir = dir.join("log");
+    match cfg.log_engine.resolve(&log_dir) {
+        LogEngine::Sled => {
+            let mut log = raft_log::SledLogStore::open_async(&log_dir).await?;
+            log.save(batch).await?;
+        }
+        LogEngine::Wal | LogEngine::Auto => {
+            let mut log = raft_log_wal::WalLogStore::open_async(&log_dir).await?;
+            log.save(batch).await?;
+        }
+    }
     Ok(header)
 }
 

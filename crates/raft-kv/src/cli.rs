@@ -267,10 +267,11 @@ struct NodeArgs {
     /// nodes' clock rates differ by less than 10%).
     #[arg(long)]
     read_policy: Option<String>,
-    /// The Raft log's storage engine: `sled` (default) or `wal` (append-only
-    /// segment files, one write and one fdatasync per batch). A node keeps
-    /// the engine its log was created with: the other one refuses the
-    /// directory.
+    /// The Raft log's storage engine: `auto` (default: the engine whose
+    /// files the log directory holds, `wal` for a new node), `wal`
+    /// (append-only segment files, one write and one fdatasync per batch)
+    /// or `sled`. A node keeps the engine its log was created with: the
+    /// other one refuses the directory.
     #[arg(long)]
     log_engine: Option<String>,
     /// Start empty and ask the cluster at this client address (any
@@ -498,9 +499,10 @@ fn node_setup(a: NodeArgs, serving: bool) -> anyhow::Result<Setup> {
         };
     }
     let log_engine = match a.log_engine.or(f.log_engine).as_deref() {
-        None | Some("sled") => LogEngine::Sled,
+        None | Some("auto") => LogEngine::Auto,
+        Some("sled") => LogEngine::Sled,
         Some("wal") => LogEngine::Wal,
-        Some(other) => bail!("--log-engine {other:?}: expected `sled` or `wal`"),
+        Some(other) => bail!("--log-engine {other:?}: expected `auto`, `sled` or `wal`"),
     };
     let flush_every = match a.flush_every_ms.or(f.flush_every_ms) {
         None => DEFAULT_FLUSH_EVERY,
@@ -960,7 +962,7 @@ async fn demo(n: u64, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
             password: None,
             cluster_id: 0,
             join: None,
-            log_engine: LogEngine::Sled,
+            log_engine: LogEngine::Auto,
             flush_every: DEFAULT_FLUSH_EVERY,
             raft: raft_core::Config::new(id),
         };
@@ -1133,7 +1135,7 @@ mod tests {
         };
         let cfg = node_config(good_policy).unwrap();
         assert_eq!(cfg.raft.read_policy, raft_core::ReadPolicy::Lease);
-        assert_eq!(cfg.log_engine, LogEngine::Sled, "the default engine");
+        assert_eq!(cfg.log_engine, LogEngine::Auto, "the default engine");
         let engine = |e: &str| NodeArgs {
             id: Some(1),
             raft_addr: Some("127.0.0.1:7101".parse().unwrap()),
@@ -1148,7 +1150,23 @@ mod tests {
             LogEngine::Wal
         );
         let err = node_config(engine("rocks")).unwrap_err().to_string();
-        assert!(err.contains("expected `sled` or `wal`"), "{err}");
+        assert!(err.contains("expected `auto`, `sled` or `wal`"), "{err}");
+        // `auto` follows what the log directory holds.
+        let tmp = tempfile::tempdir().unwrap();
+        let (new, sled, wal) = (
+            tmp.path().join("new"),
+            tmp.path().join("sled"),
+            tmp.path().join("wal"),
+        );
+        std::fs::create_dir_all(&sled).unwrap();
+        std::fs::write(sled.join("conf"), b"").unwrap();
+        std::fs::write(sled.join("db"), b"").unwrap();
+        drop(raft_log_wal::WalLogStore::open(&wal).unwrap());
+        assert_eq!(LogEngine::Auto.resolve(&new), LogEngine::Wal);
+        assert_eq!(LogEngine::Auto.resolve(&sled), LogEngine::Sled);
+        assert_eq!(LogEngine::Auto.resolve(&wal), LogEngine::Wal);
+        assert_eq!(LogEngine::Sled.resolve(&new), LogEngine::Sled);
+        assert_eq!(LogEngine::Wal.resolve(&sled), LogEngine::Wal);
         let flush = |ms: Option<u64>| NodeArgs {
             id: Some(1),
             raft_addr: Some("127.0.0.1:7101".parse().unwrap()),

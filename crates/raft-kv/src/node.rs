@@ -70,11 +70,28 @@ pub struct NodeConfig {
 /// Which crate keeps the Raft log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LogEngine {
-    /// `raft-log`: sled.
+    /// The engine whose files `log/` holds; the segment log for a new node.
     #[default]
+    Auto,
+    /// `raft-log`: sled.
     Sled,
     /// `raft-log-wal`: append-only segment files.
     Wal,
+}
+
+impl LogEngine {
+    /// The engine to open `log_dir` with: this one, or for `Auto` the one
+    /// whose files the directory holds (sled's `conf` and `db`), and the
+    /// segment log when it holds neither's.
+    pub fn resolve(self, log_dir: &Path) -> LogEngine {
+        match self {
+            LogEngine::Auto if log_dir.join("conf").exists() || log_dir.join("db").exists() => {
+                LogEngine::Sled
+            }
+            LogEngine::Auto => LogEngine::Wal,
+            e => e,
+        }
+    }
 }
 
 /// Why a node could not start.
@@ -241,7 +258,7 @@ impl Route {
 }
 
 impl KvNode {
-    /// Opens the sled log and the state machine in `cfg.data_dir`, binds the
+    /// Opens the log (`cfg.log_engine`) and the state machine in `cfg.data_dir`, binds the
     /// QUIC transport and starts Raft: the `raft-kv` binary's node.
     pub async fn start(cfg: NodeConfig) -> Result<Arc<KvNode>, StartError> {
         let rc = cfg.raft_config()?;
@@ -260,14 +277,16 @@ impl KvNode {
         // than coming up with an empty log.
         let log_dir = cfg.data_dir.join("log");
         let store_err = |e: raft_core::StorageError| StartError::Store(e.to_string());
-        let node = match cfg.log_engine {
+        let engine = cfg.log_engine.resolve(&log_dir);
+        tracing::info!(node = rc.id, ?engine, "opening the log");
+        let node = match engine {
             LogEngine::Sled => {
                 let log = SledLogStore::open_async(&log_dir)
                     .await
                     .map_err(store_err)?;
                 Self::start_on(rc, &cfg, log, transport).await?
             }
-            LogEngine::Wal => {
+            LogEngine::Wal | LogEngine::Auto => {
                 let log = raft_log_wal::WalLogStore::open_async(&log_dir)
                     .await
                     .map_err(store_err)?;

@@ -541,6 +541,18 @@ impl Core {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io_err(dir, e)),
         }
+        // sled's files (and raft-log's marker), whatever else is beside
+        // them (sled's `snap.*`).
+        if ["conf", "db", "RAFT_LOG_STORE"]
+            .iter()
+            .any(|f| dir.join(f).exists())
+        {
+            return Err(corrupt(
+                dir,
+                "this directory holds a sled log (raft-log), not a raft-log-wal log: \
+                 start the node with the log engine that wrote it",
+            ));
+        }
         let mut segments = Vec::new();
         for ent in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
             let ent = ent.map_err(|e| io_err(dir, e))?;
@@ -562,13 +574,6 @@ impl Core {
                 .filter(|&seq| segment_name(seq) == name);
             match seq {
                 Some(seq) => segments.push(seq),
-                None if name == "conf" || name == "db" || name == "raft-log" => {
-                    return Err(corrupt(
-                        dir,
-                        "this directory holds a sled log (raft-log), not a raft-log-wal log: \
-                         start the node with the log engine that wrote it",
-                    ))
-                }
                 None => {
                     return Err(corrupt(
                         dir,

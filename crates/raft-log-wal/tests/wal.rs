@@ -485,6 +485,8 @@ async fn a_foreign_or_busy_directory_is_refused_clearly() {
     // A sled log given to this engine.
     let sled_dir = tmp.path().join("sled");
     std::fs::create_dir_all(&sled_dir).unwrap();
+    // (sled keeps `snap.*` files beside them; listed first or not.)
+    std::fs::write(sled_dir.join("snap.000000000002DB19"), b"x").unwrap();
     std::fs::write(sled_dir.join("conf"), b"x").unwrap();
     std::fs::write(sled_dir.join("db"), b"x").unwrap();
     let e = open_err(&sled_dir).to_string();

@@ -233,6 +233,17 @@ impl Core {
                     path.display()
                 )));
             }
+            let wal = std::fs::read_dir(&path)
+                .map_err(|e| io_err(&path, e))?
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".wal"));
+            if wal {
+                return Err(StorageError::Corrupt(format!(
+                    "{}: the directory is not a sled database: it holds a segment log \
+                     (raft-log-wal); start the node with the log engine that wrote it",
+                    path.display()
+                )));
+            }
             return Err(StorageError::Corrupt(format!(
                 "{}: the directory is not empty and is not a sled database (no conf/db files)",
                 path.display()
