@@ -121,6 +121,7 @@ async fn full_segments_are_followed_by_new_ones_and_dropped_once_compacted() {
         })
         .await
         .unwrap();
+        s.settle();
         most = most.max(segments(&dir).len());
         if round % 10 == 9 {
             let want = s.load().await.unwrap();
@@ -177,6 +178,7 @@ async fn a_new_segment_does_not_copy_the_log() {
     })
     .await
     .unwrap();
+    s.settle();
     let left = segments(&dir).len();
     assert!(
         left < files.len() * 2 / 3 && left > 2,
@@ -317,6 +319,7 @@ async fn random_operations_over_many_segments_match_a_model() {
                 s = WalLogStore::open_with(&dir, opts.clone())
                     .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
             }
+            s.settle();
             let after = segments(&dir);
             if after.last() != before.last().map(|(p, _)| p) {
                 undone.clear();
