@@ -561,13 +561,29 @@ impl Replay {
         }
         let last = last_id(&self.state);
         // While entries below the floor are skipped, where the log ended
-        // below it is not known.
+        // below it is not known, but nothing above it can be there.
         let unknown = self.floor.is_some_and(|f| c.last.index <= f);
-        if last != c.last && !unknown {
+        if (unknown && !self.state.entries.is_empty()) || (last != c.last && !unknown) {
             return Err(StorageError::Corrupt(format!(
                 "the segment begins after entry {} (term {}), but the one before it ends at {} (term {})",
                 c.last.index, c.last.term, last.index, last.term
             )));
+        }
+        // The rest of the state must match too: records lost from the end
+        // of the segment before (a vote, a membership) would otherwise go
+        // unnoticed. (The compaction point is made up while skipping.)
+        let s = &self.state;
+        if s.hard_state != c.hard_state
+            || s.membership != c.membership
+            || s.snapshot != c.snapshot
+            || s.incarnation != c.incarnation
+            || (self.floor.is_none() && s.purged != c.purged)
+        {
+            return Err(StorageError::Corrupt(
+                "the segment does not continue the state the one before it ends with \
+                 (records lost from its end?)"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -995,7 +1011,7 @@ impl std::fmt::Debug for WalLogStore {
 
 impl WalLogStore {
     /// Opens (or creates) the store in directory `path`. Blocks: it reads
-    /// the newest segment.
+    /// the segments the log still needs.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
         Self::open_with(path, WalOptions::default())
     }

@@ -198,6 +198,61 @@ async fn a_new_segment_does_not_copy_the_log() {
     assert_eq!(s.load().await.unwrap(), want);
 }
 
+/// A record lost from the end of a segment that is not the newest (a vote,
+/// here) is refused, not read as the end of that segment.
+#[tokio::test]
+async fn a_record_lost_from_an_older_segment_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    let opts = WalOptions {
+        segment_bytes: 1024,
+    };
+    let mut s = WalLogStore::open_with(&dir, opts.clone()).unwrap();
+    s.save(batch(1, 2)).await.unwrap();
+    // Votes alone until one starts a new segment: it is then the last
+    // record of the first.
+    let mut term = 1;
+    while s.segment().unwrap().0 == 1 {
+        term += 1;
+        s.save(LogBatch {
+            hard_state: Some(HardState {
+                term,
+                vote: Some(1),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    s.save(batch(3, 1)).await.unwrap();
+    let first_end = first_records_end(&dir);
+    drop(s);
+    let first = segments(&dir).remove(0);
+    let mut bytes = std::fs::read(&first).unwrap();
+    let last = last_record(&bytes, first_end);
+    bytes[last..first_end].fill(0);
+    std::fs::write(&first, &bytes).unwrap();
+    let e = open_err_with(&dir, &opts);
+    assert!(e.to_string().contains("does not continue"), "{e}");
+}
+
+/// Where the records of the oldest segment in `dir` end.
+fn first_records_end(dir: &Path) -> usize {
+    let first = segments(dir).remove(0);
+    let bytes = std::fs::read(&first).unwrap();
+    let mut at = 8;
+    loop {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            return at;
+        }
+        at += 8 + len.div_ceil(8) * 8;
+        if at >= bytes.len() {
+            return at;
+        }
+    }
+}
+
 fn open_err_with(dir: &Path, opts: &WalOptions) -> StorageError {
     match WalLogStore::open_with(dir, opts.clone()) {
         Ok(_) => panic!("{} opened", dir.display()),
