@@ -169,8 +169,15 @@ pub fn apply_batch(state: &mut LogState, batch: LogBatch) -> Result<(), StorageE
 
 /// Applies a purge to a [`LogState`].
 pub fn apply_purge(state: &mut LogState, upto: LogId) -> Result<(), StorageError> {
+    take_purged(state, upto).map(drop)
+}
+
+/// Applies a purge to a [`LogState`] and returns the entries it removed,
+/// for a store that frees them elsewhere (freeing many entries is slow,
+/// and the next save waits behind the purge).
+pub fn take_purged(state: &mut LogState, upto: LogId) -> Result<Vec<Entry>, StorageError> {
     if upto.index <= state.purged.index {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let last = state.entries.last().map_or(state.purged.index, |e| e.index);
     if upto.index > last {
@@ -180,9 +187,9 @@ pub fn apply_purge(state: &mut LogState, upto: LogId) -> Result<(), StorageError
         )));
     }
     let n = (upto.index - state.purged.index) as usize;
-    state.entries.drain(..n);
+    let kept = state.entries.split_off(n);
     state.purged = upto;
-    Ok(())
+    Ok(std::mem::replace(&mut state.entries, kept))
 }
 
 #[derive(Debug, Default)]

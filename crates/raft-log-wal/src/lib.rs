@@ -70,7 +70,7 @@
 //! (reopening in the same process could read back what never reached the
 //! disk).
 
-use raft_core::storage::{apply_batch, apply_purge, check_batch, LogBatch, LogState};
+use raft_core::storage::{apply_batch, apply_purge, check_batch, take_purged, LogBatch, LogState};
 use raft_core::{
     Entry, HardState, LogId, LogIndex, LogStore, Membership, SnapshotMeta, StorageError,
 };
@@ -914,11 +914,7 @@ impl Core {
             )));
         }
         self.append(&frame(&RecordOut::Purge(upto))?)?;
-        // As `apply_purge` does, but the dropped entries go to the janitor.
-        let n = (upto.index - self.state.purged.index) as usize;
-        let rest = self.state.entries.split_off(n);
-        let gone = std::mem::replace(&mut self.state.entries, rest);
-        self.state.purged = upto;
+        let gone = take_purged(&mut self.state, upto)?;
         self.janitor.run(Chore::Drop(gone));
         self.drop_older();
         self.maybe_rotate()
