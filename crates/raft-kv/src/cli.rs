@@ -252,6 +252,13 @@ struct NodeArgs {
     /// replay after a crash, more disk work per write.
     #[arg(long)]
     flush_every_ms: Option<u64>,
+    /// Threads that run the node's network, client and Raft work (default:
+    /// half the machine's cores, at least 1). With 1 everything runs on one
+    /// thread, which wastes no time handing work between threads; disk
+    /// writes and the state machine's flushes always have threads of their
+    /// own. Several nodes on one machine: divide its cores between them.
+    #[arg(long)]
+    threads: Option<usize>,
     /// Bytes per snapshot chunk sent to a follower (default 1048576); four
     /// chunks are in flight at a time.
     #[arg(long)]
@@ -321,6 +328,7 @@ struct FileConfig {
     snapshot_threshold: Option<u64>,
     snapshot_chunk_bytes: Option<usize>,
     flush_every_ms: Option<u64>,
+    threads: Option<usize>,
     max_entry_bytes: Option<usize>,
     read_policy: Option<String>,
     log_engine: Option<String>,
@@ -340,6 +348,32 @@ pub struct Setup {
     pub shutdown_timeout: Duration,
     /// How `--join` reaches the member it asks.
     pub join_dial: crate::backup::Dial,
+    /// Runtime threads (1: a single-threaded runtime).
+    pub threads: usize,
+}
+
+/// Most runtime threads `--threads` accepts.
+const MAX_THREADS: usize = 1024;
+
+/// The default for `--threads`: half the cores, at least one. The other
+/// half is left to the threads that write the log and flush the state
+/// machine, which do not run on the runtime.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+/// The runtime a node runs on: one thread, or a multi-threaded one.
+fn node_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
 }
 
 /// Refuses a file holding a secret that group or others can read.
@@ -509,6 +543,11 @@ fn node_setup(a: NodeArgs, serving: bool) -> anyhow::Result<Setup> {
         Some(ms @ 1..=3_600_000) => Duration::from_millis(ms),
         Some(ms) => bail!("--flush-every-ms {ms}: expected 1 to 3600000 (one hour)"),
     };
+    let threads = match a.threads.or(f.threads) {
+        None => default_threads(),
+        Some(n @ 1..=MAX_THREADS) => n,
+        Some(n) => bail!("--threads {n}: expected 1 to {MAX_THREADS}"),
+    };
     let cfg = NodeConfig {
         raft_addr: a
             .raft_addr
@@ -608,6 +647,7 @@ fn node_setup(a: NodeArgs, serving: bool) -> anyhow::Result<Setup> {
         metrics_addr: a.metrics_addr.or(f.metrics_addr),
         shutdown_timeout,
         join_dial,
+        threads,
     })
 }
 
@@ -757,7 +797,7 @@ pub fn run() -> std::process::ExitCode {
 
 /// Entry point of the `raft-kv` binary.
 pub fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
@@ -772,9 +812,18 @@ pub fn main() -> anyhow::Result<()> {
             logs.with_ansi(std::io::stderr().is_terminal()).init()
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // A node's options choose its runtime, so they are read first.
+    let mut prepared = None;
+    let rt = if let Command::Node(args) = &mut cli.command {
+        let setup = node_setup(std::mem::take(args), true)?;
+        let rt = node_runtime(setup.threads)?;
+        prepared = Some(setup);
+        rt
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
     let res = rt.block_on(async move {
         match cli.command {
             Command::Certs { dir, nodes, add } => {
@@ -800,7 +849,11 @@ pub fn main() -> anyhow::Result<()> {
                     metrics_addr,
                     shutdown_timeout,
                     join_dial,
-                } = node_setup(args, true)?;
+                    threads: _,
+                } = match prepared {
+                    Some(setup) => setup,
+                    None => node_setup(args, true)?,
+                };
                 let join = cfg.join.clone().map(|a| (a, cfg.raft_addr, join_dial));
                 let (node, serving) = run_node_with(cfg, client, metrics_addr).await?;
                 if let Some((at, raft_addr, how)) = join {
@@ -1187,6 +1240,47 @@ mod tests {
         for bad in [0, 3_600_001] {
             let err = node_config(flush(Some(bad))).unwrap_err().to_string();
             assert!(err.contains("expected 1 to 3600000"), "{err}");
+        }
+    }
+
+    #[test]
+    fn threads_default_to_half_the_cores_and_out_of_range_is_refused() {
+        let args = |threads: Option<usize>| NodeArgs {
+            id: Some(1),
+            raft_addr: Some("127.0.0.1:7101".parse().unwrap()),
+            client_addr: Some("127.0.0.1:7001".parse().unwrap()),
+            data_dir: Some("d".into()),
+            tls_dir: Some("t".into()),
+            threads,
+            ..Default::default()
+        };
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(
+            node_setup(args(None), false).unwrap().threads,
+            (cores / 2).max(1)
+        );
+        assert_eq!(node_setup(args(Some(1)), false).unwrap().threads, 1);
+        assert_eq!(node_setup(args(Some(3)), false).unwrap().threads, 3);
+        for bad in [0, MAX_THREADS + 1] {
+            let err = node_setup(args(Some(bad)), false).unwrap_err().to_string();
+            assert!(err.contains("expected 1 to 1024"), "{err}");
+        }
+        // The file's value is taken when the command line gives none.
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("node.toml");
+        std::fs::write(&conf, "threads = 2\n").unwrap();
+        let from_file = NodeArgs {
+            config: Some(conf),
+            ..args(None)
+        };
+        assert_eq!(node_setup(from_file, false).unwrap().threads, 2);
+        // Both runtimes a node may get run tasks.
+        for n in [1, 2] {
+            let rt = node_runtime(n).unwrap();
+            assert_eq!(
+                rt.block_on(async { tokio::spawn(async { 7 }).await.unwrap() }),
+                7
+            );
         }
     }
 }
