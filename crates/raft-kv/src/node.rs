@@ -1198,6 +1198,11 @@ async fn expiry_loop(node: std::sync::Weak<KvNode>) {
 /// Most committed entries applied in one state-machine batch.
 const APPLY_BATCH: usize = 512;
 
+/// A batch up to this many entries and bytes is applied on the applier's
+/// own task instead of the blocking pool.
+const INLINE_APPLY_ENTRIES: usize = 8;
+const INLINE_APPLY_BYTES: usize = 64 << 10;
+
 /// Decodes and applies one batch of committed entries (blocking).
 fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> Result<Vec<Reply>, KvError> {
     let cmds: Vec<Option<(Option<u64>, WriteCmd)>> = batch
@@ -1268,9 +1273,19 @@ async fn apply_loop(
         }
         let responders: Vec<Option<Responder>> =
             batch.iter_mut().map(|m| m.responder.take()).collect();
-        // Database reads and writes block: off the async threads.
-        let sm2 = sm.clone();
-        let res = tokio::task::spawn_blocking(move || apply_batch(&sm2, &batch)).await;
+        // A small batch (a client or two waiting, a light load) is applied
+        // here: handing it to the blocking pool and back takes longer than
+        // applying it. Larger ones, and one that must first flush, block
+        // for longer: off the async threads.
+        let small = batch.len() <= INLINE_APPLY_ENTRIES
+            && batch.iter().map(|m| m.command.len()).sum::<usize>() <= INLINE_APPLY_BYTES
+            && !sm.apply_must_flush();
+        let res = if small {
+            Ok(apply_batch(&sm, &batch))
+        } else {
+            let sm2 = sm.clone();
+            tokio::task::spawn_blocking(move || apply_batch(&sm2, &batch)).await
+        };
         let why = match res {
             Ok(Ok(replies)) => {
                 for (r, reply) in responders.into_iter().zip(replies) {

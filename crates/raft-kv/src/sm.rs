@@ -1350,6 +1350,13 @@ impl StateMachine {
         self.apply_entries(&timed, last_term)
     }
 
+    /// The next [`StateMachine::apply_entries`] must first write memory
+    /// to disk (the flushes have fallen far behind), so it will block for
+    /// long.
+    pub fn apply_must_flush(&self) -> bool {
+        self.state().layers.active_bytes > self.flush_hard
+    }
+
     /// Applies consecutive entries (index, the leader's time if the entry
     /// carries one, the write or `None` for Raft's own entries) as one
     /// transaction that also records the last index (and `last_term`, the
@@ -1366,7 +1373,7 @@ impl StateMachine {
         entries: &[(u64, Option<u64>, Option<&WriteCmd>)],
         last_term: Option<u64>,
     ) -> Result<Vec<Reply>, KvError> {
-        if self.state().layers.active_bytes > self.flush_hard {
+        if self.apply_must_flush() {
             // The only applier: nothing adds to memory meanwhile.
             self.flush()?;
         }
