@@ -354,8 +354,23 @@ fn transport_config() -> quinn::TransportConfig {
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(u64::from(CONNECTION_WINDOW));
+    // Each node sends on the connection it dialled, so a connection carries
+    // data one way and only acknowledgements the other: a peer that
+    // acknowledged every second packet sent an ACK-only datagram for about
+    // every second append or answer. Asking for one after every
+    // ACK_THRESHOLD + 1 packets (or the peer's ack delay) took one client's
+    // write from 6.1 datagrams to 4.6 (4.15 Raft messages).
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_THRESHOLD));
+    t.ack_frequency_config(Some(acks));
     t
 }
+
+/// Packets a peer may receive before it must acknowledge them at once.
+/// Seven full packets (about 10 KB) stay below quinn's initial congestion
+/// window (12,000 bytes), so a sender never waits for an acknowledgement
+/// the peer is holding back.
+pub const ACK_THRESHOLD: u32 = 6;
 
 /// Connection attempts being handled at once.
 pub const MAX_INCOMING: usize = 64;
