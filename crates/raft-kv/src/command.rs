@@ -496,6 +496,58 @@ pub enum ReadCmd {
     },
 }
 
+/// Most keys a cheap MGET or EXISTS reads ([`ReadCmd::is_cheap`]).
+pub const CHEAP_READ_KEYS: usize = 64;
+
+impl ReadCmd {
+    /// A read of a bounded number of plain keys (at most
+    /// [`CHEAP_READ_KEYS`]), answered on the connection's own task. The
+    /// others (a pattern over every key, a scan, a collection, which is
+    /// stored whole) can take long: a KEYS over a million keys takes half a
+    /// second, and on the thread that runs Raft it cost the leadership.
+    pub fn is_cheap(&self) -> bool {
+        match self {
+            ReadCmd::Get(_)
+            | ReadCmd::StrLen(_)
+            | ReadCmd::GetRange(..)
+            | ReadCmd::Type(_)
+            | ReadCmd::DbSize
+            | ReadCmd::Ttl { .. } => true,
+            ReadCmd::MGet(keys) | ReadCmd::Exists(keys) => keys.len() <= CHEAP_READ_KEYS,
+            ReadCmd::Keys(_)
+            | ReadCmd::RandomKey
+            | ReadCmd::Hash(..)
+            | ReadCmd::Coll(..)
+            | ReadCmd::Z(..)
+            | ReadCmd::Scan { .. } => false,
+        }
+    }
+}
+
+impl WriteCmd {
+    /// A write whose cost is bounded by its own size (plain keys, no
+    /// collection, no pattern, no copy of a stored value): a batch of
+    /// these may be applied on the applier's task.
+    pub fn is_cheap(&self) -> bool {
+        matches!(
+            self,
+            WriteCmd::Set { .. }
+                | WriteCmd::SetWith { .. }
+                | WriteCmd::SetNx(..)
+                | WriteCmd::GetSet(..)
+                | WriteCmd::GetDel(_)
+                | WriteCmd::Del(_)
+                | WriteCmd::MSet(_)
+                | WriteCmd::MSetNx(_)
+                | WriteCmd::IncrBy(..)
+                | WriteCmd::IncrByFloat(..)
+                | WriteCmd::Cas { .. }
+                | WriteCmd::Expire { .. }
+                | WriteCmd::Persist(_)
+        )
+    }
+}
+
 /// A read of a hash (also queued in MULTI, so it travels in the log).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HashRead {
@@ -1916,6 +1968,38 @@ impl WriteCmd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads and writes whose cost grows with what is stored are not run
+    /// on the thread that runs Raft.
+    #[test]
+    fn reads_and_writes_over_many_keys_or_collections_are_not_cheap() {
+        let k = || b"k".to_vec();
+        assert!(ReadCmd::Get(k()).is_cheap());
+        assert!(ReadCmd::DbSize.is_cheap());
+        assert!(ReadCmd::MGet(vec![k(); CHEAP_READ_KEYS]).is_cheap());
+        assert!(!ReadCmd::MGet(vec![k(); CHEAP_READ_KEYS + 1]).is_cheap());
+        assert!(!ReadCmd::Exists(vec![k(); CHEAP_READ_KEYS + 1]).is_cheap());
+        assert!(!ReadCmd::Keys(b"*".to_vec()).is_cheap());
+        assert!(!ReadCmd::RandomKey.is_cheap());
+        assert!(!ReadCmd::Hash(k(), HashRead::GetAll).is_cheap());
+        assert!(!ReadCmd::Scan {
+            cursor: 0,
+            pattern: None,
+            count: 10,
+            kind: None
+        }
+        .is_cheap());
+        let set = WriteCmd::Set {
+            key: k(),
+            value: k(),
+            cond: SetCond::Always,
+        };
+        assert!(set.is_cheap());
+        assert!(WriteCmd::IncrBy(k(), 1).is_cheap());
+        assert!(!WriteCmd::FlushAll.is_cheap());
+        assert!(!WriteCmd::Exec(Vec::new()).is_cheap());
+        assert!(!WriteCmd::HDel(k(), vec![k()]).is_cheap());
+    }
 
     /// A damaged entry whose length fields claim gigabytes is refused. (The
     /// `log_commands` fuzz target, run with an RSS limit, checks that no such

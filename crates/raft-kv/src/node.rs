@@ -807,8 +807,17 @@ impl KvNode {
         }
         self.read_barrier().await?;
         // A read view never waits for the applier (redb is MVCC); it may
-        // read pages from disk, as any read may.
-        self.sm.read_view(|v| v.read_limited(cmd, limit))
+        // read pages from disk, as any read may. One that may take long
+        // runs on the blocking pool: the thread that runs Raft (the only
+        // one, with `--threads 1`) must go on sending heartbeats.
+        if cmd.is_cheap() {
+            return self.sm.read_view(|v| v.read_limited(cmd, limit));
+        }
+        let sm = self.sm.clone();
+        let cmd = cmd.clone();
+        tokio::task::spawn_blocking(move || sm.read_view(|v| v.read_limited(&cmd, limit)))
+            .await
+            .unwrap_or_else(|e| Err(KvError::Internal(format!("the read failed: {e}"))))
     }
 
     /// Runs a cluster administration request: LIST here, the others on the
@@ -1203,9 +1212,18 @@ const APPLY_BATCH: usize = 512;
 const INLINE_APPLY_ENTRIES: usize = 8;
 const INLINE_APPLY_BYTES: usize = 64 << 10;
 
+/// A batch's commands, decoded (`None`: Raft's own entry, or one that
+/// does not decode, applied as a no-op), with the leader's time.
+type Decoded = Vec<Option<(Option<u64>, WriteCmd)>>;
+
 /// Decodes and applies one batch of committed entries (blocking).
 fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> Result<Vec<Reply>, KvError> {
-    let cmds: Vec<Option<(Option<u64>, WriteCmd)>> = batch
+    apply_decoded(sm, batch, &decode_batch(batch))
+}
+
+/// Decodes a batch's commands.
+fn decode_batch(batch: &[ApplyMsg]) -> Decoded {
+    batch
         .iter()
         .map(|m| {
             let cmd = if m.command_valid {
@@ -1221,10 +1239,18 @@ fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> Result<Vec<Reply>, KvEr
             }
             cmd
         })
-        .collect();
+        .collect()
+}
+
+/// Applies a decoded batch (blocking).
+fn apply_decoded(
+    sm: &StateMachine,
+    batch: &[ApplyMsg],
+    cmds: &Decoded,
+) -> Result<Vec<Reply>, KvError> {
     let items: Vec<(u64, Option<u64>, Option<&WriteCmd>)> = batch
         .iter()
-        .zip(&cmds)
+        .zip(cmds)
         .map(|(m, c)| match c {
             Some((at, cmd)) => (m.command_index, *at, Some(cmd)),
             None => (m.command_index, None, None),
@@ -1273,15 +1299,21 @@ async fn apply_loop(
         }
         let responders: Vec<Option<Responder>> =
             batch.iter_mut().map(|m| m.responder.take()).collect();
-        // A small batch (a client or two waiting, a light load) is applied
-        // here: handing it to the blocking pool and back takes longer than
-        // applying it. Larger ones, and one that must first flush, block
-        // for longer: off the async threads.
+        // A small batch of cheap writes (a client or two waiting, a light
+        // load) is applied here: handing it to the blocking pool and back
+        // takes longer than applying it. Larger ones, writes whose cost
+        // grows with what is stored (collections, patterns, copies), and a
+        // batch that must first flush block for longer: off the async
+        // threads.
         let small = batch.len() <= INLINE_APPLY_ENTRIES
             && batch.iter().map(|m| m.command.len()).sum::<usize>() <= INLINE_APPLY_BYTES
             && !sm.apply_must_flush();
-        let res = if small {
-            Ok(apply_batch(&sm, &batch))
+        let cheap = small.then(|| decode_batch(&batch)).filter(|cmds| {
+            cmds.iter()
+                .all(|c| c.as_ref().is_none_or(|(_, cmd)| cmd.is_cheap()))
+        });
+        let res = if let Some(cmds) = cheap {
+            Ok(apply_decoded(&sm, &batch, &cmds))
         } else {
             let sm2 = sm.clone();
             tokio::task::spawn_blocking(move || apply_batch(&sm2, &batch)).await

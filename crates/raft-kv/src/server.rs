@@ -345,6 +345,19 @@ fn entry_lock(e: &std::sync::Mutex<ClientEntry>) -> std::sync::MutexGuard<'_, Cl
     e.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Elements beyond which a reply is encoded on the blocking pool.
+const LARGE_REPLY: usize = 1024;
+
+/// A reply of more than [`LARGE_REPLY`] elements.
+fn is_large(r: &Reply) -> bool {
+    match r {
+        Ok(Value::Array(a)) => a.len() > LARGE_REPLY,
+        Ok(Value::List(a) | Value::Set(a) | Value::Pairs(a)) => a.len() > LARGE_REPLY,
+        Ok(Value::Map(m)) => m.len() > LARGE_REPLY,
+        _ => false,
+    }
+}
+
 impl Session<'_> {
     /// Runs `f` on this connection's entry.
     fn with<T>(&self, f: impl FnOnce(&mut ClientEntry) -> T) -> T {
@@ -660,6 +673,26 @@ impl Session<'_> {
                 let r = self.node.read_limited(&r, self.cfg.output_limit).await;
                 if matches!(r, Err(KvError::ReplyTooLarge { .. })) {
                     self.close = true;
+                }
+                if is_large(&r) {
+                    // Encoding (and freeing) a reply of many elements takes
+                    // long: off the thread that runs Raft. Nothing is
+                    // pending (sent above), so the order holds.
+                    let mut buf = std::mem::take(out);
+                    let v3 = self.resp3;
+                    match tokio::task::spawn_blocking(move || {
+                        encode_reply_as(&mut buf, &r, v3);
+                        buf
+                    })
+                    .await
+                    {
+                        Ok(buf) => *out = buf,
+                        Err(e) => {
+                            tracing::error!(error = %e, "encoding a reply failed");
+                            self.close = true;
+                        }
+                    }
+                    return;
                 }
                 r
             }
@@ -1054,4 +1087,26 @@ pub fn tls_config(
         .with_single_cert(chain, key_der)
         .map_err(|e| format!("{} / {}: {e}", cert.display(), key.display()))?;
     Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reply of many elements is encoded off the runtime's thread.
+    #[test]
+    fn replies_of_many_elements_are_large() {
+        let bulk = |n: usize| {
+            (0..n)
+                .map(|_| Value::Bulk(b"k".to_vec()))
+                .collect::<Vec<_>>()
+        };
+        assert!(!is_large(&Ok(Value::List(bulk(LARGE_REPLY)))));
+        assert!(is_large(&Ok(Value::List(bulk(LARGE_REPLY + 1)))));
+        assert!(is_large(&Ok(Value::Set(bulk(LARGE_REPLY + 1)))));
+        assert!(is_large(&Ok(Value::Pairs(bulk(LARGE_REPLY + 1)))));
+        assert!(is_large(&Ok(Value::Array(vec![None; LARGE_REPLY + 1]))));
+        assert!(!is_large(&Ok(Value::Bulk(vec![0; 1 << 20]))));
+        assert!(!is_large(&Err(KvError::NoLeader)));
+    }
 }

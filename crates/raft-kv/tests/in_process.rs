@@ -481,3 +481,97 @@ async fn followers_behind_the_compaction_point_are_caught_up_by_snapshots() {
         n.shutdown().await;
     }
 }
+
+/// The longest the runtime's thread was away while `work` ran, and how
+/// long `work` took: a task on the same thread wakes every millisecond
+/// and notes its largest gap.
+async fn longest_gap<T>(work: impl std::future::Future<Output = T>) -> (T, Duration, Duration) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticker = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut worst = Duration::ZERO;
+            let mut last = std::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                let now = std::time::Instant::now();
+                worst = worst.max(now - last);
+                last = now;
+            }
+            worst
+        }
+    });
+    tokio::task::yield_now().await;
+    let t = std::time::Instant::now();
+    let out = work.await;
+    let took = t.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    (out, took, ticker.await.unwrap())
+}
+
+/// On a single-threaded runtime (a node's default on two cores), a read
+/// over every key, and the encoding of its reply of every key, run off the
+/// thread that runs Raft: the thread stays free meanwhile. (A KEYS over a
+/// million keys held it for half a second, and the leader lost its
+/// leadership.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_read_over_every_key_leaves_the_runtime_thread_free() {
+    const KEYS: usize = 300_000;
+    let c = cluster(8 << 20).await;
+    let leader = c.leader(&[1, 2, 3]).await;
+    let node = c.nodes[&leader].clone();
+    for b in 0..KEYS / 1000 {
+        let pairs = (0..1000)
+            .map(|i| (format!("key:{b}:{i}").into_bytes(), b"v".to_vec()))
+            .collect();
+        let r = node.write(vec![WriteCmd::MSet(pairs)]).await;
+        assert!(r[0].is_ok(), "{r:?}");
+    }
+    let (r, took, gap) = longest_gap(node.read(&ReadCmd::Keys(b"*".to_vec()))).await;
+    match r {
+        Ok(Value::List(keys)) => assert_eq!(keys.len(), KEYS),
+        Ok(_) => panic!("KEYS: not a list"),
+        Err(e) => panic!("KEYS: {e}"),
+    }
+    assert!(
+        gap < took / 2,
+        "the read took {took:?} and held the thread for {gap:?}"
+    );
+
+    // The same through the client port: the reply of every key is
+    // encoded off the thread too.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(raft_kv::server::serve(
+        listener,
+        node.clone(),
+        raft_kv::server::ClientConfig::default(),
+        node.metrics().clone(),
+        stop_rx,
+    ));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Until the reply's first bytes: the read, then the encoding.
+    let mut buf = vec![0u8; 1 << 16];
+    let (first, took, gap) = longest_gap(async {
+        s.write_all(b"KEYS *\r\n").await.unwrap();
+        s.read(&mut buf).await.unwrap()
+    })
+    .await;
+    assert!(
+        gap < took / 2,
+        "KEYS over the client port answered after {took:?} and held the thread for {gap:?}"
+    );
+    // The array header, then one "$N\r\nkey\r\n" per key: count the
+    // keys' line ends.
+    let mut lines = buf[..first].iter().filter(|&&b| b == b'\n').count();
+    while lines < 1 + 2 * KEYS {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the reply ended after {lines} lines");
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count();
+    }
+    assert_eq!(lines, 1 + 2 * KEYS);
+    server.abort();
+    c.shutdown().await;
+}
