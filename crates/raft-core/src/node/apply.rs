@@ -26,8 +26,9 @@ pub struct ApplyMsg {
     /// True for an application command; false for Raft's own entries (the
     /// leader's no-op, membership), which the application only counts.
     pub command_valid: bool,
-    /// The command bytes as submitted (empty when `command_valid` is false).
-    pub command: Vec<u8>,
+    /// The command bytes as submitted (empty when `command_valid` is false):
+    /// the log's own buffer, shared, not a copy.
+    pub command: bytes::Bytes,
     /// The entry's log index. Persist it with the state it produces.
     pub command_index: LogIndex,
     /// The term the entry was created in.
@@ -48,7 +49,7 @@ impl ApplyMsg {
         match e.payload {
             EntryPayload::Command(c) => ApplyMsg {
                 command_valid: true,
-                command: c.into(),
+                command: c,
                 command_index: e.index,
                 command_term: e.term,
                 responder,
@@ -56,7 +57,7 @@ impl ApplyMsg {
             },
             _ => ApplyMsg {
                 command_valid: false,
-                command: Vec::new(),
+                command: bytes::Bytes::new(),
                 command_index: e.index,
                 command_term: e.term,
                 responder,
@@ -68,7 +69,7 @@ impl ApplyMsg {
     pub(super) fn from_snapshot(meta: SnapshotMeta) -> ApplyMsg {
         ApplyMsg {
             command_valid: false,
-            command: Vec::new(),
+            command: bytes::Bytes::new(),
             command_index: meta.last.index,
             command_term: meta.last.term,
             responder: None,

@@ -176,7 +176,7 @@ impl TestCluster {
             .unwrap()
             .iter()
             .filter(|m| m.command_valid)
-            .map(|m| m.command.clone())
+            .map(|m| m.command.to_vec())
             .collect()
     }
 

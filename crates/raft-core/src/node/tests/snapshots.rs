@@ -104,7 +104,7 @@ impl SnapCluster {
                         a.state = decode(&bytes);
                         a.snapshots_loaded += 1;
                     } else if m.command_valid {
-                        a.state.push(m.command.clone());
+                        a.state.push(m.command.to_vec());
                     }
                     a.applied = m.command_index;
                     (m.snapshot.is_none() && a.applied.is_multiple_of(25))
