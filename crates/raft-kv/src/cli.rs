@@ -842,7 +842,7 @@ pub fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            Command::Node(args) => {
+            Command::Node(_) => {
                 let Setup {
                     node: cfg,
                     client,
@@ -850,10 +850,7 @@ pub fn main() -> anyhow::Result<()> {
                     shutdown_timeout,
                     join_dial,
                     threads: _,
-                } = match prepared {
-                    Some(setup) => setup,
-                    None => node_setup(args, true)?,
-                };
+                } = prepared.ok_or_else(|| anyhow!("the node's options were not read"))?;
                 let join = cfg.join.clone().map(|a| (a, cfg.raft_addr, join_dial));
                 let (node, serving) = run_node_with(cfg, client, metrics_addr).await?;
                 if let Some((at, raft_addr, how)) = join {
@@ -1221,13 +1218,8 @@ mod tests {
         assert_eq!(LogEngine::Sled.resolve(&new), LogEngine::Sled);
         assert_eq!(LogEngine::Wal.resolve(&sled), LogEngine::Wal);
         let flush = |ms: Option<u64>| NodeArgs {
-            id: Some(1),
-            raft_addr: Some("127.0.0.1:7101".parse().unwrap()),
-            client_addr: Some("127.0.0.1:7001".parse().unwrap()),
-            data_dir: Some("d".into()),
-            tls_dir: Some("t".into()),
             flush_every_ms: ms,
-            ..Default::default()
+            ..required_args()
         };
         assert_eq!(
             node_config(flush(None)).unwrap().flush_every,
@@ -1243,16 +1235,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn threads_default_to_half_the_cores_and_out_of_range_is_refused() {
-        let args = |threads: Option<usize>| NodeArgs {
+    /// The options a node cannot start without, and nothing else.
+    fn required_args() -> NodeArgs {
+        NodeArgs {
             id: Some(1),
             raft_addr: Some("127.0.0.1:7101".parse().unwrap()),
             client_addr: Some("127.0.0.1:7001".parse().unwrap()),
             data_dir: Some("d".into()),
             tls_dir: Some("t".into()),
-            threads,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn threads_default_to_half_the_cores_and_out_of_range_is_refused() {
+        let args = |threads: Option<usize>| NodeArgs {
+            threads,
+            ..required_args()
         };
         let cores = std::thread::available_parallelism().unwrap().get();
         assert_eq!(

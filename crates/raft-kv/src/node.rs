@@ -1216,11 +1216,6 @@ const INLINE_APPLY_BYTES: usize = 64 << 10;
 /// does not decode, applied as a no-op), with the leader's time.
 type Decoded = Vec<Option<(Option<u64>, WriteCmd)>>;
 
-/// Decodes and applies one batch of committed entries (blocking).
-fn apply_batch(sm: &StateMachine, batch: &[ApplyMsg]) -> Result<Vec<Reply>, KvError> {
-    apply_decoded(sm, batch, &decode_batch(batch))
-}
-
 /// Decodes a batch's commands.
 fn decode_batch(batch: &[ApplyMsg]) -> Decoded {
     batch
@@ -1308,15 +1303,22 @@ async fn apply_loop(
         let small = batch.len() <= INLINE_APPLY_ENTRIES
             && batch.iter().map(|m| m.command.len()).sum::<usize>() <= INLINE_APPLY_BYTES
             && !sm.apply_must_flush();
-        let cheap = small.then(|| decode_batch(&batch)).filter(|cmds| {
+        let decoded = small.then(|| decode_batch(&batch));
+        let cheap = decoded.as_ref().is_some_and(|cmds| {
             cmds.iter()
                 .all(|c| c.as_ref().is_none_or(|(_, cmd)| cmd.is_cheap()))
         });
-        let res = if let Some(cmds) = cheap {
-            Ok(apply_decoded(&sm, &batch, &cmds))
-        } else {
-            let sm2 = sm.clone();
-            tokio::task::spawn_blocking(move || apply_batch(&sm2, &batch)).await
+        let res = match decoded {
+            Some(cmds) if cheap => Ok(apply_decoded(&sm, &batch, &cmds)),
+            // Decoded already (a small batch, not all cheap) or not yet.
+            decoded => {
+                let sm2 = sm.clone();
+                tokio::task::spawn_blocking(move || {
+                    let cmds = decoded.unwrap_or_else(|| decode_batch(&batch));
+                    apply_decoded(&sm2, &batch, &cmds)
+                })
+                .await
+            }
         };
         let why = match res {
             Ok(Ok(replies)) => {
